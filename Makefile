@@ -1,0 +1,21 @@
+# Each target does its own set-up on a fresh machine: a virtual environment with the pinned CPU torch
+# (see constraints.txt) and the package. GPU users bring their own torch and run `pip install -e .`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.prescope-installed
+
+.PHONY: report test lint
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0 -e ".[test,lint]"
+	touch $(STAMP)
+
+report: $(STAMP)
+	$(VENV)/bin/prescope report
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check prescope tests

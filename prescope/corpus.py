@@ -1,0 +1,217 @@
+"""Training text for prescope-tiny: five domains, deduplicated, with a deterministic held-out split.
+
+Four domains come from the shared corpus (`../shared/data/corpus/*.txt`: arxiv, c4,
+github_oss_with_stack, wikipedia; samples from allenai/OLMoE's routing texts). A fifth, `stdlib`, is
+text every machine has: a fixed-budget sample of the Python standard library's source.
+
+What the shared files look like (read off the files, not assumed): they carry no document
+separator; documents are joined by a single newline, so the newline is the only boundary that can
+be recovered. Each file also repeats itself: its last 45-48% is a verbatim copy of its beginning
+(file = A + A[:m]). A split by position would therefore leak held-out text into training. So each
+domain is read as lines, every line that starts a window of `DEDUP_WINDOW` lines already seen
+earlier is dropped (with the rest of that window), and the surviving lines are grouped greedily into
+passages ("documents") of at least `doc_chars` characters. The held-out split is the last
+`heldout_fraction` of those documents, in file order; training gets the rest.
+
+The stdlib domain's documents are whole source files: the `.py` files under
+`sysconfig.get_paths()["stdlib"]` (tests, site-packages and IDLE left out), sorted by path, taken at
+evenly spaced ranks until `stdlib_bytes` is reached. It depends on the Python version that reads
+it; the recipe records that version.
+"""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARED_DOMAINS: tuple[str, ...] = ("arxiv", "c4", "github_oss_with_stack", "wikipedia")
+STDLIB_DOMAIN = "stdlib"
+DOMAINS: tuple[str, ...] = (*SHARED_DOMAINS, STDLIB_DOMAIN)
+
+# Lines per window for duplicate detection: long enough that ordinary repeated lines ("}", "")
+# never match, short enough to catch the copied halves of the files.
+DEDUP_WINDOW = 8
+# Standard-library folders left out of the stdlib domain: tests (huge, repetitive data files),
+# third-party packages, and the IDLE GUI.
+# Visit sorted stdlib files in this many interleaved passes so any budget samples the whole alphabet.
+STDLIB_STRIDE = 8
+STDLIB_EXCLUDED_DIRS: frozenset[str] = frozenset({"test", "tests", "site-packages", "idlelib", "__pycache__"})
+
+
+class CorpusError(ValueError):
+    """The corpus directory or a split setting is not usable."""
+
+
+def default_corpus_dir() -> Path:
+    """The shared corpus as seen from the repository root: `../shared/data/corpus` from the cwd."""
+    return Path.cwd().parent / "shared" / "data" / "corpus"
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where the text comes from and how it is split. All choices that change the data live here."""
+
+    corpus_dir: Path
+    heldout_fraction: float = 0.1
+    doc_chars: int = 2000
+    stdlib_bytes: int = 1_500_000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "corpus_dir", Path(self.corpus_dir))
+        if not 0.0 < self.heldout_fraction < 0.5:
+            raise CorpusError(f"heldout_fraction must be in (0, 0.5), got {self.heldout_fraction}")
+        if self.doc_chars < 1:
+            raise CorpusError(f"doc_chars must be >= 1, got {self.doc_chars}")
+        if self.stdlib_bytes < 1:
+            raise CorpusError(f"stdlib_bytes must be >= 1, got {self.stdlib_bytes}")
+
+
+@dataclass(frozen=True)
+class DomainSplit:
+    """One domain's documents, in file order, split into training and held-out parts."""
+
+    domain: str
+    train: tuple[str, ...]
+    heldout: tuple[str, ...]
+
+    def train_text(self, sep: str = "\n") -> str:
+        return sep.join(self.train)
+
+    def heldout_text(self, sep: str = "\n") -> str:
+        return sep.join(self.heldout)
+
+
+def check_corpus_dir(corpus_dir: Path) -> None:
+    """Raise CorpusError naming the path and the files expected when the corpus is missing or empty."""
+    expected = ", ".join(f"{d}.txt" for d in SHARED_DOMAINS)
+    if not corpus_dir.is_dir():
+        raise CorpusError(f"corpus directory {corpus_dir} does not exist; expected a folder holding {expected}")
+    missing = [d for d in SHARED_DOMAINS if not (corpus_dir / f"{d}.txt").is_file()]
+    if missing:
+        raise CorpusError(f"corpus directory {corpus_dir} lacks {', '.join(f'{d}.txt' for d in missing)}")
+    empty = [d for d in SHARED_DOMAINS if (corpus_dir / f"{d}.txt").stat().st_size == 0]
+    if empty:
+        raise CorpusError(f"corpus files are empty in {corpus_dir}: {', '.join(f'{d}.txt' for d in empty)}")
+
+
+def dedup_lines(lines: list[str], window: int = DEDUP_WINDOW) -> list[str]:
+    """Drop every line covered by a window of `window` consecutive lines that occurred earlier.
+
+    A window starting at i is a repeat when tuple(lines[i:i+window]) was seen at some j < i; all
+    of its lines are dropped. First occurrences are always kept, so the result is deterministic.
+    """
+    if window < 1:
+        raise CorpusError(f"dedup window must be >= 1, got {window}")
+    seen: set[tuple[str, ...]] = set()
+    drop = [False] * len(lines)
+    for i in range(len(lines) - window + 1):
+        key = tuple(lines[i : i + window])
+        if key in seen:
+            for j in range(i, i + window):
+                drop[j] = True
+        else:
+            seen.add(key)
+    return [line for line, d in zip(lines, drop) if not d]
+
+
+def group_documents(lines: list[str], doc_chars: int) -> list[str]:
+    """Greedily join consecutive lines with newlines into passages of at least `doc_chars` characters."""
+    docs: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in lines:
+        current.append(line)
+        size += len(line) + 1
+        if size >= doc_chars:
+            docs.append("\n".join(current))
+            current, size = [], 0
+    if current and any(line.strip() for line in current):
+        docs.append("\n".join(current))
+    return docs
+
+
+def split_documents(docs: list[str], heldout_fraction: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Hold out the last documents: n_heldout = max(1, round(len(docs) * fraction))."""
+    if len(docs) < 2:
+        raise CorpusError(f"need at least 2 documents to split, got {len(docs)}")
+    n_heldout = max(1, round(len(docs) * heldout_fraction))
+    return tuple(docs[:-n_heldout]), tuple(docs[-n_heldout:])
+
+
+def shared_documents(corpus_dir: Path, domain: str, doc_chars: int) -> list[str]:
+    """One shared-corpus domain as deduplicated passages, in file order."""
+    if domain not in SHARED_DOMAINS:
+        raise CorpusError(f"unknown shared domain {domain!r}; expected one of {SHARED_DOMAINS}")
+    text = (corpus_dir / f"{domain}.txt").read_text(encoding="utf-8")
+    return group_documents(dedup_lines(text.split("\n")), doc_chars)
+
+
+def stdlib_files(stdlib_dir: Path | None = None) -> list[Path]:
+    """All standard-library `.py` files outside STDLIB_EXCLUDED_DIRS, sorted by relative path."""
+    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    files = [
+        p
+        for p in root.rglob("*.py")
+        if not STDLIB_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]) and p.is_file()
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def stdlib_documents(budget_bytes: int, stdlib_dir: Path | None = None) -> list[str]:
+    """Whole stdlib files at evenly spaced sorted ranks, until `budget_bytes` of UTF-8 text.
+
+    Files are visited in the order of ranks 0, s, 2s, ... then 1, 1+s, ... with stride s = STDLIB_STRIDE, so a
+    small budget still spans the alphabet; the file that crosses the budget is cut at a line end.
+    """
+    files = stdlib_files(stdlib_dir)
+    if not files:
+        raise CorpusError(f"no Python standard-library sources found under {stdlib_dir or sysconfig.get_paths()['stdlib']}")
+    order = [i for start in range(STDLIB_STRIDE) for i in range(start, len(files), STDLIB_STRIDE)]
+    docs: list[tuple[int, str]] = []
+    used = 0
+    for rank in order:
+        room = budget_bytes - used
+        if room <= 0:
+            break
+        data = files[rank].read_text(encoding="utf-8", errors="replace").encode("utf-8")
+        truncated = len(data) > room
+        if truncated:
+            data = data[:room].rsplit(b"\n", 1)[0]
+        text = data.decode("utf-8", errors="ignore")
+        if text.strip():
+            docs.append((rank, text))
+            used += len(data)
+        if truncated:
+            break
+    return [text for _, text in sorted(docs)]
+
+
+def load_splits(spec: CorpusSpec) -> dict[str, DomainSplit]:
+    """Every domain's deterministic train/held-out split, keyed by domain name in DOMAINS order."""
+    check_corpus_dir(spec.corpus_dir)
+    splits: dict[str, DomainSplit] = {}
+    for domain in DOMAINS:
+        if domain == STDLIB_DOMAIN:
+            docs = stdlib_documents(spec.stdlib_bytes)
+        else:
+            docs = shared_documents(spec.corpus_dir, domain, spec.doc_chars)
+        train, heldout = split_documents(docs, spec.heldout_fraction)
+        splits[domain] = DomainSplit(domain, train, heldout)
+    return splits
+
+
+def train_texts(spec: CorpusSpec) -> dict[str, str]:
+    """Training text per domain (documents joined by newlines)."""
+    return {d: s.train_text() for d, s in load_splits(spec).items()}
+
+
+def heldout_texts(spec: CorpusSpec) -> dict[str, str]:
+    """Held-out text per domain (documents joined by newlines)."""
+    return {d: s.heldout_text() for d, s in load_splits(spec).items()}
+
+
+def python_version() -> str:
+    """The interpreter version whose standard library fed the stdlib domain."""
+    return ".".join(str(v) for v in sys.version_info[:3])

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-weight instances of every supported MoE architecture, built from the
+real transformers config classes, and the path to the shared data beside the repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Small but structurally faithful: several experts, top-k > 1, shared experts and dense layers where the
+# architecture has them, so every code path of the adapter and the engine is exercised.
+_COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+TINY_CONFIGS = {
+    "mixtral": ("MixtralConfig", dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=16, intermediate_size=40, num_experts=8,
+                                         num_experts_per_tok=3, shared_expert_intermediate_size=24,
+                                         decoder_sparse_step=1)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(moe_intermediate_size=16, intermediate_size=40, num_experts=8,
+                                         num_experts_per_tok=2, head_dim=8, decoder_sparse_step=1)),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=8, num_experts_per_tok=3)),
+    "deepseek_v2": ("DeepseekV2Config", dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                                             kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+                                             qk_rope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
+                                             num_key_value_heads=4)),
+    "deepseek_v3": ("DeepseekV3Config", dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                                             kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+                                             qk_rope_head_dim=8, v_head_dim=8, n_group=2, topk_group=1,
+                                             num_key_value_heads=4)),
+    "phimoe": ("PhimoeConfig", dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2)),
+    "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2)),
+}
+ARCHITECTURES = tuple(TINY_CONFIGS)
+
+
+def tiny_config(arch: str):
+    class_name, extra = TINY_CONFIGS[arch]
+    return getattr(transformers, class_name)(**{**_COMMON, **extra})
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random-weight instance of `arch`; routers get non-trivial weights so routing varies by token."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and torch.count_nonzero(p) == 0:
+                p.normal_(0.0, 0.2)  # some routers initialise to zeros, which would tie every expert score
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared data not found at {SHARED_DATA}: the repository must sit beside shared/")
+    return SHARED_DATA
