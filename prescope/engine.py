@@ -1,0 +1,335 @@
+"""The offloaded engine: experts in host memory, a fixed pool of GPU slots, policies' orders executed for real.
+
+`Engine(model, config)` installs itself into any model the adapter supports, through transformers' own
+experts-backend registry, so `model.generate()` runs unchanged (any batch size, KV cache, prefill and
+decode). Memory is decided once, at install: every expert tensor stays in (pinned) host memory, the
+non-expert weights, shared experts and dense layers move to the device, and S slots per expert tensor are
+allocated there. Inside the decode loop nothing is allocated beyond activations and nothing is pinned.
+
+On a CUDA device copies run on their own stream and kernels wait only for the copy of the expert they
+use; on the CPU the same orders run through the CPU twin of the streams (real copies between host
+tensors), which is what CI checks for exact equivalence with the stock model.
+
+Letters: L MoE layers, E experts, K top-k, N tokens, H hidden, S slots.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+import torch
+from torch import nn
+
+from . import adapter
+from .cache import CacheError, ExpertCache, Key
+from .config import EngineConfig
+from .policies import LayerView, Policy, make_policy
+from .streams import make_streams
+
+TIMELINE_COLUMNS = ("lane", "step", "layer", "expert", "kind", "tokens", "bytes", "start", "end")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def slots_for_budget(layout: adapter.ModelLayout, config: EngineConfig) -> int:
+    """Slots the budget buys, clipped to every expert; a budget under one layer's top-k is an error."""
+    total = layout.num_moe_layers * layout.num_experts
+    if config.budget_bytes is not None:
+        slots = config.budget_bytes // layout.expert_bytes
+    else:
+        slots = round(config.budget_share * total)
+    if slots < layout.top_k:
+        raise ValueError(
+            f"the expert budget holds {slots} experts but one layer's top-k needs {layout.top_k}: give at least "
+            f"{layout.top_k * layout.expert_bytes} bytes (K={layout.top_k} experts of {layout.expert_bytes} B) "
+            f"or budget_share >= {layout.top_k / total:.4f}")
+    return min(slots, total)
+
+
+def _move_except(module: nn.Module, skip: set[int], device: torch.device) -> None:
+    """`module.to(device)` for everything but the modules in `skip` (the experts stay in host memory)."""
+    if id(module) in skip:
+        return
+    for child in module.children():
+        _move_except(child, skip, device)
+    for name, p in module._parameters.items():
+        if p is not None:
+            p.data = p.data.to(device)
+    for name, b in module._buffers.items():
+        if b is not None:
+            module._buffers[name] = b.to(device)
+
+
+class Engine:
+    """Offloads `model`'s experts and executes a policy's orders inside every MoE layer."""
+
+    def __init__(self, model: nn.Module, config: EngineConfig = EngineConfig(), policy: Policy | None = None):
+        self.model, self.config = model, config
+        self.layout = adapter.describe(model)
+        self.layers = adapter.moe_layers(model)
+        self.device = resolve_device(config.device)
+        self.policy = policy or make_policy(config.policy)
+        self.num_slots = slots_for_budget(self.layout, config)
+        self.streams = make_streams(self.device, timed=config.timing == "full")
+        self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)
+        workers = config.cpu_workers or max(1, (os.cpu_count() or 2) // 2)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prescope-cpu")
+        self.step, self.phase, self.rows, self.steps = -1, "prefill", [], []
+        self._last_exit = None
+        self.host_seconds = [0.0] * self.layout.num_moe_layers
+        self._t0 = None
+        self._install()
+
+    # ---- install: memory decided once ----------------------------------------------------------------
+    def _install(self) -> None:
+        experts = [lay.experts for lay in self.layers]
+        self._host = [self._to_host(m) for m in experts]  # per layer: name -> [E, ...] host tensor
+        _move_except(self.model, {id(m) for m in experts}, self.device)
+        shapes = adapter.expert_param_names(experts[0])
+        dtype = next(iter(self._host[0].values())).dtype
+        self._slots = {n: torch.empty((self.num_slots, *s), dtype=dtype, device=self.device) for n, s in shapes.items()}
+        self._ready = [None] * self.num_slots  # copy-done event per slot
+        self._released = [None] * self.num_slots  # event after the last kernel that read the slot
+        for lay in self.layers:
+            lay.experts._prescope = (self, lay.ordinal)
+        adapter.register_backend(_dispatch)
+        self._previous_backend = adapter.set_backend(self.model, adapter.BACKEND_NAME)
+        self._hooks = [self.model.register_forward_pre_hook(self._step_start, with_kwargs=True),
+                       self.model.register_forward_hook(self._step_end)]
+        self.reset()
+
+    def _to_host(self, experts: nn.Module) -> dict[str, torch.Tensor]:
+        host = {}
+        for name in adapter.expert_param_names(experts):
+            p = getattr(experts, name)
+            data = p.data.to("cpu")
+            if self.device.type == "cuda" and self.config.pin_memory:
+                try:
+                    data = data.pin_memory()
+                except RuntimeError as exc:
+                    warnings.warn(f"pinned host memory refused ({exc}); experts stay pageable and copies "
+                                  "will be slower", RuntimeWarning, stacklevel=3)
+            p.data = data
+            host[name] = data
+        return host
+
+    def reset(self) -> None:
+        """Empty the slot pool, then load what the policy wants resident (all experts if the budget allows)."""
+        self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)
+        L, E = self.layout.num_moe_layers, self.layout.num_experts
+        if self.num_slots >= L * E:
+            preload = [(layer, e) for layer in range(L) for e in range(E)]
+            self.policy.reset(self.cache, E)
+        else:
+            preload = self.policy.reset(self.cache, E)
+        for key in preload[: self.num_slots]:
+            self._load(key, speculative=False, timed=False)
+        self.streams.synchronize()
+        self.cache.stats = type(self.cache.stats)()
+
+    def close(self) -> None:
+        """Detach from the model (hooks, backend) and stop the CPU workers; experts stay in host memory."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        adapter.set_backend(self.model, self._previous_backend if self._previous_backend != adapter.BACKEND_NAME
+                            else "eager")
+        self.pool.shutdown(wait=True)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the per-layer MoE step ----------------------------------------------------------------------
+    def moe_step(self, layer: int, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        began, entry = time.perf_counter(), self._mark()
+        num_tokens, top_k = top_k_index.shape
+        # 1. route: tokens per expert and each (token, k) position grouped by expert; one host sync
+        flat = top_k_index.reshape(-1)  # [N*K]
+        order = torch.argsort(flat, stable=True)  # [N*K]
+        counts = torch.bincount(flat, minlength=self.layout.num_experts + 1).tolist()
+        groups = self._groups(order, counts)  # expert -> positions in [N*K]
+        ranked = sorted(groups, key=lambda e: (-counts[e], e))
+        view = LayerView(self.step, layer, self.layout.num_moe_layers, self.layout.num_experts,
+                         tuple(ranked), tuple(counts[e] for e in ranked), hidden=hidden)
+        # 2. record: routing observers hook the experts call itself (adapter.observe_routing)
+        # 3-4. predict ahead and plan: the policy owns its predictor and planner
+        orders = self.policy.plan(view, self.cache)
+        orders.check(view)
+        # 5. CPU experts start now and overlap the GPU work below
+        out = hidden.new_zeros((num_tokens * top_k, hidden.shape[1]))  # [N*K, H]
+        cpu_jobs = [self._submit_cpu(layer, experts, e, hidden, groups[e], top_k) for e in orders.cpu]
+        # 6. GPU experts: absent ones load on demand; each computes once its copy landed, in waves if short
+        self._gpu_experts(layer, experts, orders.gpu, hidden, groups, top_k, out)
+        # 7. prefetch later layers' experts, queued behind this layer's on-demand loads
+        for key in orders.prefetch:
+            if not self.cache.is_present(key) and not self._load(key, speculative=True):
+                break
+        # 8. join CPU results; weight each token's K outputs and sum them in the routing weights' precision
+        for e, positions, job in cpu_jobs:
+            out[positions] = job.result().to(out.device, out.dtype)
+        self._log_host(layer, began, entry)
+        weighted = out.view(num_tokens, top_k, -1) * top_k_weights.unsqueeze(-1)  # [N, K, H]
+        return weighted.sum(dim=1).to(hidden.dtype)  # [N, H]
+
+    # ---- named parts of the step ---------------------------------------------------------------------
+    def _groups(self, order: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]:
+        groups, start = {}, 0
+        for e, n in enumerate(counts[: self.layout.num_experts]):
+            if n:
+                groups[e] = order[start:start + n]
+            start += n
+        return groups
+
+    def _gpu_experts(self, layer, experts, chosen, hidden, groups, top_k, out) -> None:
+        pending = list(chosen)
+        while pending:
+            wave = []
+            for e in pending:
+                key = (layer, e)
+                hit = self.cache.is_present(key)
+                if not hit and not self._load(key, speculative=False):
+                    break
+                self.cache.pin(key)
+                wave.append((e, hit))
+            if not wave:
+                raise CacheError(f"layer {layer}: no slot could be freed for expert {pending[0]}")
+            for e, hit in wave:
+                key, positions = (layer, e), groups[e]
+                slot = self.cache.lookup(key)
+                self.cache.use(key, hit=hit)
+                self.streams.wait(self._ready[slot])
+                start = self._mark()
+                x = hidden[positions // top_k]  # [n, H]
+                out[positions] = adapter.expert_forward(experts, x, {n: t[slot] for n, t in self._slots.items()})
+                self._released[slot] = self.streams.record()
+                self._row("gpu", layer, e, "gpu_expert", len(positions), 0, start, self._released[slot])
+            for e, _ in wave:
+                self.cache.unpin((layer, e))
+            pending = pending[len(wave):]
+
+    def _load(self, key: Key, speculative: bool, timed: bool = True) -> bool:
+        """Copy expert `key` into a slot the policy gives up; False when none can be given up now."""
+        slot = self.policy.victim(self.cache, key)
+        if slot is None:
+            return False
+        layer, e = key
+        self.cache.assign(key, slot, speculative=speculative)
+        pairs = [(self._slots[n][slot], host[e]) for n, host in self._host[layer].items()]
+        start, done = self.streams.copy_many(pairs, after=self._released[slot])
+        self._ready[slot] = done
+        self.cache.mark_ready(key)  # ordered before any use: kernels wait on `done`
+        if timed:
+            self._row("pcie", layer, e, "prefetch" if speculative else "on_demand", 0, self.layout.expert_bytes,
+                      start, done)
+        return True
+
+    def _submit_cpu(self, layer, experts, e, hidden, positions, top_k):
+        x = hidden[positions // top_k].to("cpu")  # [n, H]
+        params = {n: host[e] for n, host in self._host[layer].items()}
+
+        def compute():
+            start = time.perf_counter()
+            y = adapter.expert_forward(experts, x.to(next(iter(params.values())).dtype), params)
+            self._cpu_row(layer, e, len(positions), start, time.perf_counter())
+            return y
+
+        return e, positions, self.pool.submit(compute)
+
+    # ---- steps and timing ----------------------------------------------------------------------------
+    def _step_start(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        self.step += 1
+        self.phase = "prefill" if ids is not None and ids.shape[1] > 1 else "decode"
+        if self.config.timing != "off":
+            if self._t0 is None:
+                self._t0 = (self.streams.record(), time.perf_counter())
+            tokens = int(ids.shape[0] * ids.shape[1]) if ids is not None else 0
+            self.steps.append({"step": self.step, "phase": self.phase, "tokens": tokens,
+                               "start": self.streams.record(), "end": None})
+
+    def _step_end(self, module, args, output) -> None:
+        if self.config.timing != "off" and self.steps:
+            self.steps[-1]["end"] = self.streams.record()
+            if self._last_exit is not None:
+                self._row("gpu", -1, -1, "dense", 0, 0, self._last_exit, self.steps[-1]["end"])
+        self._last_exit = None
+
+    def _mark(self):
+        return self.streams.record() if self.config.timing == "full" else None
+
+    def _row(self, lane, layer, expert, kind, tokens, nbytes, start, end) -> None:
+        if self.config.timing == "full" and start is not None:
+            self.rows.append([lane, self.step, layer, expert, kind, tokens, nbytes, start, end])
+
+    def _cpu_row(self, layer, expert, tokens, start, end) -> None:
+        if self.config.timing == "full":  # host clock, converted to the device clock in timeline()
+            self.rows.append(["cpu", self.step, layer, expert, "cpu_expert", tokens, 0, ("host", start), ("host", end)])
+
+    def _log_host(self, layer: int, began: float, entry) -> None:
+        """Host time in prescope's own code; the GPU span since the last MoE layer is attention and dense work."""
+        self.host_seconds[layer] += time.perf_counter() - began
+        if self.config.timing == "full" and entry is not None:
+            kind = "attention" if self._last_exit is not None else "dense"
+            step_start = self.steps[-1]["start"] if self.steps else entry
+            self._row("gpu", layer, -1, kind, 0, 0, self._last_exit or step_start, entry)
+            self._last_exit = self._mark()
+
+    def timeline(self) -> pd.DataFrame:
+        """Every recorded operation, seconds since the first step began (DESIGN.md §2 schema)."""
+        self.streams.synchronize()
+        if self._t0 is None:
+            return pd.DataFrame(columns=TIMELINE_COLUMNS)
+        t0, host0 = self._t0
+
+        def at(event) -> float:
+            if isinstance(event, tuple):
+                return event[1] - host0
+            return self.streams.seconds(t0, event)
+
+        records = [dict(zip(TIMELINE_COLUMNS, r[:7] + [at(r[7]), at(r[8])], strict=True)) for r in self.rows]
+        frame = pd.DataFrame(records, columns=TIMELINE_COLUMNS)
+        frame.attrs.update(source="measured", profile=_device_name(self.device), policy=self.policy.name)
+        return frame
+
+    def step_table(self) -> pd.DataFrame:
+        self.streams.synchronize()
+        t0 = self._t0[0] if self._t0 else None
+        rows = [{**s, "start": self.streams.seconds(t0, s["start"]), "end": self.streams.seconds(t0, s["end"])}
+                for s in self.steps if s["end"] is not None]
+        frame = pd.DataFrame(rows, columns=["step", "phase", "tokens", "start", "end"])
+        frame["latency"] = frame["end"] - frame["start"]
+        return frame
+
+    def clear_records(self) -> None:
+        self.rows, self.steps, self._t0, self.step = [], [], None, -1
+        self.host_seconds = [0.0] * self.layout.num_moe_layers
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _dispatch(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+              top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts backend transformers calls: hand the layer to the engine installed in it."""
+    owner = getattr(experts, "_prescope", None)
+    if owner is None:
+        raise RuntimeError(f"{type(experts).__name__} uses the prescope backend but no engine is installed in it")
+    engine, layer = owner
+    return engine.moe_step(layer, experts, hidden_states, top_k_index, top_k_weights)

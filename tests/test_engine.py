@@ -1,0 +1,136 @@
+"""The heart of the suite: the offloaded model gives the stock model's output, for every architecture,
+policy and cache size; plus invariants of the slot pool under random routings."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prescope import adapter
+from prescope.config import EngineConfig
+from prescope.engine import Engine
+from prescope.policies import POLICIES
+
+GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+
+
+def budgets(layout: adapter.ModelLayout) -> dict[str, dict]:
+    """Smallest feasible (one layer's top-k), a middle one, and everything resident."""
+    return {"min": dict(budget_bytes=layout.top_k * layout.expert_bytes),
+            "half": dict(budget_share=0.5),
+            "all": dict(budget_share=1.0)}
+
+
+def generate_offloaded(stock, ids, mask, policy, budget):
+    model = copy.deepcopy(stock)
+    with Engine(model, EngineConfig(policy=policy, device="cpu", **budget)) as engine:
+        out = model.generate(ids, attention_mask=mask, **GEN)
+    return out, engine
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_offloaded_generate_equals_stock(arch, policy):
+    stock = tiny_model(arch, seed=1)
+    torch.manual_seed(2)
+    ids = torch.randint(1, 96, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding on one row
+    ids[1, :2] = 0
+    ref = stock.generate(ids, attention_mask=mask, **GEN)
+    layout = adapter.describe(stock)
+    for name, budget in budgets(layout).items():
+        out, engine = generate_offloaded(stock, ids, mask, policy, budget)
+        assert torch.equal(out.sequences, ref.sequences), f"{arch}/{policy}/{name}: tokens differ"
+        for got, want in zip(out.logits, ref.logits, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        stats = engine.cache.stats
+        assert stats.hits + stats.misses > 0 or policy == "cpu_misses"
+        if name == "all":
+            assert stats.loads == 0, "everything resident must not load during generation"
+
+
+def test_budget_below_one_layer_topk_states_the_minimum():
+    model = tiny_model("olmoe")
+    layout = adapter.describe(model)
+    with pytest.raises(ValueError, match=rf"at least {3 * layout.expert_bytes} bytes"):
+        Engine(model, EngineConfig(budget_bytes=2 * layout.expert_bytes, device="cpu"))
+
+
+def test_unknown_policy_and_model_without_moe():
+    import transformers
+
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        Engine(tiny_model("olmoe"), EngineConfig(policy="nope", device="cpu"))
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    with pytest.raises(adapter.UnsupportedModelError, match="LlamaForCausalLM"):
+        Engine(transformers.AutoModelForCausalLM.from_config(cfg), EngineConfig(device="cpu"))
+
+
+def test_timeline_and_steps_are_recorded():
+    model = tiny_model("olmoe")
+    with Engine(model, EngineConfig(budget_share=0.5, device="cpu")) as engine:
+        model.generate(torch.randint(1, 96, (2, 4)), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    timeline, steps = engine.timeline(), engine.step_table()
+    assert list(steps["phase"]) == ["prefill", "decode", "decode"]
+    assert (steps["latency"] > 0).all()
+    assert timeline.attrs["source"] == "measured"
+    assert set(timeline["lane"]) >= {"gpu", "pcie"}
+    loads = timeline[timeline["lane"] == "pcie"]
+    assert len(loads) == engine.cache.stats.loads
+    assert (timeline["end"] >= timeline["start"]).all()
+
+
+# ---- invariants under random routings --------------------------------------------------------------------
+class Watch:
+    """Wraps the engine's cache operations to check the pool's invariants as they happen."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.cpu_computed = engine, []
+        cache = engine.cache
+        original_use = cache.use
+
+        def use(key, *, hit):
+            slot = cache.lookup(key)
+            assert cache.owner[slot] == key and cache.state[slot].value == "resident"
+            for name, host in engine._host[key[0]].items():  # the copy is complete: slot holds the weights
+                assert torch.equal(engine._slots[name][slot], host[key[1]])
+            original_use(key, hit=hit)
+
+        cache.use = use
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_random_routings_keep_pool_invariants(data):
+    model = tiny_model("olmoe", seed=3)
+    layout = adapter.describe(model)
+    E, K, L = layout.num_experts, layout.top_k, layout.num_moe_layers
+    slots = data.draw(st.integers(K, L * E), label="slots")
+    policy = data.draw(st.sampled_from(sorted(POLICIES)), label="policy")
+    engine = Engine(model, EngineConfig(policy=policy, budget_bytes=slots * layout.expert_bytes, device="cpu"))
+    watch = Watch(engine)
+    layers = adapter.moe_layers(model)
+    for step in range(data.draw(st.integers(1, 4), label="steps")):
+        engine.step = step
+        for lay in layers:
+            n = data.draw(st.integers(1, 9), label="tokens")
+            idx = torch.stack([torch.randperm(E)[:K] for _ in range(n)])  # [N, K]
+            weights = torch.rand(n, K)
+            hidden = torch.randn(n, layout.hidden_size)
+            got = engine.moe_step(lay.ordinal, lay.experts, hidden, idx, weights)
+            want = lay.experts.__class__.forward.__wrapped__(lay.experts, hidden, idx, weights) \
+                if hasattr(lay.experts.__class__.forward, "__wrapped__") else None
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            assert len(engine.cache.slot_of) <= slots
+            assert not engine.cache.pinned, "pins must be released when the layer ends"
+    cpu_rows = [(r[1], r[2], r[3]) for r in engine.rows if r[0] == "cpu"]
+    assert len(cpu_rows) == len(set(cpu_rows)), "a CPU expert was computed twice in one layer step"
+    assert watch
+    engine.close()
