@@ -12,21 +12,32 @@ import sys
 
 # name -> (module, function that adds arguments to a parser, function that runs with parsed args)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    # "name": ("prescope.module", "add_arguments_fn", "run_fn", "help"),
+    "calibrate": ("prescope.calibrate", "add_arguments", "run", "measure this machine and write a profile"),
+    "check-equivalence": ("prescope.equivalence", "add_arguments", "run", "offloaded vs stock output on a device"),
+    "bench": ("prescope.bench", "add_arguments", "run", "measure policies on a GPU (shape twins)"),
+    "report": ("prescope.reports", "add_arguments", "run", "run every notebook and render reports/"),
+    "sweep": ("prescope.sweep", "add_arguments", "run", "run a notebook over a parameter grid"),
+    "simulate": ("prescope.simulator", "add_arguments", "run", "replay a routing trace through a policy on a hardware profile"),
+    "train-tiny": ("prescope.tiny", "add_arguments", "run", "train prescope-tiny"),
+    "trace": ("prescope.trace", "add_arguments", "run", "record and summarise a routing trace"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """All subcommands; only the selected one imports its module (so each runs with only its own needs)."""
     parser = argparse.ArgumentParser(prog="prescope", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, add_fn, _, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text)
-        getattr(importlib.import_module(module), add_fn)(cmd)
+        if name == selected:
+            getattr(importlib.import_module(module), add_fn)(cmd)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(selected).parse_args(argv)
     module, _, run_fn, _ = COMMANDS[args.command]
     try:
         return int(getattr(importlib.import_module(module), run_fn)(args) or 0)

@@ -21,6 +21,7 @@ class EngineConfig:
         boundaries, "off" nothing.
     pin_memory: keep expert weights in pinned host memory (falls back to pageable, with a warning, where
         pinning is refused).
+    profile: hardware profile (built-in name or JSON path) whose cost model cost-aware policies weigh.
     """
 
     policy: str = "on_demand_lru"
@@ -30,6 +31,7 @@ class EngineConfig:
     cpu_workers: int = 0
     timing: str = "full"
     pin_memory: bool = True
+    profile: str = "h200"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_share <= 1.0:

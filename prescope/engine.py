@@ -27,7 +27,8 @@ from torch import nn
 from . import adapter
 from .cache import CacheError, ExpertCache, Key
 from .config import EngineConfig
-from .policies import LayerView, Policy, make_policy
+from .policies import LayerView, Policy, costs_for, make_policy
+from .profiles import load_profile
 from .streams import make_streams
 
 TIMELINE_COLUMNS = ("lane", "step", "layer", "expert", "kind", "tokens", "bytes", "start", "end")
@@ -80,6 +81,8 @@ class Engine:
         self.device = resolve_device(config.device)
         self.policy = policy or make_policy(config.policy)
         self.num_slots = slots_for_budget(self.layout, config)
+        self.costs = costs_for(self.layout, load_profile(config.profile))
+        self.timing = config.timing
         self.streams = make_streams(self.device, timed=config.timing == "full")
         self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)
         workers = config.cpu_workers or max(1, (os.cpu_count() or 2) // 2)
@@ -113,7 +116,7 @@ class Engine:
         for name in adapter.expert_param_names(experts):
             p = getattr(experts, name)
             data = p.data.to("cpu")
-            if self.device.type == "cuda" and self.config.pin_memory:
+            if self.device.type == "cuda" and self.config.pin_memory and not data.is_pinned():
                 try:
                     data = data.pin_memory()
                 except RuntimeError as exc:
@@ -129,9 +132,9 @@ class Engine:
         L, E = self.layout.num_moe_layers, self.layout.num_experts
         if self.num_slots >= L * E:
             preload = [(layer, e) for layer in range(L) for e in range(E)]
-            self.policy.reset(self.cache, E)
+            self.policy.reset(self.cache, E, self.costs)
         else:
-            preload = self.policy.reset(self.cache, E)
+            preload = self.policy.reset(self.cache, E, self.costs)
         for key in preload[: self.num_slots]:
             self._load(key, speculative=False, timed=False)
         self.streams.synchronize()
@@ -256,7 +259,7 @@ class Engine:
             ids = kwargs.get("inputs_embeds")
         self.step += 1
         self.phase = "prefill" if ids is not None and ids.shape[1] > 1 else "decode"
-        if self.config.timing != "off":
+        if self.timing != "off":
             if self._t0 is None:
                 self._t0 = (self.streams.record(), time.perf_counter())
             tokens = int(ids.shape[0] * ids.shape[1]) if ids is not None else 0
@@ -264,27 +267,27 @@ class Engine:
                                "start": self.streams.record(), "end": None})
 
     def _step_end(self, module, args, output) -> None:
-        if self.config.timing != "off" and self.steps:
+        if self.timing != "off" and self.steps:
             self.steps[-1]["end"] = self.streams.record()
             if self._last_exit is not None:
                 self._row("gpu", -1, -1, "dense", 0, 0, self._last_exit, self.steps[-1]["end"])
         self._last_exit = None
 
     def _mark(self):
-        return self.streams.record() if self.config.timing == "full" else None
+        return self.streams.record() if self.timing == "full" else None
 
     def _row(self, lane, layer, expert, kind, tokens, nbytes, start, end) -> None:
-        if self.config.timing == "full" and start is not None:
+        if self.timing == "full" and start is not None:
             self.rows.append([lane, self.step, layer, expert, kind, tokens, nbytes, start, end])
 
     def _cpu_row(self, layer, expert, tokens, start, end) -> None:
-        if self.config.timing == "full":  # host clock, converted to the device clock in timeline()
+        if self.timing == "full":  # host clock, converted to the device clock in timeline()
             self.rows.append(["cpu", self.step, layer, expert, "cpu_expert", tokens, 0, ("host", start), ("host", end)])
 
     def _log_host(self, layer: int, began: float, entry) -> None:
         """Host time in prescope's own code; the GPU span since the last MoE layer is attention and dense work."""
         self.host_seconds[layer] += time.perf_counter() - began
-        if self.config.timing == "full" and entry is not None:
+        if self.timing == "full" and entry is not None:
             kind = "attention" if self._last_exit is not None else "dense"
             step_start = self.steps[-1]["start"] if self.steps else entry
             self._row("gpu", layer, -1, kind, 0, 0, self._last_exit or step_start, entry)
@@ -315,6 +318,11 @@ class Engine:
         frame = pd.DataFrame(rows, columns=["step", "phase", "tokens", "start", "end"])
         frame["latency"] = frame["end"] - frame["start"]
         return frame
+
+    def set_timing(self, mode: str) -> None:
+        """Switch between 'full', 'steps' and 'off' between runs (full timing costs host time)."""
+        self.timing = EngineConfig(timing=mode).timing
+        self.streams.timed = mode == "full"
 
     def clear_records(self) -> None:
         self.rows, self.steps, self._t0, self.step = [], [], None, -1

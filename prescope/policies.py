@@ -60,6 +60,17 @@ class Costs:
     cpu: Callable[[int], float]  # one expert for n tokens on the CPU
 
 
+def costs_for(layout, profile) -> Costs:
+    """Per-expert costs of `layout`'s experts on hardware `profile` (prescope.cost formulas)."""
+    from . import cost
+
+    dtype_bytes = layout.expert_bytes // (3 * layout.hidden_size * layout.intermediate_size) or 1
+    dims = (layout.hidden_size, layout.intermediate_size, dtype_bytes)
+    return Costs(load=cost.transfer_time(layout.expert_bytes, profile),
+                 gpu=lambda n: cost.gpu_expert_time(n, *dims, profile),
+                 cpu=lambda n: cost.cpu_expert_time(n, *dims, profile))
+
+
 class Policy(ABC):
     name: str = ""
     imitates: str = ""
@@ -98,7 +109,9 @@ class CpuMisses(Policy):
     name = "cpu_misses"
     imitates = "Fiddler; llama.cpp `--n-cpu-moe`; KTransformers"
     simplifies = ("hot experts are the first ones each layer uses (or a given popularity ranking), loaded "
-                  "while the layer has free slots and never evicted; every other miss runs on the CPU")
+                  "while the layer has free slots; a later miss runs on the CPU unless the cost model says "
+                  "loading it is faster for its token count (prefill), in which case it takes the layer's "
+                  "least recently used slot")
 
     def __init__(self, popularity: dict[int, Sequence[int]] | None = None):
         self.popularity = popularity or {}
@@ -110,19 +123,17 @@ class CpuMisses(Policy):
 
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders:
         orders, room = Orders(), cache.quota - len(cache.layer_slots(view.layer))
-        for e in view.experts:
+        for e, n in zip(view.experts, view.tokens, strict=True):
             if cache.is_present((view.layer, e)):
                 orders.gpu.append(e)
             elif room > 0 and cache.free_slots():
                 orders.gpu.append(e)
                 room -= 1
+            elif self.costs is not None and self.costs.cpu(n) > self.costs.load + self.costs.gpu(n):
+                orders.gpu.append(e)
             else:
                 orders.cpu.append(e)
         return orders
-
-    def victim(self, cache: ExpertCache, key: Key) -> int | None:
-        free = cache.free_slots()
-        return free[0] if free else None
 
 
 POLICIES: dict[str, Callable[..., Policy]] = {
