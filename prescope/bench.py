@@ -78,7 +78,8 @@ def build_subject(spec: str, device: torch.device, seed: int):
     if name == "prescope-tiny":
         from .tiny import load_tiny
 
-        return load_tiny(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
+        model, _ = load_tiny(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        return model.to(device)
     if name.endswith("-tiny"):
         cfg = twins.tiny_twin_config(name.removesuffix("-tiny"), layers or 2)
         return twins.build_twin(cfg, device=device, seed=seed, dtype=torch.float32)
@@ -154,7 +155,8 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig) -> tuple
            "loads_per_step": decode_loads / max(1, len(decode)),
            "bytes_per_step": decode_loads * layout.expert_bytes / max(1, len(decode)),
            "hit_rate": stats.hits / max(1, stats.hits + stats.misses),
-           "host_ms_per_layer": 1e3 * sum(engine.host_seconds) / calls}
+           "step_ms_per_layer": 1e3 * sum(engine.host_seconds) / calls,
+           "host_ms_per_layer": 1e3 * (sum(engine.host_seconds) - sum(engine.sync_seconds)) / calls}
     timeline = pd.DataFrame()
     if cfg.timeline_tokens:
         engine.set_timing("full")

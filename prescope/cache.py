@@ -46,6 +46,8 @@ class ExpertCache:
     prefetched: list[bool] = field(init=False)  # loaded speculatively and not used yet
     pinned: set[int] = field(default_factory=set, init=False)
     slot_of: dict[Key, int] = field(default_factory=dict, init=False)
+    free: set[int] = field(init=False)  # FREE slots, kept in step so lookups never scan the pool
+    by_layer: dict[int, set[int]] = field(init=False)  # occupied slots of each layer
     stats: CacheStats = field(default_factory=CacheStats, init=False)
     clock: int = field(default=0, init=False)
 
@@ -56,6 +58,8 @@ class ExpertCache:
         self.state = [SlotState.FREE] * self.num_slots
         self.last_use = [-1] * self.num_slots
         self.prefetched = [False] * self.num_slots
+        self.free = set(range(self.num_slots))
+        self.by_layer = {layer: set() for layer in range(self.num_layers)}
 
     @property
     def quota(self) -> int:
@@ -74,14 +78,15 @@ class ExpertCache:
         return key in self.slot_of
 
     def free_slots(self) -> list[int]:
-        return [s for s, st in enumerate(self.state) if st is SlotState.FREE]
+        return sorted(self.free)
 
     def layer_slots(self, layer: int) -> list[int]:
-        return [s for s, key in enumerate(self.owner) if key is not None and key[0] == layer]
+        return sorted(self.by_layer[layer])
 
-    def evictable(self) -> list[int]:
-        """Occupied slots that are neither pinned nor loading."""
-        return [s for s, st in enumerate(self.state) if st is SlotState.RESIDENT and s not in self.pinned]
+    def evictable(self, layer: int | None = None) -> list[int]:
+        """Occupied slots (of `layer`, or all) that are neither pinned nor loading."""
+        slots = self.by_layer[layer] if layer is not None else range(self.num_slots)
+        return [s for s in slots if self.state[s] is SlotState.RESIDENT and s not in self.pinned]
 
     def keys(self, layer: int | None = None) -> list[Key]:
         return [k for k in self.owner if k is not None and (layer is None or k[0] == layer)]
@@ -95,8 +100,11 @@ class ExpertCache:
         evicted = self.owner[slot]
         if evicted is not None:
             del self.slot_of[evicted]
+            self.by_layer[evicted[0]].discard(slot)
             self.stats.evictions += 1
         self.owner[slot], self.state[slot], self.slot_of[key] = key, SlotState.LOADING, slot
+        self.free.discard(slot)
+        self.by_layer[key[0]].add(slot)
         self.prefetched[slot] = speculative
         self.stats.loads += 1
         self.stats.prefetches += int(speculative)
@@ -130,6 +138,8 @@ class ExpertCache:
         if slot in self.pinned:
             raise CacheError(f"{key} is pinned by the running layer")
         self.owner[slot], self.state[slot], self.prefetched[slot] = None, SlotState.FREE, False
+        self.free.add(slot)
+        self.by_layer[key[0]].discard(slot)
         self.stats.evictions += 1
         return slot
 

@@ -89,7 +89,8 @@ class Engine:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prescope-cpu")
         self.step, self.phase, self.rows, self.steps = -1, "prefill", [], []
         self._last_exit = None
-        self.host_seconds = [0.0] * self.layout.num_moe_layers
+        self.host_seconds = [0.0] * self.layout.num_moe_layers  # wall time inside moe_step
+        self.sync_seconds = [0.0] * self.layout.num_moe_layers  # of which waiting for the device to catch up
         self._t0 = None
         self._install()
 
@@ -163,7 +164,9 @@ class Engine:
         # 1. route: tokens per expert and each (token, k) position grouped by expert; one host sync
         flat = top_k_index.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)  # [N*K]
-        counts = torch.bincount(flat, minlength=self.layout.num_experts + 1).tolist()
+        synced = time.perf_counter()
+        counts = torch.bincount(flat, minlength=self.layout.num_experts + 1).tolist()  # waits for the device
+        self.sync_seconds[layer] += time.perf_counter() - synced
         groups = self._groups(order, counts)  # expert -> positions in [N*K]
         ranked = sorted(groups, key=lambda e: (-counts[e], e))
         view = LayerView(self.step, layer, self.layout.num_moe_layers, self.layout.num_experts,
@@ -198,16 +201,19 @@ class Engine:
         return groups
 
     def _gpu_experts(self, layer, experts, chosen, hidden, groups, top_k, out) -> None:
+        """Compute `chosen` on the GPU: present experts are pinned first so no miss evicts them; misses
+        take the slots the policy gives up; when none is left the wave computes and releases its pins."""
         pending = list(chosen)
         while pending:
-            wave = []
+            wave = [(e, True) for e in pending if self.cache.is_present((layer, e))]
+            for e, _ in wave:
+                self.cache.pin((layer, e))
             for e in pending:
-                key = (layer, e)
-                hit = self.cache.is_present(key)
-                if not hit and not self._load(key, speculative=False):
-                    break
-                self.cache.pin(key)
-                wave.append((e, hit))
+                if not self.cache.is_present((layer, e)):
+                    if not self._load((layer, e), speculative=False):
+                        break
+                    self.cache.pin((layer, e))
+                    wave.append((e, False))
             if not wave:
                 raise CacheError(f"layer {layer}: no slot could be freed for expert {pending[0]}")
             for e, hit in wave:
@@ -220,9 +226,10 @@ class Engine:
                 out[positions] = adapter.expert_forward(experts, x, {n: t[slot] for n, t in self._slots.items()})
                 self._released[slot] = self.streams.record()
                 self._row("gpu", layer, e, "gpu_expert", len(positions), 0, start, self._released[slot])
-            for e, _ in wave:
+            done = {e for e, _ in wave}
+            for e in done:
                 self.cache.unpin((layer, e))
-            pending = pending[len(wave):]
+            pending = [e for e in pending if e not in done]
 
     def _load(self, key: Key, speculative: bool, timed: bool = True) -> bool:
         """Copy expert `key` into a slot the policy gives up; False when none can be given up now."""
@@ -327,6 +334,7 @@ class Engine:
     def clear_records(self) -> None:
         self.rows, self.steps, self._t0, self.step = [], [], None, -1
         self.host_seconds = [0.0] * self.layout.num_moe_layers
+        self.sync_seconds = [0.0] * self.layout.num_moe_layers
 
 
 def _device_name(device: torch.device) -> str:

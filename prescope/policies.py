@@ -84,16 +84,17 @@ class Policy(ABC):
     @abstractmethod
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders: ...
 
+    host_work: tuple[str, ...] = ()  # host-side phases an executor should time: "predict", "plan"
+
     def victim(self, cache: ExpertCache, key: Key) -> int | None:
         """Per-layer LRU: a free slot while the layer is under its quota, else its least recently used."""
-        free = cache.free_slots()
-        own = [s for s in cache.layer_slots(key[0]) if s in set(cache.evictable())]
-        if free and (len(cache.layer_slots(key[0])) < cache.quota or not own):
-            return free[0]
+        own = cache.evictable(key[0])
+        if cache.free and (len(cache.by_layer[key[0]]) < cache.quota or not own):
+            return min(cache.free)
         if own:
             return cache.lru(own)
         others = cache.evictable()
-        return cache.lru(others) if others else (free[0] if free else None)
+        return cache.lru(others) if others else None
 
 
 class OnDemandLRU(Policy):
@@ -122,11 +123,11 @@ class CpuMisses(Policy):
                 for e in list(ranked)[:cache.quota]]
 
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders:
-        orders, room = Orders(), cache.quota - len(cache.layer_slots(view.layer))
+        orders, room = Orders(), cache.quota - len(cache.by_layer[view.layer])
         for e, n in zip(view.experts, view.tokens, strict=True):
             if cache.is_present((view.layer, e)):
                 orders.gpu.append(e)
-            elif room > 0 and cache.free_slots():
+            elif room > 0 and cache.free:
                 orders.gpu.append(e)
                 room -= 1
             elif self.costs is not None and self.costs.cpu(n) > self.costs.load + self.costs.gpu(n):

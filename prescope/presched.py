@@ -1,0 +1,501 @@
+"""PreSched: the cross-layer prefetch planner, a pure function from what MoE layer l knows to its orders.
+
+No tensors and no engine state: an `Instance` of plain numbers and tuples goes in, a `Plan` comes out.
+Time 0 is the moment layer l's orders are issued; τ = `load` is one expert's transfer.
+
+The model (what `expected_window_latency` computes, and what `plan` minimises)
+------------------------------------------------------------------------------
+Layer l (routing known). Routed experts that are resident (or in flight, ready at their ETA) run on the
+GPU. Each miss is either loaded on demand and run on the GPU, or run on the CPU from host memory. The m
+on-demand loads go first on the link, the j-th landing at demand_free + j·τ (demand_free = link_free for
+a FIFO link; earlier for AsyncIO's priority queue, where on-demand loads overtake queued prefetches).
+The GPU runs its experts in the plan's order, each at max(GPU free, ready) for gpu(n); the CPU lane runs
+its experts one after another from cpu_free for cpu(n) each (cpu(n) is one expert on all the cores).
+
+    F0 = max(GPU finish, CPU finish)
+
+Layers l+1 … l+D (routing predicted). Candidate e of layer l+d is used with probability p_e, by n_e tokens
+if used. If used while absent it stalls its layer by
+
+    stall(n) = min(τ, max(0, cpu(n) − gpu(n)))      (load it on demand, or run it on the CPU, alongside)
+
+Layer l+d starts at S_d, fixed by the instance, not by the plan: S_1 = F* + gap, S_{d+1} = S_d + c_d + gap,
+with F* = the fastest split's F0 (prefetching ignored), gap the attention, dense and host work between
+two MoE layers, c_d = Σ_e p_e·gpu(n_e) the layer's expected expert compute. The prefetches follow the
+on-demand loads on the link: the i-th (1-based) starts at L0 + (i−1)·τ, L0 = link_free + m·τ (queued
+transfers end at link_free; the m on-demand loads come first). A prefetch of e avoids the share of e's
+stall that its transfer completes before e's layer starts:
+
+    β_d(i) = clip(r_d − (i − 1), 0, 1),   r_d = (S_d − L0) / τ
+
+(1 when it lands in time; for a link-bound miss, stall = τ, this is exactly the stall left when a late
+prefetch finishes, since the layer then waits for the rest of the transfer). Each load takes a free slot
+or evicts an evictable key v, which costs loss_v = q_v·stall(n_v), q_v its probability of being needed
+before it could be reloaded. The plan minimises
+
+    J = F0 + Σ_{absent candidates e} p_e·stall(n_e) − Σ_{prefetch i} w_{e_i}·β_{d_i}(i) + Σ_{victims} loss_v
+
+with w_e = p_e·stall(n_e): the window's expected latency (layers l … l+D) plus the later stall that
+evictions cause, up to a constant (the stall-free time of layers l+1 … l+D, which no decision changes).
+Layer l's own on-demand loads never wait behind a prefetch: they are ahead of every prefetch this plan
+issues, and F0 does not depend on the prefetches.
+
+The algorithm (exact for this objective when the misses of layer l have equal GPU times, as at decode
+sizes where an expert's GPU time is flat in tokens; otherwise the split is the best threshold split)
+----------------------------------------------------------------------------------------------------
+1. Split. Misses sorted by tokens, most first; for each m (0 … min(misses, slots)) the m first are loaded
+   (most tokens first) and the rest run on the CPU: with equal GPU times this minimises F0 for that m,
+   since the CPU's time grows with tokens. F0(m) by merging ready times (earliest ready first, optimal
+   for one machine with release times).
+2. Prefetch, for a given m. Positions are τ apart, so each layer d sees positions of full value
+   (i ≤ c_d = ⌊r_d⌋), at most one partial position c_d + 1 of value f_d = r_d − c_d, and worthless ones.
+   Within a layer, values are w_e·β with a common β, so an optimal plan takes a prefix of the layer's
+   candidates by w (the last of them on the partial position, if it uses one). For each choice π of which
+   layers use their partial position (≤ 2^D), the full positions form nested capacities
+   (Σ_{d'≤d} n_{d'} ≤ c_d − partial positions ≤ c_d), a polymatroid; the per-layer values
+   W_d(n) + π_d·f_d·w_d[n] are concave in n, so the greedy that repeatedly adds the feasible layer with
+   the largest marginal value (1 − π_d f_d)·w_d[n] + π_d f_d·w_d[n+1] is optimal for every count; the
+   victims' losses, cheapest first, grow with the count, so it stops at the first marginal value not
+   above the next victim's loss (free slots cost 0). Full jobs are then placed earliest deadline first
+   around the partial positions, and any gap is closed (moving a prefetch earlier never lowers β).
+3. Window. J(m) = F0(m) + the losses of the m on-demand victims + the best prefetch term; the prefetch
+   term only grows with m (one fewer position per load, dearer victims), so m is tried in order of F0
+   and skipped once F0(m) plus a lower bound of its prefetch term cannot beat the best J.
+
+Inputs a caller estimates (ETAs, link_free, gap, predictions, victims' probabilities) are taken as given.
+Letters: D lookahead distance, E experts, K top-k, S slots, τ transfer time of one expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import product
+from typing import NamedTuple
+
+Key = tuple[int, int]  # (MoE layer ordinal, expert)
+
+
+class PlanError(ValueError):
+    """An instance the planner cannot take (inconsistent or out-of-range inputs); says what was expected."""
+
+
+class Candidate(NamedTuple):
+    """An expert a later layer may use: probability of being used, and tokens routed to it if used."""
+
+    expert: int
+    prob: float
+    tokens: float = 1.0
+
+
+class Held(NamedTuple):
+    """A resident key the plan may evict: its probability of being needed before it could come back."""
+
+    key: Key
+    prob: float
+    tokens: float = 1.0
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Everything layer `layer` knows when it plans (times in seconds from now; see the module docstring).
+
+    experts, tokens: layer l's routed experts and their token counts. predictions[d-1]: candidates of layer
+    l+d (present ones are skipped; a caller may leave out candidates it will not consider). compute[d-1]:
+    layer l+d's expected expert compute (None: Σ p·gpu(n) over its candidates). resident: keys resident on
+    the GPU; inflight: keys on the link -> ETA. free_slots: empty slots; evictable: resident keys that may be
+    given up (not pinned by layer l, not loading; a caller may pass only the cheapest). load, gpu, cpu: the
+    cost model (τ; one expert for n tokens on the GPU, on the CPU). link_free: when the link ends what is
+    queued; demand_free: when an on-demand load could start (None: link_free, a FIFO link); cpu_free: when
+    the CPU lane is free; gap: non-expert time between two MoE layers; max_prefetch: a cap (None: none).
+    """
+
+    layer: int
+    experts: tuple[int, ...]
+    tokens: tuple[float, ...]
+    predictions: tuple[tuple[Candidate, ...], ...]
+    load: float
+    gpu: Callable[[float], float]
+    cpu: Callable[[float], float]
+    resident: frozenset = frozenset()
+    inflight: Mapping[Key, float] = field(default_factory=dict)
+    free_slots: int = 0
+    evictable: tuple[Held, ...] = ()
+    link_free: float = 0.0
+    demand_free: float | None = None
+    cpu_free: float = 0.0
+    gap: float = 0.0
+    max_prefetch: int | None = None
+    compute: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.experts) != len(self.tokens) or len(set(self.experts)) != len(self.experts):
+            raise PlanError(f"experts and tokens must be equally long with distinct experts, got {self.experts} "
+                            f"and {self.tokens}")
+        if not self.load > 0:
+            raise PlanError(f"load (one expert's transfer time) must be > 0 s, got {self.load}")
+        if self.free_slots < 0 or (self.max_prefetch is not None and self.max_prefetch < 0):
+            raise PlanError(f"free_slots and max_prefetch must be >= 0, got {self.free_slots}, {self.max_prefetch}")
+        if min(self.link_free, self.cpu_free, self.gap) < 0:
+            raise PlanError(f"link_free, cpu_free and gap must be >= 0 s, got {self.link_free}, {self.cpu_free}, "
+                            f"{self.gap}")
+        if self.demand_free is not None and not 0 <= self.demand_free <= self.link_free:
+            raise PlanError(f"demand_free must be in [0, link_free={self.link_free}], got {self.demand_free}")
+        if self.compute is not None and len(self.compute) != len(self.predictions):
+            raise PlanError(f"compute needs one value per predicted layer ({len(self.predictions)}), "
+                            f"got {len(self.compute)}")
+        for d, layer in enumerate(self.predictions, 1):
+            for c in layer:
+                if not (0.0 <= c[1] <= 1.0 and c[2] > 0):
+                    raise PlanError(f"layer l+{d}: candidate {c} needs prob in [0, 1] and tokens > 0")
+        for h in self.evictable:
+            if not (0.0 <= h[1] <= 1.0 and h[2] > 0) or h[0] in self.inflight:
+                raise PlanError(f"evictable {h} needs prob in [0, 1], tokens > 0, and must not be in flight")
+
+    @property
+    def demand_start(self) -> float:
+        return self.link_free if self.demand_free is None else self.demand_free
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Orders for layer l and the window. gpu: present experts (by readiness) then `loads`; victims: one per
+    load, then one per prefetch (None: a free slot). objective: J of this plan (`expected_window_latency`)."""
+
+    gpu: tuple[int, ...]
+    cpu: tuple[int, ...]
+    loads: tuple[int, ...]
+    prefetch: tuple[Key, ...]
+    victims: tuple[Key | None, ...]
+    objective: float
+
+
+class _Costs:
+    """The instance's cost functions memoised for one planning call (few distinct token counts)."""
+
+    __slots__ = ("inst", "g", "c", "s")
+
+    def __init__(self, inst: Instance):
+        self.inst, self.g, self.c, self.s = inst, {}, {}, {}
+
+    def gpu(self, n: float) -> float:
+        t = self.g.get(n)
+        if t is None:
+            t = self.g[n] = self.inst.gpu(n)
+        return t
+
+    def cpu(self, n: float) -> float:
+        t = self.c.get(n)
+        if t is None:
+            t = self.c[n] = self.inst.cpu(n)
+        return t
+
+    def stall(self, n: float) -> float:
+        """min(τ, max(0, cpu(n) − gpu(n))): what a miss of n tokens adds to its layer."""
+        t = self.s.get(n)
+        if t is None:
+            t = self.s[n] = min(self.inst.load, max(0.0, self.cpu(n) - self.gpu(n)))
+        return t
+
+
+def miss_stall(inst: Instance, tokens: float) -> float:
+    """stall(n) = min(τ, max(0, cpu(n) − gpu(n))) on `inst`'s cost model (callers rank victims with it)."""
+    return _Costs(inst).stall(tokens)
+
+
+# ---- layer l: the split ----------------------------------------------------------------------------------
+
+def split_finishes(inst: Instance, costs: _Costs | None = None) -> tuple[list[float], list, list]:
+    """F0(m) for m = 0 … min(misses, slots): the m misses with most tokens loaded (most first), the rest on
+    the CPU. Returns (finishes, present as (ready, expert, tokens) by readiness, misses as (expert, tokens))."""
+    costs = costs or _Costs(inst)
+    present, misses = [], []
+    layer, resident, inflight = inst.layer, inst.resident, inst.inflight
+    for e, n in zip(inst.experts, inst.tokens):
+        if (layer, e) in resident:
+            present.append((0.0, e, n))
+        elif (layer, e) in inflight:
+            present.append((inflight[(layer, e)], e, n))
+        else:
+            misses.append((e, n))
+    present.sort(key=lambda r: (r[0], -r[2], r[1]))
+    misses.sort(key=lambda r: (-r[1], r[0]))
+    top = min(len(misses), inst.free_slots + len(inst.evictable))
+    # every job of the largest split by readiness (j = index of a load, -1 for a present expert); a smaller
+    # split keeps the same order without its later loads
+    tau, start = inst.load, inst.demand_start
+    jobs = sorted([(r, -1, costs.gpu(n)) for r, _, n in present]
+                  + [(start + j * tau, j, costs.gpu(misses[j - 1][1])) for j in range(1, top + 1)])
+    cpu_after = [0.0] * (len(misses) + 1)
+    for j in range(len(misses) - 1, -1, -1):
+        cpu_after[j] = cpu_after[j + 1] + costs.cpu(misses[j][1])
+    finishes = []
+    for m in range(top + 1):
+        g = 0.0
+        for r, j, t in jobs:
+            if j <= m:
+                g = (g if g > r else r) + t
+        finishes.append(max(g, inst.cpu_free + cpu_after[m]) if m < len(misses) else g)
+    return finishes, present, misses
+
+
+def layer_starts(inst: Instance, costs: _Costs | None = None, fastest: float | None = None) -> tuple[float, ...]:
+    """S_d for d = 1 … D: S_1 = F* + gap, S_{d+1} = S_d + c_d + gap, with F* the fastest split's F0
+    (computed unless given) and c_d = `compute` or Σ p·gpu(n) over layer l+d's candidates."""
+    costs = costs or _Costs(inst)
+    start = (min(split_finishes(inst, costs)[0]) if fastest is None else fastest) + inst.gap
+    compute = inst.compute or [sum(c[1] * costs.gpu(c[2]) for c in layer) for layer in inst.predictions]
+    starts = []
+    for c in compute:
+        starts.append(start)
+        start += c + inst.gap
+    return tuple(starts)
+
+
+# ---- the window -------------------------------------------------------------------------------------------
+
+def _frac(r: float, i: int) -> float:
+    """β = clip(r − (i − 1), 0, 1): share of the stall a prefetch at position i avoids."""
+    x = r - (i - 1)
+    return 1.0 if x >= 1.0 else (x if x > 0.0 else 0.0)
+
+
+def _chain(lists: list[list[float]], caps: list[int], kcap: int) -> list[float]:
+    """Marginal values the greedy accepts, best first, under nested caps Σ_{d'≤d} n_d' ≤ caps[d] and a
+    total cap: merge layer by layer, keeping the top caps[d] after each merge (an item that survives is
+    never blocked by the items above it, so the greedy accepts exactly these, in this order)."""
+    acc: list[float] = []
+    for lst, cap in zip(lists, caps):
+        acc = sorted(acc + lst[:cap], reverse=True)[:cap] if lst else acc[:cap]
+    return acc[:kcap]
+
+
+def _marginals(w: list[float], f: float) -> list[float]:
+    """A layer's marginals with its partial position in use: the partial job becomes full and the next one
+    moves into the partial position, (1 − f)·w[n] + f·w[n+1] (w past the end = 0)."""
+    g = 1.0 - f
+    return [g * a + f * b for a, b in zip(w, w[1:] + [0.0])]
+
+
+class _Window:
+    """The prefetch term for any m: weights w[d] (descending), position capacities r0[d] = (S_d − L0(0))/τ,
+    victims' losses lam (ascending). β's fractional parts do not change with m (each load shifts every
+    position by exactly τ), so the partial marginals are computed once."""
+
+    def __init__(self, w: list[list[float]], r0: list[float], lam: list[float], cap: int):
+        self.w, self.r0, self.lam, self.cap = w, r0, lam, cap
+        self.f = [x - int(x) if x > 0 else 0.0 for x in r0]
+        self.part = [_marginals(wd, fd) if fd > 0 and wd else wd for wd, fd in zip(w, self.f)]
+
+    def _solve(self, pi, c, m, kcap, lists=None):
+        """(value, prefetches taken besides the partial ones, caps) of one partial-position choice π
+        (π_d = 1 only where layer d has a partial position); `lists` overrides the layers' marginals."""
+        D, w, f, lam = len(c), self.w, self.f, self.lam
+        used = [c[d] + 1 for d in range(D) if pi[d]]
+        k = len(used)
+        caps = [c[d] - sum(1 for u in used if u <= c[d]) for d in range(D)]
+        acc = _chain(lists or [self.part[d] if pi[d] else w[d] for d in range(D)], caps, kcap - k)
+        value = sum(f[d] * w[d][0] for d in range(D) if pi[d]) - sum(lam[m:m + k])
+        j = m + k
+        for g in acc:
+            if g <= lam[j]:
+                break
+            value += g - lam[j]
+            j += 1
+        return value, j - m - k, caps
+
+    def best(self, m: int, prune: bool = True) -> tuple[float, tuple[int, ...], list[int], int]:
+        """(value, π, c, taken): the best prefetch value with m on-demand loads (step 2). With `prune`, the
+        partial positions are enumerated only when a relaxation (each partial position counted as a full
+        one for its layer, a bound on every π) beats π = 0."""
+        D = len(self.w)
+        kcap = min(self.cap, len(self.lam) - m)
+        c = [int(x) - m if x - m > 0 else 0 for x in self.r0]
+        zero = (0,) * D
+        value, taken, _ = self._solve(zero, c, m, kcap)
+        best = (value, zero, c, taken)
+        options = [(0, 1) if self.r0[d] > m and self.f[d] > 0 and self.w[d] and c[d] < kcap else (0,)
+                   for d in range(D)]
+        if not any(len(o) > 1 for o in options):
+            return best
+        if prune:
+            relaxed = [c[d] + len(options[d]) - 1 for d in range(D)]
+            if self._solve(zero, relaxed, m, kcap)[0] <= value:
+                return best
+        for pi in product(*options):
+            used = [c[d] + 1 for d in range(D) if pi[d]]
+            if not used or len(used) != len(set(used)):
+                continue
+            found, taken_pi, _ = self._solve(pi, c, m, kcap)
+            if found > best[0]:
+                best = (found, pi, c, taken_pi)
+        return best
+
+    def counts(self, pi, c, m: int, taken: int) -> list[int]:
+        """Full prefetches per layer of the accepted items (the same merge, with each item's layer)."""
+        D = len(c)
+        _, _, caps = self._solve(pi, c, m, min(self.cap, len(self.lam) - m))
+        acc: list = []
+        for d, cap in enumerate(caps):
+            lst = self.part[d] if pi[d] else self.w[d]
+            acc = sorted(acc + [(x, -d) for x in lst[:cap]], reverse=True)[:cap]
+        counts = [0] * D
+        for _, nd in acc[:taken]:
+            counts[-nd] += 1
+        return counts
+
+
+def _arrange(pi, counts, c, sizes) -> list[tuple[int, int]]:
+    """(layer index d, rank in its layer) per prefetch, in link order: partial jobs at c_d + 1, full jobs
+    earliest deadline first into the other positions, gaps closed (moving a prefetch earlier never lowers
+    its β)."""
+    pos = {c[d] + 1: (d, counts[d]) for d in range(len(counts)) if pi[d] and counts[d] < sizes[d]}
+    nxt = 1
+    for d in range(len(counts)):
+        for rank in range(counts[d]):
+            while nxt in pos:
+                nxt += 1
+            pos[nxt] = (d, rank)
+    return [pos[p] for p in sorted(pos)]
+
+
+# ---- the planner -----------------------------------------------------------------------------------------
+
+def plan(inst: Instance, prune: bool = True) -> Plan:
+    """The plan minimising J (module docstring) for `inst`; among equal J, the faster split of layer l.
+    `prune=False` enumerates every partial-position choice (the same optimum, slower; tests compare)."""
+    costs, tau = _Costs(inst), inst.load
+    finishes, present, misses = split_finishes(inst, costs)
+    starts = layer_starts(inst, costs, min(finishes))
+    # victims: free slots first, then evictable keys by loss; lam[j] is the (j+1)-th cheapest
+    stall = costs.stall
+    held = sorted([(p * stall(n), key) for key, p, n in inst.evictable])
+    lam = [0.0] * inst.free_slots + [x[0] for x in held]
+    slots, floor = len(lam), (lam[0] if lam else 0.0)
+    # the window's absent candidates by weight w = p·stall(n), best first, per layer; one at or below the
+    # cheapest loss is never loaded, but the first of them may enter a partial position's marginal
+    ranked, weights, base = [], [], 0.0
+    resident, inflight = inst.resident, inst.inflight
+    for d, layer in enumerate(inst.predictions, 1):
+        target, rows = inst.layer + d, []
+        for e, p, n in layer:
+            if (target, e) in resident or (target, e) in inflight:
+                continue
+            wt = p * stall(n)
+            if wt > 0:
+                rows.append((wt, -e))
+                base += wt
+        rows.sort(reverse=True)
+        keep = 1
+        while keep < len(rows) and rows[keep - 1][0] > floor:
+            keep += 1
+        ranked.append([-x[1] for x in rows[:keep]])
+        weights.append([x[0] for x in rows[:keep]])
+    prefix = [0.0]
+    for x in lam:
+        prefix.append(prefix[-1] + x)
+    cap = slots if inst.max_prefetch is None else min(slots, inst.max_prefetch)
+    window = _Window(weights, [(s - inst.link_free) / tau for s in starts], lam, cap)
+    # m by F0; V(m) (the best prefetch value) only falls as m grows and never exceeds the value of the best
+    # prefetches with every position in time, so a split is skipped once its F0 cannot win
+    merged = sorted([x for wd in weights for x in wd], reverse=True)
+    best_j, best, values = None, None, []  # values: (m, V(m)) of the splits evaluated
+    for m in sorted(range(len(finishes)), key=lambda m: (finishes[m], m)):
+        upper, j = 0.0, m
+        for g in merged[:min(cap, slots - m)]:
+            if g <= lam[j]:
+                break
+            upper += g - lam[j]
+            j += 1
+        upper = min([upper] + [v for mm, v in values if mm <= m])
+        if best_j is not None and finishes[m] + prefix[m] + base - upper >= best_j:
+            continue
+        found = window.best(m, prune)
+        values.append((m, found[0]))
+        if best_j is None or finishes[m] + prefix[m] + base - found[0] < best_j:
+            best_j, best = finishes[m] + prefix[m] + base - found[0], (m, found)
+    m, (_, pi, c, taken) = best
+    order = _arrange(pi, window.counts(pi, c, m, taken), c, [len(x) for x in ranked])
+    prefetch = tuple((inst.layer + d + 1, ranked[d][rank]) for d, rank in order)
+    L0 = inst.link_free + m * tau
+    saved = sum(weights[d][rank] * _frac((starts[d] - L0) / tau, i) for i, (d, rank) in enumerate(order, 1))
+    loads = tuple(e for e, _ in misses[:m])
+    ready = sorted([(t, i, e) for i, (t, e, _) in enumerate(present)]
+                   + [(inst.demand_start + j * tau, len(present) + j, e) for j, e in enumerate(loads, 1)])
+    victims = [None] * inst.free_slots + [x[1] for x in held]
+    objective = finishes[m] + prefix[m + len(prefetch)] + base - saved
+    return Plan(gpu=tuple(e for _, _, e in ready), cpu=tuple(e for e, _ in misses[m:]), loads=loads,
+                prefetch=prefetch, victims=tuple(victims[:m + len(prefetch)]), objective=objective)
+
+
+# ---- the objective of any plan ---------------------------------------------------------------------------
+
+def expected_window_latency(inst: Instance, p: Plan) -> float:
+    """J of plan `p` on `inst` (module docstring), computed from the plan alone; PlanError for a plan that
+    does not place every routed expert once, loads a present expert, prefetches outside the window or a
+    present key, or names impossible victims."""
+    costs, tau = _Costs(inst), inst.load
+    routed = dict(zip(inst.experts, inst.tokens))
+    if sorted(p.gpu + p.cpu) != sorted(routed):
+        raise PlanError(f"plan must place every routed expert once: routed {sorted(routed)}, gpu {p.gpu}, cpu {p.cpu}")
+    ready = {}
+    for e in p.gpu:
+        key = (inst.layer, e)
+        ready[e] = 0.0 if key in inst.resident else inst.inflight.get(key)
+    absent_gpu = {e for e, t in ready.items() if t is None}
+    if absent_gpu != set(p.loads) or len(p.loads) != len(set(p.loads)):
+        raise PlanError(f"loads {p.loads} must be exactly the absent experts on the GPU {sorted(absent_gpu)}")
+    for j, e in enumerate(p.loads, 1):
+        ready[e] = inst.demand_start + j * tau
+    g = 0.0
+    for e in p.gpu:
+        g = max(g, ready[e]) + costs.gpu(routed[e])
+    cpu_end = inst.cpu_free + sum(costs.cpu(routed[e]) for e in p.cpu) if p.cpu else 0.0
+    f0 = max(g, cpu_end)
+    # victims
+    if len(p.victims) != len(p.loads) + len(p.prefetch):
+        raise PlanError(f"one victim per load and prefetch: {len(p.loads)} + {len(p.prefetch)}, got {len(p.victims)}")
+    named = [v for v in p.victims if v is not None]
+    loss_of = {h.key: h.prob * costs.stall(h.tokens) for h in inst.evictable}
+    if len(named) != len(set(named)) or any(v not in loss_of for v in named):
+        raise PlanError(f"victims must be distinct evictable keys, got {named}")
+    if len(p.victims) - len(named) > inst.free_slots:
+        raise PlanError(f"{len(p.victims) - len(named)} free slots used, {inst.free_slots} available")
+    # the window
+    starts = layer_starts(inst, costs)
+    cands = {}
+    base = 0.0
+    for d, layer in enumerate(inst.predictions, 1):
+        for cand in layer:
+            key = (inst.layer + d, cand.expert)
+            if key in inst.resident or key in inst.inflight:
+                continue
+            wt = cand.prob * costs.stall(cand.tokens)
+            cands[key] = (d, wt)
+            base += wt
+    if len(set(p.prefetch)) != len(p.prefetch):
+        raise PlanError(f"prefetches must be distinct, got {p.prefetch}")
+    L0 = inst.link_free + len(p.loads) * tau
+    saved = 0.0
+    for i, key in enumerate(p.prefetch, 1):
+        if not 1 <= key[0] - inst.layer <= len(inst.predictions) or key in inst.resident or key in inst.inflight:
+            raise PlanError(f"prefetch {key} is outside the window or already present")
+        if key in cands:
+            d, wt = cands[key]
+            saved += wt * _frac((starts[d - 1] - L0) / tau, i)
+    return f0 + base - saved + sum(loss_of[v] for v in named)
+
+
+def link_schedule(inst: Instance, p: Plan) -> list[tuple[Key, str, float, float]]:
+    """(key, kind, start, end) of the plan's transfers: on-demand loads from demand_start, then prefetches
+    from link_free + m·τ."""
+    tau, rows = inst.load, []
+    for j, e in enumerate(p.loads):
+        start = inst.demand_start + j * tau
+        rows.append(((inst.layer, e), "on_demand", start, start + tau))
+    L0 = inst.link_free + len(p.loads) * tau
+    for i, key in enumerate(p.prefetch):
+        rows.append((key, "prefetch", L0 + i * tau, L0 + (i + 1) * tau))
+    return rows
+
+
