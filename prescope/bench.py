@@ -231,16 +231,35 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     return rows
 
 
-def _add_ratios(rows: list[dict]) -> None:
-    """Throughput relative to the engine's everything-resident run of the same model and batch, and regime."""
+def _add_ratios(rows: list[dict], link_gbps: float | None = None) -> None:
+    """Throughput relative to the stock model and to the engine's everything-resident run of the same
+    model and batch, and the regime: link-bound when the bytes a step moves take longer at the link's
+    peak than the whole resident step, else host-bound (the copies can hide behind host and GPU work)."""
+    from .profiles import load_profile
+
+    link_gbps = link_gbps or load_profile("h200").pinned_h2d.peak_gbps
     resident = {(r["model"], r["batch"]): r for r in rows if r["policy"] == RESIDENT}
+    stock = {(r["model"], r["batch"]): r for r in rows if r["policy"] == STOCK}
     for r in rows:
-        ref = resident.get((r["model"], r["batch"]))
+        ref, base = resident.get((r["model"], r["batch"])), stock.get((r["model"], r["batch"]))
+        if base is not None:
+            r["vs_stock"] = r["decode_tok_s"] / base["decode_tok_s"]
         if ref is None:
             continue
         r["vs_resident"] = r["decode_tok_s"] / ref["decode_tok_s"]
-        link_ms = r.get("bytes_per_step", 0) / 55e9 * 1e3
+        link_ms = (r.get("bytes_per_step") or 0) / (link_gbps * 1e9) * 1e3
         r["regime"] = "link-bound" if link_ms > ref["decode_ms_median"] else "host-bound"
+
+
+def bench_table(path: str | Path) -> pd.DataFrame:
+    """The cells of a bench.json with ratios and regimes, for reports and notebooks."""
+    data = json.loads(Path(path).read_text())
+    rows = [dict(r) for r in data["cells"]]
+    _add_ratios(rows)
+    table = pd.DataFrame(rows)
+    table.attrs.update(source=data.get("source", "measured"), profile=data.get("device", ""),
+                       git_revision=data.get("git_revision", "unknown"))
+    return table
 
 
 def _line(r: dict) -> str:

@@ -30,6 +30,7 @@ from .config import EngineConfig
 from .policies import LayerView, Policy, costs_for, make_policy
 from .profiles import load_profile
 from .streams import make_streams
+from .timeline import make_timeline, step_summary
 
 TIMELINE_COLUMNS = ("lane", "step", "layer", "expert", "kind", "tokens", "bytes", "start", "end")
 
@@ -160,6 +161,7 @@ class Engine:
     def moe_step(self, layer: int, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
         began, entry = time.perf_counter(), self._mark()
+        self.cache.unpin_all()  # a layer that raised part-way must not leave its pins behind
         num_tokens, top_k = top_k_index.shape
         # 1. route: tokens per expert and each (token, k) position grouped by expert; one host sync
         flat = top_k_index.reshape(-1)  # [N*K]
@@ -270,12 +272,16 @@ class Engine:
             if self._t0 is None:
                 self._t0 = (self.streams.record(), time.perf_counter())
             tokens = int(ids.shape[0] * ids.shape[1]) if ids is not None else 0
+            stats = self.cache.stats
             self.steps.append({"step": self.step, "phase": self.phase, "tokens": tokens,
-                               "start": self.streams.record(), "end": None})
+                               "start": self.streams.record(), "end": None,
+                               "counts": (stats.hits, stats.misses, stats.loads)})
 
     def _step_end(self, module, args, output) -> None:
         if self.timing != "off" and self.steps:
             self.steps[-1]["end"] = self.streams.record()
+            stats, before = self.cache.stats, self.steps[-1]["counts"]
+            self.steps[-1]["counts"] = (stats.hits - before[0], stats.misses - before[1], stats.loads - before[2])
             if self._last_exit is not None:
                 self._row("gpu", -1, -1, "dense", 0, 0, self._last_exit, self.steps[-1]["end"])
         self._last_exit = None
@@ -313,18 +319,27 @@ class Engine:
             return self.streams.seconds(t0, event)
 
         records = [dict(zip(TIMELINE_COLUMNS, r[:7] + [at(r[7]), at(r[8])], strict=True)) for r in self.rows]
-        frame = pd.DataFrame(records, columns=TIMELINE_COLUMNS)
-        frame.attrs.update(source="measured", profile=_device_name(self.device), policy=self.policy.name)
-        return frame
+        return make_timeline(pd.DataFrame(records, columns=TIMELINE_COLUMNS), source="measured",
+                             profile=_device_name(self.device),
+                             meta={"policy": self.policy.name, "config": self.config.to_dict()})
 
     def step_table(self) -> pd.DataFrame:
+        """One row per forward call: phase, tokens, start, end, latency, and the cache's hits, misses and loads."""
         self.streams.synchronize()
         t0 = self._t0[0] if self._t0 else None
-        rows = [{**s, "start": self.streams.seconds(t0, s["start"]), "end": self.streams.seconds(t0, s["end"])}
+        rows = [{"step": s["step"], "phase": s["phase"], "tokens": s["tokens"],
+                 "start": self.streams.seconds(t0, s["start"]), "end": self.streams.seconds(t0, s["end"]),
+                 "hits": s["counts"][0], "misses": s["counts"][1], "loads": s["counts"][2]}
                 for s in self.steps if s["end"] is not None]
-        frame = pd.DataFrame(rows, columns=["step", "phase", "tokens", "start", "end"])
+        frame = pd.DataFrame(rows, columns=["step", "phase", "tokens", "start", "end", "hits", "misses", "loads"])
         frame["latency"] = frame["end"] - frame["start"]
         return frame
+
+    def summary(self) -> pd.DataFrame:
+        """Per step: latency, bytes moved, loads, hits, misses, GPU busy and idle time (needs timing="full")."""
+        steps = self.step_table()
+        table = step_summary(self.timeline(), steps[["step", "hits", "misses"]])
+        return table.merge(steps[["step", "phase"]], on="step", how="left")
 
     def set_timing(self, mode: str) -> None:
         """Switch between 'full', 'steps' and 'off' between runs (full timing costs host time)."""

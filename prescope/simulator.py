@@ -51,7 +51,7 @@ from . import cost
 from .adapter import ModelLayout
 from .cache import CacheError, CacheStats, ExpertCache, Key
 from .config import EngineConfig
-from .policies import POLICIES, Costs, LayerView, Policy, make_policy
+from .policies import POLICIES, Costs, LayerView, Policy, costs_for, make_policy
 from .profiles import HardwareProfile, load_profile
 from .timeline import make_timeline, prefetch_precision, step_summary
 from .trace import MISSING, Trace
@@ -480,9 +480,12 @@ class _Replay:
 def replay(trace: Trace, policy: Policy | str, profile: HardwareProfile | str, *, budget_slots: int | None = None,
            budget_share: float | None = None, batch_size: int = 1, decode_only: bool = True,
            max_steps: int | None = None, async_io: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-           layout: ModelLayout | None = None, dense_params: int | None = None) -> SimResult:
+           layout: ModelLayout | None = None, dense_params: int | None = None,
+           policy_profile: HardwareProfile | str | None = None) -> SimResult:
     """Replay `trace` through `policy` on `profile` with a GPU expert budget; see the module docstring.
 
+    `policy_profile` is the profile whose costs the policy weighs in its decisions, when that differs from
+    the one that times the replay (to reproduce a measured run whose engine decided with another profile).
     The budget is `budget_slots` or `budget_share` of all L·E experts (EngineConfig's default share when
     neither is given). `layout` times another model that routes like the trace (a shape twin: same L and
     E); `dense_params` is the non-expert parameter count per MoE layer (default: `default_dense_params`).
@@ -490,11 +493,11 @@ def replay(trace: Trace, policy: Policy | str, profile: HardwareProfile | str, *
     """
     with _gc_paused():
         return _replay(trace, policy, profile, budget_slots, budget_share, batch_size, decode_only, max_steps,
-                       async_io, chunk_bytes, layout, dense_params)
+                       async_io, chunk_bytes, layout, dense_params, policy_profile)
 
 
 def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, decode_only, max_steps, async_io,
-            chunk_bytes, layout, dense_params) -> SimResult:
+            chunk_bytes, layout, dense_params, policy_profile=None) -> SimResult:
     policy = make_policy(policy) if isinstance(policy, str) else policy
     profile = load_profile(profile)
     layout = layout or trace.layout
@@ -508,11 +511,12 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
     num_slots = slots_for(layout, budget_slots, budget_share)
     times = _Times(layout, profile, default_dense_params(layout) if dense_params is None else dense_params)
     cache = ExpertCache(num_slots, L)
+    costs = times.costs() if policy_profile is None else costs_for(layout, load_profile(policy_profile))
     if num_slots >= L * E:
-        policy.reset(cache, E, times.costs())
+        policy.reset(cache, E, costs)
         preload = [(layer, e) for layer in range(L) for e in range(E)]
     else:
-        preload = policy.reset(cache, E, times.costs())
+        preload = policy.reset(cache, E, costs)
     for key in preload[:num_slots]:
         slot = None if cache.is_present(key) else policy.victim(cache, key)
         if slot is not None:

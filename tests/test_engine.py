@@ -134,3 +134,28 @@ def test_random_routings_keep_pool_invariants(data):
     assert len(cpu_rows) == len(set(cpu_rows)), "a CPU expert was computed twice in one layer step"
     assert watch
     engine.close()
+
+
+def test_summary_has_per_step_latency_bytes_hits_and_idle():
+    model = tiny_model("mixtral")
+    with Engine(model, EngineConfig(budget_share=0.5, device="cpu")) as engine:
+        model.generate(torch.randint(1, 96, (2, 4)), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    summary = engine.summary()
+    assert list(summary["phase"]) == ["prefill", "decode", "decode"]
+    assert summary["bytes"].sum() == engine.cache.stats.loads * engine.layout.expert_bytes
+    assert summary["hits"].sum() + summary["misses"].sum() == engine.cache.stats.hits + engine.cache.stats.misses
+    assert ((summary["gpu_idle"] >= 0) & (summary["gpu_idle"] <= summary["latency"] + 1e-9)).all()
+
+
+def test_cpu_worker_failure_surfaces_in_the_caller():
+    model = tiny_model("olmoe")
+    engine = Engine(model, EngineConfig(policy="cpu_misses", budget_bytes=3 * adapter.describe(model).expert_bytes,
+                                        device="cpu"))
+    host = engine._host[1]["down_proj"]
+    engine._host[1]["down_proj"] = host[:, :, :1]  # a broken host buffer: CPU experts of layer 1 must fail
+    with pytest.raises(RuntimeError):
+        model.generate(torch.randint(1, 96, (1, 6)), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    engine._host[1]["down_proj"] = host
+    out = model.generate(torch.randint(1, 96, (1, 6)), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 8), "the engine stays usable after a worker failure"
+    engine.close()

@@ -1,0 +1,96 @@
+"""`prescope fidelity`: does the simulator predict what the engine measured?
+
+For every engine cell of a `prescope bench` run it rebuilds the decode routing the GPU actually saw
+(kept by the bench), replays it through the same policy and budget on a hardware profile (normally the
+one `prescope calibrate` measured on that machine; the policy still decides with the profile the engine
+decided with), and compares the simulated per-step decode latency
+with the measured one (medians over steps). The table says, per cell, measured, simulated and the
+relative error; a final JSON line gives the share of cells within the tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import adapter, twins
+from .bench import RESIDENT, parse_model
+from .metrics import write_atomic
+from .profiles import load_profile
+from .simulator import replay
+from .trace import Trace
+
+TOLERANCE = 0.15
+
+
+def twin_layout(name: str, num_layers: int | None) -> tuple[adapter.ModelLayout, int]:
+    """The layout and non-expert parameters per MoE layer of a twin, without allocating its weights."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = twins.twin_config(name, num_layers)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    sizes = twins.config_layer_sizes(cfg)
+    dense = int(sizes.loc[sizes["kind"] == "moe", "non_expert"].max())
+    return adapter.describe(model), dense
+
+
+def routing_trace(route: np.ndarray, layout: adapter.ModelLayout, first_position: int) -> Trace:
+    """A decode-only Trace from routing [steps, L, B, K] as the bench kept it (weights are not kept)."""
+    steps, num_layers, batch, top_k = route.shape
+    tokens = pd.DataFrame({"prompt": np.tile(np.arange(batch), steps), "row": np.tile(np.arange(batch), steps),
+                           "position": np.repeat(first_position + np.arange(steps), batch),
+                           "step": np.repeat(1 + np.arange(steps), batch), "phase": "decode", "domain": ""})
+    experts = route.transpose(0, 2, 1, 3).reshape(steps * batch, num_layers, top_k).astype(np.int64)
+    weights = np.full(experts.shape, 1.0 / top_k, dtype=np.float32)
+    return Trace(layout, tokens, experts, weights, meta={"source": "prescope bench routing"})
+
+
+def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.DataFrame:
+    rows, layouts = [], {}
+    for spec in bench["config"]["models"]:
+        name, layers = parse_model(spec)
+        layouts[name] = twin_layout(name, layers)
+    for cell in bench["cells"]:
+        key = f"{cell['model']}__{cell['policy']}__{cell['budget']}__{cell['batch']}"
+        if key not in routing or cell["model"] not in layouts:
+            continue
+        layout, dense = layouts[cell["model"]]
+        trace = routing_trace(routing[key], layout, bench["config"]["input_len"])
+        policy = "on_demand_lru" if cell["policy"] == RESIDENT else cell["policy"]
+        sim = replay(trace, policy, profile, budget_share=cell["budget"], batch_size=cell["batch"],
+                     dense_params=dense, policy_profile=bench["config"]["profile"])
+        simulated = 1e3 * float(sim.summary["latency"].median())
+        measured = cell["decode_ms_median"]
+        rows.append({"model": cell["model"], "policy": cell["policy"], "budget": cell["budget"],
+                     "batch": cell["batch"], "measured_ms": measured, "simulated_ms": simulated,
+                     "error": simulated / measured - 1, "regime": cell.get("regime", "")})
+    table = pd.DataFrame(rows)
+    table.attrs.update(profile=profile.name, source="simulated vs measured")
+    return table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bench", required=True, help="bench.json written by `prescope bench`")
+    parser.add_argument("--routing", required=True, help="routing.npz written beside it")
+    parser.add_argument("--profile", required=True, help="profile name or JSON (the calibrated one)")
+    parser.add_argument("--out", default="", help="CSV to write the table to")
+
+
+def run(args: argparse.Namespace) -> int:
+    bench = json.loads(Path(args.bench).read_text())
+    with np.load(args.routing) as npz:
+        routing = {k: npz[k] for k in npz.files}
+    table = fidelity_table(bench, routing, load_profile(args.profile))
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    within = float((table["error"].abs() <= TOLERANCE).mean()) if len(table) else 0.0
+    if args.out:
+        write_atomic(args.out, table.to_csv(index=False))
+    print(json.dumps({"fidelity": args.bench, "profile": args.profile, "cells": len(table),
+                      "within_15pct": within, "median_abs_error": float(table["error"].abs().median())}))
+    return 0
