@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 report: $(STAMP)
+	$(VENV)/bin/prescope trace
 	$(VENV)/bin/prescope report
 
 test: $(STAMP)
