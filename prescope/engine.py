@@ -179,7 +179,7 @@ class Engine:
         orders.check(view)
         # 5. CPU experts start now and overlap the GPU work below
         out = hidden.new_zeros((num_tokens * top_k, hidden.shape[1]))  # [N*K, H]
-        cpu_jobs = [self._submit_cpu(layer, experts, e, hidden, groups[e], top_k) for e in orders.cpu]
+        cpu_positions, cpu_jobs = self._submit_cpu(layer, experts, orders.cpu, hidden, groups, top_k)
         # 6. GPU experts: absent ones load on demand; each computes once its copy landed, in waves if short
         self._gpu_experts(layer, experts, orders.gpu, hidden, groups, top_k, out)
         # 7. prefetch later layers' experts, queued behind this layer's on-demand loads
@@ -187,8 +187,8 @@ class Engine:
             if not self.cache.is_present(key) and not self._load(key, speculative=True):
                 break
         # 8. join CPU results; weight each token's K outputs and sum them in the routing weights' precision
-        for e, positions, job in cpu_jobs:
-            out[positions] = job.result().to(out.device, out.dtype)
+        if cpu_jobs:
+            out[cpu_positions] = torch.cat([job.result() for job in cpu_jobs]).to(out.device, out.dtype)
         self._log_host(layer, began, entry)
         weighted = out.view(num_tokens, top_k, -1) * top_k_weights.unsqueeze(-1)  # [N, K, H]
         return weighted.sum(dim=1).to(hidden.dtype)  # [N, H]
@@ -249,17 +249,26 @@ class Engine:
                       start, done)
         return True
 
-    def _submit_cpu(self, layer, experts, e, hidden, positions, top_k):
-        x = hidden[positions // top_k].to("cpu")  # [n, H]
-        params = {n: host[e] for n, host in self._host[layer].items()}
+    def _submit_cpu(self, layer, experts, chosen, hidden, groups, top_k):
+        """Start the CPU experts: their tokens cross to the host in one copy, each expert is one task."""
+        if not chosen:
+            return None, []
+        positions = torch.cat([groups[e] for e in chosen])  # [m] positions in [N*K]
+        x_all = hidden[positions // top_k].to("cpu")  # [m, H], the one device-to-host copy
+        dtype = next(iter(self._host[layer].values())).dtype
+        jobs, start = [], 0
+        for e in chosen:
+            n = len(groups[e])
+            x, params = x_all[start:start + n].to(dtype), {name: host[e] for name, host in self._host[layer].items()}
+            jobs.append(self.pool.submit(self._cpu_expert, layer, experts, e, x, params))
+            start += n
+        return positions, jobs
 
-        def compute():
-            start = time.perf_counter()
-            y = adapter.expert_forward(experts, x.to(next(iter(params.values())).dtype), params)
-            self._cpu_row(layer, e, len(positions), start, time.perf_counter())
-            return y
-
-        return e, positions, self.pool.submit(compute)
+    def _cpu_expert(self, layer, experts, e, x, params) -> torch.Tensor:
+        start = time.perf_counter()
+        y = adapter.expert_forward(experts, x, params)  # [n, H]
+        self._cpu_row(layer, e, len(x), start, time.perf_counter())
+        return y
 
     # ---- steps and timing ----------------------------------------------------------------------------
     def _step_start(self, module, args, kwargs) -> None:
