@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "simulate": ("prescope.simulator", "add_arguments", "run", "replay a routing trace through a policy on a hardware profile"),
     "train-tiny": ("prescope.tiny", "add_arguments", "run", "train prescope-tiny"),
     "train-predictor": ("prescope.llapor", "add_arguments", "run", "train LLaPor on a routing trace"),
-    "trace": ("prescope.trace", "add_arguments", "run", "record and summarise a routing trace"),
+    "trace": ("prescope.recording", "add_arguments", "run", "record and summarise a routing trace"),
 }
 
 

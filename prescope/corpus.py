@@ -17,18 +17,29 @@ The stdlib domain's documents are whole source files: the `.py` files under
 `sysconfig.get_paths()["stdlib"]` (tests, site-packages and IDLE left out), sorted by path, taken at
 evenly spaced ranks until `stdlib_bytes` is reached. It depends on the Python version that reads
 it; the recipe records that version.
+
+Tokenization lives here too, so data can be prepared on one machine and carried to another: a
+byte-level BPE tokenizer trained on the training split (`build_tokenizer`), documents encoded
+with an EOS after each (`encode_documents`), and `prepare` / `load_prepared` for the folder of
+`.npy` token ids that training reads.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import sysconfig
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 SHARED_DOMAINS: tuple[str, ...] = ("arxiv", "c4", "github_oss_with_stack", "wikipedia")
 STDLIB_DOMAIN = "stdlib"
 DOMAINS: tuple[str, ...] = (*SHARED_DOMAINS, STDLIB_DOMAIN)
+EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
+EOS_ID, PAD_ID = 0, 1  # the BPE trainer numbers special tokens first, in this order
 
 # Lines per window for duplicate detection: long enough that ordinary repeated lines ("}", "")
 # never match, short enough to catch the copied halves of the files.
@@ -113,7 +124,7 @@ def dedup_lines(lines: list[str], window: int = DEDUP_WINDOW) -> list[str]:
                 drop[j] = True
         else:
             seen.add(key)
-    return [line for line, d in zip(lines, drop) if not d]
+    return [line for line, d in zip(lines, drop, strict=True) if not d]
 
 
 def group_documents(lines: list[str], doc_chars: int) -> list[str]:
@@ -215,3 +226,86 @@ def heldout_texts(spec: CorpusSpec) -> dict[str, str]:
 def python_version() -> str:
     """The interpreter version whose standard library fed the stdlib domain."""
     return ".".join(str(v) for v in sys.version_info[:3])
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Byte-level BPE trained on `texts`, wrapped as a `PreTrainedTokenizerFast` (EOS id 0, PAD id 1)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    if tok.token_to_id(EOS_TOKEN) != EOS_ID or tok.token_to_id(PAD_TOKEN) != PAD_ID:
+        raise RuntimeError("BPE trainer did not number the special tokens first")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                   pad_token=PAD_TOKEN, model_max_length=None)
+
+
+def encode_documents(tokenizer, docs: Iterable[str]) -> np.ndarray:
+    """Token ids of the documents, each followed by EOS, as one uint16 stream."""
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.append(EOS_ID)
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def prepare(spec: CorpusSpec, vocab_size: int, out_dir: Path, settings: dict) -> dict:
+    """Corpus → tokenizer → ids, written to `out_dir` (tokenizer files, train.npy = the domains'
+    training ids concatenated in DOMAINS order, heldout_<domain>.npy, prepare.json). `settings` (the
+    caller's config) is recorded in prepare.json, which is returned."""
+    splits = load_splits(spec)
+    tokenizer = build_tokenizer((d for s in splits.values() for d in s.train), vocab_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    train_parts, record = [], {"domains": {}, "python": python_version(), "config": settings}
+    for domain, split in splits.items():
+        train_ids, heldout_ids = encode_documents(tokenizer, split.train), encode_documents(tokenizer, split.heldout)
+        train_parts.append(train_ids)
+        np.save(out_dir / f"heldout_{domain}.npy", heldout_ids)
+        record["domains"][domain] = {
+            "train_docs": len(split.train), "heldout_docs": len(split.heldout),
+            "train_chars": len(split.train_text()), "heldout_chars": len(split.heldout_text()),
+            "train_tokens": int(train_ids.size), "heldout_tokens": int(heldout_ids.size),
+        }
+    np.save(out_dir / "train.npy", np.concatenate(train_parts))
+    (out_dir / "prepare.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def validation_split(stream: np.ndarray, record: dict, fraction: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Carve the last `fraction` of each domain's training ids off as a validation set.
+
+    train.npy is the domains' training ids concatenated in prepare.json order; returns the rest of
+    the stream (for training) and {domain: validation ids} (for early stopping).
+    """
+    if not 0.0 < fraction < 0.5:
+        raise CorpusError(f"validation fraction must be in (0, 0.5), got {fraction}")
+    parts, valid, start = [], {}, 0
+    for domain, info in record["domains"].items():
+        ids = stream[start : start + info["train_tokens"]]
+        start += info["train_tokens"]
+        cut = ids.size - int(ids.size * fraction)
+        parts.append(ids[:cut])
+        valid[domain] = ids[cut:]
+    if start != stream.size:
+        raise ValueError(f"train.npy holds {stream.size} ids but prepare.json lists {start}")
+    return np.concatenate(parts), valid
+
+
+def load_prepared(data_dir: Path):
+    """(tokenizer, train ids [T_train], {domain: held-out ids}, prepare record) from a `prepare` folder."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not (data_dir / "prepare.json").is_file():
+        raise FileNotFoundError(f"{data_dir} is not a prepared folder (no prepare.json); run with --prepare-only first")
+    record = json.loads((data_dir / "prepare.json").read_text())
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(data_dir)
+    heldout = {d: np.load(data_dir / f"heldout_{d}.npy") for d in record["domains"]}
+    return tokenizer, np.load(data_dir / "train.npy"), heldout, record

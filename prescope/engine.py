@@ -64,7 +64,7 @@ def _move_except(module: nn.Module, skip: set[int], device: torch.device) -> Non
         return
     for child in module.children():
         _move_except(child, skip, device)
-    for name, p in module._parameters.items():
+    for p in module._parameters.values():
         if p is not None:
             p.data = p.data.to(device)
     for name, b in module._buffers.items():
@@ -75,7 +75,8 @@ def _move_except(module: nn.Module, skip: set[int], device: torch.device) -> Non
 class Engine:
     """Offloads `model`'s experts and executes a policy's orders inside every MoE layer."""
 
-    def __init__(self, model: nn.Module, config: EngineConfig = EngineConfig(), policy: Policy | None = None):
+    def __init__(self, model: nn.Module, config: EngineConfig | None = None, policy: Policy | None = None):
+        config = config or EngineConfig()
         self.model, self.config = model, config
         self.layout = adapter.describe(model)
         self.layers = adapter.moe_layers(model)

@@ -21,8 +21,9 @@ from . import routing_stats as rs
 from .corpus import CorpusSpec, default_corpus_dir
 from .llamacpp import load_llamacpp_trace
 from .metrics import git_revision, write_atomic
+from .recording import heldout_prompts, record_trace
 from .tiny import CARD_ROUTING_KEY, TINY_DIR, TinyConfig, build_model, load_tiny
-from .trace import Trace, heldout_prompts, record_trace
+from .trace import Trace
 
 REAL_TRACES = {"Qwen3-30B-A3B": "qwen3-30b-a3b.route.csv", "gpt-oss-120b": "gpt-oss-120b.route.csv"}
 README_MARK = "## Routing statistics"

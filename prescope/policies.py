@@ -163,3 +163,8 @@ def routed_experts(indices, num_experts: int) -> tuple[tuple[int, ...], tuple[in
                 counts[e] = counts.get(e, 0) + 1
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return tuple(e for e, _ in ranked), tuple(c for _, c in ranked)
+
+
+# The prediction-driven policies (prescope.peers) register themselves in POLICIES when imported; importing
+# them here, after everything they build on, makes every policy available by name.
+from . import peers as _peers  # noqa: E402,F401

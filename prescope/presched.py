@@ -40,27 +40,33 @@ evictions cause, up to a constant (the stall-free time of layers l+1 … l+D, wh
 Layer l's own on-demand loads never wait behind a prefetch: they are ahead of every prefetch this plan
 issues, and F0 does not depend on the prefetches.
 
-The algorithm (exact for this objective when the misses of layer l have equal GPU times, as at decode
-sizes where an expert's GPU time is flat in tokens; otherwise the split is the best threshold split)
-----------------------------------------------------------------------------------------------------
+The algorithm (exact for this objective when layer l's misses have equal GPU times, as at decode sizes
+where an expert's GPU time is flat in tokens; otherwise the split is the best threshold split)
+---------------------------------------------------------------------------------------------------
 1. Split. Misses sorted by tokens, most first; for each m (0 … min(misses, slots)) the m first are loaded
    (most tokens first) and the rest run on the CPU: with equal GPU times this minimises F0 for that m,
-   since the CPU's time grows with tokens. F0(m) by merging ready times (earliest ready first, optimal
-   for one machine with release times).
+   since the CPU's time grows with tokens. The GPU runs earliest-ready first (optimal for one machine with
+   release times).
 2. Prefetch, for a given m. Positions are τ apart, so each layer d sees positions of full value
    (i ≤ c_d = ⌊r_d⌋), at most one partial position c_d + 1 of value f_d = r_d − c_d, and worthless ones.
-   Within a layer, values are w_e·β with a common β, so an optimal plan takes a prefix of the layer's
-   candidates by w (the last of them on the partial position, if it uses one). For each choice π of which
-   layers use their partial position (≤ 2^D), the full positions form nested capacities
-   (Σ_{d'≤d} n_{d'} ≤ c_d − partial positions ≤ c_d), a polymatroid; the per-layer values
-   W_d(n) + π_d·f_d·w_d[n] are concave in n, so the greedy that repeatedly adds the feasible layer with
-   the largest marginal value (1 − π_d f_d)·w_d[n] + π_d f_d·w_d[n+1] is optimal for every count; the
-   victims' losses, cheapest first, grow with the count, so it stops at the first marginal value not
-   above the next victim's loss (free slots cost 0). Full jobs are then placed earliest deadline first
-   around the partial positions, and any gap is closed (moving a prefetch earlier never lowers β).
-3. Window. J(m) = F0(m) + the losses of the m on-demand victims + the best prefetch term; the prefetch
-   term only grows with m (one fewer position per load, dearer victims), so m is tried in order of F0
-   and skipped once F0(m) plus a lower bound of its prefetch term cannot beat the best J.
+   Within a layer values are w·β with a common β, so an optimal plan takes a prefix of the layer's
+   candidates by w, the last one on the partial position if it uses it. For each choice π of the layers
+   that use their partial position (≤ 2^D), full positions form nested capacities
+   Σ_{d'≤d} n_{d'} ≤ c_d − #(partial positions ≤ c_d) (a polymatroid) and the layer values
+   W_d(n) + π_d·f_d·w_d[n] are concave in n, with marginals (1 − π_d f_d)·w_d[n] + π_d f_d·w_d[n+1]; so
+   the greedy by largest feasible marginal is optimal for every count. It is computed by merging the
+   layers' sorted marginals in deadline order, keeping the best `cap_d` after each merge; the victims'
+   losses, cheapest first (free slots cost 0), grow with the count, so it stops at the first marginal
+   not above the next loss. The choices π share the merges of their common first layers, and are not
+   enumerated when a relaxation of all of them (each partial position counted as a full position of its
+   layer) does not beat π = 0; nor is a partial position opened beyond the relaxation's count of
+   prefetches, which no optimal plan exceeds (`_Window.relaxed`). Full prefetches are placed earliest
+   deadline first around the partial positions and any gap is closed (moving a prefetch earlier never
+   lowers β).
+3. Window. J(m) = F0(m) + the losses of the m on-demand victims + base stall − V(m), V(m) the best prefetch
+   value of step 2. V(m) only falls as m grows (each load costs every prefetch one position and a cheap
+   victim) and never exceeds the relaxation, so splits are tried by F0 and skipped once F0(m) plus those
+   bounds cannot beat the best J.
 
 Inputs a caller estimates (ETAs, link_free, gap, predictions, victims' probabilities) are taken as given.
 Letters: D lookahead distance, E experts, K top-k, S slots, τ transfer time of one expert.
@@ -70,7 +76,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from itertools import product
 from typing import NamedTuple
 
 Key = tuple[int, int]  # (MoE layer ordinal, expert)
@@ -103,7 +108,7 @@ class Instance:
     experts, tokens: layer l's routed experts and their token counts. predictions[d-1]: candidates of layer
     l+d (present ones are skipped; a caller may leave out candidates it will not consider). compute[d-1]:
     layer l+d's expected expert compute (None: Σ p·gpu(n) over its candidates). resident: keys resident on
-    the GPU; inflight: keys on the link -> ETA. free_slots: empty slots; evictable: resident keys that may be
+    the GPU (those of layers l … l+D are enough); inflight: keys on the link -> ETA. free_slots: empty slots; evictable: resident keys that may be
     given up (not pinned by layer l, not loading; a caller may pass only the cheapest). load, gpu, cpu: the
     cost model (τ; one expert for n tokens on the GPU, on the CPU). link_free: when the link ends what is
     queued; demand_free: when an on-demand load could start (None: link_free, a FIFO link); cpu_free: when
@@ -198,11 +203,6 @@ class _Costs:
         return t
 
 
-def miss_stall(inst: Instance, tokens: float) -> float:
-    """stall(n) = min(τ, max(0, cpu(n) − gpu(n))) on `inst`'s cost model (callers rank victims with it)."""
-    return _Costs(inst).stall(tokens)
-
-
 # ---- layer l: the split ----------------------------------------------------------------------------------
 
 def split_finishes(inst: Instance, costs: _Costs | None = None) -> tuple[list[float], list, list]:
@@ -211,7 +211,7 @@ def split_finishes(inst: Instance, costs: _Costs | None = None) -> tuple[list[fl
     costs = costs or _Costs(inst)
     present, misses = [], []
     layer, resident, inflight = inst.layer, inst.resident, inst.inflight
-    for e, n in zip(inst.experts, inst.tokens):
+    for e, n in zip(inst.experts, inst.tokens, strict=True):
         if (layer, e) in resident:
             present.append((0.0, e, n))
         elif (layer, e) in inflight:
@@ -265,7 +265,7 @@ def _chain(lists: list[list[float]], caps: list[int], kcap: int) -> list[float]:
     total cap: merge layer by layer, keeping the top caps[d] after each merge (an item that survives is
     never blocked by the items above it, so the greedy accepts exactly these, in this order)."""
     acc: list[float] = []
-    for lst, cap in zip(lists, caps):
+    for lst, cap in zip(lists, caps, strict=True):
         acc = sorted(acc + lst[:cap], reverse=True)[:cap] if lst else acc[:cap]
     return acc[:kcap]
 
@@ -274,7 +274,7 @@ def _marginals(w: list[float], f: float) -> list[float]:
     """A layer's marginals with its partial position in use: the partial job becomes full and the next one
     moves into the partial position, (1 − f)·w[n] + f·w[n+1] (w past the end = 0)."""
     g = 1.0 - f
-    return [g * a + f * b for a, b in zip(w, w[1:] + [0.0])]
+    return [g * a + f * b for a, b in zip(w, w[1:] + [0.0], strict=True)]
 
 
 class _Window:
@@ -285,61 +285,87 @@ class _Window:
     def __init__(self, w: list[list[float]], r0: list[float], lam: list[float], cap: int):
         self.w, self.r0, self.lam, self.cap = w, r0, lam, cap
         self.f = [x - int(x) if x > 0 else 0.0 for x in r0]
-        self.part = [_marginals(wd, fd) if fd > 0 and wd else wd for wd, fd in zip(w, self.f)]
+        self.part = [_marginals(wd, fd) if fd > 0 and wd else wd for wd, fd in zip(w, self.f, strict=True)]
+        self._relaxed: dict[int, tuple[float, int]] = {}
 
-    def _solve(self, pi, c, m, kcap, lists=None):
-        """(value, prefetches taken besides the partial ones, caps) of one partial-position choice π
-        (π_d = 1 only where layer d has a partial position); `lists` overrides the layers' marginals."""
-        D, w, f, lam = len(c), self.w, self.f, self.lam
-        used = [c[d] + 1 for d in range(D) if pi[d]]
-        k = len(used)
-        caps = [c[d] - sum(1 for u in used if u <= c[d]) for d in range(D)]
-        acc = _chain(lists or [self.part[d] if pi[d] else w[d] for d in range(D)], caps, kcap - k)
-        value = sum(f[d] * w[d][0] for d in range(D) if pi[d]) - sum(lam[m:m + k])
-        j = m + k
+    def _shape(self, m: int) -> tuple[list[int], int, list[tuple[int, ...]]]:
+        """(c, kcap, options): full positions per layer, the prefetch cap, and π_d's possible values."""
+        kcap = min(self.cap, len(self.lam) - m)
+        c = [int(x) - m if x - m > 0 else 0 for x in self.r0]
+        options = [(0, 1) if x > m and f > 0 and wd and cd < kcap else (0,)
+                   for x, f, wd, cd in zip(self.r0, self.f, self.w, c, strict=True)]
+        return c, kcap, options
+
+    def _scan(self, acc: list[float], j: int) -> tuple[float, int]:
+        """Σ (g − λ_j) over the accepted marginals while each beats the next victim's loss; (sum, count)."""
+        lam, value, start = self.lam, 0.0, j
         for g in acc:
             if g <= lam[j]:
                 break
             value += g - lam[j]
             j += 1
-        return value, j - m - k, caps
+        return value, j - start
+
+    def relaxed(self, m: int) -> tuple[float, int]:
+        """(value, count) with every partial position counted as a full one of its layer and of the later
+        layers with the same c (layers up to d hold c_d positions, plus one if a layer up to d with that c
+        has a partial position). The value bounds every choice π; and an optimal plan never holds more
+        prefetches than the count (Gale: the relaxed greedy's i-th best dominates any plan's i-th best, so
+        past the count a plan's least valuable prefetch is worth less than its victim; dropping it and
+        closing the gap is no worse)."""
+        if m not in self._relaxed:
+            c, kcap, options = self._shape(m)
+            caps = [cd + any(len(options[e]) > 1 and c[e] == cd for e in range(d + 1)) for d, cd in enumerate(c)]
+            self._relaxed[m] = self._scan(_chain(self.w, caps, kcap), m)
+        return self._relaxed[m]
+
+    def bound(self, m: int) -> float:
+        return self.relaxed(m)[0]
 
     def best(self, m: int, prune: bool = True) -> tuple[float, tuple[int, ...], list[int], int]:
-        """(value, π, c, taken): the best prefetch value with m on-demand loads (step 2). With `prune`, the
-        partial positions are enumerated only when a relaxation (each partial position counted as a full
-        one for its layer, a bound on every π) beats π = 0."""
-        D = len(self.w)
-        kcap = min(self.cap, len(self.lam) - m)
-        c = [int(x) - m if x - m > 0 else 0 for x in self.r0]
-        zero = (0,) * D
-        value, taken, _ = self._solve(zero, c, m, kcap)
-        best = (value, zero, c, taken)
-        options = [(0, 1) if self.r0[d] > m and self.f[d] > 0 and self.w[d] and c[d] < kcap else (0,)
-                   for d in range(D)]
-        if not any(len(o) > 1 for o in options):
-            return best
-        if prune:
-            relaxed = [c[d] + len(options[d]) - 1 for d in range(D)]
-            if self._solve(zero, relaxed, m, kcap)[0] <= value:
-                return best
-        for pi in product(*options):
-            used = [c[d] + 1 for d in range(D) if pi[d]]
-            if not used or len(used) != len(set(used)):
+        """(value, π, c, taken): the best prefetch value with m on-demand loads (step 2), over every choice π
+        of partial positions, layer by layer so that choices sharing their first layers share the merges.
+        With `prune`, π = 0 alone is solved when the relaxation does not beat it, and a partial position past
+        the relaxation's count is not opened."""
+        c, kcap, options = self._shape(m)
+        D, w, part, f, lam = len(c), self.w, self.part, self.f, self.lam
+        if prune and any(len(o) > 1 for o in options):
+            bound, most = self.relaxed(m)
+            options = [o if c[d] + 1 <= most else (0,) for d, o in enumerate(options)]
+        if prune or not any(len(o) > 1 for o in options):
+            zero = _chain(w, c, kcap)
+            value, taken = self._scan(zero, m)
+            if not any(len(o) > 1 for o in options) or self.bound(m) <= value:
+                return value, (0,) * D, c, taken
+        best = None
+        stack = [(0, (), [], [], 0.0)]  # (layer, π so far, accepted so far, partial positions, their value)
+        while stack:
+            d, pi, acc, used, extra = stack.pop()
+            if d == D:
+                k = len(used)
+                value, taken = self._scan(acc[:kcap - k], m + k)
+                value += extra - sum(lam[m:m + k])
+                if best is None or value > best[0] or (value == best[0] and sum(pi) < sum(best[1])):
+                    best = (value, pi, c, taken)
                 continue
-            found, taken_pi, _ = self._solve(pi, c, m, kcap)
-            if found > best[0]:
-                best = (found, pi, c, taken_pi)
+            for p in reversed(options[d]):
+                if p and c[d] + 1 in used:
+                    continue
+                cap = c[d] - sum(1 for u in used if u <= c[d])
+                lst = part[d] if p else w[d]
+                nxt = sorted(acc + lst[:cap], reverse=True)[:cap] if lst else acc[:cap]
+                stack.append((d + 1, pi + (p,), nxt, used + [c[d] + 1] if p else used,
+                              extra + f[d] * w[d][0] if p else extra))
         return best
 
     def counts(self, pi, c, m: int, taken: int) -> list[int]:
-        """Full prefetches per layer of the accepted items (the same merge, with each item's layer)."""
-        D = len(c)
-        _, _, caps = self._solve(pi, c, m, min(self.cap, len(self.lam) - m))
-        acc: list = []
-        for d, cap in enumerate(caps):
+        """Full prefetches per layer among the accepted items (the same merges, each item with its layer)."""
+        used, acc = [c[d] + 1 for d in range(len(c)) if pi[d]], []
+        for d in range(len(c)):
+            cap = c[d] - sum(1 for u in used if u <= c[d])
             lst = self.part[d] if pi[d] else self.w[d]
             acc = sorted(acc + [(x, -d) for x in lst[:cap]], reverse=True)[:cap]
-        counts = [0] * D
+        counts = [0] * len(c)
         for _, nd in acc[:taken]:
             counts[-nd] += 1
         return counts
@@ -368,8 +394,8 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
     finishes, present, misses = split_finishes(inst, costs)
     starts = layer_starts(inst, costs, min(finishes))
     # victims: free slots first, then evictable keys by loss; lam[j] is the (j+1)-th cheapest
-    stall = costs.stall
-    held = sorted([(p * stall(n), key) for key, p, n in inst.evictable])
+    stall, memo = costs.stall, costs.s
+    held = sorted([(p * (memo[n] if n in memo else stall(n)), key) for key, p, n in inst.evictable])
     lam = [0.0] * inst.free_slots + [x[0] for x in held]
     slots, floor = len(lam), (lam[0] if lam else 0.0)
     # the window's absent candidates by weight w = p·stall(n), best first, per layer; one at or below the
@@ -379,9 +405,10 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
     for d, layer in enumerate(inst.predictions, 1):
         target, rows = inst.layer + d, []
         for e, p, n in layer:
-            if (target, e) in resident or (target, e) in inflight:
+            key = (target, e)
+            if key in resident or key in inflight:
                 continue
-            wt = p * stall(n)
+            wt = p * (memo[n] if n in memo else stall(n))
             if wt > 0:
                 rows.append((wt, -e))
                 base += wt
@@ -396,20 +423,15 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
         prefix.append(prefix[-1] + x)
     cap = slots if inst.max_prefetch is None else min(slots, inst.max_prefetch)
     window = _Window(weights, [(s - inst.link_free) / tau for s in starts], lam, cap)
-    # m by F0; V(m) (the best prefetch value) only falls as m grows and never exceeds the value of the best
-    # prefetches with every position in time, so a split is skipped once its F0 cannot win
-    merged = sorted([x for wd in weights for x in wd], reverse=True)
+    # m by F0; V(m), the best prefetch value, only falls as m grows and never exceeds its bound (nor bound(0),
+    # which also falls with m), so a split is skipped once its F0 cannot win
     best_j, best, values = None, None, []  # values: (m, V(m)) of the splits evaluated
     for m in sorted(range(len(finishes)), key=lambda m: (finishes[m], m)):
-        upper, j = 0.0, m
-        for g in merged[:min(cap, slots - m)]:
-            if g <= lam[j]:
-                break
-            upper += g - lam[j]
-            j += 1
-        upper = min([upper] + [v for mm, v in values if mm <= m])
-        if best_j is not None and finishes[m] + prefix[m] + base - upper >= best_j:
-            continue
+        if best_j is not None:
+            floor_j = finishes[m] + prefix[m] + base
+            if (any(mm <= m and floor_j - v >= best_j for mm, v in values) or floor_j - window.bound(0) >= best_j
+                    or floor_j - window.bound(m) >= best_j):
+                continue
         found = window.best(m, prune)
         values.append((m, found[0]))
         if best_j is None or finishes[m] + prefix[m] + base - found[0] < best_j:
@@ -435,7 +457,7 @@ def expected_window_latency(inst: Instance, p: Plan) -> float:
     does not place every routed expert once, loads a present expert, prefetches outside the window or a
     present key, or names impossible victims."""
     costs, tau = _Costs(inst), inst.load
-    routed = dict(zip(inst.experts, inst.tokens))
+    routed = dict(zip(inst.experts, inst.tokens, strict=True))
     if sorted(p.gpu + p.cpu) != sorted(routed):
         raise PlanError(f"plan must place every routed expert once: routed {sorted(routed)}, gpu {p.gpu}, cpu {p.cpu}")
     ready = {}

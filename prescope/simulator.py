@@ -1,8 +1,9 @@
 """The simulated executor: replay a routing trace through a policy on a hardware profile, on a virtual clock.
 
-The same policy objects and cache as the engine, the same orders, times from `cost.py`. A step is one
-forward call over a batch; a batch-1 trace of several prompts is grouped into batches of `batch_size`
-prompts whose decode steps run together. Per step, each decoder layer in order:
+The same policy objects and cache as the engine, the same orders, times from `cost.py` (bound to the
+layout and profile in `simcost.py`). A step is one forward call over a batch; a batch-1 trace of several
+prompts is grouped into batches of `batch_size` prompts whose decode steps run together. Per step, each
+decoder layer in order:
 
 1. attention and the other resident work of the layer on the GPU (`dense_time` for N tokens);
 2. host work of the MoE step on the host: the profile's per-layer overhead (`wait`), then prediction and
@@ -17,11 +18,12 @@ prompts whose decode steps run together. Per step, each decoder layer in order:
 6. prefetches are queued behind the layer's on-demand loads, stopping at the first that finds no slot;
 7. the layer ends when its GPU and CPU experts are done.
 
-The link: one FIFO queue (`async_io=False`: a queued prefetch delays a later on-demand load), or a
-priority queue (`async_io=True`: on-demand loads overtake queued prefetches at `chunk_bytes` granularity,
-each chunk costing one `transfer_time`, and a prefetch the running layer waits for is promoted). Every
-load into a slot starts after the slot's previous occupant finished computing. When the budget holds
-every expert, all are resident before time 0 (as in the engine); otherwise the policy's `reset` keys are.
+The link (`link.py`): one FIFO queue (`async_io=False`: a queued prefetch delays a later on-demand load),
+or a priority queue (`async_io=True`: on-demand loads overtake queued prefetches at `chunk_bytes`
+granularity, each chunk costing one `transfer_time`, and a prefetch the running layer waits for is
+promoted). Every load into a slot starts after the slot's previous occupant finished computing. When the
+budget holds every expert, all are resident before time 0 (as in the engine); otherwise the policy's
+`reset` keys are. Each step's lower bound prices the misses of an optimal cache (`belady_misses`).
 
 Simplifications: one CPU worker lane; host work is serial with the GPU (the routing decision needs a
 host sync); KV-cache reads are not timed; non-expert parameters per layer are estimated from the layout
@@ -51,14 +53,14 @@ from . import cost
 from .adapter import ModelLayout
 from .cache import CacheError, CacheStats, ExpertCache, Key
 from .config import EngineConfig
-from .policies import POLICIES, Costs, LayerView, Policy, costs_for, make_policy
+from .link import DEFAULT_CHUNK_BYTES, FifoLink, Load, PriorityLink, belady_misses
+from .policies import POLICIES, LayerView, Policy, costs_for, make_policy
 from .profiles import HardwareProfile, load_profile
+from .simcost import SimTimes, default_dense_params, model_dense_params
 from .timeline import make_timeline, prefetch_precision, step_summary
 from .trace import MISSING, Trace
 
-DEFAULT_CHUNK_BYTES = 16 * 2**20  # 16 MiB: the link keeps ~95% of its peak at that size on the H200
 HOST_WORK = ("predict", "plan")
-PRIORITY = {"on_demand": 0, "prefetch": 1}
 STAT_FIELDS = tuple(CacheStats.__dataclass_fields__)
 
 
@@ -77,7 +79,7 @@ class SimResult:
     trace: Trace | None = field(default=None, repr=False)
 
 
-# ---- sizes and times -----------------------------------------------------------------------------------
+# ---- the budget ----------------------------------------------------------------------------------------
 
 def slots_for(layout: ModelLayout, budget_slots: int | None = None, budget_share: float | None = None) -> int:
     """Slots of the budget, clipped to L·E; `budget_share` is a share of L·E (rounded). Below one layer's
@@ -96,186 +98,6 @@ def slots_for(layout: ModelLayout, budget_slots: int | None = None, budget_share
             f"{layout.top_k} slots ({layout.top_k * layout.expert_bytes} bytes of {layout.expert_bytes}-byte "
             f"experts, budget_share >= {layout.top_k / total:.4f})")
     return min(int(budget_slots), total)
-
-
-def expert_dims(layout: ModelLayout) -> tuple[int, int, int]:
-    """(H, I, bytes per element) for the cost model. A layout without H and I (a llama.cpp trace) is timed
-    as a bfloat16 expert of the same bytes: its times depend on H and I only through 3·H·I·b = bytes."""
-    if layout.hidden_size > 0 and layout.intermediate_size > 0:
-        h, i = layout.hidden_size, layout.intermediate_size
-        b = cost.DTYPE_BYTES.get(layout.dtype) or max(1, layout.expert_bytes // (3 * h * i))
-        return h, i, b
-    b = cost.DTYPE_BYTES["bfloat16"]
-    return max(1, layout.expert_bytes // (3 * b)), 1, b
-
-
-def default_dense_params(layout: ModelLayout) -> int:
-    """Non-expert parameters of one MoE layer when the model is not at hand: attention 4·H² (q, k, v, o at
-    full width; grouped KV heads make it smaller), router E·H, two norms 2·H, shared experts' bytes / b.
-    A layout without H (a llama.cpp trace) counts only its shared experts: its attention then costs the
-    GPU's launch floor, unless `dense_params` is given."""
-    _, _, b = expert_dims(layout)
-    h = layout.hidden_size
-    return 4 * h * h + layout.num_experts * h + 2 * h + layout.shared_expert_bytes // b
-
-
-class _Times:
-    """Per-expert, per-layer and per-transfer times of one layout on one profile, memoised."""
-
-    def __init__(self, layout: ModelLayout, profile: HardwareProfile, dense_params: int):
-        h, i, b = expert_dims(layout)
-        # a dense decoder layer's MLP is taken as wide as the K experts a token activates
-        dense_layer = dense_params + layout.top_k * 3 * h * i
-        self.profile, self.nbytes, self.dense_params = profile, layout.expert_bytes, dense_params
-        self.formulas = {  # what -> seconds for n tokens (n bytes for a transfer)
-            "gpu": lambda n: cost.gpu_expert_time(n, h, i, b, profile),  # one expert
-            "cpu": lambda n: cost.cpu_expert_time(n, h, i, b, profile),  # one expert
-            "attention": lambda n: cost.dense_time(n, dense_params, b, profile),  # a MoE layer's resident work
-            "dense": lambda n: cost.dense_time(n, dense_layer, b, profile),  # a dense decoder layer
-            "link": lambda n: cost.transfer_time(n, profile),  # one transfer
-        }
-        self.memo: dict[tuple[str, int], float] = {}
-
-    def of(self, what: str, n: int) -> float:
-        try:
-            return self.memo[what, n]
-        except KeyError:
-            value = self.memo[what, n] = self.formulas[what](n)
-            return value
-
-    def gpu(self, n: int) -> float:
-        return self.of("gpu", n)
-
-    def cpu(self, n: int) -> float:
-        return self.of("cpu", n)
-
-    def costs(self) -> Costs:
-        return Costs(load=self.of("link", self.nbytes), gpu=self.gpu, cpu=self.cpu)
-
-
-# ---- the link ------------------------------------------------------------------------------------------
-
-class _Load:
-    __slots__ = ("id", "key", "slot", "kind", "step", "nbytes", "ready_at", "prio", "left", "end")
-
-    def __init__(self, id_, key, slot, kind, step, nbytes, ready_at):
-        self.id, self.key, self.slot, self.kind, self.step = id_, key, slot, kind, step
-        self.nbytes, self.ready_at, self.prio = nbytes, ready_at, PRIORITY[kind]
-        self.left, self.end = nbytes, None
-
-
-class _FifoLink:
-    """One copy stream: transfers in issue order, each after the previous one and after its slot is free.
-    End times are known when a transfer is queued, so the other methods have nothing to do."""
-
-    def __init__(self, times: _Times, emit, done):
-        self.times, self.emit, self.done, self.free = times, emit, done, 0.0
-
-    def enqueue(self, load: _Load) -> None:
-        start = max(self.free, load.ready_at)
-        load.end = self.free = start + self.times.of("link", load.nbytes)
-        load.left = 0
-        self.emit(load, start, load.end, load.nbytes)
-        self.done(load)
-
-    def finish(self, load: _Load) -> float:
-        return load.end
-
-    def advance(self, t: float) -> None: ...
-
-    def promote(self, load: _Load) -> None: ...
-
-    def finish_any(self) -> bool:
-        return False
-
-    def drain(self) -> None: ...
-
-
-class _PriorityLink:
-    """AsyncIO's I/O worker: on-demand before prefetch (then issue order), chunk by chunk; the link takes
-    the best transfer whose slot is free, waiting only when none is. Contiguous chunks of one transfer
-    form one timeline row."""
-
-    def __init__(self, times: _Times, emit, done, chunk_bytes: int):
-        self.times, self.emit, self.done, self.chunk = times, emit, done, chunk_bytes
-        self.now, self.heap, self.seq, self.seg = 0.0, [], itertools.count(), None
-
-    def enqueue(self, load: _Load) -> None:
-        heapq.heappush(self.heap, (load.prio, next(self.seq), load))
-
-    def promote(self, load: _Load) -> None:
-        if load.left > 0 and load.prio > PRIORITY["on_demand"]:
-            load.prio = PRIORITY["on_demand"]
-            heapq.heappush(self.heap, (load.prio, next(self.seq), load))
-
-    def _prune(self) -> bool:
-        """Drop finished transfers and stale entries of promoted ones from the top; False when idle."""
-        heap = self.heap
-        while heap and (heap[0][2].left == 0 or heap[0][0] != heap[0][2].prio):
-            heapq.heappop(heap)
-        return bool(heap)
-
-    def _best_ready(self) -> _Load | None:
-        top = self.heap[0][2]
-        if top.ready_at <= self.now:
-            return top
-        ready = [(p, s, ld) for p, s, ld in self.heap if ld.left > 0 and p == ld.prio and ld.ready_at <= self.now]
-        return min(ready)[2] if ready else None
-
-    def _chunk(self, limit: float | None) -> _Load | None:
-        """Move one chunk that starts before `limit`; returns the transfer it belongs to (None: nothing to do)."""
-        if not self._prune():
-            return None
-        load = self._best_ready()
-        if load is None:  # every queued transfer waits for its slot: idle until the first slot is released
-            first = min(ld.ready_at for p, _, ld in self.heap if ld.left > 0 and p == ld.prio)
-            if limit is not None and first >= limit:
-                return None
-            self.now = first
-            load = self._best_ready()
-        if limit is not None and self.now >= limit:
-            return None
-        n = min(self.chunk, load.left)
-        start, end = self.now, self.now + self.times.of("link", n)
-        if self.seg is not None and self.seg[0] is load and self.seg[2] == start:
-            self.seg[2], self.seg[3] = end, self.seg[3] + n
-        else:
-            self._flush()
-            self.seg = [load, start, end, n]
-        load.left -= n
-        self.now = end
-        if load.left == 0:
-            load.end = end
-            self._flush()
-            self.done(load)
-        return load
-
-    def _flush(self) -> None:
-        if self.seg is not None:
-            self.emit(*self.seg)
-            self.seg = None
-
-    def advance(self, t: float) -> None:
-        while self._chunk(t) is not None:
-            pass
-
-    def finish(self, load: _Load) -> float:
-        while load.left > 0:
-            self._chunk(None)
-        return load.end
-
-    def finish_any(self) -> bool:
-        while True:
-            load = self._chunk(None)
-            if load is None:
-                return False
-            if load.left == 0:
-                return True
-
-    def drain(self) -> None:
-        while self._chunk(None) is not None:
-            pass
-        self._flush()
 
 
 # ---- the replay ----------------------------------------------------------------------------------------
@@ -311,46 +133,18 @@ def _routed(experts: np.ndarray, num_experts: int) -> list[tuple[tuple[int, ...]
             for layer in range(L)]
 
 
-def belady_misses(requests: Sequence[Sequence[int]], num_slots: int) -> np.ndarray:
-    """Misses per group of requests of an optimal cache (Belady: evict the key used farthest ahead) with
-    `num_slots` slots, given its first `num_slots` keys for free (the best any preload can do: an optimal
-    cache with free initial contents misses at most num_slots fewer times than one starting empty)."""
-    flat = np.array([k for group in requests for k in group], dtype=np.int64)
-    group_of = np.repeat(np.arange(len(requests)), [len(g) for g in requests])
-    n = len(flat)
-    nxt = np.full(n, n, dtype=np.int64)
-    order = np.argsort(flat, kind="stable")
-    same = flat[order[1:]] == flat[order[:-1]]
-    nxt[order[:-1][same]] = order[1:][same]
-    misses = np.zeros(len(requests), dtype=np.int64)
-    held: dict[int, int] = {}
-    heap: list[tuple[int, int]] = []
-    for i in range(n):
-        key, nu = int(flat[i]), int(nxt[i])
-        if key not in held and len(held) >= num_slots:
-            misses[group_of[i]] += 1
-            while True:
-                neg, victim = heapq.heappop(heap)
-                if held.get(victim) == -neg:
-                    del held[victim]
-                    break
-        held[key] = nu
-        heapq.heappush(heap, (-nu, key))
-    return misses
-
-
 class _Replay:
     """The virtual clock, the cache and the lanes of one replay; `layer()` is one MoE layer of one step."""
 
-    def __init__(self, policy: Policy, cache: ExpertCache, times: _Times, num_experts: int, async_io: bool,
+    def __init__(self, policy: Policy, cache: ExpertCache, times: SimTimes, num_experts: int, async_io: bool,
                  chunk_bytes: int):
         self.policy, self.cache, self.times, self.num_experts = policy, cache, times, num_experts
         self.rows: list[tuple] = []
         self.ids = itertools.count()
-        self.link = (_PriorityLink(times, self._emit, self._done, chunk_bytes) if async_io
-                     else _FifoLink(times, self._emit, self._done))
-        self.inflight: dict[Key, _Load] = {}
-        self.landed: list[tuple[float, int, _Load]] = []
+        self.link = (PriorityLink(times.link, self._emit, self._done, chunk_bytes) if async_io
+                     else FifoLink(times.link, self._emit, self._done))
+        self.inflight: dict[Key, Load] = {}
+        self.landed: list[tuple[float, int, Load]] = []
         self.release = [0.0] * cache.num_slots  # when each slot's last occupant finished computing
         self.cpu_free = 0.0
         work = tuple(getattr(policy, "host_work", ()))
@@ -361,14 +155,14 @@ class _Replay:
                                                ("predict", p.predict_overhead_s if "predict" in work else 0.0),
                                                ("plan", p.plan_overhead_s if "plan" in work else 0.0)) if d > 0]
 
-    def _emit(self, load: _Load, start: float, end: float, nbytes: int) -> None:
+    def _emit(self, load: Load, start: float, end: float, nbytes: int) -> None:
         self.rows.append(("pcie", load.step, load.key[0], load.key[1], load.kind, 0, nbytes, start, end,
                           load.slot, load.id))
 
-    def _done(self, load: _Load) -> None:
+    def _done(self, load: Load) -> None:
         heapq.heappush(self.landed, (load.end, load.id, load))
 
-    def _resident(self, load: _Load) -> None:
+    def _resident(self, load: Load) -> None:
         if self.inflight.get(load.key) is load:
             del self.inflight[load.key]
             self.cache.mark_ready(load.key)
@@ -380,7 +174,7 @@ class _Replay:
             self._resident(heapq.heappop(self.landed)[2])
 
     def issue(self, key: Key, slot: int, kind: str, step: int, t: float) -> None:
-        load = _Load(next(self.ids), key, slot, kind, step, self.times.nbytes, max(t, self.release[slot]))
+        load = Load(next(self.ids), key, slot, kind, step, self.times.nbytes, max(t, self.release[slot]))
         self.inflight[key] = load
         self.link.enqueue(load)
 
@@ -509,7 +303,7 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
         raise SimulationError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     L, E = layout.num_moe_layers, layout.num_experts
     num_slots = slots_for(layout, budget_slots, budget_share)
-    times = _Times(layout, profile, default_dense_params(layout) if dense_params is None else dense_params)
+    times = SimTimes(layout, profile, default_dense_params(layout) if dense_params is None else dense_params)
     cache = ExpertCache(num_slots, L)
     costs = times.costs() if policy_profile is None else costs_for(layout, load_profile(policy_profile))
     if num_slots >= L * E:
@@ -619,28 +413,16 @@ def _totals(summary: pd.DataFrame, timeline: pd.DataFrame) -> dict:
 def simulate_generate(model, tokenizer, prompts: Sequence, policy: Policy | str, profile: HardwareProfile | str, *,
                       max_new_tokens: int, batch_size: int = 1, keep_hidden: bool = True, progress: bool = False,
                       **options) -> SimResult:
-    """Generate on the CPU with the real model, recording its routing (`trace.record_trace`), then replay
-    that routing: outputs and routing are real, times are modelled. The result carries the trace, whose
-    `meta["generated"]` holds the new tokens. `options` go to `replay`."""
-    from .trace import record_trace
+    """Generate on the CPU with the real model, recording its routing (`recording.record_trace`), then
+    replay that routing: outputs and routing are real, times are modelled. The result carries the trace,
+    whose `meta["generated"]` holds the new tokens. `options` go to `replay`."""
+    from .recording import record_trace
 
     trace = record_trace(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                          keep_hidden=keep_hidden, progress=progress)
-    options.setdefault("dense_params", _model_dense_params(model))
+    options.setdefault("dense_params", model_dense_params(model))
     result = replay(trace, policy, profile, batch_size=batch_size, **options)
     return SimResult(result.timeline, result.summary, result.totals, result.config, trace)
-
-
-def _model_dense_params(model) -> int | None:
-    """Non-expert parameters of a MoE layer from the model's config, where twins.py knows the family."""
-    from .twins import config_layer_sizes
-
-    try:
-        sizes = config_layer_sizes(model.config)
-    except (ValueError, AttributeError, KeyError, TypeError):
-        return None
-    moe = sizes.loc[sizes["kind"] == "moe", "non_expert"]
-    return int(moe.max()) if len(moe) else None
 
 
 # ---- command line --------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ class Streams(ABC):
     @abstractmethod
     def synchronize(self) -> None: ...
 
-    def wait_host(self, event: object | None) -> None:
+    def wait_host(self, event: object | None) -> None:  # noqa: B027 - the CPU twin has nothing to wait for
         """Block the host until `event` has completed."""
 
 

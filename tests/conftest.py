@@ -49,7 +49,7 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2 and torch.count_nonzero(p) == 0:
                 p.normal_(0.0, 0.2)  # some routers initialise to zeros, which would tie every expert score
     return model.eval()

@@ -49,7 +49,8 @@ def test_offloaded_generate_equals_stock(arch, policy):
         for got, want in zip(out.logits, ref.logits, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         stats = engine.cache.stats
-        assert stats.hits + stats.misses > 0 or policy == "cpu_misses"
+        ran_on_cpu = any(row[0] == "cpu" for row in engine.rows)
+        assert stats.hits + stats.misses > 0 or ran_on_cpu, "no expert ran anywhere"
         if name == "all":
             assert stats.loads == 0, "everything resident must not load during generation"
 
