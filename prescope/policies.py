@@ -58,17 +58,23 @@ class Costs:
     load: float  # one expert over the link
     gpu: Callable[[int], float]  # one expert for n tokens on the GPU
     cpu: Callable[[int], float]  # one expert for n tokens on the CPU
+    layer_gap: float = 0.0  # attention, dense and host time between two MoE layers at decode
 
 
 def costs_for(layout, profile) -> Costs:
-    """Per-expert costs of `layout`'s experts on hardware `profile` (prescope.cost formulas)."""
+    """Per-expert costs of `layout`'s experts on hardware `profile` (prescope.cost formulas).
+
+    The layer gap is the profile's host overhead per layer plus the GPU's fixed cost of one layer's
+    resident work: a floor, since the attention's own size is not part of the layout."""
     from . import cost
 
-    dtype_bytes = layout.expert_bytes // (3 * layout.hidden_size * layout.intermediate_size) or 1
+    denominator = 3 * layout.hidden_size * layout.intermediate_size
+    dtype_bytes = layout.expert_bytes // denominator if denominator else 2
     dims = (layout.hidden_size, layout.intermediate_size, dtype_bytes)
     return Costs(load=cost.transfer_time(layout.expert_bytes, profile),
                  gpu=lambda n: cost.gpu_expert_time(n, *dims, profile),
-                 cpu=lambda n: cost.cpu_expert_time(n, *dims, profile))
+                 cpu=lambda n: cost.cpu_expert_time(n, *dims, profile),
+                 layer_gap=profile.host_overhead_per_layer_s + profile.gpu_dense.fixed_s)
 
 
 class Policy(ABC):

@@ -84,4 +84,5 @@ class SimTimes:
         return self.of("link", nbytes)
 
     def costs(self) -> Costs:
-        return Costs(load=self.of("link", self.nbytes), gpu=self.gpu, cpu=self.cpu)
+        return Costs(load=self.of("link", self.nbytes), gpu=self.gpu, cpu=self.cpu,
+                     layer_gap=self.formulas["attention"](1) + self.profile.host_overhead_per_layer_s)
