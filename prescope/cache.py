@@ -134,9 +134,10 @@ class ExpertCache:
         self.pinned.clear()
 
     def evict(self, key: Key) -> int:
-        slot = self.slot_of.pop(key)
+        slot = self.slot_of[key]
         if slot in self.pinned:
             raise CacheError(f"{key} is pinned by the running layer")
+        del self.slot_of[key]
         self.owner[slot], self.state[slot], self.prefetched[slot] = None, SlotState.FREE, False
         self.free.add(slot)
         self.by_layer[key[0]].discard(slot)
