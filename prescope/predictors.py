@@ -274,7 +274,8 @@ class GateLookahead(Predictor):
         if isinstance(self.routers, LinearRouters):
             return self.routers.logits(layer, hidden)
         router = self.routers[layer]
-        out = route(router, hidden.to(router.weight.device, router.weight.dtype))
+        with torch.no_grad():
+            out = route(router, hidden.to(router.weight.device, router.weight.dtype))
         if out.logits is not None:
             return out.logits.float()
         return multi_hot(out.indices, router.weight.shape[0], out.weights).log()
