@@ -21,7 +21,13 @@ KIND_COLORS = {
     "prefetch": "#4C78A8", "on_demand": "#E45756", "gpu_expert": "#54A24B", "cpu_expert": "#F58518",
     "attention": "#B279A2", "dense": "#9D755D", "predict": "#72B7B2", "plan": "#EECA3B", "wait": "#BAB0AC",
 }
+# Bubble causes in the colour of the operation they wait for (KIND_COLORS), the same in every figure.
+CAUSE_COLORS = {"on_demand_transfer": "#E45756", "late_prefetch": "#4C78A8", "cpu_expert": "#F58518",
+                "planning": "#EECA3B", "host": "#BAB0AC"}
 BUBBLE_COLOR = "rgba(215, 25, 28, 0.45)"
+WASTED_COLOR = "#9D755D"  # prefetched bytes evicted unused: not the red of on-demand loads
+SUBPLOT_NOTE_Y = 1.08  # above the subplot titles, which sit at y = 1
+MENU_TOP_MARGIN_PX = 130  # room for a title and a menu above the panels
 BUBBLE_BAR_WIDTH = 0.3  # thinner than the operation bars, so a bubble over a `wait` bar stays visible
 MS_PER_S = 1e3
 
@@ -63,8 +69,8 @@ def provenance(df: pd.DataFrame, attrs_only: bool = False) -> str:
     return "; ".join(f"{s} on {p}" for s, p in pairs)
 
 
-def _annotate(fig: go.Figure, text: str) -> go.Figure:
-    fig.add_annotation(text=text, xref="paper", yref="paper", x=1, y=1, xanchor="right", yanchor="bottom",
+def _annotate(fig: go.Figure, text: str, y: float = 1.0) -> go.Figure:
+    fig.add_annotation(text=text, xref="paper", yref="paper", x=1, y=y, xanchor="right", yanchor="bottom",
                        showarrow=False, font=dict(size=12))
     return fig
 
@@ -122,6 +128,7 @@ ROUTING_PANELS = {  # key of stats_tables -> (panel title, columns it needs)
     "load": ("expert load share", ("layer", "expert", "share")),
     "skew": ("load entropy (1 = uniform)", ("layer", "entropy_norm")),
     "reuse": ("reuse of earlier tokens' experts", ("layer", "lag", "reuse", "random")),
+    "cross": ("NMI with the next layer", ("layer", "nmi", "nmi_shuffled")),
 }
 
 
@@ -132,6 +139,10 @@ def _routing_traces(key: str, df: pd.DataFrame) -> list[go.BaseTraceType]:
                            name="load")]
     if key == "skew":
         return [go.Scatter(x=df["entropy_norm"], y=df["layer"], mode="lines+markers", name="entropy")]
+    if key == "cross":
+        return [go.Scatter(x=df["nmi"], y=df["layer"], mode="lines+markers", name="NMI with layer + 1"),
+                go.Scatter(x=df["nmi_shuffled"], y=df["layer"], mode="lines", line=dict(dash="dash", color="grey"),
+                           name="NMI, tokens shuffled")]
     lines = [go.Scatter(x=rows["reuse"], y=rows["layer"], mode="lines+markers", name=f"lag {lag}")
              for lag, rows in df.groupby("lag", sort=True)]
     baseline = float(df["random"].iloc[0])
@@ -145,7 +156,9 @@ def routing_figure(stats_tables: Mapping[str, pd.DataFrame]) -> go.Figure:
     Keys and columns (`prescope.routing_stats` produces the last two):
     "load": layer, expert, share (share of the layer's routed slots), drawn as a heatmap;
     "skew": layer, entropy_norm (`load_skew`);
-    "reuse": layer, lag, reuse, random (`temporal_reuse`), one line per lag and the random baseline K/E.
+    "reuse": layer, lag, reuse, random (`temporal_reuse`), one line per lag and the random baseline K/E;
+    "cross": layer, nmi, nmi_shuffled (`cross_layer` with layer = layer_a), the correlation of each layer's
+    choices with the next layer's and what shuffled tokens give (no dependence).
     `attrs["model"]` of any table names the model in the title.
     """
     unknown = sorted(set(stats_tables) - set(ROUTING_PANELS))
@@ -160,29 +173,47 @@ def routing_figure(stats_tables: Mapping[str, pd.DataFrame]) -> go.Figure:
             fig.add_trace(trace, 1, col)
     fig.update_yaxes(title_text="MoE layer", row=1, col=1)
     model = next((t.attrs["model"] for t in stats_tables.values() if "model" in t.attrs), "the model")
-    return fig.update_layout(title=f"routing of {model}")
+    # the legend goes under the panels, where the load heatmap's colour bar cannot cover it
+    return fig.update_layout(title=f"routing of {model}", legend=dict(orientation="h", yanchor="top", y=-0.2))
 
 
-def accuracy_heatmap(df: pd.DataFrame, metric: str = "recall_at_k") -> go.Figure:
+def accuracy_heatmap(df: pd.DataFrame, metric: str = "recall_at_k", metrics: Iterable[str] | None = None) -> go.Figure:
     """Predictor accuracy per MoE layer × lookahead distance, one panel per predictor.
 
-    Columns: predictor, layer, distance, and `metric` (e.g. recall_at_k, exact_match,
-    recall_at_budget; one row per predictor, layer and distance).
+    Columns: predictor, layer, distance, and `metric` (e.g. recall_at_k, exact_match, recall_at_2k; one
+    row per predictor, layer and distance). `metrics` (columns of `df`, `metric` among them) adds a menu
+    that switches every panel between them, so a static report keeps the choice. `df.attrs` source and
+    profile, when set, say what the accuracy was measured on (the trace it was evaluated on).
     """
-    _require(df, ("predictor", "layer", "distance", metric), "accuracy table")
+    shown = list(dict.fromkeys([metric, *(metrics or ())]))
+    _require(df, ("predictor", "layer", "distance", *shown), "accuracy table")
     _unique_rows(df, ["predictor", "layer", "distance"], "accuracy table")
     predictors = list(dict.fromkeys(df["predictor"]))
     fig = make_subplots(rows=1, cols=len(predictors), subplot_titles=predictors, shared_yaxes=True)
-    for col, name in enumerate(predictors, start=1):
-        z = df[df["predictor"] == name].pivot(index="layer", columns="distance", values=metric)
+    grids = {m: [df[df["predictor"] == name].pivot(index="layer", columns="distance", values=m) for name in predictors]
+             for m in shown}
+    for col, z in enumerate(grids[metric], start=1):
         fig.add_trace(go.Heatmap(z=z.to_numpy(), x=z.columns, y=z.index, coloraxis="coloraxis",
-                                 texttemplate="%{z:.2f}", name=name), 1, col)
+                                 texttemplate="%{z:.2f}", name=predictors[col - 1]), 1, col)
         fig.update_xaxes(title_text="distance", dtick=1, row=1, col=col)
-    unit_range = bool(df[metric].between(0, 1).all())
     fig.update_yaxes(title_text="MoE layer", row=1, col=1)
-    return fig.update_layout(title=f"{metric} by layer and lookahead distance",
-                             coloraxis=dict(colorscale="Viridis", cmin=0 if unit_range else None,
-                                            cmax=1 if unit_range else None, colorbar_title=metric))
+    fig.update_layout(title=f"{metric} by layer and lookahead distance", coloraxis=_unit_axis(df[metric], metric))
+    if len(shown) > 1:
+        fig.update_layout(margin=dict(t=MENU_TOP_MARGIN_PX), updatemenus=[dict(  # between title and panels
+            type="dropdown", x=0, y=1.1, xanchor="left", yanchor="bottom", active=0,
+            buttons=[dict(label=m, method="update",
+                          args=[{"z": [z.to_numpy() for z in grids[m]]},
+                                {"title.text": f"{m} by layer and lookahead distance",
+                                 "coloraxis": _unit_axis(df[m], m)}]) for m in shown])])
+    if df.attrs.get("source") and df.attrs.get("profile"):
+        _annotate(fig, provenance(df, attrs_only=True), SUBPLOT_NOTE_Y)
+    return fig
+
+
+def _unit_axis(values: pd.Series, title: str) -> dict:
+    """A colour axis fixed to [0, 1] for shares (recall, match), free for other metrics (count errors)."""
+    unit = bool(values.dropna().between(0, 1).all())
+    return dict(colorscale="Viridis", cmin=0 if unit else None, cmax=1 if unit else None, colorbar_title=title)
 
 
 def bubble_figure(df: pd.DataFrame) -> go.Figure:
@@ -197,7 +228,7 @@ def bubble_figure(df: pd.DataFrame) -> go.Figure:
     _unique_rows(df, ["policy", "cause"], "bubble table")
     order = {c: i for i, c in enumerate(tl.CAUSES)}
     causes = sorted(df["cause"].unique(), key=lambda c: (order.get(c, len(order)), c))
-    fig = go.Figure([go.Bar(name=c, x=df.loc[df["cause"] == c, "policy"],
+    fig = go.Figure([go.Bar(name=c, x=df.loc[df["cause"] == c, "policy"], marker_color=CAUSE_COLORS.get(c),
                             y=df.loc[df["cause"] == c, "seconds"] * MS_PER_S) for c in causes])
     fig.update_layout(barmode="stack", title="GPU bubbles per decode step", yaxis_title="ms per step",
                       legend_title="cause")
@@ -219,3 +250,150 @@ def throughput_figure(df: pd.DataFrame, x: str = "batch_size", y: str = "tokens_
     fig.update_layout(title="decode throughput", xaxis=dict(title=x, type="log", tickvals=sorted(df[x].unique())),
                       yaxis_title=y, legend_title=by)
     return _annotate(fig, where)
+
+
+def bubble_analysis_figure(timeline_df: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Where one run's GPU time went, four panels from its timeline (`prescope.timeline` schema, attrs
+    source and profile): GPU idle ms per step by cause and per MoE layer by cause (`timeline.bubbles`;
+    the layer is the blamed operation's, -1 when nothing was to blame), link utilisation per step (the
+    share of the step's span the link was busy, `step_summary`), and prefetched MB per issuing step that
+    were used before eviction against those wasted (`prefetch_precision`)."""
+    where = provenance(timeline_df, attrs_only=True)
+    _check_timeline(timeline_df)
+    gaps = tl.bubbles(timeline_df)
+    steps = tl.step_summary(timeline_df)
+    used = tl.prefetch_precision(timeline_df, by="step")
+    fig = make_subplots(rows=2, cols=2, vertical_spacing=0.16, horizontal_spacing=0.1,
+                        subplot_titles=["GPU idle per step, by cause", "GPU idle per MoE layer, by cause",
+                                        "link utilisation per step", "prefetched MB: used vs wasted"])
+    order = {c: i for i, c in enumerate(tl.CAUSES)}
+    for cause in sorted(gaps["cause"].unique(), key=lambda c: (order.get(c, len(order)), c)):
+        rows = gaps[gaps["cause"] == cause]
+        for col, key in ((1, "step"), (2, "layer")):
+            per = rows.groupby(key)["duration"].sum() * MS_PER_S
+            fig.add_trace(go.Bar(name=cause, x=per.index, y=per.to_numpy(), legendgroup=cause, showlegend=col == 1,
+                                 marker_color=CAUSE_COLORS.get(cause)), 1, col)
+    share = steps["link_busy"] / steps["latency"].where(steps["latency"] > 0)
+    fig.add_trace(go.Scatter(name="link busy share", x=steps["step"], y=share, mode="lines+markers"), 2, 1)
+    if len(used):
+        fig.add_trace(go.Bar(name="prefetch used", x=used["step"], y=used["bytes_used"] / 1e6,
+                             marker_color=KIND_COLORS["gpu_expert"]), 2, 2)
+        fig.add_trace(go.Bar(name="prefetch wasted", x=used["step"], y=(used["bytes"] - used["bytes_used"]) / 1e6,
+                             marker_color=WASTED_COLOR), 2, 2)
+    fig.update_xaxes(title_text="step", row=1, col=1)
+    fig.update_xaxes(title_text="MoE layer", row=1, col=2)
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    fig.update_xaxes(title_text="issuing step", row=2, col=2)
+    fig.update_yaxes(title_text="idle ms", row=1, col=1)
+    fig.update_yaxes(title_text="idle ms", row=1, col=2)
+    fig.update_yaxes(title_text="share", range=[0, 1.05], row=2, col=1)
+    fig.update_yaxes(title_text="MB", row=2, col=2)
+    fig.update_layout(barmode="stack", height=2 * 350, legend_title="cause / series",
+                      title=title or f"GPU bubbles, link and prefetches over {len(steps)} steps")
+    return _annotate(fig, where, SUBPLOT_NOTE_Y)
+
+
+SCALING_PANELS = (("tokens_per_s", "decode throughput (tokens/s)"), ("latency_ms", "per-token latency (ms)"))
+BOUND_COLUMNS = {"tokens_per_s": "bound_tokens_per_s", "latency_ms": "bound_latency_ms"}
+ORACLE = "oracle"
+
+
+def scaling_figure(df: pd.DataFrame, x: str = "batch_size", by: str = "policy", title: str | None = None) -> go.Figure:
+    """Throughput and per-token latency against `x` (batch size by default), one line per `by` value.
+
+    Columns: `x`, `by`, tokens_per_s, latency_ms; optionally `source` ("measured" solid, "simulated"
+    dashed, both on one figure for a fidelity view) and the lower bound of each x, bound_tokens_per_s and
+    bound_latency_ms (drawn once per source as a grey dotted "lower bound" line; the best any policy can
+    do). The `oracle` policy is drawn in black. One row per (by, x, source); provenance in attrs or
+    source/profile columns. A batch-size axis is log2.
+    """
+    where = provenance(df)
+    _require(df, (x, by, *(c for c, _ in SCALING_PANELS)), "scaling table")
+    split = "source" in df.columns and df["source"].nunique() > 1
+    _unique_rows(df, [by, x, "source"] if "source" in df.columns else [by, x], "scaling table")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[t for _, t in SCALING_PANELS], horizontal_spacing=0.1)
+    palette = dict(zip(dict.fromkeys(df[by]), _PALETTE * (1 + df[by].nunique() // len(_PALETTE)), strict=False))
+    keys = [by, "source"] if split else [by]
+    groups = dict(list(df.sort_values(x, kind="stable").groupby(keys, sort=False)))
+    order = {name: i for i, name in enumerate(dict.fromkeys(df[by]))}  # lines in table order, measured first
+    for col, (metric, _) in enumerate(SCALING_PANELS, start=1):
+        for key in sorted(groups, key=lambda k: (order[k[0]], str(k[1:]))):
+            rows = groups[key]
+            name, source = key if split else (key[0], None)
+            oracle = str(name) == ORACLE
+            label = f"{name} ({source})" if split else str(name)
+            fig.add_trace(go.Scatter(
+                name=label, x=rows[x], y=rows[metric], mode="lines+markers", legendgroup=label, showlegend=col == 1,
+                line=dict(color="black" if oracle else palette[name], width=3 if oracle else 2,
+                          dash="dash" if source == "simulated" else "solid")), 1, col)
+        bound = BOUND_COLUMNS[metric]
+        if bound in df.columns:
+            for source, rows in (df.groupby("source") if split else [(None, df)]):
+                line = rows.groupby(x)[bound].min() if metric == "latency_ms" else rows.groupby(x)[bound].max()
+                label = "lower bound" + (f" ({source})" if split else "")
+                fig.add_trace(go.Scatter(name=label, x=line.index, y=line.to_numpy(), mode="lines", legendgroup=label,
+                                         showlegend=col == 1, line=dict(color="grey", dash="dot", width=2)), 1, col)
+        fig.update_xaxes(title_text=x, row=1, col=col, **_x_axis(df, x))
+        fig.update_yaxes(title_text=SCALING_PANELS[col - 1][1], row=1, col=col)
+    fig.update_layout(title=title or f"throughput and latency against {x}", legend_title=by)
+    return _annotate(fig, where, SUBPLOT_NOTE_Y)
+
+
+_PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#9D755D", "#EECA3B", "#FF9DA6"]
+
+
+def _x_axis(df: pd.DataFrame, x: str) -> dict:
+    values = sorted(df[x].unique())
+    if x.startswith("batch") and len(values) > 1 and min(values) > 0:
+        return dict(type="log", tickvals=values)
+    return {}
+
+
+def layer_groups_figure(tables: Mapping[str, pd.DataFrame]) -> go.Figure:
+    """The layer-group insight: per model, routing curves over depth (z-scored so they share an axis) and
+    the groups they split into, the middle group shaded.
+
+    Each table is `llapor.derive_groups(trace)[1]`: layer, metric, zscore, group (near_input, middle,
+    near_output), one row per layer and metric; keys name the models.
+    """
+    if not tables:
+        raise VizInputError("layer_groups_figure: no tables")
+    fig = make_subplots(rows=1, cols=len(tables), subplot_titles=list(tables), horizontal_spacing=0.06)
+    metrics: dict[str, str] = {}
+    for col, (model, df) in enumerate(tables.items(), start=1):
+        _require(df, ("layer", "metric", "zscore", "group"), f"layer groups of {model}")
+        for metric, rows in df.groupby("metric", sort=False):
+            color = metrics.setdefault(metric, _PALETTE[len(metrics) % len(_PALETTE)])
+            fig.add_trace(go.Scatter(name=metric, x=rows["layer"], y=rows["zscore"], mode="lines+markers",
+                                     legendgroup=metric, showlegend=col == 1, line=dict(color=color)), 1, col)
+        middle = df.loc[df["group"] == "middle", "layer"]
+        if len(middle):
+            fig.add_vrect(x0=middle.min() - 0.5, x1=middle.max() + 0.5, fillcolor="grey", opacity=0.15, line_width=0,
+                          row=1, col=col)
+        fig.update_xaxes(title_text="MoE layer", row=1, col=col)
+    fig.update_yaxes(title_text="z-score over layers", row=1, col=1)
+    return fig.update_layout(title="routing over depth and the layer groups it implies (middle group shaded)")
+
+
+def fidelity_figure(df: pd.DataFrame, label: str = "policy") -> go.Figure:
+    """Simulated against measured per-step latency, one point per cell, with the y = x line and the
+    ±`tolerance` band. Columns: measured_ms, simulated_ms, `label` (colours); `df.attrs["profile"]` names
+    the simulator's profile, `df.attrs["measured_on"]` the device; `df.attrs["tolerance"]` (default 0.15)."""
+    _require(df, ("measured_ms", "simulated_ms", label), "fidelity table")
+    missing = [k for k in ("measured_on", "profile") if not df.attrs.get(k)]
+    if missing:
+        raise ProvenanceError(f"fidelity table: set {missing} in df.attrs (the measuring device, the simulator's profile)")
+    tolerance = float(df.attrs.get("tolerance", 0.15))
+    top = float(max(df["measured_ms"].max(), df["simulated_ms"].max())) * 1.1
+    bottom = float(min(df["measured_ms"].min(), df["simulated_ms"].min())) / 1.1
+    span = [bottom, top]
+    fig = go.Figure([go.Scatter(name=str(name), x=rows["measured_ms"], y=rows["simulated_ms"], mode="markers",
+                                text=rows.get("cell"), marker=dict(size=9))
+                     for name, rows in df.groupby(label, sort=False)])
+    fig.add_trace(go.Scatter(name="simulated = measured", x=span, y=span, mode="lines", line=dict(color="black")))
+    for f, name in ((1 + tolerance, f"±{tolerance:.0%}"), (1 - tolerance, None)):
+        fig.add_trace(go.Scatter(name=name, x=span, y=[v * f for v in span], mode="lines", showlegend=name is not None,
+                                 legendgroup="band", line=dict(color="grey", dash="dot")))
+    fig.update_layout(title="simulator fidelity: median decode step", xaxis=dict(title="measured (ms)", type="log"),
+                      yaxis=dict(title="simulated (ms)", type="log"), legend_title=label)
+    return _annotate(fig, f"measured on {df.attrs['measured_on']}; simulated on {df.attrs['profile']}")

@@ -17,15 +17,47 @@ from prescope import metrics, reports
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = reports.list_notebooks(ROOT / "notebooks")
 SANITIZE = Path(__file__).resolve().parent / "nbval_sanitize.cfg"
-NBVAL_TIMEOUT_S = 600
-BF16_BYTES = 2
+NBVAL_TIMEOUT_S = 900
+FLOAT32_BYTES = 4
+H200 = ROOT / "reports" / "h200"
+EQUIVALENCE = json.loads((H200 / "equivalence.json").read_text())["rows"]
+FIDELITY_CELLS = sum(len(p.read_text().splitlines()) - 1 for p in H200.glob("fidelity-*.csv"))
+# Small parameters force a fresh recording ("" trace path) so each smoke run is the same everywhere.
+FRESH_TRACE = dict(tiny_trace_path="", num_prompts=2, max_new_tokens=6)
 
 # notebook stem -> (small parameters for the smoke run, metrics it must record with them)
 SMOKE = {
     "00_quickstart": (
-        dict(num_hidden_layers=2, hidden_size=64, intermediate_size=32, num_experts=8, num_experts_per_tok=2),
-        # one expert = gate_up [2I, H] + down [H, I] in bf16 = 3·H·I·2 bytes
-        dict(num_moe_layers=2, num_experts=8, top_k=2, expert_bytes=3 * 64 * 32 * BF16_BYTES),
+        dict(max_new_tokens=3, policy="cpu_misses", budget_share=0.5, show_steps=1),
+        # prescope-tiny: 16 MoE layers of 64 experts, top-8; one expert = 3·H·I float32 numbers (H 128, I 32)
+        dict(same_tokens=True, new_tokens=3, num_moe_layers=16, num_experts=64, top_k=8,
+             expert_bytes=3 * 128 * 32 * FLOAT32_BYTES, budget_slots=512),
+    ),
+    "01_routing": (
+        dict(FRESH_TRACE, lags=[1]),
+        # previous-token reuse of the real traces, as the shared data's README measured it
+        {"models": 3, "tiny_trace_from": "recorded now", "reuse_lag1_qwen3-30b-a3b": 0.38,
+         "reuse_lag1_gpt-oss-120b": 0.179},
+    ),
+    "02_llapor": (
+        dict(tables_dir="", num_prompts=4, max_new_tokens=4, distance=1, max_epochs=1),
+        # gate lookahead, LLaPor, previous token, popularity, oracle; the oracle is exact
+        dict(origin="trained here", predictors=5, distances=1, recall_at_k_d1_oracle=1.0),
+    ),
+    "03_presched": (
+        dict(FRESH_TRACE, policies=["on_demand_lru", "prescope", "oracle"], batch_sizes=[1, 2], max_steps=4,
+             mode="simulate"),
+        dict(mode="simulate", policies=3, rows=6),
+    ),
+    "04_whatif": (
+        dict(FRESH_TRACE, num_prompts=1, data_dir="", max_steps=4, link_sweep=[8.0, 64.0],
+             sweep_policies=["on_demand_lru"]),
+        dict(traces=2, steps_replayed=4, sweep_rows=2),  # prescope-tiny and its OLMoE-sized twin
+    ),
+    "05_h200_report": (
+        dict(model="olmoe-1b-7b"),
+        dict(models=2, equivalence_runs=len(EQUIVALENCE),
+             equivalence_equal=sum(r["tokens_equal_stock"] for r in EQUIVALENCE), fidelity_cells=FIDELITY_CELLS),
     ),
 }
 

@@ -142,3 +142,106 @@ def test_routing_figure_panels_from_routing_stats_tables():
 def test_no_webgl_traces():
     figs = [viz.timeline_figure(timeline()), viz.accuracy_heatmap(accuracy_table())]
     assert all(not t.type.endswith("gl") for f in figs for t in f.data)
+
+
+def test_routing_figure_cross_layer_panel():
+    cross = pd.DataFrame({"layer": [0, 1], "nmi": [0.1, 0.05], "nmi_shuffled": [0.002, 0.001]})
+    fig = viz.routing_figure({"cross": cross})
+    assert [t.name for t in fig.data] == ["NMI with layer + 1", "NMI, tokens shuffled"]
+    assert list(fig.data[1].x) == [0.002, 0.001] and fig.layout.annotations[0].text == "NMI with the next layer"
+
+
+def test_accuracy_heatmap_metric_menu_switches_every_panel():
+    df = accuracy_table()
+    fig = viz.accuracy_heatmap(df, "exact_match", metrics=["recall_at_k", "exact_match"])
+    np.testing.assert_allclose(fig.data[0].z, 0.5)  # opens on the chosen metric
+    buttons = fig.layout.updatemenus[0].buttons
+    assert [b.label for b in buttons] == ["exact_match", "recall_at_k"]
+    recall = buttons[1].args[0]["z"]  # one grid per panel, layers × distances
+    np.testing.assert_allclose(recall[1], [[0.85, 0.75]] * 3)
+    assert buttons[1].args[1]["title.text"] == "recall_at_k by layer and lookahead distance"
+    assert not fig.layout.annotations[-1].text.startswith(("measured", "simulated"))
+    df.attrs.update(source="measured", profile="cpu")
+    assert viz.accuracy_heatmap(df).layout.annotations[-1].text == "measured on cpu"
+    with pytest.raises(VizInputError, match=r"missing columns \['recall_at_2k'\]"):
+        viz.accuracy_heatmap(df, metrics=["recall_at_2k"])
+
+
+def test_bubble_analysis_figure_by_step_layer_link_and_prefetch():
+    df = timeline()
+    prefetch = pd.DataFrame([("pcie", 0, 0, 4, "prefetch", 0, 2_000_000, 4.0 * MS, 4.4 * MS),
+                             ("pcie", 1, 0, 6, "prefetch", 0, 3_000_000, 5.0 * MS, 5.5 * MS)],
+                            columns=timeline_module.COLUMNS)
+    used = pd.DataFrame([("gpu", 1, 0, 4, "gpu_expert", 1, 0, 5.5 * MS, 5.7 * MS)], columns=timeline_module.COLUMNS)
+    df = pd.concat([df, prefetch, used], ignore_index=True)
+    df.attrs.update(source="simulated", profile="h200")
+    fig = viz.bubble_analysis_figure(df)
+    by_name = {}
+    for t in fig.data:
+        by_name.setdefault(t.name, []).append(t)
+    on_demand = by_name["on_demand_transfer"]  # step panel and layer panel
+    assert [list(t.x) for t in on_demand] == [[0], [0]]
+    np.testing.assert_allclose(on_demand[0].y, [2.0])
+    # by hand: step 0 spans 0-4.5 ms with the link busy 0.5-3 and 4-4.4 (2.9 ms); step 1 spans 5-6 with 5-5.5
+    np.testing.assert_allclose(by_name["link busy share"][0].y, [2.9 / 4.5, 0.5])
+    np.testing.assert_allclose(by_name["prefetch used"][0].y, [2.0, 0.0])
+    np.testing.assert_allclose(by_name["prefetch wasted"][0].y, [0.0, 3.0])
+    assert fig.layout.annotations[-1].text == "simulated on h200"
+
+
+def scaling_table() -> pd.DataFrame:
+    rows = [(p, b, tps, 1e3 * b / tps, 40.0 * b, 1e3 / 40.0) for p, scale in (("lru", 1.0), ("oracle", 2.0))
+            for b, tps in ((1, 10.0 * scale), (4, 30.0 * scale))]
+    return pd.DataFrame(rows, columns=["policy", "batch_size", "tokens_per_s", "latency_ms", "bound_tokens_per_s",
+                                       "bound_latency_ms"])
+
+
+def test_scaling_figure_throughput_latency_oracle_and_bound():
+    df = scaling_table()
+    df.attrs.update(source="simulated", profile="h200")
+    fig = viz.scaling_figure(df)
+    names = [t.name for t in fig.data]
+    assert names == ["lru", "oracle", "lower bound", "lru", "oracle", "lower bound"]
+    assert fig.data[1].line.color == "black" and fig.data[2].line.dash == "dot"
+    np.testing.assert_allclose(fig.data[2].y, [40.0, 160.0])
+    np.testing.assert_allclose(fig.data[3].y, [100.0, 400.0 / 3])  # latency of lru, ms
+    assert fig.layout.xaxis.type == "log" and fig.layout.annotations[-1].text == "simulated on h200"
+    both = pd.concat([df.assign(source="measured"), df.assign(source="simulated")], ignore_index=True)
+    both["profile"] = "h200"
+    fig = viz.scaling_figure(both.drop(columns=["bound_tokens_per_s", "bound_latency_ms"]))
+    assert [t.line.dash for t in fig.data[:4]] == ["solid", "dash", "solid", "dash"]
+    assert fig.data[0].name == "lru (measured)"
+    with pytest.raises(VizInputError, match="more than one row"):
+        viz.scaling_figure(pd.concat([df, df]).pipe(lambda d: d.__setattr__("attrs", df.attrs) or d))
+    with pytest.raises(ProvenanceError):
+        viz.scaling_figure(scaling_table())
+
+
+def test_layer_groups_figure_shades_the_middle_group():
+    table = pd.DataFrame({"layer": [0, 1, 2, 3] * 2, "metric": ["nmi"] * 4 + ["top1"] * 4,
+                          "zscore": [1.0, 0.0, 0.0, -1.0, 0.5, 0.1, 0.1, -0.5],
+                          "group": ["near_input", "middle", "middle", "near_output"] * 2})
+    fig = viz.layer_groups_figure({"tiny": table, "real": table})
+    assert [t.name for t in fig.data] == ["nmi", "top1", "nmi", "top1"]
+    assert [t.showlegend for t in fig.data] == [True, True, False, False]
+    assert [(s.x0, s.x1) for s in fig.layout.shapes] == [(0.5, 2.5), (0.5, 2.5)]
+    with pytest.raises(VizInputError, match="no tables"):
+        viz.layer_groups_figure({})
+
+
+def test_fidelity_figure_points_identity_and_band():
+    df = pd.DataFrame({"measured_ms": [10.0, 20.0], "simulated_ms": [11.0, 15.0], "model": ["a", "b"]})
+    with pytest.raises(ProvenanceError, match="measured_on"):
+        viz.fidelity_figure(df, label="model")
+    df.attrs.update(measured_on="NVIDIA H200", profile="h200-calibrated")
+    fig = viz.fidelity_figure(df, label="model")
+    assert [t.name for t in fig.data] == ["a", "b", "simulated = measured", "±15%", None]
+    np.testing.assert_allclose(fig.data[3].y, np.array(fig.data[2].y) * 1.15)
+    assert fig.layout.annotations[0].text == "measured on NVIDIA H200; simulated on h200-calibrated"
+
+
+def test_every_bubble_cause_has_one_colour_everywhere():
+    assert set(viz.CAUSE_COLORS) == set(timeline_module.CAUSES)
+    fig = viz.bubble_analysis_figure(timeline())
+    colours = {(t.name, t.marker.color) for t in fig.data if t.type == "bar"}
+    assert colours == {(c, viz.CAUSE_COLORS[c]) for c in ("on_demand_transfer", "cpu_expert", "host")}

@@ -1,0 +1,146 @@
+"""prescope.workbench: traces found or recorded, policies by name, comparisons simulated and measured, the
+committed H200 tables read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prescope import timeline as tl
+from prescope import workbench
+from prescope.profiles import load_profile
+from prescope.trace import save_trace
+from prescope.workbench import WorkbenchError
+
+ROOT = Path(__file__).resolve().parents[1]
+H200 = ROOT / "reports" / "h200"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from prescope.tiny import load_tiny
+
+    return load_tiny()
+
+
+@pytest.fixture(scope="module")
+def trace(tiny):
+    model, tokenizer = tiny
+    return workbench.tiny_trace("", num_prompts=2, max_new_tokens=6, model=model, tokenizer=tokenizer)
+
+
+def test_tiny_trace_records_when_no_file_and_loads_when_there_is(trace, tmp_path):
+    assert trace.meta["source"] == "record_trace" and workbench.trace_label(trace) == "recorded now"
+    assert trace.tokens["prompt"].nunique() == 2 and trace.layout.num_moe_layers == 16
+    path = save_trace(trace, tmp_path / "t.parquet")
+    again = workbench.tiny_trace(path)
+    np.testing.assert_array_equal(again.experts, trace.experts)
+    assert workbench.trace_label(again) == str(path)
+    with pytest.raises(WorkbenchError, match="num_prompts must be in 1..8"):
+        workbench.tiny_trace("", num_prompts=9)
+
+
+def test_policies_by_name_with_a_lookahead_where_they_have_one():
+    assert workbench.takes_lookahead("prescope") and not workbench.takes_lookahead("on_demand_lru")
+    assert workbench.named_policy("prescope", lookahead=3).lookahead == 3
+    assert workbench.named_policy("on_demand_lru", lookahead=3).name == "on_demand_lru"
+    with pytest.raises(WorkbenchError, match="unknown policy 'lru'"):
+        workbench.named_policy("lru")
+
+
+def test_what_if_profile_rescales_the_link_and_says_so():
+    h200 = load_profile("h200")
+    assert workbench.what_if_profile("h200") == h200
+    assert workbench.what_if_profile("h200", h200.pinned_h2d.peak_gbps) == h200
+    slow = workbench.what_if_profile("h200", 8.0)
+    assert slow.name == "h200 @ 8 GB/s" and slow.pinned_h2d.peak_gbps == pytest.approx(8.0)
+
+
+def test_compare_policies_rows_bounds_and_results(trace):
+    table, results = workbench.compare_policies(trace, ["on_demand_lru", "oracle"], "v100-pcie3",
+                                                batch_sizes=[1, 2], max_steps=4)
+    assert table[["policy", "batch_size"]].values.tolist() == [["on_demand_lru", 1], ["on_demand_lru", 2],
+                                                               ["oracle", 1], ["oracle", 2]]
+    assert table.attrs == {"source": "simulated", "profile": "v100-pcie3"}
+    assert (table["bound_latency_ms"] <= table["latency_ms"] + 1e-9).all()
+    assert (table["bound_tokens_per_s"] >= table["tokens_per_s"] - 1e-9).all()
+    assert set(results) == {(p, b) for p in ("on_demand_lru", "oracle") for b in (1, 2)}
+    assert results["oracle", 1].config["async_io"] is True  # the policy's own AsyncIO choice
+    with pytest.raises(WorkbenchError, match="batch_size 4 needs at least 4 prompts; the trace has 2"):
+        workbench.compare_policies(trace, ["on_demand_lru"], "h200", batch_sizes=[4])
+
+
+def test_bubble_table_one_row_per_policy_and_cause(trace):
+    _, results = workbench.compare_policies(trace, ["on_demand_lru", "prescope"], "v100-pcie3", max_steps=3)
+    timelines = {p: results[p, 1].timeline for p in ("on_demand_lru", "prescope")}
+    table = workbench.bubble_table(timelines)
+    assert len(table) == 2 * len(tl.CAUSES) and table.attrs == {"source": "simulated", "profile": "v100-pcie3"}
+    lru = results["on_demand_lru", 1]
+    per_step = tl.bubbles(lru.timeline)["duration"].sum() / len(lru.summary)
+    assert table[table["policy"] == "on_demand_lru"]["seconds"].sum() == pytest.approx(per_step)
+    _, other = workbench.compare_policies(trace, ["on_demand_lru"], "h200", max_steps=3)
+    with pytest.raises(WorkbenchError, match="different sources or profiles"):
+        workbench.bubble_table({"a": timelines["prescope"], "b": other["on_demand_lru", 1].timeline})
+
+
+def test_link_sweep_a_faster_link_is_never_slower_on_demand(trace):
+    sweep = workbench.link_sweep(trace, ["on_demand_lru"], "v100-pcie3", [4.0, 16.0, 64.0], max_steps=4)
+    assert sweep["link_gbps"].tolist() == [4.0, 16.0, 64.0]
+    assert sweep["latency_ms"].is_monotonic_decreasing
+    assert sweep.attrs["profile"] == "v100-pcie3 (link rescaled)"
+
+
+def test_measure_policies_runs_the_engine_and_reproduces_the_stock_tokens(tiny):
+    model, tokenizer = tiny
+    table, timelines = workbench.measure_policies(model, tokenizer, ["on_demand_lru"], device="cpu",
+                                                  budget_share=0.25, max_new_tokens=3)
+    row = table.iloc[0]
+    assert bool(row["same_tokens"]) and row["steps"] == 2 and row["loads_on_demand"] > 0
+    assert table.attrs == {"source": "measured", "profile": "cpu"}
+    assert timelines["on_demand_lru"].attrs["source"] == "measured"
+
+
+def test_resolve_mode():
+    import torch
+
+    expected = ("measure", "cuda") if torch.cuda.is_available() else ("simulate", "cpu")
+    assert workbench.resolve_mode("auto", "auto") == expected
+    assert workbench.resolve_mode("simulate", "cpu") == ("simulate", "cpu")
+    assert workbench.resolve_mode("measure", "cpu") == ("measure", "cpu")
+    with pytest.raises(WorkbenchError, match="mode must be"):
+        workbench.resolve_mode("guess", "cpu")
+
+
+def test_h200_tables_and_fidelity_scaling():
+    bench, fidelity = workbench.h200_tables(H200)
+    assert bench.attrs["source"] == "measured" and bench.attrs["profile"] == "NVIDIA H200"
+    assert {"mixtral-8x7b", "olmoe-1b-7b"} <= set(bench["model"])
+    assert fidelity.attrs["measured_on"] == "NVIDIA H200" and fidelity.attrs["profile"]
+    scaling = workbench.fidelity_scaling(fidelity, "mixtral-8x7b")
+    cells = int((fidelity["model"] == "mixtral-8x7b").sum())
+    assert len(scaling) == 2 * cells and set(scaling["source"]) == {"measured", "simulated"}
+    np.testing.assert_allclose(scaling["tokens_per_s"], scaling["batch_size"] * 1e3 / scaling["latency_ms"])
+    with pytest.raises(WorkbenchError, match="no fidelity cells for 'gpt-2'"):
+        workbench.fidelity_scaling(fidelity, "gpt-2")
+    with pytest.raises(FileNotFoundError, match="no bench"):
+        workbench.h200_tables(ROOT / "notebooks")
+
+
+def test_real_traces(shared_data, tmp_path):
+    traces = workbench.real_traces(shared_data)
+    assert set(traces) == set(workbench.REAL_TRACES)
+    assert traces["qwen3-30b-a3b"].layout.num_moe_layers == 48
+    with pytest.raises(FileNotFoundError, match="not found in"):
+        workbench.real_traces(tmp_path)
+
+
+def test_measured_scaling_takes_one_run_per_model():
+    bench, _ = workbench.h200_tables(H200)
+    table = workbench.measured_scaling(bench, "olmoe-1b-7b")
+    assert table.attrs["run"] == "bench-olmoe" and table.attrs["source"] == "measured"
+    assert not table.duplicated(["cell", "batch_size"]).any()
+    assert {"stock@1", "resident@1", "on_demand_lru@0.25"} <= set(table["cell"])
+    with pytest.raises(WorkbenchError, match="no bench cells for 'gpt-2'"):
+        workbench.measured_scaling(bench, "gpt-2")
