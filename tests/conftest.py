@@ -65,3 +65,46 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared data not found at {SHARED_DATA}: the repository must sit beside shared/")
     return SHARED_DATA
+
+
+def small_olmoe(layers: int = 4, seed: int = 0):
+    """A very small random OLMoE (E=8, K=2, H=16) for predictor and trace tests; no EOS so rows run to the end."""
+    torch.manual_seed(seed)
+    cfg = transformers.OlmoeConfig(vocab_size=64, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=64, intermediate_size=8,
+                                   num_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
+                                   eos_token_id=None, pad_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and torch.count_nonzero(p) == 0:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared, busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TRACE_PROMPTS = [[5, 17, 33, 2, 9, 60, 41], [12, 80], [7, 7, 30, 55]]  # different lengths: left padding at batch 3
+TRACE_NEW_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def trace_model():
+    model = tiny_model("olmoe")
+    model.generation_config.eos_token_id = None  # random weights: let every row run max_new_tokens
+    return model
+
+
+@pytest.fixture(scope="module")
+def batched_trace(trace_model):
+    from prescope import recording
+
+    return recording.record_trace(trace_model, None, TRACE_PROMPTS, max_new_tokens=TRACE_NEW_TOKENS, batch_size=3,
+                                  keep_hidden=True, keep_logits=True, domains=["a", "b", "c"], progress=False)

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import transformers
+from conftest import small_olmoe
 
 from prescope import cli, llapor
 from prescope import predictors as P
@@ -20,33 +20,15 @@ FAST = llapor.LLaPorConfig(distance=2, pca_dim=8, width=32, max_epochs=12, patie
                            min_group_layers=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _olmoe(layers: int = 5, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.OlmoeConfig(vocab_size=64, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                                   num_key_value_heads=2, max_position_embeddings=64, intermediate_size=8,
-                                   num_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
-                                   eos_token_id=None, pad_token_id=0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2 and torch.count_nonzero(p) == 0:
-                p.normal_(0.0, 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")
 def data():
     """(model, training trace, held-out trace): disjoint random prompts, hidden states and logits kept."""
-    model = _olmoe()
+    model = small_olmoe(layers=5)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(1, 64, 24)) for _ in range(72)]
     trace = record_trace(model, None, prompts, max_new_tokens=4, batch_size=24, keep_hidden=True,
@@ -140,7 +122,7 @@ def test_bad_inputs(data, trained):
     with pytest.raises(llapor.LLaPorError, match="trained on H=16"):
         trained.predict(0, 1, hidden=torch.zeros(2, 12))
     with pytest.raises(LayoutMismatchError, match="num_moe_layers"):
-        trained.check_model(_olmoe(layers=4))
+        trained.check_model(small_olmoe(layers=4))
     trained.check_model(model)
     with pytest.raises(llapor.LLaPorError, match="valid_fraction"):
         llapor.LLaPorConfig(valid_fraction=1.0)

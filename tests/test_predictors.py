@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import transformers
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, small_olmoe
 
 from prescope import predictors as P
 from prescope.accuracy import evaluate, mean_by_distance
@@ -25,13 +24,7 @@ def _layout(num_layers: int, num_experts: int, top_k: int, hidden: int = 4) -> M
                        "float32", 96)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -46,23 +39,11 @@ def toy() -> Trace:
     return Trace(_layout(2, 4, 2), tokens, experts, weights)
 
 
-def _olmoe(seed: int = 0, layers: int = 4):
-    torch.manual_seed(seed)
-    cfg = transformers.OlmoeConfig(vocab_size=64, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                                   num_key_value_heads=2, max_position_embeddings=64, intermediate_size=8,
-                                   num_experts=8, num_experts_per_tok=2, tie_word_embeddings=False,
-                                   eos_token_id=None, pad_token_id=0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2 and torch.count_nonzero(p) == 0:
-                p.normal_(0.0, 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")
 def recorded():
-    model = _olmoe()
+    model = small_olmoe()
     prompts = [list(np.random.default_rng(i).integers(1, 64, 10)) for i in range(12)]
     trace = record_trace(model, None, prompts, max_new_tokens=3, batch_size=12, keep_hidden=True,
                          keep_logits=True, progress=False)
@@ -168,5 +149,5 @@ def test_bad_inputs(recorded, toy):
     with pytest.raises(LayoutMismatchError, match="num_experts"):
         P.Popularity().fit(toy).check_model(model)
     with pytest.raises(LayoutMismatchError, match="num_moe_layers"):
-        P.Popularity().fit(trace).check_model(_olmoe(layers=3))
+        P.Popularity().fit(trace).check_model(small_olmoe(layers=3))
     P.Popularity().fit(trace).check_model(describe(model))  # same layout: no error

@@ -9,26 +9,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TRACE_NEW_TOKENS, TRACE_PROMPTS, tiny_model
 
 from prescope import adapter, cli, recording, trace
 from prescope.trace import Trace
 
-PROMPTS = [[5, 17, 33, 2, 9, 60, 41], [12, 80], [7, 7, 30, 55]]  # different lengths: left padding at batch 3
-NEW = 5
+PROMPTS, NEW = TRACE_PROMPTS, TRACE_NEW_TOKENS
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = tiny_model("olmoe")
-    m.generation_config.eos_token_id = None  # random weights: let every row run max_new_tokens
-    return m
+def model(trace_model):
+    return trace_model
 
 
 @pytest.fixture(scope="module")
-def batched(model) -> Trace:
-    return recording.record_trace(model, None, PROMPTS, max_new_tokens=NEW, batch_size=3, keep_hidden=True,
-                                  keep_logits=True, domains=["a", "b", "c"], progress=False)
+def batched(batched_trace) -> Trace:
+    return batched_trace
 
 
 def _independent_routing(model, ids: list[int]):
