@@ -169,3 +169,26 @@ def step_lower_bound(gpu_s: float, cpu_s: float, bytes_to_move: float, profile: 
     least its own share; perfect overlap of all three is the best any policy can reach."""
     _check_nonneg(gpu_s=gpu_s, cpu_s=cpu_s, bytes_to_move=bytes_to_move)
     return max(gpu_s, cpu_s, bytes_to_move / (profile.pinned_h2d.peak_gbps * GB))
+
+
+def split_lower_bound(link_s: list[float], cpu_s: list[float]) -> float:
+    """Least possible max(link busy, CPU busy) when each absent expert i is either loaded (link_s[i]) or
+    computed on the CPU (cpu_s[i]), with fractional splits allowed (so a lower bound on any real split):
+    min T such that Σ x_i·link_i <= T and Σ (1 − x_i)·cpu_i <= T, 0 <= x_i <= 1. Items go to the link in
+    increasing order of link_i / cpu_i (the LP's exchange argument); T is where the two loads meet.
+    Example: link [1, 1], CPU [1, 3]: the second goes to the link, the first stays on the CPU: T = 1.0."""
+    if len(link_s) != len(cpu_s):
+        raise CostInputError(f"link_s and cpu_s differ in length ({len(link_s)} vs {len(cpu_s)})")
+    for value in (*link_s, *cpu_s):
+        _check_nonneg(seconds=value)
+    order = sorted(range(len(link_s)), key=lambda i: link_s[i] / cpu_s[i] if cpu_s[i] > 0 else math.inf)
+    link, cpu = 0.0, float(sum(cpu_s))
+    for i in order:  # move item i from the CPU to the link while that lowers the maximum
+        if link + link_s[i] <= cpu - cpu_s[i]:
+            link, cpu = link + link_s[i], cpu - cpu_s[i]
+            continue
+        # split item i: link + x·l = cpu − x·c  =>  x = (cpu − link) / (l + c)
+        total = link_s[i] + cpu_s[i]
+        x = (cpu - link) / total if total > 0 else 0.0
+        return max(link + max(0.0, min(1.0, x)) * link_s[i], cpu - max(0.0, min(1.0, x)) * cpu_s[i])
+    return max(link, cpu)

@@ -157,29 +157,39 @@ class PriorityLink:
         self._flush()
 
 
-def belady_misses(requests: Sequence[Sequence[int]], num_slots: int) -> np.ndarray:
-    """Misses per group of requests of an optimal cache (Belady: evict the key used farthest ahead) with
-    `num_slots` slots, given its first `num_slots` keys for free (the best any preload can do: an optimal
-    cache with free initial contents misses at most num_slots fewer times than one starting empty)."""
+def belady_miss_flags(requests: Sequence[Sequence[int]], num_slots: int, bypass: bool = False) -> np.ndarray:
+    """Which requests (flattened, in order) an optimal cache with `num_slots` slots misses (Belady: evict the
+    key used farthest ahead), given its first `num_slots` keys for free (the best any preload can do).
+
+    With `bypass` a missed key need not enter the cache: when it is used later than everything held, the cache
+    keeps what it has (the key is served from elsewhere, e.g. computed on the CPU). That is the optimum for an
+    executor that may compute an absent expert without loading it; without bypass, for one that must load it.
+    """
     flat = np.array([k for group in requests for k in group], dtype=np.int64)
-    group_of = np.repeat(np.arange(len(requests)), [len(g) for g in requests])
     n = len(flat)
     nxt = np.full(n, n, dtype=np.int64)
     order = np.argsort(flat, kind="stable")
     same = flat[order[1:]] == flat[order[:-1]]
     nxt[order[:-1][same]] = order[1:][same]
-    misses = np.zeros(len(requests), dtype=np.int64)
+    missed = np.zeros(n, dtype=bool)
     held: dict[int, int] = {}
     heap: list[tuple[int, int]] = []
     for i in range(n):
         key, nu = int(flat[i]), int(nxt[i])
         if key not in held and len(held) >= num_slots:
-            misses[group_of[i]] += 1
-            while True:
-                neg, victim = heapq.heappop(heap)
-                if held.get(victim) == -neg:
-                    del held[victim]
-                    break
+            missed[i] = True
+            while held.get(heap[0][1]) != -heap[0][0]:  # drop stale heap entries
+                heapq.heappop(heap)
+            if bypass and nu >= -heap[0][0]:
+                continue
+            del held[heapq.heappop(heap)[1]]
         held[key] = nu
         heapq.heappush(heap, (-nu, key))
-    return misses
+    return missed
+
+
+def belady_misses(requests: Sequence[Sequence[int]], num_slots: int, bypass: bool = False) -> np.ndarray:
+    """Misses per group of requests of an optimal cache (see `belady_miss_flags`)."""
+    group_of = np.repeat(np.arange(len(requests)), [len(g) for g in requests])
+    flags = belady_miss_flags(requests, num_slots, bypass)
+    return np.bincount(group_of, weights=flags, minlength=len(requests)).astype(np.int64)

@@ -53,7 +53,7 @@ from . import cost
 from .adapter import ModelLayout
 from .cache import CacheError, CacheStats, ExpertCache, Key
 from .config import EngineConfig
-from .link import DEFAULT_CHUNK_BYTES, FifoLink, Load, PriorityLink, belady_misses
+from .link import DEFAULT_CHUNK_BYTES, FifoLink, Load, PriorityLink, belady_miss_flags, belady_misses
 from .policies import POLICIES, LayerView, Policy, costs_for, make_policy
 from .profiles import HardwareProfile, load_profile
 from .simcost import SimTimes, default_dense_params, model_dense_params
@@ -271,6 +271,26 @@ class _Replay:
         return g
 
 
+def _lower_bounds(requests, request_tokens, stats, num_slots, layout, profile, times) -> tuple[list, list]:
+    """Two bounds per step. GPU-only (every expert computed on the GPU, so resident): max(GPU work of the
+    step, bytes of an optimal cache's misses / peak link bandwidth) — `cost.step_lower_bound`. Any placement
+    (an absent expert may also run on the CPU, from host memory): max(the step's non-expert GPU work, the
+    least max(link, CPU) over fractional splits of the misses of an optimal cache that may bypass) —
+    `cost.split_lower_bound`. No policy of this engine can beat the second."""
+    forced = belady_misses(requests, num_slots)
+    flags = belady_miss_flags(requests, num_slots, bypass=True)
+    gpu_only = [cost.step_lower_bound(float(w), 0.0, int(m) * layout.expert_bytes, profile)
+                for w, m in zip(stats["gpu_work"], forced, strict=True)]
+    load = times.link(layout.expert_bytes)
+    any_placement, start = [], 0
+    for group, dense in zip(requests, stats["dense_work"], strict=True):
+        missed = [request_tokens[start + i] for i in range(len(group)) if flags[start + i]]
+        start += len(group)
+        split = cost.split_lower_bound([load] * len(missed), [times.cpu(n) for n in missed])
+        any_placement.append(max(float(dense), split))
+    return gpu_only, any_placement
+
+
 def replay(trace: Trace, policy: Policy | str, profile: HardwareProfile | str, *, budget_slots: int | None = None,
            budget_share: float | None = None, batch_size: int = 1, decode_only: bool = True,
            max_steps: int | None = None, async_io: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -323,17 +343,17 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
     calls = replay_steps(trace, batch_size, decode_only, max_steps)
     if not calls:
         raise SimulationError(f"the trace has no {'decode ' if decode_only else ''}tokens to replay")
-    records, requests, t = [], [], 0.0
+    records, requests, request_tokens, t = [], [], [], 0.0
     for step, (batch, trace_step, phase, index) in enumerate(calls):
         routed = _routed(trace.experts[index], E)  # per layer: (experts, tokens)
         hidden = None if trace.hidden is None else np.ascontiguousarray(trace.hidden[index].transpose(1, 0, 2))
         n, hits, before = len(index), 0, _stats(cache)
-        gpu_work = 0.0
+        gpu_work = dense_work = 0.0
         for _, layer in decoder:
             if layer < 0:
                 d = times.of("dense", n)
                 sim.rows.append(("gpu", step, -1, -1, "dense", n, 0, t, t + d, -1, -1))
-                t, gpu_work = t + d, gpu_work + d
+                t, gpu_work, dense_work = t + d, gpu_work + d, dense_work + d
                 continue
             experts, counts = routed[layer]
             future = tuple(r[0] for r in routed[layer + 1:])
@@ -341,10 +361,12 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
                                       None if hidden is None else _tensor(hidden[layer]))
             hits += layer_hits
             gpu_work += times.of("attention", n) + sum(times.gpu(c) for c in counts)
+            dense_work += times.of("attention", n)
         routed_total = sum(len(r[0]) for r in routed)
         requests.append([layer * E + e for layer, (experts, _) in enumerate(routed) for e in experts])
+        request_tokens.extend(c for _, counts in routed for c in counts)
         records.append({"step": step, "batch": batch, "trace_step": trace_step, "phase": phase,
-                        "gpu_work": gpu_work, "hits": hits,
+                        "gpu_work": gpu_work, "dense_work": dense_work, "hits": hits,
                         "misses": routed_total - hits,
                         **{k: v - before[k] for k, v in _stats(cache).items() if k not in ("hits", "misses")}})
     sim.link.drain()
@@ -357,9 +379,8 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
     timeline = make_timeline(sim.rows, source="simulated", profile=profile.name, meta=config)
     timeline = timeline.sort_values("start", kind="stable").reset_index(drop=True)
     stats = pd.DataFrame(records)
-    misses_opt = belady_misses(requests, num_slots)
-    stats["lower_bound"] = [cost.step_lower_bound(float(w), 0.0, int(m) * layout.expert_bytes, profile)
-                            for w, m in zip(stats["gpu_work"], misses_opt, strict=True)]
+    stats["lower_bound_gpu_only"], stats["lower_bound"] = _lower_bounds(requests, request_tokens, stats, num_slots,
+                                                                        layout, profile, times)
     summary = step_summary(timeline, stats)
     return SimResult(timeline, summary, _totals(summary, timeline), config)
 

@@ -7,8 +7,9 @@ exists, and otherwise records a small one on the spot (a few built-in prompts, g
 carry `attrs` source ("measured" | "simulated") and profile, which `viz` requires of anything timed.
 
 Rates: tokens_per_s = tokens / seconds over the replayed (or measured) forward calls; latency_ms = the mean
-decode step (one token per sequence); the lower bound of a step is `cost.step_lower_bound` (GPU work, and the
-bytes an optimal cache must still move at the link's rate), so bound_tokens_per_s = tokens / Σ bound.
+decode step (one token per sequence); the lower bound of a step is the simulator's any-placement bound (the
+attention's GPU work, and the fastest link/CPU split of what an optimal cache must still fetch:
+`cost.split_lower_bound`), so bound_tokens_per_s = tokens / Σ bound.
 """
 
 from __future__ import annotations

@@ -103,3 +103,16 @@ def test_builtin_h200_reproduces_the_measured_expert_costs():
     # DESIGN.md 4.1: copying a Mixtral expert takes ~50x its GPU compute
     ratio = cost.transfer_time(352_321_536, p) / cost.gpu_expert_time(1, **MIXTRAL, dtype_bytes=2, profile=p)
     assert 40 < ratio < 60
+
+
+def test_split_lower_bound_by_hand():
+    from prescope.cost import split_lower_bound
+
+    assert split_lower_bound([], []) == 0.0
+    assert split_lower_bound([1.0, 1.0], [1.0, 3.0]) == pytest.approx(1.0)  # 2nd to the link, 1st on the CPU
+    assert split_lower_bound([2.0], [1.0]) == pytest.approx(2 / 3)  # one item split so both finish together
+    assert split_lower_bound([1.0] * 3, [1.0] * 3) == pytest.approx(1.5)
+    # a slow CPU still takes a fraction: 1 + x = 9(1 - x) at x = 0.8, so T = 1.8 (a whole-item split gives 2)
+    assert split_lower_bound([1.0, 1.0], [9.0, 9.0]) == pytest.approx(1.8)
+    with pytest.raises(cost.CostInputError):
+        split_lower_bound([1.0], [])

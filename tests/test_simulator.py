@@ -9,14 +9,15 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_model
+from conftest import SHARED_DATA, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prescope import cli, simulator, timeline
 from prescope.adapter import ModelLayout
 from prescope.cost import cpu_expert_time
-from prescope.policies import Orders, Policy
+from prescope.llamacpp import load_llamacpp_trace
+from prescope.policies import POLICIES, Orders, Policy
 from prescope.profiles import NEGLIGIBLE_RATE, BandwidthCurve, ComputeModel, HardwareProfile, load_profile
 from prescope.simulator import SimulationError, replay, replay_steps
 from prescope.trace import Trace, save_trace
@@ -123,18 +124,31 @@ def test_everything_resident_by_hand_and_lower_bound():
     r = replay(TWO_STEPS, "on_demand_lru", hand_profile(), budget_share=1.0)
     assert r.summary["latency"].to_numpy() / MS == pytest.approx([1.7, 1.7], abs=1e-9)
     assert r.totals["bytes_moved"] == 0 and r.totals["hit_rate"] == 1.0
-    # nothing to move: the bound is the GPU work, 2 x (0.1 attention + 0.5 expert)
-    assert r.summary["lower_bound"].to_numpy() / MS == pytest.approx([1.2, 1.2], abs=1e-9)
+    # nothing to move: the GPU-only bound is the GPU work, 2 x (0.1 attention + 0.5 expert); with the CPU
+    # allowed to take experts, only the attention must stay on the GPU: 2 x 0.1
+    assert r.summary["lower_bound_gpu_only"].to_numpy() / MS == pytest.approx([1.2, 1.2], abs=1e-9)
+    assert r.summary["lower_bound"].to_numpy() / MS == pytest.approx([0.2, 0.2], abs=1e-9)
     assert set(timeline.bubbles(r.timeline)["cause"]) == {"host"}
 
 
 def test_lower_bound_counts_the_misses_of_an_optimal_cache():
     # 1 slot per layer: (1, 1) -> (1, 2) must be moved once in step 1 whatever the cache does
     r = replay(TWO_STEPS, "on_demand_lru", hand_profile(), budget_slots=2)
-    assert r.summary["lower_bound"].to_numpy() / MS == pytest.approx([1.2, 1.2], abs=1e-9)
+    assert r.summary["lower_bound_gpu_only"].to_numpy() / MS == pytest.approx([1.2, 1.2], abs=1e-9)
+    assert (r.summary["lower_bound"] <= r.summary["lower_bound_gpu_only"] + 1e-12).all()
+    assert (r.summary["lower_bound"] <= r.summary["latency"]).all()
     # 1, 2 fill the cache; 3 evicts 1 (used last), which then misses again: 2 misses, the optimum
     assert simulator.belady_misses([[1, 2], [1, 3], [2, 1]], 2).tolist() == [0, 1, 1]
     assert simulator.belady_misses([[1, 2, 3, 4], [4, 3, 2, 1]], 4).tolist() == [0, 0]
+    # with bypass, 3 (never used again) stays out of the cache and 1 hits
+    assert simulator.belady_misses([[1, 2], [1, 3], [2, 1]], 2, bypass=True).tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_no_policy_beats_the_any_placement_bound(policy):
+    tr = load_llamacpp_trace(SHARED_DATA / "routing" / "qwen3-30b-a3b.route.csv")
+    r = replay(tr, policy, "h200", budget_share=0.25, max_steps=24)
+    assert (r.summary["lower_bound"] <= r.summary["latency"] * (1 + 1e-9)).all()
 
 
 @pytest.mark.parametrize("async_io", [False, True])
