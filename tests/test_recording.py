@@ -7,24 +7,12 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 from conftest import TRACE_NEW_TOKENS, TRACE_PROMPTS, tiny_model
 
 from prescope import adapter, cli, recording, trace
-from prescope.trace import Trace
 
 PROMPTS, NEW = TRACE_PROMPTS, TRACE_NEW_TOKENS
-
-
-@pytest.fixture(scope="module")
-def model(trace_model):
-    return trace_model
-
-
-@pytest.fixture(scope="module")
-def batched(batched_trace) -> Trace:
-    return batched_trace
 
 
 def _independent_routing(model, ids: list[int]):
@@ -40,8 +28,8 @@ def _independent_routing(model, ids: list[int]):
         return {lay.ordinal: (seen[lay.ordinal], adapter.route(lay.router, seen[lay.ordinal])) for lay in layers}
 
 
-def test_batch1_counts_phases_and_router_agreement(model):
-    tr = recording.record_trace(model, None, PROMPTS[:1], max_new_tokens=NEW, keep_hidden=True, progress=False)
+def test_batch1_counts_phases_and_router_agreement(trace_model):
+    tr = recording.record_trace(trace_model, None, PROMPTS[:1], max_new_tokens=NEW, keep_hidden=True, progress=False)
     P, generated = len(PROMPTS[0]), tr.meta["generated"][0]
     assert len(generated) == NEW
     assert tr.num_tokens == P + NEW - 1  # the last new token is never fed back
@@ -51,7 +39,7 @@ def test_batch1_counts_phases_and_router_agreement(model):
     assert list(tok["position"]) == list(range(P + NEW - 1))
     fed = PROMPTS[0] + generated[:-1]
     assert list(tok["token_id"]) == fed
-    ref = _independent_routing(model, fed)
+    ref = _independent_routing(trace_model, fed)
     for o, (hidden, out) in ref.items():
         w, order = out.weights.float().sort(dim=-1, descending=True)  # [N, K]
         np.testing.assert_array_equal(tr.experts[:, o], out.indices.gather(-1, order).numpy())
@@ -59,35 +47,35 @@ def test_batch1_counts_phases_and_router_agreement(model):
         np.testing.assert_allclose(tr.hidden[:, o].astype(np.float32), hidden.numpy(), rtol=2e-3, atol=2e-3)
 
 
-def test_batch3_left_padding_matches_batch1(model, batched):
-    tok = batched.tokens
+def test_batch3_left_padding_matches_batch1(trace_model, batched_trace):
+    tok = batched_trace.tokens
     for p, ids in enumerate(PROMPTS):
         rows = tok[tok["prompt"] == p]
         assert len(rows) == len(ids) + NEW - 1
         assert list(rows["position"]) == list(range(len(ids) + NEW - 1))  # no pad token got in
         assert (rows["row"] == p).all() and (rows["domain"] == "abc"[p]).all()
-        single = recording.record_trace(model, None, [ids], max_new_tokens=NEW, progress=False)
-        assert single.meta["generated"][0] == batched.meta["generated"][p]
+        single = recording.record_trace(trace_model, None, [ids], max_new_tokens=NEW, progress=False)
+        assert single.meta["generated"][0] == batched_trace.meta["generated"][p]
         idx = rows.sort_values("position").index.to_numpy()
-        np.testing.assert_array_equal(batched.experts[idx], single.experts)
-        np.testing.assert_allclose(batched.weights[idx], single.weights, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(batched_trace.experts[idx], single.experts)
+        np.testing.assert_allclose(batched_trace.weights[idx], single.weights, rtol=1e-4, atol=1e-5)
     # execution order: step 0 holds every prompt token, each later step one token per row
-    steps = list(batched.steps())
+    steps = list(batched_trace.steps())
     assert [(s.step, len(s.index)) for s in steps] == [(0, sum(map(len, PROMPTS)))] + [(s, 3) for s in range(1, NEW)]
-    assert batched.logits.shape == (batched.num_tokens, 3, 8) and batched.hidden.dtype == np.float16
-    top = np.argsort(-batched.logits, axis=-1, kind="stable")[..., :3]  # routers pick the top-k logits
-    np.testing.assert_array_equal(np.sort(top, -1), np.sort(batched.experts, -1))
+    assert batched_trace.logits.shape == (batched_trace.num_tokens, 3, 8) and batched_trace.hidden.dtype == np.float16
+    top = np.argsort(-batched_trace.logits, axis=-1, kind="stable")[..., :3]  # routers pick the top-k logits
+    np.testing.assert_array_equal(np.sort(top, -1), np.sort(batched_trace.experts, -1))
 
 
-def test_tokens_after_eos_are_left_out(model):
-    free = recording.record_trace(model, None, PROMPTS[1:2], max_new_tokens=NEW, progress=False)
+def test_tokens_after_eos_are_left_out(trace_model):
+    free = recording.record_trace(trace_model, None, PROMPTS[1:2], max_new_tokens=NEW, progress=False)
     eos = free.meta["generated"][0][1]  # make the second new token an EOS
-    model.generation_config.eos_token_id = eos
+    trace_model.generation_config.eos_token_id = eos
     try:
-        tr = recording.record_trace(model, None, [PROMPTS[1], PROMPTS[0]], max_new_tokens=NEW, batch_size=2,
+        tr = recording.record_trace(trace_model, None, [PROMPTS[1], PROMPTS[0]], max_new_tokens=NEW, batch_size=2,
                                     progress=False)
     finally:
-        model.generation_config.eos_token_id = None
+        trace_model.generation_config.eos_token_id = None
     first = tr.tokens[tr.tokens["prompt"] == 0]
     assert tr.meta["generated"][0] == free.meta["generated"][0][:2]
     # prompt, then new token 1 fed at step 1; the EOS (new token 2) is never fed

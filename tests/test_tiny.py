@@ -17,14 +17,7 @@ CORPUS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "c
 SAMPLE_TOKENS = 128  # held-out tokens per domain in the loss test (CPU time is the limit)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a 2-core machine shared with other processes, OpenMP workers spin
-    against each other and small CPU steps run 10-100x slower with two threads than with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

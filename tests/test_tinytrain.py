@@ -5,19 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from prescope import tiny, tinytrain
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a 2-core machine shared with other processes, OpenMP workers spin
-    against each other and small CPU steps run 10-100x slower with two threads than with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_training_steps_reduce_loss_on_cpu():

@@ -18,19 +18,9 @@ from prescope.trace import MISSING, Trace, TraceError
 PROMPTS, NEW = TRACE_PROMPTS, TRACE_NEW_TOKENS
 
 
-@pytest.fixture(scope="module")
-def model(trace_model):
-    return trace_model
-
-
-@pytest.fixture(scope="module")
-def batched(batched_trace) -> Trace:
-    return batched_trace
-
-
-def test_round_trip_with_and_without_arrays(batched, tmp_path):
-    plain = Trace(batched.layout, batched.tokens, batched.experts, batched.weights, meta={"k": [1, 2]})
-    for tr in (batched, plain):
+def test_round_trip_with_and_without_arrays(batched_trace, tmp_path):
+    plain = Trace(batched_trace.layout, batched_trace.tokens, batched_trace.experts, batched_trace.weights, meta={"k": [1, 2]})
+    for tr in (batched_trace, plain):
         path = trace.save_trace(tr, tmp_path / "t.trace.parquet")
         back = trace.load_trace(path)
         pd.testing.assert_frame_equal(back.tokens, tr.tokens, check_dtype=False)
@@ -46,8 +36,8 @@ def test_round_trip_with_and_without_arrays(batched, tmp_path):
         assert [p.name for p in tmp_path.iterdir()] == ["t.trace.parquet"]  # no tmp file left
 
 
-def test_failed_write_leaves_old_file_and_no_tmp(batched, tmp_path, monkeypatch):
-    path = trace.save_trace(batched, tmp_path / "t.trace.parquet")
+def test_failed_write_leaves_old_file_and_no_tmp(batched_trace, tmp_path, monkeypatch):
+    path = trace.save_trace(batched_trace, tmp_path / "t.trace.parquet")
     before = path.read_bytes()
 
     def boom(table, where, **kw):
@@ -56,14 +46,14 @@ def test_failed_write_leaves_old_file_and_no_tmp(batched, tmp_path, monkeypatch)
 
     monkeypatch.setattr(trace.pq, "write_table", boom)
     with pytest.raises(OSError, match="disk full"):
-        trace.save_trace(batched, path)
+        trace.save_trace(batched_trace, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["t.trace.parquet"]
 
 
-def test_load_errors(batched, tmp_path):
+def test_load_errors(batched_trace, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         trace.load_trace(tmp_path / "nope.parquet")
-    path = trace.save_trace(batched, tmp_path / "t.trace.parquet")
+    path = trace.save_trace(batched_trace, tmp_path / "t.trace.parquet")
     data = path.read_bytes()
     (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
     with pytest.raises(TraceError, match="not a readable parquet file"):
@@ -85,16 +75,16 @@ def test_load_errors(batched, tmp_path):
         trace.load_trace(tmp_path / "short.parquet")
 
 
-def test_mismatch_names_both_layouts(model, batched):
-    trace.check_trace_matches(batched, model)
+def test_mismatch_names_both_layouts(trace_model, batched_trace):
+    trace.check_trace_matches(batched_trace, trace_model)
     other = tiny_model("mixtral")
     with pytest.raises(adapter.LayoutMismatchError, match=r"recorded on OlmoeForCausalLM with E=8, K=3.*"
                                                           r"model is MixtralForCausalLM with E=6, K=2"):
-        trace.check_trace_matches(batched, other)
+        trace.check_trace_matches(batched_trace, other)
 
 
-def test_validation_errors(batched):
-    lay, tok, ex, w = batched.layout, batched.tokens, batched.experts, batched.weights
+def test_validation_errors(batched_trace):
+    lay, tok, ex, w = batched_trace.layout, batched_trace.tokens, batched_trace.experts, batched_trace.weights
     bad = ex.copy()
     bad[0, 0, 0] = lay.num_experts
     with pytest.raises(TraceError, match="outside \\[0, E=8\\)"):
@@ -113,17 +103,17 @@ def test_validation_errors(batched):
         Trace(lay, tok, ex.astype(np.float32), w)
 
 
-def test_select_split_concat(batched):
-    dec = batched.decode_only()
+def test_select_split_concat(batched_trace):
+    dec = batched_trace.decode_only()
     assert (dec.tokens["phase"] == "decode").all() and dec.num_tokens == 3 * (NEW - 1)
     assert dec.hidden.shape[0] == dec.num_tokens
-    two = batched.select([0, 2])
+    two = batched_trace.select([0, 2])
     assert set(two.tokens["prompt"]) == {0, 2}
-    first, rest = batched.split_by_prompt(0.34, seed=1)
+    first, rest = batched_trace.split_by_prompt(0.34, seed=1)
     assert set(first.tokens["prompt"]).isdisjoint(rest.tokens["prompt"])
-    assert first.num_tokens + rest.num_tokens == batched.num_tokens and first.tokens["prompt"].nunique() == 1
+    assert first.num_tokens + rest.num_tokens == batched_trace.num_tokens and first.tokens["prompt"].nunique() == 1
     with pytest.raises(TraceError, match="need >= 2"):
-        batched.select([1]).split_by_prompt(0.5)
-    both = trace.concat_traces([batched, batched])
-    assert both.num_tokens == 2 * batched.num_tokens and both.tokens["prompt"].nunique() == 6
+        batched_trace.select([1]).split_by_prompt(0.5)
+    both = trace.concat_traces([batched_trace, batched_trace])
+    assert both.num_tokens == 2 * batched_trace.num_tokens and both.tokens["prompt"].nunique() == 6
     assert both.tokens["call"].nunique() == 2
