@@ -144,5 +144,13 @@ class ExpertCache:
         self.stats.evictions += 1
         return slot
 
+    def cancel(self, key: Key) -> int:
+        """Undo the assignment of `key` whose copy never ran: its slot is free and it counts as no load."""
+        slot = self.evict(key)
+        self.stats.evictions -= 1
+        self.stats.loads -= 1
+        self.stats.prefetches -= 1
+        return slot
+
     def lru(self, slots: list[int]) -> int:
         return min(slots, key=lambda s: self.last_use[s])

@@ -22,6 +22,13 @@ class EngineConfig:
     pin_memory: keep expert weights in pinned host memory (falls back to pageable, with a warning, where
         pinning is refused).
     profile: hardware profile (built-in name or JSON path) whose cost model cost-aware policies weigh.
+    async_io: issue copies through AsyncIO's I/O worker (prescope.transfers: priority queue, chunks);
+        None lets the policy choose (`prescope` and `oracle` ask for it), False issues every copy at once
+        on the copy stream, first come first served, as the peers' systems do.
+    io_chunk_bytes: AsyncIO's largest single copy; an on-demand load overtakes queued prefetches at a
+        chunk boundary.
+    io_depth: AsyncIO's chunks issued ahead of the copy engine (more keeps the link busier while the host
+        is busy; fewer lets an on-demand load overtake sooner).
     """
 
     policy: str = "on_demand_lru"
@@ -32,6 +39,9 @@ class EngineConfig:
     timing: str = "full"
     pin_memory: bool = True
     profile: str = "h200"
+    async_io: bool | None = None
+    io_chunk_bytes: int = 32 << 20
+    io_depth: int = 3
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_share <= 1.0:
@@ -42,6 +52,8 @@ class EngineConfig:
             raise ValueError(f"timing must be one of {TIMING_MODES}, got {self.timing!r}")
         if self.cpu_workers < 0:
             raise ValueError(f"cpu_workers must be >= 0, got {self.cpu_workers}")
+        if self.io_chunk_bytes < 1 or self.io_depth < 1:
+            raise ValueError(f"io_chunk_bytes and io_depth must be >= 1, got {self.io_chunk_bytes}, {self.io_depth}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

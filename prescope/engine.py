@@ -31,6 +31,7 @@ from .policies import LayerView, Policy, costs_for, make_policy
 from .profiles import load_profile
 from .streams import make_streams
 from .timeline import make_timeline, step_summary
+from .transfers import IOWorker, Transfer
 
 TIMELINE_COLUMNS = ("lane", "step", "layer", "expert", "kind", "tokens", "bytes", "start", "end")
 
@@ -86,6 +87,9 @@ class Engine:
         self.costs = costs_for(self.layout, load_profile(config.profile))
         self.timing = config.timing
         self.streams = make_streams(self.device, timed=config.timing == "full")
+        use_io = config.async_io if config.async_io is not None else getattr(self.policy, "async_io", False)
+        self.io = IOWorker(self.streams, config.io_chunk_bytes, config.io_depth) if use_io else None
+        self.replay = None
         self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)
         workers = config.cpu_workers or max(1, (os.cpu_count() or 2) // 2)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prescope-cpu")
@@ -104,7 +108,7 @@ class Engine:
         shapes = adapter.expert_param_names(experts[0])
         dtype = next(iter(self._host[0].values())).dtype
         self._slots = {n: torch.empty((self.num_slots, *s), dtype=dtype, device=self.device) for n, s in shapes.items()}
-        self._ready = [None] * self.num_slots  # copy-done event per slot
+        self._ready = [None] * self.num_slots  # copy-done event (or AsyncIO transfer) per slot
         self._released = [None] * self.num_slots  # event after the last kernel that read the slot
         for lay in self.layers:
             lay.experts._prescope = (self, lay.ordinal)
@@ -131,6 +135,7 @@ class Engine:
 
     def reset(self) -> None:
         """Empty the slot pool, then load what the policy wants resident (all experts if the budget allows)."""
+        self._drain()
         self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)
         L, E = self.layout.num_moe_layers, self.layout.num_experts
         if self.num_slots >= L * E:
@@ -140,6 +145,7 @@ class Engine:
             preload = self.policy.reset(self.cache, E, self.costs)
         for key in preload[: self.num_slots]:
             self._load(key, speculative=False, timed=False)
+        self._drain()
         self.streams.synchronize()
         self.cache.stats = type(self.cache.stats)()
 
@@ -151,6 +157,8 @@ class Engine:
         adapter.set_backend(self.model, self._previous_backend if self._previous_backend != adapter.BACKEND_NAME
                             else "eager")
         self.pool.shutdown(wait=True)
+        if self.io is not None:
+            self.io.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -158,12 +166,27 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def set_replay(self, replay) -> None:
+        """Route from a `replay.RoutingReplay` instead of the model's routers (None: the model's own)."""
+        if replay is not None:
+            replay.check(self.layout)
+            replay = replay.to(self.device)
+        self.replay = replay
+
     # ---- the per-layer MoE step ----------------------------------------------------------------------
     def moe_step(self, layer: int, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
         began, entry = time.perf_counter(), self._mark()
         self.cache.unpin_all()  # a layer that raised part-way must not leave its pins behind
         num_tokens, top_k = top_k_index.shape
+        seen, future = hidden, None
+        if self.replay is not None:
+            top_k_index, weights, recorded = self.replay.at(self.step, layer, num_tokens)
+            top_k_weights = weights.to(top_k_weights.dtype)
+            seen = recorded if recorded is not None else hidden
+            future = self.replay.future(self.step, layer, num_tokens)
+        if self.io is not None:
+            self._drop_stale(layer)
         # 1. route: tokens per expert and each (token, k) position grouped by expert; one host sync
         flat = top_k_index.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)  # [N*K]
@@ -173,7 +196,7 @@ class Engine:
         groups = self._groups(order, counts)  # expert -> positions in [N*K]
         ranked = sorted(groups, key=lambda e: (-counts[e], e))
         view = LayerView(self.step, layer, self.layout.num_moe_layers, self.layout.num_experts,
-                         tuple(ranked), tuple(counts[e] for e in ranked), hidden=hidden)
+                         tuple(ranked), tuple(counts[e] for e in ranked), hidden=seen, future=future)
         # 2. record: routing observers hook the experts call itself (adapter.observe_routing)
         # 3-4. predict ahead and plan: the policy owns its predictor and planner
         orders = self.policy.plan(view, self.cache)
@@ -222,8 +245,8 @@ class Engine:
             for e, hit in wave:
                 key, positions = (layer, e), groups[e]
                 slot = self.cache.lookup(key)
+                self.streams.wait(self._ready_event(slot))  # AsyncIO: promotes a queued transfer
                 self.cache.use(key, hit=hit)
-                self.streams.wait(self._ready[slot])
                 start = self._mark()
                 x = hidden[positions // top_k]  # [n, H]
                 out[positions] = adapter.expert_forward(experts, x, {n: t[slot] for n, t in self._slots.items()})
@@ -242,13 +265,38 @@ class Engine:
         layer, e = key
         self.cache.assign(key, slot, speculative=speculative)
         pairs = [(self._slots[n][slot], host[e]) for n, host in self._host[layer].items()]
-        start, done = self.streams.copy_many(pairs, after=self._released[slot])
+        if self.io is not None:
+            old = self._ready[slot]
+            if isinstance(old, Transfer) and self.io.cancel(old):  # evicted before any of it moved
+                self.cache.stats.loads -= 1
+                self.cache.stats.prefetches -= int(old.speculative)
+            need = max(0, self.step) * self.layout.num_moe_layers + layer
+            start = done = self.io.submit(key, slot, pairs, self._released[slot], speculative, need)
+        else:
+            start, done = self.streams.copy_many(pairs, after=self._released[slot])
         self._ready[slot] = done
         self.cache.mark_ready(key)  # ordered before any use: kernels wait on `done`
         if timed:
             self._row("pcie", layer, e, "prefetch" if speculative else "on_demand", 0, self.layout.expert_bytes,
                       start, done)
         return True
+
+    def _ready_event(self, slot: int):
+        """The event a kernel reading `slot` waits for; an AsyncIO transfer is promoted and issued first."""
+        ready = self._ready[slot]
+        return self.io.ready(ready) if isinstance(ready, Transfer) else ready
+
+    def _drop_stale(self, layer: int) -> None:
+        """Forget queued prefetches for layers that already ran: their slots are free again."""
+        now = max(0, self.step) * self.layout.num_moe_layers + layer
+        for t in self.io.drop_stale(now):
+            if self.cache.slot_of.get(t.key) == t.slot and t.slot not in self.cache.pinned:
+                self.cache.cancel(t.key)
+                self._ready[t.slot] = None
+
+    def _drain(self) -> None:
+        if self.io is not None:
+            self.io.drain()
 
     def _submit_cpu(self, layer, experts, chosen, hidden, groups, top_k):
         """Start the CPU experts: their tokens cross to the host in one copy, each expert is one task."""
@@ -318,6 +366,7 @@ class Engine:
 
     def timeline(self) -> pd.DataFrame:
         """Every recorded operation, seconds since the first step began (DESIGN.md §2 schema)."""
+        self._drain()
         self.streams.synchronize()
         if self._t0 is None:
             return pd.DataFrame(columns=TIMELINE_COLUMNS)
@@ -328,13 +377,20 @@ class Engine:
                 return event[1] - host0
             return self.streams.seconds(t0, event)
 
-        records = [dict(zip(TIMELINE_COLUMNS, r[:7] + [at(r[7]), at(r[8])], strict=True)) for r in self.rows]
+        def span(start, end):
+            if isinstance(start, Transfer):  # AsyncIO: None where the transfer was cancelled before it ended
+                start, end = start.start, start.done
+            return None if start is None or end is None else [at(start), at(end)]
+
+        records = [dict(zip(TIMELINE_COLUMNS, r[:7] + times, strict=True)) for r in self.rows
+                   if (times := span(r[7], r[8])) is not None]
         return make_timeline(pd.DataFrame(records, columns=TIMELINE_COLUMNS), source="measured",
                              profile=_device_name(self.device),
                              meta={"policy": self.policy.name, "config": self.config.to_dict()})
 
     def step_table(self) -> pd.DataFrame:
         """One row per forward call: phase, tokens, start, end, latency, and the cache's hits, misses and loads."""
+        self._drain()
         self.streams.synchronize()
         t0 = self._t0[0] if self._t0 else None
         rows = [{"step": s["step"], "phase": s["phase"], "tokens": s["tokens"],

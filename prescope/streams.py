@@ -41,6 +41,14 @@ class Streams(ABC):
     def wait_host(self, event: object | None) -> None:  # noqa: B027 - the CPU twin has nothing to wait for
         """Block the host until `event` has completed."""
 
+    @abstractmethod
+    def begin(self, after: object | None) -> object | None:
+        """Order the copy stream after `after`; returns a start event (timed) for the transfer that follows."""
+
+    @abstractmethod
+    def issue(self, dst: torch.Tensor, src: torch.Tensor) -> object:
+        """One chunk copy on the copy stream (the I/O worker's thread); returns its done event."""
+
 
 class CudaStreams(Streams):
     def __init__(self, device: torch.device | str, timed: bool = True):
@@ -69,6 +77,18 @@ class CudaStreams(Streams):
         done = torch.cuda.Event(enable_timing=self.timed)
         done.record(self.copier)
         return start, done
+
+    def begin(self, after):
+        if after is not None:
+            self.copier.wait_event(after)
+        return self.record(on_copy=True) if self.timed else None
+
+    def issue(self, dst, src):
+        with torch.cuda.stream(self.copier):
+            dst.copy_(src, non_blocking=True)
+        done = torch.cuda.Event(enable_timing=self.timed)
+        done.record(self.copier)
+        return done
 
     def wait(self, event):
         if event is not None:
@@ -107,6 +127,13 @@ class CpuStreams(Streams):
         for dst, src in pairs:
             dst.copy_(src)
         return start, time.perf_counter()
+
+    def begin(self, after):
+        return time.perf_counter()
+
+    def issue(self, dst, src):
+        dst.copy_(src)
+        return time.perf_counter()
 
     def wait(self, event):
         return None

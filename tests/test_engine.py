@@ -160,3 +160,25 @@ def test_cpu_worker_failure_surfaces_in_the_caller():
     out = model.generate(torch.randint(1, 96, (1, 6)), max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 8), "the engine stays usable after a worker failure"
     engine.close()
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
+@pytest.mark.parametrize("policy", ["on_demand_lru", "lookahead_prefetch", "prescope"])
+def test_async_io_with_small_chunks_keeps_the_stock_output(arch, policy):
+    """AsyncIO forced on with chunks of 256 bytes: queued, overtaken, promoted and cancelled copies."""
+    stock = tiny_model(arch, seed=4)
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+    ref = stock.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+    layout = adapter.describe(stock)
+    for budget in (dict(budget_bytes=layout.top_k * layout.expert_bytes), dict(budget_share=0.5)):
+        model = copy.deepcopy(stock)
+        config = EngineConfig(policy=policy, device="cpu", async_io=True, io_chunk_bytes=256, io_depth=1, **budget)
+        with Engine(model, config) as engine:
+            assert engine.io is not None
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+            timeline = engine.timeline()
+        assert torch.equal(out.sequences, ref.sequences), f"{arch}/{policy}/{budget}: tokens differ"
+        pcie = timeline[timeline["lane"] == "pcie"]
+        assert (pcie["end"] >= pcie["start"]).all() and engine.cache.stats.loads >= len(pcie)
+        if policy == "on_demand_lru":  # every miss loads; the others may run misses on the CPU
+            assert len(pcie) > 0
