@@ -159,3 +159,87 @@ def test_sweep_runs_cells_and_resumes_only_unfinished_ones(tmp_path, capsys):
     assert (out / CELLS_DIR / ids[0] / "nb.ipynb").stat().st_mtime_ns == kept
     assert (out / CELLS_DIR / ids[1] / "nb.metrics.json").exists()
     assert pd.read_parquet(out / "summary.parquet")["work"].tolist() == [0.5, 1.0]
+
+
+def test_grid_resources_are_checked_and_read_from_the_file(tmp_path):
+    assert Grid(tmp_path / "nb.ipynb", {"steps": [1]}).resources == {}
+    for resources, message in [({"gpus": 1}, r"unknown \['gpus'\]"), ({"num_gpus": -1}, ">= 0"),
+                               ({"num_gpus": True}, ">= 0"), ({"num_cpus": "2"}, ">= 0"), ([1], "must map")]:
+        with pytest.raises(GridError, match=message):
+            Grid(tmp_path / "nb.ipynb", {"steps": [1]}, resources=resources)
+    grid = load_grid(_write(tmp_path / "g.yaml", "notebook: nb.ipynb\nparameters: {steps: [1]}\n"
+                                                 "resources: {num_gpus: 1, num_cpus: 4}\n"))
+    assert grid.resources == {"num_gpus": 1, "num_cpus": 4}
+
+
+@pytest.mark.parametrize("cell, resources, defaults, expected", [
+    ({"steps": 1}, {}, {"steps": 3}, {"num_cpus": 1.0, "num_gpus": 0.0}),
+    ({"device": "auto"}, {}, {"device": "auto"}, {"num_cpus": 1.0, "num_gpus": 0.0}),
+    ({"device": "cuda"}, {}, {"device": "auto"}, {"num_cpus": 1.0, "num_gpus": 1.0}),
+    ({"device": "cuda:1"}, {"num_cpus": 4}, {"device": "auto"}, {"num_cpus": 4.0, "num_gpus": 1.0}),
+    ({"steps": 1}, {}, {"device": "cuda"}, {"num_cpus": 1.0, "num_gpus": 1.0}),  # the notebook's default
+    ({"device": "cuda"}, {"num_gpus": 0}, {}, {"num_cpus": 1.0, "num_gpus": 0.0}),  # the grid's word wins
+    ({"device": "cpu"}, {"num_gpus": 0.5}, {}, {"num_cpus": 1.0, "num_gpus": 0.5}),
+])
+def test_cell_resources_rule(cell, resources, defaults, expected):
+    assert sweep.cell_resources(cell, resources, defaults) == expected
+
+
+def test_sweep_gives_executors_each_cells_resources_and_records_them(tmp_path):
+    grid = Grid(write_notebook(tmp_path / "nb.ipynb"), {"policy": ["a", "b"]}, resources={"num_gpus": 1})
+
+    class Recording(FakeExecutor):
+        def run(self, jobs):
+            self.resources = [job.resources for job in jobs]
+            yield from super().run(jobs)
+
+    executor = Recording()
+    run_sweep(grid, tmp_path / "out", executor=executor, progress=False)
+    assert executor.resources == [{"num_cpus": 1.0, "num_gpus": 1.0}] * 2
+    assert json.loads((tmp_path / "out" / "grid.json").read_text())["resources"] == {"num_gpus": 1}
+
+
+def test_a_cell_without_a_result_is_reported_failed(tmp_path):
+    grid = Grid(write_notebook(tmp_path / "nb.ipynb"), {"policy": ["a", "b"]})
+
+    class Forgetful(FakeExecutor):
+        def run(self, jobs):
+            yield from super().run(jobs[:1])
+
+    result = run_sweep(grid, tmp_path / "out", executor=Forgetful(), progress=False)
+    assert [r.ok for r in result.results] == [True, False]
+    assert result.results[1].error == "the executor returned no result for this cell"
+
+
+def test_local_executor_reports_each_start_before_its_result(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(notebook, out_dir, parameters):
+        calls.append(parameters)
+        return NotebookResult(Path(notebook), parameters, error="RuntimeError: x")
+
+    monkeypatch.setattr(sweep, "run_notebook", fake_run)
+    jobs = [sweep.CellJob(tmp_path / "nb.ipynb", tmp_path / str(i), {"steps": i}) for i in (1, 2)]
+    events = [(job.parameters["steps"], result is None) for job, result in sweep.LocalExecutor().run(jobs)]
+    assert events == [(1, True), (1, False), (2, True), (2, False)] and calls == [{"steps": 1}, {"steps": 2}]
+
+
+def test_progress_counts_running_done_and_failed():
+    with sweep.SweepProgress(total=3, disable=True) as bar:
+        bar.started()
+        bar.started()
+        assert (bar.running, bar.done, bar.failed) == (2, 0, 0)
+        bar.finished(ok=True)
+        bar.finished(ok=False)
+        bar.finished(ok=True)  # an executor that did not report this cell's start
+        assert (bar.running, bar.done, bar.failed) == (0, 2, 1)
+
+
+def test_executors_by_name_and_the_address_option():
+    assert sweep.executor_class("local") is sweep.LocalExecutor
+    assert isinstance(sweep.EXECUTORS["ray"], str)  # imported on use only: Ray is an optional extra
+    with pytest.raises(sweep.ExecutorError, match=r"no executor 'dask'; expected one of \['local', 'ray'\]"):
+        sweep.make_executor("dask")
+    with pytest.raises(sweep.ExecutorError, match="takes no address"):
+        sweep.make_executor("local", address="10.0.0.1:6379")
+    assert isinstance(sweep.make_executor("local"), sweep.LocalExecutor)
