@@ -3,12 +3,23 @@
 For every model (a shape twin, optionally with fewer layers), batch size, policy and expert budget it
 runs a real greedy `generate()` (input `input_len`, output `output_len` tokens) and reports decode
 throughput, per-token latency, time to first token, expert loads and bytes per step, hit rate, the
-engine's host time per MoE layer, and, from a second short run with every transfer and kernel timed,
-the achieved host-to-device bandwidth and the GPU idle share. The same model also runs stock (all
-weights on the GPU, transformers' own experts) and through the engine with every expert resident: the
-difference is the engine's overhead. The decode routing of every cell is kept so the simulator can
-replay it for the fidelity check. Results carry the config, git revision and device; each file is
-written atomically; a table is printed, then one JSON line.
+engine's host time per MoE layer (and the policy's share of it: prediction and planning), and, from a
+second short run with every transfer and kernel timed, the achieved host-to-device bandwidth, the GPU
+idle share and the link's busy share. The same model also runs stock (all weights on the GPU,
+transformers' own experts), through the engine with every expert resident (the engine's overhead), and
+through Hugging Face accelerate's offload at the same GPU budget (`hfoffload`, what a user would
+otherwise pick; fewer decode tokens, since it is slow).
+
+Routing: the stock run of each batch records its routing, and every engine cell of that batch replays it
+(`replay.RoutingReplay`), so all policies see the same experts and the oracle knows the step's future.
+A subject `twin@prescope-tiny` (e.g. `olmoe-1b-7b@prescope-tiny`) is the twin driven by prescope-tiny's
+routing on held-out text instead (same L, E, K): its predictors read prescope-tiny's hidden states.
+
+Predictors: `lookahead_prefetch` and `hybrid` use gate lookahead (the routers of the model whose routing
+runs); `prescope` uses the LLaPor checkpoint given with `--predictor` where its layout matches that model,
+else gate lookahead (stated in each row's `predictor`); `activation_matrix` uses its own activation
+statistics; `oracle` the replayed future. Results carry the config, git revision and device; each file
+is written atomically; a table is printed, then one JSON line.
 
 Cells run in order of importance and results are flushed after each one, so a run cut short keeps
 what it finished.
@@ -34,9 +45,15 @@ from . import adapter, twins
 from .config import EngineConfig
 from .engine import Engine
 from .metrics import git_revision, write_atomic
+from .policies import make_policy
+from .replay import RoutingReplay, record_replay
 
 RESIDENT = "resident"
 STOCK = "stock"
+ACCELERATE = "accelerate"
+ALL_POLICIES = ("on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix", "prescope",
+                "oracle")
+GATE_POLICIES = ("lookahead_prefetch", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -46,7 +63,7 @@ class BenchConfig:
 
     models: tuple[str, ...] = ("olmoe-1b-7b", "mixtral-8x7b:8")
     batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
-    policies: tuple[str, ...] = ("on_demand_lru", "cpu_misses")
+    policies: tuple[str, ...] = ALL_POLICIES
     budgets: tuple[float, ...] = (0.25, 0.5)
     input_len: int = 128
     output_len: int = 32
@@ -56,6 +73,10 @@ class BenchConfig:
     out: str = "reports/bench"
     seed: int = 0
     warmup_tokens: int = 4
+    predictor: str | None = None  # LLaPor checkpoint for `prescope` where its layout matches
+    prompts: str | None = None  # .npy [rows, >= input_len] token ids of prescope-tiny's held-out text
+    accelerate_batches: tuple[int, ...] = (1,)
+    accelerate_tokens: int = 6
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,8 +88,16 @@ class BenchConfig:
 
 
 def parse_model(spec: str) -> tuple[str, int | None]:
-    name, _, layers = spec.partition(":")
+    name, _, layers = spec.split("@")[0].partition(":")
     return name, int(layers) if layers else None
+
+
+def routing_source(spec: str) -> str | None:
+    """The model whose routing drives subject `spec` (`twin@source`), or None for its own."""
+    _, _, source = spec.partition("@")
+    if source and source != "prescope-tiny":
+        raise ValueError(f"{spec}: only prescope-tiny's routing can drive another model, got {source!r}")
+    return source or None
 
 
 def build_subject(spec: str, device: torch.device, seed: int):
@@ -86,11 +115,28 @@ def build_subject(spec: str, device: torch.device, seed: int):
     return twins.build_twin(name, num_layers=layers, device=device, seed=seed)
 
 
-def _generate(model, batch: int, input_len: int, new_tokens: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, model.config.vocab_size, (batch, input_len), generator=gen).to(model.device)
+def _generate(model, batch: int, input_len: int, new_tokens: int, seed: int, prompts: np.ndarray | None = None,
+              device: torch.device | None = None):
+    """Greedy generate of exactly `new_tokens` tokens from `batch` prompts of `input_len` tokens: rows of
+    `prompts` where given (cycled), else random ids (seeded)."""
+    if prompts is not None:
+        rows = np.resize(np.arange(len(prompts)), batch)
+        ids = torch.from_numpy(np.ascontiguousarray(prompts[rows, :input_len])).long()
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, model.config.vocab_size, (batch, input_len), generator=gen)
+    ids = ids.to(device or model.device)
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def load_prompts(path: str | None, input_len: int) -> np.ndarray | None:
+    if path is None:
+        return None
+    prompts = np.load(path)
+    if prompts.ndim != 2 or prompts.shape[1] < input_len:
+        raise ValueError(f"{path}: prompts must be [rows, >= {input_len}] token ids, got {prompts.shape}")
+    return prompts
 
 
 def _sync(device: torch.device) -> None:
@@ -98,7 +144,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device) -> dict:
+def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device, prompts: np.ndarray | None = None,
+                  new_tokens: int | None = None) -> dict:
     """Stock decode: per-step latency from host timestamps around synchronised forward calls."""
     stamps = []
 
@@ -110,9 +157,9 @@ def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device) -> 
 
     hooks = [model.register_forward_pre_hook(stamp("s")), model.register_forward_hook(stamp("e"))]
     try:
-        _generate(model, batch, 16, cfg.warmup_tokens, cfg.seed + 1)
+        _generate(model, batch, 16, cfg.warmup_tokens, cfg.seed + 1, device=device)
         stamps.clear()
-        _generate(model, batch, cfg.input_len, cfg.output_len, cfg.seed)
+        _generate(model, batch, cfg.input_len, new_tokens or cfg.output_len, cfg.seed, prompts, device=device)
     finally:
         for h in hooks:
             h.remove()
@@ -127,41 +174,48 @@ def _decode_metrics(ttft: float, decode: list[float], batch: int) -> dict:
             "decode_ms_steps": [round(1e3 * x, 4) for x in decode]}
 
 
-def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig) -> tuple[dict, np.ndarray, pd.DataFrame]:
+def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: RoutingReplay | None = None,
+                   prompts: np.ndarray | None = None) -> tuple[dict, np.ndarray, pd.DataFrame]:
     """One cell: warm up, then a step-timed run (throughput, routing) and a fully timed run (timeline)."""
     layout = engine.layout
     engine.set_timing("steps")
-    _generate(model, batch, 16, cfg.warmup_tokens, cfg.seed + 1)
+    engine.set_replay(replay)
+    engine.clear_records()  # the replay counts forward calls from the first one of a generate
+    _generate(model, batch, cfg.input_len, min(cfg.warmup_tokens, cfg.output_len), cfg.seed + 1, prompts)
     engine.reset()
     engine.clear_records()
-    routing, loads_before = [], []
+    routing = []
 
     def keep(ordinal, hidden, logits, weights, indices):
         if engine.phase == "decode":
             routing.append(indices.detach().to(torch.int16))
-            if ordinal == 0:
-                loads_before.append(engine.cache.stats.loads)
 
-    with adapter.observe_routing(model, keep):
-        _generate(model, batch, cfg.input_len, cfg.output_len, cfg.seed)
+    with adapter.observe_routing(model, keep if replay is None else lambda *_: None):
+        _generate(model, batch, cfg.input_len, cfg.output_len, cfg.seed, prompts)
     steps = engine.step_table()
-    decode = steps[steps["phase"] == "decode"]["latency"].tolist()
+    is_decode = steps["phase"] == "decode"
+    decode = steps[is_decode]["latency"].tolist()
     stats = engine.cache.stats
-    decode_loads = stats.loads - loads_before[0] if loads_before else 0
+    decode_loads = int(steps[is_decode]["loads"].sum())
     calls = max(1, len(steps) * layout.num_moe_layers)
     L, K = layout.num_moe_layers, layout.top_k
-    route = torch.stack(routing).cpu().numpy().reshape(len(decode), L, batch, K) if routing else np.zeros((0,))
+    if replay is not None:  # [B, T, L, K] -> the decode steps' [T', L, B, K]
+        span = replay.experts[:, replay.prompt_len:replay.prompt_len + len(decode)]
+        route = span.permute(1, 2, 0, 3).to(torch.int16).cpu().numpy()
+    else:
+        route = torch.stack(routing).cpu().numpy().reshape(len(decode), L, batch, K) if routing else np.zeros((0,))
     row = {**_decode_metrics(steps["latency"].iloc[0], decode, batch),
            "loads_per_step": decode_loads / max(1, len(decode)),
            "bytes_per_step": decode_loads * layout.expert_bytes / max(1, len(decode)),
            "hit_rate": stats.hits / max(1, stats.hits + stats.misses),
            "step_ms_per_layer": 1e3 * sum(engine.host_seconds) / calls,
-           "host_ms_per_layer": 1e3 * (sum(engine.host_seconds) - sum(engine.sync_seconds)) / calls}
+           "host_ms_per_layer": 1e3 * (sum(engine.host_seconds) - sum(engine.sync_seconds)) / calls,
+           "policy_ms_per_layer": 1e3 * sum(engine.plan_seconds) / calls}
     timeline = pd.DataFrame()
     if cfg.timeline_tokens:
         engine.set_timing("full")
         engine.clear_records()
-        _generate(model, batch, cfg.input_len, cfg.timeline_tokens, cfg.seed + 2)
+        _generate(model, batch, cfg.input_len, min(cfg.timeline_tokens, cfg.output_len), cfg.seed + 2, prompts)
         timeline = engine.timeline()
         steps = engine.step_table()
         timeline = timeline.merge(steps[["step", "phase"]], on="step", how="left")
@@ -188,6 +242,71 @@ def _timeline_metrics(timeline: pd.DataFrame, steps: pd.DataFrame, expert_bytes:
             if total else None}
 
 
+@dataclass
+class Subject:
+    """A model to benchmark with the routing that drives it and the predictors its policies use."""
+
+    name: str
+    model: torch.nn.Module
+    prompts: np.ndarray | None = None  # the model's input ids (prescope-tiny), else random ids
+    source: torch.nn.Module | None = None  # the model whose routing drives `model` (twin@prescope-tiny)
+    source_prompts: np.ndarray | None = None  # the source's input ids
+    llapor: object | None = None
+
+    def replay(self, batch: int, cfg: BenchConfig) -> RoutingReplay:
+        """The routing every engine cell of this batch replays: the stock run's, or the source model's."""
+        runner, prompts = (self.model, self.prompts) if self.source is None else (self.source, self.source_prompts)
+        return record_replay(runner, lambda: _generate(runner, batch, cfg.input_len, cfg.output_len, cfg.seed,
+                                                         prompts), with_hidden=self.source is not None)
+
+    def router_inputs(self, cfg: BenchConfig) -> torch.Tensor:
+        """[L, H]: the router input of every MoE layer for the last prompt token of one row."""
+        replay = record_replay(self.model, lambda: _generate(self.model, 1, cfg.input_len, 2, cfg.seed, self.prompts),
+                               with_hidden=True)
+        return replay.hidden[0, replay.prompt_len - 1]
+
+    def policy(self, name: str, lookahead: int = 3):
+        """The policy object with this subject's predictor; (policy, predictor name)."""
+        router_model = self.source or self.model
+        if name in GATE_POLICIES:
+            from .predictors import GateLookahead
+
+            return make_policy(name, predictor=GateLookahead.from_model(router_model)), "gate_lookahead"
+        if name == "prescope":
+            from .predictors import GateLookahead
+
+            if self.llapor is not None:
+                depth = min(lookahead, self.llapor.config.distance)
+                return make_policy(name, predictor=self.llapor, lookahead=depth), "llapor"
+            return make_policy(name, predictor=GateLookahead.from_model(router_model), lookahead=lookahead), \
+                "gate_lookahead"
+        if name == "oracle":
+            return make_policy(name), "replayed future"
+        return make_policy(name), "own statistics" if name == "activation_matrix" else "none"
+
+
+def build_bench_subject(spec: str, cfg: BenchConfig, device: torch.device) -> Subject:
+    name, _ = parse_model(spec)
+    prompts = load_prompts(cfg.prompts, cfg.input_len)
+    source = routing_source(spec)
+    model = build_subject(spec.split("@")[0], device, cfg.seed)
+    subject = Subject(name if source is None else f"{name}@{source}", model,
+                      prompts=prompts if name == "prescope-tiny" else None)
+    if source is not None:
+        subject.source, subject.source_prompts = build_subject(source, device, cfg.seed), prompts
+        if prompts is None:
+            raise ValueError(f"{spec}: driving a twin with prescope-tiny's routing needs --prompts (held-out ids)")
+    if cfg.predictor:
+        from . import llapor
+
+        predictor = llapor.load(cfg.predictor, device=str(device))
+        layout = adapter.describe(subject.source or model)
+        routed = (layout.num_moe_layers, layout.num_experts, layout.hidden_size)
+        trained = (predictor.layout.num_moe_layers, predictor.layout.num_experts, predictor.layout.hidden_size)
+        subject.llapor = predictor if routed == trained else None
+    return subject
+
+
 def run_bench(cfg: BenchConfig) -> list[dict]:
     device = torch.device(cfg.device)
     out = Path(cfg.out)
@@ -195,40 +314,127 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     meta = {"config": asdict(cfg), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "source": "measured"}
-    rows, routes, timelines = [], {}, []
+    rows, routes, timelines, failed = [], {}, [], []
+    meta["failed"] = failed
     for spec in cfg.models:
-        name, _ = parse_model(spec)
-        model = build_subject(spec, device, cfg.seed)
+        subject = build_bench_subject(spec, cfg, device)
+        name, model = subject.name, subject.model
         layout = adapter.describe(model)
-        base = {"model": name, "layers": layout.num_layers, "expert_MB": layout.expert_bytes / 2**20}
+        base = {"model": name, "layers": layout.num_layers, "moe_layers": layout.num_moe_layers,
+                "expert_MB": layout.expert_bytes / 2**20}
+        replays = {}
         for batch in cfg.batch_sizes:
-            rows.append({**base, "policy": STOCK, "budget": 1.0, "batch": batch,
-                         **measure_stock(model, batch, cfg, device)})
+            rows.append({**base, "policy": STOCK, "budget": 1.0, "batch": batch, "routing": "native",
+                         **measure_stock(model, batch, cfg, device, subject.prompts)})
+            replays[batch] = subject.replay(batch, cfg)
             _flush(out, meta, rows, routes, timelines)
+        overhead = None
+        if subject.llapor is not None and subject.source is None and device.type == "cuda":
+            overhead = {"model": name, **predictor_overhead(subject.llapor, subject.router_inputs(cfg), device)}
         cells = [(RESIDENT, 1.0)] + [(p, b) for b in cfg.budgets for p in cfg.policies]
-        for policy, budget in cells:
-            engine = Engine(model, EngineConfig(policy="on_demand_lru" if policy == RESIDENT else policy,
-                                                budget_share=budget, device=cfg.device, profile=cfg.profile))
+        for policy_name, budget in cells:
+            policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else policy_name)
+            engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
+                                                profile=cfg.profile), policy=policy)
             for batch in cfg.batch_sizes:
-                row, route, timeline = measure_engine(engine, model, batch, cfg)
-                cell = f"{name}|{policy}|{budget}|{batch}"
-                rows.append({**base, "policy": policy, "budget": budget, "batch": batch, "slots": engine.num_slots,
-                             **row})
+                cell = f"{name}|{policy_name}|{budget}|{batch}"
+                about = {**base, "policy": policy_name, "budget": budget, "batch": batch, "slots": engine.num_slots,
+                         "async_io": engine.io is not None, "predictor": predictor,
+                         "routing": "replayed from prescope-tiny" if subject.source is not None
+                         else "replayed (stock run)"}
+                try:
+                    row, route, timeline = measure_engine(engine, model, batch, cfg, replays[batch], subject.prompts)
+                except Exception as exc:  # one failed cell is reported and the others still run
+                    print(f"{cell} failed: {type(exc).__name__}: {exc}", flush=True)
+                    failed.append({**about, "error": f"{type(exc).__name__}: {exc}"})
+                    engine.close()
+                    engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
+                                                        profile=cfg.profile), policy=policy)
+                    continue
+                rows.append({**about, **row})
                 routes[cell] = route
                 if len(timeline):
-                    timelines.append(timeline.assign(model=name, policy=policy, budget=budget, batch=batch))
+                    timelines.append(timeline.assign(model=name, policy=policy_name, budget=budget, batch=batch))
                 print(_line(rows[-1]), flush=True)
                 _flush(out, meta, rows, routes, timelines)
             engine.close()
-            del engine
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        del model
-        gc.collect()
+            del engine, policy
+            _free(device)
+        if overhead is not None:
+            meta.setdefault("predictor_overhead", []).append(_overhead_shares(overhead, rows))
+        if device.type == "cuda":
+            rows += measure_accelerate(spec, subject, cfg, device, base)
+            _flush(out, meta, rows, routes, timelines)
+        del model, subject
+        _free(device)
     _add_ratios(rows)
     _flush(out, meta, rows, routes, timelines)
     return rows
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: torch.device, base: dict) -> list[dict]:
+    """accelerate's offload of a fresh copy of the model at each budget (native routing: it moves the same
+    offloaded weights at every forward whatever the routing), `accelerate_tokens` decode steps."""
+    from . import hfoffload
+
+    rows = []
+    for budget in cfg.budgets if cfg.accelerate_batches else ():
+        fresh = build_subject(spec.split("@")[0], device, cfg.seed).to("cpu")
+        _free(device)
+        try:
+            fresh, placement = hfoffload.accelerate_offload(fresh, cfg.device,
+                                                            hfoffload.offload_gpu_bytes(fresh, budget))
+        except (ImportError, ValueError) as exc:
+            print(f"accelerate offload of {spec} at budget {budget} not run: {exc}", flush=True)
+            continue
+        where = torch.device(placement.device)
+        for batch in cfg.accelerate_batches:
+            row = measure_stock(fresh, batch, cfg, where, subject.prompts, new_tokens=cfg.accelerate_tokens)
+            rows.append({**base, "policy": ACCELERATE, "budget": budget, "batch": batch, "routing": "native",
+                         **row, **{f"placement_{k}": v for k, v in placement.to_dict().items() if k != "device_map"}})
+            print(_line(rows[-1]), flush=True)
+        del fresh
+        _free(device)
+    return rows
+
+
+def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, repeats: int = 50) -> dict:
+    """LLaPor's time per layer on `device` for one decode token: one `predict_window` call over all its
+    distances, from recorded router inputs `hidden` [L, H], until the host can read the scores (as the
+    planner does), median over `repeats`, averaged over layers."""
+    L = hidden.shape[0]
+    times = []
+    for layer in range(L - 1):
+        d = list(range(1, min(predictor.config.distance, L - 1 - layer) + 1))
+        x = hidden[layer].reshape(1, -1).to(device)  # [1, H]
+        per = []
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            scores = predictor.predict_window(layer, d, hidden=x)
+            scores[d[0]].sum().item()
+            per.append(time.perf_counter() - t)
+        times.append(statistics.median(per))
+    return {"predictor": getattr(predictor, "name", "llapor"), "device": torch.cuda.get_device_name(device),
+            "us_per_layer": 1e6 * statistics.fmean(times), "layers": L - 1, "repeats": repeats}
+
+
+def _overhead_shares(overhead: dict, rows: list[dict]) -> dict:
+    """The prediction time against the batch-1 decode time per MoE layer of the stock and resident runs."""
+    shares = dict(overhead)
+    for policy in (STOCK, RESIDENT):
+        ref = [r for r in rows if r["model"] == overhead["model"] and r["policy"] == policy and r["batch"] == 1]
+        if ref:
+            per_layer_us = 1e3 * ref[0]["decode_ms_median"] / ref[0]["moe_layers"]
+            shares[f"{policy}_decode_us_per_layer"] = per_layer_us
+            shares[f"share_of_{policy}_layer"] = overhead["us_per_layer"] / per_layer_us
+    return shares
 
 
 def _add_ratios(rows: list[dict], link_gbps: float | None = None) -> None:
@@ -240,10 +446,15 @@ def _add_ratios(rows: list[dict], link_gbps: float | None = None) -> None:
     link_gbps = link_gbps or load_profile("h200").pinned_h2d.peak_gbps
     resident = {(r["model"], r["batch"]): r for r in rows if r["policy"] == RESIDENT}
     stock = {(r["model"], r["batch"]): r for r in rows if r["policy"] == STOCK}
+    same = {(r["model"], r["policy"], r["budget"], r["batch"]): r for r in rows}
     for r in rows:
         ref, base = resident.get((r["model"], r["batch"])), stock.get((r["model"], r["batch"]))
         if base is not None:
             r["vs_stock"] = r["decode_tok_s"] / base["decode_tok_s"]
+        for other in ("on_demand_lru", "oracle", ACCELERATE):
+            peer = same.get((r["model"], other, r["budget"], r["batch"]))
+            if peer is not None and r["policy"] not in (STOCK, RESIDENT):
+                r[f"vs_{other}"] = r["decode_tok_s"] / peer["decode_tok_s"]
         if ref is None:
             continue
         r["vs_resident"] = r["decode_tok_s"] / ref["decode_tok_s"]
@@ -290,16 +501,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("device", "profile", "out"):
         parser.add_argument(f"--{name}", default=getattr(d, name))
+    parser.add_argument("--predictor", help="LLaPor checkpoint for `prescope` (used where its layout matches)")
+    parser.add_argument("--prompts", help=".npy [rows, >= input_len] token ids of prescope-tiny's held-out text")
+    parser.add_argument("--accelerate-batches", nargs="*", type=int, default=list(d.accelerate_batches),
+                        help="batch sizes of the accelerate offload rows (none: skip them)")
+    parser.add_argument("--accelerate-tokens", type=int, default=d.accelerate_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(models=tuple(args.models), batch_sizes=tuple(args.batch_sizes), policies=tuple(args.policies),
                       budgets=tuple(args.budgets), input_len=args.input_len, output_len=args.output_len,
                       timeline_tokens=args.timeline_tokens, seed=args.seed, device=args.device,
-                      profile=args.profile, out=args.out)
+                      profile=args.profile, out=args.out, predictor=args.predictor, prompts=args.prompts,
+                      accelerate_batches=tuple(args.accelerate_batches), accelerate_tokens=args.accelerate_tokens)
     rows = run_bench(cfg)
-    table = pd.DataFrame(rows)[["model", "policy", "budget", "batch", "decode_tok_s", "decode_ms_median",
-                                "vs_resident", "regime"]]
+    table = pd.DataFrame(rows)
+    table = table[[c for c in ("model", "policy", "budget", "batch", "decode_tok_s", "decode_ms_median", "vs_resident",
+                               "vs_on_demand_lru", "vs_oracle", "regime") if c in table]]
     print(table.to_string(index=False))
     print(json.dumps({"bench": asdict(cfg), "cells": len(rows)}))
     return 0

@@ -97,6 +97,7 @@ class Engine:
         self._last_exit = None
         self.host_seconds = [0.0] * self.layout.num_moe_layers  # wall time inside moe_step
         self.sync_seconds = [0.0] * self.layout.num_moe_layers  # of which waiting for the device to catch up
+        self.plan_seconds = [0.0] * self.layout.num_moe_layers  # of which in the policy: prediction, planning
         self._t0 = None
         self._install()
 
@@ -199,7 +200,9 @@ class Engine:
                          tuple(ranked), tuple(counts[e] for e in ranked), hidden=seen, future=future)
         # 2. record: routing observers hook the experts call itself (adapter.observe_routing)
         # 3-4. predict ahead and plan: the policy owns its predictor and planner
+        planning = time.perf_counter()
         orders = self.policy.plan(view, self.cache)
+        self.plan_seconds[layer] += time.perf_counter() - planning
         orders.check(view)
         # 5. CPU experts start now and overlap the GPU work below
         out = hidden.new_zeros((num_tokens * top_k, hidden.shape[1]))  # [N*K, H]
@@ -416,6 +419,7 @@ class Engine:
         self.rows, self.steps, self._t0, self.step = [], [], None, -1
         self.host_seconds = [0.0] * self.layout.num_moe_layers
         self.sync_seconds = [0.0] * self.layout.num_moe_layers
+        self.plan_seconds = [0.0] * self.layout.num_moe_layers
 
 
 def _device_name(device: torch.device) -> str:

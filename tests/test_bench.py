@@ -1,0 +1,52 @@
+"""prescope bench on the CPU: every policy on one replayed routing, a twin driven by prescope-tiny's routing."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from prescope import bench
+from prescope.bench import BenchConfig, parse_model, routing_source, run_bench
+
+
+def test_model_specs():
+    assert parse_model("mixtral-8x7b:8") == ("mixtral-8x7b", 8)
+    assert parse_model("olmoe-1b-7b@prescope-tiny") == ("olmoe-1b-7b", None)
+    assert routing_source("olmoe-1b-7b@prescope-tiny") == "prescope-tiny"
+    assert routing_source("olmoe-1b-7b") is None
+    with pytest.raises(ValueError, match="only prescope-tiny"):
+        routing_source("olmoe-1b-7b@mixtral-8x7b")
+
+
+@pytest.mark.slow
+def test_bench_runs_every_policy_on_the_same_replayed_routing(tmp_path):
+    prompts = tmp_path / "prompts.npy"
+    np.save(prompts, np.random.default_rng(0).integers(1, 8000, (3, 10)))
+    cfg = BenchConfig(models=("olmoe-1b-7b-tiny:16@prescope-tiny",), batch_sizes=(2,),
+                      policies=("on_demand_lru", "prescope", "oracle"), budgets=(0.25,), input_len=6, output_len=3,
+                      timeline_tokens=2, warmup_tokens=2, device="cpu", out=str(tmp_path / "out"),
+                      prompts=str(prompts))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the oracle warns if it ever lacks the future
+        rows = run_bench(cfg)
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert data["failed"] == [] and data["source"] == "measured"
+    engine_rows = [r for r in rows if r["policy"] not in (bench.STOCK,)]
+    assert {r["policy"] for r in engine_rows} == {bench.RESIDENT, "on_demand_lru", "prescope", "oracle"}
+    assert all(r["routing"] == "replayed from prescope-tiny" for r in engine_rows)
+    by = {r["policy"]: r for r in engine_rows}
+    assert by["prescope"]["async_io"] and by["oracle"]["async_io"] and not by["on_demand_lru"]["async_io"]
+    assert by["prescope"]["predictor"] == "gate_lookahead"  # no LLaPor checkpoint given
+    assert by["on_demand_lru"]["loads_per_step"] > 0
+    assert by["prescope"]["vs_on_demand_lru"] > 0 and "vs_oracle" in by["prescope"]
+    routing = np.load(tmp_path / "out" / "routing.npz")
+    assert routing["olmoe-1b-7b-tiny@prescope-tiny__prescope__0.25__2"].shape[1:] == (16, 2, 8)
+
+
+def test_a_twin_driven_by_prescope_tiny_needs_its_prompts(tmp_path):
+    cfg = BenchConfig(models=("olmoe-1b-7b-tiny:16@prescope-tiny",), device="cpu", out=str(tmp_path))
+    with pytest.raises(ValueError, match="--prompts"):
+        bench.build_bench_subject(cfg.models[0], cfg, bench.torch.device("cpu"))
