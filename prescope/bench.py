@@ -54,6 +54,7 @@ ACCELERATE = "accelerate"
 ALL_POLICIES = ("on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix", "prescope",
                 "oracle")
 GATE_POLICIES = ("lookahead_prefetch", "hybrid")
+SYNC = "+sync"
 
 
 @dataclass(frozen=True)
@@ -331,11 +332,14 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         overhead = None
         if subject.llapor is not None and subject.source is None and device.type == "cuda":
             overhead = {"model": name, **predictor_overhead(subject.llapor, subject.router_inputs(cfg), device)}
+            meta.setdefault("predictor_overhead", []).append(overhead)
         cells = [(RESIDENT, 1.0)] + [(p, b) for b in cfg.budgets for p in cfg.policies]
         for policy_name, budget in cells:
-            policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else policy_name)
+            # `name+sync`: the policy with AsyncIO off (every copy issued at once, first come first served)
+            base_name, sync = policy_name.removesuffix(SYNC), policy_name.endswith(SYNC)
+            policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else base_name)
             engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
-                                                profile=cfg.profile), policy=policy)
+                                                profile=cfg.profile, async_io=False if sync else None), policy=policy)
             for batch in cfg.batch_sizes:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
                 about = {**base, "policy": policy_name, "budget": budget, "batch": batch, "slots": engine.num_slots,
@@ -349,7 +353,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     failed.append({**about, "error": f"{type(exc).__name__}: {exc}"})
                     engine.close()
                     engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
-                                                        profile=cfg.profile), policy=policy)
+                                                        profile=cfg.profile, async_io=False if sync else None),
+                                    policy=policy)
                     continue
                 rows.append({**about, **row})
                 routes[cell] = route
@@ -360,13 +365,12 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             engine.close()
             del engine, policy
             _free(device)
-        if overhead is not None:
-            meta.setdefault("predictor_overhead", []).append(_overhead_shares(overhead, rows))
         if device.type == "cuda":
             rows += measure_accelerate(spec, subject, cfg, device, base)
             _flush(out, meta, rows, routes, timelines)
         del model, subject
         _free(device)
+    meta["predictor_overhead"] = [_overhead_shares(o, rows) for o in meta.get("predictor_overhead", [])]
     _add_ratios(rows)
     _flush(out, meta, rows, routes, timelines)
     return rows

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from . import adapter, twins
-from .bench import RESIDENT, parse_model
+from .bench import RESIDENT, SYNC, parse_model, routing_source
 from .metrics import write_atomic
 from .profiles import load_profile
 from .simulator import replay
@@ -55,14 +55,17 @@ def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.D
     rows, layouts = [], {}
     for spec in bench["config"]["models"]:
         name, layers = parse_model(spec)
-        layouts[name] = twin_layout(name, layers)
+        if name not in twins.TWINS:
+            continue  # prescope-tiny and tiny twins: no twin layout to size them by
+        source = routing_source(spec)
+        layouts[name if source is None else f"{name}@{source}"] = twin_layout(name, layers)
     for cell in bench["cells"]:
         key = f"{cell['model']}__{cell['policy']}__{cell['budget']}__{cell['batch']}"
         if key not in routing or cell["model"] not in layouts:
             continue
         layout, dense = layouts[cell["model"]]
         trace = routing_trace(routing[key], layout, bench["config"]["input_len"])
-        policy = "on_demand_lru" if cell["policy"] == RESIDENT else cell["policy"]
+        policy = "on_demand_lru" if cell["policy"] == RESIDENT else cell["policy"].removesuffix(SYNC)
         sim = replay(trace, policy, profile, budget_share=cell["budget"], batch_size=cell["batch"],
                      dense_params=dense, policy_profile=bench["config"]["profile"])
         simulated = 1e3 * float(sim.summary["latency"].median())

@@ -57,6 +57,7 @@ class Memory:
         self.freq = [[0.0] * num_experts for _ in range(num_layers)]  # decayed share of steps using each expert
         self.seen = [[0] * num_experts for _ in range(num_layers)]  # selections by earlier steps
         self.min_routed = None
+        self.reuse = 0.0  # decayed share of a layer's experts that its previous step also used (lag-1 reuse)
 
     def observe(self, view: LayerView) -> None:
         if view.step != self.step:
@@ -67,6 +68,10 @@ class Memory:
             self.now = [{} for _ in range(self.L)]
             self.step = view.step
         self.now[view.layer] = dict(zip(view.experts, view.tokens, strict=True))
+        before = self.prev[view.layer]
+        if before and view.experts:
+            again = sum(1 for e in view.experts if e in before) / len(view.experts)
+            self.reuse = self.decay * self.reuse + (1.0 - self.decay) * again
         row, keep = self.freq[view.layer], self.decay
         for e in range(self.E):
             row[e] *= keep
@@ -84,6 +89,12 @@ class Memory:
 
     def frequency(self, layer: int) -> list[float]:
         return self.freq[layer]
+
+    def chance(self, layer: int, expert: int, ran: bool) -> float:
+        """P(the next use of `layer` routes to `expert`) from what was seen: its decayed frequency, and at
+        least the lag-1 reuse rate if the layer's last run (`ran`: this step, else the previous) used it."""
+        last = self.now[layer] if ran else self.prev[layer]
+        return max(self.freq[layer][expert], self.reuse if expert in last else 0.0)
 
     def history(self, view: LayerView, with_truth: bool):
         """A one-row `predictors.History` of the running step (exact at batch 1; at larger batches one
@@ -407,14 +418,20 @@ class PreScope(Predictive):
             absent = sorted((e for e in range(E) if p[e] > 0 and (layer + d, e) not in present), key=lambda e: (-p[e], e))
             predictions.append(tuple(presched.Candidate(e, p[e], max(1, round(n[e]))) for e in absent[:keep]))
             compute.append(sum(pe * costs.gpu(max(1, round(ne))) for pe, ne in zip(p, n, strict=True) if pe > 0))
-        # victims: a window key's chance of being needed is its prediction, another key's its recent frequency;
-        # the plan takes at most one victim per routed expert and candidate, the cheapest
-        routed, chances = {(layer, e) for e in view.experts}, []
+        # victims: a window key's chance of being needed is its prediction, another key's what the memory saw
+        # (frequency, at least the lag-1 reuse rate for the last run's experts), so a prefetch never evicts
+        # what temporal reuse will ask for again; a prefetch not used yet keeps its slot until its layer ran
+        # (no churn between plans); the plan takes at most one victim per routed expert and candidate
+        routed, chances, memory = {(layer, e) for e in view.experts}, [], self.memory
         for j, slots in cache.by_layer.items():
             d = j - layer
-            row = forecast[d - 1][0] if 1 <= d <= len(forecast) else self.memory.frequency(j)
-            chances += [(row[owner[s][1]], owner[s]) for s in slots
-                        if state[s] is ready and s not in pinned and owner[s] not in routed]
+            in_window = 1 <= d <= len(forecast)
+            for s in slots:
+                key = owner[s]
+                if state[s] is not ready or s in pinned or key in routed or (in_window and cache.prefetched[s]):
+                    continue
+                q = forecast[d - 1][0][key[1]] if in_window else memory.chance(j, key[1], ran=d <= 0)
+                chances.append((q, key))
         need = len(view.experts) + sum(len(c) for c in predictions)
         held = tuple(presched.Held(key, min(1.0, q)) for q, key in heapq.nsmallest(need, chances))
         gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap

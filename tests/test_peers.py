@@ -335,3 +335,15 @@ def test_engine_generates_the_stock_tokens(name, tmp_path):
             assert stats.prefetches > 0 or name == "oracle" or "budget_bytes" in budget
         elif name in ("hybrid", "prescope"):
             assert on_cpu > 0
+
+
+def test_memory_estimates_lag1_reuse_and_keeps_last_runs_experts_likely():
+    from prescope.peers import Memory
+    from prescope.policies import LayerView
+
+    memory = Memory(num_layers=2, num_experts=8, decay=0.5)
+    for step, experts in enumerate([(0, 1), (0, 2), (0, 2)]):
+        memory.observe(LayerView(step, 0, 2, 8, experts, (1,) * len(experts)))
+    # reuse samples 1/2 then 2/2, decayed by 0.5 from 0: 0.25, then 0.625
+    assert memory.reuse == pytest.approx(0.625)
+    assert memory.chance(0, 2, ran=True) >= memory.reuse and memory.chance(0, 5, ran=True) == 0.0
