@@ -387,14 +387,24 @@ class PreScope(Predictive):
     host_work = ("predict", "plan")
     # candidates: absent experts per later layer handed to the planner (None: 2·K, the likeliest);
     # layer_gap_s: attention, dense and host time between two MoE layers (None: `costs.layer_gap` if the
-    # executor's costs carry it, else 0); max_prefetch: a cap on prefetches per plan (None: the slots)
+    # executor's costs carry it, else 0); max_prefetch: a cap on prefetches per plan (None: the slots);
+    # transfer_host_s: host time to issue one transfer, paid whether or not the expert is used: a candidate
+    # is offered only if p·(load + h) > h, i.e. p > h / (load + h). The default is the engine's host cost
+    # per load measured on the H200 (bench, rev 70a3c5d: 0.09 ms per load on the OLMoE twin, 0.2 ms on the
+    # Qwen3 twin, at batch 1): it matters for small experts (OLMoE 12 MB: p > 0.3), hardly for large ones
+    # (Mixtral 336 MB: p > 0.016)
+    TRANSFER_HOST_S = 1e-4
 
     def __init__(self, predictor=None, lookahead: int = 3, candidates: int | None = None,
-                 layer_gap_s: float | None = None, max_prefetch: int | None = None, memory_decay: float = 0.8):
+                 layer_gap_s: float | None = None, max_prefetch: int | None = None, memory_decay: float = 0.8,
+                 transfer_host_s: float = TRANSFER_HOST_S):
         super().__init__(predictor, lookahead, memory_decay)
         if candidates is not None and candidates < 1:
             raise PolicyError(f"candidates must be >= 1 per layer, got {candidates}")
+        if transfer_host_s < 0:
+            raise PolicyError(f"transfer_host_s must be >= 0 s, got {transfer_host_s}")
         self.candidates, self.layer_gap_s, self.max_prefetch = candidates, layer_gap_s, max_prefetch
+        self.transfer_host_s = transfer_host_s
         self.planned: dict[Key, Key | None] = {}
         self.loss: dict[Key, float] = {}
         self.issued: list[Key] = []
@@ -413,9 +423,11 @@ class PreScope(Predictive):
         resident = frozenset(owner[s] for j in range(layer, layer + len(forecast) + 1) for s in cache.by_layer[j]
                              if state[s] is ready)
         keep = self.candidates or 2 * self.top_k()
+        worth = self.transfer_host_s / (costs.load + self.transfer_host_s)  # p below it: the issue costs more
         predictions, compute = [], []
         for d, (p, n) in enumerate(forecast, 1):
-            absent = sorted((e for e in range(E) if p[e] > 0 and (layer + d, e) not in present), key=lambda e: (-p[e], e))
+            absent = sorted((e for e in range(E) if p[e] > worth and (layer + d, e) not in present),
+                            key=lambda e: (-p[e], e))
             predictions.append(tuple(presched.Candidate(e, p[e], max(1, round(n[e]))) for e in absent[:keep]))
             compute.append(sum(pe * costs.gpu(max(1, round(ne))) for pe, ne in zip(p, n, strict=True) if pe > 0))
         # victims: a window key's chance of being needed is its prediction, another key's what the memory saw
