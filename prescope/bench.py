@@ -366,8 +366,9 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             del engine, policy
             _free(device)
         if device.type == "cuda":
-            rows += measure_accelerate(spec, subject, cfg, device, base)
-            _flush(out, meta, rows, routes, timelines)
+            for row in measure_accelerate(spec, subject, cfg, device, base):
+                rows.append(row)
+                _flush(out, meta, rows, routes, timelines)
         del model, subject
         _free(device)
     meta["predictor_overhead"] = [_overhead_shares(o, rows) for o in meta.get("predictor_overhead", [])]
@@ -382,12 +383,12 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: torch.device, base: dict) -> list[dict]:
+def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: torch.device, base: dict):
     """accelerate's offload of a fresh copy of the model at each budget (native routing: it moves the same
-    offloaded weights at every forward whatever the routing), `accelerate_tokens` decode steps."""
+    offloaded weights at every forward whatever the routing), `accelerate_tokens` decode steps; yields each
+    row as it is measured."""
     from . import hfoffload
 
-    rows = []
     for budget in cfg.budgets if cfg.accelerate_batches else ():
         fresh = build_subject(spec.split("@")[0], device, cfg.seed).to("cpu")
         _free(device)
@@ -400,12 +401,12 @@ def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: to
         where = torch.device(placement.device)
         for batch in cfg.accelerate_batches:
             row = measure_stock(fresh, batch, cfg, where, subject.prompts, new_tokens=cfg.accelerate_tokens)
-            rows.append({**base, "policy": ACCELERATE, "budget": budget, "batch": batch, "routing": "native",
-                         **row, **{f"placement_{k}": v for k, v in placement.to_dict().items() if k != "device_map"}})
-            print(_line(rows[-1]), flush=True)
+            row = {**base, "policy": ACCELERATE, "budget": budget, "batch": batch, "routing": "native", **row,
+                   **{f"placement_{k}": v for k, v in placement.to_dict().items() if k != "device_map"}}
+            print(_line(row), flush=True)
+            yield row
         del fresh
         _free(device)
-    return rows
 
 
 def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, repeats: int = 50) -> dict:
