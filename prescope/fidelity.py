@@ -5,7 +5,9 @@ For every engine cell of a `prescope bench` run it rebuilds the decode routing t
 one `prescope calibrate` measured on that machine; the policy still decides with the profile the engine
 decided with), and compares the simulated per-step decode latency
 with the measured one (medians over steps). The table says, per cell, measured, simulated and the
-relative error; a final JSON line gives the share of cells within the tolerance.
+relative error, and the simulator's lower bound on the step (GPU compute, immovable CPU work, and the
+bytes an optimal cache must still move over the link, `cost.split_lower_bound`) with the measured step's
+distance to it; a final JSON line gives the share of cells within the tolerance.
 """
 
 from __future__ import annotations
@@ -70,9 +72,12 @@ def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.D
                      dense_params=dense, policy_profile=bench["config"]["profile"])
         simulated = 1e3 * float(sim.summary["latency"].median())
         measured = cell["decode_ms_median"]
+        bound = 1e3 * float(sim.summary["lower_bound"].median())  # no policy of this engine can beat it
         rows.append({"model": cell["model"], "policy": cell["policy"], "budget": cell["budget"],
                      "batch": cell["batch"], "measured_ms": measured, "simulated_ms": simulated,
-                     "error": simulated / measured - 1, "regime": cell.get("regime", "")})
+                     "error": simulated / measured - 1, "lower_bound_ms": bound,
+                     "measured_over_bound": measured / bound if bound > 0 else None,
+                     "regime": cell.get("regime", "")})
     table = pd.DataFrame(rows)
     table.attrs.update(profile=profile.name, source="simulated vs measured")
     return table
