@@ -131,10 +131,27 @@ def _generate(model, batch: int, input_len: int, new_tokens: int, seed: int, pro
                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
 
+HELDOUT = "heldout"
+
+
+def heldout_prompts(input_len: int, per_domain: int = 13) -> np.ndarray:
+    """[rows, input_len] token ids: windows of prescope-tiny's held-out text, `per_domain` from each domain
+    (needs the corpus, ../shared/data); save with np.save to carry them to a machine without it."""
+    from .accuracy import corpus_prompts
+    from .corpus import default_corpus_dir
+    from .tiny import TinyConfig, load_tiny
+
+    _, tokenizer = load_tiny()
+    prompts, _ = corpus_prompts(tokenizer, TinyConfig().corpus_spec(default_corpus_dir()), "heldout", per_domain,
+                                input_len)
+    return np.asarray(prompts, dtype=np.int32)
+
+
 def load_prompts(path: str | None, input_len: int) -> np.ndarray | None:
+    """Prompt ids from a .npy file, or built from the held-out corpus for `path` = "heldout"."""
     if path is None:
         return None
-    prompts = np.load(path)
+    prompts = heldout_prompts(input_len) if path == HELDOUT else np.load(path)
     if prompts.ndim != 2 or prompts.shape[1] < input_len:
         raise ValueError(f"{path}: prompts must be [rows, >= {input_len}] token ids, got {prompts.shape}")
     return prompts
@@ -507,7 +524,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("device", "profile", "out"):
         parser.add_argument(f"--{name}", default=getattr(d, name))
     parser.add_argument("--predictor", help="LLaPor checkpoint for `prescope` (used where its layout matches)")
-    parser.add_argument("--prompts", help=".npy [rows, >= input_len] token ids of prescope-tiny's held-out text")
+    parser.add_argument("--prompts", help="prescope-tiny's prompts: 'heldout' (held-out corpus windows) or a .npy "
+                        "[rows, >= input_len] of token ids (bench.heldout_prompts, saved with np.save)")
     parser.add_argument("--accelerate-batches", nargs="*", type=int, default=list(d.accelerate_batches),
                         help="batch sizes of the accelerate offload rows (none: skip them)")
     parser.add_argument("--accelerate-tokens", type=int, default=d.accelerate_tokens)

@@ -50,3 +50,8 @@ def test_a_twin_driven_by_prescope_tiny_needs_its_prompts(tmp_path):
     cfg = BenchConfig(models=("olmoe-1b-7b-tiny:16@prescope-tiny",), device="cpu", out=str(tmp_path))
     with pytest.raises(ValueError, match="--prompts"):
         bench.build_bench_subject(cfg.models[0], cfg, bench.torch.device("cpu"))
+
+
+def test_heldout_prompts_are_windows_of_every_domain():
+    prompts = bench.load_prompts(bench.HELDOUT, 32)
+    assert prompts.shape[1] == 32 and len(prompts) >= 5 and prompts.max() < 8192
