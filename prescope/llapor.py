@@ -240,12 +240,15 @@ class LLaPor(Predictor):
         self.trace_info, self.history = trace_info or {}, history or []
         if config.use_lookahead and routers is None:
             raise LLaPorError("use_lookahead=True needs routers")
+        self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # layer -> routers l..l+D'
 
     def targets(self, layer: int) -> int:
         return min(self.config.distance, self.layout.num_moe_layers - 1 - layer)
 
-    def features(self, layer: int, hidden: torch.Tensor, routing: torch.Tensor | None):
-        """(x [N, P (+E) (+D'E)], lookahead [N, D', E] | None) for the network of `layer`."""
+    def features(self, layer: int, hidden: torch.Tensor, routing: torch.Tensor | None,
+                 logits: torch.Tensor | None = None):
+        """(x [N, P (+E) (+D'E)], lookahead [N, D', E] | None) for the network of `layer`; `logits` are the
+        routers l … l+D' on `hidden` when the caller has them (`router_logits`)."""
         hidden = hidden.to(self.pcas[layer].mean.device).float()  # [N, H]
         parts, g = [self.pcas[layer](hidden)], None
         if self.config.use_routing:
@@ -253,19 +256,32 @@ class LLaPor(Predictor):
                 raise LLaPorError("this LLaPor uses layer l's routing: pass history (current experts) or routers")
             parts.append(multi_hot(routing.to(hidden.device), self.layout.num_experts))
         if self.config.use_lookahead:
-            g = torch.stack([torch.log_softmax(self.routers.logits(layer + d, hidden), -1)
-                             for d in range(1, self.targets(layer) + 1)], 1)  # [N, D', E]
+            logits = self.router_logits(layer, hidden) if logits is None else logits
+            g = torch.log_softmax(logits[:, 1:], -1)  # [N, D', E]
             parts.append(g.flatten(1))
         return torch.cat(parts, 1), g
 
-    def _routing(self, layer: int, hidden: torch.Tensor, history) -> torch.Tensor | None:
+    def router_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, 1+D', E]: the routers of layers l … l+D' on `hidden`, in one matrix product (at decode the
+        prediction's cost is its number of kernels, not its arithmetic)."""
+        if layer not in self._stacked:
+            span = range(layer, layer + self.targets(layer) + 1)
+            weight = torch.cat([self.routers.weight[j] for j in span]).to(hidden.device)  # [(1+D')E, H]
+            bias = None if self.routers.bias is None else torch.cat([self.routers.bias[j] for j in span]).to(hidden.device)
+            self._stacked[layer] = (weight, bias)
+        weight, bias = self._stacked[layer]
+        out = hidden.float() @ weight.T if bias is None else torch.addmm(bias, hidden.float(), weight.T)
+        return out.view(hidden.shape[0], -1, self.layout.num_experts)
+
+    def _routing(self, layer: int, hidden: torch.Tensor, history, logits: torch.Tensor | None = None):
         if not self.config.use_routing:
             return None
         if history is not None:
             return history.current[:, layer]  # [N, K]
         if self.routers is None:
             raise LLaPorError("this LLaPor uses layer l's routing: pass history=History(current=...)")
-        return self.routers.logits(layer, hidden).topk(self.layout.top_k, dim=-1).indices
+        own = logits[:, 0] if logits is not None else self.routers.logits(layer, hidden)  # [N, E]
+        return own.topk(self.layout.top_k, dim=-1).indices
 
     def predict_window(self, layer, distances, *, hidden=None, history=None):
         for d in distances:
@@ -275,10 +291,12 @@ class LLaPor(Predictor):
         x = self._needs("hidden", hidden, "the router input [N, H] entering `layer`")
         if x.shape[-1] != self.pcas[layer].mean.shape[0]:
             raise LLaPorError(f"hidden has width {x.shape[-1]}, this LLaPor was trained on H={self.pcas[layer].mean.shape[0]}")
-        net = self.nets[layer]
-        with torch.no_grad():
-            feats, g = self.features(layer, x, self._routing(layer, x, history))
-            probs = torch.sigmoid(net.eval()(feats, g))  # [N, D', E]
+        net = self.nets[layer]  # in eval mode since training or loading
+        with torch.inference_mode():
+            x = x.to(self.pcas[layer].mean.device).float()  # [N, H]
+            logits = self.router_logits(layer, x) if self.routers is not None else None
+            feats, g = self.features(layer, x, self._routing(layer, x, history, logits), logits)
+            probs = torch.sigmoid(net(feats, g))  # [N, D', E]
         return {d: probs[:, d - 1] for d in distances}
 
     def predict(self, layer, distance, *, hidden=None, history=None):
