@@ -106,7 +106,8 @@ class HardwareProfile:
     transfer_latency_s: the link. gpu_expert / gpu_dense: roofline constants of one expert call and
     of one layer's non-expert work. cpu_expert: a linear CPU model per dtype name. host_overhead_per_layer_s:
     Python and launch time per decoder layer (the host-bound regime); predict_overhead_s and
-    plan_overhead_s: one predictor call and one planner call. fit: the fits' RMS log errors;
+    plan_overhead_s: one predictor call and one planner call; host_per_transfer_s: host time to issue one
+    expert transfer (the engine's Python, stream and event calls; 0 where not measured). fit: the fits' RMS log errors;
     measurements: the raw points the fits came from.
     """
 
@@ -126,6 +127,7 @@ class HardwareProfile:
     host_overhead_per_layer_s: float
     predict_overhead_s: float
     plan_overhead_s: float
+    host_per_transfer_s: float = 0.0
     source_files: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     fit: dict[str, Any] = field(default_factory=dict)
@@ -139,7 +141,8 @@ class HardwareProfile:
             raise ProfileError("profile field 'name' must not be empty")
         if self.source not in SOURCES:
             raise ProfileError(f"profile field 'source' must be one of {SOURCES}, got {self.source!r}")
-        for name in ("transfer_latency_s", "host_overhead_per_layer_s", "predict_overhead_s", "plan_overhead_s"):
+        for name in ("transfer_latency_s", "host_overhead_per_layer_s", "predict_overhead_s", "plan_overhead_s",
+                     "host_per_transfer_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ProfileError(f"profile field {name!r} must be a finite number >= 0, got {value!r}")

@@ -7,7 +7,8 @@ decoder layer in order:
 
 1. attention and the other resident work of the layer on the GPU (`dense_time` for N tokens);
 2. host work of the MoE step on the host: the profile's per-layer overhead (`wait`), then prediction and
-   planning (`predict`, `plan`) for a policy that declares them in `host_work`;
+   planning (`predict`, `plan`) for a policy that declares them in `host_work`; issuing each transfer
+   costs the profile's `host_per_transfer_s` more (a kernel launched after an issue starts after it);
 3. the cache catches up with the clock (loads that ended become resident) and the policy plans;
 4. CPU experts run one after another on the CPU lane, from the end of planning, overlapping GPU work;
 5. GPU experts, in the order of the orders: present ones are pinned, absent ones get a slot from
@@ -151,6 +152,7 @@ class _Replay:
         if set(work) - set(HOST_WORK):
             raise SimulationError(f"policy {policy.name!r} declares host_work {work}; allowed: {HOST_WORK}")
         p = times.profile
+        self.per_transfer = p.host_per_transfer_s  # host time to issue one transfer
         self.host = [(kind, d) for kind, d in (("wait", p.host_overhead_per_layer_s),
                                                ("predict", p.predict_overhead_s if "predict" in work else 0.0),
                                                ("plan", p.plan_overhead_s if "plan" in work else 0.0)) if d > 0]
@@ -219,8 +221,8 @@ class _Replay:
             rows.append(("cpu", step, layer, e, "cpu_expert", count[e], 0, c, c + d, -1, -1))
             c += d
         self.cpu_free = c
-        # 5. GPU experts, in waves when the slots run short
-        g = self._gpu_experts(step, layer, orders.gpu, count, hits, h)
+        # 5. GPU experts, in waves when the slots run short; issuing their loads takes host time
+        g, h = self._gpu_experts(step, layer, orders.gpu, count, hits, h)
         # 6. prefetches behind this layer's on-demand loads
         for key in orders.prefetch:
             if cache.is_present(key):
@@ -229,12 +231,14 @@ class _Replay:
             if slot is None:
                 break
             cache.assign(key, slot, speculative=True)
+            h += self.per_transfer
             self.issue(key, slot, "prefetch", step, h)
         cache.unpin_all()
         # 7. the layer ends with its last expert
         return max(g, c, h), len(hits)
 
-    def _gpu_experts(self, step, layer, chosen, count, hits, h) -> float:
+    def _gpu_experts(self, step, layer, chosen, count, hits, h) -> tuple[float, float]:
+        """(when the GPU finishes the layer's experts, when the host finished issuing their loads)."""
         cache, policy, rows = self.cache, self.policy, self.rows
         for e in chosen:
             if (layer, e) in cache.slot_of:
@@ -250,6 +254,7 @@ class _Replay:
                         deferred.append(e)
                         continue
                     cache.assign(key, slot, speculative=False)
+                    h += self.per_transfer
                     self.issue(key, slot, "on_demand", step, h)
                     cache.pin(key)
                 wave.append(e)
@@ -268,7 +273,7 @@ class _Replay:
             for e in wave:
                 cache.unpin((layer, e))
             pending = deferred
-        return g
+        return g, h
 
 
 def _lower_bounds(requests, request_tokens, stats, num_slots, layout, profile, times) -> tuple[list, list]:

@@ -412,3 +412,14 @@ def test_replay_speed_at_prescope_tiny_topology():
         assert r.totals["steps"] == T
     print(f"replay of {T} tokens, L={L} E={E} K={K}: FIFO {timings[False]:.3f} s, async {timings[True]:.3f} s")
     assert max(timings.values()) < 2.0, f"replay took {timings}; profile it (policy.victim and the cache's scans?)"
+
+
+def test_issuing_a_transfer_costs_host_time_before_the_kernel_that_needs_it():
+    import dataclasses
+
+    base = replay(TWO_STEPS, "on_demand_lru", hand_profile(), budget_slots=2)
+    costly = dataclasses.replace(hand_profile(), host_per_transfer_s=0.5 * MS)
+    r = replay(TWO_STEPS, "on_demand_lru", costly, budget_slots=2)
+    # every load starts 0.5 ms later and its expert with it: steps load 2 and 1 experts
+    assert r.summary["latency"].to_numpy() / MS == pytest.approx(base.summary["latency"].to_numpy() / MS + [1.0, 0.5])
+    assert rows_of(r, 0)[2] == ("pcie", 0, 0, "on_demand", 0.85, 1.85)
