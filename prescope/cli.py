@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "report": ("prescope.reports", "add_arguments", "run", "run every notebook and render reports/"),
     "sweep": ("prescope.sweep", "add_arguments", "run", "run a notebook over a parameter grid"),
     "simulate": ("prescope.simulator", "add_arguments", "run", "replay a routing trace through a policy on a hardware profile"),
+    "simulate-compare": ("prescope.simcompare", "add_arguments", "run", "every policy on several hardware profiles, simulated"),
     "train-tiny": ("prescope.tiny", "add_arguments", "run", "train prescope-tiny"),
     "train-predictor": ("prescope.llapor", "add_arguments", "run", "train LLaPor on a routing trace"),
     "trace": ("prescope.recording", "add_arguments", "run", "record and summarise a routing trace"),
