@@ -25,9 +25,10 @@ Letters: L MoE layers, E experts, K top-k, N tokens, D lookahead distance, S slo
 
 from __future__ import annotations
 
-import heapq
 import warnings
 from collections.abc import Callable, Sequence
+from itertools import compress, repeat
+from operator import is_
 
 from . import presched
 from .cache import ExpertCache, Key, SlotState
@@ -253,11 +254,19 @@ def check_predictor(predictor, num_layers: int, num_experts: int, lookahead: int
 def link_state(cache: ExpertCache, issued: Sequence[Key], load: float) -> tuple[float, dict[Key, float]]:
     """(link_free, ETA per key in flight) estimated from the cache: keys loading land one transfer apart,
     in the order this policy issued them (others first); the link is free after the last."""
-    flying = SlotState.LOADING
-    loading = [cache.owner[s] for s, st in enumerate(cache.state) if st is flying]
+    loading = list(compress(cache.owner, map(is_, cache.state, repeat(SlotState.LOADING))))  # in slot order
     order = {k: i for i, k in enumerate(issued)}
     loading.sort(key=lambda k: order.get(k, -1))
     return load * len(loading), {k: load * (i + 1) for i, k in enumerate(loading)}
+
+
+def _smallest(n: int, pairs: list[tuple[float, Key]]) -> list[tuple[float, Key]]:
+    """heapq.nsmallest(n, pairs) for (value, key) pairs with distinct keys, faster on a few hundred pairs: only
+    the pairs at or under the n-th smallest value are sorted as tuples."""
+    if len(pairs) > n > 0:
+        cut = sorted([q for q, _ in pairs])[n - 1]
+        pairs = [pair for pair in pairs if pair[0] <= cut]
+    return sorted(pairs)[:n]
 
 
 def fastest_split(view: LayerView, cache: ExpertCache, costs: Costs | None) -> tuple[list[int], list[int]]:
@@ -420,32 +429,34 @@ class PreScope(Predictive):
         forecast = self.forecast(view, self.lookahead)
         link_free, eta = link_state(cache, self.issued, costs.load)
         owner, state, pinned, present, ready = cache.owner, cache.state, cache.pinned, cache.slot_of, SlotState.RESIDENT
-        resident = frozenset(owner[s] for j in range(layer, layer + len(forecast) + 1) for s in cache.by_layer[j]
-                             if state[s] is ready)
+        resident = frozenset([owner[s] for j in range(layer, layer + len(forecast) + 1) for s in cache.by_layer[j]
+                              if state[s] is ready])
         keep = self.candidates or 2 * self.top_k()
         worth = self.transfer_host_s / (costs.load + self.transfer_host_s)  # p below it: the issue costs more
         predictions, compute = [], []
         for d, (p, n) in enumerate(forecast, 1):
-            absent = sorted((e for e in range(E) if p[e] > worth and (layer + d, e) not in present),
-                            key=lambda e: (-p[e], e))
+            absent = [e for e in range(E) if p[e] > worth and (layer + d, e) not in present]
+            absent.sort(key=p.__getitem__, reverse=True)  # stable: ties by expert
             predictions.append(tuple(presched.Candidate(e, p[e], max(1, round(n[e]))) for e in absent[:keep]))
             compute.append(sum(pe * costs.gpu(max(1, round(ne))) for pe, ne in zip(p, n, strict=True) if pe > 0))
         # victims: a window key's chance of being needed is its prediction, another key's what the memory saw
         # (frequency, at least the lag-1 reuse rate for the last run's experts), so a prefetch never evicts
         # what temporal reuse will ask for again; a prefetch not used yet keeps its slot until its layer ran
         # (no churn between plans); the plan takes at most one victim per routed expert and candidate
-        routed, chances, memory = {(layer, e) for e in view.experts}, [], self.memory
-        for j, slots in cache.by_layer.items():
+        routed, chances, memory, prefetched = {(layer, e) for e in view.experts}, [], self.memory, cache.prefetched
+        for j, slots in cache.by_layer.items():  # every slot: comprehensions, and memory.chance inlined
             d = j - layer
-            in_window = 1 <= d <= len(forecast)
-            for s in slots:
-                key = owner[s]
-                if state[s] is not ready or s in pinned or key in routed or (in_window and cache.prefetched[s]):
-                    continue
-                q = forecast[d - 1][0][key[1]] if in_window else memory.chance(j, key[1], ran=d <= 0)
-                chances.append((q, key))
+            if 1 <= d <= len(forecast):
+                row = forecast[d - 1][0]
+                chances += [(row[owner[s][1]], owner[s]) for s in slots
+                            if state[s] is ready and s not in pinned and not prefetched[s]]
+            else:
+                row, last, reuse = memory.freq[j], memory.now[j] if d <= 0 else memory.prev[j], memory.reuse
+                chances += [(max(row[key[1]], reuse if key[1] in last else 0.0), key)
+                            for key in [owner[s] for s in slots if state[s] is ready and s not in pinned]
+                            if d or key not in routed]
         need = len(view.experts) + sum(len(c) for c in predictions)
-        held = tuple(presched.Held(key, min(1.0, q)) for q, key in heapq.nsmallest(need, chances))
+        held = tuple(presched.Held(key, min(1.0, q)) for q, key in _smallest(need, chances))
         gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
         return presched.Instance(
             layer, view.experts, view.tokens, tuple(predictions), costs.load, costs.gpu, costs.cpu,

@@ -69,6 +69,10 @@ where an expert's GPU time is flat in tokens; otherwise the split is the best th
    bounds cannot beat the best J.
 
 Inputs a caller estimates (ETAs, link_free, gap, predictions, victims' probabilities) are taken as given.
+Speed: plain Python for windows this small (E = 64, K = 8, D = 3); per call the cost functions are
+memoised, π = 0's merges are shared by the relaxation and every other choice, and partial marginals are
+computed only for layers that may use them. `planning_time` (`python -m prescope.presched --bench`)
+measures it on `bench_instances`.
 Letters: D lookahead distance, E experts, K top-k, S slots, τ transfer time of one expert.
 """
 
@@ -76,6 +80,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import accumulate
+from operator import neg
 from typing import NamedTuple
 
 Key = tuple[int, int]  # (MoE layer ordinal, expert)
@@ -175,32 +181,28 @@ class Plan:
     objective: float
 
 
-class _Costs:
-    """The instance's cost functions memoised for one planning call (few distinct token counts)."""
+class _Table(dict):
+    """A cost function `fn` memoised by token count: table[n] computes fn(n) on first use."""
 
-    __slots__ = ("inst", "g", "c", "s")
+    __slots__ = ("fn",)
+
+    def __missing__(self, n: float) -> float:
+        t = self[n] = self.fn(n)
+        return t
+
+
+class _Costs:
+    """The instance's cost functions memoised for one planning call (few distinct token counts), looked up
+    as gpu[n], cpu[n] and stall[n] = min(τ, max(0, cpu(n) − gpu(n))), what a miss of n tokens adds to its
+    layer."""
+
+    __slots__ = ("gpu", "cpu", "stall")
 
     def __init__(self, inst: Instance):
-        self.inst, self.g, self.c, self.s = inst, {}, {}, {}
-
-    def gpu(self, n: float) -> float:
-        t = self.g.get(n)
-        if t is None:
-            t = self.g[n] = self.inst.gpu(n)
-        return t
-
-    def cpu(self, n: float) -> float:
-        t = self.c.get(n)
-        if t is None:
-            t = self.c[n] = self.inst.cpu(n)
-        return t
-
-    def stall(self, n: float) -> float:
-        """min(τ, max(0, cpu(n) − gpu(n))): what a miss of n tokens adds to its layer."""
-        t = self.s.get(n)
-        if t is None:
-            t = self.s[n] = min(self.inst.load, max(0.0, self.cpu(n) - self.gpu(n)))
-        return t
+        self.gpu, self.cpu, self.stall = gpu, cpu, stall = _Table(), _Table(), _Table()
+        load = inst.load
+        gpu.fn, cpu.fn = inst.gpu, inst.cpu
+        stall.fn = lambda n: min(load, max(0.0, cpu[n] - gpu[n]))
 
 
 # ---- layer l: the split ----------------------------------------------------------------------------------
@@ -212,10 +214,11 @@ def split_finishes(inst: Instance, costs: _Costs | None = None) -> tuple[list[fl
     present, misses = [], []
     layer, resident, inflight = inst.layer, inst.resident, inst.inflight
     for e, n in zip(inst.experts, inst.tokens, strict=True):
-        if (layer, e) in resident:
+        key = (layer, e)
+        if key in resident:
             present.append((0.0, e, n))
-        elif (layer, e) in inflight:
-            present.append((inflight[(layer, e)], e, n))
+        elif key in inflight:
+            present.append((inflight[key], e, n))
         else:
             misses.append((e, n))
     present.sort(key=lambda r: (r[0], -r[2], r[1]))
@@ -223,12 +226,12 @@ def split_finishes(inst: Instance, costs: _Costs | None = None) -> tuple[list[fl
     top = min(len(misses), inst.free_slots + len(inst.evictable))
     # every job of the largest split by readiness (j = index of a load, -1 for a present expert); a smaller
     # split keeps the same order without its later loads
-    tau, start = inst.load, inst.demand_start
-    jobs = sorted([(r, -1, costs.gpu(n)) for r, _, n in present]
-                  + [(start + j * tau, j, costs.gpu(misses[j - 1][1])) for j in range(1, top + 1)])
+    tau, start, gpu, cpu = inst.load, inst.demand_start, costs.gpu, costs.cpu
+    jobs = sorted([(r, -1, gpu[n]) for r, _, n in present]
+                  + [(start + j * tau, j, gpu[misses[j - 1][1]]) for j in range(1, top + 1)])
     cpu_after = [0.0] * (len(misses) + 1)
     for j in range(len(misses) - 1, -1, -1):
-        cpu_after[j] = cpu_after[j + 1] + costs.cpu(misses[j][1])
+        cpu_after[j] = cpu_after[j + 1] + cpu[misses[j][1]]
     finishes = []
     for m in range(top + 1):
         g = 0.0
@@ -244,7 +247,7 @@ def layer_starts(inst: Instance, costs: _Costs | None = None, fastest: float | N
     (computed unless given) and c_d = `compute` or Σ p·gpu(n) over layer l+d's candidates."""
     costs = costs or _Costs(inst)
     start = (min(split_finishes(inst, costs)[0]) if fastest is None else fastest) + inst.gap
-    compute = inst.compute or [sum(c[1] * costs.gpu(c[2]) for c in layer) for layer in inst.predictions]
+    compute = inst.compute or [sum(c[1] * costs.gpu[c[2]] for c in layer) for layer in inst.predictions]
     starts = []
     for c in compute:
         starts.append(start)
@@ -260,14 +263,14 @@ def _frac(r: float, i: int) -> float:
     return 1.0 if x >= 1.0 else (x if x > 0.0 else 0.0)
 
 
-def _chain(lists: list[list[float]], caps: list[int], kcap: int) -> list[float]:
-    """Marginal values the greedy accepts, best first, under nested caps Σ_{d'≤d} n_d' ≤ caps[d] and a
-    total cap: merge layer by layer, keeping the top caps[d] after each merge (an item that survives is
-    never blocked by the items above it, so the greedy accepts exactly these, in this order)."""
-    acc: list[float] = []
-    for lst, cap in zip(lists, caps, strict=True):
-        acc = sorted(acc + lst[:cap], reverse=True)[:cap] if lst else acc[:cap]
-    return acc[:kcap]
+def _merge(acc: list, lst: list, cap: int) -> list:
+    """The `cap` largest of two descending lists, descending: one step of the greedy's layer-by-layer merge
+    (an item that survives is never blocked by the items above it)."""
+    if not lst:
+        return acc[:cap]
+    if not acc:
+        return lst[:cap]
+    return sorted(acc + lst[:cap], reverse=True)[:cap]
 
 
 def _marginals(w: list[float], f: float) -> list[float]:
@@ -280,26 +283,50 @@ def _marginals(w: list[float], f: float) -> list[float]:
 class _Window:
     """The prefetch term for any m: weights w[d] (descending), position capacities r0[d] = (S_d − L0(0))/τ,
     victims' losses lam (ascending). β's fractional parts do not change with m (each load shifts every
-    position by exactly τ), so the partial marginals are computed once."""
+    position by exactly τ), so a layer's partial marginals are computed once, when first needed. Per m, the
+    greedy's merges for π = 0 are kept: every other choice, and the relaxation, share their first layers."""
 
     def __init__(self, w: list[list[float]], r0: list[float], lam: list[float], cap: int):
         self.w, self.r0, self.lam, self.cap = w, r0, lam, cap
         self.f = [x - int(x) if x > 0 else 0.0 for x in r0]
-        self.part = [_marginals(wd, fd) if fd > 0 and wd else wd for wd, fd in zip(w, self.f, strict=True)]
+        self._part: dict[int, list[float]] = {}
+        self._shapes: dict[int, tuple[list[int], int, list[int]]] = {}
+        self._states: dict[int, list[list[float]]] = {}
         self._relaxed: dict[int, tuple[float, int]] = {}
 
-    def _shape(self, m: int) -> tuple[list[int], int, list[tuple[int, ...]]]:
-        """(c, kcap, options): full positions per layer, the prefetch cap, and π_d's possible values."""
-        kcap = min(self.cap, len(self.lam) - m)
-        c = [int(x) - m if x - m > 0 else 0 for x in self.r0]
-        options = [(0, 1) if x > m and f > 0 and wd and cd < kcap else (0,)
-                   for x, f, wd, cd in zip(self.r0, self.f, self.w, c, strict=True)]
-        return c, kcap, options
+    def part(self, d: int) -> list[float]:
+        """Layer d's marginals with its partial position in use."""
+        if d not in self._part:
+            self._part[d] = _marginals(self.w[d], self.f[d]) if self.f[d] > 0 and self.w[d] else self.w[d]
+        return self._part[d]
 
-    def _scan(self, acc: list[float], j: int) -> tuple[float, int]:
-        """Σ (g − λ_j) over the accepted marginals while each beats the next victim's loss; (sum, count)."""
+    def _shape(self, m: int) -> tuple[list[int], int, list[int]]:
+        """(c, kcap, opens): full positions per layer, the prefetch cap, and the layers whose partial position
+        may be used (π_d ∈ {0, 1})."""
+        if m not in self._shapes:
+            kcap = min(self.cap, len(self.lam) - m)
+            c = [int(x) - m if x - m > 0 else 0 for x in self.r0]
+            opens = [d for d, (x, f, wd, cd) in enumerate(zip(self.r0, self.f, self.w, c, strict=True))
+                     if x > m and f > 0 and wd and cd < kcap]
+            self._shapes[m] = (c, kcap, opens)
+        return self._shapes[m]
+
+    def _zero(self, m: int) -> list[list[float]]:
+        """The π = 0 greedy's accepted marginals before each layer and after the last (before the cap)."""
+        if m not in self._states:
+            states, acc = [], []
+            for wd, cd in zip(self.w, self._shape(m)[0], strict=True):
+                states.append(acc)
+                acc = _merge(acc, wd, cd)
+            states.append(acc)
+            self._states[m] = states
+        return self._states[m]
+
+    def _scan(self, acc: list[float], j: int, limit: int) -> tuple[float, int]:
+        """Σ (g − λ_j) over the first `limit` accepted marginals while each beats the next victim's loss;
+        (sum, count)."""
         lam, value, start = self.lam, 0.0, j
-        for g in acc:
+        for g in acc[:limit]:
             if g <= lam[j]:
                 break
             value += g - lam[j]
@@ -314,9 +341,15 @@ class _Window:
         past the count a plan's least valuable prefetch is worth less than its victim; dropping it and
         closing the gap is no worse)."""
         if m not in self._relaxed:
-            c, kcap, options = self._shape(m)
-            caps = [cd + any(len(options[e]) > 1 and c[e] == cd for e in range(d + 1)) for d, cd in enumerate(c)]
-            self._relaxed[m] = self._scan(_chain(self.w, caps, kcap), m)
+            c, kcap, opens = self._shape(m)
+            states, seen = self._states.get(m), set()
+            start = (opens[0] if opens else len(c)) if states else 0  # before it, the merges of π = 0
+            acc = states[start] if states else []
+            for d in range(start, len(c)):
+                if d in opens:
+                    seen.add(c[d])
+                acc = _merge(acc, self.w[d], c[d] + (c[d] in seen))
+            self._relaxed[m] = self._scan(acc, m, kcap)
         return self._relaxed[m]
 
     def bound(self, m: int) -> float:
@@ -324,47 +357,51 @@ class _Window:
 
     def best(self, m: int, prune: bool = True) -> tuple[float, tuple[int, ...], list[int], int]:
         """(value, π, c, taken): the best prefetch value with m on-demand loads (step 2), over every choice π
-        of partial positions, layer by layer so that choices sharing their first layers share the merges.
-        With `prune`, π = 0 alone is solved when the relaxation does not beat it, and a partial position past
-        the relaxation's count is not opened."""
-        c, kcap, options = self._shape(m)
-        D, w, part, f, lam = len(c), self.w, self.part, self.f, self.lam
-        if prune and any(len(o) > 1 for o in options):
-            bound, most = self.relaxed(m)
-            options = [o if c[d] + 1 <= most else (0,) for d, o in enumerate(options)]
-        if prune or not any(len(o) > 1 for o in options):
-            zero = _chain(w, c, kcap)
-            value, taken = self._scan(zero, m)
-            if not any(len(o) > 1 for o in options) or self.bound(m) <= value:
-                return value, (0,) * D, c, taken
-        best = None
-        stack = [(0, (), [], [], 0.0)]  # (layer, π so far, accepted so far, partial positions, their value)
-        while stack:
-            d, pi, acc, used, extra = stack.pop()
-            if d == D:
-                k = len(used)
-                value, taken = self._scan(acc[:kcap - k], m + k)
-                value += extra - sum(lam[m:m + k])
-                if best is None or value > best[0] or (value == best[0] and sum(pi) < sum(best[1])):
-                    best = (value, pi, c, taken)
-                continue
-            for p in reversed(options[d]):
-                if p and c[d] + 1 in used:
-                    continue
-                cap = c[d] - sum(1 for u in used if u <= c[d])
-                lst = part[d] if p else w[d]
-                nxt = sorted(acc + lst[:cap], reverse=True)[:cap] if lst else acc[:cap]
-                stack.append((d + 1, pi + (p,), nxt, used + [c[d] + 1] if p else used,
-                              extra + f[d] * w[d][0] if p else extra))
-        return best
+        of partial positions, depth first in lexicographic order of π from π = 0 (ties: fewer partial
+        positions, then the first found), so that choices sharing their first layers share the merges. With
+        `prune`, π = 0 alone is solved when the relaxation does not beat it, and a partial position past the
+        relaxation's count is not opened."""
+        c, kcap, opens = self._shape(m)
+        states = self._zero(m)
+        D, w, f, lam = len(c), self.w, self.f, self.lam
+        if prune and opens:
+            most = self.relaxed(m)[1]
+            opens = [d for d in opens if c[d] + 1 <= most]
+        value, taken = self._scan(states[-1], m, kcap)
+        if not opens or (prune and self.bound(m) <= value):
+            return value, (0,) * D, c, taken
+        # every π layer by layer from the first open one, children π_d = 0 before π_d = 1 (so the leaves come
+        # in lexicographic order, π = 0 first): (π as bits, layer 0 the highest; accepted so far; partial
+        # positions; their value)
+        frontier = [(0, states[opens[0]], (), 0.0)]
+        for d in range(opens[0], D):
+            cd, wd, bit, children = c[d], w[d], 1 << (D - 1 - d), []
+            part = self.part(d) if d in opens else None
+            for bits, acc, used, extra in frontier:
+                cap = cd
+                for u in used:
+                    if u <= cd:
+                        cap -= 1
+                children.append((bits, _merge(acc, wd, cap) if used else states[d + 1], used, extra))
+                if part is not None and cd + 1 not in used:
+                    children.append((bits | bit, _merge(acc, part, cap), used + (cd + 1,), extra + f[d] * wd[0]))
+            frontier = children
+        best = (value, 0, 0, taken)  # value, π, partial positions, taken: ties go to fewer partial positions
+        for bits, acc, used, extra in frontier[1:]:
+            k = len(used)
+            value, taken = self._scan(acc, m + k, kcap - k)
+            value += extra - sum(lam[m:m + k])
+            if value > best[0] or (value == best[0] and k < best[2]):
+                best = (value, bits, k, taken)
+        value, bits, _, taken = best
+        return value, tuple(bits >> (D - 1 - d) & 1 for d in range(D)), c, taken
 
     def counts(self, pi, c, m: int, taken: int) -> list[int]:
         """Full prefetches per layer among the accepted items (the same merges, each item with its layer)."""
         used, acc = [c[d] + 1 for d in range(len(c)) if pi[d]], []
-        for d in range(len(c)):
-            cap = c[d] - sum(1 for u in used if u <= c[d])
-            lst = self.part[d] if pi[d] else self.w[d]
-            acc = sorted(acc + [(x, -d) for x in lst[:cap]], reverse=True)[:cap]
+        for d, cd in enumerate(c):
+            cap = cd - sum(1 for u in used if u <= cd)
+            acc = _merge(acc, [(x, -d) for x in (self.part(d) if pi[d] else self.w[d])[:cap]], cap)
         counts = [0] * len(c)
         for _, nd in acc[:taken]:
             counts[-nd] += 1
@@ -372,20 +409,38 @@ class _Window:
 
 
 def _arrange(pi, counts, c, sizes) -> list[tuple[int, int]]:
-    """(layer index d, rank in its layer) per prefetch, in link order: partial jobs at c_d + 1, full jobs
-    earliest deadline first into the other positions, gaps closed (moving a prefetch earlier never lowers
+    """(layer index d, rank in its layer) per prefetch, in link order: full jobs earliest deadline first,
+    each partial job at its position c_d + 1 among them, gaps closed (moving a prefetch earlier never lowers
     its β)."""
-    pos = {c[d] + 1: (d, counts[d]) for d in range(len(counts)) if pi[d] and counts[d] < sizes[d]}
-    nxt = 1
-    for d in range(len(counts)):
-        for rank in range(counts[d]):
-            while nxt in pos:
-                nxt += 1
-            pos[nxt] = (d, rank)
-    return [pos[p] for p in sorted(pos)]
+    order = [(d, rank) for d, n in enumerate(counts) for rank in range(n)]
+    for p, d in sorted((c[d] + 1, d) for d in range(len(counts)) if pi[d] and counts[d] < sizes[d]):
+        order.insert(p - 1, (d, counts[d]))
+    return order
 
 
 # ---- the planner -----------------------------------------------------------------------------------------
+
+def _best_split(window: _Window, splits: list[int], fixed: list[float], prune: bool,
+                sizes: list[int]) -> tuple[int, list[tuple[int, int]]]:
+    """(m, prefetches in link order) minimising J(m) = fixed[m] − V(m), fixed[m] = F0(m) + the m on-demand
+    victims' losses + base stall, trying `splits` in order of F0 (the first best wins ties). V(m), the best
+    prefetch value, only falls as m grows and never exceeds its bound (nor bound(0), which also falls with
+    m), so a split is skipped once its fixed part cannot win."""
+    found = window.best(splits[0], prune)
+    best_j, best = fixed[splits[0]] - found[0], (splits[0], found)
+    values = [(splits[0], found[0])]  # (m, V(m)) of the splits evaluated
+    for m in splits[1:]:
+        floor_j = fixed[m]
+        if (any(mm <= m and floor_j - v >= best_j for mm, v in values) or floor_j - window.bound(0) >= best_j
+                or floor_j - window.bound(m) >= best_j):
+            continue
+        found = window.best(m, prune)
+        values.append((m, found[0]))
+        if floor_j - found[0] < best_j:
+            best_j, best = floor_j - found[0], (m, found)
+    m, (_, pi, c, taken) = best
+    return m, _arrange(pi, window.counts(pi, c, m, taken), c, sizes)
+
 
 def plan(inst: Instance, prune: bool = True) -> Plan:
     """The plan minimising J (module docstring) for `inst`; among equal J, the faster split of layer l.
@@ -393,11 +448,12 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
     costs, tau = _Costs(inst), inst.load
     finishes, present, misses = split_finishes(inst, costs)
     starts = layer_starts(inst, costs, min(finishes))
+    stall, free = costs.stall, inst.free_slots
     # victims: free slots first, then evictable keys by loss; lam[j] is the (j+1)-th cheapest
-    stall, memo = costs.stall, costs.s
-    held = sorted([(p * (memo[n] if n in memo else stall(n)), key) for key, p, n in inst.evictable])
-    lam = [0.0] * inst.free_slots + [x[0] for x in held]
-    slots, floor = len(lam), (lam[0] if lam else 0.0)
+    held = sorted([(p * stall[n], key) for key, p, n in inst.evictable])
+    losses, keys = zip(*held, strict=True) if held else ((), ())
+    lam = [0.0] * free + list(losses)
+    floor = lam[0] if lam else 0.0
     # the window's absent candidates by weight w = p·stall(n), best first, per layer; one at or below the
     # cheapest loss is never loaded, but the first of them may enter a partial position's marginal
     ranked, weights, base = [], [], 0.0
@@ -408,46 +464,40 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
             key = (target, e)
             if key in resident or key in inflight:
                 continue
-            wt = p * (memo[n] if n in memo else stall(n))
+            wt = p * stall[n]
             if wt > 0:
                 rows.append((wt, -e))
                 base += wt
         rows.sort(reverse=True)
-        keep = 1
-        while keep < len(rows) and rows[keep - 1][0] > floor:
-            keep += 1
-        ranked.append([-x[1] for x in rows[:keep]])
-        weights.append([x[0] for x in rows[:keep]])
-    prefix = [0.0]
-    for x in lam:
-        prefix.append(prefix[-1] + x)
-    cap = slots if inst.max_prefetch is None else min(slots, inst.max_prefetch)
-    window = _Window(weights, [(s - inst.link_free) / tau for s in starts], lam, cap)
-    # m by F0; V(m), the best prefetch value, only falls as m grows and never exceeds its bound (nor bound(0),
-    # which also falls with m), so a split is skipped once its F0 cannot win
-    best_j, best, values = None, None, []  # values: (m, V(m)) of the splits evaluated
-    for m in sorted(range(len(finishes)), key=lambda m: (finishes[m], m)):
-        if best_j is not None:
-            floor_j = finishes[m] + prefix[m] + base
-            if (any(mm <= m and floor_j - v >= best_j for mm, v in values) or floor_j - window.bound(0) >= best_j
-                    or floor_j - window.bound(m) >= best_j):
-                continue
-        found = window.best(m, prune)
-        values.append((m, found[0]))
-        if best_j is None or finishes[m] + prefix[m] + base - found[0] < best_j:
-            best_j, best = finishes[m] + prefix[m] + base - found[0], (m, found)
-    m, (_, pi, c, taken) = best
-    order = _arrange(pi, window.counts(pi, c, m, taken), c, [len(x) for x in ranked])
-    prefetch = tuple((inst.layer + d + 1, ranked[d][rank]) for d, rank in order)
+        if rows and rows[-1][0] <= floor:
+            del rows[next(i for i, row in enumerate(rows) if row[0] <= floor) + 1:]
+        w, e = zip(*rows, strict=True) if rows else ((), ())
+        weights.append(list(w))
+        ranked.append(list(map(neg, e)))
+    prefix = list(accumulate(lam, initial=0.0))
+    splits = sorted(range(len(finishes)), key=finishes.__getitem__)  # stable: ties by m
+    if any(weights):
+        window = _Window(weights, [(s - inst.link_free) / tau for s in starts], lam,
+                         len(lam) if inst.max_prefetch is None else min(len(lam), inst.max_prefetch))
+        fixed = [finishes[m] + prefix[m] + base for m in range(len(finishes))]  # J(m) + V(m)
+        m, order = _best_split(window, splits, fixed, prune, [len(x) for x in ranked])
+    else:  # nothing worth prefetching: V(m) = 0 for every split
+        m, order = min(splits, key=lambda m: finishes[m] + prefix[m] + base), []
+    # the prefetches in link order, each saving w·β_d(i) of its stall (i 1-based: β = clip(r_d − (i − 1), 0, 1))
     L0 = inst.link_free + m * tau
-    saved = sum(weights[d][rank] * _frac((starts[d] - L0) / tau, i) for i, (d, rank) in enumerate(order, 1))
+    r = [(s - L0) / tau for s in starts]
+    prefetch, saving = [], []
+    for i, (d, rank) in enumerate(order):
+        prefetch.append((inst.layer + d + 1, ranked[d][rank]))
+        x = r[d] - i
+        saving.append(weights[d][rank] * (1.0 if x >= 1.0 else (x if x > 0.0 else 0.0)))
     loads = tuple(e for e, _ in misses[:m])
     ready = sorted([(t, i, e) for i, (t, e, _) in enumerate(present)]
                    + [(inst.demand_start + j * tau, len(present) + j, e) for j, e in enumerate(loads, 1)])
-    victims = [None] * inst.free_slots + [x[1] for x in held]
-    objective = finishes[m] + prefix[m + len(prefetch)] + base - saved
+    used = m + len(prefetch)
     return Plan(gpu=tuple(e for _, _, e in ready), cpu=tuple(e for e, _ in misses[m:]), loads=loads,
-                prefetch=prefetch, victims=tuple(victims[:m + len(prefetch)]), objective=objective)
+                prefetch=tuple(prefetch), victims=((None,) * min(used, free) + keys)[:used],
+                objective=finishes[m] + prefix[used] + base - sum(saving))
 
 
 # ---- the objective of any plan ---------------------------------------------------------------------------
@@ -471,14 +521,14 @@ def expected_window_latency(inst: Instance, p: Plan) -> float:
         ready[e] = inst.demand_start + j * tau
     g = 0.0
     for e in p.gpu:
-        g = max(g, ready[e]) + costs.gpu(routed[e])
-    cpu_end = inst.cpu_free + sum(costs.cpu(routed[e]) for e in p.cpu) if p.cpu else 0.0
+        g = max(g, ready[e]) + costs.gpu[routed[e]]
+    cpu_end = inst.cpu_free + sum(costs.cpu[routed[e]] for e in p.cpu) if p.cpu else 0.0
     f0 = max(g, cpu_end)
     # victims
     if len(p.victims) != len(p.loads) + len(p.prefetch):
         raise PlanError(f"one victim per load and prefetch: {len(p.loads)} + {len(p.prefetch)}, got {len(p.victims)}")
     named = [v for v in p.victims if v is not None]
-    loss_of = {h.key: h.prob * costs.stall(h.tokens) for h in inst.evictable}
+    loss_of = {h.key: h.prob * costs.stall[h.tokens] for h in inst.evictable}
     if len(named) != len(set(named)) or any(v not in loss_of for v in named):
         raise PlanError(f"victims must be distinct evictable keys, got {named}")
     if len(p.victims) - len(named) > inst.free_slots:
@@ -492,7 +542,7 @@ def expected_window_latency(inst: Instance, p: Plan) -> float:
             key = (inst.layer + d, cand.expert)
             if key in inst.resident or key in inst.inflight:
                 continue
-            wt = cand.prob * costs.stall(cand.tokens)
+            wt = cand.prob * costs.stall[cand.tokens]
             cands[key] = (d, wt)
             base += wt
     if len(set(p.prefetch)) != len(p.prefetch):
@@ -521,3 +571,97 @@ def link_schedule(inst: Instance, p: Plan) -> list[tuple[Key, str, float, float]
     return rows
 
 
+
+
+# ---- planning speed --------------------------------------------------------------------------------------
+
+def bench_instances(budget_share: float, count: int, *, num_layers: int = 16, num_experts: int = 64, top_k: int = 8,
+                    lookahead: int = 3, hidden: int = 2048, intermediate: int = 1024, dtype_bytes: int = 2,
+                    present: float = 0.75, in_flight: int = 4, profile: str = "h200", seed: int = 0) -> list[Instance]:
+    """Decode instances shaped as the prescope policy builds them (defaults: OLMoE-1B-7B, L = 16, E = 64,
+    K = 8, D = 3, on `profile`) with a full cache of budget_share·L·E slots, the same number per layer: of
+    layer l's K routed experts (one token each) a share `present` is resident, the rest are misses; for
+    l+1 … l+D, the inclusion probabilities of a skewed top-K router, whose 2·K likeliest absent experts are
+    the candidates, after the `in_flight` likeliest of l+1, on the link; victims: the cheapest resident keys
+    outside layer l, one per routed expert and candidate (a window key's chance is its prediction, another
+    key's a random frequency)."""
+    import functools
+    import random
+
+    from . import cost
+    from .profiles import load_profile
+
+    prof, rng = load_profile(profile), random.Random(seed)
+    L, E, K, D = num_layers, num_experts, top_k, lookahead
+    load = cost.transfer_time(cost.expert_bytes(hidden, intermediate, dtype_bytes), prof)
+
+    @functools.cache  # memoised across plans, as the policies hold their costs
+    def gpu(n: float) -> float:
+        return cost.gpu_expert_time(n, hidden, intermediate, dtype_bytes, prof)
+
+    @functools.cache
+    def cpu(n: float) -> float:
+        return cost.cpu_expert_time(n, hidden, intermediate, dtype_bytes, prof)
+
+    out = []
+    for _ in range(count):
+        layer = rng.randrange(L - D)
+        cached = {(j, e) for j in range(L) if j != layer for e in rng.sample(range(E), round(budget_share * E))}
+        experts = tuple(rng.sample(range(E), K))
+        cached |= {(layer, e) for e in experts if rng.random() < present}
+        inflight, predictions, compute, chance = {}, [], [], {}
+        for d in range(1, D + 1):
+            raw = [rng.lognormvariate(0.0, 2.0) for _ in range(E)]
+            p = [min(1.0, K * x / sum(raw)) for x in raw]
+            chance.update(((layer + d, e), p[e]) for e in range(E))
+            absent = sorted((e for e in range(E) if (layer + d, e) not in cached), key=lambda e, p=p: -p[e])
+            if d == 1:
+                inflight = {(layer + 1, e): load * (i + 1) for i, e in enumerate(absent[:in_flight])}
+            predictions.append(tuple(Candidate(e, p[e]) for e in absent[len(inflight) if d == 1 else 0:][:2 * K]))
+            compute.append(sum(p) * gpu(1))
+        victims = sorted((chance.get(key, rng.random() ** 2), key) for key in cached if key[0] != layer)
+        held = tuple(Held(key, q) for q, key in victims[:K + sum(len(c) for c in predictions)])
+        resident = frozenset(key for key in cached if layer <= key[0] <= layer + D)
+        out.append(Instance(layer, experts, (1.0,) * K, tuple(predictions), load, gpu, cpu, resident=resident,
+                            inflight=inflight, evictable=held, link_free=load * len(inflight), demand_free=0.0,
+                            gap=prof.host_overhead_per_layer_s + prof.gpu_dense.fixed_s, compute=tuple(compute)))
+    return out
+
+
+def planning_time(budget_shares: tuple[float, ...] = (0.25, 0.5), count: int = 300, repeats: int = 5,
+                  **shape) -> dict[float, dict[str, float]]:
+    """Planning time per layer on this machine's CPU, per budget: the median and p90 over `count`
+    `bench_instances` (`shape`: their keyword arguments) of each instance's best of `repeats` plans, in ms
+    (the best of a few damps a busy machine's noise)."""
+    import time
+
+    result = {}
+    for share in budget_shares:
+        times = []
+        for inst in bench_instances(share, count, **shape):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                plan(inst)
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+        times.sort()
+        result[share] = {"median_ms": times[len(times) // 2] * 1e3, "p90_ms": times[int(0.9 * len(times))] * 1e3}
+    return result
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m prescope.presched", description="PreSched planning speed")
+    parser.add_argument("--bench", action="store_true", help="print planning time per layer (E=64, K=8, D=3)")
+    parser.add_argument("--count", type=int, default=300, help="instances per budget")
+    parser.add_argument("--repeats", type=int, default=5, help="plans per instance (the best counts)")
+    args = parser.parse_args()
+    if args.bench:
+        for share, t in planning_time(count=args.count, repeats=args.repeats).items():
+            print(json.dumps({"bench": "presched.plan", "E": 64, "K": 8, "D": 3, "budget_share": share,
+                              **{k: round(v, 4) for k, v in t.items()}}))
+    else:
+        parser.print_help()
