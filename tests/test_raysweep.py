@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pandas as pd
 import pytest
+from test_sweep import write_notebook as sweep_notebook
 
 from prescope import sweep
 from prescope.raysweep import (
@@ -54,12 +54,7 @@ SHUTDOWN_WAIT_S = 20.0
 
 
 def write_notebook(path: Path) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(PARAMS, metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell(BODY)]
-    nbformat.write(nb, path)
-    return path
+    return sweep_notebook(path, PARAMS, BODY)
 
 
 def _descendants(root: int) -> set[int]:

@@ -21,11 +21,11 @@ BODY = ("from prescope.metrics import record_metrics\n"
         "               work=steps * rate, policy=policy, steps=steps)")
 
 
-def write_notebook(path: Path) -> Path:
+def write_notebook(path: Path, params: str = PARAMS, body: str = BODY) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(PARAMS, metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell(BODY)]
+    nb.cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(body)]
     nbformat.write(nb, path)
     return path
 
