@@ -54,7 +54,9 @@ ACCELERATE = "accelerate"
 ALL_POLICIES = ("on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix", "prescope",
                 "oracle")
 GATE_POLICIES = ("lookahead_prefetch", "hybrid")
-SYNC = "+sync"
+SYNC = "+sync"  # `name+sync`: the policy with AsyncIO off (every copy issued at once, first come first served)
+SEQUENCES = "sequences"  # measure_stock's generated ids, kept out of the result rows
+RAW = "+raw"  # `prescope+raw`: PreScope without the online calibration of its predictor's probabilities
 
 
 @dataclass(frozen=True)
@@ -177,13 +179,13 @@ def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device, pro
     try:
         _generate(model, batch, 16, cfg.warmup_tokens, cfg.seed + 1, device=device)
         stamps.clear()
-        _generate(model, batch, cfg.input_len, new_tokens or cfg.output_len, cfg.seed, prompts, device=device)
+        out = _generate(model, batch, cfg.input_len, new_tokens or cfg.output_len, cfg.seed, prompts, device=device)
     finally:
         for h in hooks:
             h.remove()
     starts, ends = [t for k, t in stamps if k == "s"], [t for k, t in stamps if k == "e"]
     latencies = [e - s for s, e in zip(starts, ends, strict=True)]
-    return _decode_metrics(latencies[0], latencies[1:], batch)
+    return {**_decode_metrics(latencies[0], latencies[1:], batch), SEQUENCES: out.cpu()}
 
 
 def _decode_metrics(ttft: float, decode: list[float], batch: int) -> dict:
@@ -193,8 +195,9 @@ def _decode_metrics(ttft: float, decode: list[float], batch: int) -> dict:
 
 
 def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: RoutingReplay | None = None,
-                   prompts: np.ndarray | None = None) -> tuple[dict, np.ndarray, pd.DataFrame]:
-    """One cell: warm up, then a step-timed run (throughput, routing) and a fully timed run (timeline)."""
+                   prompts: np.ndarray | None = None, stock: torch.Tensor | None = None) -> tuple[dict, np.ndarray, pd.DataFrame]:
+    """One cell: warm up, then a step-timed run (throughput, routing, and its tokens against the stock run's
+    `stock` [B, T]) and a fully timed run (timeline)."""
     layout = engine.layout
     engine.set_timing("steps")
     engine.set_replay(replay)
@@ -209,7 +212,7 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
             routing.append(indices.detach().to(torch.int16))
 
     with adapter.observe_routing(model, keep if replay is None else lambda *_: None):
-        _generate(model, batch, cfg.input_len, cfg.output_len, cfg.seed, prompts)
+        out = _generate(model, batch, cfg.input_len, cfg.output_len, cfg.seed, prompts).cpu()
     steps = engine.step_table()
     is_decode = steps["phase"] == "decode"
     decode = steps[is_decode]["latency"].tolist()
@@ -229,6 +232,9 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
            "step_ms_per_layer": 1e3 * sum(engine.host_seconds) / calls,
            "host_ms_per_layer": 1e3 * (sum(engine.host_seconds) - sum(engine.sync_seconds)) / calls,
            "policy_ms_per_layer": 1e3 * sum(engine.plan_seconds) / calls}
+    if stock is not None and stock.shape == out.shape:  # bf16 per-expert kernels may round differently
+        row |= {"tokens_equal_stock": bool(torch.equal(out, stock)),
+                "token_match_share": float((out == stock).float().mean())}
     timeline = pd.DataFrame()
     if cfg.timeline_tokens:
         engine.set_timing("full")
@@ -283,8 +289,9 @@ class Subject:
                                with_hidden=True)
         return replay.hidden[0, replay.prompt_len - 1]
 
-    def policy(self, name: str, lookahead: int = 3):
-        """The policy object with this subject's predictor; (policy, predictor name)."""
+    def policy(self, name: str, lookahead: int = 3, **options):
+        """The policy object with this subject's predictor; (policy, predictor name). `options` go to
+        prescope's constructor."""
         router_model = self.source or self.model
         if name in GATE_POLICIES:
             from .predictors import GateLookahead
@@ -295,9 +302,9 @@ class Subject:
 
             if self.llapor is not None:
                 depth = min(lookahead, self.llapor.config.distance)
-                return make_policy(name, predictor=self.llapor, lookahead=depth), "llapor"
-            return make_policy(name, predictor=GateLookahead.from_model(router_model), lookahead=lookahead), \
-                "gate_lookahead"
+                return make_policy(name, predictor=self.llapor, lookahead=depth, **options), "llapor"
+            return make_policy(name, predictor=GateLookahead.from_model(router_model), lookahead=lookahead,
+                               **options), "gate_lookahead"
         if name == "oracle":
             return make_policy(name), "replayed future"
         return make_policy(name), "own statistics" if name == "activation_matrix" else "none"
@@ -340,10 +347,11 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         layout = adapter.describe(model)
         base = {"model": name, "layers": layout.num_layers, "moe_layers": layout.num_moe_layers,
                 "expert_MB": layout.expert_bytes / 2**20}
-        replays = {}
+        replays, stock = {}, {}
         for batch in cfg.batch_sizes:
-            rows.append({**base, "policy": STOCK, "budget": 1.0, "batch": batch, "routing": "native",
-                         **measure_stock(model, batch, cfg, device, subject.prompts)})
+            measured = measure_stock(model, batch, cfg, device, subject.prompts)
+            stock[batch] = measured.pop(SEQUENCES)
+            rows.append({**base, "policy": STOCK, "budget": 1.0, "batch": batch, "routing": "native", **measured})
             replays[batch] = subject.replay(batch, cfg)
             _flush(out, meta, rows, routes, timelines)
         overhead = None
@@ -352,9 +360,9 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             meta.setdefault("predictor_overhead", []).append(overhead)
         cells = [(RESIDENT, 1.0)] + [(p, b) for b in cfg.budgets for p in cfg.policies]
         for policy_name, budget in cells:
-            # `name+sync`: the policy with AsyncIO off (every copy issued at once, first come first served)
-            base_name, sync = policy_name.removesuffix(SYNC), policy_name.endswith(SYNC)
-            policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else base_name)
+            base_name, sync, raw = _variant(policy_name)
+            policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else base_name,
+                                               **({"calibrate": False} if raw else {}))
             engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
                                                 profile=cfg.profile, async_io=False if sync else None), policy=policy)
             for batch in cfg.batch_sizes:
@@ -364,7 +372,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                          "routing": "replayed from prescope-tiny" if subject.source is not None
                          else "replayed (stock run)"}
                 try:
-                    row, route, timeline = measure_engine(engine, model, batch, cfg, replays[batch], subject.prompts)
+                    row, route, timeline = measure_engine(engine, model, batch, cfg, replays[batch], subject.prompts,
+                                                          stock[batch])
                 except Exception as exc:  # one failed cell is reported and the others still run
                     print(f"{cell} failed: {type(exc).__name__}: {exc}", flush=True)
                     failed.append({**about, "error": f"{type(exc).__name__}: {exc}"})
@@ -418,6 +427,7 @@ def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: to
         where = torch.device(placement.device)
         for batch in cfg.accelerate_batches:
             row = measure_stock(fresh, batch, cfg, where, subject.prompts, new_tokens=cfg.accelerate_tokens)
+            row.pop(SEQUENCES)
             row = {**base, "policy": ACCELERATE, "budget": budget, "batch": batch, "routing": "native", **row,
                    **{f"placement_{k}": v for k, v in placement.to_dict().items() if k != "device_map"}}
             print(_line(row), flush=True)
@@ -426,25 +436,44 @@ def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: to
         _free(device)
 
 
+def _variant(policy_name: str) -> tuple[str, bool, bool]:
+    """(policy, AsyncIO off, calibration off) from a bench name such as `prescope+raw+sync`."""
+    sync, raw = SYNC in policy_name, RAW in policy_name
+    base = policy_name.replace(SYNC, "").replace(RAW, "")
+    if raw and base != "prescope":
+        raise ValueError(f"{policy_name!r}: {RAW} applies to prescope only")
+    return base, sync, raw
+
+
 def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, repeats: int = 50) -> dict:
     """LLaPor's time per layer on `device` for one decode token: one `predict_window` call over all its
     distances, from recorded router inputs `hidden` [L, H], until the host can read the scores (as the
-    planner does), median over `repeats`, averaged over layers."""
-    L = hidden.shape[0]
-    times = []
+    planner does), median over `repeats`, averaged over layers; eagerly (`us_per_layer`) and replayed from
+    a CUDA graph as the prescope policy runs it (`us_per_layer_graph`, streams.GraphCache)."""
+    from .streams import GraphCache
+
+    L, graphs = hidden.shape[0], GraphCache()
+    eager, graphed = [], []
     for layer in range(L - 1):
         d = list(range(1, min(predictor.config.distance, L - 1 - layer) + 1))
         x = hidden[layer].reshape(1, -1).to(device)  # [1, H]
-        per = []
-        for _ in range(repeats):
-            torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            scores = predictor.predict_window(layer, d, hidden=x)
-            scores[d[0]].sum().item()
-            per.append(time.perf_counter() - t)
-        times.append(statistics.median(per))
+
+        def window(h, layer=layer, d=d):
+            scores = predictor.predict_window(layer, d, hidden=h)
+            return torch.stack([scores[j] for j in d])  # [D', 1, E]
+
+        for times, run in ((eager, window), (graphed, lambda h, d=d, layer=layer, w=window: graphs((layer, len(d)), w, h))):
+            per = []
+            for _ in range(repeats):
+                torch.cuda.synchronize(device)
+                t = time.perf_counter()
+                run(x).cpu()
+                per.append(time.perf_counter() - t)
+            times.append(statistics.median(per))
     return {"predictor": getattr(predictor, "name", "llapor"), "device": torch.cuda.get_device_name(device),
-            "us_per_layer": 1e6 * statistics.fmean(times), "layers": L - 1, "repeats": repeats}
+            "us_per_layer": 1e6 * statistics.fmean(eager), "us_per_layer_graph": 1e6 * statistics.fmean(graphed),
+            "graphs_captured": graphs.captured, "graphs_refused": graphs.refused, "layers": L - 1,
+            "repeats": repeats}
 
 
 def _overhead_shares(overhead: dict, rows: list[dict]) -> dict:
@@ -456,6 +485,8 @@ def _overhead_shares(overhead: dict, rows: list[dict]) -> dict:
             per_layer_us = 1e3 * ref[0]["decode_ms_median"] / ref[0]["moe_layers"]
             shares[f"{policy}_decode_us_per_layer"] = per_layer_us
             shares[f"share_of_{policy}_layer"] = overhead["us_per_layer"] / per_layer_us
+            if "us_per_layer_graph" in overhead:
+                shares[f"graph_share_of_{policy}_layer"] = overhead["us_per_layer_graph"] / per_layer_us
     return shares
 
 

@@ -33,6 +33,7 @@ from operator import is_
 from . import presched
 from .cache import ExpertCache, Key, SlotState
 from .policies import POLICIES, Costs, LayerView, Orders, Policy
+from .reliability import Reliability
 
 MISSING = -1  # the trace's padding expert id (prescope.trace.MISSING), kept here to avoid importing pandas
 UNPLANNED = object()  # a load the last plan did not foresee
@@ -96,6 +97,14 @@ class Memory:
         least the lag-1 reuse rate if the layer's last run (`ran`: this step, else the previous) used it."""
         last = self.now[layer] if ran else self.prev[layer]
         return max(self.freq[layer][expert], self.reuse if expert in last else 0.0)
+
+    def current(self, view: LayerView):
+        """[1, L, W] int64: this step's experts at layers <= view.layer, MISSING elsewhere (History.current)."""
+        import torch
+
+        rows = [list(self.now[layer]) if layer <= view.layer else [] for layer in range(self.L)]
+        width = max([1] + [len(r) for r in rows])
+        return torch.tensor([[r + [MISSING] * (width - len(r)) for r in rows]], dtype=torch.int64)
 
     def history(self, view: LayerView, with_truth: bool):
         """A one-row `predictors.History` of the running step (exact at batch 1; at larger batches one
@@ -164,6 +173,8 @@ class Predictive(Policy):
     memory_decay: weight of the past in the decayed activation frequencies (0.8: about the last 5 steps).
     """
 
+    use_graphs = True  # replay a hidden-state predictor's window from CUDA graphs (False: always eager)
+
     def __init__(self, predictor=None, lookahead: int = 1, memory_decay: float = 0.8):
         if lookahead < 1:
             raise PolicyError(f"lookahead must be >= 1 layer, got {lookahead}")
@@ -171,6 +182,7 @@ class Predictive(Policy):
         self.predictor = None
         self.protect: set[Key] = set()
         self.layer, self.costs_gap = -1, 0.0
+        self.graphs = None  # streams.GraphCache of the forecast, built on first use (CUDA graphs on the GPU)
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         super().reset(cache, num_experts, costs)
@@ -183,7 +195,7 @@ class Predictive(Policy):
         if self.predictor is not None:
             check_predictor(self.predictor, L, num_experts, self.lookahead, self.name)
         self.memory = Memory(L, num_experts, self.memory_decay)
-        self.protect = set()
+        self.protect, self.graphs = set(), None
         if costs is not None:
             self.costs = Costs(costs.load, _memo(costs.gpu), _memo(costs.cpu))
             self.costs_gap = getattr(costs, "layer_gap", 0.0)
@@ -201,17 +213,43 @@ class Predictive(Policy):
             return []
         if self.predictor is None:
             return [self.memory.previous_step(view.layer, d) for d in range(1, depth + 1)]
-        hidden, pred = view.hidden, self.predictor
+        import torch
+
+        from .predictors import History
+
+        hidden, pred, distances = view.hidden, self.predictor, list(range(1, depth + 1))
         rows = hidden.shape[0] if hidden is not None else 1
-        from_hidden = getattr(pred, "needs_hidden", False)
-        # history-based predictors get the seen routing; hidden-state ones only if they read layer l's routing
-        # (LLaPor), and only when it is exact (one token; with more, LLaPor routes with its own routers)
-        wants = not from_hidden or getattr(getattr(pred, "config", None), "use_routing", False)
-        history = self.memory.history(view, with_truth=True) if wants and (not from_hidden or rows == 1) else None
-        scores = pred.predict_window(view.layer, list(range(1, depth + 1)), hidden=hidden, history=history)
-        per_token = hidden is not None and (history is None or rows == 1)
-        k = self.top_k() if per_token else max(1, len(view.experts))
-        return [_used(scores[d], min(k, self.num_experts)) for d in range(1, depth + 1)]
+        if not getattr(pred, "needs_hidden", False):  # history-based: the routing seen so far
+            history = self.memory.history(view, with_truth=True)
+            scores = pred.predict_window(view.layer, distances, hidden=hidden, history=history)
+            k = self.top_k() if hidden is not None and rows == 1 else max(1, len(view.experts))
+            return _as_lists(_used(torch.stack([scores[d] for d in distances]), min(k, self.num_experts)))
+        # hidden-state predictors read layer l's routing only if they ask for it (LLaPor's use_routing), and
+        # only when it is exact (one token; with more, LLaPor routes with its own routers); the whole window
+        # then runs as one CUDA graph on the GPU (its ~40 kernels cost their launches, not their arithmetic)
+        if hidden is None:  # the predictor says what it needs
+            pred.predict_window(view.layer, distances, hidden=None, history=None)
+        inputs = [self._predictor_input(hidden)]
+        if rows == 1 and getattr(getattr(pred, "config", None), "use_routing", False):
+            inputs.append(self.memory.current(view).to(inputs[0].device, non_blocking=True))  # [1, L, K]
+        k = min(self.top_k(), self.num_experts)
+
+        def window(x, *current):
+            history = History(current=current[0]) if current else None
+            scores = pred.predict_window(view.layer, distances, hidden=x, history=history)
+            return _used(torch.stack([scores[d] for d in distances]), k)  # [2, D', E]
+
+        if self.graphs is None:
+            from .streams import GraphCache
+
+            self.graphs = GraphCache(self.use_graphs)
+        key = (view.layer, depth, *(tuple(x.shape) for x in inputs))
+        return _as_lists(self.graphs(key, window, *inputs))
+
+    def _predictor_input(self, hidden):
+        """The router input on the predictor's device (LLaPor's parameters live where it was loaded)."""
+        where = getattr(getattr(self.predictor, "config", None), "device", None)
+        return hidden if where is None else hidden.to(where, non_blocking=True)
 
 
 def _memo(fn: Callable[[float], float]) -> Callable[[float], float]:
@@ -226,14 +264,22 @@ def _memo(fn: Callable[[float], float]) -> Callable[[float], float]:
     return cached
 
 
-def _used(scores, k: int) -> tuple[list[float], list[float]]:
-    """[N, E] scores -> (P(expert used by some token), expected tokens if used), as lists over E."""
+def _used(scores, k: int):
+    """[D, N, E] scores -> [2, D, E]: P(expert used by some of the N tokens), and the expected tokens if used."""
+    import torch
+
     from .predictors import inclusion_probs
 
-    q = inclusion_probs(scores, k)  # [N, E]
-    p = 1.0 - (1.0 - q).prod(dim=0)  # [E]
-    n = q.sum(dim=0) / p.clamp_min(1e-12)  # [E]
-    return p.tolist(), n.clamp_min(1.0).tolist()
+    q = inclusion_probs(scores, k)  # [D, N, E]
+    p = 1.0 - (1.0 - q).prod(dim=1)  # [D, E]
+    n = q.sum(dim=1) / p.clamp_min(1e-12)  # [D, E]
+    return torch.stack([p, n.clamp_min(1.0)])
+
+
+def _as_lists(used) -> list[tuple[list[float], list[float]]]:
+    """[2, D, E] -> per distance (p, tokens) as lists (one device-to-host copy)."""
+    p, n = used.tolist()
+    return list(zip(p, n, strict=True))
 
 
 def check_predictor(predictor, num_layers: int, num_experts: int, lookahead: int, policy: str) -> None:
@@ -391,7 +437,9 @@ class PreScope(Predictive):
     simplifies = ("PreSched as built in presched.py (its docstring states the objective); the link's state "
                   "and in-flight ETAs are estimated from the cache (loads in flight land one transfer apart); "
                   "keys outside the window are kept with their decayed activation frequency as the chance of "
-                  "being needed; the candidates per layer are the `candidates` most likely absent experts")
+                  "being needed; the candidates per layer are the `candidates` most likely absent experts; "
+                  "added: the predictor's probabilities are calibrated online per distance "
+                  "(reliability.Reliability; calibrate=False turns it off)")
     async_io = True
     host_work = ("predict", "plan")
     # candidates: absent experts per later layer handed to the planner (None: 2·K, the likeliest);
@@ -401,19 +449,21 @@ class PreScope(Predictive):
     # is offered only if p·(load + h) > h, i.e. p > h / (load + h). The default is the engine's host cost
     # per load measured on the H200 (bench, rev 70a3c5d: 0.09 ms per load on the OLMoE twin, 0.2 ms on the
     # Qwen3 twin, at batch 1): it matters for small experts (OLMoE 12 MB: p > 0.3), hardly for large ones
-    # (Mixtral 336 MB: p > 0.016)
+    # (Mixtral 336 MB: p > 0.016); calibrate: replace the predictor's p by the frequency measured so far for
+    # that p and distance (reliability.py), so an over-confident predictor does not buy wrong prefetches
     TRANSFER_HOST_S = 1e-4
 
     def __init__(self, predictor=None, lookahead: int = 3, candidates: int | None = None,
                  layer_gap_s: float | None = None, max_prefetch: int | None = None, memory_decay: float = 0.8,
-                 transfer_host_s: float = TRANSFER_HOST_S):
+                 transfer_host_s: float = TRANSFER_HOST_S, calibrate: bool = True):
         super().__init__(predictor, lookahead, memory_decay)
         if candidates is not None and candidates < 1:
             raise PolicyError(f"candidates must be >= 1 per layer, got {candidates}")
         if transfer_host_s < 0:
             raise PolicyError(f"transfer_host_s must be >= 0 s, got {transfer_host_s}")
         self.candidates, self.layer_gap_s, self.max_prefetch = candidates, layer_gap_s, max_prefetch
-        self.transfer_host_s = transfer_host_s
+        self.transfer_host_s, self.calibrate = transfer_host_s, calibrate
+        self.reliability: Reliability | None = None
         self.planned: dict[Key, Key | None] = {}
         self.loss: dict[Key, float] = {}
         self.issued: list[Key] = []
@@ -421,12 +471,16 @@ class PreScope(Predictive):
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         self.lookahead = min(self.lookahead, max(1, cache.num_layers - 1)) if cache.num_layers > 1 else 1
         self.planned, self.loss, self.issued = {}, {}, []
+        self.reliability = Reliability(self.lookahead) if self.calibrate else None
         return super().reset(cache, num_experts, costs)
 
     def instance(self, view: LayerView, cache: ExpertCache) -> presched.Instance:
         """The planner's view of this layer (see presched.Instance)."""
         costs, layer, E = self.costs, view.layer, self.num_experts
         forecast = self.forecast(view, self.lookahead)
+        if self.reliability is not None:
+            self.reliability.record(layer, forecast)
+            forecast = self.reliability.apply(forecast)
         link_free, eta = link_state(cache, self.issued, costs.load)
         owner, state, pinned, present, ready = cache.owner, cache.state, cache.pinned, cache.slot_of, SlotState.RESIDENT
         resident = frozenset([owner[s] for j in range(layer, layer + len(forecast) + 1) for s in cache.by_layer[j]
@@ -465,6 +519,10 @@ class PreScope(Predictive):
             compute=tuple(compute))
 
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders:
+        if self.reliability is not None:
+            if view.step != self.memory.step:
+                self.reliability.new_step()
+            self.reliability.observe(view.layer, view.experts)
         self.memory.observe(view)
         self.layer = view.layer
         routed = {(view.layer, e) for e in view.experts}

@@ -8,6 +8,10 @@ import pandas as pd
 import pytest
 import torch
 from conftest import SHARED_DATA, small_olmoe
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from torch.overrides import TorchFunctionMode
 
 from prescope import predictors as P
 from prescope.accuracy import evaluate, mean_by_distance
@@ -58,6 +62,91 @@ def test_inclusion_probs_by_hand():
         [2, 4 / 3, 1 / 3, 1 / 3])
     with pytest.raises(P.PredictorError, match="k must be in 1..4"):
         P.inclusion_probs(torch.ones(1, 4), 5)
+
+
+def _inclusion_probs_iterative(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The former water-filling loop, kept as the reference: cap experts above 1, rescale the rest, repeat."""
+    s = scores.float().clamp_min(0)  # [..., E]
+    s = torch.where(s.sum(-1, keepdim=True) > 0, s, torch.ones_like(s))
+    capped = torch.zeros_like(s, dtype=torch.bool)  # [..., E]
+    p = s
+    for _ in range(k + 1):
+        room = k - capped.sum(-1, keepdim=True)  # [..., 1]
+        free = torch.where(capped, torch.zeros_like(s), s)
+        p = torch.where(capped, torch.ones_like(s), free * room / free.sum(-1, keepdim=True).clamp_min(1e-30))
+        over = p > 1
+        if not over.any():
+            break
+        capped |= over
+    return p.clamp(0, 1)
+
+
+@st.composite
+def _score_batches(draw):
+    """Scores [N, E] or [D, N, E] with ties, zeros and negatives; row r keeps only its first m_r entries, so
+    rows of all zeros and rows with fewer than k positive scores come up. Positive scores stay above 2^-20: both
+    versions guard a row sum with 1e-30, so rows summing below it lose their normalisation alike."""
+    E = draw(st.integers(1, 128))
+    k = draw(st.integers(1, E))
+    shape = draw(st.sampled_from([(), (2,)])) + (draw(st.integers(1, 5)), E)
+    value = st.one_of(st.sampled_from([0.0, -1.0, 0.5, 1.0, 3.0]),
+                      st.floats(2.0 ** -20, 100, width=32))
+    scores = draw(hnp.arrays(np.float32, shape, elements=value))
+    kept = draw(hnp.arrays(np.int64, shape[:-1], elements=st.integers(0, E)))  # [..., ] m_r
+    return torch.from_numpy(scores * (np.arange(E) < kept[..., None])), k
+
+
+@settings(max_examples=300, deadline=None)
+@given(_score_batches())
+def test_inclusion_probs_matches_the_iterative_water_filling(batch):
+    scores, k = batch
+    p = P.inclusion_probs(scores, k)
+    assert p.dtype == torch.float32 and p.shape == scores.shape
+    torch.testing.assert_close(p, _inclusion_probs_iterative(scores, k), atol=1e-5, rtol=0)
+    positives = (scores > 0).sum(-1)  # [...]
+    want = torch.where(positives > 0, positives.clamp_max(k), k).float()  # a row of zeros spreads k evenly
+    torch.testing.assert_close(p.sum(-1), want, atol=1e-4, rtol=1e-5)
+
+
+class _RecordOps(TorchFunctionMode):
+    """Records every torch call; raises on the calls that copy a device result to the host."""
+
+    SYNCING = {"any", "item", "tolist", "__bool__", "nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in self.SYNCING:
+            raise AssertionError(f"host sync through Tensor.{name}")
+        self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_inclusion_probs_has_no_host_sync_and_fixed_ops():
+    spread = torch.ones(3, 4, 64)  # [D, N, E] nothing capped
+    peaked = torch.rand(3, 4, 64, generator=torch.Generator().manual_seed(0)) ** 8  # several capped per row
+    with pytest.raises(AssertionError, match="host sync"), _RecordOps():
+        _inclusion_probs_iterative(peaked, 8)  # the guard catches the loop it replaces
+    runs = []
+    for scores in (spread, peaked, torch.zeros(3, 4, 64)):
+        with _RecordOps() as ops:
+            P.inclusion_probs(scores, 8)
+        runs.append(ops.calls)
+    assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inclusion_probs_does_not_sync_on_cuda():
+    scores = torch.rand(3, 4, 128, device="cuda") ** 8  # [D, N, E]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        p = P.inclusion_probs(scores, 8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(p.cpu(), _inclusion_probs_iterative(scores.cpu(), 8), atol=1e-5, rtol=0)
 
 
 def test_trace_history_by_hand(toy):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prescope.streams import CpuStreams, CudaStreams, make_streams
+from prescope.streams import CpuStreams, CudaStreams, GraphCache, make_streams
 
 
 def test_cpu_twin_copies_at_once_and_times_with_the_host_clock():
@@ -27,3 +27,39 @@ def test_cuda_copy_is_ordered_before_use_on_the_compute_stream():
     start, done = streams.copy_many([(dst, src)])
     streams.wait(done)
     assert torch.equal(dst.cpu(), src) and streams.seconds(start, done) > 0
+
+
+def test_graph_cache_runs_cpu_tensors_eagerly_every_time():
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x * 2
+
+    graphs = GraphCache()
+    for i in range(3):
+        assert torch.equal(graphs("k", fn, torch.full((2,), float(i))), torch.full((2,), 2.0 * i))
+    assert len(calls) == 3 and graphs.captured == 0 and graphs.entries == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_cache_replays_captured_graphs_and_refuses_what_cannot_be_captured():
+    w = torch.randn(16, 8, device="cuda")
+    graphs = GraphCache()
+
+    def net(x, r):
+        return torch.sigmoid(x @ w).scatter_add(1, r, torch.ones_like(r, dtype=torch.float32))  # [N, 8]
+
+    for i in range(5):  # eager, capture, then replays: always the eager answer for these inputs
+        x, r = torch.randn(2, 16, device="cuda"), torch.randint(0, 8, (2, 3), device="cuda")
+        assert torch.allclose(graphs("net", net, x, r), net(x, r), rtol=1e-5, atol=1e-6)
+    assert graphs.captured == 1 and isinstance(graphs.entries["net"], tuple)
+
+    def syncs(x):
+        return x * float(x.sum())  # a host read: cannot be captured
+
+    for _ in range(3):
+        x = torch.randn(4, device="cuda")
+        assert torch.allclose(graphs("sync", syncs, x), syncs(x))
+    assert graphs.entries["sync"] == "eager" and graphs.refused == 1
