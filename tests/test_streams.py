@@ -51,7 +51,7 @@ def test_graph_cache_replays_captured_graphs_and_refuses_what_cannot_be_captured
     def net(x, r):
         return torch.sigmoid(x @ w).scatter_add(1, r, torch.ones_like(r, dtype=torch.float32))  # [N, 8]
 
-    for i in range(5):  # eager, capture, then replays: always the eager answer for these inputs
+    for _ in range(5):  # eager, capture, then replays: always the eager answer for these inputs
         x, r = torch.randn(2, 16, device="cuda"), torch.randint(0, 8, (2, 3), device="cuda")
         assert torch.allclose(graphs("net", net, x, r), net(x, r), rtol=1e-5, atol=1e-6)
     assert graphs.captured == 1 and isinstance(graphs.entries["net"], tuple)
