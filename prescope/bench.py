@@ -56,7 +56,7 @@ ALL_POLICIES = ("on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "
 GATE_POLICIES = ("lookahead_prefetch", "hybrid")
 SYNC = "+sync"  # `name+sync`: the policy with AsyncIO off (every copy issued at once, first come first served)
 SEQUENCES = "sequences"  # measure_stock's generated ids, kept out of the result rows
-RAW = "+raw"  # `prescope+raw`: PreScope without the online calibration of its predictor's probabilities
+CAL = "+cal"  # `prescope+cal`: PreScope with the online calibration of its predictor's probabilities
 
 
 @dataclass(frozen=True)
@@ -360,9 +360,9 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             meta.setdefault("predictor_overhead", []).append(overhead)
         cells = [(RESIDENT, 1.0)] + [(p, b) for b in cfg.budgets for p in cfg.policies]
         for policy_name, budget in cells:
-            base_name, sync, raw = _variant(policy_name)
+            base_name, sync, cal = _variant(policy_name)
             policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else base_name,
-                                               **({"calibrate": False} if raw else {}))
+                                               **({"calibrate": True} if cal else {}))
             engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
                                                 profile=cfg.profile, async_io=False if sync else None), policy=policy)
             for batch in cfg.batch_sizes:
@@ -437,12 +437,12 @@ def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: to
 
 
 def _variant(policy_name: str) -> tuple[str, bool, bool]:
-    """(policy, AsyncIO off, calibration off) from a bench name such as `prescope+raw+sync`."""
-    sync, raw = SYNC in policy_name, RAW in policy_name
-    base = policy_name.replace(SYNC, "").replace(RAW, "")
-    if raw and base != "prescope":
-        raise ValueError(f"{policy_name!r}: {RAW} applies to prescope only")
-    return base, sync, raw
+    """(policy, AsyncIO off, calibration on) from a bench name such as `prescope+cal+sync`."""
+    sync, cal = SYNC in policy_name, CAL in policy_name
+    base = policy_name.replace(SYNC, "").replace(CAL, "")
+    if cal and base != "prescope":
+        raise ValueError(f"{policy_name!r}: {CAL} applies to prescope only")
+    return base, sync, cal
 
 
 def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, repeats: int = 50) -> dict:

@@ -153,6 +153,26 @@ def make_streams(device: torch.device | str, timed: bool = True) -> Streams:
     return CudaStreams(device, timed) if device.type == "cuda" else CpuStreams(device, timed)
 
 
+class _HostRead(RuntimeError):
+    pass
+
+
+class _NoHostReads(torch.overrides.TorchFunctionMode):
+    """Raises _HostRead at any tensor operation that waits for the device (this thread only)."""
+
+    READS = frozenset({"item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__",
+                       "masked_select", "unique", "repeat_interleave", "synchronize"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        to_host = name == "to" and any(isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu"
+                                       for a in (*args[1:], *kwargs.values()))
+        if name in self.READS or to_host:
+            raise _HostRead(name)
+        return func(*args, **kwargs)
+
+
 class GraphCache:
     """`fn(*inputs) -> Tensor` replayed from CUDA graphs, one per key (the shapes of a repeating call).
 
@@ -193,8 +213,14 @@ class GraphCache:
         static = [x.clone() for x in inputs]
         side, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
         side.wait_stream(current)
-        with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs ask (lazy inits, workspaces)
-            expected = fn(*static)
+        try:
+            # warm-up off the capture, as CUDA graphs ask (lazy inits, workspaces), watching for host reads:
+            # a capture that fails part-way can leave CUDA's random generator unusable, so none is attempted
+            with torch.cuda.stream(side), _NoHostReads():
+                expected = fn(*static)
+        except _HostRead:
+            self.entries[key], self.refused = "eager", self.refused + 1
+            return fn(*inputs)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:

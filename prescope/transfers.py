@@ -5,8 +5,8 @@ them first come, first served: an on-demand load of the running layer waits behi
 before it. With it (`EngineConfig.async_io`, or a policy that asks for it, such as `prescope`) the engine
 only *submits* transfers; one worker thread issues them, a chunk at a time:
 
-- priority: on-demand loads first, then prefetches by the step and layer that needs them (the nearest
-  first; within one layer, the order the plan ranked them);
+- priority: on-demand loads first (issued at once by the compute thread itself), then prefetches by the
+  step and layer that needs them (the nearest first; within one layer, the order the plan ranked them);
 - chunks: an expert's tensors are cut into pieces of at most `chunk_bytes`, and at most `depth` chunks are
   issued ahead of the copy engine, so a newly submitted on-demand load overtakes every queued prefetch
   chunk after at most `depth` chunks already handed to the hardware;
@@ -86,12 +86,22 @@ class IOWorker:
 
     # ---- the compute thread's side ---------------------------------------------------------------------
     def submit(self, key, slot: int, pairs, after, speculative: bool, need: int) -> Transfer:
+        """Queue a prefetch for the worker; an on-demand load is issued at once on this thread (the copy
+        stream takes it behind at most `depth` chunks in flight, ahead of every queued one), because
+        handing it to the worker costs two thread switches for a copy the running layer waits on."""
         t = Transfer(key, slot, chunked(pairs, self.chunk_bytes), after, speculative, need)
         with self._cond:
             self._check()
-            self._busy += 1
-            self._push(t, ON_DEMAND if not speculative else PREFETCH)
-            self._cond.notify()
+            if speculative:
+                self._busy += 1
+                self._push(t, PREFETCH)
+                self._cond.notify()
+                return t
+        t.start = self.streams.begin(after)
+        for dst, src in t.chunks:
+            t.done = self.streams.issue(dst, src)
+        t.next = len(t.chunks)
+        t.issued.set()
         return t
 
     def ready(self, t: Transfer) -> object:

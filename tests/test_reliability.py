@@ -60,7 +60,7 @@ def test_predictions_are_scored_once_per_distance_and_dropped_at_a_new_step():
 
 def test_prescope_plans_with_calibrated_probabilities():
     """The predictor swears (p = 1) that expert 0 of every later layer is needed; the routing never uses it.
-    Raw, the planner's candidate keeps p = 1; calibrated, its p falls once the evidence outweighs the prior."""
+    Uncalibrated (the default), the planner's candidate keeps p = 1; calibrated, its p falls once the evidence outweighs the prior."""
     L, E = 4, 8
     lie = {(at, d): [1.0] + [0.0] * (E - 1) for at in range(L) for d in range(1, L)}
     chance = {}

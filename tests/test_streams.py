@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prescope.streams import CpuStreams, CudaStreams, GraphCache, make_streams
+from prescope.streams import CpuStreams, CudaStreams, GraphCache, _HostRead, _NoHostReads, make_streams
 
 
 def test_cpu_twin_copies_at_once_and_times_with_the_host_clock():
@@ -42,6 +42,15 @@ def test_graph_cache_runs_cpu_tensors_eagerly_every_time():
     assert len(calls) == 3 and graphs.captured == 0 and graphs.entries == {}
 
 
+def test_host_reads_are_caught_before_any_capture_is_tried():
+    x = torch.randn(3)
+    with _NoHostReads():
+        (torch.sigmoid(x) @ torch.ones(3)).to(torch.float16)  # device-side work passes
+        for read in (lambda: float(x.sum()), x.tolist, x.cpu, lambda: x.to("cpu"), x.nonzero, lambda: bool(x[0] > 0)):
+            with pytest.raises(_HostRead):
+                read()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_graph_cache_replays_captured_graphs_and_refuses_what_cannot_be_captured():
@@ -63,3 +72,4 @@ def test_graph_cache_replays_captured_graphs_and_refuses_what_cannot_be_captured
         x = torch.randn(4, device="cuda")
         assert torch.allclose(graphs("sync", syncs, x), syncs(x))
     assert graphs.entries["sync"] == "eager" and graphs.refused == 1
+    torch.randn(4, device="cuda")  # no capture was tried, so the random generator still works

@@ -96,7 +96,9 @@ def test_a_failing_copy_surfaces_in_the_caller():
             raise OSError("link down")
 
     io = IOWorker(Broken(), CHUNK, depth=2)
-    t = io.submit((0, 1), 1, pairs(1)[0], None, speculative=False, need=0)
+    with pytest.raises(OSError, match="link down"):  # on demand: issued by the caller itself
+        io.submit((0, 1), 1, pairs(1)[0], None, speculative=False, need=0)
+    t = io.submit((1, 1), 1, pairs(1)[0], None, speculative=True, need=1)  # a prefetch: the worker's
     with pytest.raises(RuntimeError, match="I/O worker failed.*link down"):
         io.ready(t)
     with pytest.raises(RuntimeError, match="I/O worker failed"):
