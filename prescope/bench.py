@@ -18,8 +18,10 @@ routing on held-out text instead (same L, E, K): its predictors read prescope-ti
 Predictors: `lookahead_prefetch` and `hybrid` use gate lookahead (the routers of the model whose routing
 runs); `prescope` uses the LLaPor checkpoint given with `--predictor` where its layout matches that model,
 else gate lookahead (stated in each row's `predictor`); `activation_matrix` uses its own activation
-statistics; `oracle` the replayed future. Results carry the config, git revision and device; each file
-is written atomically; a table is printed, then one JSON line.
+statistics; `oracle` the replayed future. Variants: `NAME+sync` (AsyncIO off), `prescope+cal` (with the
+online calibration of its probabilities). Each cell records whether its tokens equal the stock run's.
+Results carry the config, git revision and device; each file is written atomically; a table is printed,
+then one JSON line.
 
 Cells run in order of importance and results are flushed after each one, so a run cut short keeps
 what it finished.
