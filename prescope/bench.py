@@ -59,6 +59,8 @@ GATE_POLICIES = ("lookahead_prefetch", "hybrid")
 SYNC = "+sync"  # `name+sync`: the policy with AsyncIO off (every copy issued at once, first come first served)
 SEQUENCES = "sequences"  # measure_stock's generated ids, kept out of the result rows
 CAL = "+cal"  # `prescope+cal`: PreScope with the online calibration of its predictor's probabilities
+# `name[key=value,...]`: the policy built with these constructor options (an ablation), e.g.
+# `prescope[window_reuse=False]`; values are Python literals
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,12 @@ class BenchConfig:
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets are shares in (0, 1], got {b}")
+        from .policies import POLICIES
+
+        for name in self.policies:
+            if _variant(name)[0] not in POLICIES:
+                raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}, optionally with "
+                                 f"{SYNC}, {CAL} (prescope) or [key=value,...]")
 
 
 def parse_model(spec: str) -> tuple[str, int | None]:
@@ -292,13 +300,13 @@ class Subject:
         return replay.hidden[0, replay.prompt_len - 1]
 
     def policy(self, name: str, lookahead: int = 3, **options):
-        """The policy object with this subject's predictor; (policy, predictor name). `options` go to
-        prescope's constructor."""
+        """The policy object with this subject's predictor; (policy, predictor name). `options` go to the
+        policy's constructor."""
         router_model = self.source or self.model
         if name in GATE_POLICIES:
             from .predictors import GateLookahead
 
-            return make_policy(name, predictor=GateLookahead.from_model(router_model)), "gate_lookahead"
+            return make_policy(name, predictor=GateLookahead.from_model(router_model), **options), "gate_lookahead"
         if name == "prescope":
             from .predictors import GateLookahead
 
@@ -308,8 +316,8 @@ class Subject:
             return make_policy(name, predictor=GateLookahead.from_model(router_model), lookahead=lookahead,
                                **options), "gate_lookahead"
         if name == "oracle":
-            return make_policy(name), "replayed future"
-        return make_policy(name), "own statistics" if name == "activation_matrix" else "none"
+            return make_policy(name, **options), "replayed future"
+        return make_policy(name, **options), "own statistics" if name == "activation_matrix" else "none"
 
 
 def build_bench_subject(spec: str, cfg: BenchConfig, device: torch.device) -> Subject:
@@ -362,9 +370,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             meta.setdefault("predictor_overhead", []).append(overhead)
         cells = [(RESIDENT, 1.0)] + [(p, b) for b in cfg.budgets for p in cfg.policies]
         for policy_name, budget in cells:
-            base_name, sync, cal = _variant(policy_name)
-            policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else base_name,
-                                               **({"calibrate": True} if cal else {}))
+            base_name, sync, options = _variant(policy_name)
+            policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else base_name, **options)
             engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
                                                 profile=cfg.profile, async_io=False if sync else None), policy=policy)
             for batch in cfg.batch_sizes:
@@ -438,13 +445,29 @@ def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: to
         _free(device)
 
 
-def _variant(policy_name: str) -> tuple[str, bool, bool]:
-    """(policy, AsyncIO off, calibration on) from a bench name such as `prescope+cal+sync`."""
+def _variant(policy_name: str) -> tuple[str, bool, dict]:
+    """(policy, AsyncIO off, constructor options) from a bench name such as `prescope[lookahead=2]+cal+sync`."""
+    import ast
+
     sync, cal = SYNC in policy_name, CAL in policy_name
-    base = policy_name.replace(SYNC, "").replace(CAL, "")
-    if cal and base != "prescope":
-        raise ValueError(f"{policy_name!r}: {CAL} applies to prescope only")
-    return base, sync, cal
+    base, options = policy_name.replace(SYNC, "").replace(CAL, ""), {}
+    if "[" in base:
+        base, _, inside = base.partition("[")
+        if not inside.endswith("]"):
+            raise ValueError(f"{policy_name!r}: options go in one bracket at the end of the name, as name[k=v,...]")
+        for item in filter(None, inside[:-1].split(",")):
+            key, eq, value = item.partition("=")
+            try:
+                options[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                raise ValueError(f"{policy_name!r}: option {item!r} is not key=<Python literal>") from None
+            if not eq or not key.strip().isidentifier():
+                raise ValueError(f"{policy_name!r}: option {item!r} is not key=<Python literal>")
+    if cal:
+        if base != "prescope":
+            raise ValueError(f"{policy_name!r}: {CAL} applies to prescope only")
+        options["calibrate"] = True
+    return base, sync, options
 
 
 def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, repeats: int = 50) -> dict:

@@ -63,8 +63,8 @@ def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.D
         layouts[name if source is None else f"{name}@{source}"] = twin_layout(name, layers)
     for cell in bench["cells"]:
         key = f"{cell['model']}__{cell['policy']}__{cell['budget']}__{cell['batch']}"
-        if key not in routing or cell["model"] not in layouts or CAL in cell["policy"]:
-            continue  # (the simulator builds policies by name: no calibrated prescope)
+        if key not in routing or cell["model"] not in layouts or CAL in cell["policy"] or "[" in cell["policy"]:
+            continue  # (the simulator builds policies by name: no options)
         layout, dense = layouts[cell["model"]]
         trace = routing_trace(routing[key], layout, bench["config"]["input_len"])
         policy = "on_demand_lru" if cell["policy"] == RESIDENT else cell["policy"].removesuffix(SYNC)

@@ -451,19 +451,21 @@ class PreScope(Predictive):
     # per load measured on the H200 (bench, rev 70a3c5d: 0.09 ms per load on the OLMoE twin, 0.2 ms on the
     # Qwen3 twin, at batch 1): it matters for small experts (OLMoE 12 MB: p > 0.3), hardly for large ones
     # (Mixtral 336 MB: p > 0.016); calibrate: replace the predictor's p by the frequency measured so far for
-    # that p and distance (reliability.py), meant to stop an over-confident predictor buying wrong prefetches
+    # that p and distance (reliability.py), meant to stop an over-confident predictor buying wrong prefetches;
+    # window_reuse: a resident key of layers l+1 … l+D is kept with the larger of its prediction and the
+    # memory's chance (False: its prediction alone)
     TRANSFER_HOST_S = 1e-4
 
     def __init__(self, predictor=None, lookahead: int = 3, candidates: int | None = None,
                  layer_gap_s: float | None = None, max_prefetch: int | None = None, memory_decay: float = 0.8,
-                 transfer_host_s: float = TRANSFER_HOST_S, calibrate: bool = False):
+                 transfer_host_s: float = TRANSFER_HOST_S, calibrate: bool = False, window_reuse: bool = True):
         super().__init__(predictor, lookahead, memory_decay)
         if candidates is not None and candidates < 1:
             raise PolicyError(f"candidates must be >= 1 per layer, got {candidates}")
         if transfer_host_s < 0:
             raise PolicyError(f"transfer_host_s must be >= 0 s, got {transfer_host_s}")
         self.candidates, self.layer_gap_s, self.max_prefetch = candidates, layer_gap_s, max_prefetch
-        self.transfer_host_s, self.calibrate = transfer_host_s, calibrate
+        self.transfer_host_s, self.calibrate, self.window_reuse = transfer_host_s, calibrate, window_reuse
         self.reliability: Reliability | None = None
         self.planned: dict[Key, Key | None] = {}
         self.loss: dict[Key, float] = {}
@@ -494,17 +496,23 @@ class PreScope(Predictive):
             absent.sort(key=p.__getitem__, reverse=True)  # stable: ties by expert
             predictions.append(tuple(presched.Candidate(e, p[e], max(1, round(n[e]))) for e in absent[:keep]))
             compute.append(sum(pe * costs.gpu(max(1, round(ne))) for pe, ne in zip(p, n, strict=True) if pe > 0))
-        # victims: a window key's chance of being needed is its prediction, another key's what the memory saw
-        # (frequency, at least the lag-1 reuse rate for the last run's experts), so a prefetch never evicts
-        # what temporal reuse will ask for again; a prefetch not used yet keeps its slot until its layer ran
+        # victims: another key's chance of being needed is what the memory saw (frequency, at least the lag-1
+        # reuse rate for the last run's experts), a window key's the larger of that and its prediction
+        # (window_reuse; else the prediction alone), so a prefetch never evicts what temporal reuse will ask
+        # for again, even where the predictor is weak (the H200 showed prefetches evicting reused experts); a prefetch not used yet keeps its slot until its layer ran
         # (no churn between plans); the plan takes at most one victim per routed expert and candidate
         routed, chances, memory, prefetched = {(layer, e) for e in view.experts}, [], self.memory, cache.prefetched
         for j, slots in cache.by_layer.items():  # every slot: comprehensions, and memory.chance inlined
             d = j - layer
-            if 1 <= d <= len(forecast):
+            if 1 <= d <= len(forecast) and not self.window_reuse:
                 row = forecast[d - 1][0]
                 chances += [(row[owner[s][1]], owner[s]) for s in slots
                             if state[s] is ready and s not in pinned and not prefetched[s]]
+            elif 1 <= d <= len(forecast):  # the prediction, or what the memory saw if that is likelier
+                row, seen, last, reuse = forecast[d - 1][0], memory.freq[j], memory.prev[j], memory.reuse
+                chances += [(max(row[key[1]], seen[key[1]], reuse if key[1] in last else 0.0), key)
+                            for key in [owner[s] for s in slots
+                                        if state[s] is ready and s not in pinned and not prefetched[s]]]
             else:
                 row, last, reuse = memory.freq[j], memory.now[j] if d <= 0 else memory.prev[j], memory.reuse
                 chances += [(max(row[key[1]], reuse if key[1] in last else 0.0), key)

@@ -55,3 +55,18 @@ def test_a_twin_driven_by_prescope_tiny_needs_its_prompts(tmp_path):
 def test_heldout_prompts_are_windows_of_every_domain():
     prompts = bench.load_prompts(bench.HELDOUT, 32)
     assert prompts.shape[1] == 32 and len(prompts) >= 5 and prompts.max() < 8192
+
+
+def test_policy_variants_parse_and_bad_names_are_refused():
+    from prescope.bench import _variant
+
+    assert _variant("prescope[window_reuse=False, lookahead=2]+sync") == \
+        ("prescope", True, {"window_reuse": False, "lookahead": 2})
+    assert _variant("prescope+cal") == ("prescope", False, {"calibrate": True})
+    assert _variant("on_demand_lru") == ("on_demand_lru", False, {})
+    for bad, message in (("prescope[lookahead]", "key=<Python literal>"), ("prescope[x=nope]", "key=<Python literal>"),
+                         ("prescope[x=1", "one bracket"), ("hybrid+cal", "prescope only")):
+        with pytest.raises(ValueError, match=message):
+            _variant(bad)
+    with pytest.raises(ValueError, match="unknown policy 'lru'"):
+        BenchConfig(policies=("lru",))

@@ -347,3 +347,23 @@ def test_memory_estimates_lag1_reuse_and_keeps_last_runs_experts_likely():
     # reuse samples 1/2 then 2/2, decayed by 0.5 from 0: 0.25, then 0.625
     assert memory.reuse == pytest.approx(0.625)
     assert memory.chance(0, 2, ran=True) >= memory.reuse and memory.chance(0, 5, ran=True) == 0.0
+
+
+def test_prescope_keeps_window_keys_that_reuse_asks_for_unless_told_not_to():
+    """Layer 1's expert 3 ran last step; the predictor rates it 0 for this step. With window_reuse (the
+    default) its chance as a victim is what the memory saw, not 0; without, the prediction alone."""
+    L, E = 4, 8
+    chances = {}
+    for reuse in (True, False):
+        scores = {(0, 1): [0.0 if e == 3 else 1.0 for e in range(E)]}
+        policy = make_policy("prescope", predictor=Fixed(layout(L, E, 2), scores), window_reuse=reuse, layer_gap_s=2.0)
+        cache = cache_with(8, L, [(1, 3)])
+        policy.reset(cache, E, COSTS)
+        for step in range(3):  # layer 1 routes expert 3 every step
+            for layer in range(L):
+                v = LayerView(step, layer, L, E, (3,) if layer == 1 else (layer,), (1,), None, None)
+                if step == 2 and layer == 0:
+                    inst = policy.instance(v, cache)
+                    chances[reuse] = {h.key: h.prob for h in inst.evictable}.get((1, 3))
+                execute(policy, cache, layer, policy.plan(v, cache))
+    assert chances[False] == 0.0 and chances[True] > 0.5, chances
