@@ -87,7 +87,7 @@ class Engine:
         self.costs = costs_for(self.layout, load_profile(config.profile))
         self.timing = config.timing
         self.streams = make_streams(self.device, timed=config.timing == "full")
-        use_io = config.async_io if config.async_io is not None else getattr(self.policy, "async_io", False)
+        use_io = config.async_io if config.async_io is not None else self.policy.uses_async_io(self.costs)
         self.io = IOWorker(self.streams, config.io_chunk_bytes, config.io_depth) if use_io else None
         self.replay = None
         self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)

@@ -8,8 +8,8 @@
   ranked by predicted activation with a priority that falls with the layer distance; eviction of the key
   with the lowest predicted activation.
 - `prescope` (the paper): a predictor (LLaPor) over a window of D layers, the PreSched planner
-  (`presched.plan`) for the split, the prefetches and the victims, and `async_io = True`, which asks the
-  executor for AsyncIO's priority link (on-demand loads overtake queued prefetches).
+  (`presched.plan`) for the split, the prefetches and the victims, and AsyncIO's priority link (on-demand
+  loads overtake queued prefetches) where one expert's transfer takes >= 1 ms (`uses_async_io`).
 - `oracle` (the limit): the true later routing of the step (`LayerView.future`), every later expert
   prefetched in order of use while Belady's rule (evict the key used farthest ahead) finds a victim used
   later than it, the same victims for misses.
@@ -29,6 +29,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from itertools import compress, repeat
 from operator import is_
+
+import numpy as np
 
 from . import presched
 from .cache import ExpertCache, Key, SlotState
@@ -183,6 +185,7 @@ class Predictive(Policy):
         self.protect: set[Key] = set()
         self.layer, self.costs_gap = -1, 0.0
         self.graphs = None  # streams.GraphCache of the forecast, built on first use (CUDA graphs on the GPU)
+        self.graphs_for = None  # the predictor those graphs call
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         super().reset(cache, num_experts, costs)
@@ -195,7 +198,9 @@ class Predictive(Policy):
         if self.predictor is not None:
             check_predictor(self.predictor, L, num_experts, self.lookahead, self.name)
         self.memory = Memory(L, num_experts, self.memory_decay)
-        self.protect, self.graphs = set(), None
+        self.protect = set()
+        if self.graphs_for is not self.predictor:  # the graphs replay one predictor's calls: kept across resets
+            self.graphs, self.graphs_for = None, self.predictor
         if costs is not None:
             self.costs = Costs(costs.load, _memo(costs.gpu), _memo(costs.cpu))
             self.costs_gap = getattr(costs, "layer_gap", 0.0)
@@ -438,11 +443,18 @@ class PreScope(Predictive):
                   "and in-flight ETAs are estimated from the cache (loads in flight land one transfer apart); "
                   "keys outside the window are kept with their decayed activation frequency as the chance of "
                   "being needed; the candidates per layer are the `candidates` most likely absent experts; "
+                  "AsyncIO only where one expert's transfer takes >= 1 ms (measured: below that its thread "
+                  "costs more host time than it saves); "
                   "optional (calibrate=True, off by default: on the H200 it cost 0.3-0.5 ms per layer and bought "
                   "more prefetches, not fewer): the predictor's probabilities calibrated online per distance "
                   "(reliability.Reliability)")
     async_io = True
     host_work = ("predict", "plan")
+    # AsyncIO where a transfer is long enough for an on-demand load to suffer behind queued prefetches: one
+    # expert's load >= 1 ms. Measured on the H200 (reports/h200/comparison): with Mixtral's 336 MB experts
+    # (6.6 ms) AsyncIO is 2-5 % faster; with OLMoE's and Qwen3's 9-12 MiB experts (0.2 ms) its I/O thread
+    # costs the host-bound decode loop 5-31 %
+    ASYNC_MIN_LOAD_S = 1e-3
     # candidates: absent experts per later layer handed to the planner (None: 2·K, the likeliest);
     # layer_gap_s: attention, dense and host time between two MoE layers (None: `costs.layer_gap` if the
     # executor's costs carry it, else 0); max_prefetch: a cap on prefetches per plan (None: the slots);
@@ -474,6 +486,7 @@ class PreScope(Predictive):
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         self.lookahead = min(self.lookahead, max(1, cache.num_layers - 1)) if cache.num_layers > 1 else 1
         self.planned, self.loss, self.issued = {}, {}, []
+        self._gpu_table = np.zeros(1)  # gpu(n) by token count n, grown on demand
         self.reliability = Reliability(self.lookahead) if self.calibrate else None
         return super().reset(cache, num_experts, costs)
 
@@ -495,7 +508,7 @@ class PreScope(Predictive):
             absent = [e for e in range(E) if p[e] > worth and (layer + d, e) not in present]
             absent.sort(key=p.__getitem__, reverse=True)  # stable: ties by expert
             predictions.append(tuple(presched.Candidate(e, p[e], max(1, round(n[e]))) for e in absent[:keep]))
-            compute.append(sum(pe * costs.gpu(max(1, round(ne))) for pe, ne in zip(p, n, strict=True) if pe > 0))
+            compute.append(self._expected_compute(p, n))
         # victims: another key's chance of being needed is what the memory saw (frequency, at least the lag-1
         # reuse rate for the last run's experts), a window key's the larger of that and its prediction
         # (window_reuse; else the prediction alone), so a prefetch never evicts what temporal reuse will ask
@@ -524,8 +537,19 @@ class PreScope(Predictive):
         return presched.Instance(
             layer, view.experts, view.tokens, tuple(predictions), costs.load, costs.gpu, costs.cpu,
             resident=resident, inflight=eta, free_slots=len(cache.free), evictable=held, link_free=link_free,
-            demand_free=0.0 if self.async_io else None, gap=gap, max_prefetch=self.max_prefetch,
+            demand_free=0.0 if self.uses_async_io(costs) else None, gap=gap, max_prefetch=self.max_prefetch,
             compute=tuple(compute))
+
+    def uses_async_io(self, costs: Costs | None) -> bool:
+        return costs is None or costs.load >= self.ASYNC_MIN_LOAD_S
+
+    def _expected_compute(self, p: list[float], n: list[float]) -> float:
+        """c_d = Σ_e p_e·gpu(round(n_e)) (n_e >= 1), over a table of gpu() by token count."""
+        tokens = np.maximum(np.rint(n), 1).astype(np.int64)  # [E]
+        top = int(tokens.max())
+        if len(self._gpu_table) <= top:
+            self._gpu_table = np.array([0.0] + [self.costs.gpu(k) for k in range(1, 2 * top + 1)])
+        return float(np.dot(np.maximum(p, 0.0), self._gpu_table[tokens]))
 
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders:
         if self.reliability is not None:

@@ -91,6 +91,11 @@ class Policy(ABC):
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders: ...
 
     host_work: tuple[str, ...] = ()  # host-side phases an executor should time: "predict", "plan"
+    async_io: bool = False  # asks the executor for AsyncIO's priority link (on-demand loads overtake prefetches)
+
+    def uses_async_io(self, costs: Costs | None) -> bool:
+        """Whether to ask for AsyncIO with these costs (an executor's explicit setting overrides it)."""
+        return self.async_io
 
     def victim(self, cache: ExpertCache, key: Key) -> int | None:
         """Per-layer LRU: a free slot while the layer is under its quota, else its least recently used."""

@@ -185,7 +185,7 @@ def compare(trace: Trace, profiles: Sequence[HardwareProfile | str], *, policies
             for name, budget in cells:
                 policy, predictor = policy_for("on_demand_lru" if name == RESIDENT else name, gate, llapor,
                                                lookahead)
-                async_io = bool(getattr(policy, "async_io", False))
+                async_io = policy.uses_async_io(costs_for(layout or trace.layout, profile))
                 sim = replay(trace, policy, profile, budget_share=budget, batch_size=batch, max_steps=max_steps,
                              async_io=async_io, layout=layout, dense_params=dense_params)
                 rows.append(cell_row(sim, profile, name, budget, batch, predictor))

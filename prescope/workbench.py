@@ -150,9 +150,13 @@ def simulate(trace: Trace, policy: str, profile: HardwareProfile | str, *, budge
     prompts = int(trace.tokens["prompt"].nunique())
     if batch_size > prompts:
         raise WorkbenchError(f"batch_size {batch_size} needs at least {batch_size} prompts; the trace has {prompts}")
+    from prescope.policies import costs_for
+    from prescope.profiles import load_profile
+
     chosen = named_policy(policy, _clip_lookahead(lookahead, trace))
-    return replay(trace, chosen, profile, budget_share=budget_share, batch_size=batch_size, max_steps=max_steps,
-                  async_io=bool(getattr(chosen, "async_io", False)))
+    hardware = load_profile(profile)
+    return replay(trace, chosen, hardware, budget_share=budget_share, batch_size=batch_size, max_steps=max_steps,
+                  async_io=chosen.uses_async_io(costs_for(trace.layout, hardware)))
 
 
 def result_row(totals: Mapping, **keys) -> dict:

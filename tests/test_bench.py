@@ -38,7 +38,8 @@ def test_bench_runs_every_policy_on_the_same_replayed_routing(tmp_path):
     assert {r["policy"] for r in engine_rows} == {bench.RESIDENT, "on_demand_lru", "prescope", "oracle"}
     assert all(r["routing"] == "replayed from prescope-tiny" for r in engine_rows)
     by = {r["policy"]: r for r in engine_rows}
-    assert by["prescope"]["async_io"] and by["oracle"]["async_io"] and not by["on_demand_lru"]["async_io"]
+    # the tiny twin's experts load in far less than 1 ms: prescope leaves AsyncIO off, the oracle asks for it
+    assert not by["prescope"]["async_io"] and by["oracle"]["async_io"] and not by["on_demand_lru"]["async_io"]
     assert by["prescope"]["predictor"] == "gate_lookahead"  # no LLaPor checkpoint given
     assert by["on_demand_lru"]["loads_per_step"] > 0
     assert by["prescope"]["vs_on_demand_lru"] > 0 and "vs_oracle" in by["prescope"]

@@ -367,3 +367,17 @@ def test_prescope_keeps_window_keys_that_reuse_asks_for_unless_told_not_to():
                     chances[reuse] = {h.key: h.prob for h in inst.evictable}.get((1, 3))
                 execute(policy, cache, layer, policy.plan(v, cache))
     assert chances[False] == 0.0 and chances[True] > 0.5, chances
+
+
+def test_prescope_asks_for_asyncio_only_where_a_transfer_is_long():
+    """AsyncIO's thread pays where an on-demand load would wait long behind prefetches (large experts) and
+    costs a host-bound loop more than it saves with small ones; the engine follows the policy's choice."""
+    long, short = Costs(6.6e-3, lambda n: 1e-4, lambda n: 1e-2), Costs(2e-4, lambda n: 3e-5, lambda n: 4e-4)
+    prescope = make_policy("prescope")
+    assert prescope.uses_async_io(long) and not prescope.uses_async_io(short) and prescope.uses_async_io(None)
+    assert make_policy("oracle").uses_async_io(short) and not make_policy("on_demand_lru").uses_async_io(long)
+    model = tiny_model("mixtral")
+    with Engine(model, EngineConfig(policy="prescope", budget_share=0.5)) as engine:
+        assert (engine.io is not None) == engine.policy.uses_async_io(engine.costs)
+    with Engine(model, EngineConfig(policy="prescope", budget_share=0.5, async_io=True)) as engine:
+        assert engine.io is not None

@@ -41,7 +41,8 @@ def test_every_policy_on_every_profile_and_batch(table):
 
 def test_async_io_and_predictors_mirror_the_bench(table):
     rows = table.drop_duplicates("policy").set_index("policy")
-    assert rows.loc["prescope", "async_io"] and rows.loc["oracle", "async_io"]
+    # the OLMoE twin's 12 MiB experts load in well under 1 ms on every profile: prescope leaves AsyncIO off
+    assert not rows.loc["prescope", "async_io"] and rows.loc["oracle", "async_io"]
     assert not rows.loc[["on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix",
                          RESIDENT], "async_io"].any()
     assert rows.loc["lookahead_prefetch", "predictor"] == "gate_lookahead"
