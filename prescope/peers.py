@@ -270,15 +270,17 @@ def _memo(fn: Callable[[float], float]) -> Callable[[float], float]:
 
 
 def _used(scores, k: int):
-    """[D, N, E] scores -> [2, D, E]: P(expert used by some of the N tokens), and the expected tokens if used."""
+    """[D, N, E] scores -> [2, D, E]: P(expert used by some of the N tokens), p = 1 − Π(1 − q), and the
+    expected tokens if used, Σq / p, within [1, N]. p is summed in log space: in float32 1 − (1 − q) is 0
+    for q < 6e-8, which would make Σq / p explode."""
     import torch
 
     from .predictors import inclusion_probs
 
     q = inclusion_probs(scores, k)  # [D, N, E]
-    p = 1.0 - (1.0 - q).prod(dim=1)  # [D, E]
-    n = q.sum(dim=1) / p.clamp_min(1e-12)  # [D, E]
-    return torch.stack([p, n.clamp_min(1.0)])
+    p = -torch.expm1(torch.log1p(-q).sum(dim=1))  # [D, E]; q = 1 gives log 0 = -inf, so p = 1 exactly
+    n = q.sum(dim=1) / p.clamp_min(1e-30)  # [D, E]
+    return torch.stack([p, n.clamp(1.0, float(scores.shape[1]))])
 
 
 def _as_lists(used) -> list[tuple[list[float], list[float]]]:
@@ -486,7 +488,7 @@ class PreScope(Predictive):
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         self.lookahead = min(self.lookahead, max(1, cache.num_layers - 1)) if cache.num_layers > 1 else 1
         self.planned, self.loss, self.issued = {}, {}, []
-        self._gpu_table = np.zeros(1)  # gpu(n) by token count n, grown on demand
+        self._gpu_table = np.zeros(1)  # gpu(n) by token count n, grown to the largest count seen
         self.reliability = Reliability(self.lookahead) if self.calibrate else None
         return super().reset(cache, num_experts, costs)
 
@@ -544,11 +546,12 @@ class PreScope(Predictive):
         return costs is None or costs.load >= self.ASYNC_MIN_LOAD_S
 
     def _expected_compute(self, p: list[float], n: list[float]) -> float:
-        """c_d = Σ_e p_e·gpu(round(n_e)) (n_e >= 1), over a table of gpu() by token count."""
+        """c_d = Σ_e p_e·gpu(round(n_e)) (n_e >= 1), from a table of gpu() by token count (n <= the step's
+        tokens, so the table stays as small as the batch)."""
         tokens = np.maximum(np.rint(n), 1).astype(np.int64)  # [E]
         top = int(tokens.max())
         if len(self._gpu_table) <= top:
-            self._gpu_table = np.array([0.0] + [self.costs.gpu(k) for k in range(1, 2 * top + 1)])
+            self._gpu_table = np.array([0.0] + [self.costs.gpu(c) for c in range(1, top + 1)])
         return float(np.dot(np.maximum(p, 0.0), self._gpu_table[tokens]))
 
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders:

@@ -381,3 +381,25 @@ def test_prescope_asks_for_asyncio_only_where_a_transfer_is_long():
         assert (engine.io is not None) == engine.policy.uses_async_io(engine.costs)
     with Engine(model, EngineConfig(policy="prescope", budget_share=0.5, async_io=True)) as engine:
         assert engine.io is not None
+
+
+def test_used_probabilities_stay_exact_for_unlikely_experts():
+    """P(used) = 1 − Π(1 − q) in log space: an expert with q = 1e-9 keeps p ≈ 1e-9 (in float32, 1 − (1 − q)
+    is 0) and its expected tokens if used stay within [1, N]."""
+    scores = torch.tensor([[[1.0] * 8 + [1e-9] * 56]] * 3).float()  # [D=3, N=1, E=64]
+    p, n = peers._used(scores, 8)
+    assert p[0, 8].item() == pytest.approx(1e-9, rel=1e-3) and n[0, 8].item() == pytest.approx(1.0)
+    assert p[0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    batch = torch.rand(2, 5, 64)  # [D=2, N=5, E]
+    _, n = peers._used(batch, 8)
+    assert (n >= 1).all() and (n <= 5).all()
+
+
+def test_smallest_equals_heapq_nsmallest_on_pairs_with_distinct_keys():
+    import heapq
+
+    rng = random.Random(5)
+    for _ in range(200):
+        pairs = [(rng.choice([0.0, 0.25, 0.5, rng.random()]), (rng.randrange(4), e)) for e in range(rng.randint(0, 40))]
+        n = rng.randint(0, 45)
+        assert peers._smallest(n, pairs) == heapq.nsmallest(n, pairs)
