@@ -375,6 +375,24 @@ def layer_groups_figure(tables: Mapping[str, pd.DataFrame]) -> go.Figure:
     return fig.update_layout(title="routing over depth and the layer groups it implies (middle group shaded)")
 
 
+def ratio_figure(df: pd.DataFrame, ratio: str = "vs_on_demand_lru") -> go.Figure:
+    """Each policy's decode throughput as a ratio (`ratio`: vs_on_demand_lru, vs_oracle, vs_resident; ratios
+    within one run), one group of bars per cell (model, budget, batch), and the line ratio = 1. Rows without
+    the ratio (the reference rows) are left out; one row per (model, budget, batch, policy)."""
+    where = provenance(df)
+    _require(df, ("model", "policy", "budget", "batch", ratio), "comparison table")
+    rows = df.dropna(subset=[ratio])
+    _require(rows, (ratio,), f"comparison table with {ratio}")
+    _unique_rows(rows, ["model", "budget", "batch", "policy"], "comparison table")
+    cell = rows["model"] + " " + rows["budget"].map("{:.0%}".format) + " b" + rows["batch"].astype(str)
+    fig = go.Figure([go.Bar(name=str(policy), x=cell[group.index], y=group[ratio])
+                     for policy, group in rows.groupby("policy", sort=False)])
+    fig.add_hline(y=1.0, line=dict(color="black", dash="dot"))
+    fig.update_layout(barmode="group", title=f"decode throughput, {ratio.replace('_', ' ')} (same run)",
+                      yaxis_title=ratio, legend_title="policy")
+    return _annotate(fig, where)
+
+
 def fidelity_figure(df: pd.DataFrame, label: str = "policy") -> go.Figure:
     """Simulated against measured per-step latency, one point per cell, with the y = x line and the
     ±`tolerance` band. Columns: measured_ms, simulated_ms, `label` (colours); `df.attrs["profile"]` names

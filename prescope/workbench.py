@@ -363,3 +363,50 @@ def fidelity_scaling(fidelity: pd.DataFrame, model: str) -> pd.DataFrame:
                                                                  "?")}))
     return pd.concat(parts, ignore_index=True)
 
+
+
+COMPARED = ("model", "policy", "budget", "batch", "decode_ms_median", "decode_tok_s", "loads_per_step",
+            "policy_ms_per_layer", "vs_on_demand_lru", "vs_oracle", "vs_resident", "regime")
+REFERENCES = ("stock", "resident", "accelerate")  # reference rows of a bench run, not contending policies
+
+
+def comparison_table(folder: str | Path, runs: Sequence[str]) -> pd.DataFrame:
+    """The measured cells of the `prescope bench` runs `runs` (file stems in `folder`): one row per model,
+    policy, budget and batch with its ratios to on_demand_lru and the oracle of the same run, and `run` and
+    `git_revision` columns; attrs say measured and on which device."""
+    from prescope.bench import bench_table
+
+    if not runs:
+        raise ValueError("comparison_table needs at least one run")
+    folder, tables, devices = Path(folder), [], set()
+    for run in runs:
+        path = folder / f"{run}.json"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in folder.glob("*.json"))) or "none"
+            raise FileNotFoundError(f"no bench run {run!r} in {folder} (runs there: {known})")
+        table = bench_table(path)
+        devices.add(table.attrs["profile"])
+        tables.append(table[[c for c in COMPARED if c in table.columns]]
+                      .assign(run=run, git_revision=table.attrs["git_revision"]))
+    out = pd.concat(tables, ignore_index=True)
+    out.attrs = {"source": "measured", "profile": ", ".join(sorted(devices))}
+    return out
+
+
+def best_per_cell(table: pd.DataFrame) -> pd.DataFrame:
+    """Per run, model, budget and batch: the contending policy with the highest decode throughput, and
+    prescope's throughput against it and against on_demand_lru (NaN where prescope did not run)."""
+    contenders = table[~table["policy"].isin(REFERENCES)]
+    rows = []
+    for (run, model, budget, batch), cell in contenders.groupby(["run", "model", "budget", "batch"], sort=False):
+        best = cell.loc[cell["decode_tok_s"].idxmax()]
+        ours = cell[cell["policy"] == "prescope"]
+        rate = float(ours["decode_tok_s"].iloc[0]) if len(ours) else float("nan")
+        rows.append({"run": run, "model": model, "budget": budget, "batch": batch, "policies": len(cell),
+                     "best": best["policy"], "best_tok_s": float(best["decode_tok_s"]),
+                     "prescope_vs_best": rate / float(best["decode_tok_s"]),
+                     "prescope_vs_on_demand_lru": float(ours["vs_on_demand_lru"].iloc[0]) if len(ours) else float("nan"),
+                     "regime": best.get("regime", "")})
+    out = pd.DataFrame(rows)
+    out.attrs = dict(table.attrs)
+    return out

@@ -245,3 +245,19 @@ def test_every_bubble_cause_has_one_colour_everywhere():
     fig = viz.bubble_analysis_figure(timeline())
     colours = {(t.name, t.marker.color) for t in fig.data if t.type == "bar"}
     assert colours == {(c, viz.CAUSE_COLORS[c]) for c in ("on_demand_transfer", "cpu_expert", "host")}
+
+
+def test_ratio_figure_one_bar_group_per_cell_and_refuses_unlabelled_or_duplicated_tables():
+    table = pd.DataFrame({"model": ["m"] * 4, "policy": ["on_demand_lru", "prescope"] * 2, "budget": [0.25] * 4,
+                          "batch": [1, 1, 4, 4], "vs_on_demand_lru": [1.0, 0.8, 1.0, 1.5]})
+    table.attrs.update(source="measured", profile="NVIDIA H200")
+    fig = viz.ratio_figure(table)
+    assert [bar.name for bar in fig.data] == ["on_demand_lru", "prescope"]
+    assert list(fig.data[1].y) == [0.8, 1.5] and list(fig.data[1].x) == ["m 25% b1", "m 25% b4"]
+    assert fig.layout.annotations[0].text == "measured on NVIDIA H200"
+    doubled, bare = pd.concat([table, table]), table.copy()
+    doubled.attrs, bare.attrs = dict(table.attrs), {}
+    with pytest.raises(VizInputError, match="more than one row"):
+        viz.ratio_figure(doubled)
+    with pytest.raises(ProvenanceError):
+        viz.ratio_figure(bare)

@@ -144,3 +144,20 @@ def test_measured_scaling_takes_one_run_per_model():
     assert {"stock@1", "resident@1", "on_demand_lru@0.25"} <= set(table["cell"])
     with pytest.raises(WorkbenchError, match="no bench cells for 'gpt-2'"):
         workbench.measured_scaling(bench, "gpt-2")
+
+
+def test_comparison_table_ratios_within_each_run_and_the_winner_of_each_cell():
+    folder = ROOT / "reports" / "h200" / "comparison"
+    table = workbench.comparison_table(folder, ["mixtral4-3d15d9b", "qwen3-8-3d15d9b"])
+    assert table.attrs == {"source": "measured", "profile": "NVIDIA H200"}
+    assert set(table["run"]) == {"mixtral4-3d15d9b", "qwen3-8-3d15d9b"} and set(table["git_revision"]) == {"3d15d9b"}
+    lru = table[table["policy"] == "on_demand_lru"]
+    assert np.allclose(lru["vs_on_demand_lru"], 1.0)
+    best = workbench.best_per_cell(table).set_index(["model", "batch"])
+    for (model, batch), row in best.iterrows():  # the winner is the fastest contender of its own cell
+        cell = table[(table["model"] == model) & (table["batch"] == batch) & ~table["policy"].isin(workbench.REFERENCES)]
+        assert row["best"] == cell.loc[cell["decode_tok_s"].idxmax(), "policy"]
+        assert row["prescope_vs_best"] <= 1.0
+    assert best.loc[("mixtral-8x7b", 4), "best"] == "prescope"
+    with pytest.raises(FileNotFoundError, match="no bench run 'nope'.*runs there: .*mixtral4-3d15d9b"):
+        workbench.comparison_table(folder, ["nope"])
