@@ -30,6 +30,7 @@ what it finished.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import io
 import json
@@ -95,7 +96,7 @@ class BenchConfig:
         from .policies import POLICIES
 
         for name in self.policies:
-            if _variant(name)[0] not in POLICIES:
+            if policy_variant(name)[0] not in POLICIES:
                 raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}, optionally with "
                                  f"{SYNC}, {CAL} (prescope) or [key=value,...]")
 
@@ -372,7 +373,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             meta.setdefault("predictor_overhead", []).append(overhead)
         cells = [(RESIDENT, 1.0)] + [(p, b) for b in cfg.budgets for p in cfg.policies]
         for policy_name, budget in cells:
-            base_name, sync, options = _variant(policy_name)
+            base_name, sync, options = policy_variant(policy_name)
             policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else base_name, **options)
             engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
                                                 profile=cfg.profile, async_io=False if sync else None), policy=policy)
@@ -447,7 +448,7 @@ def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: to
         _free(device)
 
 
-def _variant(policy_name: str) -> tuple[str, bool, dict]:
+def policy_variant(policy_name: str) -> tuple[str, bool, dict]:
     """(policy, AsyncIO off, constructor options) from a bench name such as `prescope[lookahead=2]+cal+sync`."""
     import ast
 
@@ -480,6 +481,16 @@ def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, re
     from .streams import GraphCache
 
     L, graphs = hidden.shape[0], GraphCache()
+
+    def median_seconds(run, x) -> float:
+        per = []
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            run(x).cpu()
+            per.append(time.perf_counter() - t)
+        return statistics.median(per)
+
     eager, graphed = [], []
     for layer in range(L - 1):
         d = list(range(1, min(predictor.config.distance, L - 1 - layer) + 1))
@@ -489,14 +500,8 @@ def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, re
             scores = predictor.predict_window(layer, d, hidden=h)
             return torch.stack([scores[j] for j in d])  # [D', 1, E]
 
-        for times, run in ((eager, window), (graphed, lambda h, d=d, layer=layer, w=window: graphs((layer, len(d)), w, h))):
-            per = []
-            for _ in range(repeats):
-                torch.cuda.synchronize(device)
-                t = time.perf_counter()
-                run(x).cpu()
-                per.append(time.perf_counter() - t)
-            times.append(statistics.median(per))
+        eager.append(median_seconds(window, x))
+        graphed.append(median_seconds(functools.partial(graphs, (layer, len(d)), window), x))
     return {"predictor": getattr(predictor, "name", "llapor"), "device": torch.cuda.get_device_name(device),
             "us_per_layer": 1e6 * statistics.fmean(eager), "us_per_layer_graph": 1e6 * statistics.fmean(graphed),
             "graphs_captured": graphs.captured, "graphs_refused": graphs.refused, "layers": L - 1,

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from . import adapter, twins
-from .bench import CAL, RESIDENT, SYNC, parse_model, routing_source
+from .bench import RESIDENT, parse_model, policy_variant, routing_source
 from .metrics import write_atomic
 from .profiles import load_profile
 from .simulator import replay
@@ -63,11 +63,11 @@ def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.D
         layouts[name if source is None else f"{name}@{source}"] = twin_layout(name, layers)
     for cell in bench["cells"]:
         key = f"{cell['model']}__{cell['policy']}__{cell['budget']}__{cell['batch']}"
-        if key not in routing or cell["model"] not in layouts or CAL in cell["policy"] or "[" in cell["policy"]:
-            continue  # (the simulator builds policies by name: no options)
+        policy, _, options = policy_variant("on_demand_lru" if cell["policy"] == RESIDENT else cell["policy"])
+        if key not in routing or cell["model"] not in layouts or options:
+            continue  # (the simulator builds policies by name, without constructor options)
         layout, dense = layouts[cell["model"]]
         trace = routing_trace(routing[key], layout, bench["config"]["input_len"])
-        policy = "on_demand_lru" if cell["policy"] == RESIDENT else cell["policy"].removesuffix(SYNC)
         sim = replay(trace, policy, profile, budget_share=cell["budget"], batch_size=cell["batch"],
                      dense_params=dense, policy_profile=bench["config"]["profile"])
         simulated = 1e3 * float(sim.summary["latency"].median())

@@ -164,7 +164,7 @@ class PreScope(Predictive):
     host_work = ("predict", "plan")
     # AsyncIO where a transfer is long enough for an on-demand load to suffer behind queued prefetches: one
     # expert's load >= 1 ms. Measured on the H200 (reports/h200/comparison): with Mixtral's 336 MB experts
-    # (6.6 ms) AsyncIO is 2-5 % faster; with OLMoE's and Qwen3's 9-12 MiB experts (0.2 ms) its I/O thread
+    # (6.6 ms) AsyncIO is 0-5 % faster; with OLMoE's and Qwen3's 9-12 MiB experts (0.2 ms) its I/O thread
     # costs the host-bound decode loop 5-31 %
     ASYNC_MIN_LOAD_S = 1e-3
     # candidates: absent experts per later layer handed to the planner (None: 2·K, the likeliest);
@@ -240,28 +240,25 @@ class PreScope(Predictive):
             absent.sort(key=p.__getitem__, reverse=True)  # stable: ties by expert
             predictions.append(tuple(presched.Candidate(e, p[e], max(1, round(n[e]))) for e in absent[:keep]))
             compute.append(self._expected_compute(p, n))
-        # victims: another key's chance of being needed is what the memory saw (frequency, at least the lag-1
-        # reuse rate for the last run's experts), a window key's the larger of that and its prediction
-        # (window_reuse; else the prediction alone), so a prefetch never evicts what temporal reuse will ask
-        # for again, even where the predictor is weak (the H200 showed prefetches evicting reused experts); a prefetch not used yet keeps its slot until its layer ran
-        # (no churn between plans); the plan takes at most one victim per routed expert and candidate
+        # victims: a key's chance of being needed is what the memory saw (frequency, at least the lag-1 reuse
+        # rate for the last run's experts); a window key's the larger of that and its prediction (window_reuse:
+        # the H200 showed prefetches evicting experts that reuse asked for again; else the prediction alone);
+        # a prefetch not used yet keeps its slot until its layer ran (no churn between plans); the plan takes
+        # at most one victim per routed expert and candidate
         routed, chances, memory, prefetched = {(layer, e) for e in view.experts}, [], self.memory, cache.prefetched
-        for j, slots in cache.by_layer.items():  # every slot: comprehensions, and memory.chance inlined
-            d = j - layer
-            if 1 <= d <= len(forecast) and not self.window_reuse:
-                row = forecast[d - 1][0]
-                chances += [(row[owner[s][1]], owner[s]) for s in slots
-                            if state[s] is ready and s not in pinned and not prefetched[s]]
-            elif 1 <= d <= len(forecast):  # the prediction, or what the memory saw if that is likelier
-                row, seen, last, reuse = forecast[d - 1][0], memory.freq[j], memory.prev[j], memory.reuse
-                chances += [(max(row[key[1]], seen[key[1]], reuse if key[1] in last else 0.0), key)
-                            for key in [owner[s] for s in slots
-                                        if state[s] is ready and s not in pinned and not prefetched[s]]]
+        for j, slots in cache.by_layer.items():  # every slot, in comprehensions
+            d, window = j - layer, 1 <= j - layer <= len(forecast)
+            keys = [owner[s] for s in slots if state[s] is ready and s not in pinned and not (window and prefetched[s])]
+            if d == 0:
+                keys = [key for key in keys if key not in routed]
+            if window and not self.window_reuse:
+                seen = [forecast[d - 1][0][e] for _, e in keys]
             else:
-                row, last, reuse = memory.freq[j], memory.now[j] if d <= 0 else memory.prev[j], memory.reuse
-                chances += [(max(row[key[1]], reuse if key[1] in last else 0.0), key)
-                            for key in [owner[s] for s in slots if state[s] is ready and s not in pinned]
-                            if d or key not in routed]
+                seen = memory.chances(j, [e for _, e in keys], ran=d <= 0)
+                if window:
+                    row = forecast[d - 1][0]
+                    seen = [max(row[e], q) for (_, e), q in zip(keys, seen, strict=True)]
+            chances += zip(seen, keys, strict=True)
         need = len(view.experts) + sum(len(c) for c in predictions)
         held = tuple(presched.Held(key, min(1.0, q)) for q, key in smallest(need, chances))
         gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
@@ -297,8 +294,7 @@ class PreScope(Predictive):
         forecast = self.window_forecast(view)
         if self.nothing_to_plan(view, cache, forecast):
             self.planned, self.loss, self.protect = {}, {}, routed
-            self.issued = [k for k in self.issued if cache.slot_of.get(k) is not None
-                           and cache.state[cache.slot_of[k]] is SlotState.LOADING]
+            self.issued = self._still_loading(cache)
             self.skipped += 1
             order = sorted(zip(view.experts, view.tokens, strict=True), key=lambda r: (-r[1], r[0]))
             return Orders(gpu=[e for e, _ in order])
@@ -308,9 +304,13 @@ class PreScope(Predictive):
         self.planned = dict(zip(keys, p.victims, strict=True))
         self.loss = {h.key: h.prob for h in inst.evictable}
         self.protect = routed | set(p.prefetch)
-        self.issued = [k for k in self.issued if cache.slot_of.get(k) is not None
-                       and cache.state[cache.slot_of[k]] is SlotState.LOADING] + keys
+        self.issued = self._still_loading(cache) + keys
         return Orders(gpu=list(p.gpu), cpu=list(p.cpu), prefetch=list(p.prefetch))
+
+    def _still_loading(self, cache: ExpertCache) -> list[Key]:
+        """The keys this policy issued that are still on the link, in issue order (for `link_state`)."""
+        return [k for k in self.issued if cache.slot_of.get(k) is not None
+                and cache.state[cache.slot_of[k]] is SlotState.LOADING]
 
     def victim(self, cache: ExpertCache, key: Key) -> int | None:
         protect = _guarded(self.protect, key, self.layer)

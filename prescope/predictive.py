@@ -78,19 +78,15 @@ class Memory:
     def frequency(self, layer: int) -> list[float]:
         return self.freq[layer]
 
-    def chance(self, layer: int, expert: int, ran: bool) -> float:
-        """P(the next use of `layer` routes to `expert`) from what was seen: its decayed frequency, and at
-        least the lag-1 reuse rate if the layer's last run (`ran`: this step, else the previous) used it."""
-        last = self.now[layer] if ran else self.prev[layer]
-        return max(self.freq[layer][expert], self.reuse if expert in last else 0.0)
+    def chances(self, layer: int, experts: Sequence[int], ran: bool) -> list[float]:
+        """P(the next use of `layer` routes to each of `experts`) from what was seen: its decayed frequency, and
+        at least the lag-1 reuse rate if the layer's last run (`ran`: this step, else the previous) used it."""
+        freq, last, reuse = self.freq[layer], self.now[layer] if ran else self.prev[layer], self.reuse
+        return [max(freq[e], reuse if e in last else 0.0) for e in experts]
 
     def current(self, view: LayerView):
         """[1, L, W] int64: this step's experts at layers <= view.layer, MISSING elsewhere (History.current)."""
-        import torch
-
-        rows = [list(self.now[layer]) if layer <= view.layer else [] for layer in range(self.L)]
-        width = max([1] + [len(r) for r in rows])
-        return torch.tensor([[r + [MISSING] * (width - len(r)) for r in rows]], dtype=torch.int64)
+        return _padded([list(self.now[layer]) if layer <= view.layer else [] for layer in range(self.L)])
 
     def history(self, view: LayerView, with_truth: bool):
         """A one-row `predictors.History` of the running step (exact at batch 1; at larger batches one
@@ -107,12 +103,16 @@ class Memory:
             truth = now[:view.layer + 1] + [list(f) for f in view.future]
             truth += [[] for _ in range(self.L - len(truth))]
         width = max([1] + [len(r) for rows in (now, prev, truth or []) for r in rows])
-
-        def pad(rows):
-            return torch.tensor([[r + [MISSING] * (width - len(r)) for r in rows]], dtype=torch.int64)  # [1, L, W]
-
         seq = torch.tensor([self.seen], dtype=torch.float32)  # [1, L, E]
-        return History(pad(now), pad(prev), seq, None if truth is None else pad(truth))
+        return History(_padded(now, width), _padded(prev, width), seq, None if truth is None else _padded(truth, width))
+
+
+def _padded(rows: list[list[int]], width: int | None = None):
+    """[1, L, W] int64 of per-layer expert lists, padded with MISSING to `width` (default: the longest, >= 1)."""
+    import torch
+
+    width = width or max([1] + [len(r) for r in rows])
+    return torch.tensor([[r + [MISSING] * (width - len(r)) for r in rows]], dtype=torch.int64)
 
 
 # ---- victims ----------------------------------------------------------------------------------------------
@@ -216,8 +216,10 @@ class Predictive(Policy):
         # hidden-state predictors read layer l's routing only if they ask for it (LLaPor's use_routing), and
         # only when it is exact (one token; with more, LLaPor routes with its own routers); the whole window
         # then runs as one CUDA graph on the GPU (its ~40 kernels cost their launches, not their arithmetic)
-        if hidden is None:  # the predictor says what it needs
+        if hidden is None:  # the predictor says what it needs; one that does not is refused here
             pred.predict_window(view.layer, distances, hidden=None, history=None)
+            raise PolicyError(f"{self.name}: predictor {getattr(pred, 'name', '')!r} reads hidden states and this "
+                              "executor gives none")
         inputs = [self._predictor_input(hidden)]
         if rows == 1 and getattr(getattr(pred, "config", None), "use_routing", False):
             inputs.append(self.memory.current(view).to(inputs[0].device, non_blocking=True))  # [1, L, K]

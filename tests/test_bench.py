@@ -59,15 +59,15 @@ def test_heldout_prompts_are_windows_of_every_domain():
 
 
 def test_policy_variants_parse_and_bad_names_are_refused():
-    from prescope.bench import _variant
+    from prescope.bench import policy_variant
 
-    assert _variant("prescope[window_reuse=False, lookahead=2]+sync") == \
+    assert policy_variant("prescope[window_reuse=False, lookahead=2]+sync") == \
         ("prescope", True, {"window_reuse": False, "lookahead": 2})
-    assert _variant("prescope+cal") == ("prescope", False, {"calibrate": True})
-    assert _variant("on_demand_lru") == ("on_demand_lru", False, {})
+    assert policy_variant("prescope+cal") == ("prescope", False, {"calibrate": True})
+    assert policy_variant("on_demand_lru") == ("on_demand_lru", False, {})
     for bad, message in (("prescope[lookahead]", "key=<Python literal>"), ("prescope[x=nope]", "key=<Python literal>"),
                          ("prescope[x=1", "one bracket"), ("hybrid+cal", "prescope only")):
         with pytest.raises(ValueError, match=message):
-            _variant(bad)
+            policy_variant(bad)
     with pytest.raises(ValueError, match="unknown policy 'lru'"):
         BenchConfig(policies=("lru",))
