@@ -68,8 +68,11 @@ def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.D
             continue  # (the simulator builds policies by name, without constructor options)
         layout, dense = layouts[cell["model"]]
         trace = routing_trace(routing[key], layout, bench["config"]["input_len"])
+        # the link the cell ran on: AsyncIO's priority link where the engine had it (bench rows since rev
+        # 461845e record it), else one FIFO copy stream
         sim = replay(trace, policy, profile, budget_share=cell["budget"], batch_size=cell["batch"],
-                     dense_params=dense, policy_profile=bench["config"]["profile"])
+                     dense_params=dense, policy_profile=bench["config"]["profile"],
+                     async_io=bool(cell.get("async_io", False)))
         simulated = 1e3 * float(sim.summary["latency"].median())
         measured = cell["decode_ms_median"]
         bound = 1e3 * float(sim.summary["lower_bound"].median())  # no policy of this engine can beat it
@@ -77,7 +80,7 @@ def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.D
                      "batch": cell["batch"], "measured_ms": measured, "simulated_ms": simulated,
                      "error": simulated / measured - 1, "lower_bound_ms": bound,
                      "measured_over_bound": measured / bound if bound > 0 else None,
-                     "regime": cell.get("regime", "")})
+                     "regime": cell.get("regime", ""), "async_io": sim.config["async_io"]})
     table = pd.DataFrame(rows)
     table.attrs.update(profile=profile.name, source="simulated vs measured")
     return table
