@@ -245,6 +245,8 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
            "policy_ms_per_layer": 1e3 * sum(engine.plan_seconds) / calls}
     if hasattr(engine.policy, "skipped"):  # prescope: layers with nothing to plan (PreSched not run)
         row["plans_skipped_share"] = engine.policy.skipped / calls
+    if hasattr(engine.policy, "lean"):  # prescope: layers its gate ran on demand (host-bound, no prediction)
+        row["plans_lean_share"] = engine.policy.lean / calls
     if stock is not None and stock.shape == out.shape:  # bf16 per-expert kernels may round differently
         row |= {"tokens_equal_stock": bool(torch.equal(out, stock)),
                 "token_match_share": float((out == stock).float().mean())}

@@ -157,6 +157,8 @@ class PreScope(Predictive):
                   "being needed; the candidates per layer are the `candidates` most likely absent experts; "
                   "AsyncIO only where one expert's transfer takes >= 1 ms (measured: below that its thread "
                   "costs more host time than it saves); "
+                  "a gate (gate=True) skips prediction and planning at layers where the device's on-demand work "
+                  "fits within the host's own time per layer (host-bound: a prefetch could not shorten the step); "
                   "optional (calibrate=True, off by default: on the H200 it cost 0.3-0.5 ms per layer and bought "
                   "more prefetches, not fewer): the predictor's probabilities calibrated online per distance "
                   "(reliability.Reliability)")
@@ -177,12 +179,15 @@ class PreScope(Predictive):
     # (Mixtral 336 MB: p > 0.016); calibrate: replace the predictor's p by the frequency measured so far for
     # that p and distance (reliability.py), meant to stop an over-confident predictor buying wrong prefetches;
     # window_reuse: a resident key of layers l+1 … l+D is kept with the larger of its prediction and the
-    # memory's chance (False: its prediction alone)
+    # memory's chance (False: its prediction alone); gate: predict and plan only where speculation can
+    # shorten a step (`device_slack`; False: at every layer)
     TRANSFER_HOST_S = 1e-4
+    GATE_WEIGHT = 0.2  # weight of the newest layer in the running slack (about the last 5 layers)
 
     def __init__(self, predictor=None, lookahead: int = 3, candidates: int | None = None,
                  layer_gap_s: float | None = None, max_prefetch: int | None = None, memory_decay: float = 0.8,
-                 transfer_host_s: float = TRANSFER_HOST_S, calibrate: bool = False, window_reuse: bool = True):
+                 transfer_host_s: float = TRANSFER_HOST_S, calibrate: bool = False, window_reuse: bool = True,
+                 gate: bool = True):
         super().__init__(predictor, lookahead, memory_decay)
         if candidates is not None and candidates < 1:
             raise PolicyError(f"candidates must be >= 1 per layer, got {candidates}")
@@ -190,15 +195,18 @@ class PreScope(Predictive):
             raise PolicyError(f"transfer_host_s must be >= 0 s, got {transfer_host_s}")
         self.candidates, self.layer_gap_s, self.max_prefetch = candidates, layer_gap_s, max_prefetch
         self.transfer_host_s, self.calibrate, self.window_reuse = transfer_host_s, calibrate, window_reuse
+        self.gate = gate
         self.reliability: Reliability | None = None
         self.planned: dict[Key, Key | None] = {}
         self.loss: dict[Key, float] = {}
         self.issued: list[Key] = []
         self.skipped = 0  # plans not built because there was nothing to plan (nothing_to_plan)
+        self.lean = 0  # layers run on demand because speculation could not pay there (gate)
+        self.slack: tuple[int, float] | None = None  # (tokens·K of the step, running device_slack)
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         self.lookahead = min(self.lookahead, max(1, cache.num_layers - 1)) if cache.num_layers > 1 else 1
-        self.planned, self.loss, self.issued, self.skipped = {}, {}, [], 0
+        self.planned, self.loss, self.issued, self.skipped, self.lean, self.slack = {}, {}, [], 0, 0, None
         self._gpu_table = np.zeros(1)  # gpu(n) by token count n, grown to the largest count seen
         self.reliability = Reliability(self.lookahead) if self.calibrate else None
         return super().reset(cache, num_experts, costs)
@@ -214,6 +222,31 @@ class PreScope(Predictive):
     def worth(self) -> float:
         """The probability under which a transfer's host time costs more than it can save: h / (load + h)."""
         return self.transfer_host_s / (self.costs.load + self.transfer_host_s)
+
+    def device_slack(self, view: LayerView, cache: ExpertCache) -> float:
+        """How much longer the device's work of this layer, run on demand, takes than the host's own time per
+        layer (seconds; <= 0: host-bound). On demand: the routed experts' GPU time plus a load for each one
+        that is absent or only there because a prefetch brought it (not used yet); host: `costs.host` plus
+        the host time of issuing those loads. The engine syncs with the device once per layer (the routing),
+        so a layer's loads and kernels run while the host launches the next layer: when they take less than
+        that, a prefetch cannot make the step shorter and only adds its own host time and the planning."""
+        present, state, fresh, ready = cache.slot_of, cache.state, cache.prefetched, SlotState.RESIDENT
+        costs, layer, demand = self.costs, view.layer, 0
+        for e in view.experts:
+            slot = present.get((layer, e))
+            demand += slot is None or state[slot] is not ready or fresh[slot]
+        device = sum(map(costs.gpu, view.tokens)) + demand * costs.load
+        return device - (costs.host + demand * self.transfer_host_s)
+
+    def speculation_pays(self, view: LayerView, cache: ExpertCache) -> bool:
+        """The gate: the running `device_slack` of this step's shape (restarted when the step's tokens
+        change, e.g. from prefill to decode) is positive, i.e. the device, not the host, is the bottleneck."""
+        x, shape = self.device_slack(view, cache), sum(view.tokens)
+        if self.slack is None or self.slack[0] != shape:
+            self.slack = (shape, x)
+        else:
+            self.slack = (shape, self.slack[1] + self.GATE_WEIGHT * (x - self.slack[1]))
+        return self.slack[1] > 0.0
 
     def nothing_to_plan(self, view: LayerView, cache: ExpertCache, forecast) -> bool:
         """Every routed expert resident and no candidate in the window: PreSched's plan is then all routed
@@ -291,6 +324,12 @@ class PreScope(Predictive):
         if self.costs is None:  # nothing to weigh: every expert on the GPU, no prefetch
             self.planned, self.protect = {}, routed
             return Orders(gpu=list(view.experts))
+        if self.gate and not self.speculation_pays(view, cache):  # host-bound: on demand, no prediction
+            self.planned, self.loss, self.protect = {}, {}, routed
+            self.issued = self._still_loading(cache)
+            self.lean += 1
+            gpu, cpu = fastest_split(view, cache, self.costs)
+            return Orders(gpu=gpu, cpu=cpu)
         forecast = self.window_forecast(view)
         if self.nothing_to_plan(view, cache, forecast):
             self.planned, self.loss, self.protect = {}, {}, routed

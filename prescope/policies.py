@@ -59,6 +59,7 @@ class Costs:
     gpu: Callable[[int], float]  # one expert for n tokens on the GPU
     cpu: Callable[[int], float]  # one expert for n tokens on the CPU
     layer_gap: float = 0.0  # attention, dense and host time between two MoE layers at decode
+    host: float = 0.0  # the host's own time per MoE layer at decode (launches, Python), which device work hides behind
 
 
 def costs_for(layout, profile) -> Costs:
@@ -74,7 +75,8 @@ def costs_for(layout, profile) -> Costs:
     return Costs(load=cost.transfer_time(layout.expert_bytes, profile),
                  gpu=lambda n: cost.gpu_expert_time(n, *dims, profile),
                  cpu=lambda n: cost.cpu_expert_time(n, *dims, profile),
-                 layer_gap=profile.host_overhead_per_layer_s + profile.gpu_dense.fixed_s)
+                 layer_gap=profile.host_overhead_per_layer_s + profile.gpu_dense.fixed_s,
+                 host=profile.host_overhead_per_layer_s)
 
 
 class Policy(ABC):

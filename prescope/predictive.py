@@ -186,7 +186,7 @@ class Predictive(Policy):
         if self.graphs_for is not self.predictor:  # the graphs replay one predictor's calls: kept across resets
             self.graphs, self.graphs_for = None, self.predictor
         if costs is not None:
-            self.costs = Costs(costs.load, _memo(costs.gpu), _memo(costs.cpu))
+            self.costs = Costs(costs.load, _memo(costs.gpu), _memo(costs.cpu), host=getattr(costs, "host", 0.0))
             self.costs_gap = getattr(costs, "layer_gap", 0.0)
         return []
 

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from prescope import adapter
 from prescope.config import EngineConfig
 from prescope.engine import Engine
-from prescope.policies import POLICIES
+from prescope.bench import policy_variant
+from prescope.policies import POLICIES, make_policy
 
 GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
 
@@ -26,14 +27,19 @@ def budgets(layout: adapter.ModelLayout) -> dict[str, dict]:
             "all": dict(budget_share=1.0)}
 
 
+# prescope's gate runs these tiny experts on demand under the default (h200) profile; ungated, it plans
+UNGATED = "prescope[gate=False]"
+
+
 def generate_offloaded(stock, ids, mask, policy, budget):
     model = copy.deepcopy(stock)
-    with Engine(model, EngineConfig(policy=policy, device="cpu", **budget)) as engine:
+    name, _, options = policy_variant(policy)
+    with Engine(model, EngineConfig(policy=name, device="cpu", **budget), policy=make_policy(name, **options)) as engine:
         out = model.generate(ids, attention_mask=mask, **GEN)
     return out, engine
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("policy", [*sorted(POLICIES), UNGATED])
 def test_offloaded_generate_equals_stock(arch, policy):
     stock = tiny_model(arch, seed=1)
     torch.manual_seed(2)

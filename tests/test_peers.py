@@ -401,3 +401,55 @@ def test_prescope_skips_only_plans_that_presched_would_leave_empty():
                     orders = policy.plan(v, cache)
                 execute(policy, cache, layer, orders)
     assert skipped > 50  # the case must occur often enough to mean something
+
+
+class Refusing(Fixed):
+    """A predictor that fails the test if the policy asks it anything."""
+
+    def predict(self, layer, distance, *, hidden=None, history=None):
+        raise AssertionError("the gate should have skipped prediction")
+
+
+def test_prescope_gate_counts_on_demand_work_against_the_host():
+    """device_slack = routed experts' GPU time + a load per expert absent or only prefetched (not used yet),
+    minus the host's time per layer and the host time of those loads."""
+    policy = make_policy("prescope", predictor=Fixed(layout(4, 8, 2), {}), transfer_host_s=0.1)
+    cache = cache_with(4, 4, [(0, 2)])
+    cache.assign((0, 1), 1, speculative=True)  # prefetched, landed, not used yet: a miss without prefetching
+    cache.mark_ready((0, 1))
+    cache.assign((0, 4), 2, speculative=False)  # still loading
+    policy.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5 * n, cpu=lambda n: 2.0, host=0.25))
+    v = view(0, [1, 2, 3, 4], tokens=[2, 1, 1, 1])
+    assert policy.device_slack(v, cache) == pytest.approx((2.5 + 3 * 1.0) - (0.25 + 3 * 0.1))
+
+
+def test_prescope_gate_runs_host_bound_layers_on_demand_without_predicting():
+    """Where the host's time per layer exceeds the device's on-demand work, PreScope neither predicts nor
+    plans: routed experts on demand (split by cost), no prefetch; where the device is the bottleneck it
+    plans as before; the running slack restarts when the step's shape changes (prefill -> decode)."""
+    lay = layout(4, 8, 2)
+    lean = make_policy("prescope", predictor=Refusing(lay, {}))
+    cache = cache_with(8, 4, [])
+    lean.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5, cpu=lambda n: 100.0, host=10.0))
+    for layer in range(3):
+        orders = lean.plan(view(layer, [1, 2]), cache)
+        assert (orders.gpu, orders.cpu, orders.prefetch) == ([1, 2], [], [])
+        execute(lean, cache, layer, orders)
+    assert lean.lean == 3 and lean.skipped == 0
+
+    scores = {(0, 1): [0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9]}
+    busy = make_policy("prescope", predictor=Fixed(lay, scores))
+    for host, lean_layers in ((0.0, 0), (10.0, 1)):
+        cache = cache_with(8, 4, [])
+        busy.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5, cpu=lambda n: 2.0, host=host))
+        orders = busy.plan(view(0, [1, 2]), cache)
+        assert bool(orders.prefetch) == (host == 0.0) and busy.lean == lean_layers
+
+    shaped = make_policy("prescope", predictor=Fixed(lay, scores))
+    cache = cache_with(8, 4, [])
+    shaped.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5 * n, cpu=lambda n: 100.0, host=3.0))
+    assert shaped.speculation_pays(view(0, [1, 2], tokens=[40, 40]), cache)  # prefill: 40 tokens each
+    assert not shaped.speculation_pays(view(1, [1, 2]), cache)  # decode: a new shape, judged on its own
+    ungated = make_policy("prescope", predictor=Fixed(lay, scores), gate=False)
+    ungated.reset(cache_with(8, 4, []), 8, Costs(load=1.0, gpu=lambda n: 0.5, cpu=lambda n: 2.0, host=10.0))
+    assert ungated.plan(view(0, [1, 2]), cache_with(8, 4, [])).prefetch and ungated.lean == 0
