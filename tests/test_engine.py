@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prescope import adapter
+from prescope.bench import policy_variant
 from prescope.config import EngineConfig
 from prescope.engine import Engine
-from prescope.bench import policy_variant
 from prescope.policies import POLICIES, make_policy
 
 GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
