@@ -24,7 +24,10 @@ Results carry the config, git revision and device; each file is written atomical
 then one JSON line.
 
 Cells run in order of importance and results are flushed after each one, so a run cut short keeps
-what it finished.
+what it finished. Host-bound cells vary from run to run by tens of percent on a shared host: `repeats`
+runs every engine cell that many times in interleaved rounds (each cell's round 1, then each cell's round
+2, ...) and each row is the median round's, with every round's decode median (`decode_ms_rounds`) and
+their spread (`decode_ms_spread`); only the last round's rows are flushed.
 """
 
 from __future__ import annotations
@@ -85,11 +88,14 @@ class BenchConfig:
     prompts: str | None = None  # .npy [rows, >= input_len] token ids of prescope-tiny's held-out text
     accelerate_batches: tuple[int, ...] = (1,)
     accelerate_tokens: int = 6
+    repeats: int = 1  # rounds over every engine cell, interleaved (round 1 of every cell, then round 2, ...)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if min(self.batch_sizes) < 1 or self.input_len < 1 or self.output_len < 2:
             raise ValueError("batch sizes and input_len must be >= 1 and output_len >= 2")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1 round, got {self.repeats}")
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets are shares in (0, 1], got {b}")
@@ -242,7 +248,8 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
            "hit_rate": stats.hits / max(1, stats.hits + stats.misses),
            "step_ms_per_layer": 1e3 * sum(engine.host_seconds) / calls,
            "host_ms_per_layer": 1e3 * (sum(engine.host_seconds) - sum(engine.sync_seconds)) / calls,
-           "policy_ms_per_layer": 1e3 * sum(engine.plan_seconds) / calls}
+           "policy_ms_per_layer": 1e3 * sum(engine.plan_seconds) / calls,
+           "victim_ms_per_layer": 1e3 * sum(engine.victim_seconds) / calls}
     if hasattr(engine.policy, "skipped"):  # prescope: layers with nothing to plan (PreSched not run)
         row["plans_skipped_share"] = engine.policy.skipped / calls
     if hasattr(engine.policy, "lean"):  # prescope: layers its gate ran on demand (host-bound, no prediction)
@@ -374,7 +381,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             overhead = {"model": name, **predictor_overhead(subject.llapor, subject.router_inputs(cfg), device)}
             meta.setdefault("predictor_overhead", []).append(overhead)
         cells = [(RESIDENT, 1.0)] + [(p, b) for b in cfg.budgets for p in cfg.policies]
-        for policy_name, budget in cells:
+        measured: dict[str, list] = {}  # cell -> (about, row, route, timeline) of each round so far
+        for rnd, (policy_name, budget) in ((r, c) for r in range(cfg.repeats) for c in cells):
             base_name, sync, options = policy_variant(policy_name)
             policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else base_name, **options)
             engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
@@ -396,6 +404,11 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                                                         profile=cfg.profile, async_io=False if sync else None),
                                     policy=policy)
                     continue
+                measured.setdefault(cell, []).append((about, row, route, timeline))
+                if rnd < cfg.repeats - 1:
+                    print(f"[round {rnd + 1}/{cfg.repeats}] {_line({**about, **row})}", flush=True)
+                    continue
+                about, row, route, timeline = median_round(measured.pop(cell))
                 rows.append({**about, **row})
                 routes[cell] = route
                 if len(timeline):
@@ -415,6 +428,16 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     _add_ratios(rows)
     _flush(out, meta, rows, routes, timelines)
     return rows
+
+
+def median_round(rounds: list[tuple]) -> tuple:
+    """The round whose decode median is the median of the rounds' (the lower one of an even count), its row
+    extended with every round's decode median and their spread, (max − min) / median."""
+    ms = [row["decode_ms_median"] for _, row, _, _ in rounds]
+    pick = sorted(range(len(ms)), key=ms.__getitem__)[(len(ms) - 1) // 2]
+    about, row, route, timeline = rounds[pick]
+    spread = (max(ms) - min(ms)) / ms[pick] if ms[pick] > 0 else 0.0
+    return about, {**row, "rounds": len(ms), "decode_ms_rounds": ms, "decode_ms_spread": spread}, route, timeline
 
 
 def _free(device: torch.device) -> None:
@@ -594,6 +617,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerate-batches", nargs="*", type=int, default=list(d.accelerate_batches),
                         help="batch sizes of the accelerate offload rows (none: skip them)")
     parser.add_argument("--accelerate-tokens", type=int, default=d.accelerate_tokens)
+    parser.add_argument("--repeats", type=int, default=d.repeats,
+                        help="rounds over every engine cell, interleaved; each row is the median round's, with "
+                             "every round's decode median and their spread")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -601,7 +627,8 @@ def run(args: argparse.Namespace) -> int:
                       budgets=tuple(args.budgets), input_len=args.input_len, output_len=args.output_len,
                       timeline_tokens=args.timeline_tokens, seed=args.seed, device=args.device,
                       profile=args.profile, out=args.out, predictor=args.predictor, prompts=args.prompts,
-                      accelerate_batches=tuple(args.accelerate_batches), accelerate_tokens=args.accelerate_tokens)
+                      accelerate_batches=tuple(args.accelerate_batches), accelerate_tokens=args.accelerate_tokens,
+                      repeats=args.repeats)
     rows = run_bench(cfg)
     table = pd.DataFrame(rows)
     table = table[[c for c in ("model", "policy", "budget", "batch", "decode_tok_s", "decode_ms_median", "vs_resident",

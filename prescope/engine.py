@@ -98,6 +98,7 @@ class Engine:
         self.host_seconds = [0.0] * self.layout.num_moe_layers  # wall time inside moe_step
         self.sync_seconds = [0.0] * self.layout.num_moe_layers  # of which waiting for the device to catch up
         self.plan_seconds = [0.0] * self.layout.num_moe_layers  # of which in the policy: prediction, planning
+        self.victim_seconds = [0.0] * self.layout.num_moe_layers  # and in the policy's victim choices
         self._t0 = None
         self._install()
 
@@ -262,10 +263,12 @@ class Engine:
 
     def _load(self, key: Key, speculative: bool, timed: bool = True) -> bool:
         """Copy expert `key` into a slot the policy gives up; False when none can be given up now."""
+        began = time.perf_counter()
         slot = self.policy.victim(self.cache, key)
+        layer, e = key
+        self.victim_seconds[layer] += time.perf_counter() - began
         if slot is None:
             return False
-        layer, e = key
         self.cache.assign(key, slot, speculative=speculative)
         pairs = [(self._slots[n][slot], host[e]) for n, host in self._host[layer].items()]
         if self.io is not None:
@@ -420,6 +423,7 @@ class Engine:
         self.host_seconds = [0.0] * self.layout.num_moe_layers
         self.sync_seconds = [0.0] * self.layout.num_moe_layers
         self.plan_seconds = [0.0] * self.layout.num_moe_layers
+        self.victim_seconds = [0.0] * self.layout.num_moe_layers
 
 
 def _device_name(device: torch.device) -> str:

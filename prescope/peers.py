@@ -207,6 +207,7 @@ class PreScope(Predictive):
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         self.lookahead = min(self.lookahead, max(1, cache.num_layers - 1)) if cache.num_layers > 1 else 1
         self.planned, self.loss, self.issued, self.skipped, self.lean, self.slack = {}, {}, [], 0, 0, None
+        self.on_demand = False  # this layer runs on demand (the gate): victims by per-layer LRU
         self._gpu_table = np.zeros(1)  # gpu(n) by token count n, grown to the largest count seen
         self.reliability = Reliability(self.lookahead) if self.calibrate else None
         return super().reset(cache, num_experts, costs)
@@ -324,12 +325,14 @@ class PreScope(Predictive):
         if self.costs is None:  # nothing to weigh: every expert on the GPU, no prefetch
             self.planned, self.protect = {}, routed
             return Orders(gpu=list(view.experts))
-        if self.gate and not self.speculation_pays(view, cache):  # host-bound: on demand, no prediction
-            self.planned, self.loss, self.protect = {}, {}, routed
+        if self.gate and not self.speculation_pays(view, cache):
+            # host-bound: every routed expert on the GPU on demand, nothing predicted or planned; a CPU expert
+            # would put its token copy, sync and hand-off on the host, the bottleneck here
+            self.planned, self.loss, self.protect, self.on_demand = {}, {}, routed, True
             self.issued = self._still_loading(cache)
             self.lean += 1
-            gpu, cpu = fastest_split(view, cache, self.costs)
-            return Orders(gpu=gpu, cpu=cpu)
+            return Orders(gpu=list(view.experts))
+        self.on_demand = False
         forecast = self.window_forecast(view)
         if self.nothing_to_plan(view, cache, forecast):
             self.planned, self.loss, self.protect = {}, {}, routed
@@ -353,6 +356,8 @@ class PreScope(Predictive):
 
     def victim(self, cache: ExpertCache, key: Key) -> int | None:
         protect = _guarded(self.protect, key, self.layer)
+        if self.on_demand:  # nothing ranked: on_demand_lru's rule (a global ranking would cost a scan per load)
+            return lru_victim(cache, key, protect)
         slot = planned_slot(cache, self.planned.pop(key, UNPLANNED), protect)
         return slot if slot is not None else ranked_victim(cache, protect, lambda k: self.loss.get(k, 1.0))
 

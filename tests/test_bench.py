@@ -28,7 +28,7 @@ def test_bench_runs_every_policy_on_the_same_replayed_routing(tmp_path):
     cfg = BenchConfig(models=("olmoe-1b-7b-tiny:16@prescope-tiny",), batch_sizes=(2,),
                       policies=("on_demand_lru", "prescope", "oracle"), budgets=(0.25,), input_len=6, output_len=3,
                       timeline_tokens=2, warmup_tokens=2, device="cpu", out=str(tmp_path / "out"),
-                      prompts=str(prompts))
+                      prompts=str(prompts), repeats=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the oracle warns if it ever lacks the future
         rows = run_bench(cfg)
@@ -45,6 +45,8 @@ def test_bench_runs_every_policy_on_the_same_replayed_routing(tmp_path):
     assert by["prescope"]["vs_on_demand_lru"] > 0 and "vs_oracle" in by["prescope"]
     # the tiny twin under the default h200 profile is host-bound: the gate runs its decode layers on demand
     assert 0.5 < by["prescope"]["plans_lean_share"] <= 1.0 and "plans_lean_share" not in by["oracle"]
+    for r in engine_rows:  # two interleaved rounds: the row is the lower median round's
+        assert r["rounds"] == 2 and r["decode_ms_median"] == min(r["decode_ms_rounds"])
     routing = np.load(tmp_path / "out" / "routing.npz")
     assert routing["olmoe-1b-7b-tiny@prescope-tiny__prescope__0.25__2"].shape[1:] == (16, 2, 8)
 
@@ -73,3 +75,13 @@ def test_policy_variants_parse_and_bad_names_are_refused():
             policy_variant(bad)
     with pytest.raises(ValueError, match="unknown policy 'lru'"):
         BenchConfig(policies=("lru",))
+
+
+def test_median_round_keeps_the_median_rounds_row_and_the_spread():
+    rounds = [({"a": i}, {"decode_ms_median": ms, "loads_per_step": i}, f"route{i}", None)
+              for i, ms in enumerate((30.0, 10.0, 20.0))]
+    about, row, route, _ = bench.median_round(rounds)
+    assert about == {"a": 2} and route == "route2" and row["loads_per_step"] == 2
+    assert row["decode_ms_rounds"] == [30.0, 10.0, 20.0] and row["decode_ms_spread"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        BenchConfig(repeats=0)

@@ -311,7 +311,8 @@ GEN = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
 @pytest.mark.parametrize("name", NEW)
 def test_engine_generates_the_stock_tokens(name, tmp_path):
     """Greedy generation through the engine gives the stock tokens, with the link winning (the hand profile:
-    misses load, prefetches run) and with the CPU winning (h200 on these tiny experts: misses on the CPU)."""
+    misses load, prefetches run) and with the CPU winning (h200 on these tiny experts: misses on the CPU,
+    except for prescope, whose gate finds the host the bottleneck and runs them on the GPU)."""
     stock = tiny_model("olmoe", seed=4)
     torch.manual_seed(5)
     ids = torch.randint(1, 96, (2, 5))
@@ -333,8 +334,10 @@ def test_engine_generates_the_stock_tokens(name, tmp_path):
         if profile == link_wins:
             assert stats.loads > 0
             assert stats.prefetches > 0 or name == "oracle" or "budget_bytes" in budget
-        elif name in ("hybrid", "prescope"):
+        elif name == "hybrid":
             assert on_cpu > 0
+        elif name == "prescope":  # host-bound under h200: its gate runs the layers on demand, on the GPU
+            assert engine.policy.lean > 0 and on_cpu == 0
 
 
 def test_prescope_keeps_window_keys_that_reuse_asks_for_unless_told_not_to():
@@ -425,17 +428,22 @@ def test_prescope_gate_counts_on_demand_work_against_the_host():
 
 def test_prescope_gate_runs_host_bound_layers_on_demand_without_predicting():
     """Where the host's time per layer exceeds the device's on-demand work, PreScope neither predicts nor
-    plans: routed experts on demand (split by cost), no prefetch; where the device is the bottleneck it
+    plans: routed experts on the GPU on demand (a CPU expert would cost the host, the bottleneck), no prefetch; where the device is the bottleneck it
     plans as before; the running slack restarts when the step's shape changes (prefill -> decode)."""
     lay = layout(4, 8, 2)
     lean = make_policy("prescope", predictor=Refusing(lay, {}))
     cache = cache_with(8, 4, [])
-    lean.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5, cpu=lambda n: 100.0, host=10.0))
+    lean.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5, cpu=lambda n: 0.01, host=10.0))  # the CPU looks free
     for layer in range(3):
         orders = lean.plan(view(layer, [1, 2]), cache)
         assert (orders.gpu, orders.cpu, orders.prefetch) == ([1, 2], [], [])
         execute(lean, cache, layer, orders)
     assert lean.lean == 3 and lean.skipped == 0
+    full = cache_with(4, 4, [(0, 5), (1, 5), (3, 1), (3, 6)])
+    for slot in (0, 2, 3, 1):
+        full.use(full.owner[slot], hit=True)  # slot 0 (layer 0) used longest ago
+    lean.plan(view(3, [2, 4]), full)
+    assert lean.victim(full, (3, 2)) == peers.lru_victim(full, (3, 2), set()) == 2  # the layer's own LRU slot
 
     scores = {(0, 1): [0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9]}
     busy = make_policy("prescope", predictor=Fixed(lay, scores))
