@@ -249,7 +249,8 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
            "step_ms_per_layer": 1e3 * sum(engine.host_seconds) / calls,
            "host_ms_per_layer": 1e3 * (sum(engine.host_seconds) - sum(engine.sync_seconds)) / calls,
            "policy_ms_per_layer": 1e3 * sum(engine.plan_seconds) / calls,
-           "victim_ms_per_layer": 1e3 * sum(engine.victim_seconds) / calls}
+           "victim_ms_per_layer": 1e3 * sum(engine.victim_seconds) / calls,
+           "prefetches_stopped": dict(engine.stopped)}
     if hasattr(engine.policy, "skipped"):  # prescope: layers with nothing to plan (PreSched not run)
         row["plans_skipped_share"] = engine.policy.skipped / calls
     if hasattr(engine.policy, "lean"):  # prescope: layers its gate ran on demand (host-bound, no prediction)

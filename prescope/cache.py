@@ -144,12 +144,14 @@ class ExpertCache:
         self.stats.evictions += 1
         return slot
 
-    def cancel(self, key: Key) -> int:
-        """Undo the assignment of `key` whose copy never ran: its slot is free and it counts as no load."""
+    def cancel(self, key: Key, started: bool = False) -> int:
+        """Undo the assignment of `key` whose copy was stopped: its slot is free; a copy that never ran counts
+        as no load, one cut part-way (`started`) stays a load (an unused prefetch: the link carried part of it)."""
         slot = self.evict(key)
         self.stats.evictions -= 1
-        self.stats.loads -= 1
-        self.stats.prefetches -= 1
+        if not started:
+            self.stats.loads -= 1
+            self.stats.prefetches -= 1
         return slot
 
     def lru(self, slots: list[int]) -> int:

@@ -99,6 +99,7 @@ class Engine:
         self.sync_seconds = [0.0] * self.layout.num_moe_layers  # of which waiting for the device to catch up
         self.plan_seconds = [0.0] * self.layout.num_moe_layers  # of which in the policy: prediction, planning
         self.victim_seconds = [0.0] * self.layout.num_moe_layers  # and in the policy's victim choices
+        self.stopped = {"queued": 0, "part_way": 0}  # AsyncIO prefetches no layer used, stopped (_drop_stale)
         self._t0 = None
         self._install()
 
@@ -187,8 +188,6 @@ class Engine:
             top_k_weights = weights.to(top_k_weights.dtype)
             seen = recorded if recorded is not None else hidden
             future = self.replay.future(self.step, layer, num_tokens)
-        if self.io is not None:
-            self._drop_stale(layer)
         # 1. route: tokens per expert and each (token, k) position grouped by expert; one host sync
         flat = top_k_index.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)  # [N*K]
@@ -196,6 +195,8 @@ class Engine:
         counts = torch.bincount(flat, minlength=self.layout.num_experts + 1).tolist()  # waits for the device
         self.sync_seconds[layer] += time.perf_counter() - synced
         groups = self._groups(order, counts)  # expert -> positions in [N*K]
+        if self.io is not None:
+            self._drop_stale(layer, groups)
         ranked = sorted(groups, key=lambda e: (-counts[e], e))
         view = LayerView(self.step, layer, self.layout.num_moe_layers, self.layout.num_experts,
                          tuple(ranked), tuple(counts[e] for e in ranked), hidden=seen, future=future)
@@ -292,13 +293,16 @@ class Engine:
         ready = self._ready[slot]
         return self.io.ready(ready) if isinstance(ready, Transfer) else ready
 
-    def _drop_stale(self, layer: int) -> None:
-        """Forget queued prefetches for layers that already ran: their slots are free again."""
+    def _drop_stale(self, layer: int, routed) -> None:
+        """Stop the prefetches no layer will use (for layers that already ran, or for this layer's experts it
+        does not route), queued or part-way: their slots are free again."""
         now = max(0, self.step) * self.layout.num_moe_layers + layer
-        for t in self.io.drop_stale(now):
+        for t in self.io.drop_stale(now, routed):
             if self.cache.slot_of.get(t.key) == t.slot and t.slot not in self.cache.pinned:
-                self.cache.cancel(t.key)
+                started = t.busy or t.next > 0  # busy first: the worker sets next, then busy
+                self.cache.cancel(t.key, started=started)
                 self._ready[t.slot] = None
+                self.stopped["part_way" if started else "queued"] += 1
 
     def _drain(self) -> None:
         if self.io is not None:
@@ -424,6 +428,7 @@ class Engine:
         self.sync_seconds = [0.0] * self.layout.num_moe_layers
         self.plan_seconds = [0.0] * self.layout.num_moe_layers
         self.victim_seconds = [0.0] * self.layout.num_moe_layers
+        self.stopped = {"queued": 0, "part_way": 0}
 
 
 def _device_name(device: torch.device) -> str:

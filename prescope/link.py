@@ -1,12 +1,12 @@
 """The simulated PCIe link of the replay, and the optimal cache's bound on what it must carry.
 
-Two disciplines, one interface (`enqueue`, `promote`, `advance`, `finish`, `finish_any`, `drain`):
+Two disciplines, one interface (`enqueue`, `promote`, `cut`, `advance`, `finish`, `finish_any`, `drain`):
 
 - `FifoLink` (`async_io=False`): one copy stream; transfers run in issue order, so a queued prefetch
   delays a later on-demand load;
 - `PriorityLink` (`async_io=True`, AsyncIO's I/O worker): on-demand loads overtake queued prefetches at
-  `chunk_bytes` granularity, each chunk costing one transfer time, and a prefetch the running layer
-  waits for is promoted to on-demand.
+  `chunk_bytes` granularity, each chunk costing one transfer time, a prefetch the running layer
+  waits for is promoted to on-demand, and one no layer will use is cut before its next chunk.
 
 Every load into a slot starts after the slot's previous occupant finished computing (`Load.ready_at`).
 A link reports each transfer through two callbacks: `emit(load, start, end, nbytes)` for a timeline row
@@ -64,6 +64,9 @@ class FifoLink:
 
     def promote(self, load: Load) -> None: ...
 
+    def cut(self, load: Load) -> bool | None:
+        return None  # every copy was issued when queued: nothing to stop
+
     def finish_any(self) -> bool:
         return False
 
@@ -86,6 +89,16 @@ class PriorityLink:
         if load.left > 0 and load.prio > PRIORITY["on_demand"]:
             load.prio = PRIORITY["on_demand"]
             heapq.heappush(self.heap, (load.prio, next(self.seq), load))
+
+    def cut(self, load: Load) -> bool | None:
+        """Stop a prefetch before its next chunk (AsyncIO's `drop_stale`): None if it already landed (or is
+        on demand), else whether part of it moved. Its bytes left are never carried; it never lands."""
+        if load.left == 0 or load.prio == PRIORITY["on_demand"]:
+            return None
+        if self.seg is not None and self.seg[0] is load:
+            self._flush()
+        started, load.left = load.left < load.nbytes, 0
+        return started
 
     def _prune(self) -> bool:
         """Drop finished transfers and stale entries of promoted ones from the top; False when idle."""

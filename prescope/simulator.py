@@ -189,6 +189,21 @@ class _Replay:
         self._resident(load)
         return end
 
+    def _drop_stale(self, step: int, layer: int, experts) -> None:
+        """Cut the prefetches in flight for layers that already ran or for this layer's unrouted experts
+        (on the priority link only: `transfers.IOWorker.drop_stale`); their slots are free again."""
+        routed = set(experts)
+        stale = [load for key, load in self.inflight.items() if load.kind == "prefetch"
+                 and (load.step < step or key[0] < layer or (key[0] == layer and key[1] not in routed))]
+        for load in stale:
+            if self.cache.slot_of.get(load.key) != load.slot or load.slot in self.cache.pinned:
+                continue
+            started = self.link.cut(load)
+            if started is None:  # landed already, or promoted
+                continue
+            del self.inflight[load.key]
+            self.cache.cancel(load.key, started=started)
+
     def land_one(self) -> bool:
         """Let the earliest transfer in flight land (the GPU waits for it) so its slot can be given up."""
         if not self.landed and not self.link.finish_any():
@@ -207,8 +222,9 @@ class _Replay:
         for kind, d in self.host:
             rows.append(("cpu", step, layer, -1, kind, num_tokens, 0, h, h + d, -1, -1))
             h += d
-        # 3. the cache at the clock, then the plan
+        # 3. the cache at the clock (prefetches no layer will use cut, as AsyncIO does), then the plan
         self.advance(h)
+        self._drop_stale(step, layer, experts)
         view = LayerView(step, layer, cache.num_layers, self.num_experts, experts, tokens, hidden, future)
         hits = {e for e in experts if cache.is_present((layer, e))}
         orders = self.policy.plan(view, cache)

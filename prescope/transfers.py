@@ -14,7 +14,9 @@ only *submits* transfers; one worker thread issues them, a chunk at a time:
   running layer needs to on-demand and blocks until that event exists, and the compute stream then waits
   on the event alone. A copy into a slot first waits for the slot's release event (the last kernel that
   read it), so a slot is never overwritten while a kernel still reads it;
-- cancellation: a slot given to another expert cancels the chunks of its old transfer not yet issued.
+- cancellation: a slot given to another expert cancels the chunks of its old transfer not yet issued; a
+  prefetch its layer did not use (the layer ran, or its routing is known and leaves the expert out) is cut
+  before its next chunk, so a wrong prediction costs the link only the chunks already issued.
 
 On the CPU (`streams.CpuStreams`) the same worker thread really runs the copies, chunk by chunk, and a
 transfer's "issued" means its bytes are in place: CI exercises the queue, the promotion and the
@@ -128,17 +130,22 @@ class IOWorker:
             self._idle.notify_all()
             return t.next == 0 and not t.busy
 
-    def drop_stale(self, now: int) -> list[Transfer]:
-        """Cancel the prefetches not started whose layer has already run (`need` < `now`); returns them."""
+    def drop_stale(self, now: int, routed=None) -> list[Transfer]:
+        """Cancel the prefetches that can no longer be used: those whose layer has already run (`need` < `now`)
+        and, given `routed` (the running layer's experts), those for the running layer (`need` == `now`) of an
+        expert it does not route. One under way is cut before its next chunk (`Transfer.next` > 0: its slot
+        holds part of the expert, and the caller must free it). Returns them."""
         with self._cond:
             stale = [t for _, t in self._heap if t.speculative and not t.cancelled and not t.issued.is_set()
-                     and t.next == 0 and not t.busy and t.priority[0] == PREFETCH and t.need < now]
-            for t in set(stale):
+                     and t.priority[0] == PREFETCH
+                     and (t.need < now or (routed is not None and t.need == now and t.key[1] not in routed))]
+            stale = list(dict.fromkeys(stale))
+            for t in stale:
                 t.cancelled = True
                 self._busy -= 1
             if stale:
                 self._idle.notify_all()
-        return list(dict.fromkeys(stale))
+        return stale
 
     def drain(self) -> None:
         """Block until every submitted transfer is issued (or cancelled)."""

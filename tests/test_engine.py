@@ -4,6 +4,7 @@ policy and cache size; plus invariants of the slot pool under random routings.""
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from prescope import adapter
 from prescope.bench import policy_variant
 from prescope.config import EngineConfig
 from prescope.engine import Engine
-from prescope.policies import POLICIES, make_policy
+from prescope.policies import POLICIES, OnDemandLRU, make_policy
+from prescope.streams import CpuStreams
+from prescope.transfers import IOWorker
 
 GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
 
@@ -171,7 +174,7 @@ def test_cpu_worker_failure_surfaces_in_the_caller():
 @pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
 @pytest.mark.parametrize("policy", ["on_demand_lru", "lookahead_prefetch", "prescope"])
 def test_async_io_with_small_chunks_keeps_the_stock_output(arch, policy):
-    """AsyncIO forced on with chunks of 256 bytes: queued, overtaken, promoted and cancelled copies."""
+    """AsyncIO forced on with chunks of 256 bytes: queued, overtaken, promoted, cancelled and cut copies."""
     stock = tiny_model(arch, seed=4)
     ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
     ref = stock.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
@@ -188,3 +191,41 @@ def test_async_io_with_small_chunks_keeps_the_stock_output(arch, policy):
         assert (pcie["end"] >= pcie["start"]).all() and engine.cache.stats.loads >= len(pcie)
         if policy == "on_demand_lru":  # every miss loads; the others may run misses on the CPU
             assert len(pcie) > 0
+
+
+class SlowStreams(CpuStreams):
+    """The CPU twin with every chunk taking 0.2 ms, so prefetches are still on the link when a layer routes."""
+
+    def issue(self, dst, src):
+        time.sleep(2e-4)
+        return super().issue(dst, src)
+
+
+class PrefetchNextLayer(OnDemandLRU):
+    """on_demand_lru, plus every expert of the next layer prefetched (most of them wrong)."""
+
+    name = "prefetch_next_layer_test"
+    async_io = True
+
+    def plan(self, view, cache):
+        orders = super().plan(view, cache)
+        if view.layer + 1 < view.num_layers:
+            orders.prefetch = [(view.layer + 1, e) for e in range(view.num_experts)]
+        return orders
+
+
+def test_prefetches_no_layer_uses_are_cut_part_way_and_the_output_stays_stock():
+    """AsyncIO with slow chunks: a prefetch the next layer's routing leaves out is cut before its next chunk;
+    its slot, holding part of an expert, is freed and never read."""
+    stock = tiny_model("olmoe", seed=4)
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+    ref = stock.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+    model = copy.deepcopy(stock)
+    config = EngineConfig(device="cpu", budget_share=0.5, io_chunk_bytes=256, io_depth=1)
+    with Engine(model, config, policy=PrefetchNextLayer()) as engine:
+        engine.io.close()
+        engine.streams = SlowStreams()
+        engine.io = IOWorker(engine.streams, 256, 1)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+        assert engine.stopped["part_way"] > 0
+    assert torch.equal(out.sequences, ref.sequences)

@@ -90,6 +90,23 @@ def test_cancel_stops_a_transfer_and_drop_stale_forgets_passed_prefetches():
     io.close()
 
 
+def test_drop_stale_cuts_a_prefetch_part_way_and_keeps_the_routed_one():
+    streams = SlowStreams(delay=0.005)
+    io = IOWorker(streams, CHUNK, depth=1)
+    wrong, wrong_dst = pairs(3)
+    with io._cond:
+        cut = io.submit((4, 3), 3, wrong, None, speculative=True, need=4)
+        kept = io.submit((4, 2), 2, pairs(2)[0], None, speculative=True, need=4)
+    while 3 not in streams.log:  # its first chunk is on the link
+        time.sleep(0.001)
+    assert io.drop_stale(now=4, routed={2}) == [cut]  # layer 4 routes expert 2, not 3
+    io.drain()
+    assert cut.cancelled and not cut.issued.is_set() and 0 < cut.next < 4 and streams.log.count(3) == cut.next
+    assert kept.issued.is_set() and streams.log.count(2) == 4
+    assert not torch.equal(wrong_dst, torch.full((64,), 3.0))  # part of it only: the caller frees the slot
+    io.close()
+
+
 def test_a_failing_copy_surfaces_in_the_caller():
     class Broken(CpuStreams):
         def issue(self, dst, src):
