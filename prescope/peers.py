@@ -158,7 +158,8 @@ class PreScope(Predictive):
                   "AsyncIO only where one expert's transfer takes >= 1 ms (measured: below that its thread "
                   "costs more host time than it saves); "
                   "a gate (gate=True) skips prediction and planning at layers where the device's on-demand work "
-                  "fits within the host's own time per layer (host-bound: a prefetch could not shorten the step); "
+                  "exceeds the host's own time per layer by less than planning costs (host-bound: a prefetch could "
+                  "not shorten the step); "
                   "optional (calibrate=True, off by default: on the H200 it cost 0.3-0.5 ms per layer and bought "
                   "more prefetches, not fewer): the predictor's probabilities calibrated online per distance "
                   "(reliability.Reliability)")
@@ -180,14 +181,16 @@ class PreScope(Predictive):
     # that p and distance (reliability.py), meant to stop an over-confident predictor buying wrong prefetches;
     # window_reuse: a resident key of layers l+1 … l+D is kept with the larger of its prediction and the
     # memory's chance (False: its prediction alone); gate: predict and plan only where speculation can
-    # shorten a step (`device_slack`; False: at every layer)
+    # shorten a step (`speculation_pays`; False: at every layer); plan_host_s: the host time of predicting
+    # and planning one layer, which the device's excess over the host must cover (None: `costs.plan`, the
+    # profile's predict_overhead_s + plan_overhead_s)
     TRANSFER_HOST_S = 1e-4
     GATE_WEIGHT = 0.2  # weight of the newest layer in the running slack (about the last 5 layers)
 
     def __init__(self, predictor=None, lookahead: int = 3, candidates: int | None = None,
                  layer_gap_s: float | None = None, max_prefetch: int | None = None, memory_decay: float = 0.8,
                  transfer_host_s: float = TRANSFER_HOST_S, calibrate: bool = False, window_reuse: bool = True,
-                 gate: bool = True):
+                 gate: bool = True, plan_host_s: float | None = None):
         super().__init__(predictor, lookahead, memory_decay)
         if candidates is not None and candidates < 1:
             raise PolicyError(f"candidates must be >= 1 per layer, got {candidates}")
@@ -195,7 +198,7 @@ class PreScope(Predictive):
             raise PolicyError(f"transfer_host_s must be >= 0 s, got {transfer_host_s}")
         self.candidates, self.layer_gap_s, self.max_prefetch = candidates, layer_gap_s, max_prefetch
         self.transfer_host_s, self.calibrate, self.window_reuse = transfer_host_s, calibrate, window_reuse
-        self.gate = gate
+        self.gate, self.plan_host_s = gate, plan_host_s
         self.reliability: Reliability | None = None
         self.planned: dict[Key, Key | None] = {}
         self.loss: dict[Key, float] = {}
@@ -227,27 +230,30 @@ class PreScope(Predictive):
     def device_slack(self, view: LayerView, cache: ExpertCache) -> float:
         """How much longer the device's work of this layer, run on demand, takes than the host's own time per
         layer (seconds; <= 0: host-bound). On demand: the routed experts' GPU time plus a load for each one
-        that is absent or only there because a prefetch brought it (not used yet); host: `costs.host` plus
-        the host time of issuing those loads. The engine syncs with the device once per layer (the routing),
-        so a layer's loads and kernels run while the host launches the next layer: when they take less than
-        that, a prefetch cannot make the step shorter and only adds its own host time and the planning."""
+        that is absent or only there because a prefetch brought it (not used yet); host: `costs.host`, the
+        launch of each routed expert (`costs.launch`, the fixed part of its GPU time: at decode the engine
+        is launch-bound, so host and device both spend it) and the host time of issuing those loads. The
+        engine syncs with the device once per layer (the routing), so a layer's loads and kernels run while
+        the host launches the next layer: when they take less than that, a prefetch cannot make the step
+        shorter and only adds its own host time and the planning."""
         present, state, fresh, ready = cache.slot_of, cache.state, cache.prefetched, SlotState.RESIDENT
         costs, layer, demand = self.costs, view.layer, 0
         for e in view.experts:
             slot = present.get((layer, e))
             demand += slot is None or state[slot] is not ready or fresh[slot]
         device = sum(map(costs.gpu, view.tokens)) + demand * costs.load
-        return device - (costs.host + demand * self.transfer_host_s)
+        return device - (costs.host + len(view.experts) * costs.launch + demand * self.transfer_host_s)
 
     def speculation_pays(self, view: LayerView, cache: ExpertCache) -> bool:
         """The gate: the running `device_slack` of this step's shape (restarted when the step's tokens
-        change, e.g. from prefill to decode) is positive, i.e. the device, not the host, is the bottleneck."""
+        change, e.g. from prefill to decode) exceeds `plan_host_s`: the device, not the host, is the
+        bottleneck, by more than predicting and planning cost the host."""
         x, shape = self.device_slack(view, cache), sum(view.tokens)
         if self.slack is None or self.slack[0] != shape:
             self.slack = (shape, x)
         else:
             self.slack = (shape, self.slack[1] + self.GATE_WEIGHT * (x - self.slack[1]))
-        return self.slack[1] > 0.0
+        return self.slack[1] > (self.plan_host_s if self.plan_host_s is not None else self.costs.plan)
 
     def nothing_to_plan(self, view: LayerView, cache: ExpertCache, forecast) -> bool:
         """Every routed expert resident and no candidate in the window: PreSched's plan is then all routed

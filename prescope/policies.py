@@ -60,6 +60,8 @@ class Costs:
     cpu: Callable[[int], float]  # one expert for n tokens on the CPU
     layer_gap: float = 0.0  # attention, dense and host time between two MoE layers at decode
     host: float = 0.0  # the host's own time per MoE layer at decode (launches, Python), which device work hides behind
+    launch: float = 0.0  # the fixed part of `gpu(n)`: launching one expert's kernels, which the host spends too
+    plan: float = 0.0  # host time of one layer's prediction and planning by a predicting policy
 
 
 def costs_for(layout, profile) -> Costs:
@@ -76,7 +78,8 @@ def costs_for(layout, profile) -> Costs:
                  gpu=lambda n: cost.gpu_expert_time(n, *dims, profile),
                  cpu=lambda n: cost.cpu_expert_time(n, *dims, profile),
                  layer_gap=profile.host_overhead_per_layer_s + profile.gpu_dense.fixed_s,
-                 host=profile.host_overhead_per_layer_s)
+                 host=profile.host_overhead_per_layer_s, launch=profile.gpu_expert.fixed_s,
+                 plan=profile.predict_overhead_s + profile.plan_overhead_s)
 
 
 class Policy(ABC):

@@ -13,6 +13,7 @@ Letters: L MoE layers, E experts, K top-k, N tokens, D lookahead distance, S slo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from itertools import compress, repeat
 from operator import is_
@@ -186,7 +187,7 @@ class Predictive(Policy):
         if self.graphs_for is not self.predictor:  # the graphs replay one predictor's calls: kept across resets
             self.graphs, self.graphs_for = None, self.predictor
         if costs is not None:
-            self.costs = Costs(costs.load, _memo(costs.gpu), _memo(costs.cpu), host=getattr(costs, "host", 0.0))
+            self.costs = dataclasses.replace(costs, gpu=_memo(costs.gpu), cpu=_memo(costs.cpu))
             self.costs_gap = getattr(costs, "layer_gap", 0.0)
         return []
 

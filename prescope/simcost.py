@@ -86,4 +86,5 @@ class SimTimes:
     def costs(self) -> Costs:
         return Costs(load=self.of("link", self.nbytes), gpu=self.gpu, cpu=self.cpu,
                      layer_gap=self.formulas["attention"](1) + self.profile.host_overhead_per_layer_s,
-                     host=self.profile.host_overhead_per_layer_s)
+                     host=self.profile.host_overhead_per_layer_s, launch=self.profile.gpu_expert.fixed_s,
+                     plan=self.profile.predict_overhead_s + self.profile.plan_overhead_s)

@@ -6,10 +6,11 @@ prompts is grouped into batches of `batch_size` prompts whose decode steps run t
 decoder layer in order:
 
 1. attention and the other resident work of the layer on the GPU (`dense_time` for N tokens);
-2. host work of the MoE step on the host: the profile's per-layer overhead (`wait`), then prediction and
-   planning (`predict`, `plan`) for a policy that declares them in `host_work`; issuing each transfer
+2. host work of the MoE step on the host: the profile's per-layer overhead (`wait`); issuing each transfer
    costs the profile's `host_per_transfer_s` more (a kernel launched after an issue starts after it);
-3. the cache catches up with the clock (loads that ended become resident) and the policy plans;
+3. the cache catches up with the clock (loads that ended become resident) and the policy plans, which
+   costs the profile's prediction and planning times (`predict`, `plan`) for a policy that declares them
+   in `host_work`, unless it ran the layer on demand without them (prescope's gate: `on_demand`);
 4. CPU experts run one after another on the CPU lane, from the end of planning, overlapping GPU work;
 5. GPU experts, in the order of the orders: present ones are pinned, absent ones get a slot from
    `policy.victim` and an on-demand load; each starts when its load has landed and the GPU is free. When
@@ -153,9 +154,9 @@ class _Replay:
             raise SimulationError(f"policy {policy.name!r} declares host_work {work}; allowed: {HOST_WORK}")
         p = times.profile
         self.per_transfer = p.host_per_transfer_s  # host time to issue one transfer
-        self.host = [(kind, d) for kind, d in (("wait", p.host_overhead_per_layer_s),
-                                               ("predict", p.predict_overhead_s if "predict" in work else 0.0),
-                                               ("plan", p.plan_overhead_s if "plan" in work else 0.0)) if d > 0]
+        self.host = [("wait", p.host_overhead_per_layer_s)] if p.host_overhead_per_layer_s > 0 else []
+        self.planning = [(kind, d) for kind, d in (("predict", p.predict_overhead_s if "predict" in work else 0.0),
+                                                   ("plan", p.plan_overhead_s if "plan" in work else 0.0)) if d > 0]
 
     def _emit(self, load: Load, start: float, end: float, nbytes: int) -> None:
         self.rows.append(("pcie", load.step, load.key[0], load.key[1], load.kind, 0, nbytes, start, end,
@@ -229,6 +230,10 @@ class _Replay:
         hits = {e for e in experts if cache.is_present((layer, e))}
         orders = self.policy.plan(view, cache)
         orders.check(view)
+        if not getattr(self.policy, "on_demand", False):  # prescope's gate ran this layer without planning
+            for kind, d in self.planning:
+                rows.append(("cpu", step, layer, -1, kind, num_tokens, 0, h, h + d, -1, -1))
+                h += d
         count = dict(zip(experts, tokens, strict=True))
         # 4. CPU experts, overlapping the GPU
         c = max(self.cpu_free, h)

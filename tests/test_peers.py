@@ -16,6 +16,7 @@ import torch
 from conftest import tiny_model
 
 from prescope import adapter, peers, presched
+from prescope.bench import policy_variant
 from prescope.cache import ExpertCache
 from prescope.config import EngineConfig
 from prescope.engine import Engine
@@ -308,11 +309,13 @@ def test_replay_ranks_the_oracle_first_and_prescope_with_the_true_routing_close_
 GEN = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", [*NEW, "prescope[gate=False]"])
 def test_engine_generates_the_stock_tokens(name, tmp_path):
     """Greedy generation through the engine gives the stock tokens, with the link winning (the hand profile:
-    misses load, prefetches run) and with the CPU winning (h200 on these tiny experts: misses on the CPU,
-    except for prescope, whose gate finds the host the bottleneck and runs them on the GPU)."""
+    misses load, prefetches run, except where prescope's gate finds a layer host-bound) and with the CPU
+    winning (h200 on these tiny experts: misses on the CPU, except for gated prescope, which finds the host
+    the bottleneck and runs them on the GPU)."""
+    name, _, variant = policy_variant(name)
     stock = tiny_model("olmoe", seed=4)
     torch.manual_seed(5)
     ids = torch.randint(1, 96, (2, 5))
@@ -324,6 +327,7 @@ def test_engine_generates_the_stock_tokens(name, tmp_path):
     for profile, budget in runs:
         model = copy.deepcopy(stock)
         options = {"predictor": GateLookahead.from_model(model)} if name in PREDICTED else {}
+        options |= variant
         engine = Engine(model, EngineConfig(device="cpu", profile=profile, **budget), policy=make_policy(name, **options))
         with engine, warnings.catch_warnings():
             warnings.filterwarnings("ignore", "oracle: this executor gives no", RuntimeWarning)
@@ -333,11 +337,14 @@ def test_engine_generates_the_stock_tokens(name, tmp_path):
         stats = engine.cache.stats
         if profile == link_wins:
             assert stats.loads > 0
-            assert stats.prefetches > 0 or name == "oracle" or "budget_bytes" in budget
+            gated = name == "prescope" and variant.get("gate", True)
+            assert stats.prefetches > 0 or name == "oracle" or "budget_bytes" in budget or gated
         elif name == "hybrid":
             assert on_cpu > 0
-        elif name == "prescope":  # host-bound under h200: its gate runs the layers on demand, on the GPU
+        elif name == "prescope" and variant.get("gate", True):  # host-bound under h200: on demand, on the GPU
             assert engine.policy.lean > 0 and on_cpu == 0
+        elif name == "prescope":
+            assert on_cpu > 0
 
 
 def test_prescope_keeps_window_keys_that_reuse_asks_for_unless_told_not_to():
@@ -421,9 +428,14 @@ def test_prescope_gate_counts_on_demand_work_against_the_host():
     cache.assign((0, 1), 1, speculative=True)  # prefetched, landed, not used yet: a miss without prefetching
     cache.mark_ready((0, 1))
     cache.assign((0, 4), 2, speculative=False)  # still loading
-    policy.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5 * n, cpu=lambda n: 2.0, host=0.25))
+    policy.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5 * n, cpu=lambda n: 2.0, host=0.25, launch=0.2, plan=0.3))
     v = view(0, [1, 2, 3, 4], tokens=[2, 1, 1, 1])
-    assert policy.device_slack(v, cache) == pytest.approx((2.5 + 3 * 1.0) - (0.25 + 3 * 0.1))
+    slack = (2.5 + 3 * 1.0) - (0.25 + 4 * 0.2 + 3 * 0.1)  # the host launches all four routed experts
+    assert policy.device_slack(v, cache) == pytest.approx(slack)
+    assert policy.speculation_pays(v, cache)  # 4.15 s over the host, more than planning's 0.3 s
+    policy.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5 * n, cpu=lambda n: 2.0, host=0.25, launch=0.2,
+                                 plan=slack + 0.01))
+    assert not policy.speculation_pays(v, cache)  # planning would cost more than the device's excess
 
 
 def test_prescope_gate_runs_host_bound_layers_on_demand_without_predicting():
