@@ -27,7 +27,8 @@ Cells run in order of importance and results are flushed after each one, so a ru
 what it finished. Host-bound cells vary from run to run by tens of percent on a shared host: `repeats`
 runs every engine cell that many times in interleaved rounds (each cell's round 1, then each cell's round
 2, ...) and each row is the median round's, with every round's decode median (`decode_ms_rounds`) and
-their spread (`decode_ms_spread`); only the last round's rows are flushed.
+their spread (`decode_ms_spread`); after every round of a cell its row is rewritten with the median so
+far (`rounds` says how many), so a run cut short keeps every round it finished.
 """
 
 from __future__ import annotations
@@ -383,6 +384,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             meta.setdefault("predictor_overhead", []).append(overhead)
         cells = [(RESIDENT, 1.0)] + [(p, b) for b in cfg.budgets for p in cfg.policies]
         measured: dict[str, list] = {}  # cell -> (about, row, route, timeline) of each round so far
+        position: dict[str, int] = {}  # cell -> its row in `rows` (the median of its rounds so far)
         for rnd, (policy_name, budget) in ((r, c) for r in range(cfg.repeats) for c in cells):
             base_name, sync, options = policy_variant(policy_name)
             policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else base_name, **options)
@@ -406,15 +408,20 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                                     policy=policy)
                     continue
                 measured.setdefault(cell, []).append((about, row, route, timeline))
-                if rnd < cfg.repeats - 1:
-                    print(f"[round {rnd + 1}/{cfg.repeats}] {_line({**about, **row})}", flush=True)
-                    continue
-                about, row, route, timeline = median_round(measured.pop(cell))
-                rows.append({**about, **row})
+                about, row, route, timeline = median_round(measured[cell])
+                if cell in position:  # a later round: the cell's row is replaced by the median so far
+                    rows[position[cell]] = {**about, **row}
+                else:
+                    position[cell] = len(rows)
+                    rows.append({**about, **row})
                 routes[cell] = route
-                if len(timeline):
-                    timelines.append(timeline.assign(model=name, policy=policy_name, budget=budget, batch=batch))
-                print(_line(rows[-1]), flush=True)
+                if rnd < cfg.repeats - 1:
+                    print(f"[round {rnd + 1}/{cfg.repeats}] {_line(measured[cell][-1][0] | measured[cell][-1][1])}",
+                          flush=True)
+                else:
+                    if len(timeline):
+                        timelines.append(timeline.assign(model=name, policy=policy_name, budget=budget, batch=batch))
+                    print(_line(rows[position[cell]]), flush=True)
                 _flush(out, meta, rows, routes, timelines)
             engine.close()
             del engine, policy

@@ -85,3 +85,25 @@ def test_median_round_keeps_the_median_rounds_row_and_the_spread():
     assert row["decode_ms_rounds"] == [30.0, 10.0, 20.0] and row["decode_ms_spread"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         BenchConfig(repeats=0)
+
+
+def test_a_round_that_fails_keeps_the_rounds_before_it(tmp_path, monkeypatch):
+    """Rows are rewritten after every round of a cell: a cell whose second round fails keeps its first."""
+    real, calls = bench.measure_engine, {}
+
+    def flaky(engine, *args, **kwargs):
+        cell = engine.config.budget_share  # resident (1.0) also runs on_demand_lru's engine
+        calls[cell] = calls.get(cell, 0) + 1
+        if cell == 0.5 and calls[cell] == 2:
+            raise RuntimeError("the device went away")
+        return real(engine, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_engine", flaky)
+    cfg = BenchConfig(models=("olmoe-1b-7b-tiny:2",), batch_sizes=(1,), policies=("on_demand_lru",), budgets=(0.5,),
+                      input_len=4, output_len=2, timeline_tokens=0, warmup_tokens=1, device="cpu",
+                      out=str(tmp_path), accelerate_batches=(), repeats=2)
+    run_bench(cfg)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    by = {r["policy"]: r for r in data["cells"]}
+    assert by["on_demand_lru"]["rounds"] == 1 and by[bench.RESIDENT]["rounds"] == 2
+    assert [f["policy"] for f in data["failed"]] == ["on_demand_lru"]
