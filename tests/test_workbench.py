@@ -159,5 +159,9 @@ def test_comparison_table_ratios_within_each_run_and_the_winner_of_each_cell():
         assert row["best"] == cell.loc[cell["decode_tok_s"].idxmax(), "policy"]
         assert row["prescope_vs_best"] <= 1.0
     assert best.loc[("mixtral-8x7b", 4), "best"] == "prescope"
+    # a run with ablations: prescope[lookahead=1] is faster at batch 4 but is an option of prescope, no contender
+    ablated = workbench.comparison_table(folder, ["mixtral4-5f83609"])
+    assert {"prescope+cal", "prescope[lookahead=1]"} <= set(ablated["policy"])
+    assert list(workbench.best_per_cell(ablated)["best"]) == ["oracle", "prescope"]
     with pytest.raises(FileNotFoundError, match="no bench run 'nope'.*runs there: .*mixtral4-3d15d9b"):
         workbench.comparison_table(folder, ["nope"])
