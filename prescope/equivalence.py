@@ -19,11 +19,11 @@ import os
 import torch
 
 from . import adapter
-from .bench import build_subject
 from .config import EngineConfig
 from .engine import Engine
 from .metrics import git_revision, write_atomic
 from .policies import POLICIES
+from .subjects import build_subject
 
 
 def _generate(model, ids, new_tokens):

@@ -21,10 +21,11 @@ import pandas as pd
 import torch
 
 from . import adapter, twins
-from .bench import RESIDENT, parse_model, policy_variant, routing_source
+from .bench import RESIDENT, policy_variant
 from .metrics import write_atomic
 from .profiles import load_profile
 from .simulator import replay
+from .subjects import parse_model, routing_source
 from .trace import Trace
 
 TOLERANCE = 0.15

@@ -5,7 +5,7 @@ comparison for other hardware through the trace-replay simulator (`simulator.rep
 with hidden states (prescope-tiny on held-out text), timed as a shape twin that routes like it (default
 OLMoE-1B-7B: same L, E, K), on each profile, for every policy of the bench plus the everything-resident
 reference (budget 1.0, `on_demand_lru`), at each budget and batch size. Policies get what the bench gives
-them (`bench.Subject.policy`; predictors read `LayerView.hidden`, the oracle `LayerView.future`, both
+them (`subjects.Subject.policy`; predictors read `LayerView.hidden`, the oracle `LayerView.future`, both
 filled by `replay`), AsyncIO's priority link where the policy asks for it (`prescope`, `oracle`: the
 engine's rule when `EngineConfig.async_io` is None), and decide with the profile that times them.
 
@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .bench import ALL_POLICIES, GATE_POLICIES, RESIDENT
+from .bench import ALL_POLICIES, RESIDENT
 from .fidelity import TOLERANCE
 from .metrics import GIT_TIMEOUT_S, git_revision, write_atomic
 from .policies import POLICIES, Policy, costs_for, make_policy
 from .profiles import HardwareProfile, ProfileError, load_profile
 from .simulator import replay
+from .subjects import GATE_POLICIES
 from .trace import Trace
 
 DEFAULT_TRACE = ".cache/llapor/heldout-7be95c0f0c1b.trace.parquet"
@@ -155,7 +156,7 @@ def prompt_subset(trace: Trace, count: int) -> Trace:
 
 
 def policy_for(name: str, gate=None, llapor=None, lookahead: int = PRESCOPE_LOOKAHEAD) -> tuple[Policy, str]:
-    """A fresh policy with the predictor the bench gives it (`bench.Subject.policy`); (policy, predictor
+    """A fresh policy with the predictor the bench gives it (`subjects.Subject.policy`); (policy, predictor
     name). Without `gate`, the gate-lookahead policies predict from the routing they have seen."""
     if name in GATE_POLICIES:
         return make_policy(name, predictor=gate), "gate_lookahead" if gate is not None else "previous step"
