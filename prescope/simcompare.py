@@ -468,9 +468,13 @@ the resident step.
   profile, not the engine-refitted ones of `h200-engine` (whose CPU experts cost more: see the expert
   CPU ms above). Ratios between policies on one profile are the result; absolute times are not.
 - The simulator charges no policy Python time beyond the profile's predict / plan constants (and the host
-  time per transfer where the profile has it). On the H200 the engine measured `prescope` spending ~3 ms
-  per MoE layer in the policy (`../h200/comparison/`), so simulated `prescope` is what a low-overhead
-  implementation of the same decisions would reach, not what the engine does today.
+  time per transfer where the profile has it), and those only for the layers a policy plans. On the H200
+  the engine measured `prescope` spending 0.5–2.5 ms per MoE layer where it plans (`../h200/comparison/`).
+- The simulator runs a layer's host work serially with the GPU. The engine overlaps a layer's loads and
+  kernels with the host's work on the next layer, and `prescope`'s gate counts on that: where it finds the
+  host the bottleneck it runs layers on demand, and the simulator then charges the loads the gate took as
+  hidden (so host-bound cells of profiles with a large host overhead, e.g. `h200-engine`, show `prescope`
+  near `on_demand_lru`; before the gate it planned there).
 - `oracle` is the project's prefetch oracle (it knows the running step's future, evicts by Belady, splits
   only the running layer's misses with the CPU): not a bound, and other policies can beat it;
   `lower_bound_ms` is the bound.
