@@ -206,11 +206,12 @@ class PreScope(Predictive):
         self.skipped = 0  # plans not built because there was nothing to plan (nothing_to_plan)
         self.lean = 0  # layers run on demand because speculation could not pay there (gate)
         self.slack: tuple[int, float] | None = None  # (tokens·K of the step, running device_slack)
+        self.on_demand = False  # this layer runs on demand (the gate): victims by per-layer LRU
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         self.lookahead = min(self.lookahead, max(1, cache.num_layers - 1)) if cache.num_layers > 1 else 1
         self.planned, self.loss, self.issued, self.skipped, self.lean, self.slack = {}, {}, [], 0, 0, None
-        self.on_demand = False  # this layer runs on demand (the gate): victims by per-layer LRU
+        self.on_demand = False
         self._gpu_table = np.zeros(1)  # gpu(n) by token count n, grown to the largest count seen
         self.reliability = Reliability(self.lookahead) if self.calibrate else None
         return super().reset(cache, num_experts, costs)
@@ -328,24 +329,17 @@ class PreScope(Predictive):
         self.memory.observe(view)
         self.layer = view.layer
         routed = {(view.layer, e) for e in view.experts}
-        if self.costs is None:  # nothing to weigh: every expert on the GPU, no prefetch
-            self.planned, self.protect = {}, routed
-            return Orders(gpu=list(view.experts))
-        if self.gate and not self.speculation_pays(view, cache):
-            # host-bound: every routed expert on the GPU on demand, nothing predicted or planned; a CPU expert
-            # would put its token copy, sync and hand-off on the host, the bottleneck here
-            self.planned, self.loss, self.protect, self.on_demand = {}, {}, routed, True
-            self.issued = self._still_loading(cache)
-            self.lean += 1
-            return Orders(gpu=list(view.experts))
-        self.on_demand = False
+        self.on_demand = self.costs is not None and self.gate and not self.speculation_pays(view, cache)
+        if self.costs is None or self.on_demand:
+            # nothing to weigh, or host-bound: every routed expert on the GPU on demand, nothing predicted or
+            # planned (a CPU expert would put its token copy, sync and hand-off on the host, the bottleneck)
+            self.lean += self.on_demand
+            return self._unplanned(cache, routed, list(view.experts))
         forecast = self.window_forecast(view)
         if self.nothing_to_plan(view, cache, forecast):
-            self.planned, self.loss, self.protect = {}, {}, routed
-            self.issued = self._still_loading(cache)
             self.skipped += 1
             order = sorted(zip(view.experts, view.tokens, strict=True), key=lambda r: (-r[1], r[0]))
-            return Orders(gpu=[e for e, _ in order])
+            return self._unplanned(cache, routed, [e for e, _ in order])
         inst = self.instance(view, cache, forecast)
         p = presched.plan(inst)
         keys = [(view.layer, e) for e in p.loads] + list(p.prefetch)
@@ -354,6 +348,15 @@ class PreScope(Predictive):
         self.protect = routed | set(p.prefetch)
         self.issued = self._still_loading(cache) + keys
         return Orders(gpu=list(p.gpu), cpu=list(p.cpu), prefetch=list(p.prefetch))
+
+    def _unplanned(self, cache: ExpertCache, routed: set[Key], gpu: list[int]) -> Orders:
+        """Orders without PreSched: `gpu` in that order, no prefetch, no planned victims."""
+        self.planned, self.loss, self.protect = {}, {}, routed
+        self.issued = self._still_loading(cache)
+        return Orders(gpu=gpu)
+
+    def planned_work(self) -> tuple[str, ...]:
+        return () if self.on_demand else self.host_work
 
     def _still_loading(self, cache: ExpertCache) -> list[Key]:
         """The keys this policy issued that are still on the link, in issue order (for `link_state`)."""

@@ -98,6 +98,11 @@ class Policy(ABC):
     host_work: tuple[str, ...] = ()  # host-side phases an executor should time: "predict", "plan"
     async_io: bool = False  # asks the executor for AsyncIO's priority link (on-demand loads overtake prefetches)
 
+    def planned_work(self) -> tuple[str, ...]:
+        """The phases of `host_work` the last `plan` call did (an executor that charges them by profile
+        constants, the simulator, charges only these)."""
+        return self.host_work
+
     def uses_async_io(self, costs: Costs | None) -> bool:
         """Whether to ask for AsyncIO with these costs (an executor's explicit setting overrides it)."""
         return self.async_io

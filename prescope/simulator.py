@@ -10,7 +10,7 @@ decoder layer in order:
    costs the profile's `host_per_transfer_s` more (a kernel launched after an issue starts after it);
 3. the cache catches up with the clock (loads that ended become resident) and the policy plans, which
    costs the profile's prediction and planning times (`predict`, `plan`) for a policy that declares them
-   in `host_work`, unless it ran the layer on demand without them (prescope's gate: `on_demand`);
+   in `host_work`, the ones its last plan did (`Policy.planned_work`: prescope's gate skips both);
 4. CPU experts run one after another on the CPU lane, from the end of planning, overlapping GPU work;
 5. GPU experts, in the order of the orders: present ones are pinned, absent ones get a slot from
    `policy.victim` and an on-demand load; each starts when its load has landed and the GPU is free. When
@@ -194,13 +194,13 @@ class _Replay:
         """Cut the prefetches in flight for layers that already ran or for this layer's unrouted experts
         (on the priority link only: `transfers.IOWorker.drop_stale`); their slots are free again."""
         routed = set(experts)
-        stale = [load for key, load in self.inflight.items() if load.kind == "prefetch"
+        stale = [load for key, load in self.inflight.items() if load.kind == "prefetch" and load.left > 0
                  and (load.step < step or key[0] < layer or (key[0] == layer and key[1] not in routed))]
         for load in stale:
             if self.cache.slot_of.get(load.key) != load.slot or load.slot in self.cache.pinned:
                 continue
             started = self.link.cut(load)
-            if started is None:  # landed already, or promoted
+            if started is None:  # promoted
                 continue
             del self.inflight[load.key]
             self.cache.cancel(load.key, started=started)
@@ -230,8 +230,9 @@ class _Replay:
         hits = {e for e in experts if cache.is_present((layer, e))}
         orders = self.policy.plan(view, cache)
         orders.check(view)
-        if not getattr(self.policy, "on_demand", False):  # prescope's gate ran this layer without planning
-            for kind, d in self.planning:
+        done = self.policy.planned_work()  # prescope's gate runs some layers without predicting or planning
+        for kind, d in self.planning:
+            if kind in done:
                 rows.append(("cpu", step, layer, -1, kind, num_tokens, 0, h, h + d, -1, -1))
                 h += d
         count = dict(zip(experts, tokens, strict=True))

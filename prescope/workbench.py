@@ -397,7 +397,9 @@ def best_per_cell(table: pd.DataFrame) -> pd.DataFrame:
     """Per run, model, budget and batch: the contending policy with the highest decode throughput, and
     prescope's throughput against it and against on_demand_lru (NaN where prescope did not run). Ablation
     variants (`name[k=v]`, `name+sync`, `prescope+cal`) are not contenders: each is one policy's option."""
-    variant = table["policy"].str.contains(r"[\[+]", regex=True)
+    from prescope.bench import policy_variant
+
+    variant = table["policy"].map(lambda name: policy_variant(name) != (name, False, {}))
     contenders = table[~table["policy"].isin(REFERENCES) & ~variant]
     rows = []
     for (run, model, budget, batch), cell in contenders.groupby(["run", "model", "budget", "batch"], sort=False):

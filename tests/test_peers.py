@@ -450,7 +450,7 @@ def test_prescope_gate_runs_host_bound_layers_on_demand_without_predicting():
         orders = lean.plan(view(layer, [1, 2]), cache)
         assert (orders.gpu, orders.cpu, orders.prefetch) == ([1, 2], [], [])
         execute(lean, cache, layer, orders)
-    assert lean.lean == 3 and lean.skipped == 0
+    assert lean.lean == 3 and lean.skipped == 0 and lean.planned_work() == ()  # the simulator charges no planning
     full = cache_with(4, 4, [(0, 5), (1, 5), (3, 1), (3, 6)])
     for slot in (0, 2, 3, 1):
         full.use(full.owner[slot], hit=True)  # slot 0 (layer 0) used longest ago
@@ -464,6 +464,7 @@ def test_prescope_gate_runs_host_bound_layers_on_demand_without_predicting():
         busy.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5, cpu=lambda n: 2.0, host=host))
         orders = busy.plan(view(0, [1, 2]), cache)
         assert bool(orders.prefetch) == (host == 0.0) and busy.lean == lean_layers
+        assert busy.planned_work() == (("predict", "plan") if host == 0.0 else ())
 
     shaped = make_policy("prescope", predictor=Fixed(lay, scores))
     cache = cache_with(8, 4, [])
