@@ -12,18 +12,18 @@ import sys
 
 # name -> (module, function that adds arguments to a parser, function that runs with parsed args)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "calibrate": ("prescope.calibrate", "add_arguments", "run", "measure this machine and write a profile"),
-    "check-equivalence": ("prescope.equivalence", "add_arguments", "run", "offloaded vs stock output on a device"),
-    "tiny-card": ("prescope.modelcard", "add_arguments", "run", "measure prescope-tiny's routing for its card"),
-    "fidelity": ("prescope.fidelity", "add_arguments", "run", "simulated vs measured latency of a bench run"),
-    "bench": ("prescope.bench", "add_arguments", "run", "measure policies on a GPU (shape twins)"),
-    "report": ("prescope.reports", "add_arguments", "run", "run every notebook and render reports/"),
-    "sweep": ("prescope.sweep", "add_arguments", "run", "run a notebook over a parameter grid"),
-    "simulate": ("prescope.simulator", "add_arguments", "run", "replay a routing trace through a policy on a hardware profile"),
-    "simulate-compare": ("prescope.simcompare", "add_arguments", "run", "every policy on several hardware profiles, simulated"),
-    "train-tiny": ("prescope.tiny", "add_arguments", "run", "train prescope-tiny"),
-    "train-predictor": ("prescope.llapor", "add_arguments", "run", "train LLaPor on a routing trace"),
-    "trace": ("prescope.recording", "add_arguments", "run", "record and summarise a routing trace"),
+    "calibrate": ("prescope.experiments.calibrate", "add_arguments", "run", "measure this machine and write a profile"),
+    "check-equivalence": ("prescope.experiments.equivalence", "add_arguments", "run", "offloaded vs stock output on a device"),
+    "tiny-card": ("prescope.experiments.modelcard", "add_arguments", "run", "measure prescope-tiny's routing for its card"),
+    "fidelity": ("prescope.experiments.fidelity", "add_arguments", "run", "simulated vs measured latency of a bench run"),
+    "bench": ("prescope.experiments.bench", "add_arguments", "run", "measure policies on a GPU (shape twins)"),
+    "report": ("prescope.workbench.reports", "add_arguments", "run", "run every notebook and render reports/"),
+    "sweep": ("prescope.workbench.sweep", "add_arguments", "run", "run a notebook over a parameter grid"),
+    "simulate": ("prescope.sim.simulator", "add_arguments", "run", "replay a routing trace through a policy on a hardware profile"),
+    "simulate-compare": ("prescope.experiments.simcompare", "add_arguments", "run", "every policy on several hardware profiles, simulated"),
+    "train-tiny": ("prescope.models.tiny", "add_arguments", "run", "train prescope-tiny"),
+    "train-predictor": ("prescope.predict.llapor", "add_arguments", "run", "train LLaPor on a routing trace"),
+    "trace": ("prescope.routing.recording", "add_arguments", "run", "record and summarise a routing trace"),
 }
 
 

@@ -104,7 +104,7 @@ def trace_model():
 
 @pytest.fixture(scope="module")
 def batched_trace(trace_model):
-    from prescope import recording
+    from prescope.routing import recording
 
     return recording.record_trace(trace_model, None, TRACE_PROMPTS, max_new_tokens=TRACE_NEW_TOKENS, batch_size=3,
                                   keep_hidden=True, keep_logits=True, domains=["a", "b", "c"], progress=False)

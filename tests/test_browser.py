@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from prescope import reports
+from prescope.workbench import reports
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "05_h200_report"  # figures from committed files: the cheapest real notebook to run

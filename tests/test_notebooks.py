@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from prescope import metrics, reports
+from prescope.workbench import metrics, reports
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = reports.list_notebooks(ROOT / "notebooks")

@@ -1,0 +1,510 @@
+"""`prescope bench`: measure the engine's policies on a GPU, on shape twins, as ratios within one run.
+
+For every model (a shape twin, optionally with fewer layers), batch size, policy and expert budget it
+runs a real greedy `generate()` (input `input_len`, output `output_len` tokens) and reports decode
+throughput, per-token latency, time to first token, expert loads and bytes per step, hit rate, the
+engine's host time per MoE layer (and the policy's share of it: prediction and planning), and, from a
+second short run with every transfer and kernel timed, the achieved host-to-device bandwidth, the GPU
+idle share and the link's busy share. The same model also runs stock (all weights on the GPU,
+transformers' own experts), through the engine with every expert resident (the engine's overhead), and
+through Hugging Face accelerate's offload at the same GPU budget (`hfoffload`, what a user would
+otherwise pick; fewer decode tokens, since it is slow).
+
+Routing: the stock run of each batch records its routing, and every engine cell of that batch replays it
+(`replay.RoutingReplay`), so all policies see the same experts and the oracle knows the step's future.
+A subject `twin@prescope-tiny` (e.g. `olmoe-1b-7b@prescope-tiny`) is the twin driven by prescope-tiny's
+routing on held-out text instead (same L, E, K): its predictors read prescope-tiny's hidden states.
+
+Predictors: `lookahead_prefetch` and `hybrid` use gate lookahead (the routers of the model whose routing
+runs); `prescope` uses the LLaPor checkpoint given with `--predictor` where its layout matches that model,
+else gate lookahead (stated in each row's `predictor`); `activation_matrix` uses its own activation
+statistics; `oracle` the replayed future. Variants: `NAME+sync` (AsyncIO off), `prescope+cal` (with the
+online calibration of its probabilities). Each cell records whether its tokens equal the stock run's.
+Results carry the config, git revision and device; each file is written atomically; a table is printed,
+then one JSON line.
+
+Cells run in order of importance and results are flushed after each one, so a run cut short keeps
+what it finished. Host-bound cells vary from run to run by tens of percent on a shared host: `repeats`
+runs every engine cell that many times in interleaved rounds (each cell's round 1, then each cell's round
+2, ...) and each row is the median round's, with every round's decode median (`decode_ms_rounds`) and
+their spread (`decode_ms_spread`); after every round of a cell its row is rewritten with the median so
+far (`rounds` says how many), so a run cut short keeps every round it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import io
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from prescope.config import EngineConfig
+from prescope.engine.engine import Engine
+from prescope.experiments.subjects import Subject, build_bench_subject, build_subject, generate
+from prescope.files import git_revision, write_atomic
+from prescope.models import adapter
+from prescope.routing.replay import RoutingReplay
+
+RESIDENT = "resident"
+STOCK = "stock"
+ACCELERATE = "accelerate"
+ALL_POLICIES = ("on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix", "prescope",
+                "oracle")
+SYNC = "+sync"  # `name+sync`: the policy with AsyncIO off (every copy issued at once, first come first served)
+SEQUENCES = "sequences"  # measure_stock's generated ids, kept out of the result rows
+CAL = "+cal"  # `prescope+cal`: PreScope with the online calibration of its predictor's probabilities
+# `name[key=value,...]`: the policy built with these constructor options (an ablation), e.g.
+# `prescope[window_reuse=False]`; values are Python literals
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """models: twin names, each optionally `name:layers`. budgets: shares of all experts for offloaded
+    policies. timeline_tokens: decode tokens of the second, fully timed run (0 to skip it)."""
+
+    models: tuple[str, ...] = ("olmoe-1b-7b", "mixtral-8x7b:8")
+    batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
+    policies: tuple[str, ...] = ALL_POLICIES
+    budgets: tuple[float, ...] = (0.25, 0.5)
+    input_len: int = 128
+    output_len: int = 32
+    timeline_tokens: int = 8
+    device: str = "cuda"
+    profile: str = "h200"
+    out: str = "reports/bench"
+    seed: int = 0
+    warmup_tokens: int = 4
+    predictor: str | None = None  # LLaPor checkpoint for `prescope` where its layout matches
+    prompts: str | None = None  # .npy [rows, >= input_len] token ids of prescope-tiny's held-out text
+    accelerate_batches: tuple[int, ...] = (1,)
+    accelerate_tokens: int = 6
+    repeats: int = 1  # rounds over every engine cell, interleaved (round 1 of every cell, then round 2, ...)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if min(self.batch_sizes) < 1 or self.input_len < 1 or self.output_len < 2:
+            raise ValueError("batch sizes and input_len must be >= 1 and output_len >= 2")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1 round, got {self.repeats}")
+        for b in self.budgets:
+            if not 0 < b <= 1:
+                raise ValueError(f"budgets are shares in (0, 1], got {b}")
+        from prescope.policies import POLICIES
+
+        for name in self.policies:
+            if policy_variant(name)[0] not in POLICIES:
+                raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}, optionally with "
+                                 f"{SYNC}, {CAL} (prescope) or [key=value,...]")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device, prompts: np.ndarray | None = None,
+                  new_tokens: int | None = None) -> dict:
+    """Stock decode: per-step latency from host timestamps around synchronised forward calls."""
+    stamps = []
+
+    def stamp(kind: str):
+        def hook(*_):
+            _sync(device)
+            stamps.append([kind, time.perf_counter()])
+        return hook
+
+    hooks = [model.register_forward_pre_hook(stamp("s")), model.register_forward_hook(stamp("e"))]
+    try:
+        generate(model, batch, 16, cfg.warmup_tokens, cfg.seed + 1, device=device)
+        stamps.clear()
+        out = generate(model, batch, cfg.input_len, new_tokens or cfg.output_len, cfg.seed, prompts, device=device)
+    finally:
+        for h in hooks:
+            h.remove()
+    starts, ends = [t for k, t in stamps if k == "s"], [t for k, t in stamps if k == "e"]
+    latencies = [e - s for s, e in zip(starts, ends, strict=True)]
+    return {**_decode_metrics(latencies[0], latencies[1:], batch), SEQUENCES: out.cpu()}
+
+
+def _decode_metrics(ttft: float, decode: list[float], batch: int) -> dict:
+    return {"ttft_s": ttft, "decode_ms_median": 1e3 * statistics.median(decode),
+            "decode_ms_mean": 1e3 * statistics.fmean(decode), "decode_tok_s": batch * len(decode) / sum(decode),
+            "decode_ms_steps": [round(1e3 * x, 4) for x in decode]}
+
+
+def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: RoutingReplay | None = None,
+                   prompts: np.ndarray | None = None, stock: torch.Tensor | None = None) -> tuple[dict, np.ndarray, pd.DataFrame]:
+    """One cell: warm up, then a step-timed run (throughput, routing, and its tokens against the stock run's
+    `stock` [B, T]) and a fully timed run (timeline)."""
+    layout = engine.layout
+    engine.set_timing("steps")
+    engine.set_replay(replay)
+    engine.clear_records()  # the replay counts forward calls from the first one of a generate
+    generate(model, batch, cfg.input_len, min(cfg.warmup_tokens, cfg.output_len), cfg.seed + 1, prompts)
+    engine.reset()
+    engine.clear_records()
+    routing = []
+
+    def keep(ordinal, hidden, logits, weights, indices):
+        if engine.phase == "decode":
+            routing.append(indices.detach().to(torch.int16))
+
+    with adapter.observe_routing(model, keep if replay is None else lambda *_: None):
+        out = generate(model, batch, cfg.input_len, cfg.output_len, cfg.seed, prompts).cpu()
+    steps = engine.step_table()
+    is_decode = steps["phase"] == "decode"
+    decode = steps[is_decode]["latency"].tolist()
+    stats = engine.cache.stats
+    decode_loads = int(steps[is_decode]["loads"].sum())
+    calls = max(1, len(steps) * layout.num_moe_layers)
+    L, K = layout.num_moe_layers, layout.top_k
+    if replay is not None:  # [B, T, L, K] -> the decode steps' [T', L, B, K]
+        span = replay.experts[:, replay.prompt_len:replay.prompt_len + len(decode)]
+        route = span.permute(1, 2, 0, 3).to(torch.int16).cpu().numpy()
+    else:
+        route = torch.stack(routing).cpu().numpy().reshape(len(decode), L, batch, K) if routing else np.zeros((0,))
+    row = {**_decode_metrics(steps["latency"].iloc[0], decode, batch),
+           "loads_per_step": decode_loads / max(1, len(decode)),
+           "bytes_per_step": decode_loads * layout.expert_bytes / max(1, len(decode)),
+           "hit_rate": stats.hits / max(1, stats.hits + stats.misses),
+           "step_ms_per_layer": 1e3 * sum(engine.host_seconds) / calls,
+           "host_ms_per_layer": 1e3 * (sum(engine.host_seconds) - sum(engine.sync_seconds)) / calls,
+           "policy_ms_per_layer": 1e3 * sum(engine.plan_seconds) / calls,
+           "victim_ms_per_layer": 1e3 * sum(engine.victim_seconds) / calls,
+           "prefetches_stopped": dict(engine.stopped)}
+    if hasattr(engine.policy, "skipped"):  # prescope: layers with nothing to plan (PreSched not run)
+        row["plans_skipped_share"] = engine.policy.skipped / calls
+    if hasattr(engine.policy, "lean"):  # prescope: layers its gate ran on demand (host-bound, no prediction)
+        row["plans_lean_share"] = engine.policy.lean / calls
+    if stock is not None and stock.shape == out.shape:  # bf16 per-expert kernels may round differently
+        row |= {"tokens_equal_stock": bool(torch.equal(out, stock)),
+                "token_match_share": float((out == stock).float().mean())}
+    timeline = pd.DataFrame()
+    if cfg.timeline_tokens:
+        engine.set_timing("full")
+        engine.clear_records()
+        generate(model, batch, cfg.input_len, min(cfg.timeline_tokens, cfg.output_len), cfg.seed + 2, prompts)
+        timeline = engine.timeline()
+        steps = engine.step_table()
+        timeline = timeline.merge(steps[["step", "phase"]], on="step", how="left")
+        row.update(_timeline_metrics(timeline, steps, layout.expert_bytes))
+    return row, route, timeline
+
+
+def _timeline_metrics(timeline: pd.DataFrame, steps: pd.DataFrame, expert_bytes: int) -> dict:
+    decode_steps = steps[steps["phase"] == "decode"]
+    loads = timeline[(timeline["lane"] == "pcie") & (timeline["end"] > timeline["start"])]
+    gbps = (loads["bytes"] / (loads["end"] - loads["start"]) / 1e9).tolist()
+    busy = 0.0
+    for step in decode_steps["step"]:
+        gpu = timeline[(timeline["lane"] == "gpu") & (timeline["step"] == step)].sort_values("start")
+        end = -1.0
+        for s, e in zip(gpu["start"], gpu["end"], strict=True):
+            busy += max(0.0, e - max(s, end))
+            end = max(end, e)
+    total = decode_steps["latency"].sum()
+    return {"h2d_GBps_median": statistics.median(gbps) if gbps else None,
+            "gpu_idle_share": 1 - busy / total if total else None,
+            "link_busy_share": float((loads[loads["step"].isin(decode_steps["step"])]["end"]
+                                      - loads[loads["step"].isin(decode_steps["step"])]["start"]).sum() / total)
+            if total else None}
+
+
+def run_bench(cfg: BenchConfig) -> list[dict]:
+    device = torch.device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"config": asdict(cfg), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "source": "measured"}
+    rows, routes, timelines, failed = [], {}, [], []
+    meta["failed"] = failed
+    for spec in cfg.models:
+        subject = build_bench_subject(spec, cfg, device)
+        name, model = subject.name, subject.model
+        layout = adapter.describe(model)
+        base = {"model": name, "layers": layout.num_layers, "moe_layers": layout.num_moe_layers,
+                "expert_MB": layout.expert_bytes / 2**20}
+        replays, stock = {}, {}
+        for batch in cfg.batch_sizes:
+            measured = measure_stock(model, batch, cfg, device, subject.prompts)
+            stock[batch] = measured.pop(SEQUENCES)
+            rows.append({**base, "policy": STOCK, "budget": 1.0, "batch": batch, "routing": "native", **measured})
+            replays[batch] = subject.replay(batch, cfg)
+            _flush(out, meta, rows, routes, timelines)
+        overhead = None
+        if subject.llapor is not None and subject.source is None and device.type == "cuda":
+            overhead = {"model": name, **predictor_overhead(subject.llapor, subject.router_inputs(cfg), device)}
+            meta.setdefault("predictor_overhead", []).append(overhead)
+        cells = [(RESIDENT, 1.0)] + [(p, b) for b in cfg.budgets for p in cfg.policies]
+        measured: dict[str, list] = {}  # cell -> (about, row, route, timeline) of each round so far
+        position: dict[str, int] = {}  # cell -> its row in `rows` (the median of its rounds so far)
+        for rnd, (policy_name, budget) in ((r, c) for r in range(cfg.repeats) for c in cells):
+            base_name, sync, options = policy_variant(policy_name)
+            policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else base_name, **options)
+            engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
+                                                profile=cfg.profile, async_io=False if sync else None), policy=policy)
+            for batch in cfg.batch_sizes:
+                cell = f"{name}|{policy_name}|{budget}|{batch}"
+                about = {**base, "policy": policy_name, "budget": budget, "batch": batch, "slots": engine.num_slots,
+                         "async_io": engine.io is not None, "predictor": predictor,
+                         "routing": "replayed from prescope-tiny" if subject.source is not None
+                         else "replayed (stock run)"}
+                try:
+                    row, route, timeline = measure_engine(engine, model, batch, cfg, replays[batch], subject.prompts,
+                                                          stock[batch])
+                except Exception as exc:  # one failed cell is reported and the others still run
+                    print(f"{cell} failed: {type(exc).__name__}: {exc}", flush=True)
+                    failed.append({**about, "error": f"{type(exc).__name__}: {exc}"})
+                    engine.close()
+                    engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
+                                                        profile=cfg.profile, async_io=False if sync else None),
+                                    policy=policy)
+                    continue
+                measured.setdefault(cell, []).append((about, row, route, timeline))
+                about, row, route, timeline = median_round(measured[cell])
+                if cell in position:  # a later round: the cell's row is replaced by the median so far
+                    rows[position[cell]] = {**about, **row}
+                else:
+                    position[cell] = len(rows)
+                    rows.append({**about, **row})
+                routes[cell] = route
+                if rnd < cfg.repeats - 1:
+                    print(f"[round {rnd + 1}/{cfg.repeats}] {_line(measured[cell][-1][0] | measured[cell][-1][1])}",
+                          flush=True)
+                else:
+                    if len(timeline):
+                        timelines.append(timeline.assign(model=name, policy=policy_name, budget=budget, batch=batch))
+                    print(_line(rows[position[cell]]), flush=True)
+                _flush(out, meta, rows, routes, timelines)
+            engine.close()
+            del engine, policy
+            _free(device)
+        if device.type == "cuda":
+            for row in measure_accelerate(spec, subject, cfg, device, base):
+                rows.append(row)
+                _flush(out, meta, rows, routes, timelines)
+        del model, subject
+        _free(device)
+    meta["predictor_overhead"] = [_overhead_shares(o, rows) for o in meta.get("predictor_overhead", [])]
+    _add_ratios(rows)
+    _flush(out, meta, rows, routes, timelines)
+    return rows
+
+
+def median_round(rounds: list[tuple]) -> tuple:
+    """The round whose decode median is the median of the rounds' (the lower one of an even count), its row
+    extended with every round's decode median and their spread, (max − min) / median."""
+    ms = [row["decode_ms_median"] for _, row, _, _ in rounds]
+    pick = sorted(range(len(ms)), key=ms.__getitem__)[(len(ms) - 1) // 2]
+    about, row, route, timeline = rounds[pick]
+    spread = (max(ms) - min(ms)) / ms[pick] if ms[pick] > 0 else 0.0
+    return about, {**row, "rounds": len(ms), "decode_ms_rounds": ms, "decode_ms_spread": spread}, route, timeline
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: torch.device, base: dict):
+    """accelerate's offload of a fresh copy of the model at each budget (native routing: it moves the same
+    offloaded weights at every forward whatever the routing), `accelerate_tokens` decode steps; yields each
+    row as it is measured."""
+    from prescope.experiments import hfoffload
+
+    for budget in cfg.budgets if cfg.accelerate_batches else ():
+        fresh = build_subject(spec.split("@")[0], device, cfg.seed).to("cpu")
+        _free(device)
+        try:
+            fresh, placement = hfoffload.accelerate_offload(fresh, cfg.device,
+                                                            hfoffload.offload_gpu_bytes(fresh, budget))
+        except (ImportError, ValueError) as exc:
+            print(f"accelerate offload of {spec} at budget {budget} not run: {exc}", flush=True)
+            continue
+        where = torch.device(placement.device)
+        for batch in cfg.accelerate_batches:
+            row = measure_stock(fresh, batch, cfg, where, subject.prompts, new_tokens=cfg.accelerate_tokens)
+            row.pop(SEQUENCES)
+            row = {**base, "policy": ACCELERATE, "budget": budget, "batch": batch, "routing": "native", **row,
+                   **{f"placement_{k}": v for k, v in placement.to_dict().items() if k != "device_map"}}
+            print(_line(row), flush=True)
+            yield row
+        del fresh
+        _free(device)
+
+
+def policy_variant(policy_name: str) -> tuple[str, bool, dict]:
+    """(policy, AsyncIO off, constructor options) from a bench name such as `prescope[lookahead=2]+cal+sync`."""
+    import ast
+
+    sync, cal = SYNC in policy_name, CAL in policy_name
+    base, options = policy_name.replace(SYNC, "").replace(CAL, ""), {}
+    if "[" in base:
+        base, _, inside = base.partition("[")
+        if not inside.endswith("]"):
+            raise ValueError(f"{policy_name!r}: options go in one bracket at the end of the name, as name[k=v,...]")
+        for item in filter(None, inside[:-1].split(",")):
+            key, eq, value = item.partition("=")
+            try:
+                options[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                raise ValueError(f"{policy_name!r}: option {item!r} is not key=<Python literal>") from None
+            if not eq or not key.strip().isidentifier():
+                raise ValueError(f"{policy_name!r}: option {item!r} is not key=<Python literal>")
+    if cal:
+        if base != "prescope":
+            raise ValueError(f"{policy_name!r}: {CAL} applies to prescope only")
+        options["calibrate"] = True
+    return base, sync, options
+
+
+def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, repeats: int = 50) -> dict:
+    """LLaPor's time per layer on `device` for one decode token: one `predict_window` call over all its
+    distances, from recorded router inputs `hidden` [L, H], until the host can read the scores (as the
+    planner does), median over `repeats`, averaged over layers; eagerly (`us_per_layer`) and replayed from
+    a CUDA graph as the prescope policy runs it (`us_per_layer_graph`, predict.graphs.GraphCache)."""
+    from prescope.predict.graphs import GraphCache
+
+    L, graphs = hidden.shape[0], GraphCache()
+
+    def median_seconds(run, x) -> float:
+        per = []
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            run(x).cpu()
+            per.append(time.perf_counter() - t)
+        return statistics.median(per)
+
+    eager, graphed = [], []
+    for layer in range(L - 1):
+        d = list(range(1, min(predictor.config.distance, L - 1 - layer) + 1))
+        x = hidden[layer].reshape(1, -1).to(device)  # [1, H]
+
+        def window(h, layer=layer, d=d):
+            scores = predictor.predict_window(layer, d, hidden=h)
+            return torch.stack([scores[j] for j in d])  # [D', 1, E]
+
+        eager.append(median_seconds(window, x))
+        graphed.append(median_seconds(functools.partial(graphs, (layer, len(d)), window), x))
+    return {"predictor": getattr(predictor, "name", "llapor"), "device": torch.cuda.get_device_name(device),
+            "us_per_layer": 1e6 * statistics.fmean(eager), "us_per_layer_graph": 1e6 * statistics.fmean(graphed),
+            "graphs_captured": graphs.captured, "graphs_refused": graphs.refused, "layers": L - 1,
+            "repeats": repeats}
+
+
+def _overhead_shares(overhead: dict, rows: list[dict]) -> dict:
+    """The prediction time against the batch-1 decode time per MoE layer of the stock and resident runs."""
+    shares = dict(overhead)
+    for policy in (STOCK, RESIDENT):
+        ref = [r for r in rows if r["model"] == overhead["model"] and r["policy"] == policy and r["batch"] == 1]
+        if ref:
+            per_layer_us = 1e3 * ref[0]["decode_ms_median"] / ref[0]["moe_layers"]
+            shares[f"{policy}_decode_us_per_layer"] = per_layer_us
+            shares[f"share_of_{policy}_layer"] = overhead["us_per_layer"] / per_layer_us
+            if "us_per_layer_graph" in overhead:
+                shares[f"graph_share_of_{policy}_layer"] = overhead["us_per_layer_graph"] / per_layer_us
+    return shares
+
+
+def _add_ratios(rows: list[dict], link_gbps: float | None = None) -> None:
+    """Throughput relative to the stock model and to the engine's everything-resident run of the same
+    model and batch, and the regime: link-bound when the bytes a step moves take longer at the link's
+    peak than the whole resident step, else host-bound (the copies can hide behind host and GPU work)."""
+    from prescope.hardware.profiles import load_profile
+
+    link_gbps = link_gbps or load_profile("h200").pinned_h2d.peak_gbps
+    resident = {(r["model"], r["batch"]): r for r in rows if r["policy"] == RESIDENT}
+    stock = {(r["model"], r["batch"]): r for r in rows if r["policy"] == STOCK}
+    same = {(r["model"], r["policy"], r["budget"], r["batch"]): r for r in rows}
+    for r in rows:
+        ref, base = resident.get((r["model"], r["batch"])), stock.get((r["model"], r["batch"]))
+        if base is not None:
+            r["vs_stock"] = r["decode_tok_s"] / base["decode_tok_s"]
+        for other in ("on_demand_lru", "oracle", ACCELERATE):
+            peer = same.get((r["model"], other, r["budget"], r["batch"]))
+            if peer is not None and r["policy"] not in (STOCK, RESIDENT):
+                r[f"vs_{other}"] = r["decode_tok_s"] / peer["decode_tok_s"]
+        if ref is None:
+            continue
+        r["vs_resident"] = r["decode_tok_s"] / ref["decode_tok_s"]
+        link_ms = (r.get("bytes_per_step") or 0) / (link_gbps * 1e9) * 1e3
+        r["regime"] = "link-bound" if link_ms > ref["decode_ms_median"] else "host-bound"
+
+
+def bench_table(path: str | Path) -> pd.DataFrame:
+    """The cells of a bench.json with ratios and regimes, for reports and notebooks."""
+    data = json.loads(Path(path).read_text())
+    rows = [dict(r) for r in data["cells"]]
+    _add_ratios(rows)
+    table = pd.DataFrame(rows)
+    table.attrs.update(source=data.get("source", "measured"), profile=data.get("device", ""),
+                       git_revision=data.get("git_revision", "unknown"))
+    return table
+
+
+def _line(r: dict) -> str:
+    return (f"{r['model']:>14} {r['policy']:>14} {r['budget']:>5.2f} b={r['batch']:<3d} "
+            f"{r['decode_tok_s']:9.1f} tok/s {r['decode_ms_median']:8.2f} ms/step loads/step="
+            f"{r.get('loads_per_step', 0):6.1f} host/layer={r.get('host_ms_per_layer', 0):.3f} ms "
+            f"h2d={r.get('h2d_GBps_median') or 0:.1f} GB/s idle={r.get('gpu_idle_share') or 0:.2f}")
+
+
+def _flush(out: Path, meta: dict, rows: list[dict], routes: dict, timelines: list[pd.DataFrame]) -> None:
+    write_atomic(out / "bench.json", json.dumps({**meta, "cells": rows}, indent=1, default=str))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k.replace("|", "__"): v for k, v in routes.items()})
+    write_atomic(out / "routing.npz", buf.getvalue())
+    if timelines:
+        buf = io.BytesIO()
+        pd.concat(timelines, ignore_index=True).to_parquet(buf)
+        write_atomic(out / "timelines.parquet", buf.getvalue())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = BenchConfig()
+    parser.add_argument("--models", nargs="+", default=list(d.models))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(d.batch_sizes))
+    parser.add_argument("--policies", nargs="+", default=list(d.policies))
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(d.budgets))
+    for name in ("input_len", "output_len", "timeline_tokens", "seed"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    for name in ("device", "profile", "out"):
+        parser.add_argument(f"--{name}", default=getattr(d, name))
+    parser.add_argument("--predictor", help="LLaPor checkpoint for `prescope` (used where its layout matches)")
+    parser.add_argument("--prompts", help="prescope-tiny's prompts: 'heldout' (held-out corpus windows) or a .npy "
+                        "[rows, >= input_len] of token ids (bench.heldout_prompts, saved with np.save)")
+    parser.add_argument("--accelerate-batches", nargs="*", type=int, default=list(d.accelerate_batches),
+                        help="batch sizes of the accelerate offload rows (none: skip them)")
+    parser.add_argument("--accelerate-tokens", type=int, default=d.accelerate_tokens)
+    parser.add_argument("--repeats", type=int, default=d.repeats,
+                        help="rounds over every engine cell, interleaved; each row is the median round's, with "
+                             "every round's decode median and their spread")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = BenchConfig(models=tuple(args.models), batch_sizes=tuple(args.batch_sizes), policies=tuple(args.policies),
+                      budgets=tuple(args.budgets), input_len=args.input_len, output_len=args.output_len,
+                      timeline_tokens=args.timeline_tokens, seed=args.seed, device=args.device,
+                      profile=args.profile, out=args.out, predictor=args.predictor, prompts=args.prompts,
+                      accelerate_batches=tuple(args.accelerate_batches), accelerate_tokens=args.accelerate_tokens,
+                      repeats=args.repeats)
+    rows = run_bench(cfg)
+    table = pd.DataFrame(rows)
+    table = table[[c for c in ("model", "policy", "budget", "batch", "decode_tok_s", "decode_ms_median", "vs_resident",
+                               "vs_on_demand_lru", "vs_oracle", "regime") if c in table]]
+    print(table.to_string(index=False))
+    print(json.dumps({"bench": asdict(cfg), "cells": len(rows)}))
+    return 0

@@ -1,0 +1,99 @@
+"""How fast PreSched plans: decode instances shaped as the prescope policy builds them, and the planning time
+per layer on this machine's CPU (`python -m prescope.planspeed --bench`; the issue's target: median under
+0.2 ms for E = 64, K = 8, D = 3)."""
+
+from __future__ import annotations
+
+from prescope.policies.presched import Candidate, Held, Instance, plan
+
+
+def bench_instances(budget_share: float, count: int, *, num_layers: int = 16, num_experts: int = 64, top_k: int = 8,
+                    lookahead: int = 3, hidden: int = 2048, intermediate: int = 1024, dtype_bytes: int = 2,
+                    present: float = 0.75, in_flight: int = 4, profile: str = "h200", seed: int = 0) -> list[Instance]:
+    """Decode instances shaped as the prescope policy builds them (defaults: OLMoE-1B-7B, L = 16, E = 64,
+    K = 8, D = 3, on `profile`) with a full cache of budget_share·L·E slots, the same number per layer: of
+    layer l's K routed experts (one token each) a share `present` is resident, the rest are misses; for
+    l+1 … l+D, the inclusion probabilities of a skewed top-K router, whose 2·K likeliest absent experts are
+    the candidates, after the `in_flight` likeliest of l+1, on the link; victims: the cheapest resident keys
+    outside layer l, one per routed expert and candidate (a window key's chance is its prediction, another
+    key's a random frequency)."""
+    import functools
+    import random
+
+    from prescope.hardware import cost
+    from prescope.hardware.profiles import load_profile
+
+    prof, rng = load_profile(profile), random.Random(seed)
+    L, E, K, D = num_layers, num_experts, top_k, lookahead
+    load = cost.transfer_time(cost.expert_bytes(hidden, intermediate, dtype_bytes), prof)
+
+    @functools.cache  # memoised across plans, as the policies hold their costs
+    def gpu(n: float) -> float:
+        return cost.gpu_expert_time(n, hidden, intermediate, dtype_bytes, prof)
+
+    @functools.cache
+    def cpu(n: float) -> float:
+        return cost.cpu_expert_time(n, hidden, intermediate, dtype_bytes, prof)
+
+    out = []
+    for _ in range(count):
+        layer = rng.randrange(L - D)
+        cached = {(j, e) for j in range(L) if j != layer for e in rng.sample(range(E), round(budget_share * E))}
+        experts = tuple(rng.sample(range(E), K))
+        cached |= {(layer, e) for e in experts if rng.random() < present}
+        inflight, predictions, compute, chance = {}, [], [], {}
+        for d in range(1, D + 1):
+            raw = [rng.lognormvariate(0.0, 2.0) for _ in range(E)]
+            p = [min(1.0, K * x / sum(raw)) for x in raw]
+            chance.update(((layer + d, e), p[e]) for e in range(E))
+            absent = sorted((e for e in range(E) if (layer + d, e) not in cached), key=lambda e, p=p: -p[e])
+            if d == 1:
+                inflight = {(layer + 1, e): load * (i + 1) for i, e in enumerate(absent[:in_flight])}
+            predictions.append(tuple(Candidate(e, p[e]) for e in absent[len(inflight) if d == 1 else 0:][:2 * K]))
+            compute.append(sum(p) * gpu(1))
+        victims = sorted((chance.get(key, rng.random() ** 2), key) for key in cached if key[0] != layer)
+        held = tuple(Held(key, q) for q, key in victims[:K + sum(len(c) for c in predictions)])
+        resident = frozenset(key for key in cached if layer <= key[0] <= layer + D)
+        out.append(Instance(layer, experts, (1.0,) * K, tuple(predictions), load, gpu, cpu, resident=resident,
+                            inflight=inflight, evictable=held, link_free=load * len(inflight), demand_free=0.0,
+                            gap=prof.host_overhead_per_layer_s + prof.gpu_dense.fixed_s, compute=tuple(compute)))
+    return out
+
+
+def planning_time(budget_shares: tuple[float, ...] = (0.25, 0.5), count: int = 300, repeats: int = 5,
+                  **shape) -> dict[float, dict[str, float]]:
+    """Planning time per layer on this machine's CPU, per budget: the median and p90 over `count`
+    `bench_instances` (`shape`: their keyword arguments) of each instance's best of `repeats` plans, in ms
+    (the best of a few damps a busy machine's noise)."""
+    import time
+
+    result = {}
+    for share in budget_shares:
+        times = []
+        for inst in bench_instances(share, count, **shape):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                plan(inst)
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+        times.sort()
+        result[share] = {"median_ms": times[len(times) // 2] * 1e3, "p90_ms": times[int(0.9 * len(times))] * 1e3}
+    return result
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m prescope.planspeed", description="PreSched planning speed")
+    parser.add_argument("--bench", action="store_true", help="print planning time per layer (E=64, K=8, D=3)")
+    parser.add_argument("--count", type=int, default=300, help="instances per budget")
+    parser.add_argument("--repeats", type=int, default=5, help="plans per instance (the best counts)")
+    args = parser.parse_args()
+    if args.bench:
+        for share, t in planning_time(count=args.count, repeats=args.repeats).items():
+            print(json.dumps({"bench": "presched.plan", "E": 64, "K": 8, "D": 3, "budget_share": share,
+                              **{k: round(v, 4) for k, v in t.items()}}))
+    else:
+        parser.print_help()

@@ -1,0 +1,351 @@
+"""Hardware profiles: the measured or published constants that the cost model turns into times.
+
+A `HardwareProfile` describes one machine: the host-to-device link (a pinned and a pageable bandwidth
+curve over transfer size, plus a per-transfer latency), the GPU (a roofline with a launch floor for
+expert and dense/attention work), the host CPU (a linear cost per dtype for experts run on the CPU),
+and the host's own per-layer overhead. Profiles live as JSON: built-ins under `prescope/assets/profiles/`,
+others wherever `calibrate` writes them. The formulas that use these constants are in `cost.py`;
+the functions that fit them to measurements are here, beside the models they fit.
+
+Units: bytes, seconds, GB/s = 1e9 bytes/s, TFLOP/s = 1e12 FLOP/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SOURCES = ("measured", "published", "calibrated")
+BUILTIN_DIR = "assets/profiles"  # package data folder inside `prescope`
+GB = 1e9
+TERA = 1e12
+# Stands for "this term costs nothing" (a bandwidth or FLOP rate), since JSON has no infinity.
+NEGLIGIBLE_RATE = 1e9
+SAVED_FILE_MODE = 0o644  # mkstemp creates 0600; a profile is meant to be shared and committed
+
+
+class ProfileError(ValueError):
+    """A hardware profile (or the file holding it) is missing fields or has invalid values."""
+
+
+@dataclass(frozen=True)
+class BandwidthCurve:
+    """Bandwidth as a function of transfer size: points (bytes, GB/s), interpolated in log-size.
+
+    The bandwidth is net of the profile's per-transfer latency, so that
+    `latency + n / bandwidth(n)` reproduces the measured time of one copy of n bytes.
+    Outside the measured range the nearest end point holds.
+    """
+
+    points: tuple[tuple[float, float], ...]
+
+    def __post_init__(self) -> None:
+        pts = tuple((float(b), float(g)) for b, g in self.points)
+        if not pts:
+            raise ProfileError("bandwidth curve needs at least one (bytes, GB/s) point")
+        sizes = [b for b, _ in pts]
+        if any(b <= 0 or g <= 0 or not math.isfinite(b) or not math.isfinite(g) for b, g in pts):
+            raise ProfileError(f"bandwidth curve points must be positive and finite, got {pts}")
+        if any(b2 <= b1 for b1, b2 in itertools.pairwise(sizes)):
+            raise ProfileError(f"bandwidth curve sizes must strictly increase, got {sizes}")
+        object.__setattr__(self, "points", pts)
+
+    def gbps(self, nbytes: float) -> float:
+        """Bandwidth in GB/s for one transfer of `nbytes`, linear in log(bytes) between points."""
+        sizes = np.log([b for b, _ in self.points])
+        rates = [g for _, g in self.points]
+        return float(np.interp(math.log(max(nbytes, 1.0)), sizes, rates))
+
+    @property
+    def peak_gbps(self) -> float:
+        return max(g for _, g in self.points)
+
+    def scaled(self, factor: float) -> BandwidthCurve:
+        return BandwidthCurve(tuple((b, g * factor) for b, g in self.points))
+
+
+@dataclass(frozen=True)
+class ComputeModel:
+    """Constants of one compute path: a fixed term, a memory bandwidth and a FLOP rate.
+
+    How they combine depends on the device and is stated by the function that uses them
+    (`cost.gpu_time`: a roofline with a launch floor; `cost.cpu_time`: a sum, linear in tokens).
+    """
+
+    fixed_s: float
+    mem_gbps: float
+    tflops: float
+
+    def __post_init__(self) -> None:
+        for name in ("fixed_s", "mem_gbps", "tflops"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ProfileError(f"compute model field {name!r} must be a finite number, got {value!r}")
+        if self.fixed_s < 0 or self.mem_gbps <= 0 or self.tflops <= 0:
+            raise ProfileError(
+                f"compute model needs fixed_s >= 0, mem_gbps > 0, tflops > 0; got {self}"
+            )
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Everything the cost model needs to know about one machine.
+
+    source: "measured" | "published" (an estimate from datasheets) | "calibrated" (by `calibrate`);
+    citation, date and source_files say where the numbers come from. pinned_h2d / pageable_h2d and
+    transfer_latency_s: the link. gpu_expert / gpu_dense: roofline constants of one expert call and
+    of one layer's non-expert work. cpu_expert: a linear CPU model per dtype name. host_overhead_per_layer_s:
+    Python and launch time per decoder layer (the host-bound regime); predict_overhead_s and
+    plan_overhead_s: one predictor call and one planner call; host_per_transfer_s: host time to issue one
+    expert transfer (the engine's Python, stream and event calls; 0 where not measured). fit: the fits' RMS log errors;
+    measurements: the raw points the fits came from.
+    """
+
+    name: str
+    description: str
+    source: str
+    citation: str
+    gpu: str
+    cpu: str
+    date: str
+    pinned_h2d: BandwidthCurve
+    pageable_h2d: BandwidthCurve
+    transfer_latency_s: float
+    gpu_expert: ComputeModel
+    gpu_dense: ComputeModel
+    cpu_expert: dict[str, ComputeModel]
+    host_overhead_per_layer_s: float
+    predict_overhead_s: float
+    plan_overhead_s: float
+    host_per_transfer_s: float = 0.0
+    source_files: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    fit: dict[str, Any] = field(default_factory=dict)
+    measurements: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("name", "description", "citation", "gpu", "cpu", "date"):
+            if not isinstance(getattr(self, name), str):
+                raise ProfileError(f"profile field {name!r} must be a string, got {getattr(self, name)!r}")
+        if not self.name.strip():
+            raise ProfileError("profile field 'name' must not be empty")
+        if self.source not in SOURCES:
+            raise ProfileError(f"profile field 'source' must be one of {SOURCES}, got {self.source!r}")
+        for name in ("transfer_latency_s", "host_overhead_per_layer_s", "predict_overhead_s", "plan_overhead_s",
+                     "host_per_transfer_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ProfileError(f"profile field {name!r} must be a finite number >= 0, got {value!r}")
+        if not self.cpu_expert:
+            raise ProfileError("profile field 'cpu_expert' needs at least one dtype entry, e.g. 'bfloat16'")
+        object.__setattr__(self, "source_files", tuple(self.source_files))
+        object.__setattr__(self, "notes", tuple(self.notes))
+
+    def cpu_model(self, dtype: str) -> ComputeModel:
+        if dtype not in self.cpu_expert:
+            raise ProfileError(
+                f"profile {self.name!r} has no CPU expert model for dtype {dtype!r}; "
+                f"it has {sorted(self.cpu_expert)}"
+            )
+        return self.cpu_expert[dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["pinned_h2d"] = [list(p) for p in self.pinned_h2d.points]
+        out["pageable_h2d"] = [list(p) for p in self.pageable_h2d.points]
+        out["source_files"] = list(self.source_files)
+        out["notes"] = list(self.notes)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "profile") -> HardwareProfile:
+        if not isinstance(data, dict):
+            raise ProfileError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in required if n not in data]
+        unknown = sorted(set(data) - set(fields))
+        if missing or unknown:
+            raise ProfileError(f"{where}: missing field(s) {missing}, unknown field(s) {unknown}")
+        kwargs = dict(data)
+        try:
+            for key in ("pinned_h2d", "pageable_h2d"):
+                kwargs[key] = BandwidthCurve(tuple(tuple(p) for p in data[key]))
+            for key in ("gpu_expert", "gpu_dense"):
+                kwargs[key] = ComputeModel(**data[key])
+            kwargs["cpu_expert"] = {k: ComputeModel(**v) for k, v in data["cpu_expert"].items()}
+            return cls(**kwargs)
+        except ProfileError as exc:
+            raise ProfileError(f"{where}: {exc}") from None
+        except (TypeError, AttributeError, ValueError) as exc:
+            raise ProfileError(f"{where}: malformed field value ({exc})") from None
+
+
+def list_profiles() -> list[str]:
+    """Names of the built-in profiles shipped with the package."""
+    folder = resources.files("prescope") / BUILTIN_DIR
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_profile(name_or_path: str | os.PathLike | HardwareProfile) -> HardwareProfile:
+    """A built-in profile by name (`h200`, `a100-pcie4`, `v100-pcie3`) or a profile JSON file by path."""
+    if isinstance(name_or_path, HardwareProfile):
+        return name_or_path
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"no profile file at {path}")
+        text, where = path.read_text(), str(path)
+    elif str(name_or_path) in list_profiles():
+        resource = resources.files("prescope") / BUILTIN_DIR / f"{name_or_path}.json"
+        text, where = resource.read_text(), f"built-in profile {name_or_path!r}"
+    else:
+        raise ProfileError(
+            f"unknown profile {str(name_or_path)!r}: not a file, and not one of the built-ins {list_profiles()}"
+        )
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{where}: not valid JSON ({exc})") from None
+    return HardwareProfile.from_dict(data, where)
+
+
+def save_profile(profile: HardwareProfile, path: str | os.PathLike) -> Path:
+    """Write `profile` as JSON atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(profile.to_dict(), f, indent=1)
+            f.write("\n")
+        os.chmod(tmp, SAVED_FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def scale_profile(profile: HardwareProfile, *, name: str, link_gbps: float | None = None,
+                  gpu_mem_ratio: float = 1.0, gpu_flops_ratio: float = 1.0,
+                  **changes: Any) -> HardwareProfile:
+    """A what-if copy of `profile`: link curves rescaled so the pinned peak is `link_gbps`
+    (pageable scaled by the same factor), GPU bandwidth and FLOP rate multiplied by the ratios
+    (launch floors kept), other fields replaced by `changes`. Raw measurements are dropped."""
+    if gpu_mem_ratio <= 0 or gpu_flops_ratio <= 0:
+        raise ProfileError(f"GPU ratios must be > 0, got mem {gpu_mem_ratio}, flops {gpu_flops_ratio}")
+    link = 1.0 if link_gbps is None else link_gbps / profile.pinned_h2d.peak_gbps
+    if link <= 0:
+        raise ProfileError(f"link_gbps must be > 0, got {link_gbps}")
+
+    def gpu(m: ComputeModel) -> ComputeModel:
+        return ComputeModel(m.fixed_s, m.mem_gbps * gpu_mem_ratio, m.tflops * gpu_flops_ratio)
+
+    base = dict(name=name, pinned_h2d=profile.pinned_h2d.scaled(link),
+                pageable_h2d=profile.pageable_h2d.scaled(link), gpu_expert=gpu(profile.gpu_expert),
+                gpu_dense=gpu(profile.gpu_dense), measurements={}, fit={})
+    return dataclasses.replace(profile, **{**base, **changes})
+
+
+# ---- fitting the models to measurements ---------------------------------------------------------
+
+
+def fit_transfer_curve(sizes: list[float], seconds: list[float],
+                       latency_s: float | None = None) -> tuple[float, BandwidthCurve]:
+    """Per-transfer latency and the bandwidth curve net of it, from timed copies of `sizes` bytes.
+
+    Latency, when not measured directly, is the intercept at 0 bytes of the line through the two
+    smallest sizes, t = latency + n / B, clamped to [0, smallest time). Each point's bandwidth is
+    then n / (t - latency), so `latency + n / curve(n)` reproduces every measured time.
+    """
+    if len(sizes) != len(seconds) or not sizes:
+        raise ProfileError(f"need matching, non-empty sizes and times, got {len(sizes)} and {len(seconds)}")
+    order = np.argsort(sizes)
+    n = np.asarray(sizes, dtype=float)[order]
+    t = np.asarray(seconds, dtype=float)[order]
+    if (n <= 0).any() or (t <= 0).any():
+        raise ProfileError("transfer sizes and times must be positive")
+    if latency_s is None:
+        latency_s = 0.0
+        if len(n) >= 2:
+            slope = (t[1] - t[0]) / (n[1] - n[0])
+            latency_s = float(t[0] - slope * n[0])
+    latency_s = float(min(max(latency_s, 0.0), 0.5 * t[0]))
+    curve = BandwidthCurve(tuple((float(b), float(b / (s - latency_s) / GB)) for b, s in zip(n, t, strict=True)))
+    return latency_s, curve
+
+
+def _log_rms(predicted: np.ndarray, measured: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.log(predicted) - np.log(measured)) ** 2)))
+
+
+def fit_gpu_roofline(nbytes: list[float], flops: list[float],
+                     seconds: list[float]) -> tuple[ComputeModel, float]:
+    """Fit t = max(fixed, bytes / bandwidth, flops / rate) to measurements; returns (model, RMS log error).
+
+    Each constant is chosen among the values that make the model pass through one measured point
+    (fixed = t_i, bandwidth = bytes_i / t_i, rate = flops_i / t_i), minimising the squared log error:
+    an exhaustive search that needs no optimiser and cannot land on an unphysical extrapolation.
+    Ties (a term that never binds) go to the smallest floor and the largest bandwidth and rate,
+    i.e. the fastest hardware the measurements allow.
+    """
+    b, f, t = (np.asarray(x, dtype=float) for x in (nbytes, flops, seconds))
+    if not (len(b) == len(f) == len(t)) or len(t) == 0 or (t <= 0).any() or (b <= 0).any() or (f <= 0).any():
+        raise ProfileError("GPU fit needs matching, non-empty, positive bytes, FLOPs and times")
+    fixed_c, bw_c, rate_c = np.unique(t), np.unique(b / t)[::-1], np.unique(f / t)[::-1]
+    best = (math.inf, 0.0, 0.0, 0.0)
+    for fixed in fixed_c:
+        floor = np.maximum(fixed, b[None, :] / bw_c[:, None])  # [bandwidths, points]
+        pred = np.maximum(floor[:, None, :], f[None, None, :] / rate_c[None, :, None])  # [bw, rate, points]
+        loss = ((np.log(pred) - np.log(t)) ** 2).sum(-1)
+        i, j = np.unravel_index(np.argmin(loss), loss.shape)
+        if loss[i, j] < best[0]:
+            best = (float(loss[i, j]), float(fixed), float(bw_c[i]), float(rate_c[j]))
+    model = ComputeModel(best[1], best[2] / GB, best[3] / TERA)
+    pred = np.maximum(np.maximum(model.fixed_s, b / (model.mem_gbps * GB)), f / (model.tflops * TERA))
+    return model, _log_rms(pred, t)
+
+
+def fit_linear_cost(nbytes: list[float], flops: list[float],
+                    seconds: list[float]) -> tuple[ComputeModel, float]:
+    """Fit t = fixed + bytes / bandwidth + flops / rate (linear in tokens); returns (model, RMS log error).
+
+    Non-negative least squares on relative error (rows weighted by 1/t), solved exactly by trying
+    every subset of the three terms; a term whose best coefficient is 0 gets NEGLIGIBLE_RATE.
+    """
+    b, f, t = (np.asarray(x, dtype=float) for x in (nbytes, flops, seconds))
+    if not (len(b) == len(f) == len(t)) or len(t) == 0 or (t <= 0).any():
+        raise ProfileError("CPU fit needs matching, non-empty inputs and positive times")
+    design = np.stack([np.ones_like(t), b, f], axis=1)  # [points, 3]
+    best_loss, best = math.inf, np.zeros(3)
+    for mask in itertools.product((False, True), repeat=3):
+        cols = [k for k in range(3) if mask[k]]
+        if not cols:
+            continue
+        coef, *_ = np.linalg.lstsq(design[:, cols] / t[:, None], np.ones_like(t), rcond=None)
+        if (coef < 0).any():
+            continue
+        full = np.zeros(3)
+        full[cols] = coef
+        pred = design @ full
+        if (pred <= 0).any():
+            continue
+        loss = float(((np.log(pred) - np.log(t)) ** 2).sum())
+        if loss < best_loss:
+            best_loss, best = loss, full
+    with np.errstate(divide="ignore"):
+        mem_gbps, tflops = 1.0 / best[1] / GB, 1.0 / best[2] / TERA
+    model = ComputeModel(float(best[0]), float(min(mem_gbps, NEGLIGIBLE_RATE)), float(min(tflops, NEGLIGIBLE_RATE)))
+    return model, _log_rms(design @ best, t)

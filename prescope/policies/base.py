@@ -1,0 +1,175 @@
+"""Offloading policies: small objects that turn what a layer routes into orders; the engine executes them.
+
+Every policy answers two questions, with no tensors involved, so the CUDA engine, its CPU twin and the
+trace-replay simulator all run the very same objects:
+
+- `plan(view, cache) -> Orders`: for the running layer, which routed experts run on the GPU (loading any
+  that are absent, on demand) and which on the CPU from host memory; and which experts of later layers to
+  prefetch, most valuable first.
+- `victim(cache, key) -> slot | None`: which slot `key` may take (a free one, or one whose expert is
+  evicted); None when every slot is pinned by the running layer or still loading, in which case the
+  engine first computes what is resident and retries.
+
+Each policy names the system it imitates and where it simplifies. Prediction-driven policies (lookahead,
+activation matrix, prescope, oracle) build on this interface in `peers.py`; the registry by name is
+`prescope.policies.POLICIES`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prescope.policies.cache import ExpertCache, Key
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """What a policy sees when MoE layer `layer` runs in decode or prefill step `step`."""
+
+    step: int
+    layer: int
+    num_layers: int
+    num_experts: int
+    experts: tuple[int, ...]  # routed experts of this layer, most tokens first
+    tokens: tuple[int, ...]  # tokens routed to each of them
+    hidden: Any = None  # router input [N, H] when the executor has it (predictors use it)
+    future: Sequence[Sequence[int]] | None = None  # true routing of later layers, for the oracle only
+
+
+@dataclass
+class Orders:
+    gpu: list[int] = field(default_factory=list)  # experts of this layer computed on the GPU
+    cpu: list[int] = field(default_factory=list)  # experts of this layer computed on the CPU
+    prefetch: list[Key] = field(default_factory=list)  # later layers' experts, most valuable first
+
+    def check(self, view: LayerView) -> None:
+        routed, ordered = set(view.experts), self.gpu + self.cpu
+        if sorted(ordered) != sorted(routed):
+            raise ValueError(f"orders must place every routed expert exactly once: routed {sorted(routed)}, "
+                             f"gpu {self.gpu}, cpu {self.cpu}")
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-expert times a policy may weigh, in seconds, from the hardware profile and the model layout."""
+
+    load: float  # one expert over the link
+    gpu: Callable[[int], float]  # one expert for n tokens on the GPU
+    cpu: Callable[[int], float]  # one expert for n tokens on the CPU
+    layer_gap: float = 0.0  # attention, dense and host time between two MoE layers at decode
+    host: float = 0.0  # the host's own time per MoE layer at decode (launches, Python), which device work hides behind
+    launch: float = 0.0  # the fixed part of `gpu(n)`: launching one expert's kernels, which the host spends too
+    plan: float = 0.0  # host time of one layer's prediction and planning by a predicting policy
+
+
+def costs_for(layout, profile) -> Costs:
+    """Per-expert costs of `layout`'s experts on hardware `profile` (prescope.cost formulas).
+
+    The layer gap is the profile's host overhead per layer plus the GPU's fixed cost of one layer's
+    resident work: a floor, since the attention's own size is not part of the layout."""
+    from prescope.hardware import cost
+
+    denominator = 3 * layout.hidden_size * layout.intermediate_size
+    dtype_bytes = layout.expert_bytes // denominator if denominator else 2
+    dims = (layout.hidden_size, layout.intermediate_size, dtype_bytes)
+    return Costs(load=cost.transfer_time(layout.expert_bytes, profile),
+                 gpu=lambda n: cost.gpu_expert_time(n, *dims, profile),
+                 cpu=lambda n: cost.cpu_expert_time(n, *dims, profile),
+                 layer_gap=profile.host_overhead_per_layer_s + profile.gpu_dense.fixed_s,
+                 host=profile.host_overhead_per_layer_s, launch=profile.gpu_expert.fixed_s,
+                 plan=profile.predict_overhead_s + profile.plan_overhead_s)
+
+
+class Policy(ABC):
+    name: str = ""
+    imitates: str = ""
+    simplifies: str = ""
+
+    def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
+        """Start of a run; returns keys to make resident before timing starts (none by default)."""
+        self.num_experts, self.costs = num_experts, costs
+        return []
+
+    @abstractmethod
+    def plan(self, view: LayerView, cache: ExpertCache) -> Orders: ...
+
+    host_work: tuple[str, ...] = ()  # host-side phases an executor should time: "predict", "plan"
+    async_io: bool = False  # asks the executor for AsyncIO's priority link (on-demand loads overtake prefetches)
+
+    def planned_work(self) -> tuple[str, ...]:
+        """The phases of `host_work` the last `plan` call did (an executor that charges them by profile
+        constants, the simulator, charges only these)."""
+        return self.host_work
+
+    def uses_async_io(self, costs: Costs | None) -> bool:
+        """Whether to ask for AsyncIO with these costs (an executor's explicit setting overrides it)."""
+        return self.async_io
+
+    def victim(self, cache: ExpertCache, key: Key) -> int | None:
+        """Per-layer LRU: a free slot while the layer is under its quota, else its least recently used."""
+        own = cache.evictable(key[0])
+        if cache.free and (len(cache.by_layer[key[0]]) < cache.quota or not own):
+            return min(cache.free)
+        if own:
+            return cache.lru(own)
+        others = cache.evictable()
+        return cache.lru(others) if others else None
+
+
+class OnDemandLRU(Policy):
+    name = "on_demand_lru"
+    imitates = "mixtral-offloading; FreeToken's `offload` mode"
+    simplifies = "no prediction and no CPU path; an even split of slots per layer with LRU inside each layer"
+
+    def plan(self, view: LayerView, cache: ExpertCache) -> Orders:
+        return Orders(gpu=list(view.experts))
+
+
+class CpuMisses(Policy):
+    name = "cpu_misses"
+    imitates = "Fiddler; llama.cpp `--n-cpu-moe`; KTransformers"
+    simplifies = ("hot experts are the first ones each layer uses (or a given popularity ranking), loaded "
+                  "while the layer has free slots; a later miss runs on the CPU unless the cost model says "
+                  "loading it is faster for its token count (prefill), in which case it takes the layer's "
+                  "least recently used slot")
+
+    def __init__(self, popularity: dict[int, Sequence[int]] | None = None):
+        self.popularity = popularity or {}
+
+    def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
+        super().reset(cache, num_experts, costs)
+        return [(layer, e) for layer, ranked in sorted(self.popularity.items())
+                for e in list(ranked)[:cache.quota]]
+
+    def plan(self, view: LayerView, cache: ExpertCache) -> Orders:
+        orders, room = Orders(), cache.quota - len(cache.by_layer[view.layer])
+        for e, n in zip(view.experts, view.tokens, strict=True):
+            if cache.is_present((view.layer, e)):
+                orders.gpu.append(e)
+            elif room > 0 and cache.free:
+                orders.gpu.append(e)
+                room -= 1
+            elif self.costs is not None and self.costs.cpu(n) > self.costs.load + self.costs.gpu(n):
+                orders.gpu.append(e)
+            else:
+                orders.cpu.append(e)
+        return orders
+
+
+def routed_experts(indices, num_experts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Unique routed experts of one layer, most tokens first, and their token counts.
+
+    `indices` is any iterable of per-token top-k rows (a tensor [N, K] or nested lists); entries outside
+    [0, E) are sentinels some models use for dropped slots and are ignored.
+    """
+    counts: dict[int, int] = {}
+    for row in indices:
+        for e in row:
+            e = int(e)
+            if 0 <= e < num_experts:
+                counts[e] = counts.get(e, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return tuple(e for e, _ in ranked), tuple(c for _, c in ranked)

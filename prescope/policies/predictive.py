@@ -1,0 +1,323 @@
+"""The common part of the prediction-driven policies (`peers.py`): what a policy has seen, victims, prediction.
+
+- `Memory`: the routing seen in this run (this and the previous step's experts, decayed frequencies, the
+  lag-1 reuse rate), for history-based predictions and victims' chances.
+- victims: per-layer LRU with protection, the slot a plan named, or the lowest-ranked evictable key.
+- `Predictive`: a policy that predicts layers l+1 … l+D from a `predictors.Predictor` (a hidden-state
+  predictor's whole window runs as one CUDA graph on the GPU, `predict.graphs.GraphCache`), with `forecast`
+  giving (P(used by some token of the step), expected tokens if used) per expert and layer.
+- helpers the policies share: the link's state from the cache, the fastest GPU/CPU split of a layer's misses.
+
+Letters: L MoE layers, E experts, K top-k, N tokens, D lookahead distance, S slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from itertools import compress, repeat
+from operator import is_
+
+import prescope.policies.presched as presched
+from prescope.policies.base import Costs, LayerView, Policy
+from prescope.policies.cache import ExpertCache, Key, SlotState
+
+MISSING = -1  # the trace's padding expert id (prescope.trace.MISSING), kept here to avoid importing pandas
+UNPLANNED = object()  # a load the last plan did not foresee
+
+
+class PolicyError(ValueError):
+    """A policy set up in a way that cannot work (a predictor of another model, a lookahead too deep)."""
+
+
+# ---- what a policy has seen --------------------------------------------------------------------------------
+
+class Memory:
+    """The routing a policy has seen in this run: this step's and the previous step's experts per layer,
+    token counts, and decayed activation frequencies per (layer, expert)."""
+
+    def __init__(self, num_layers: int, num_experts: int, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise PolicyError(f"memory decay must be in [0, 1), got {decay}")
+        self.L, self.E, self.decay = num_layers, num_experts, decay
+        self.step = None
+        self.now: list[dict[int, int]] = [{} for _ in range(num_layers)]
+        self.prev: list[dict[int, int]] = [{} for _ in range(num_layers)]
+        self.freq = [[0.0] * num_experts for _ in range(num_layers)]  # decayed share of steps using each expert
+        self.seen = [[0] * num_experts for _ in range(num_layers)]  # selections by earlier steps
+        self.min_routed = None
+        self.reuse = 0.0  # decayed share of a layer's experts that its previous step also used (lag-1 reuse)
+
+    def observe(self, view: LayerView) -> None:
+        if view.step != self.step:
+            for layer in range(self.L):
+                for e, n in self.now[layer].items():
+                    self.seen[layer][e] += n
+            self.prev = [now or prev for now, prev in zip(self.now, self.prev, strict=True)]
+            self.now = [{} for _ in range(self.L)]
+            self.step = view.step
+        self.now[view.layer] = dict(zip(view.experts, view.tokens, strict=True))
+        before = self.prev[view.layer]
+        if before and view.experts:
+            again = sum(1 for e in view.experts if e in before) / len(view.experts)
+            self.reuse = self.decay * self.reuse + (1.0 - self.decay) * again
+        row, keep = self.freq[view.layer], self.decay
+        for e in range(self.E):
+            row[e] *= keep
+        for e in view.experts:
+            row[e] += 1.0 - keep
+        if view.experts:
+            self.min_routed = min(self.min_routed or len(view.experts), len(view.experts))
+
+    def previous_step(self, layer: int, distance: int) -> tuple[list[float], list[float]]:
+        """(p, tokens) per expert of layer + distance: the previous step's experts there, used for sure."""
+        p, n = [0.0] * self.E, [1.0] * self.E
+        for e, count in self.prev[layer + distance].items():
+            p[e], n[e] = 1.0, float(count)
+        return p, n
+
+    def frequency(self, layer: int) -> list[float]:
+        return self.freq[layer]
+
+    def chances(self, layer: int, experts: Sequence[int], ran: bool) -> list[float]:
+        """P(the next use of `layer` routes to each of `experts`) from what was seen: its decayed frequency, and
+        at least the lag-1 reuse rate if the layer's last run (`ran`: this step, else the previous) used it."""
+        freq, last, reuse = self.freq[layer], self.now[layer] if ran else self.prev[layer], self.reuse
+        return [max(freq[e], reuse if e in last else 0.0) for e in experts]
+
+    def current(self, view: LayerView):
+        """[1, L, W] int64: this step's experts at layers <= view.layer, MISSING elsewhere (History.current)."""
+        return _padded([list(self.now[layer]) if layer <= view.layer else [] for layer in range(self.L)])
+
+    def history(self, view: LayerView, with_truth: bool):
+        """A one-row `predictors.History` of the running step (exact at batch 1; at larger batches one
+        pseudo-token holding every routed expert): this step's experts at layers <= view.layer, the previous
+        step's, earlier steps' selections, and with `with_truth` the true routing incl. `view.future`."""
+        import torch
+
+        from prescope.predict.predictors import History
+
+        now = [list(self.now[layer]) if layer <= view.layer else [] for layer in range(self.L)]
+        prev = [list(self.prev[layer]) for layer in range(self.L)]
+        truth = None
+        if with_truth and view.future is not None:
+            truth = now[:view.layer + 1] + [list(f) for f in view.future]
+            truth += [[] for _ in range(self.L - len(truth))]
+        width = max([1] + [len(r) for rows in (now, prev, truth or []) for r in rows])
+        seq = torch.tensor([self.seen], dtype=torch.float32)  # [1, L, E]
+        return History(_padded(now, width), _padded(prev, width), seq, None if truth is None else _padded(truth, width))
+
+
+def _padded(rows: list[list[int]], width: int | None = None):
+    """[1, L, W] int64 of per-layer expert lists, padded with MISSING to `width` (default: the longest, >= 1)."""
+    import torch
+
+    width = width or max([1] + [len(r) for r in rows])
+    return torch.tensor([[r + [MISSING] * (width - len(r)) for r in rows]], dtype=torch.int64)
+
+
+# ---- victims ----------------------------------------------------------------------------------------------
+
+def lru_victim(cache: ExpertCache, key: Key, protect: set[Key]) -> int | None:
+    """`Policy.victim`'s per-layer LRU, never giving up a key in `protect`."""
+    own = [s for s in cache.evictable(key[0]) if cache.owner[s] not in protect]
+    if cache.free and (len(cache.by_layer[key[0]]) < cache.quota or not own):
+        return min(cache.free)
+    if own:
+        return cache.lru(own)
+    others = [s for s in cache.evictable() if cache.owner[s] not in protect]
+    return cache.lru(others) if others else None
+
+
+def planned_slot(cache: ExpertCache, planned, protect: set[Key]) -> int | None:
+    """The slot a plan chose for a load: a free one (planned None), or its victim's while that key is still
+    evictable and unprotected; None when the plan no longer applies."""
+    if planned is UNPLANNED:
+        return None
+    if planned is None:
+        return min(cache.free) if cache.free else None
+    slot = cache.slot_of.get(planned)
+    if slot is None or planned in protect or slot in cache.pinned or cache.state[slot] is not SlotState.RESIDENT:
+        return None
+    return slot
+
+
+def ranked_victim(cache: ExpertCache, protect: set[Key], rank: Callable[[Key], float]) -> int | None:
+    """A free slot, else the evictable slot whose key ranks lowest (ties: least recently used)."""
+    if cache.free:
+        return min(cache.free)
+    pool = [s for s in cache.evictable() if cache.owner[s] not in protect]
+    return min(pool, key=lambda s: (rank(cache.owner[s]), cache.last_use[s])) if pool else None
+
+
+# ---- the common part ---------------------------------------------------------------------------------------
+
+class Predictive(Policy):
+    """A policy that predicts layers l+1 … l+D from a `predictors.Predictor` (or from what it has seen).
+
+    predictor: a Predictor, a zero-argument factory of one, or None (the previous step's routing).
+    lookahead: D, the layers predicted ahead (checked at `reset` against the model and the predictor).
+    memory_decay: weight of the past in the decayed activation frequencies (0.8: about the last 5 steps).
+    """
+
+    use_graphs = True  # replay a hidden-state predictor's window from CUDA graphs (False: always eager)
+
+    def __init__(self, predictor=None, lookahead: int = 1, memory_decay: float = 0.8):
+        if lookahead < 1:
+            raise PolicyError(f"lookahead must be >= 1 layer, got {lookahead}")
+        self.predictor_source, self.lookahead, self.memory_decay = predictor, lookahead, memory_decay
+        self.predictor = None
+        self.protect: set[Key] = set()
+        self.layer, self.costs_gap = -1, 0.0
+        self.graphs = None  # predict.graphs.GraphCache of the forecast, built on first use (CUDA graphs on the GPU)
+        self.graphs_for = None  # the predictor those graphs call
+
+    def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
+        super().reset(cache, num_experts, costs)
+        L = cache.num_layers
+        if self.lookahead > L - 1 and L > 1:
+            raise PolicyError(f"{self.name}: lookahead {self.lookahead} reaches past the model's {L} MoE layers "
+                              f"(at most {L - 1})")
+        source = self.predictor_source
+        self.predictor = source() if callable(source) and not hasattr(source, "predict") else source
+        if self.predictor is not None:
+            check_predictor(self.predictor, L, num_experts, self.lookahead, self.name)
+        self.memory = Memory(L, num_experts, self.memory_decay)
+        self.protect = set()
+        if self.graphs_for is not self.predictor:  # the graphs replay one predictor's calls: kept across resets
+            self.graphs, self.graphs_for = None, self.predictor
+        if costs is not None:
+            self.costs = dataclasses.replace(costs, gpu=_memo(costs.gpu), cpu=_memo(costs.cpu))
+            self.costs_gap = getattr(costs, "layer_gap", 0.0)
+        return []
+
+    def top_k(self) -> int:
+        layout = getattr(self.predictor, "layout", None)
+        return layout.top_k if layout is not None else (self.memory.min_routed or 1)
+
+    def forecast(self, view: LayerView, depth: int) -> list[tuple[list[float], list[float]]]:
+        """(p, tokens) per expert for layers l+1 … l+D' (D' = min(depth, layers left)): p the probability
+        that some token of the step routes to the expert, tokens the expected count if it does."""
+        depth = min(depth, view.num_layers - 1 - view.layer)
+        if depth <= 0:
+            return []
+        if self.predictor is None:
+            return [self.memory.previous_step(view.layer, d) for d in range(1, depth + 1)]
+        import torch
+
+        from prescope.predict.predictors import History
+
+        hidden, pred, distances = view.hidden, self.predictor, list(range(1, depth + 1))
+        rows = hidden.shape[0] if hidden is not None else 1
+        if not getattr(pred, "needs_hidden", False):  # history-based: the routing seen so far
+            history = self.memory.history(view, with_truth=True)
+            scores = pred.predict_window(view.layer, distances, hidden=hidden, history=history)
+            k = self.top_k() if hidden is not None and rows == 1 else max(1, len(view.experts))
+            return _as_lists(_used(torch.stack([scores[d] for d in distances]), min(k, self.num_experts)))
+        # hidden-state predictors read layer l's routing only if they ask for it (LLaPor's use_routing), and
+        # only when it is exact (one token; with more, LLaPor routes with its own routers); the whole window
+        # then runs as one CUDA graph on the GPU (its ~40 kernels cost their launches, not their arithmetic)
+        if hidden is None:  # the predictor says what it needs; one that does not is refused here
+            pred.predict_window(view.layer, distances, hidden=None, history=None)
+            raise PolicyError(f"{self.name}: predictor {getattr(pred, 'name', '')!r} reads hidden states and this "
+                              "executor gives none")
+        inputs = [self._predictor_input(hidden)]
+        if rows == 1 and getattr(getattr(pred, "config", None), "use_routing", False):
+            inputs.append(self.memory.current(view).to(inputs[0].device, non_blocking=True))  # [1, L, K]
+        k = min(self.top_k(), self.num_experts)
+
+        def window(x, *current):
+            history = History(current=current[0]) if current else None
+            scores = pred.predict_window(view.layer, distances, hidden=x, history=history)
+            return _used(torch.stack([scores[d] for d in distances]), k)  # [2, D', E]
+
+        if self.graphs is None:
+            from prescope.predict.graphs import GraphCache
+
+            self.graphs = GraphCache(self.use_graphs)
+        key = (view.layer, depth, *(tuple(x.shape) for x in inputs))
+        return _as_lists(self.graphs(key, window, *inputs))
+
+    def _predictor_input(self, hidden):
+        """The router input on the predictor's device (LLaPor's parameters live where it was loaded)."""
+        where = getattr(getattr(self.predictor, "config", None), "device", None)
+        return hidden if where is None else hidden.to(where, non_blocking=True)
+
+
+def _memo(fn: Callable[[float], float]) -> Callable[[float], float]:
+    """A cost function remembered by token count (the policies ask for few distinct counts)."""
+    seen: dict[float, float] = {}
+
+    def cached(n: float) -> float:
+        if n not in seen:
+            seen[n] = fn(n)
+        return seen[n]
+
+    return cached
+
+
+def _used(scores, k: int):
+    """[D, N, E] scores -> [2, D, E]: P(expert used by some of the N tokens), p = 1 − Π(1 − q), and the
+    expected tokens if used, Σq / p, within [1, N]. p is summed in log space: in float32 1 − (1 − q) is 0
+    for q < 6e-8, which would make Σq / p explode."""
+    import torch
+
+    from prescope.predict.predictors import inclusion_probs
+
+    q = inclusion_probs(scores, k)  # [D, N, E]
+    p = -torch.expm1(torch.log1p(-q).sum(dim=1))  # [D, E]; q = 1 gives log 0 = -inf, so p = 1 exactly
+    n = q.sum(dim=1) / p.clamp_min(1e-30)  # [D, E]
+    return torch.stack([p, n.clamp(1.0, float(scores.shape[1]))])
+
+
+def _as_lists(used) -> list[tuple[list[float], list[float]]]:
+    """[2, D, E] -> per distance (p, tokens) as lists (one device-to-host copy)."""
+    p, n = used.tolist()
+    return list(zip(p, n, strict=True))
+
+
+def check_predictor(predictor, num_layers: int, num_experts: int, lookahead: int, policy: str) -> None:
+    """PolicyError unless `predictor` was built for a model with these L and E and reaches `lookahead`."""
+    layout = getattr(predictor, "layout", None)
+    if layout is not None and (layout.num_moe_layers, layout.num_experts) != (num_layers, num_experts):
+        raise PolicyError(
+            f"{policy}: predictor {getattr(predictor, 'name', type(predictor).__name__)!r} was built for "
+            f"{layout.model_class} with {layout.num_moe_layers} MoE layers and {layout.num_experts} experts, "
+            f"but this model has {num_layers} MoE layers and {num_experts} experts")
+    config = getattr(predictor, "config", None)
+    trained = getattr(config, "distance", None)
+    if trained is not None and lookahead > trained:
+        raise PolicyError(f"{policy}: lookahead {lookahead} exceeds the {trained} layers predictor "
+                          f"{getattr(predictor, 'name', '')!r} was trained to predict")
+
+
+def link_state(cache: ExpertCache, issued: Sequence[Key], load: float) -> tuple[float, dict[Key, float]]:
+    """(link_free, ETA per key in flight) estimated from the cache: keys loading land one transfer apart,
+    in the order this policy issued them (others first); the link is free after the last."""
+    loading = list(compress(cache.owner, map(is_, cache.state, repeat(SlotState.LOADING))))  # in slot order
+    order = {k: i for i, k in enumerate(issued)}
+    loading.sort(key=lambda k: order.get(k, -1))
+    return load * len(loading), {k: load * (i + 1) for i, k in enumerate(loading)}
+
+
+def smallest(n: int, pairs: list[tuple[float, Key]]) -> list[tuple[float, Key]]:
+    """heapq.nsmallest(n, pairs) for (value, key) pairs with distinct keys, faster on a few hundred pairs: only
+    the pairs at or under the n-th smallest value are sorted as tuples."""
+    if len(pairs) > n > 0:
+        cut = sorted([q for q, _ in pairs])[n - 1]
+        pairs = [pair for pair in pairs if pair[0] <= cut]
+    return sorted(pairs)[:n]
+
+
+def fastest_split(view: LayerView, cache: ExpertCache, costs: Costs | None) -> tuple[list[int], list[int]]:
+    """(gpu, cpu): the split of this layer's misses that ends the layer first (presched.split_finishes),
+    loading at most as many as there are slots to take (free, or held by other layers' experts)."""
+    if costs is None:
+        return list(view.experts), []
+    routed = {(view.layer, e) for e in view.experts}
+    takeable = len(cache.free) + sum(1 for s in cache.evictable() if cache.owner[s] not in routed)
+    inst = presched.Instance(view.layer, view.experts, view.tokens, (), costs.load, costs.gpu, costs.cpu,
+                             resident=frozenset(k for k in routed if cache.is_present(k)), free_slots=takeable)
+    finishes, present, misses = presched.split_finishes(inst)
+    m = min(range(len(finishes)), key=lambda i: (finishes[i], i))
+    return [e for _, e, _ in present] + [e for e, _ in misses[:m]], [e for e, _ in misses[m:]]

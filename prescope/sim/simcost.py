@@ -1,0 +1,90 @@
+"""The simulator's prices: `cost.py`'s formulas bound to one model layout on one hardware profile.
+
+`expert_dims` gives the cost model the (H, I, bytes per element) of a layout's experts, also for a
+layout that knows only their bytes (a llama.cpp trace); `default_dense_params` and `model_dense_params`
+give the non-expert parameters of a MoE layer, estimated from the layout or read from the model's
+config; `SimTimes` memoises the times the replay asks for over and over (one expert for n tokens, one
+layer's resident work, one transfer of n bytes) and hands the policy its `Costs`.
+
+Letters: L MoE layers, E experts, K top-k, N tokens in a step, H hidden, I expert width.
+"""
+
+from __future__ import annotations
+
+from prescope.hardware import cost
+from prescope.hardware.profiles import HardwareProfile
+from prescope.layout import ModelLayout
+from prescope.policies.base import Costs
+
+
+def expert_dims(layout: ModelLayout) -> tuple[int, int, int]:
+    """(H, I, bytes per element) for the cost model. A layout without H and I (a llama.cpp trace) is timed
+    as a bfloat16 expert of the same bytes: its times depend on H and I only through 3·H·I·b = bytes."""
+    if layout.hidden_size > 0 and layout.intermediate_size > 0:
+        h, i = layout.hidden_size, layout.intermediate_size
+        b = cost.DTYPE_BYTES.get(layout.dtype) or max(1, layout.expert_bytes // (3 * h * i))
+        return h, i, b
+    b = cost.DTYPE_BYTES["bfloat16"]
+    return max(1, layout.expert_bytes // (3 * b)), 1, b
+
+
+def default_dense_params(layout: ModelLayout) -> int:
+    """Non-expert parameters of one MoE layer when the model is not at hand: attention 4·H² (q, k, v, o at
+    full width; grouped KV heads make it smaller), router E·H, two norms 2·H, shared experts' bytes / b.
+    A layout without H (a llama.cpp trace) counts only its shared experts: its attention then costs the
+    GPU's launch floor, unless `dense_params` is given."""
+    _, _, b = expert_dims(layout)
+    h = layout.hidden_size
+    return 4 * h * h + layout.num_experts * h + 2 * h + layout.shared_expert_bytes // b
+
+
+def model_dense_params(model) -> int | None:
+    """Non-expert parameters of a MoE layer from the model's config, where twins.py knows the family."""
+    from prescope.models.twins import config_layer_sizes
+
+    try:
+        sizes = config_layer_sizes(model.config)
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return None
+    moe = sizes.loc[sizes["kind"] == "moe", "non_expert"]
+    return int(moe.max()) if len(moe) else None
+
+
+class SimTimes:
+    """Per-expert, per-layer and per-transfer times of one layout on one profile, memoised."""
+
+    def __init__(self, layout: ModelLayout, profile: HardwareProfile, dense_params: int):
+        h, i, b = expert_dims(layout)
+        # a dense decoder layer's MLP is taken as wide as the K experts a token activates
+        dense_layer = dense_params + layout.top_k * 3 * h * i
+        self.profile, self.nbytes, self.dense_params = profile, layout.expert_bytes, dense_params
+        self.formulas = {  # what -> seconds for n tokens (n bytes for a transfer)
+            "gpu": lambda n: cost.gpu_expert_time(n, h, i, b, profile),  # one expert
+            "cpu": lambda n: cost.cpu_expert_time(n, h, i, b, profile),  # one expert
+            "attention": lambda n: cost.dense_time(n, dense_params, b, profile),  # a MoE layer's resident work
+            "dense": lambda n: cost.dense_time(n, dense_layer, b, profile),  # a dense decoder layer
+            "link": lambda n: cost.transfer_time(n, profile),  # one transfer
+        }
+        self.memo: dict[tuple[str, int], float] = {}
+
+    def of(self, what: str, n: int) -> float:
+        try:
+            return self.memo[what, n]
+        except KeyError:
+            value = self.memo[what, n] = self.formulas[what](n)
+            return value
+
+    def gpu(self, n: int) -> float:
+        return self.of("gpu", n)
+
+    def cpu(self, n: int) -> float:
+        return self.of("cpu", n)
+
+    def link(self, nbytes: int) -> float:
+        return self.of("link", nbytes)
+
+    def costs(self) -> Costs:
+        return Costs(load=self.of("link", self.nbytes), gpu=self.gpu, cpu=self.cpu,
+                     layer_gap=self.formulas["attention"](1) + self.profile.host_overhead_per_layer_s,
+                     host=self.profile.host_overhead_per_layer_s, launch=self.profile.gpu_expert.fixed_s,
+                     plan=self.profile.predict_overhead_s + self.profile.plan_overhead_s)

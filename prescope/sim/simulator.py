@@ -1,0 +1,536 @@
+"""The simulated executor: replay a routing trace through a policy on a hardware profile, on a virtual clock.
+
+The same policy objects and cache as the engine, the same orders, times from `cost.py` (bound to the
+layout and profile in `simcost.py`). A step is one forward call over a batch; a batch-1 trace of several
+prompts is grouped into batches of `batch_size` prompts whose decode steps run together. Per step, each
+decoder layer in order:
+
+1. attention and the other resident work of the layer on the GPU (`dense_time` for N tokens);
+2. host work of the MoE step on the host: the profile's per-layer overhead (`wait`); issuing each transfer
+   costs the profile's `host_per_transfer_s` more (a kernel launched after an issue starts after it);
+3. the cache catches up with the clock (loads that ended become resident) and the policy plans, which
+   costs the profile's prediction and planning times (`predict`, `plan`) for a policy that declares them
+   in `host_work`, the ones its last plan did (`Policy.planned_work`: prescope's gate skips both);
+4. CPU experts run one after another on the CPU lane, from the end of planning, overlapping GPU work;
+5. GPU experts, in the order of the orders: present ones are pinned, absent ones get a slot from
+   `policy.victim` and an on-demand load; each starts when its load has landed and the GPU is free. When
+   no slot can be given up the layer runs in waves: compute what is there, release it, load the rest
+   (into the released slots, each load waiting for its slot's computation); when every slot is still
+   loading, the GPU waits for the first transfer to land;
+6. prefetches are queued behind the layer's on-demand loads, stopping at the first that finds no slot;
+7. the layer ends when its GPU and CPU experts are done.
+
+The link (`link.py`): one FIFO queue (`async_io=False`: a queued prefetch delays a later on-demand load),
+or a priority queue (`async_io=True`: on-demand loads overtake queued prefetches at `chunk_bytes`
+granularity, each chunk costing one `transfer_time`, and a prefetch the running layer waits for is
+promoted). Every load into a slot starts after the slot's previous occupant finished computing. When the
+budget holds every expert, all are resident before time 0 (as in the engine); otherwise the policy's
+`reset` keys are. Each step's lower bound prices the misses of an optimal cache (`belady_misses`).
+
+Simplifications: one CPU worker lane; host work is serial with the GPU (the routing decision needs a
+host sync); KV-cache reads are not timed; non-expert parameters per layer are estimated from the layout
+unless given (`default_dense_params`); a layer's prefetches are queued once all its on-demand loads are.
+
+Letters: L MoE layers, E experts, K top-k, N tokens in a step, H hidden, I expert width, S slots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import heapq
+import itertools
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from prescope.config import EngineConfig
+from prescope.hardware import cost
+from prescope.hardware.profiles import HardwareProfile, load_profile
+from prescope.layout import ModelLayout
+from prescope.policies import POLICIES, make_policy
+from prescope.policies.base import LayerView, Policy, costs_for
+from prescope.policies.cache import CacheError, CacheStats, ExpertCache, Key
+from prescope.routing.trace import MISSING, Trace
+from prescope.sim.link import (
+    DEFAULT_CHUNK_BYTES,
+    FifoLink,
+    Load,
+    PriorityLink,
+    belady_miss_flags,
+    belady_misses,
+)
+from prescope.sim.simcost import SimTimes, default_dense_params, model_dense_params
+from prescope.timeline import make_timeline, prefetch_precision, step_summary
+
+HOST_WORK = ("predict", "plan")
+STAT_FIELDS = tuple(CacheStats.__dataclass_fields__)
+
+
+class SimulationError(ValueError):
+    """A replay that cannot run as asked (budget, batch size, trace/layout mismatch); says what to change."""
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """A replay's timeline (one row per operation), per-step summary, totals and the config that made it."""
+
+    timeline: pd.DataFrame
+    summary: pd.DataFrame
+    totals: dict
+    config: dict
+    trace: Trace | None = field(default=None, repr=False)
+
+
+# ---- the budget ----------------------------------------------------------------------------------------
+
+def slots_for(layout: ModelLayout, budget_slots: int | None = None, budget_share: float | None = None) -> int:
+    """Slots of the budget, clipped to L·E; `budget_share` is a share of L·E (rounded). Below one layer's
+    top-k (K slots) raises a SimulationError stating the minimum in slots and bytes."""
+    total = layout.num_moe_layers * layout.num_experts
+    if budget_slots is not None and budget_share is not None:
+        raise SimulationError("give budget_slots or budget_share, not both")
+    if budget_slots is None:
+        share = EngineConfig().budget_share if budget_share is None else budget_share
+        if not 0.0 < share <= 1.0:
+            raise SimulationError(f"budget_share must be in (0, 1], got {share}")
+        budget_slots = round(share * total)
+    if budget_slots < layout.top_k:
+        raise SimulationError(
+            f"a budget of {budget_slots} slots is below the minimum of one layer's top-k: at least "
+            f"{layout.top_k} slots ({layout.top_k * layout.expert_bytes} bytes of {layout.expert_bytes}-byte "
+            f"experts, budget_share >= {layout.top_k / total:.4f})")
+    return min(int(budget_slots), total)
+
+
+# ---- the replay ----------------------------------------------------------------------------------------
+
+def replay_steps(trace: Trace, batch_size: int = 1, decode_only: bool = True,
+                 max_steps: int | None = None) -> list[tuple[int, int, str, np.ndarray]]:
+    """The forward calls to simulate, in order: (batch, trace step, phase, token indices [N]). Prompts are
+    grouped `batch_size` at a time (by prompt id); their tokens of the same step form one call."""
+    if batch_size < 1:
+        raise SimulationError(f"batch_size must be >= 1, got {batch_size}")
+    tokens = trace.tokens
+    keep = (tokens["phase"] == "decode").to_numpy() if decode_only else np.ones(len(tokens), bool)
+    prompts = tokens["prompt"].to_numpy()
+    batch = np.searchsorted(np.unique(prompts), prompts) // batch_size
+    frame = pd.DataFrame({"batch": batch, "step": tokens["step"].to_numpy()})[keep]
+    rows = frame.index.to_numpy()
+    calls = [(int(b), int(s), "prefill" if s == 0 else "decode", np.sort(rows[idx]))
+             for (b, s), idx in frame.groupby(["batch", "step"], sort=True).indices.items()]
+    return calls if max_steps is None else calls[:max_steps]
+
+
+def _routed(experts: np.ndarray, num_experts: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per layer: routed experts, most tokens first (ties by index), and their token counts.
+    `experts` is one step's [N, L, K]; MISSING entries are skipped."""
+    n, L, K = experts.shape
+    valid = experts != MISSING  # [N, L, K]
+    flat = (np.arange(L)[None, :, None] * num_experts + experts)[valid]
+    counts = np.bincount(flat, minlength=L * num_experts).reshape(L, num_experts)  # [L, E]
+    order = np.argsort(-counts * num_experts + np.arange(num_experts), axis=1, kind="stable")  # [L, E]
+    ranked = np.take_along_axis(counts, order, axis=1)
+    nnz = (counts > 0).sum(axis=1)
+    return [(tuple(order[layer, :nnz[layer]].tolist()), tuple(ranked[layer, :nnz[layer]].tolist()))
+            for layer in range(L)]
+
+
+class _Replay:
+    """The virtual clock, the cache and the lanes of one replay; `layer()` is one MoE layer of one step."""
+
+    def __init__(self, policy: Policy, cache: ExpertCache, times: SimTimes, num_experts: int, async_io: bool,
+                 chunk_bytes: int):
+        self.policy, self.cache, self.times, self.num_experts = policy, cache, times, num_experts
+        self.rows: list[tuple] = []
+        self.ids = itertools.count()
+        self.link = (PriorityLink(times.link, self._emit, self._done, chunk_bytes) if async_io
+                     else FifoLink(times.link, self._emit, self._done))
+        self.inflight: dict[Key, Load] = {}
+        self.landed: list[tuple[float, int, Load]] = []
+        self.release = [0.0] * cache.num_slots  # when each slot's last occupant finished computing
+        self.cpu_free = 0.0
+        work = tuple(getattr(policy, "host_work", ()))
+        if set(work) - set(HOST_WORK):
+            raise SimulationError(f"policy {policy.name!r} declares host_work {work}; allowed: {HOST_WORK}")
+        p = times.profile
+        self.per_transfer = p.host_per_transfer_s  # host time to issue one transfer
+        self.host = [("wait", p.host_overhead_per_layer_s)] if p.host_overhead_per_layer_s > 0 else []
+        self.planning = [(kind, d) for kind, d in (("predict", p.predict_overhead_s if "predict" in work else 0.0),
+                                                   ("plan", p.plan_overhead_s if "plan" in work else 0.0)) if d > 0]
+
+    def _emit(self, load: Load, start: float, end: float, nbytes: int) -> None:
+        self.rows.append(("pcie", load.step, load.key[0], load.key[1], load.kind, 0, nbytes, start, end,
+                          load.slot, load.id))
+
+    def _done(self, load: Load) -> None:
+        heapq.heappush(self.landed, (load.end, load.id, load))
+
+    def _resident(self, load: Load) -> None:
+        if self.inflight.get(load.key) is load:
+            del self.inflight[load.key]
+            self.cache.mark_ready(load.key)
+
+    def advance(self, t: float) -> None:
+        """The cache catches up with the clock: loads that ended by `t` become resident."""
+        self.link.advance(t)
+        while self.landed and self.landed[0][0] <= t:
+            self._resident(heapq.heappop(self.landed)[2])
+
+    def issue(self, key: Key, slot: int, kind: str, step: int, t: float) -> None:
+        load = Load(next(self.ids), key, slot, kind, step, self.times.nbytes, max(t, self.release[slot]))
+        self.inflight[key] = load
+        self.link.enqueue(load)
+
+    def ready_time(self, key: Key, t: float) -> float:
+        load = self.inflight.get(key)
+        if load is None:
+            return t
+        self.link.promote(load)
+        end = self.link.finish(load)
+        self._resident(load)
+        return end
+
+    def _drop_stale(self, step: int, layer: int, experts) -> None:
+        """Cut the prefetches in flight for layers that already ran or for this layer's unrouted experts
+        (on the priority link only: `transfers.IOWorker.drop_stale`); their slots are free again."""
+        routed = set(experts)
+        stale = [load for key, load in self.inflight.items() if load.kind == "prefetch" and load.left > 0
+                 and (load.step < step or key[0] < layer or (key[0] == layer and key[1] not in routed))]
+        for load in stale:
+            if self.cache.slot_of.get(load.key) != load.slot or load.slot in self.cache.pinned:
+                continue
+            started = self.link.cut(load)
+            if started is None:  # promoted
+                continue
+            del self.inflight[load.key]
+            self.cache.cancel(load.key, started=started)
+
+    def land_one(self) -> bool:
+        """Let the earliest transfer in flight land (the GPU waits for it) so its slot can be given up."""
+        if not self.landed and not self.link.finish_any():
+            return False
+        self._resident(heapq.heappop(self.landed)[2])
+        return True
+
+    def layer(self, step: int, layer: int, t: float, num_tokens: int, experts: tuple[int, ...],
+              tokens: tuple[int, ...], future, hidden) -> tuple[float, int]:
+        """One MoE layer from time `t` (GPU free, previous layer done); returns (its end, hits)."""
+        cache, rows, times = self.cache, self.rows, self.times
+        # 1. attention and resident work on the GPU
+        h = t + times.of("attention", num_tokens)
+        rows.append(("gpu", step, layer, -1, "attention", num_tokens, 0, t, h, -1, -1))
+        # 2. host work of the MoE step
+        for kind, d in self.host:
+            rows.append(("cpu", step, layer, -1, kind, num_tokens, 0, h, h + d, -1, -1))
+            h += d
+        # 3. the cache at the clock (prefetches no layer will use cut, as AsyncIO does), then the plan
+        self.advance(h)
+        self._drop_stale(step, layer, experts)
+        view = LayerView(step, layer, cache.num_layers, self.num_experts, experts, tokens, hidden, future)
+        hits = {e for e in experts if cache.is_present((layer, e))}
+        orders = self.policy.plan(view, cache)
+        orders.check(view)
+        done = self.policy.planned_work()  # prescope's gate runs some layers without predicting or planning
+        for kind, d in self.planning:
+            if kind in done:
+                rows.append(("cpu", step, layer, -1, kind, num_tokens, 0, h, h + d, -1, -1))
+                h += d
+        count = dict(zip(experts, tokens, strict=True))
+        # 4. CPU experts, overlapping the GPU
+        c = max(self.cpu_free, h)
+        for e in orders.cpu:
+            d = times.cpu(count[e])
+            rows.append(("cpu", step, layer, e, "cpu_expert", count[e], 0, c, c + d, -1, -1))
+            c += d
+        self.cpu_free = c
+        # 5. GPU experts, in waves when the slots run short; issuing their loads takes host time
+        g, h = self._gpu_experts(step, layer, orders.gpu, count, hits, h)
+        # 6. prefetches behind this layer's on-demand loads
+        for key in orders.prefetch:
+            if cache.is_present(key):
+                continue
+            slot = self.policy.victim(cache, key)
+            if slot is None:
+                break
+            cache.assign(key, slot, speculative=True)
+            h += self.per_transfer
+            self.issue(key, slot, "prefetch", step, h)
+        cache.unpin_all()
+        # 7. the layer ends with its last expert
+        return max(g, c, h), len(hits)
+
+    def _gpu_experts(self, step, layer, chosen, count, hits, h) -> tuple[float, float]:
+        """(when the GPU finishes the layer's experts, when the host finished issuing their loads)."""
+        cache, policy, rows = self.cache, self.policy, self.rows
+        for e in chosen:
+            if (layer, e) in cache.slot_of:
+                cache.pin((layer, e))
+        g, pending = h, list(chosen)
+        while pending:
+            wave, deferred = [], []  # a wave: what is present plus what finds a slot; the rest waits
+            for e in pending:
+                key = (layer, e)
+                if key not in cache.slot_of:
+                    slot = None if deferred else policy.victim(cache, key)
+                    if slot is None:
+                        deferred.append(e)
+                        continue
+                    cache.assign(key, slot, speculative=False)
+                    h += self.per_transfer
+                    self.issue(key, slot, "on_demand", step, h)
+                    cache.pin(key)
+                wave.append(e)
+            if not wave:
+                if not self.land_one():
+                    raise CacheError(f"layer {layer}: no slot could be freed for expert {pending[0]}")
+                continue
+            for e in wave:
+                key = (layer, e)
+                slot = cache.slot_of[key]
+                start = max(g, self.ready_time(key, h))
+                g = start + self.times.gpu(count[e])
+                cache.use(key, hit=e in hits)
+                rows.append(("gpu", step, layer, e, "gpu_expert", count[e], 0, start, g, slot, -1))
+                self.release[slot] = g
+            for e in wave:
+                cache.unpin((layer, e))
+            pending = deferred
+        return g, h
+
+
+def _lower_bounds(requests, request_tokens, stats, num_slots, layout, profile, times) -> tuple[list, list]:
+    """Two bounds per step. GPU-only (every expert computed on the GPU, so resident): max(GPU work of the
+    step, bytes of an optimal cache's misses / peak link bandwidth) — `cost.step_lower_bound`. Any placement
+    (an absent expert may also run on the CPU, from host memory): max(the step's non-expert GPU work, the
+    least max(link, CPU) over fractional splits of the misses of an optimal cache that may bypass) —
+    `cost.split_lower_bound`. No policy of this engine can beat the second."""
+    forced = belady_misses(requests, num_slots)
+    flags = belady_miss_flags(requests, num_slots, bypass=True)
+    gpu_only = [cost.step_lower_bound(float(w), 0.0, int(m) * layout.expert_bytes, profile)
+                for w, m in zip(stats["gpu_work"], forced, strict=True)]
+    load = times.link(layout.expert_bytes)
+    any_placement, start = [], 0
+    for group, dense in zip(requests, stats["dense_work"], strict=True):
+        missed = [request_tokens[start + i] for i in range(len(group)) if flags[start + i]]
+        start += len(group)
+        split = cost.split_lower_bound([load] * len(missed), [times.cpu(n) for n in missed])
+        any_placement.append(max(float(dense), split))
+    return gpu_only, any_placement
+
+
+def replay(trace: Trace, policy: Policy | str, profile: HardwareProfile | str, *, budget_slots: int | None = None,
+           budget_share: float | None = None, batch_size: int = 1, decode_only: bool = True,
+           max_steps: int | None = None, async_io: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+           layout: ModelLayout | None = None, dense_params: int | None = None,
+           policy_profile: HardwareProfile | str | None = None) -> SimResult:
+    """Replay `trace` through `policy` on `profile` with a GPU expert budget; see the module docstring.
+
+    `policy_profile` is the profile whose costs the policy weighs in its decisions, when that differs from
+    the one that times the replay (to reproduce a measured run whose engine decided with another profile).
+    The budget is `budget_slots` or `budget_share` of all L·E experts (EngineConfig's default share when
+    neither is given). `layout` times another model that routes like the trace (a shape twin: same L and
+    E); `dense_params` is the non-expert parameter count per MoE layer (default: `default_dense_params`).
+    `max_steps` bounds the number of forward calls replayed.
+    """
+    with _gc_paused():
+        return _replay(trace, policy, profile, budget_slots, budget_share, batch_size, decode_only, max_steps,
+                       async_io, chunk_bytes, layout, dense_params, policy_profile)
+
+
+def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, decode_only, max_steps, async_io,
+            chunk_bytes, layout, dense_params, policy_profile=None) -> SimResult:
+    policy = make_policy(policy) if isinstance(policy, str) else policy
+    profile = load_profile(profile)
+    layout = layout or trace.layout
+    diffs = [f"{k}: trace {getattr(trace.layout, k)}, layout {getattr(layout, k)}"
+             for k in ("num_moe_layers", "num_experts") if getattr(trace.layout, k) != getattr(layout, k)]
+    if diffs:
+        raise SimulationError(f"layout {layout.model_class} does not route like the trace ({'; '.join(diffs)})")
+    if chunk_bytes < 1:
+        raise SimulationError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    L, E = layout.num_moe_layers, layout.num_experts
+    num_slots = slots_for(layout, budget_slots, budget_share)
+    times = SimTimes(layout, profile, default_dense_params(layout) if dense_params is None else dense_params)
+    cache = ExpertCache(num_slots, L)
+    costs = times.costs() if policy_profile is None else costs_for(layout, load_profile(policy_profile))
+    if num_slots >= L * E:
+        policy.reset(cache, E, costs)
+        preload = [(layer, e) for layer in range(L) for e in range(E)]
+    else:
+        preload = policy.reset(cache, E, costs)
+    for key in preload[:num_slots]:
+        slot = None if cache.is_present(key) else policy.victim(cache, key)
+        if slot is not None:
+            cache.assign(key, slot, speculative=False)
+            cache.mark_ready(key)
+    cache.stats = CacheStats()
+    sim = _Replay(policy, cache, times, E, async_io, chunk_bytes)
+    # decoder layers in order: (decoder index, MoE ordinal or -1 for a dense layer)
+    decoder = sorted([(i, -1) for i in layout.dense_layers] + [(i, o) for o, i in enumerate(layout.moe_layers)])
+    calls = replay_steps(trace, batch_size, decode_only, max_steps)
+    if not calls:
+        raise SimulationError(f"the trace has no {'decode ' if decode_only else ''}tokens to replay")
+    records, requests, request_tokens, t = [], [], [], 0.0
+    for step, (batch, trace_step, phase, index) in enumerate(calls):
+        routed = _routed(trace.experts[index], E)  # per layer: (experts, tokens)
+        hidden = None if trace.hidden is None else np.ascontiguousarray(trace.hidden[index].transpose(1, 0, 2))
+        n, hits, before = len(index), 0, _stats(cache)
+        gpu_work = dense_work = 0.0
+        for _, layer in decoder:
+            if layer < 0:
+                d = times.of("dense", n)
+                sim.rows.append(("gpu", step, -1, -1, "dense", n, 0, t, t + d, -1, -1))
+                t, gpu_work, dense_work = t + d, gpu_work + d, dense_work + d
+                continue
+            experts, counts = routed[layer]
+            future = tuple(r[0] for r in routed[layer + 1:])
+            t, layer_hits = sim.layer(step, layer, t, n, experts, counts, future,
+                                      None if hidden is None else _tensor(hidden[layer]))
+            hits += layer_hits
+            gpu_work += times.of("attention", n) + sum(times.gpu(c) for c in counts)
+            dense_work += times.of("attention", n)
+        routed_total = sum(len(r[0]) for r in routed)
+        requests.append([layer * E + e for layer, (experts, _) in enumerate(routed) for e in experts])
+        request_tokens.extend(c for _, counts in routed for c in counts)
+        records.append({"step": step, "batch": batch, "trace_step": trace_step, "phase": phase,
+                        "gpu_work": gpu_work, "dense_work": dense_work, "hits": hits,
+                        "misses": routed_total - hits,
+                        **{k: v - before[k] for k, v in _stats(cache).items() if k not in ("hits", "misses")}})
+    sim.link.drain()
+    config = {"policy": policy.name, "profile": profile.name, "budget_slots": num_slots,
+              "budget_share": num_slots / (L * E), "budget_bytes": num_slots * layout.expert_bytes,
+              "batch_size": batch_size, "decode_only": decode_only, "max_steps": max_steps,
+              "async_io": async_io, "chunk_bytes": chunk_bytes, "model_class": layout.model_class,
+              "num_moe_layers": L, "num_experts": E, "top_k": layout.top_k, "expert_bytes": layout.expert_bytes,
+              "dense_params": times.dense_params, "trace_source": str(trace.meta.get("source", ""))}
+    timeline = make_timeline(sim.rows, source="simulated", profile=profile.name, meta=config)
+    timeline = timeline.sort_values("start", kind="stable").reset_index(drop=True)
+    stats = pd.DataFrame(records)
+    stats["lower_bound_gpu_only"], stats["lower_bound"] = _lower_bounds(requests, request_tokens, stats, num_slots,
+                                                                        layout, profile, times)
+    summary = step_summary(timeline, stats)
+    return SimResult(timeline, summary, _totals(summary, timeline), config)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """The replay allocates many small objects; a full collection meanwhile walks every live object of
+    the process (torch's included) and would cost more than the replay itself."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _stats(cache: ExpertCache) -> dict[str, int]:
+    return {k: getattr(cache.stats, k) for k in STAT_FIELDS}
+
+
+def _tensor(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(array)  # [N, H]
+
+
+def _totals(summary: pd.DataFrame, timeline: pd.DataFrame) -> dict:
+    seconds = float(summary["latency"].sum())
+    decode = summary[summary["phase"] == "decode"]
+    per_token = decode if len(decode) else summary
+    routed = float(summary["hits"].sum() + summary["misses"].sum())
+    precision = prefetch_precision(timeline)["precision"].iloc[0]
+    return {
+        "steps": int(len(summary)), "tokens": int(summary["tokens"].sum()), "seconds": seconds,
+        "tokens_per_s": float(summary["tokens"].sum() / seconds) if seconds > 0 else math.inf,
+        "mean_token_latency_s": float(per_token["latency"].mean()),
+        "bytes_moved": int(timeline.loc[timeline["lane"] == "pcie", "bytes"].sum()),
+        "loads_on_demand": int(summary["loads_on_demand"].sum()),
+        "loads_prefetched": int(summary["loads_prefetched"].sum()),
+        "hit_rate": float(summary["hits"].sum() / routed) if routed else math.nan,
+        "gpu_idle_share": float(summary["gpu_idle"].sum() / seconds) if seconds > 0 else 0.0,
+        "prefetch_precision": None if pd.isna(precision) else float(precision),
+        "lower_bound_step_s": float(summary["lower_bound"].mean()),
+        "lower_bound_share": float(summary["lower_bound"].sum() / seconds) if seconds > 0 else 1.0,
+    }
+
+
+# ---- real computation, modelled times ----------------------------------------------------------------
+
+def simulate_generate(model, tokenizer, prompts: Sequence, policy: Policy | str, profile: HardwareProfile | str, *,
+                      max_new_tokens: int, batch_size: int = 1, keep_hidden: bool = True, progress: bool = False,
+                      **options) -> SimResult:
+    """Generate on the CPU with the real model, recording its routing (`recording.record_trace`), then
+    replay that routing: outputs and routing are real, times are modelled. The result carries the trace,
+    whose `meta["generated"]` holds the new tokens. `options` go to `replay`."""
+    from prescope.routing.recording import record_trace
+
+    trace = record_trace(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         keep_hidden=keep_hidden, progress=progress)
+    options.setdefault("dense_params", model_dense_params(model))
+    result = replay(trace, policy, profile, batch_size=batch_size, **options)
+    return SimResult(result.timeline, result.summary, result.totals, result.config, trace)
+
+
+# ---- command line --------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", required=True, help="routing trace: a prescope .parquet or a llama.cpp .csv")
+    parser.add_argument("--policy", default=EngineConfig().policy, choices=sorted(POLICIES))
+    parser.add_argument("--profile", default="h200", help="built-in profile name or a profile JSON path")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-share", "--budget_share", dest="budget_share", type=float, default=None,
+                        help=f"share of all L·E experts the GPU holds (default {EngineConfig().budget_share})")
+    budget.add_argument("--budget-slots", "--budget_slots", dest="budget_slots", type=int, default=None)
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1)
+    parser.add_argument("--include-prefill", dest="decode_only", action="store_false",
+                        help="also replay the prefill steps")
+    parser.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None)
+    parser.add_argument("--async-io", "--async_io", dest="async_io", action="store_true",
+                        help="priority link: on-demand loads overtake queued prefetches")
+    parser.add_argument("--chunk-bytes", "--chunk_bytes", dest="chunk_bytes", type=int, default=DEFAULT_CHUNK_BYTES)
+    parser.add_argument("--timeline", default="", help="write the timeline here (.parquet or .csv)")
+
+
+def load_any_trace(path: str | Path) -> Trace:
+    """A prescope trace (.parquet) or a llama.cpp route trace (.csv)."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        from prescope.routing.llamacpp import load_llamacpp_trace
+
+        return load_llamacpp_trace(path)
+    from prescope.routing.trace import load_trace
+
+    return load_trace(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    began = time.perf_counter()
+    result = replay(load_any_trace(args.trace), args.policy, args.profile, budget_slots=args.budget_slots,
+                    budget_share=args.budget_share, batch_size=args.batch_size, decode_only=args.decode_only,
+                    max_steps=args.max_steps, async_io=args.async_io, chunk_bytes=args.chunk_bytes)
+    table = result.summary[["step", "tokens", "latency", "bytes", "loads_on_demand", "loads_prefetched", "hits",
+                            "misses", "gpu_idle", "link_busy", "lower_bound"]].copy()
+    for col in ("latency", "gpu_idle", "link_busy", "lower_bound"):
+        table[col] = (table[col] * 1e3).round(3)
+    table["bytes"] = (table["bytes"] / 1e6).round(2)
+    print(table.rename(columns={"latency": "latency_ms", "gpu_idle": "gpu_idle_ms", "link_busy": "link_ms",
+                                "lower_bound": "bound_ms", "bytes": "MB"}).to_string(index=False, max_rows=24))
+    if args.timeline:
+        out = Path(args.timeline)
+        frame = result.timeline.copy()
+        frame.attrs = {}
+        frame.to_csv(out, index=False) if out.suffix == ".csv" else frame.to_parquet(out, index=False)
+    config = {**result.config, "trace": str(args.trace)}
+    print(json.dumps({"command": "simulate", "config": config, "totals": result.totals,
+                      "seconds": round(time.perf_counter() - began, 3)}))
+    return 0

@@ -1,0 +1,340 @@
+"""Run one notebook over a parameter grid (`prescope sweep GRID`): a report per cell, a summary, an index.
+
+Grid file, YAML or JSON:
+
+    notebook: ../notebooks/03_presched.ipynb        # relative to the grid file (or --notebook)
+    parameters: {batch_size: [1, 4, 16], policy: [on_demand_lru, prescope]}   # Cartesian product
+    fixed: {num_steps: 8}                            # the same in every cell
+    resources: {num_gpus: 1}                         # optional: what each cell asks a scheduler for
+
+Every name must be a parameter of the notebook's `parameters` cell and every value must have its
+default's type; all of it is checked before any cell runs. The output folder holds
+
+    cells/<cell-id>/<stem>.ipynb, .html, .metrics.json   one run per cell (`reports.run_notebook`)
+    summary.csv, summary.parquet                          one row per cell: status, parameters, metrics
+    index.html, grid.json                                 links to every cell; the grid as run
+
+What a cell needs (`cell_resources`, used by executors that place cells on machines, e.g. Ray): the
+grid's `resources` (keys RESOURCE_KEYS: num_cpus, default 1, and num_gpus); without a `num_gpus` there,
+one GPU when the cell's `device` parameter (its swept or fixed value, else the notebook's default) is a
+string starting with "cuda", else none. So `device: "auto"` cells ask a cluster for no GPU; ask for one
+with `device: cuda` or `resources: {num_gpus: 1}`. The local executor runs every cell here as it is.
+
+cell-id = the first CELL_ID_HEX hex digits of sha256(canonical JSON of the cell's parameters), so a
+cell keeps its folder across reruns and edits of the grid. A cell whose metrics file exists is finished
+(that file is written last, atomically) and is skipped on a rerun: an interrupted sweep resumes
+(delete a cell's folder, or the whole output folder, to run it again after changing the notebook).
+
+Executors run cells: `LocalExecutor` runs them one after another here; `raysweep.RayExecutor` runs them
+as Ray tasks on a cluster (`--executor ray [--address ADDR]`, an optional extra). An executor implements
+`run(jobs)`, yielding `(job, None)` when a cell starts (optional, for the progress bar's running count)
+and `(job, result)` when it finishes, and registers in EXECUTORS by class or by "module:Class" name (so
+this module never imports an executor's optional dependencies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import inspect
+import io
+import itertools
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from prescope.files import write_atomic
+from prescope.workbench.reports import (
+    NotebookResult,
+    ParameterError,
+    load_result,
+    notebook_parameters,
+    parameter_problems,
+    render_index,
+    run_notebook,
+)
+
+CELL_ID_HEX = 12
+CELLS_DIR = "cells"
+GRID_KEYS = ("notebook", "parameters", "fixed", "resources")
+RESOURCE_KEYS = ("num_cpus", "num_gpus")
+DEFAULT_CELL_CPUS = 1
+GPU_DEVICE_PARAMETER = "device"
+GPU_DEVICE_PREFIX = "cuda"
+SUMMARY_COLUMNS = ("cell", "status", "error", "seconds", "source", "profile", "git_revision")
+
+
+class GridError(ValueError):
+    """A grid file that cannot be expanded: wrong shape, empty value lists, clashing names."""
+
+
+class ExecutorError(ValueError):
+    """An executor name or option that does not exist (the message lists what does)."""
+
+
+def cell_id(parameters: Mapping[str, Any]) -> str:
+    """Stable id of a cell: sha256 of its parameters as JSON with sorted keys, first CELL_ID_HEX digits."""
+    canonical = json.dumps(parameters, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:CELL_ID_HEX]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A notebook, the swept parameters (name -> values), the fixed ones (name -> value) and what each
+    cell asks a scheduler for (`resources`, see `cell_resources`)."""
+
+    notebook: Path
+    parameters: dict[str, list[Any]]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.parameters, Mapping) or not isinstance(self.fixed, Mapping):
+            raise GridError("grid: `parameters` and `fixed` must be mappings of name to values")
+        if not isinstance(self.resources, Mapping):
+            raise GridError(f"grid: `resources` must map {RESOURCE_KEYS} to amounts, got {self.resources!r}")
+        unknown = sorted(set(self.resources) - set(RESOURCE_KEYS))
+        if unknown:
+            raise GridError(f"grid: `resources` takes keys {RESOURCE_KEYS}, got unknown {unknown}")
+        amounts = {k: v for k, v in self.resources.items()
+                   if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0}
+        if amounts:
+            raise GridError(f"grid: resources must be numbers >= 0, got {amounts}")
+        bad = sorted(k for k, v in self.parameters.items() if not isinstance(v, list) or not v)
+        if bad:
+            raise GridError(f"grid: parameters {bad} must each map to a non-empty list of values")
+        both = sorted(set(self.parameters) & set(self.fixed))
+        if both:
+            raise GridError(f"grid: {both} appear both in `parameters` and in `fixed`")
+
+    def cells(self) -> list[dict[str, Any]]:
+        """Every combination of the swept values (in file order, last name fastest), plus `fixed`."""
+        names = list(self.parameters)
+        return [{**dict(zip(names, combo, strict=True)), **self.fixed}
+                for combo in itertools.product(*(self.parameters[n] for n in names))]
+
+    def check(self) -> list[dict[str, Any]]:
+        """The cells, after checking every name and value against the notebook (ParameterError)."""
+        if not self.notebook.is_file():
+            raise FileNotFoundError(f"grid: notebook {self.notebook} not found")
+        pairs = [(n, v) for n, values in self.parameters.items() for v in values] + list(self.fixed.items())
+        problems = parameter_problems(notebook_parameters(self.notebook), pairs)
+        if problems:
+            raise ParameterError(f"grid for {self.notebook.name}: " + ". ".join(problems))
+        cells = self.cells()
+        if len({cell_id(c) for c in cells}) != len(cells):
+            raise GridError(f"grid for {self.notebook.name}: a parameter lists the same value twice")
+        return cells
+
+
+def load_grid(path: str | Path, notebook: str | Path | None = None) -> Grid:
+    """Read a YAML or JSON grid; `notebook` (relative to the working directory) overrides the file's."""
+    import yaml
+
+    path = Path(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}  # YAML reads JSON too
+    if not isinstance(data, Mapping) or set(data) - set(GRID_KEYS):
+        extra = sorted(set(data) - set(GRID_KEYS)) if isinstance(data, Mapping) else data
+        raise GridError(f"{path}: expected a mapping with keys {GRID_KEYS}, got extra {extra}")
+    if notebook is None and not data.get("notebook"):
+        raise GridError(f"{path}: no `notebook` in the grid and none given")
+    nb = Path(notebook) if notebook is not None else path.parent / data["notebook"]
+    return Grid(nb, data.get("parameters") or {}, data.get("fixed") or {}, data.get("resources") or {})
+
+
+def cell_resources(cell: Mapping[str, Any], resources: Mapping[str, float],
+                   defaults: Mapping[str, Any]) -> dict[str, float]:
+    """What one cell asks a scheduler for: num_cpus = resources.get("num_cpus", DEFAULT_CELL_CPUS);
+    num_gpus = resources["num_gpus"] if given, else 1 when the cell's `device` (or, not swept or fixed,
+    the notebook's default `defaults["device"]`) is a string starting with GPU_DEVICE_PREFIX, else 0."""
+    device = cell.get(GPU_DEVICE_PARAMETER, defaults.get(GPU_DEVICE_PARAMETER))
+    wants_gpu = isinstance(device, str) and device.startswith(GPU_DEVICE_PREFIX)
+    return {"num_cpus": float(resources.get("num_cpus", DEFAULT_CELL_CPUS)),
+            "num_gpus": float(resources.get("num_gpus", 1 if wants_gpu else 0))}
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """What an executor runs: one notebook, into one folder, with one set of parameters; `resources`
+    (num_cpus, num_gpus) is what the cell asks a scheduler for (`cell_resources`)."""
+
+    notebook: Path
+    out_dir: Path
+    parameters: dict[str, Any]
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    def run(self, jobs: Sequence[CellJob]) -> Iterator[tuple[CellJob, NotebookResult | None]]:
+        """Run every job, yielding (job, None) when a cell starts (optional) and (job, result) when it
+        finishes, in any order; every job gets exactly one result."""
+        ...
+
+
+class LocalExecutor:
+    """Runs cells one after another in this process's machine, through `reports.run_notebook`."""
+
+    def run(self, jobs: Sequence[CellJob]) -> Iterator[tuple[CellJob, NotebookResult | None]]:
+        for job in jobs:
+            yield job, None
+            yield job, run_notebook(job.notebook, job.out_dir, job.parameters)
+
+
+# name -> executor class, or "module:Class" imported on use (optional dependencies stay optional)
+EXECUTORS: dict[str, type | str] = {"local": LocalExecutor, "ray": "prescope.workbench.raysweep:RayExecutor"}
+
+
+def executor_class(name: str) -> type:
+    """The executor class registered as `name` in EXECUTORS, importing its module if named by string."""
+    if name not in EXECUTORS:
+        raise ExecutorError(f"no executor {name!r}; expected one of {sorted(EXECUTORS)}")
+    entry = EXECUTORS[name]
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+    return entry
+
+
+def make_executor(name: str, address: str | None = None) -> Executor:
+    """An executor by name; `address` (a cluster to use) only for executors that take one."""
+    cls = executor_class(name)
+    if address is None:
+        return cls()
+    if "address" not in inspect.signature(cls).parameters:
+        raise ExecutorError(f"--address {address!r}: the {name!r} executor runs cells on this machine and "
+                            f"takes no address (executors that do: ray)")
+    return cls(address=address)
+
+
+class SweepProgress:
+    """A bar over cells (tqdm) showing how many are running, done (ok) and failed; it opens at the first
+    event, so an executor's set-up errors (an unreachable cluster) print without an empty bar above them."""
+
+    def __init__(self, total: int, disable: bool = False) -> None:
+        self.total, self.disable = total, disable
+        self.running = self.done = self.failed = 0
+        self._bar: Any = None
+
+    def started(self) -> None:
+        self.running += 1
+        self._show()
+
+    def finished(self, ok: bool) -> None:
+        # Executors need not report starts, so a finish never takes the running count below zero.
+        self.running = max(0, self.running - 1)
+        self.done, self.failed = self.done + ok, self.failed + (not ok)
+        self._show(refresh=False)
+        self._bar.update(1)
+
+    def _show(self, refresh: bool = True) -> None:
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, desc="cells", unit="cell", disable=self.disable)
+        self._bar.set_postfix(running=self.running, done=self.done, failed=self.failed, refresh=refresh)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> SweepProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Every cell's id and result (in grid order) and the ids that ran this time (the rest were done)."""
+
+    cell_ids: list[str]
+    results: list[NotebookResult]
+    ran: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+
+def run_sweep(grid: Grid, out_dir: str | Path, executor: Executor | None = None,
+              progress: bool = True) -> SweepResult:
+    """Check the grid, run every unfinished cell, then write summary.csv/.parquet and index.html."""
+    cells = {cell_id(c): c for c in grid.check()}
+    defaults = notebook_parameters(grid.notebook)
+    out = Path(out_dir)
+    as_run = {"notebook": str(grid.notebook), "parameters": grid.parameters, "fixed": grid.fixed,
+              "resources": grid.resources, "cells": cells}
+    write_atomic(out / "grid.json", json.dumps(as_run, indent=1, default=str))
+    done = {i: load_result(grid.notebook, out / CELLS_DIR / i, c) for i, c in cells.items()}
+    jobs = [CellJob(grid.notebook, out / CELLS_DIR / i, c, cell_resources(c, grid.resources, defaults))
+            for i, c in cells.items() if done[i] is None]
+    with SweepProgress(len(jobs), disable=not progress) as bar:
+        for job, result in (executor or LocalExecutor()).run(jobs):
+            if result is None:
+                bar.started()
+                continue
+            done[job.out_dir.name] = result  # a job's folder is named by its cell id
+            bar.finished(result.ok)
+    ids = list(cells)
+    for i in ids:
+        if done[i] is None:
+            done[i] = NotebookResult(grid.notebook, cells[i], error="the executor returned no result for this cell")
+    results = [done[i] for i in ids]
+    table = summary_table(ids, results)
+    write_atomic(out / "summary.csv", table.to_csv(index=False))
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    write_atomic(out / "summary.parquet", buffer.getvalue())
+    render_index(results, out / "index.html", title=f"sweep of {grid.notebook.name}", labels=ids)
+    return SweepResult(ids, results, [job.out_dir.name for job in jobs])
+
+
+def _cell_value(value: Any) -> Any:
+    """Lists and dicts become JSON text so every column holds scalars (CSV and parquet)."""
+    return json.dumps(value) if isinstance(value, list | dict | tuple) else value
+
+
+def summary_table(cell_ids: Sequence[str], results: Sequence[NotebookResult]) -> pd.DataFrame:
+    """One row per cell: SUMMARY_COLUMNS, then each parameter, then each metric. A metric named like a
+    parameter or a summary column is stored as `metric_<name>`."""
+    rows = []
+    for cid, r in zip(cell_ids, results, strict=True):
+        m = r.metrics
+        row = {"cell": cid, "status": "ok" if r.ok else "failed", "error": r.error, "seconds": r.seconds,
+               "source": m.source if m else None, "profile": m.profile if m else None,
+               "git_revision": m.git_revision if m else None}
+        row.update({k: _cell_value(v) for k, v in r.parameters.items()})
+        for k, v in (m.metrics if m else {}).items():
+            row[f"metric_{k}" if k in row else k] = v
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("grid", help="grid file (YAML or JSON): notebook, parameters, fixed")
+    parser.add_argument("--notebook", help="notebook to run, overriding the grid's `notebook`")
+    parser.add_argument("--out", help="output folder (default: reports/sweeps/<grid file stem>)")
+    parser.add_argument("--executor", default="local", choices=sorted(EXECUTORS),
+                        help="how cells run: local (one after another here) or ray (Ray tasks, an optional extra)")
+    parser.add_argument("--address", help="ray: the cluster to use (host:port, ray://host:port or auto; "
+                                           "default $RAY_ADDRESS, else a local Ray instance started for the sweep)")
+
+
+def run(args: argparse.Namespace) -> int:
+    grid = load_grid(args.grid, args.notebook)
+    out = Path(args.out) if args.out else Path("reports") / "sweeps" / Path(args.grid).stem
+    result = run_sweep(grid, out, make_executor(args.executor, getattr(args, "address", None)))
+    table = summary_table(result.cell_ids, result.results)
+    print(table[["cell", "status", *grid.parameters, "error"]].to_string(index=False))
+    failed = [i for i, r in zip(result.cell_ids, result.results, strict=True) if not r.ok]
+    print(f"{len(result.cell_ids)} cells, {len(result.ran)} run now, {len(failed)} failed; "
+          f"summary: {out / 'summary.csv'}, index: {out / 'index.html'}")
+    print(json.dumps({"sweep": str(out), "cells": len(result.cell_ids), "ran": result.ran, "failed": failed}))
+    return 0 if not failed else 1

@@ -1,0 +1,233 @@
+"""The heart of the suite: the offloaded model gives the stock model's output, for every architecture,
+policy and cache size; plus invariants of the slot pool under random routings."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+from conftest import tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prescope.config import EngineConfig
+from prescope.engine.engine import Engine
+from prescope.engine.streams import CpuStreams
+from prescope.engine.transfers import IOWorker
+from prescope.experiments.bench import policy_variant
+from prescope.layout import ModelLayout
+from prescope.models import adapter
+from prescope.policies import POLICIES, make_policy
+from prescope.policies.base import OnDemandLRU
+
+GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+
+
+def budgets(layout: ModelLayout) -> dict[str, dict]:
+    """Smallest feasible (one layer's top-k), a middle one, and everything resident."""
+    return {"min": dict(budget_bytes=layout.top_k * layout.expert_bytes),
+            "half": dict(budget_share=0.5),
+            "all": dict(budget_share=1.0)}
+
+
+# prescope's gate runs these tiny experts on demand under the default (h200) profile; ungated, it plans
+UNGATED = "prescope[gate=False]"
+
+
+def generate_offloaded(stock, ids, mask, policy, budget):
+    model = copy.deepcopy(stock)
+    name, _, options = policy_variant(policy)
+    with Engine(model, EngineConfig(policy=name, device="cpu", **budget), policy=make_policy(name, **options)) as engine:
+        out = model.generate(ids, attention_mask=mask, **GEN)
+    return out, engine
+
+
+@pytest.mark.parametrize("policy", [*sorted(POLICIES), UNGATED])
+def test_offloaded_generate_equals_stock(arch, policy):
+    stock = tiny_model(arch, seed=1)
+    torch.manual_seed(2)
+    ids = torch.randint(1, 96, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding on one row
+    ids[1, :2] = 0
+    ref = stock.generate(ids, attention_mask=mask, **GEN)
+    layout = adapter.describe(stock)
+    for name, budget in budgets(layout).items():
+        out, engine = generate_offloaded(stock, ids, mask, policy, budget)
+        assert torch.equal(out.sequences, ref.sequences), f"{arch}/{policy}/{name}: tokens differ"
+        for got, want in zip(out.logits, ref.logits, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        stats = engine.cache.stats
+        ran_on_cpu = any(row[0] == "cpu" for row in engine.rows)
+        assert stats.hits + stats.misses > 0 or ran_on_cpu, "no expert ran anywhere"
+        if name == "all":
+            assert stats.loads == 0, "everything resident must not load during generation"
+
+
+def test_budget_below_one_layer_topk_states_the_minimum():
+    model = tiny_model("olmoe")
+    layout = adapter.describe(model)
+    with pytest.raises(ValueError, match=rf"at least {3 * layout.expert_bytes} bytes"):
+        Engine(model, EngineConfig(budget_bytes=2 * layout.expert_bytes, device="cpu"))
+
+
+def test_unknown_policy_and_model_without_moe():
+    import transformers
+
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        Engine(tiny_model("olmoe"), EngineConfig(policy="nope", device="cpu"))
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    with pytest.raises(adapter.UnsupportedModelError, match="LlamaForCausalLM"):
+        Engine(transformers.AutoModelForCausalLM.from_config(cfg), EngineConfig(device="cpu"))
+
+
+def test_timeline_and_steps_are_recorded():
+    model = tiny_model("olmoe")
+    with Engine(model, EngineConfig(budget_share=0.5, device="cpu")) as engine:
+        model.generate(torch.randint(1, 96, (2, 4)), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    timeline, steps = engine.timeline(), engine.step_table()
+    assert list(steps["phase"]) == ["prefill", "decode", "decode"]
+    assert (steps["latency"] > 0).all()
+    assert timeline.attrs["source"] == "measured"
+    assert set(timeline["lane"]) >= {"gpu", "pcie"}
+    loads = timeline[timeline["lane"] == "pcie"]
+    assert len(loads) == engine.cache.stats.loads
+    assert (timeline["end"] >= timeline["start"]).all()
+
+
+# ---- invariants under random routings --------------------------------------------------------------------
+class Watch:
+    """Wraps the engine's cache operations to check the pool's invariants as they happen."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.cpu_computed = engine, []
+        cache = engine.cache
+        original_use = cache.use
+
+        def use(key, *, hit):
+            slot = cache.lookup(key)
+            assert cache.owner[slot] == key and cache.state[slot].value == "resident"
+            for name, host in engine._host[key[0]].items():  # the copy is complete: slot holds the weights
+                assert torch.equal(engine._slots[name][slot], host[key[1]])
+            original_use(key, hit=hit)
+
+        cache.use = use
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_random_routings_keep_pool_invariants(data):
+    model = tiny_model("olmoe", seed=3)
+    layout = adapter.describe(model)
+    E, K, L = layout.num_experts, layout.top_k, layout.num_moe_layers
+    slots = data.draw(st.integers(K, L * E), label="slots")
+    policy = data.draw(st.sampled_from(sorted(POLICIES)), label="policy")
+    engine = Engine(model, EngineConfig(policy=policy, budget_bytes=slots * layout.expert_bytes, device="cpu"))
+    watch = Watch(engine)
+    layers = adapter.moe_layers(model)
+    for step in range(data.draw(st.integers(1, 4), label="steps")):
+        engine.step = step
+        for lay in layers:
+            n = data.draw(st.integers(1, 9), label="tokens")
+            idx = torch.stack([torch.randperm(E)[:K] for _ in range(n)])  # [N, K]
+            weights = torch.rand(n, K)
+            hidden = torch.randn(n, layout.hidden_size)
+            got = engine.moe_step(lay.ordinal, lay.experts, hidden, idx, weights)
+            want = lay.experts.__class__.forward.__wrapped__(lay.experts, hidden, idx, weights) \
+                if hasattr(lay.experts.__class__.forward, "__wrapped__") else None
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            assert len(engine.cache.slot_of) <= slots
+            assert not engine.cache.pinned, "pins must be released when the layer ends"
+    cpu_rows = [(r[1], r[2], r[3]) for r in engine.rows if r[0] == "cpu"]
+    assert len(cpu_rows) == len(set(cpu_rows)), "a CPU expert was computed twice in one layer step"
+    assert watch
+    engine.close()
+
+
+def test_summary_has_per_step_latency_bytes_hits_and_idle():
+    model = tiny_model("mixtral")
+    with Engine(model, EngineConfig(budget_share=0.5, device="cpu")) as engine:
+        model.generate(torch.randint(1, 96, (2, 4)), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    summary = engine.summary()
+    assert list(summary["phase"]) == ["prefill", "decode", "decode"]
+    assert summary["bytes"].sum() == engine.cache.stats.loads * engine.layout.expert_bytes
+    assert summary["hits"].sum() + summary["misses"].sum() == engine.cache.stats.hits + engine.cache.stats.misses
+    assert ((summary["gpu_idle"] >= 0) & (summary["gpu_idle"] <= summary["latency"] + 1e-9)).all()
+
+
+def test_cpu_worker_failure_surfaces_in_the_caller():
+    model = tiny_model("olmoe")
+    engine = Engine(model, EngineConfig(policy="cpu_misses", budget_bytes=3 * adapter.describe(model).expert_bytes,
+                                        device="cpu"))
+    host = engine._host[1]["down_proj"]
+    engine._host[1]["down_proj"] = host[:, :, :1]  # a broken host buffer: CPU experts of layer 1 must fail
+    with pytest.raises(RuntimeError):
+        model.generate(torch.randint(1, 96, (1, 6)), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    engine._host[1]["down_proj"] = host
+    out = model.generate(torch.randint(1, 96, (1, 6)), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 8), "the engine stays usable after a worker failure"
+    engine.close()
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral"])
+@pytest.mark.parametrize("policy", ["on_demand_lru", "lookahead_prefetch", "prescope"])
+def test_async_io_with_small_chunks_keeps_the_stock_output(arch, policy):
+    """AsyncIO forced on with chunks of 256 bytes: queued, overtaken, promoted, cancelled and cut copies."""
+    stock = tiny_model(arch, seed=4)
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+    ref = stock.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+    layout = adapter.describe(stock)
+    for budget in (dict(budget_bytes=layout.top_k * layout.expert_bytes), dict(budget_share=0.5)):
+        model = copy.deepcopy(stock)
+        config = EngineConfig(policy=policy, device="cpu", async_io=True, io_chunk_bytes=256, io_depth=1, **budget)
+        with Engine(model, config) as engine:
+            assert engine.io is not None
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+            timeline = engine.timeline()
+        assert torch.equal(out.sequences, ref.sequences), f"{arch}/{policy}/{budget}: tokens differ"
+        pcie = timeline[timeline["lane"] == "pcie"]
+        assert (pcie["end"] >= pcie["start"]).all() and engine.cache.stats.loads >= len(pcie)
+        if policy == "on_demand_lru":  # every miss loads; the others may run misses on the CPU
+            assert len(pcie) > 0
+
+
+class SlowStreams(CpuStreams):
+    """The CPU twin with every chunk taking 0.2 ms, so prefetches are still on the link when a layer routes."""
+
+    def issue(self, dst, src):
+        time.sleep(2e-4)
+        return super().issue(dst, src)
+
+
+class PrefetchNextLayer(OnDemandLRU):
+    """on_demand_lru, plus every expert of the next layer prefetched (most of them wrong)."""
+
+    name = "prefetch_next_layer_test"
+    async_io = True
+
+    def plan(self, view, cache):
+        orders = super().plan(view, cache)
+        if view.layer + 1 < view.num_layers:
+            orders.prefetch = [(view.layer + 1, e) for e in range(view.num_experts)]
+        return orders
+
+
+def test_prefetches_no_layer_uses_are_cut_part_way_and_the_output_stays_stock():
+    """AsyncIO with slow chunks: a prefetch the next layer's routing leaves out is cut before its next chunk;
+    its slot, holding part of an expert, is freed and never read."""
+    stock = tiny_model("olmoe", seed=4)
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+    ref = stock.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+    model = copy.deepcopy(stock)
+    config = EngineConfig(device="cpu", budget_share=0.5, io_chunk_bytes=256, io_depth=1)
+    with Engine(model, config, policy=PrefetchNextLayer()) as engine:
+        engine.io.close()
+        engine.streams = SlowStreams()
+        engine.io = IOWorker(engine.streams, 256, 1)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+        assert engine.stopped["part_way"] > 0
+    assert torch.equal(out.sequences, ref.sequences)

@@ -1,0 +1,89 @@
+"""prescope bench on the CPU: every policy on one replayed routing, a twin driven by prescope-tiny's routing."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from prescope.experiments import bench
+from prescope.experiments.bench import BenchConfig, run_bench
+
+
+@pytest.mark.slow
+def test_bench_runs_every_policy_on_the_same_replayed_routing(tmp_path):
+    prompts = tmp_path / "prompts.npy"
+    np.save(prompts, np.random.default_rng(0).integers(1, 8000, (3, 10)))
+    cfg = BenchConfig(models=("olmoe-1b-7b-tiny:16@prescope-tiny",), batch_sizes=(2,),
+                      policies=("on_demand_lru", "prescope", "oracle"), budgets=(0.25,), input_len=6, output_len=3,
+                      timeline_tokens=2, warmup_tokens=2, device="cpu", out=str(tmp_path / "out"),
+                      prompts=str(prompts), repeats=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the oracle warns if it ever lacks the future
+        rows = run_bench(cfg)
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert data["failed"] == [] and data["source"] == "measured"
+    engine_rows = [r for r in rows if r["policy"] not in (bench.STOCK,)]
+    assert {r["policy"] for r in engine_rows} == {bench.RESIDENT, "on_demand_lru", "prescope", "oracle"}
+    assert all(r["routing"] == "replayed from prescope-tiny" for r in engine_rows)
+    by = {r["policy"]: r for r in engine_rows}
+    # the tiny twin's experts load in far less than 1 ms: prescope leaves AsyncIO off, the oracle asks for it
+    assert not by["prescope"]["async_io"] and by["oracle"]["async_io"] and not by["on_demand_lru"]["async_io"]
+    assert by["prescope"]["predictor"] == "gate_lookahead"  # no LLaPor checkpoint given
+    assert by["on_demand_lru"]["loads_per_step"] > 0
+    assert by["prescope"]["vs_on_demand_lru"] > 0 and "vs_oracle" in by["prescope"]
+    # the tiny twin under the default h200 profile is host-bound: the gate runs its decode layers on demand
+    assert 0.5 < by["prescope"]["plans_lean_share"] <= 1.0 and "plans_lean_share" not in by["oracle"]
+    for r in engine_rows:  # two interleaved rounds: the row is the lower median round's
+        assert r["rounds"] == 2 and r["decode_ms_median"] == min(r["decode_ms_rounds"])
+    routing = np.load(tmp_path / "out" / "routing.npz")
+    assert routing["olmoe-1b-7b-tiny@prescope-tiny__prescope__0.25__2"].shape[1:] == (16, 2, 8)
+
+
+def test_policy_variants_parse_and_bad_names_are_refused():
+    from prescope.experiments.bench import policy_variant
+
+    assert policy_variant("prescope[window_reuse=False, lookahead=2]+sync") == \
+        ("prescope", True, {"window_reuse": False, "lookahead": 2})
+    assert policy_variant("prescope+cal") == ("prescope", False, {"calibrate": True})
+    assert policy_variant("on_demand_lru") == ("on_demand_lru", False, {})
+    for bad, message in (("prescope[lookahead]", "key=<Python literal>"), ("prescope[x=nope]", "key=<Python literal>"),
+                         ("prescope[x=1", "one bracket"), ("hybrid+cal", "prescope only")):
+        with pytest.raises(ValueError, match=message):
+            policy_variant(bad)
+    with pytest.raises(ValueError, match="unknown policy 'lru'"):
+        BenchConfig(policies=("lru",))
+
+
+def test_median_round_keeps_the_median_rounds_row_and_the_spread():
+    rounds = [({"a": i}, {"decode_ms_median": ms, "loads_per_step": i}, f"route{i}", None)
+              for i, ms in enumerate((30.0, 10.0, 20.0))]
+    about, row, route, _ = bench.median_round(rounds)
+    assert about == {"a": 2} and route == "route2" and row["loads_per_step"] == 2
+    assert row["decode_ms_rounds"] == [30.0, 10.0, 20.0] and row["decode_ms_spread"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        BenchConfig(repeats=0)
+
+
+def test_a_round_that_fails_keeps_the_rounds_before_it(tmp_path, monkeypatch):
+    """Rows are rewritten after every round of a cell: a cell whose second round fails keeps its first."""
+    real, calls = bench.measure_engine, {}
+
+    def flaky(engine, *args, **kwargs):
+        cell = engine.config.budget_share  # resident (1.0) also runs on_demand_lru's engine
+        calls[cell] = calls.get(cell, 0) + 1
+        if cell == 0.5 and calls[cell] == 2:
+            raise RuntimeError("the device went away")
+        return real(engine, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_engine", flaky)
+    cfg = BenchConfig(models=("olmoe-1b-7b-tiny:2",), batch_sizes=(1,), policies=("on_demand_lru",), budgets=(0.5,),
+                      input_len=4, output_len=2, timeline_tokens=0, warmup_tokens=1, device="cpu",
+                      out=str(tmp_path), accelerate_batches=(), repeats=2)
+    run_bench(cfg)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    by = {r["policy"]: r for r in data["cells"]}
+    assert by["on_demand_lru"]["rounds"] == 1 and by[bench.RESIDENT]["rounds"] == 2
+    assert [f["policy"] for f in data["failed"]] == ["on_demand_lru"]

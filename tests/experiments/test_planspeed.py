@@ -1,0 +1,36 @@
+"""PreSched's speed bench: its instances are real decode windows the planner solves exactly, and the timing runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prescope.experiments.planspeed import bench_instances, planning_time
+from prescope.policies.presched import expected_window_latency, plan
+
+REL = 1e-9
+
+
+def test_bench_instances_are_decode_windows_the_planner_solves_exactly():
+    """The speed bench's instances (E = 64, K = 8, D = 3, L = 16): the budget's share of every later layer
+    resident, 2·K candidates per later layer, prefetches on the link, one victim per routed expert and
+    candidate; on them the pruned search finds the full enumeration's optimum."""
+    for share in (0.25, 0.5):
+        for inst in bench_instances(share, 12, seed=3):
+            assert len(inst.experts) == 8 and [len(c) for c in inst.predictions] == [16, 16, 16]
+            assert inst.inflight and inst.link_free == pytest.approx(len(inst.inflight) * inst.load)
+            assert len(inst.evictable) == 8 + 3 * 16 and inst.free_slots == 0
+            window = [key for key in inst.resident if key[0] != inst.layer]
+            assert len(window) == 3 * round(share * 64)
+            fast, full = plan(inst), plan(inst, prune=False)
+            assert fast.objective == pytest.approx(full.objective, rel=REL, abs=REL)
+            assert expected_window_latency(inst, fast) == pytest.approx(fast.objective, rel=REL, abs=REL)
+
+
+def test_planning_time_reports_median_and_p90_per_budget():
+    """`planning_time` runs the bench (printed; no bound on this machine's speed is asserted)."""
+    out = planning_time((0.25, 0.5), count=5, repeats=1)
+    print(json.dumps({"bench": "presched.plan", **{str(k): v for k, v in out.items()}}))
+    assert set(out) == {0.25, 0.5}
+    assert all(0 < t["median_ms"] <= t["p90_ms"] for t in out.values())

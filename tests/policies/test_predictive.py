@@ -1,0 +1,43 @@
+"""The common part of the prediction-driven policies: the memory of what was routed, the forecast's
+probabilities, and the pair selection the victims use."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+import pytest
+import torch
+
+from prescope.policies.base import LayerView
+from prescope.policies.predictive import Memory, _used, smallest
+
+
+def test_memory_estimates_lag1_reuse_and_keeps_last_runs_experts_likely():
+    memory = Memory(num_layers=2, num_experts=8, decay=0.5)
+    for step, experts in enumerate([(0, 1), (0, 2), (0, 2)]):
+        memory.observe(LayerView(step, 0, 2, 8, experts, (1,) * len(experts)))
+    # reuse samples 1/2 then 2/2, decayed by 0.5 from 0: 0.25, then 0.625
+    assert memory.reuse == pytest.approx(0.625)
+    two, five = memory.chances(0, [2, 5], ran=True)
+    assert two >= memory.reuse and five == 0.0
+
+
+def test_used_probabilities_stay_exact_for_unlikely_experts():
+    """P(used) = 1 − Π(1 − q) in log space: an expert with q = 1e-9 keeps p ≈ 1e-9 (in float32, 1 − (1 − q)
+    is 0) and its expected tokens if used stay within [1, N]."""
+    scores = torch.tensor([[[1.0] * 8 + [1e-9] * 56]] * 3).float()  # [D=3, N=1, E=64]
+    p, n = _used(scores, 8)
+    assert p[0, 8].item() == pytest.approx(1e-9, rel=1e-3) and n[0, 8].item() == pytest.approx(1.0)
+    assert p[0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    batch = torch.rand(2, 5, 64)  # [D=2, N=5, E]
+    _, n = _used(batch, 8)
+    assert (n >= 1).all() and (n <= 5).all()
+
+
+def test_smallest_equals_heapq_nsmallest_on_pairs_with_distinct_keys():
+    rng = random.Random(5)
+    for _ in range(200):
+        pairs = [(rng.choice([0.0, 0.25, 0.5, rng.random()]), (rng.randrange(4), e)) for e in range(rng.randint(0, 40))]
+        n = rng.randint(0, 45)
+        assert smallest(n, pairs) == heapq.nsmallest(n, pairs)

@@ -1,0 +1,97 @@
+"""llama.cpp route traces: the two real files import with the README's token counts; bad input is named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prescope.routing.llamacpp import RouteCsvError, load_llamacpp_trace
+from prescope.routing.trace import MISSING
+
+# n_layer=2, n_expert=4, top-2; three tokens: two prefill (the first skips layer 1, as llama.cpp does), one decode
+HEADER = """# route_trace v1
+# model=/m/tiny.gguf arch=toy n_layer=2 n_expert=4 n_expert_used=2
+# layer=0 expert_bytes=100 dense_bytes=10
+# layer=1 expert_bytes=100 dense_bytes=10
+turn,phase,step,layer,slot,expert,weight,residency,expert_bytes
+"""
+ROWS = """0,0,0,0,0,3,0.6,0,100
+0,0,0,0,1,1,0.4,0,100
+0,0,1,0,0,2,0.7,0,100
+0,0,1,0,1,0,0.3,0,100
+0,0,1,1,0,1,0.5,1,0
+0,0,1,1,1,3,0.5,0,100
+0,1,2,0,0,0,0.9,1,0
+0,1,2,0,1,2,0.1,1,0
+0,1,2,1,0,3,0.8,1,0
+0,1,2,1,1,1,0.2,1,0
+"""
+FIRST_ROW_LINE = 6  # HEADER has five lines
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "toy.route.csv"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name, prefill, decode, layers, top_k, missing", [
+    ("qwen3-30b-a3b", 28, 128, 48, 6, 27),
+    ("gpt-oss-120b", 85, 64, 36, 2, 84),
+])
+def test_real_files(shared_data, name, prefill, decode, layers, top_k, missing):
+    tr = load_llamacpp_trace(shared_data / "routing" / f"{name}.route.csv")
+    phases = tr.tokens["phase"].value_counts()
+    assert (phases["prefill"], phases["decode"]) == (prefill, decode)
+    assert (tr.layout.num_moe_layers, tr.layout.num_experts, tr.layout.top_k) == (layers, 128, top_k)
+    assert tr.layout.model_class.startswith("llama.cpp:") and tr.layout.hidden_size == 0
+    assert list(tr.tokens["position"]) == list(range(prefill + decode))
+    assert list(tr.tokens["step"]) == [0] * prefill + list(range(1, decode + 1))
+    # llama.cpp skips the last layer for every prefill token but the last one
+    assert tr.meta["missing_entries"] == missing == prefill - 1
+    assert (tr.experts[: prefill - 1, -1] == MISSING).all() and tr.present[prefill - 1:].all()
+    np.testing.assert_allclose(tr.weights[tr.present].sum(-1), 1.0, atol=1e-5)
+
+
+def test_toy_file_values(tmp_path):
+    tr = load_llamacpp_trace(_write(tmp_path, HEADER + ROWS), domain="toy")
+    assert tr.layout.model_class == "llama.cpp:toy" and tr.layout.expert_bytes == 100
+    assert list(tr.tokens["phase"]) == ["prefill", "prefill", "decode"] and list(tr.tokens["step"]) == [0, 0, 1]
+    np.testing.assert_array_equal(tr.experts[:, 0], [[3, 1], [2, 0], [0, 2]])
+    np.testing.assert_array_equal(tr.experts[:, 1], [[MISSING, MISSING], [1, 3], [3, 1]])
+    np.testing.assert_allclose(tr.weights[2, 1], [0.8, 0.2])
+    assert (tr.tokens["domain"] == "toy").all()
+
+
+def _replace_row(i: int, text: str) -> str:
+    rows = ROWS.splitlines()
+    rows[i] = text
+    return HEADER + "\n".join(rows) + "\n"
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("# route_trace v2\n" + HEADER.split("\n", 1)[1] + ROWS, r":1: not a llama.cpp route trace"),
+    (HEADER.replace("n_expert=4 ", "") + ROWS, r":2: header line .* missing \['n_expert'\]"),
+    (HEADER.replace("# layer=1 expert_bytes=100 dense_bytes=10\n", "") + ROWS, r":4: expected '# layer=1"),
+    (HEADER.replace("weight,", "gate,") + ROWS, r":5: expected the column line"),
+    (_replace_row(0, "0,0,0,0,0,4,0.6,0,100"), rf":{FIRST_ROW_LINE}: expert=4 out of range, expected \[0, 4\)"),
+    (_replace_row(2, "0,0,1,2,0,2,0.7,0,100"), rf":{FIRST_ROW_LINE + 2}: layer=2 out of range"),
+    (_replace_row(1, "0,0,0,0,1,x,0.4,0,100"), rf":{FIRST_ROW_LINE + 1}: expert must be an integer"),
+    (_replace_row(1, "0,0,0,0,1,1,heavy,0,100"), rf":{FIRST_ROW_LINE + 1}: weight must be a number"),
+    (_replace_row(1, "0,0,0,0,1,1,0.4,0"), rf":{FIRST_ROW_LINE + 1}: 8 fields, expected 9"),
+    (_replace_row(1, "0,0,0,0,0,1,0.4,0,100"), rf":{FIRST_ROW_LINE + 1}: slot 0 repeated"),
+    (_replace_row(3, "0,1,1,0,1,0,0.3,0,100"), rf":{FIRST_ROW_LINE + 3}: step 1 has phase 1 here but 0"),
+    (HEADER + ROWS.replace("0,1,2,1,1,1,0.2,1,0\n", ""),
+     rf":{FIRST_ROW_LINE + 8}: step 2, layer 1 has slots \[0\], expected 0..1 .* missing slot\(s\) \[1\]"),
+    (_replace_row(1, "0,0,0,0,1,3,0.4,0,100"), rf":{FIRST_ROW_LINE}: step 0, layer 0 repeats an expert"),
+    (_replace_row(1, "0,0,0,0,1,1,0.9,0,100"), rf":{FIRST_ROW_LINE}: .* weights must fall with the slot"),
+    (HEADER, r"no routing rows"),
+])
+def test_malformed_input_names_line_and_expectation(tmp_path, text, pattern):
+    with pytest.raises(RouteCsvError, match=pattern):
+        load_llamacpp_trace(_write(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_llamacpp_trace(tmp_path / "none.route.csv")

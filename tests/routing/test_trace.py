@@ -1,0 +1,120 @@
+"""Traces: the Trace invariants, selection and concatenation, parquet round trips and load errors, and the
+layout check (traces recorded with `recording.record_trace` from a tiny random model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import TRACE_NEW_TOKENS, TRACE_PROMPTS, tiny_model
+
+from prescope.layout import LayoutMismatchError
+from prescope.routing import trace
+from prescope.routing.trace import MISSING, Trace, TraceError
+
+PROMPTS, NEW = TRACE_PROMPTS, TRACE_NEW_TOKENS
+
+
+def test_round_trip_with_and_without_arrays(batched_trace, tmp_path):
+    plain = Trace(batched_trace.layout, batched_trace.tokens, batched_trace.experts, batched_trace.weights, meta={"k": [1, 2]})
+    for tr in (batched_trace, plain):
+        path = trace.save_trace(tr, tmp_path / "t.trace.parquet")
+        back = trace.load_trace(path)
+        pd.testing.assert_frame_equal(back.tokens, tr.tokens, check_dtype=False)
+        np.testing.assert_array_equal(back.experts, tr.experts)
+        np.testing.assert_array_equal(back.weights, tr.weights)
+        for name in ("hidden", "logits"):
+            got, want = getattr(back, name), getattr(tr, name)
+            assert (got is None) == (want is None)
+            if want is not None:
+                np.testing.assert_array_equal(got, want)
+        assert back.layout == tr.layout and back.meta["k" if tr is plain else "generated"] == tr.meta[
+            "k" if tr is plain else "generated"]
+        assert [p.name for p in tmp_path.iterdir()] == ["t.trace.parquet"]  # no tmp file left
+
+
+def test_failed_write_leaves_old_file_and_no_tmp(batched_trace, tmp_path, monkeypatch):
+    path = trace.save_trace(batched_trace, tmp_path / "t.trace.parquet")
+    before = path.read_bytes()
+
+    def boom(table, where, **kw):
+        Path(where).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trace.pq, "write_table", boom)
+    with pytest.raises(OSError, match="disk full"):
+        trace.save_trace(batched_trace, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["t.trace.parquet"]
+
+
+def test_load_errors(batched_trace, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        trace.load_trace(tmp_path / "nope.parquet")
+    path = trace.save_trace(batched_trace, tmp_path / "t.trace.parquet")
+    data = path.read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TraceError, match="not a readable parquet file"):
+        trace.load_trace(tmp_path / "cut.parquet")
+    (tmp_path / "text.parquet").write_text("hello")
+    with pytest.raises(TraceError, match="not a readable parquet file"):
+        trace.load_trace(tmp_path / "text.parquet")
+    pd.DataFrame({"a": [1, 2]}).to_parquet(tmp_path / "other.parquet")
+    with pytest.raises(TraceError, match="not a prescope trace"):
+        trace.load_trace(tmp_path / "other.parquet")
+    table = pq.read_table(path)
+    header = json.loads(table.schema.metadata[trace.METADATA_KEY])
+    pq.write_table(table.replace_schema_metadata({trace.METADATA_KEY: json.dumps({**header, "version": 99})}),
+                   tmp_path / "v99.parquet")
+    with pytest.raises(TraceError, match="version 99; this prescope reads .* version 1"):
+        trace.load_trace(tmp_path / "v99.parquet")
+    pq.write_table(table.slice(0, table.num_rows - 1), tmp_path / "short.parquet")
+    with pytest.raises(TraceError, match="rows, expected T\\*L"):
+        trace.load_trace(tmp_path / "short.parquet")
+
+
+def test_mismatch_names_both_layouts(trace_model, batched_trace):
+    trace.check_trace_matches(batched_trace, trace_model)
+    other = tiny_model("mixtral")
+    with pytest.raises(LayoutMismatchError, match=r"recorded on OlmoeForCausalLM with E=8, K=3.*"
+                                                          r"model is MixtralForCausalLM with E=6, K=2"):
+        trace.check_trace_matches(batched_trace, other)
+
+
+def test_validation_errors(batched_trace):
+    lay, tok, ex, w = batched_trace.layout, batched_trace.tokens, batched_trace.experts, batched_trace.weights
+    bad = ex.copy()
+    bad[0, 0, 0] = lay.num_experts
+    with pytest.raises(TraceError, match="outside \\[0, E=8\\)"):
+        Trace(lay, tok, bad, w)
+    with pytest.raises(TraceError, match="shape .* expected"):
+        Trace(lay, tok, ex[:, :2], w[:, :2])
+    bad = ex.copy()
+    bad[1, 0, 1] = MISSING
+    with pytest.raises(TraceError, match="all routed or all MISSING"):
+        Trace(lay, tok, bad, w)
+    with pytest.raises(TraceError, match="not sorted highest first"):
+        Trace(lay, tok, ex, w[..., ::-1].copy())
+    with pytest.raises(TraceError, match="lack columns"):
+        Trace(lay, tok.drop(columns=["phase"]), ex, w)
+    with pytest.raises(TraceError, match="integer dtype"):
+        Trace(lay, tok, ex.astype(np.float32), w)
+
+
+def test_select_split_concat(batched_trace):
+    dec = batched_trace.decode_only()
+    assert (dec.tokens["phase"] == "decode").all() and dec.num_tokens == 3 * (NEW - 1)
+    assert dec.hidden.shape[0] == dec.num_tokens
+    two = batched_trace.select([0, 2])
+    assert set(two.tokens["prompt"]) == {0, 2}
+    first, rest = batched_trace.split_by_prompt(0.34, seed=1)
+    assert set(first.tokens["prompt"]).isdisjoint(rest.tokens["prompt"])
+    assert first.num_tokens + rest.num_tokens == batched_trace.num_tokens and first.tokens["prompt"].nunique() == 1
+    with pytest.raises(TraceError, match="need >= 2"):
+        batched_trace.select([1]).split_by_prompt(0.5)
+    both = trace.concat_traces([batched_trace, batched_trace])
+    assert both.num_tokens == 2 * batched_trace.num_tokens and both.tokens["prompt"].nunique() == 6
+    assert both.tokens["call"].nunique() == 2
