@@ -17,7 +17,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from prescope.files import write_atomic
+
 SOURCES = ("measured", "published", "calibrated")
 BUILTIN_DIR = "assets/profiles"  # package data folder inside `prescope`
 GB = 1e9
 TERA = 1e12
 # Stands for "this term costs nothing" (a bandwidth or FLOP rate), since JSON has no infinity.
 NEGLIGIBLE_RATE = 1e9
-SAVED_FILE_MODE = 0o644  # mkstemp creates 0600; a profile is meant to be shared and committed
 
 
 class ProfileError(ValueError):
@@ -222,20 +222,8 @@ def load_profile(name_or_path: str | os.PathLike | HardwareProfile) -> HardwareP
 
 
 def save_profile(profile: HardwareProfile, path: str | os.PathLike) -> Path:
-    """Write `profile` as JSON atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(profile.to_dict(), f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, SAVED_FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `profile` as JSON, atomically."""
+    return write_atomic(path, json.dumps(profile.to_dict(), indent=1) + "\n")
 
 
 def scale_profile(profile: HardwareProfile, *, name: str, link_gbps: float | None = None,

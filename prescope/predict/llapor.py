@@ -32,7 +32,6 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from prescope.files import write_atomic_with
 from prescope.layout import ModelLayout
 from prescope.predict.predictors import LinearRouters, Predictor, PredictorError, check_target, multi_hot
 from prescope.routing import stats as routing_stats
@@ -311,14 +311,7 @@ class LLaPor(Predictor):
                 "trace": json.dumps(self.trace_info, default=str), "history": json.dumps(self.history),
                 "pca": [p.state_dict() for p in self.pcas], "nets": [n.state_dict() for n in self.nets],
                 "routers": None if self.routers is None else self.routers.state()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(blob, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_atomic_with(path, lambda tmp: torch.save(blob, tmp))
 
 
 def load(path, device: str = "cpu") -> LLaPor:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prescope.files import write_atomic_with
 from prescope.layout import LayoutMismatchError, ModelLayout
 from prescope.models.adapter import describe
 
@@ -248,7 +248,7 @@ def _fixed_list(arr: np.ndarray, type_: pa.DataType) -> pa.FixedSizeListArray:
 
 
 def save_trace(trace: Trace, path) -> Path:
-    """Write `trace` as parquet (format in the module docstring), atomically: a tmp sibling, then os.replace."""
+    """Write `trace` as parquet (format in the module docstring), atomically (`files.write_atomic_with`)."""
     path = Path(path)
     T, L = trace.num_tokens, trace.layout.num_moe_layers
     clash = _RESERVED.intersection(trace.tokens.columns)
@@ -265,14 +265,7 @@ def save_trace(trace: Trace, path) -> Path:
     header = {"format": FORMAT, "version": FORMAT_VERSION, "num_tokens": T,
               "layout": trace.layout.to_dict(), "meta": trace.meta}
     table = pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(header, default=str)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def _read_header(path: Path) -> tuple[pq.ParquetFile, dict]:

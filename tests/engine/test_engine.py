@@ -4,7 +4,7 @@ policy and cache size; plus invariants of the slot pool under random routings.""
 from __future__ import annotations
 
 import copy
-import time
+import threading
 
 import pytest
 import torch
@@ -195,39 +195,64 @@ def test_async_io_with_small_chunks_keeps_the_stock_output(arch, policy):
             assert len(pcie) > 0
 
 
-class SlowStreams(CpuStreams):
-    """The CPU twin with every chunk taking 0.2 ms, so prefetches are still on the link when a layer routes."""
+class HeldStreams(CpuStreams):
+    """The CPU twin whose I/O worker issues one chunk per layer: after each prefetch chunk it waits until the
+    policy plans the next layer (`advance`), so a prefetch is always part-way when the next layer routes."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.layers, self.moved = 0, threading.Condition()
+
+    def advance(self) -> None:
+        with self.moved:
+            self.layers += 1
+            self.moved.notify_all()
 
     def issue(self, dst, src):
-        time.sleep(2e-4)
-        return super().issue(dst, src)
+        done = super().issue(dst, src)
+        if threading.current_thread().name == "prescope-io":
+            with self.moved:
+                seen = self.layers
+                self.moved.wait_for(lambda: self.layers != seen, timeout=5.0)
+        return done
 
 
-class PrefetchNextLayer(OnDemandLRU):
-    """on_demand_lru, plus every expert of the next layer prefetched (most of them wrong)."""
+class PrefetchUnrouted(OnDemandLRU):
+    """on_demand_lru, plus the next layer's experts that its true routing leaves out, prefetched (all wrong)."""
 
-    name = "prefetch_next_layer_test"
+    name = "prefetch_unrouted_test"
     async_io = True
 
+    def __init__(self, routing: dict, streams: HeldStreams):
+        self.routing, self.streams = routing, streams
+
     def plan(self, view, cache):
+        self.streams.advance()
         orders = super().plan(view, cache)
-        if view.layer + 1 < view.num_layers:
-            orders.prefetch = [(view.layer + 1, e) for e in range(view.num_experts)]
+        later = self.routing.get((view.step, view.layer + 1))
+        if later is not None:
+            orders.prefetch = [(view.layer + 1, e) for e in range(view.num_experts) if e not in later]
         return orders
 
 
 def test_prefetches_no_layer_uses_are_cut_part_way_and_the_output_stays_stock():
-    """AsyncIO with slow chunks: a prefetch the next layer's routing leaves out is cut before its next chunk;
-    its slot, holding part of an expert, is freed and never read."""
+    """AsyncIO: a prefetch the next layer's routing leaves out is cut before its next chunk; its slot, holding
+    part of an expert, is freed and never read."""
     stock = tiny_model("olmoe", seed=4)
     ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
-    ref = stock.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+    calls = []
+    with adapter.observe_routing(stock, lambda layer, hidden, logits, weights, index: calls.append((layer, index))):
+        ref = stock.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+    L = adapter.describe(stock).num_moe_layers
+    routing = {(i // L, layer): set(index.reshape(-1).tolist()) for i, (layer, index) in enumerate(calls)}
     model = copy.deepcopy(stock)
     config = EngineConfig(device="cpu", budget_share=0.5, io_chunk_bytes=256, io_depth=1)
-    with Engine(model, config, policy=PrefetchNextLayer()) as engine:
+    streams = HeldStreams()
+    with Engine(model, config, policy=PrefetchUnrouted(routing, streams)) as engine:
         engine.io.close()
-        engine.streams = SlowStreams()
-        engine.io = IOWorker(engine.streams, 256, 1)
+        engine.streams, engine.io = streams, IOWorker(streams, 256, 1)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
-        assert engine.stopped["part_way"] > 0
+        stopped = dict(engine.stopped)
+        streams.advance()
+    assert stopped["part_way"] > 0
     assert torch.equal(out.sequences, ref.sequences)
