@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import io
 import json
 import os
 import statistics
@@ -48,10 +47,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from prescope.config import EngineConfig
+from prescope.config import EngineConfig, check_device, check_types
 from prescope.engine.engine import Engine
 from prescope.experiments.subjects import Subject, build_bench_subject, build_subject, generate
-from prescope.files import git_revision, write_atomic
+from prescope.files import check_output, git_revision, read_json, write_json, write_npz, write_parquet
 from prescope.models import adapter
 from prescope.policies import parse_policy
 from prescope.routing.replay import RoutingReplay
@@ -89,6 +88,9 @@ class BenchConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_types(self)
+        if not (self.batch_sizes and self.budgets and self.policies and self.models):
+            raise ValueError("models, batch sizes, policies and budgets need at least one value each")
         if min(self.batch_sizes) < 1 or self.input_len < 1 or self.output_len < 2:
             raise ValueError("batch sizes and input_len must be >= 1 and output_len >= 2")
         if self.repeats < 1:
@@ -214,8 +216,9 @@ def _timeline_metrics(timeline: pd.DataFrame, steps: pd.DataFrame, expert_bytes:
 
 
 def run_bench(cfg: BenchConfig) -> list[dict]:
+    check_device(cfg.device)
+    out = check_output(cfg.out, folder=True, what="--out")
     device = torch.device(cfg.device)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"config": asdict(cfg), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -413,7 +416,7 @@ def _add_ratios(rows: list[dict], link_gbps: float | None = None) -> None:
 
 def bench_table(path: str | Path) -> pd.DataFrame:
     """The cells of a bench.json with ratios and regimes, for reports and notebooks."""
-    data = json.loads(Path(path).read_text())
+    data = read_json(path, "bench JSON")
     rows = [dict(r) for r in data["cells"]]
     _add_ratios(rows)
     table = pd.DataFrame(rows)
@@ -430,14 +433,10 @@ def _line(r: dict) -> str:
 
 
 def _flush(out: Path, meta: dict, rows: list[dict], routes: dict, timelines: list[pd.DataFrame]) -> None:
-    write_atomic(out / "bench.json", json.dumps({**meta, "cells": rows}, indent=1, default=str))
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **{k.replace("|", "__"): v for k, v in routes.items()})
-    write_atomic(out / "routing.npz", buf.getvalue())
+    write_json(out / "bench.json", {**meta, "cells": rows})
+    write_npz(out / "routing.npz", {k.replace("|", "__"): v for k, v in routes.items()})
     if timelines:
-        buf = io.BytesIO()
-        pd.concat(timelines, ignore_index=True).to_parquet(buf)
-        write_atomic(out / "timelines.parquet", buf.getvalue())
+        write_parquet(out / "timelines.parquet", pd.concat(timelines, ignore_index=True))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,10 +18,10 @@ import os
 
 import torch
 
-from prescope.config import EngineConfig
+from prescope.config import EngineConfig, check_device
 from prescope.engine.engine import Engine
 from prescope.experiments.subjects import build_subject
-from prescope.files import git_revision, write_atomic
+from prescope.files import check_output, git_revision, write_json
 from prescope.models import adapter
 from prescope.policies import POLICIES
 
@@ -69,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_device(args.device)
+    check_output(args.out, what="--out")
     device = torch.device(args.device)
     rows = []
     for spec in args.models:
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     result = {"source": "measured", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(), "torch": torch.__version__,
               "rows": rows}
-    write_atomic(args.out, json.dumps(result, indent=1))
+    write_json(args.out, result)
     # GPU-only policies run the same kernels whatever the budget, so their runs must agree bit for bit;
     # CPU-placed experts round differently, so cpu_misses is held to the logit tolerance only.
     ok = all(r["bitwise_equal_across_budgets"] for r in rows if r["policy"] == "on_demand_lru")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +21,7 @@ import torch
 
 from prescope.experiments.bench import RESIDENT
 from prescope.experiments.subjects import parse_model, routing_source
-from prescope.files import write_atomic
+from prescope.files import check_output, read_json, verify, write_with_sidecar
 from prescope.hardware.profiles import load_profile
 from prescope.layout import ModelLayout
 from prescope.models import adapter, twins
@@ -100,14 +99,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    bench = json.loads(Path(args.bench).read_text())
+    if args.out:
+        check_output(args.out, what="--out")
+    bench = read_json(args.bench, "bench JSON")
+    verify(args.routing)
     with np.load(args.routing) as npz:
         routing = {k: npz[k] for k in npz.files}
     table = fidelity_table(bench, routing, load_profile(args.profile))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     within = float((table["error"].abs() <= TOLERANCE).mean()) if len(table) else 0.0
     if args.out:
-        write_atomic(args.out, table.to_csv(index=False))
+        write_with_sidecar(args.out, table.to_csv(index=False))
     print(json.dumps({"fidelity": args.bench, "profile": args.profile, "cells": len(table),
                       "within_15pct": within, "median_abs_error": float(table["error"].abs().median())}))
     return 0

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from prescope.files import write_atomic
+from prescope.files import CHECKSUM_FIELD, read_json, verify_bytes, write_json
 
 SOURCES = ("measured", "published", "calibrated")
 BUILTIN_DIR = "assets/profiles"  # package data folder inside `prescope`
@@ -36,6 +36,17 @@ NEGLIGIBLE_RATE = 1e9
 
 class ProfileError(ValueError):
     """A hardware profile (or the file holding it) is missing fields or has invalid values."""
+
+
+def _is_number(value: Any) -> bool:
+    """A real number and not a boolean (JSON's `true` is no bandwidth) nor text (\"55\" is no bandwidth)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _number(what: str, value: Any) -> float:
+    if not _is_number(value):
+        raise ProfileError(f"{what} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,12 @@ class BandwidthCurve:
     points: tuple[tuple[float, float], ...]
 
     def __post_init__(self) -> None:
-        pts = tuple((float(b), float(g)) for b, g in self.points)
+        try:
+            pts = tuple((_number("bandwidth curve size", b), _number("bandwidth curve GB/s", g)) for b, g in self.points)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ProfileError):
+                raise
+            raise ProfileError(f"bandwidth curve points must be (bytes, GB/s) pairs, got {self.points!r}") from None
         if not pts:
             raise ProfileError("bandwidth curve needs at least one (bytes, GB/s) point")
         sizes = [b for b, _ in pts]
@@ -89,7 +105,7 @@ class ComputeModel:
     def __post_init__(self) -> None:
         for name in ("fixed_s", "mem_gbps", "tflops"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _is_number(value) or not math.isfinite(value):
                 raise ProfileError(f"compute model field {name!r} must be a finite number, got {value!r}")
         if self.fixed_s < 0 or self.mem_gbps <= 0 or self.tflops <= 0:
             raise ProfileError(
@@ -144,10 +160,24 @@ class HardwareProfile:
         for name in ("transfer_latency_s", "host_overhead_per_layer_s", "predict_overhead_s", "plan_overhead_s",
                      "host_per_transfer_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ProfileError(f"profile field {name!r} must be a finite number >= 0, got {value!r}")
-        if not self.cpu_expert:
+        if not isinstance(self.cpu_expert, dict) or not self.cpu_expert:
             raise ProfileError("profile field 'cpu_expert' needs at least one dtype entry, e.g. 'bfloat16'")
+        for name, kind in (("pinned_h2d", BandwidthCurve), ("pageable_h2d", BandwidthCurve),
+                           ("gpu_expert", ComputeModel), ("gpu_dense", ComputeModel)):
+            if not isinstance(getattr(self, name), kind):
+                raise ProfileError(f"profile field {name!r} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        bad = {k: v for k, v in self.cpu_expert.items() if not isinstance(k, str) or not isinstance(v, ComputeModel)}
+        if bad:
+            raise ProfileError(f"profile field 'cpu_expert' maps dtype names to ComputeModels, got {bad!r}")
+        for name in ("source_files", "notes"):
+            items = getattr(self, name)
+            if isinstance(items, str) or not all(isinstance(x, str) for x in items):
+                raise ProfileError(f"profile field {name!r} must be a list of strings, got {items!r}")
+        for name in ("fit", "measurements"):
+            if not isinstance(getattr(self, name), dict):
+                raise ProfileError(f"profile field {name!r} must be an object, got {getattr(self, name)!r}")
         object.__setattr__(self, "source_files", tuple(self.source_files))
         object.__setattr__(self, "notes", tuple(self.notes))
 
@@ -184,6 +214,8 @@ class HardwareProfile:
                 kwargs[key] = BandwidthCurve(tuple(tuple(p) for p in data[key]))
             for key in ("gpu_expert", "gpu_dense"):
                 kwargs[key] = ComputeModel(**data[key])
+            if not isinstance(data["cpu_expert"], dict):
+                raise ProfileError(f"field 'cpu_expert' must map dtype names to compute models, got {data['cpu_expert']!r}")
             kwargs["cpu_expert"] = {k: ComputeModel(**v) for k, v in data["cpu_expert"].items()}
             return cls(**kwargs)
         except ProfileError as exc:
@@ -206,24 +238,32 @@ def load_profile(name_or_path: str | os.PathLike | HardwareProfile) -> HardwareP
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"no profile file at {path}")
-        text, where = path.read_text(), str(path)
-    elif str(name_or_path) in list_profiles():
-        resource = resources.files("prescope") / BUILTIN_DIR / f"{name_or_path}.json"
-        text, where = resource.read_text(), f"built-in profile {name_or_path!r}"
-    else:
+        try:
+            data = read_json(path, "profile JSON")
+        except ProfileError:
+            raise
+        except ValueError as exc:  # not JSON, not an object, or a checksum that does not match
+            raise ProfileError(str(exc)) from None
+        return HardwareProfile.from_dict(data, str(path))
+    if str(name_or_path) not in list_profiles():
         raise ProfileError(
             f"unknown profile {str(name_or_path)!r}: not a file, and not one of the built-ins {list_profiles()}"
         )
+    resource = resources.files("prescope") / BUILTIN_DIR / f"{name_or_path}.json"
+    raw, where = resource.read_bytes(), f"built-in profile {name_or_path!r}"
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{where}: not valid JSON ({exc})") from None
+        verify_bytes(raw, where)
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{where}: {exc}") from None
+    if isinstance(data, dict):
+        data.pop(CHECKSUM_FIELD, None)
     return HardwareProfile.from_dict(data, where)
 
 
 def save_profile(profile: HardwareProfile, path: str | os.PathLike) -> Path:
-    """Write `profile` as JSON, atomically."""
-    return write_atomic(path, json.dumps(profile.to_dict(), indent=1) + "\n")
+    """Write `profile` as JSON, atomically and checksummed (`files.write_json`)."""
+    return write_json(path, profile.to_dict())
 
 
 def scale_profile(profile: HardwareProfile, *, name: str, link_gbps: float | None = None,

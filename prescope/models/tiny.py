@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from prescope.files import write_atomic, write_json
 from prescope.models import corpus
 from prescope.models.corpus import (
     EOS_ID,
@@ -98,8 +98,8 @@ def write_card(out_dir: Path, card: dict) -> None:
     """model_card.json and its rendering README.md; `bytes` is filled from the safetensors on disk."""
     weights = sum(p.stat().st_size for p in Path(out_dir).glob("*.safetensors"))
     card = {**card, "bytes": weights, CARD_ROUTING_KEY: card.get(CARD_ROUTING_KEY)}
-    (out_dir / "model_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "README.md").write_text(render_card(card))
+    write_json(Path(out_dir) / "model_card.json", card, indent=2)
+    write_atomic(Path(out_dir) / "README.md", render_card(card))
 
 
 def render_card(card: dict) -> str:

@@ -43,7 +43,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from prescope.files import write_atomic_with
+from prescope.config import check_types
+from prescope.files import check_output, verify, write_archive_with
 from prescope.layout import ModelLayout
 from prescope.predict.predictors import LinearRouters, Predictor, PredictorError, check_target, multi_hot
 from prescope.routing import stats as routing_stats
@@ -92,6 +93,7 @@ class LLaPorConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_types(self, LLaPorError)
         if self.group_boundaries is not None:
             object.__setattr__(self, "group_boundaries", tuple(int(b) for b in self.group_boundaries))
             if len(self.group_boundaries) != 2 or not 0 <= self.group_boundaries[0] <= self.group_boundaries[1]:
@@ -304,21 +306,24 @@ class LLaPor(Predictor):
 
     # ---- checkpoint ---------------------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """torch checkpoint with config, layout, trace identity, PCA, routers and networks; written atomically."""
+        """torch checkpoint with config, layout, trace identity, PCA, routers and networks; written atomically,
+        checksummed in the archive's comment (`files.write_archive_with`)."""
         path = Path(path)
         blob = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(self.config),
                 "layout": self.layout.to_dict(), "boundaries": list(self.boundaries),
                 "trace": json.dumps(self.trace_info, default=str), "history": json.dumps(self.history),
                 "pca": [p.state_dict() for p in self.pcas], "nets": [n.state_dict() for n in self.nets],
                 "routers": None if self.routers is None else self.routers.state()}
-        return write_atomic_with(path, lambda tmp: torch.save(blob, tmp))
+        return write_archive_with(path, lambda tmp: torch.save(blob, tmp))
 
 
 def load(path, device: str = "cpu") -> LLaPor:
-    """Read a checkpoint written by `LLaPor.save`; LLaPorError for a corrupt, foreign or newer file."""
+    """Read a checkpoint written by `LLaPor.save`; LLaPorError for a corrupt, foreign or newer file,
+    `files.ChecksumError` for one whose bytes changed since it was written."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LLaPor checkpoint {path} does not exist")
+    verify(path)
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged zip/pickle
@@ -464,6 +469,9 @@ def train_llapor(trace: Trace, config: LLaPorConfig = LLaPorConfig(), *, routers
         routers = LinearRouters.fit(train)
     if routers is not None and routers.num_layers != L:
         raise LLaPorError(f"routers cover {routers.num_layers} layers, the trace has {L}")
+    if config.group_boundaries and config.group_boundaries[1] > L:
+        raise LLaPorError(f"group_boundaries {config.group_boundaries} reach past the trace's {L} MoE layers; give "
+                          f"(first middle, first near-output) layers with a <= b <= {L}")
     bounds, table = (config.group_boundaries, None) if config.group_boundaries else derive_groups(train, config.min_group_layers)
     device = config.device
     pcas = [PCA.fit(torch.from_numpy(train.hidden[:, o]).to(device), config.pca_dim) for o in range(L)]
@@ -518,6 +526,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise LLaPorError(f"--group-boundaries must be 'A,B' with integers, got {raw!r}") from None
     config = LLaPorConfig(**values)
+    check_output(args.out, what="--out")
     trace = load_trace(args.trace)
     routers = None
     if args.model:

@@ -14,7 +14,9 @@ On-disk format (parquet, FORMAT_VERSION 1), one row per (token, MoE layer), toke
   experts fixed_size_list<int32>[K], weights fixed_size_list<float32>[K],
   hidden fixed_size_list<float16>[H] (optional), logits fixed_size_list<float32>[E] (optional).
 The schema metadata key `prescope.trace` holds JSON {"format", "version", "num_tokens", "layout"
-(ModelLayout.to_dict()), "meta"}. Files are written to a temporary sibling and moved into place.
+(ModelLayout.to_dict()), "meta"}; the key `prescope.checksum` holds the file's SHA-256 (`files.write_parquet`),
+checked before anything is read, so a flipped bit or an edited header is refused. Files are written to a
+temporary sibling and moved into place.
 
 Letters: T tokens, L MoE layers, E experts, K top-k, H hidden.
 """
@@ -32,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prescope.files import write_atomic_with
+from prescope.files import verify, write_parquet
 from prescope.layout import LayoutMismatchError, ModelLayout
 from prescope.models.adapter import describe
 
@@ -45,6 +47,7 @@ INT_COLUMNS = ("prompt", "row", "position", "step", "call")
 PHASES = ("prefill", "decode")
 # Tolerance for "weights are sorted highest first": float32 ties re-ordered by rounding.
 SORT_TOLERANCE = 1e-6
+CHECK_TOKENS = 4096  # tokens whose routing is checked at once (bounds the checks' temporary memory)
 # Names that moved to prescope.routing.recording and are still imported from here; see `__getattr__`.
 MOVED_TO_RECORDING = ("record_trace", "heldout_prompts")
 
@@ -179,26 +182,39 @@ class Trace:
 
 
 def _check_routing(experts: np.ndarray, weights: np.ndarray, num_experts: int) -> None:
+    """Every (token, layer): all routed or all MISSING, experts in [0, E) and distinct, weights finite, >= 0 and
+    highest first. Checked CHECK_TOKENS tokens at a time, so a large trace needs little memory beyond itself."""
+    for lo in range(0, len(experts), CHECK_TOKENS):
+        _check_routing_part(experts[lo:lo + CHECK_TOKENS], weights[lo:lo + CHECK_TOKENS], num_experts, lo)
+
+
+def _check_routing_part(experts: np.ndarray, weights: np.ndarray, num_experts: int, first: int) -> None:
     missing = experts == MISSING  # [T, L, K]
     partial = missing.any(-1) & ~missing.all(-1)
     if partial.any():
         t, layer = np.argwhere(partial)[0]
-        raise TraceError(f"trace token {t} layer {layer}: experts must be all routed or all MISSING, got {experts[t, layer]}")
+        raise TraceError(f"trace token {first + t} layer {layer}: experts must be all routed or all MISSING, "
+                         f"got {experts[t, layer]}")
     out = ~missing & ((experts < 0) | (experts >= num_experts))
     if out.any():
         t, layer, k = np.argwhere(out)[0]
-        raise TraceError(f"trace token {t} layer {layer}: expert {experts[t, layer, k]} outside [0, E={num_experts})")
+        raise TraceError(f"trace token {first + t} layer {layer}: expert {experts[t, layer, k]} outside [0, E={num_experts})")
     if experts.shape[-1] > 1:
         dup = (np.diff(np.sort(experts, axis=-1), axis=-1) == 0) & ~missing[..., 1:]
         if dup.any():
             t, layer, _ = np.argwhere(dup)[0]
-            raise TraceError(f"trace token {t} layer {layer}: repeated expert in {experts[t, layer]}")
+            raise TraceError(f"trace token {first + t} layer {layer}: repeated expert in {experts[t, layer]}")
         unsorted = (np.diff(weights, axis=-1) > SORT_TOLERANCE) & ~missing[..., 1:]
         if unsorted.any():
             t, layer, _ = np.argwhere(unsorted)[0]
-            raise TraceError(f"trace token {t} layer {layer}: weights {weights[t, layer]} not sorted highest first")
+            raise TraceError(f"trace token {first + t} layer {layer}: weights {weights[t, layer]} not sorted highest first")
     if not np.isfinite(weights).all():
         raise TraceError("trace weights must be finite")
+    negative = ~missing & (weights < 0)
+    if negative.any():
+        t, layer, k = np.argwhere(negative)[0]
+        raise TraceError(f"trace token {first + t} layer {layer}: weight {weights[t, layer, k]} is negative; router "
+                         "weights are probabilities or scores >= 0")
 
 
 def concat_traces(traces: Sequence[Trace]) -> Trace:
@@ -248,7 +264,7 @@ def _fixed_list(arr: np.ndarray, type_: pa.DataType) -> pa.FixedSizeListArray:
 
 
 def save_trace(trace: Trace, path) -> Path:
-    """Write `trace` as parquet (format in the module docstring), atomically (`files.write_atomic_with`)."""
+    """Write `trace` as parquet (format in the module docstring), atomically and checksummed."""
     path = Path(path)
     T, L = trace.num_tokens, trace.layout.num_moe_layers
     clash = _RESERVED.intersection(trace.tokens.columns)
@@ -265,12 +281,13 @@ def save_trace(trace: Trace, path) -> Path:
     header = {"format": FORMAT, "version": FORMAT_VERSION, "num_tokens": T,
               "layout": trace.layout.to_dict(), "meta": trace.meta}
     table = pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(header, default=str)})
-    return write_atomic_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return write_parquet(path, table, compression="zstd")
 
 
 def _read_header(path: Path) -> tuple[pq.ParquetFile, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"trace file {path} does not exist")
+    verify(path)
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
@@ -289,7 +306,8 @@ def _read_header(path: Path) -> tuple[pq.ParquetFile, dict]:
 
 
 def load_trace(path) -> Trace:
-    """Read a trace written by `save_trace`; clear errors for a missing, foreign, newer or corrupt file."""
+    """Read a trace written by `save_trace`; clear errors for a missing, foreign, newer or corrupt file (a
+    checksum that does not match: `files.ChecksumError`; a file without one loads, see `files`)."""
     path = Path(path)
     pf, header = _read_header(path)
     try:

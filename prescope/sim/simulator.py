@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from prescope.config import IO_CHUNK_BYTES, EngineConfig
+from prescope.files import check_output, write_parquet, write_with_sidecar
 from prescope.hardware import cost
 from prescope.hardware.profiles import HardwareProfile, load_profile
 from prescope.layout import ModelLayout
@@ -64,6 +65,7 @@ from prescope.sim.simcost import SimTimes, default_dense_params, model_dense_par
 from prescope.timeline import make_timeline, prefetch_precision, step_summary
 
 HOST_WORK = ("predict", "plan")
+TIMELINE_SUFFIXES = (".parquet", ".csv")
 STAT_FIELDS = tuple(CacheStats.__dataclass_fields__)
 
 
@@ -90,6 +92,8 @@ def replay_steps(trace: Trace, batch_size: int = 1, decode_only: bool = True,
     grouped `batch_size` at a time (by prompt id); their tokens of the same step form one call."""
     if batch_size < 1:
         raise SimulationError(f"batch_size must be >= 1, got {batch_size}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1):
+        raise SimulationError(f"max_steps must be a number of forward calls >= 1 (or None for all), got {max_steps!r}")
     tokens = trace.tokens
     keep = (tokens["phase"] == "decode").to_numpy() if decode_only else np.ones(len(tokens), bool)
     prompts = tokens["prompt"].to_numpy()
@@ -432,13 +436,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeline", default="", help="write the timeline here (.parquet or .csv)")
 
 
-def load_any_trace(path: str | Path) -> Trace:
-    """A prescope trace (.parquet) or a llama.cpp route trace (.csv)."""
+def load_any_trace(path: str | Path, max_decode_steps: int | None = None) -> Trace:
+    """A prescope trace (.parquet) or a llama.cpp route trace (.csv); of the latter only what the first
+    `max_decode_steps` decode steps need is read."""
     path = Path(path)
     if path.suffix == ".csv":
         from prescope.routing.llamacpp import load_llamacpp_trace
 
-        return load_llamacpp_trace(path)
+        return load_llamacpp_trace(path, max_decode_steps=max_decode_steps)
     from prescope.routing.trace import load_trace
 
     return load_trace(path)
@@ -446,7 +451,14 @@ def load_any_trace(path: str | Path) -> Trace:
 
 def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
-    result = replay(load_any_trace(args.trace), args.policy, args.profile, budget_slots=args.budget_slots,
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SimulationError(f"--max-steps {args.max_steps}: give a number of forward calls >= 1 (leave it out for all)")
+    if args.timeline:
+        if Path(args.timeline).suffix not in TIMELINE_SUFFIXES:
+            raise SimulationError(f"--timeline {args.timeline}: the file must end in one of {TIMELINE_SUFFIXES}")
+        check_output(args.timeline, what="--timeline")
+    # a prefill call, when replayed, is one of the max_steps forward calls: never more decode steps than that
+    result = replay(load_any_trace(args.trace, args.max_steps), args.policy, args.profile, budget_slots=args.budget_slots,
                     budget_share=args.budget_share, batch_size=args.batch_size, decode_only=args.decode_only,
                     max_steps=args.max_steps, async_io=args.async_io, chunk_bytes=args.chunk_bytes)
     table = result.summary[["step", "tokens", "latency", "bytes", "loads_on_demand", "loads_prefetched", "hits",
@@ -460,7 +472,10 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.timeline)
         frame = result.timeline.copy()
         frame.attrs = {}
-        frame.to_csv(out, index=False) if out.suffix == ".csv" else frame.to_parquet(out, index=False)
+        if out.suffix == ".csv":
+            write_with_sidecar(out, frame.to_csv(index=False))
+        else:
+            write_parquet(out, frame)
     config = {**result.config, "trace": str(args.trace)}
     print(json.dumps({"command": "simulate", "config": config, "totals": result.totals,
                       "seconds": round(time.perf_counter() - began, 3)}))

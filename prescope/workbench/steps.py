@@ -15,7 +15,6 @@ attention's GPU work, and the fastest link/CPU split of what an optimal cache mu
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from prescope import timeline as tl
+from prescope.files import read_csv, read_json
 from prescope.hardware.profiles import HardwareProfile, load_profile, scale_profile
 from prescope.policies import POLICIES, make_policy
 from prescope.policies.base import Policy
@@ -321,11 +321,11 @@ def h200_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     devices = sorted({t.attrs.get("profile", "") for t in tables})
     bench.attrs.update(source="measured", profile=", ".join(devices),
                        git_revisions=sorted({t.attrs.get("git_revision", "") for t in tables}))
-    fidelity = pd.concat([pd.read_csv(p).assign(run=p.stem) for p in sorted(folder.glob("fidelity-*.csv"))],
+    fidelity = pd.concat([read_csv(p).assign(run=p.stem) for p in sorted(folder.glob("fidelity-*.csv"))],
                          ignore_index=True)
     profile_file = next(iter(sorted(folder.glob("*calibrated*.json"))), None)
     fidelity.attrs.update(measured_on=", ".join(devices),
-                          profile=json.loads(profile_file.read_text()).get("name", profile_file.stem)
+                          profile=read_json(profile_file).get("name", profile_file.stem)
                           if profile_file else "?")
     return bench, fidelity
 

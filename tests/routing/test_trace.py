@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import TRACE_NEW_TOKENS, TRACE_PROMPTS, tiny_model
 
+from prescope import files
 from prescope.layout import LayoutMismatchError
 from prescope.routing import trace
 from prescope.routing.trace import MISSING, Trace, TraceError
@@ -71,7 +72,8 @@ def test_load_errors(batched_trace, tmp_path):
                    tmp_path / "v99.parquet")
     with pytest.raises(TraceError, match="version 99; this prescope reads .* version 1"):
         trace.load_trace(tmp_path / "v99.parquet")
-    pq.write_table(table.slice(0, table.num_rows - 1), tmp_path / "short.parquet")
+    unsealed = {k: v for k, v in table.schema.metadata.items() if k != files.PARQUET_KEY}  # a foreign writer's file
+    pq.write_table(table.slice(0, table.num_rows - 1).replace_schema_metadata(unsealed), tmp_path / "short.parquet")
     with pytest.raises(TraceError, match="rows, expected T\\*L"):
         trace.load_trace(tmp_path / "short.parquet")
 
