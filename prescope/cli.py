@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 # name -> (module, function that adds arguments to a parser, function that runs with parsed args)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "calibrate": ("prescope.experiments.calibrate", "add_arguments", "run", "measure this machine and write a profile"),
@@ -45,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     module, _, run_fn, _ = COMMANDS[args.command]
     try:
         return int(getattr(importlib.import_module(module), run_fn)(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    # Bad input and unusable files (every check raises ValueError; the OS's refusals are OSErrors) end in one
+    # line naming what to change; a stop with Ctrl-C ends without a traceback. Anything else is a bug: shown.
+    except (ValueError, OSError) as exc:
         print(f"prescope {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"prescope {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

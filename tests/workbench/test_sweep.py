@@ -12,7 +12,8 @@ import pytest
 
 from prescope.workbench import sweep
 from prescope.workbench.metrics import MetricsRecord
-from prescope.workbench.reports import NotebookResult, ParameterError
+from prescope.files import write_json
+from prescope.workbench.reports import NotebookResult, ParameterError, output_paths
 from prescope.workbench.sweep import CELLS_DIR, Grid, GridError, cell_id, load_grid, run_sweep
 
 PARAMS = "steps = 3  # decode steps\nrate = 0.5  # a float\npolicy = 'lru'  # a string"
@@ -48,8 +49,9 @@ class FakeExecutor:
             self.seen.append(job.parameters)
             if job.parameters["policy"] == "broken":
                 yield job, NotebookResult(Path("nb.ipynb"), job.parameters, error="RuntimeError: broken")
-            else:
+            else:  # a finished cell leaves its metrics file, as every executor's does
                 record = MetricsRecord({"work": 1.0}, "simulated", "p", job.parameters)
+                write_json(output_paths(job.notebook, job.out_dir)["metrics"], record.to_dict())
                 yield job, NotebookResult(Path("nb.ipynb"), job.parameters, metrics=record)
 
 
@@ -115,7 +117,7 @@ def test_invalid_grids_fail_before_anything_runs(tmp_path, parameters, fixed, me
 
 def test_duplicate_cells_are_refused(tmp_path):
     grid = Grid(write_notebook(tmp_path / "nb.ipynb"), {"steps": [1, 1]})
-    with pytest.raises(GridError, match="same value twice"):
+    with pytest.raises(GridError, match="same value"):
         run_sweep(grid, tmp_path / "out", executor=NeverRun(), progress=False)
 
 
@@ -143,7 +145,8 @@ def test_sweep_runs_cells_and_resumes_only_unfinished_ones(tmp_path, capsys):
     printed = capsys.readouterr().out
     ids = [cell_id({"policy": "lru", "steps": s}) for s in (1, 2)]
     assert "2 cells, 2 run now, 0 failed" in printed
-    assert json.loads(printed.splitlines()[-1]) == {"sweep": str(out), "cells": 2, "ran": ids, "failed": []}
+    assert json.loads(printed.splitlines()[-1]) == {"sweep": str(out), "cells": 2, "ran": ids, "failed": [],
+                                                    "missing": []}
     for i in ids:
         assert {p.name for p in (out / CELLS_DIR / i).iterdir()} == {"nb.ipynb", "nb.html", "nb.metrics.json"}
     table = pd.read_csv(out / "summary.csv")
@@ -214,7 +217,7 @@ def test_a_cell_without_a_result_is_reported_failed(tmp_path):
 def test_local_executor_reports_each_start_before_its_result(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(notebook, out_dir, parameters):
+    def fake_run(notebook, out_dir, parameters, cell_timeout_s=None):
         calls.append(parameters)
         return NotebookResult(Path(notebook), parameters, error="RuntimeError: x")
 
