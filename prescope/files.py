@@ -245,15 +245,25 @@ def read_json(path: str | Path, what: str = "JSON file") -> dict:
     """A JSON object written by `write_json` (or without a checksum: the legacy rule), verified, without
     its `checksum` field; ValueError naming the file when it is not a JSON object."""
     path = Path(path)
-    verify(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    return read_json_bytes(path.read_bytes(), str(path), what)
+
+
+def read_json_bytes(data: bytes, where: str, what: str = "JSON file") -> dict:
+    """`read_json` for bytes in memory (a packaged resource); `where` names them in errors."""
+    sealed = verify_bytes(data, where)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON, expected a {what} ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a {what} holding an object, got {type(data).__name__}")
-    data.pop(CHECKSUM_FIELD, None)
-    return data
+        raise ValueError(f"{where}: not valid JSON, expected a {what} ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a {what} holding an object, got {type(obj).__name__}")
+    if CHECKSUM_FIELD in obj and not sealed:
+        raise ChecksumError(f"{where}: its `{CHECKSUM_FIELD}` field is damaged ({str(obj[CHECKSUM_FIELD])[:24]}…), so "
+                            "the file cannot be checked; restore or regenerate it (or delete the field)")
+    obj.pop(CHECKSUM_FIELD, None)
+    return obj
 
 
 def read_csv(path: str | Path, **options: Any):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from prescope.files import CHECKSUM_FIELD, read_json, verify_bytes, write_json
+from prescope.files import read_json, read_json_bytes, write_json
 
 SOURCES = ("measured", "published", "calibrated")
 BUILTIN_DIR = "assets/profiles"  # package data folder inside `prescope`
@@ -250,14 +249,11 @@ def load_profile(name_or_path: str | os.PathLike | HardwareProfile) -> HardwareP
             f"unknown profile {str(name_or_path)!r}: not a file, and not one of the built-ins {list_profiles()}"
         )
     resource = resources.files("prescope") / BUILTIN_DIR / f"{name_or_path}.json"
-    raw, where = resource.read_bytes(), f"built-in profile {name_or_path!r}"
+    where = f"built-in profile {name_or_path!r}"
     try:
-        verify_bytes(raw, where)
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{where}: {exc}") from None
-    if isinstance(data, dict):
-        data.pop(CHECKSUM_FIELD, None)
+        data = read_json_bytes(resource.read_bytes(), where, "profile JSON")
+    except ValueError as exc:
+        raise ProfileError(str(exc)) from None
     return HardwareProfile.from_dict(data, where)
 
 
