@@ -43,17 +43,17 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(selected).parse_args(argv)
-    module, _, run_fn, _ = COMMANDS[args.command]
     try:
+        args = build_parser(selected).parse_args(argv)
+        module, _, run_fn, _ = COMMANDS[args.command]
         return int(getattr(importlib.import_module(module), run_fn)(args) or 0)
     # Bad input and unusable files (every check raises ValueError; the OS's refusals are OSErrors) end in one
     # line naming what to change; a stop with Ctrl-C ends without a traceback. Anything else is a bug: shown.
     except (ValueError, OSError) as exc:
-        print(f"prescope {args.command}: error: {exc}", file=sys.stderr)
+        print(f"prescope {selected}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"prescope {args.command}: interrupted", file=sys.stderr)
+        print(f"prescope {selected}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -414,9 +414,38 @@ def _add_ratios(rows: list[dict], link_gbps: float | None = None) -> None:
         r["regime"] = "link-bound" if link_ms > ref["decode_ms_median"] else "host-bound"
 
 
+# What readers of a bench.json rely on (fidelity, comparisons, reports): key -> (type, what it is)
+BENCH_CONFIG_KEYS = {"models": (list, "a list of model specs"), "input_len": (int, "an int"),
+                     "profile": (str, "a profile name or path")}
+BENCH_CELL_KEYS = {"model": (str, "a string"), "policy": (str, "a string"), "budget": ((int, float), "a number"),
+                   "batch": (int, "an int"), "decode_ms_median": ((int, float), "a number"),
+                   "decode_tok_s": ((int, float), "a number")}
+
+
+def read_bench(path: str | Path) -> dict:
+    """A bench.json, verified (`files.read_json`) and checked for every key its readers use, so a file edited
+    or cut by hand is refused naming the cell and the key, not met later as a KeyError."""
+    data = read_json(path, "bench JSON")
+
+    def check(record: object, keys: dict, where: str) -> None:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: {where} must be an object, got {record!r:.60}")
+        for key, (kind, what) in keys.items():
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"{path}: {where} needs {key!r} as {what}, got {value!r:.60}")
+
+    check(data.get("config"), BENCH_CONFIG_KEYS, "config")
+    if not isinstance(data.get("cells"), list):
+        raise ValueError(f"{path}: `cells` must be a list of measured cells")
+    for i, cell in enumerate(data["cells"]):
+        check(cell, BENCH_CELL_KEYS, f"cell {i}")
+    return data
+
+
 def bench_table(path: str | Path) -> pd.DataFrame:
     """The cells of a bench.json with ratios and regimes, for reports and notebooks."""
-    data = read_json(path, "bench JSON")
+    data = read_bench(path)
     rows = [dict(r) for r in data["cells"]]
     _add_ratios(rows)
     table = pd.DataFrame(rows)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from prescope.files import check_output, read_json
 from prescope.hardware import cost
 from prescope.hardware.profiles import (
     GB,
@@ -470,8 +471,9 @@ def summary_table(profile: HardwareProfile) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, what="--out")
     if args.from_measurements:
-        measured = json.loads(Path(args.from_measurements).read_text())
+        measured = read_json(args.from_measurements, "measurement JSON")
         try:
             profile = _fit(measured, "h2d" not in measured, load_profile(args.base), args.name)
         except KeyError as exc:

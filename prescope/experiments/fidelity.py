@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from prescope.experiments.bench import RESIDENT
+from prescope.experiments.bench import RESIDENT, read_bench
 from prescope.experiments.subjects import parse_model, routing_source
-from prescope.files import check_output, read_json, verify, write_with_sidecar
+from prescope.files import check_output, verify, write_with_sidecar
 from prescope.hardware.profiles import load_profile
 from prescope.layout import ModelLayout
 from prescope.models import adapter, twins
@@ -72,7 +72,11 @@ def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.D
             continue  # (the simulator builds policies by name, without constructor options)
         policy = spec.name
         layout, dense = layouts[cell["model"]]
-        trace = routing_trace(routing[key], layout, bench["config"]["input_len"])
+        route = routing[key]
+        if route.ndim != 4 or route.shape[1] != layout.num_moe_layers or route.shape[3] != layout.top_k:
+            raise ValueError(f"routing {key}: shape {route.shape}, expected [steps, L={layout.num_moe_layers}, "
+                             f"batch, K={layout.top_k}]")
+        trace = routing_trace(route, layout, bench["config"]["input_len"])
         # the link the cell ran on: AsyncIO's priority link where the engine had it (bench rows since rev
         # 461845e record it), else one FIFO copy stream
         sim = replay(trace, policy, profile, budget_share=cell["budget"], batch_size=cell["batch"],
@@ -101,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out:
         check_output(args.out, what="--out")
-    bench = read_json(args.bench, "bench JSON")
+    bench = read_bench(args.bench)
     verify(args.routing)
     with np.load(args.routing) as npz:
         routing = {k: npz[k] for k in npz.files}

@@ -31,12 +31,11 @@ import numpy as np
 import pandas as pd
 
 from prescope.config import check_types
-from prescope.experiments.bench import ALL_POLICIES, RESIDENT
+from prescope.experiments.bench import ALL_POLICIES, RESIDENT, read_bench
 from prescope.experiments.fidelity import TOLERANCE
 from prescope.experiments.subjects import GATE_POLICIES
 from prescope.files import (
     check_output,
-    read_json,
     source_revision,
     write_atomic,
     write_json,
@@ -339,7 +338,7 @@ def run_compare(cfg: CompareConfig) -> tuple[pd.DataFrame, dict]:
             "profiles": [_provenance(p, arg, layout) for p, arg in profiles],
             "seconds": round(time.perf_counter() - began, 1)}
     if cfg.measured:
-        bench = read_json(cfg.measured, "bench JSON")
+        bench = read_bench(cfg.measured)
         context = measured_context(table, bench, cfg.twin)
         meta["measured"] = {"path": cfg.measured, "git_revision": bench.get("git_revision", "unknown"),
                             "device": bench.get("device", ""), "profile": bench["config"]["profile"],
@@ -500,7 +499,8 @@ revision. error = simulated / measured median step − 1; {within:.0%} of {len(c
 # ---- command line ---------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = CompareConfig()
+    # the defaults as declared, not checked: building the parser must not need the default files to exist
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(CompareConfig)})
     parser.add_argument("--trace", default=d.trace, help="routing trace with hidden states (.parquet)")
     parser.add_argument("--twin", default=d.twin, help="shape twin whose layout times the trace ('' = its own)")
     parser.add_argument("--twin-layers", type=int, default=None)

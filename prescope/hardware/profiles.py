@@ -207,20 +207,22 @@ class HardwareProfile:
         unknown = sorted(set(data) - set(fields))
         if missing or unknown:
             raise ProfileError(f"{where}: missing field(s) {missing}, unknown field(s) {unknown}")
-        kwargs = dict(data)
+        kwargs, key = dict(data), ""
         try:
             for key in ("pinned_h2d", "pageable_h2d"):
                 kwargs[key] = BandwidthCurve(tuple(tuple(p) for p in data[key]))
             for key in ("gpu_expert", "gpu_dense"):
                 kwargs[key] = ComputeModel(**data[key])
-            if not isinstance(data["cpu_expert"], dict):
-                raise ProfileError(f"field 'cpu_expert' must map dtype names to compute models, got {data['cpu_expert']!r}")
-            kwargs["cpu_expert"] = {k: ComputeModel(**v) for k, v in data["cpu_expert"].items()}
+            key = "cpu_expert"
+            if not isinstance(data[key], dict):
+                raise ProfileError(f"field 'cpu_expert' must map dtype names to compute models, got {data[key]!r}")
+            kwargs[key] = {k: ComputeModel(**v) for k, v in data[key].items()}
+            key = ""
             return cls(**kwargs)
         except ProfileError as exc:
-            raise ProfileError(f"{where}: {exc}") from None
+            raise ProfileError(f"{where}: " + (f"field {key!r}: " if key else "") + str(exc)) from None
         except (TypeError, AttributeError, ValueError) as exc:
-            raise ProfileError(f"{where}: malformed field value ({exc})") from None
+            raise ProfileError(f"{where}: malformed field value" + (f" in {key!r}" if key else "") + f" ({exc})") from None
 
 
 def list_profiles() -> list[str]:

@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from prescope.files import write_atomic, write_json
+from prescope.config import check_device
+from prescope.files import check_output, write_atomic, write_json
 from prescope.models import corpus
 from prescope.models.corpus import (
     EOS_ID,
@@ -192,6 +193,8 @@ def config_from_args(args: argparse.Namespace) -> TinyConfig:
 def run(args: argparse.Namespace) -> int:
     """The whole recipe: prepare (or load prepared data) → train → evaluate against the random twin → save."""
     config = config_from_args(args)
+    check_output(args.out, folder=True, what="--out")
+    check_device(args.device)
     if args.prepare_only:
         record = prepare_data(config, args.corpus_dir, args.out)
         tokens = sum(d["train_tokens"] for d in record["domains"].values())

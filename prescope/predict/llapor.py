@@ -328,7 +328,7 @@ def load(path, device: str = "cpu") -> LLaPor:
         blob = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged zip/pickle
         raise LLaPorError(f"{path} is not a readable LLaPor checkpoint (corrupt or truncated?): "
-                          f"{type(exc).__name__}: {exc}") from None
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise LLaPorError(f"{path} is not a LLaPor checkpoint (format {FORMAT!r} missing)")
     if blob.get("version") != FORMAT_VERSION:
@@ -348,7 +348,8 @@ def load(path, device: str = "cpu") -> LLaPor:
             nets.append(net.to(device).eval())
         return LLaPor(config, layout, bounds, pcas, nets, routers, json.loads(blob["trace"]), json.loads(blob["history"]))
     except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
-        raise LLaPorError(f"{path}: corrupt LLaPor checkpoint: {type(exc).__name__}: {exc}") from None
+        reason = " ".join(str(exc).split())  # torch's messages span lines; ours is one
+        raise LLaPorError(f"{path}: corrupt LLaPor checkpoint: {type(exc).__name__}: {reason}") from None
 
 
 # ---------------------------------------------------------------------------------------------- training

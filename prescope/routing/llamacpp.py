@@ -175,10 +175,15 @@ class _Rows:
                 self._slow_block(block)
 
     def _grow(self, capacity: int) -> None:
-        extra = capacity - len(self.experts)
-        if extra > 0:
-            self.experts = np.concatenate([self.experts, np.full((extra, *self.experts.shape[1:]), UNFILLED)])
-            self.weights = np.concatenate([self.weights, np.zeros((extra, *self.weights.shape[1:]), np.float32)])
+        """Room for `capacity` tokens: new arrays filled in place, so growing holds the old and the new, no more."""
+        n = len(self.experts)
+        if capacity <= n:
+            return
+        experts = np.full((capacity, *self.experts.shape[1:]), UNFILLED, dtype=np.int64)
+        experts[:n] = self.experts
+        weights = np.zeros((capacity, *self.weights.shape[1:]), dtype=np.float32)
+        weights[:n] = self.weights
+        self.experts, self.weights = experts, weights
 
     def _fast_block(self, block: list[tuple[int, str]]) -> bool:
         """Parse and check a block with array operations and store it; False (nothing stored) when anything

@@ -65,6 +65,18 @@ def _check_array(name: str, arr, shape: tuple[int, ...], kind: str, dtype) -> np
     return arr.astype(dtype, copy=False)
 
 
+def _check_finite(name: str, arr: np.ndarray, allow_inf: bool = False) -> np.ndarray:
+    """Router inputs are finite numbers and logits no NaN (either would train or score a predictor on nothing)."""
+    for lo in range(0, len(arr), CHECK_TOKENS):
+        part = arr[lo:lo + CHECK_TOKENS]
+        bad = np.isnan(part) if allow_inf else ~np.isfinite(part)
+        if bad.any():
+            t, layer, _ = np.argwhere(bad)[0]
+            raise TraceError(f"trace token {lo + t} layer {layer}: {name} holds {part[t, layer][bad[t, layer]][0]}; "
+                             "expected " + ("numbers" if allow_inf else "finite numbers"))
+    return arr
+
+
 @dataclass(frozen=True, eq=False)
 class Step:
     """Tokens that went through one forward call: `index` selects them in the trace (execution order)."""
@@ -119,10 +131,12 @@ class Trace:
         hidden = self.hidden
         if hidden is not None:
             width = lay.hidden_size or np.shape(hidden)[-1]
-            hidden = _check_array("hidden", hidden, (T, L, width), "f", np.float16)
+            hidden = _check_finite("hidden", _check_array("hidden", hidden, (T, L, width), "f", np.float16))
         logits = self.logits
         if logits is not None:
-            logits = _check_array("logits", logits, (T, L, lay.num_experts), "f", np.float32)
+            # a router may mask experts with -inf; NaN is never a score
+            logits = _check_finite("logits", _check_array("logits", logits, (T, L, lay.num_experts), "f", np.float32),
+                                   allow_inf=True)
         for name, value in (("tokens", tokens), ("experts", experts), ("weights", weights),
                             ("hidden", hidden), ("logits", logits), ("meta", dict(self.meta))):
             object.__setattr__(self, name, value)
@@ -194,7 +208,7 @@ def _check_routing_part(experts: np.ndarray, weights: np.ndarray, num_experts: i
     if partial.any():
         t, layer = np.argwhere(partial)[0]
         raise TraceError(f"trace token {first + t} layer {layer}: experts must be all routed or all MISSING, "
-                         f"got {experts[t, layer]}")
+                         f"got {experts[t, layer].tolist()}")
     out = ~missing & ((experts < 0) | (experts >= num_experts))
     if out.any():
         t, layer, k = np.argwhere(out)[0]
@@ -203,11 +217,11 @@ def _check_routing_part(experts: np.ndarray, weights: np.ndarray, num_experts: i
         dup = (np.diff(np.sort(experts, axis=-1), axis=-1) == 0) & ~missing[..., 1:]
         if dup.any():
             t, layer, _ = np.argwhere(dup)[0]
-            raise TraceError(f"trace token {first + t} layer {layer}: repeated expert in {experts[t, layer]}")
+            raise TraceError(f"trace token {first + t} layer {layer}: repeated expert in {experts[t, layer].tolist()}")
         unsorted = (np.diff(weights, axis=-1) > SORT_TOLERANCE) & ~missing[..., 1:]
         if unsorted.any():
             t, layer, _ = np.argwhere(unsorted)[0]
-            raise TraceError(f"trace token {first + t} layer {layer}: weights {weights[t, layer]} not sorted highest first")
+            raise TraceError(f"trace token {first + t} layer {layer}: weights {weights[t, layer].tolist()} not sorted highest first")
     if not np.isfinite(weights).all():
         raise TraceError("trace weights must be finite")
     negative = ~missing & (weights < 0)

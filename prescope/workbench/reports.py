@@ -49,6 +49,9 @@ PARAMETERS_TAG = "parameters"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 # The kernel emits figures as plotly JSON only; the HTML renderer below turns them into divs.
 KERNEL_ENV = {"PLOTLY_RENDERER": "plotly_mimetype"}
+# The kernel's own log is not the reader's: stopping a timed-out cell makes it print a traceback of its
+# messaging; whatever fails in the notebook comes back in its result.
+KERNEL_ARGS = ["--log-level=CRITICAL"]
 # A figure div needs a definite height inside nbconvert's output area; plotly's own default is 450 px.
 FIGURE_HEIGHT_PX = 450
 REPORT_TEMPLATE = "prescope_report.html.j2"
@@ -103,8 +106,14 @@ def output_paths(notebook: str | Path, out_dir: str | Path) -> dict[str, Path]:
 def notebook_parameters(path: str | Path) -> dict[str, Any]:
     """Names and default values of the notebook's `parameters` cell, parsed with `ast` (never executed)."""
     path = Path(path)
-    cells = [c for c in json.loads(path.read_text(encoding="utf-8")).get("cells", [])
-             if PARAMETERS_TAG in c.get("metadata", {}).get("tags", [])]
+    try:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ParameterError(f"{path}: not a notebook (not JSON: {exc})") from None
+    if not isinstance(nb, dict):
+        raise ParameterError(f"{path}: not a notebook (a JSON {type(nb).__name__}, not an object)")
+    cells = [c for c in nb.get("cells", [])
+             if isinstance(c, dict) and PARAMETERS_TAG in c.get("metadata", {}).get("tags", [])]
     if len(cells) != 1:
         raise ParameterError(f"{path}: expected one cell tagged {PARAMETERS_TAG!r}, found {len(cells)}")
     source = cells[0]["source"]
@@ -201,7 +210,8 @@ def run_notebook(path: str | Path, out_dir: str | Path, parameters: Mapping[str,
     with _environment(KERNEL_ENV):
         try:
             papermill.execute_notebook(str(path), str(partial), parameters=values, kernel_name=kernel_name,
-                                       cwd=str(path.parent), progress_bar=False, execution_timeout=cell_timeout_s)
+                                       cwd=str(path.parent), progress_bar=False, execution_timeout=cell_timeout_s,
+                                       extra_arguments=KERNEL_ARGS)
         # Any failure of the kernel or a cell is this notebook's result, reported, not raised.
         except Exception as exc:  # noqa: BLE001
             error = _describe_error(exc)

@@ -333,11 +333,11 @@ def run_sweep(grid: Grid, out_dir: str | Path, executor: Executor | None = None,
     out = check_output(out_dir, folder=True, what="sweep folder")
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, "sweep"):
+        done = {i: load_result(grid.notebook, out / CELLS_DIR / i, c) for i, c in cells.items()}
+        write_summary(out, grid, cells, done)  # first: grid.json never describes a grid the summary does not
         as_run = {"notebook": str(grid.notebook), "parameters": grid.parameters, "fixed": grid.fixed,
                   "resources": grid.resources, "cells": cells}
         write_json(out / "grid.json", as_run)
-        done = {i: load_result(grid.notebook, out / CELLS_DIR / i, c) for i, c in cells.items()}
-        write_summary(out, grid, cells, done)
         jobs = [CellJob(grid.notebook, out / CELLS_DIR / i, c, cell_resources(c, grid.resources, defaults),
                         cell_timeout_s) for i, c in cells.items() if done[i] is None]
         try:
