@@ -40,3 +40,10 @@ def test_cuda_commands_on_a_machine_without_cuda_say_so_in_one_line(tmp_path, ca
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
     _one_line_error(capsys, argv, "on this machine; use --device cpu")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["train-tiny", "--out", "FILE/x"], ["calibrate", "--cpu-only", "--out", "FILE/p.json"],
+                                  ["train-predictor", "--trace", "t.parquet", "--out", "FILE/ck.pt"]])
+def test_long_jobs_check_their_output_first(tmp_path, capsys, argv):
+    (tmp_path / "FILE").write_text("x")
+    _one_line_error(capsys, [a.replace("FILE", str(tmp_path / "FILE")) for a in argv], "FILE is a file")

@@ -176,3 +176,15 @@ def test_negative_weights_are_refused_from_a_file_as_from_the_api(batched_trace,
                    .replace_schema_metadata(foreign), tmp_path / "neg.parquet")
     with pytest.raises(TraceError, match="is negative"):
         trace.load_trace(tmp_path / "neg.parquet")
+
+
+@pytest.mark.parametrize("name", ["hidden", "logits"])
+def test_nan_in_hidden_states_or_logits_is_refused(batched_trace, name):
+    arrays = {n: getattr(batched_trace, n) for n in ("experts", "weights", "hidden", "logits")}
+    arrays[name] = arrays[name].copy()
+    arrays[name][2, 1, 3] = np.nan
+    with pytest.raises(TraceError, match=f"trace token 2 layer 1: {name} holds nan"):
+        Trace(batched_trace.layout, batched_trace.tokens, **arrays)
+    if name == "logits":  # a router may mask experts with -inf
+        arrays[name][2, 1, 3] = -np.inf
+        Trace(batched_trace.layout, batched_trace.tokens, **arrays)

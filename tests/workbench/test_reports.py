@@ -182,3 +182,12 @@ def test_a_damaged_metrics_file_is_said_and_its_notebook_runs_again(tmp_path):
     path.write_text(path.read_text().replace('"work": 1.0', '"work": 9.0'))
     with pytest.warns(UserWarning, match=r"nb.metrics.json: checksum mismatch .*; it runs again"):
         assert reports.load_result("nb.ipynb", tmp_path) is None
+
+
+def test_a_notebook_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "nb.ipynb").write_text("not json")
+    with pytest.raises(ParameterError, match=r"nb.ipynb: not a notebook \(not JSON"):
+        notebook_parameters(tmp_path / "nb.ipynb")
+    (tmp_path / "nb.ipynb").write_text("[1, 2]")
+    with pytest.raises(ParameterError, match="not a notebook"):
+        notebook_parameters(tmp_path / "nb.ipynb")
