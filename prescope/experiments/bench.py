@@ -50,14 +50,16 @@ import torch
 
 from prescope.config import EngineConfig
 from prescope.engine.engine import Engine
-from prescope.experiments.subjects import Subject, build_bench_subject, build_subject, generate
+from prescope.experiments import bounds
+from prescope.experiments.subjects import Subject, build_bench_subject, build_subject, generate, prompt_ids
 from prescope.files import git_revision, write_atomic
 from prescope.models import adapter
 from prescope.policies import parse_policy
 from prescope.routing.replay import RoutingReplay
 
 RESIDENT = "resident"
-STOCK = "stock"
+STOCK = "stock"  # transformers' fastest experts implementation on the device (`experts_implementation`)
+STOCK_EAGER = "stock-eager"  # transformers' eager loop over experts
 ACCELERATE = "accelerate"
 ALL_POLICIES = ("on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix", "prescope",
                 "oracle")
@@ -86,6 +88,8 @@ class BenchConfig:
     accelerate_batches: tuple[int, ...] = (1,)
     accelerate_tokens: int = 6
     repeats: int = 1  # rounds over every engine cell, interleaved (round 1 of every cell, then round 2, ...)
+    graphs: bool = True  # engine cells decode with engine.generate (static cache, CUDA graphs), not model.generate
+    stock_implementations: tuple[str, ...] = ("grouped_mm", "batched_mm", "eager")  # transformers' to compare
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -103,6 +107,32 @@ class BenchConfig:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def measure_stocks(model, batch: int, cfg: BenchConfig, device: torch.device, prompts: np.ndarray | None) -> list[dict]:
+    """The stock rows of a batch: transformers' fastest experts implementation on this device (`stock`, naming
+    it) and its eager loop (`stock-eager`), each row with every implementation's decode median; the fastest's
+    generated ids under SEQUENCES. An implementation the device cannot run (out of memory) is named in
+    `stock_errors`."""
+    runs, errors = {}, {}
+    for impl in cfg.stock_implementations:
+        try:
+            model.set_experts_implementation(impl)
+            runs[impl] = measure_stock(model, batch, cfg, device, prompts)
+        except (RuntimeError, ValueError, KeyError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            errors[impl] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        _free(device)
+    model.set_experts_implementation(cfg.stock_implementations[0])
+    if not runs:
+        raise RuntimeError(f"no experts implementation of transformers ran: {errors}")
+    by_impl = {impl: r["decode_ms_median"] for impl, r in runs.items()}
+    fastest = min(runs, key=by_impl.__getitem__)
+    common = {"stock_ms_by_impl": by_impl, "stock_errors": errors}
+    rows = [{"policy": STOCK, "experts_implementation": fastest, **common, **runs[fastest]}]
+    if "eager" in runs:
+        rows.append({"policy": STOCK_EAGER, "experts_implementation": "eager", **common, **runs["eager"]})
+        rows[-1].pop(SEQUENCES)
+    return rows
 
 
 def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device, prompts: np.ndarray | None = None,
@@ -137,61 +167,80 @@ def _decode_metrics(ttft: float, decode: list[float], batch: int) -> dict:
 
 def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: RoutingReplay | None = None,
                    prompts: np.ndarray | None = None, stock: torch.Tensor | None = None) -> tuple[dict, np.ndarray, pd.DataFrame]:
-    """One cell: warm up, then a step-timed run (throughput, routing, and its tokens against the stock run's
-    `stock` [B, T]) and a fully timed run (timeline)."""
+    """One cell: warm up, then a step-timed run (throughput, the engine's host time, routing, and its tokens
+    against the stock run's `stock` [B, T]) and a fully timed run (timeline). With `cfg.graphs` the engine
+    decodes through `engine.generate` (static cache, CUDA graphs), whose first decode step runs eagerly to
+    warm up: the decode metrics are the captured steps'."""
     layout = engine.layout
     engine.set_timing("steps")
     engine.set_replay(replay)
     engine.clear_records()  # the replay counts forward calls from the first one of a generate
-    generate(model, batch, cfg.input_len, min(cfg.warmup_tokens, cfg.output_len), cfg.seed + 1, prompts)
+    _engine_generate(engine, model, batch, cfg, min(cfg.warmup_tokens, cfg.output_len), cfg.seed + 1, prompts)
     engine.reset()
     engine.clear_records()
     routing = []
 
     def keep(ordinal, hidden, logits, weights, indices):
-        if engine.phase == "decode":
+        if engine.records.phase == "decode":
             routing.append(indices.detach().to(torch.int16))
 
     with adapter.observe_routing(model, keep if replay is None else lambda *_: None):
-        out = generate(model, batch, cfg.input_len, cfg.output_len, cfg.seed, prompts).cpu()
+        out, mode = _engine_generate(engine, model, batch, cfg, cfg.output_len, cfg.seed, prompts)
     steps = engine.step_table()
-    is_decode = steps["phase"] == "decode"
-    decode = steps[is_decode]["latency"].tolist()
+    decode_all = steps[steps["phase"] == "decode"]
+    decode_rows = decode_all.iloc[1:] if mode != "eager" and len(decode_all) > 1 else decode_all
+    decode = decode_rows["latency"].tolist()
     stats = engine.cache.stats
-    decode_loads = int(steps[is_decode]["loads"].sum())
-    calls = max(1, len(steps) * layout.num_moe_layers)
+    decode_loads = int(decode_rows["loads"].sum())
     L, K = layout.num_moe_layers, layout.top_k
-    if replay is not None:  # [B, T, L, K] -> the decode steps' [T', L, B, K]
-        span = replay.experts[:, replay.prompt_len:replay.prompt_len + len(decode)]
-        route = span.permute(1, 2, 0, 3).to(torch.int16).cpu().numpy()
+    calls = max(1, len(decode) * L)
+    measured_steps = set(decode_rows["step"])
+    own = sum(v for k, v in engine.records.own_seconds.items() if k in measured_steps)
+    issue = sum(v for k, v in engine.records.issue_seconds.items() if k in measured_steps)
+    if replay is not None:
+        route = replay_route(replay, len(decode_all))[len(decode_all) - len(decode):]
     else:
-        route = torch.stack(routing).cpu().numpy().reshape(len(decode), L, batch, K) if routing else np.zeros((0,))
-    row = {**_decode_metrics(steps["latency"].iloc[0], decode, batch),
+        route = torch.stack(routing).cpu().numpy().reshape(-1, L, batch, K) if routing else np.zeros((0,))
+    row = {**_decode_metrics(steps["latency"].iloc[0], decode, batch), "mode": mode,
            "loads_per_step": decode_loads / max(1, len(decode)),
            "bytes_per_step": decode_loads * layout.expert_bytes / max(1, len(decode)),
            "hit_rate": stats.hits / max(1, stats.hits + stats.misses),
-           "step_ms_per_layer": 1e3 * sum(engine.host_seconds) / calls,
-           "host_ms_per_layer": 1e3 * (sum(engine.host_seconds) - sum(engine.sync_seconds)) / calls,
-           "policy_ms_per_layer": 1e3 * sum(engine.plan_seconds) / calls,
-           "victim_ms_per_layer": 1e3 * sum(engine.victim_seconds) / calls,
-           "prefetches_stopped": dict(engine.stopped)}
+           # the engine's own host time per MoE layer (waiting for the device excluded): its layer work where
+           # the host drives each layer, the step's whole issue time over L where one graph runs the step
+           "host_ms_per_layer": 1e3 * (own if mode != "graph" else issue) / calls,
+           "step_issue_ms": 1e3 * issue / max(1, len(decode)),
+           "sync_ms_per_layer": 1e3 * sum(engine.records.sync_seconds) / max(1, len(steps) * L),
+           "policy_ms_per_layer": 1e3 * sum(engine.records.plan_seconds) / max(1, len(steps) * L),
+           "victim_ms_per_layer": 1e3 * sum(engine.records.victim_seconds) / max(1, len(steps) * L),
+           "prefetches_stopped": dict(engine.records.stopped)}
     if hasattr(engine.policy, "skipped"):  # prescope: layers with nothing to plan (PreSched not run)
-        row["plans_skipped_share"] = engine.policy.skipped / calls
+        row["plans_skipped_share"] = engine.policy.skipped / max(1, len(steps) * L)
     if hasattr(engine.policy, "lean"):  # prescope: layers its gate ran on demand (host-bound, no prediction)
-        row["plans_lean_share"] = engine.policy.lean / calls
-    if stock is not None and stock.shape == out.shape:  # bf16 per-expert kernels may round differently
+        row["plans_lean_share"] = engine.policy.lean / max(1, len(steps) * L)
+    if stock is not None and stock.shape == out.shape:  # bf16 kernels may round differently from stock's
         row |= {"tokens_equal_stock": bool(torch.equal(out, stock)),
                 "token_match_share": float((out == stock).float().mean())}
     timeline = pd.DataFrame()
     if cfg.timeline_tokens:
         engine.set_timing("full")
         engine.clear_records()
-        generate(model, batch, cfg.input_len, min(cfg.timeline_tokens, cfg.output_len), cfg.seed + 2, prompts)
+        _engine_generate(engine, model, batch, cfg, min(cfg.timeline_tokens, cfg.output_len), cfg.seed + 2, prompts)
         timeline = engine.timeline()
         steps = engine.step_table()
         timeline = timeline.merge(steps[["step", "phase"]], on="step", how="left")
         row.update(_timeline_metrics(timeline, steps, layout.expert_bytes))
     return row, route, timeline
+
+
+def _engine_generate(engine: Engine, model, batch: int, cfg: BenchConfig, new_tokens: int, seed: int,
+                     prompts: np.ndarray | None) -> tuple[torch.Tensor, str]:
+    """(generated ids on the CPU, how the decode steps ran): `engine.generate` with `cfg.graphs`, else
+    transformers' `generate` through the engine."""
+    if not cfg.graphs:
+        return generate(model, batch, cfg.input_len, new_tokens, seed, prompts).cpu(), "eager"
+    ids = prompt_ids(model, batch, cfg.input_len, seed, prompts)
+    out = engine.generate(ids, max_new_tokens=new_tokens)
+    return out.sequences.cpu(), out.mode
 
 
 def _timeline_metrics(timeline: pd.DataFrame, steps: pd.DataFrame, expert_bytes: int) -> dict:
@@ -222,6 +271,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             "torch": torch.__version__, "source": "measured"}
     rows, routes, timelines, failed = [], {}, [], []
     meta["failed"] = failed
+    meta["bandwidths"] = bounds.measure_bandwidths(device)  # what the bounds divide by, measured here
     for spec in cfg.models:
         subject = build_bench_subject(spec, cfg, device)
         name, model = subject.name, subject.model
@@ -229,11 +279,14 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         base = {"model": name, "layers": layout.num_layers, "moe_layers": layout.num_moe_layers,
                 "expert_MB": layout.expert_bytes / 2**20}
         replays, stock = {}, {}
+        sizes = bounds.model_bytes(model, layout)
         for batch in cfg.batch_sizes:
-            measured = measure_stock(model, batch, cfg, device, subject.prompts)
-            stock[batch] = measured.pop(SEQUENCES)
-            rows.append({**base, "policy": STOCK, "budget": 1.0, "batch": batch, "routing": "native", **measured})
             replays[batch] = subject.replay(batch, cfg)
+            for measured in measure_stocks(model, batch, cfg, device, subject.prompts):
+                stock[batch] = measured.pop(SEQUENCES, stock.get(batch))
+                route = replay_route(replays[batch], len(measured["decode_ms_steps"]))
+                rows.append({**base, "budget": 1.0, "batch": batch, "routing": "native", **measured,
+                             "step_bytes": _mean_step_bytes(route, layout, sizes, batch, cfg)})
             _flush(out, meta, rows, routes, timelines)
         overhead = None
         if subject.llapor is not None and subject.source is None and device.type == "cuda":
@@ -263,6 +316,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
                                                         profile=cfg.profile, async_io=spec.async_io), policy=policy)
                     continue
+                row["step_bytes"] = _mean_step_bytes(route, layout, sizes, batch, cfg)
                 measured.setdefault(cell, []).append((about, row, route, timeline))
                 about, row, route, timeline = median_round(measured[cell])
                 if cell in position:  # a later round: the cell's row is replaced by the median so far
@@ -290,8 +344,21 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         _free(device)
     meta["predictor_overhead"] = [_overhead_shares(o, rows) for o in meta.get("predictor_overhead", [])]
     _add_ratios(rows)
+    bounds.add_bounds(rows, meta["bandwidths"], RESIDENT, (STOCK, STOCK_EAGER))
     _flush(out, meta, rows, routes, timelines)
     return rows
+
+
+def replay_route(replay: RoutingReplay, decode_steps: int) -> np.ndarray:
+    """The replay's routing of its first `decode_steps` decode steps, [T', L, B, K] int16."""
+    span = replay.experts[:, replay.prompt_len:replay.prompt_len + decode_steps]  # [B, T', L, K]
+    return span.permute(1, 2, 0, 3).to(torch.int16).cpu().numpy()
+
+
+def _mean_step_bytes(route: np.ndarray, layout, sizes: dict, batch: int, cfg: BenchConfig) -> float | None:
+    if route.ndim != 4 or not len(route):
+        return None
+    return float(np.mean(bounds.step_bytes(route, layout.expert_bytes, sizes, batch, cfg.input_len)))
 
 
 def median_round(rounds: list[tuple]) -> tuple:

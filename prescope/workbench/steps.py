@@ -367,7 +367,7 @@ def fidelity_scaling(fidelity: pd.DataFrame, model: str) -> pd.DataFrame:
 
 COMPARED = ("model", "policy", "budget", "batch", "decode_ms_median", "decode_tok_s", "loads_per_step",
             "policy_ms_per_layer", "vs_on_demand_lru", "vs_oracle", "vs_resident", "regime")
-REFERENCES = ("stock", "resident", "accelerate")  # reference rows of a bench run, not contending policies
+REFERENCES = ("stock", "stock-eager", "resident", "accelerate")  # reference rows of a bench run, not contending policies
 
 
 def comparison_table(folder: str | Path, runs: Sequence[str]) -> pd.DataFrame:
