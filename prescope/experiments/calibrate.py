@@ -3,8 +3,9 @@
 `calibrate()` times host-to-device copies (pinned and pageable, CUDA events, warm-up, median of
 repeats), a gated expert (SwiGLU: two matmuls and an activation) on the GPU and on the CPU (all
 cores) at several token counts, an attention-layer proxy, and the per-layer host overhead of a tiny
-transformers model; it stores the raw points in the same layout as the H200 measurement file
-(`../shared/hardware/h200-measured-2026-11-28.json`) and fits the profile's models to them with
+transformers model; it stores the raw points in the same layout as the H200 measurement file (shipped
+with the package: `prescope/assets/data/hardware/h200-measured-2026-11-28.json`) and fits the profile's
+models to them with
 `profile_from_measurements`, which also builds the built-in `h200` profile from that file.
 
 Raw layout: {"h2d": {"<MiB>": {"pinned_GBps", "pageable_GBps"}}, "experts": {"<shape>":
@@ -12,7 +13,8 @@ Raw layout: {"h2d": {"<MiB>": {"pinned_GBps", "pageable_GBps"}}, "experts": {"<s
 "bytes", "flops_per_token", "gpu_ms_t<N>"}}, ...}. An expert of P parameters costs 2·N·P
 FLOPs and P·b bytes, so only its bf16 size (P = MiB·2^20 / 2) is needed.
 
-Rebuild the built-ins: `build_builtin_profiles("../shared/hardware", "prescope/profiles")`.
+Rebuild the built-ins: `build_builtin_profiles(HARDWARE_DIR, "prescope/assets/profiles")` (HARDWARE_DIR: the
+measurements shipped with the package; another folder of the same files works in its place).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from prescope.data import read_text, shipped
 from prescope.hardware import cost
 from prescope.hardware.profiles import (
     GB,
@@ -46,6 +49,7 @@ from prescope.hardware.profiles import (
 )
 from prescope.models import twins
 
+HARDWARE_DIR = shipped("hardware")  # the H200 measurements behind the built-in profiles
 MIB = 1 << 20
 MS = 1e-3
 BF16_BYTES = 2
@@ -279,16 +283,16 @@ def host_overhead_from_probes(probes: list[dict[str, Any]], profile: HardwarePro
     return statistics.mean(values)
 
 
-def build_h200_profile(hardware_dir: str | os.PathLike) -> HardwareProfile:
+def build_h200_profile(hardware_dir: str | os.PathLike = HARDWARE_DIR) -> HardwareProfile:
     """The built-in `h200` profile from the H200 measurement file and the resident-loop probes beside it."""
     folder = Path(hardware_dir)
     main_file = "h200-measured-2026-11-28.json"
     probe_files = {"mixtral-8x7b": ("h200-mixtral-twin-8layers-lru-probe-2026-11-28.json", 8),
                    "olmoe-1b-7b": ("h200-olmoe-twin-lru-probe-2026-11-28.json", 16)}
-    measured = json.loads((folder / main_file).read_text())
+    measured = json.loads(read_text(folder / main_file))
     probes, raw_probes = [], {}
     for twin, (file, layers) in probe_files.items():
-        raw_probes[file] = json.loads((folder / file).read_text())
+        raw_probes[file] = json.loads(read_text(folder / file))
         for key in ("resident_loop_ms_r0", "resident_loop_ms_r1"):
             probes.append({"twin": twin, "num_layers": layers, "step_s": raw_probes[file][key] * MS})
     profile = profile_from_measurements(
@@ -297,7 +301,7 @@ def build_h200_profile(hardware_dir: str | os.PathLike) -> HardwareProfile:
             f for f, _ in probe_files.values())),
         description="One NVIDIA H200 on PCIe 5 (about 55 GB/s pinned host-to-device), measured.",
         citation=f"Measured on the project's H200 machine on 2026-11-28 (torch {measured['torch']}): "
-                 f"../shared/hardware/{main_file} and the resident-loop probes beside it.",
+                 f"prescope/assets/data/hardware/{main_file} and the resident-loop probes beside it.",
         host_overhead_per_layer_s=0.0, predict_overhead_s=0.0, plan_overhead_s=0.0,
         notes=("GPU dense/attention model: not measured on this machine; it reuses the expert fit "
                "(launch floor, achieved HBM bandwidth and FLOP rate). `prescope calibrate` measures it.",
@@ -471,7 +475,7 @@ def summary_table(profile: HardwareProfile) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.from_measurements:
-        measured = json.loads(Path(args.from_measurements).read_text())
+        measured = json.loads(read_text(args.from_measurements))
         try:
             profile = _fit(measured, "h2d" not in measured, load_profile(args.base), args.name)
         except KeyError as exc:

@@ -109,7 +109,7 @@ def render_card(card: dict) -> str:
         "# prescope-tiny", "",
         "The prescope project's own small Mixture-of-Experts language model: OLMoE-1B-7B's routing topology "
         f"({arch['num_layers']} MoE layers, {arch['num_experts']} experts, top-{arch['top_k']}) at a tiny width, "
-        "trained on the shared corpus plus Python standard-library source so its routing is learned, not random. "
+        "trained on the corpus shipped with prescope plus Python standard-library source so its routing is learned, not random. "
         "Loads with `transformers.AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.", "",
         "## Architecture", "",
         "| field | value |", "|---|---|",
@@ -133,7 +133,7 @@ def render_card(card: dict) -> str:
               "To be added by the project lead (key `routing_statistics` in `model_card.json`).", "",
               "## Reproduce", "", "```bash", card["command"], "```", "",
               "Corpus: allenai/OLMoE routing texts (Apache-2.0; arxiv, c4, github, wikipedia samples) from "
-              "`../shared/data/corpus`, plus the Python standard library of the preparing interpreter "
+              "`prescope/assets/data/corpus` (shipped with the package), plus the Python standard library of the preparing interpreter "
               f"(Python {card['python']}).", ""]
     return "\n".join(lines)
 
@@ -165,7 +165,7 @@ def load_tiny(dir: Path | str | None = None, dtype: torch.dtype = torch.float32)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `prescope train-tiny`: one per TinyConfig field (--hidden-size ...), plus paths."""
     parser.add_argument("--out", type=Path, required=True, help="output folder (model, or prepared data)")
-    parser.add_argument("--corpus-dir", type=Path, default=None, help="shared corpus (default ../shared/data/corpus)")
+    parser.add_argument("--corpus-dir", type=Path, default=None, help="folder of the corpus files, plain or .xz (default: the copy shipped in prescope/assets/data/corpus)")
     parser.add_argument("--data", type=Path, default=None, help="train from this --prepare-only folder")
     parser.add_argument("--prepare-only", action="store_true", help="write tokenizer and token ids, then stop")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

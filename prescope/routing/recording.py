@@ -162,7 +162,8 @@ class TraceConfig:
 
     model: local model directory ("" = the committed prescope-tiny); name: report stem ("" = the model
     folder's name); prompts_per_domain prompts of exactly prompt_tokens tokens from every corpus domain's
-    held-out documents; corpus_dir "" = ../shared/data/corpus; out_dir: where the files go.
+    held-out documents; corpus_dir "" = the corpus shipped with the package (prescope/assets/data/corpus);
+    out_dir: where the files go.
     """
 
     model: str = ""

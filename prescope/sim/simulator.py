@@ -502,9 +502,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_any_trace(path: str | Path) -> Trace:
-    """A prescope trace (.parquet) or a llama.cpp route trace (.csv)."""
+    """A prescope trace (.parquet) or a llama.cpp route trace (.csv, or .csv.xz as shipped in prescope/assets/data)."""
     path = Path(path)
-    if path.suffix == ".csv":
+    if path.name.removesuffix(".xz").endswith(".csv"):
         from prescope.routing.llamacpp import load_llamacpp_trace
 
         return load_llamacpp_trace(path)

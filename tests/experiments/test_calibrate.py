@@ -1,7 +1,6 @@
 """Calibration: fitting synthetic measurements, the real CPU measurement path, the CLI."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,7 @@ from prescope.experiments import calibrate
 from prescope.hardware import cost
 from prescope.hardware.profiles import ComputeModel, load_profile
 
-HARDWARE = Path(__file__).resolve().parents[2].parent / "shared" / "hardware"
-H200_FILE = HARDWARE / "h200-measured-2026-11-28.json"
+H200_FILE = calibrate.HARDWARE_DIR / "h200-measured-2026-11-28.json"  # shipped with the package
 MIB, MS = 2**20, 1e-3
 GPU = ComputeModel(0.1e-3, 3000.0, 600.0)
 CPU_BF16 = ComputeModel(0.2e-3, 80.0, 4.0)
@@ -94,7 +92,6 @@ def test_without_cuda_the_gpu_parts_are_refused_clearly():
         calibrate.calibrate("cuda", progress=False)
 
 
-@pytest.mark.skipif(not H200_FILE.exists(), reason="needs ../shared/hardware")
 def test_cli_fits_a_stored_measurement_file(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert cli.main(["calibrate", "--out", str(out), "--from-measurements", str(H200_FILE)]) == 0

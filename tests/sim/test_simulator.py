@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA, tiny_model
+from conftest import DATA, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -154,7 +154,7 @@ def test_lower_bound_counts_the_misses_of_an_optimal_cache():
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_no_policy_beats_the_any_placement_bound(policy):
-    tr = load_llamacpp_trace(SHARED_DATA / "routing" / "qwen3-30b-a3b.route.csv")
+    tr = load_llamacpp_trace(DATA / "routing" / "qwen3-30b-a3b.route.csv")
     r = replay(tr, policy, "h200", budget_share=0.25, max_steps=24)
     assert (r.summary["lower_bound"] <= r.summary["latency"] * (1 + 1e-9)).all()
 
@@ -350,10 +350,10 @@ def test_invariants_on_random_traces(case):
 
 # ---- real data, the real-computation mode, the command line, speed -----------------------------------
 
-def test_replay_of_a_real_llamacpp_trace(shared_data):
+def test_replay_of_a_real_llamacpp_trace(shipped_data):
     from prescope.routing.llamacpp import load_llamacpp_trace
 
-    tr = load_llamacpp_trace(shared_data / "routing" / "qwen3-30b-a3b.route.csv")
+    tr = load_llamacpp_trace(shipped_data / "routing" / "qwen3-30b-a3b.route.csv")
     r = replay(tr, "on_demand_lru", "h200", budget_share=0.05, max_steps=8)
     assert r.totals["steps"] == 8 and 0.0 < r.totals["hit_rate"] < 1.0
     assert r.totals["bytes_moved"] == r.totals["loads_on_demand"] * tr.layout.expert_bytes

@@ -128,8 +128,8 @@ def test_h200_tables_and_fidelity_scaling():
         steps.h200_tables(ROOT / "notebooks")
 
 
-def test_real_traces(shared_data, tmp_path):
-    traces = steps.real_traces(shared_data)
+def test_real_traces(shipped_data, tmp_path):
+    traces = steps.real_traces(shipped_data)
     assert set(traces) == set(steps.REAL_TRACES)
     assert traces["qwen3-30b-a3b"].layout.num_moe_layers == 48
     with pytest.raises(FileNotFoundError, match="not found in"):
