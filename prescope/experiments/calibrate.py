@@ -28,10 +28,8 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prescope.data import read_text, shipped
@@ -47,7 +45,9 @@ from prescope.hardware.profiles import (
     save_profile,
     scale_profile,
 )
-from prescope.models import twins
+
+if TYPE_CHECKING:  # torch and the twins load in the functions that measure, so `--help` starts fast
+    import torch
 
 HARDWARE_DIR = shipped("hardware")  # the H200 measurements behind the built-in profiles
 MIB = 1 << 20
@@ -88,6 +88,8 @@ class CalibrationError(ValueError):
 
 def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
     """Median seconds of `fn` on the current CUDA stream, between CUDA events."""
+    import torch
+
     for _ in range(warmup):
         fn()
     times = []
@@ -121,6 +123,8 @@ def time_host(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[
 def expert_weights(hidden: int, intermediate: int, dtype: torch.dtype, device: str | torch.device,
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random gated-expert weights in the transformers layout: gate_up [2I, H], down [H, I]."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     gate_up = torch.randn(2 * intermediate, hidden, generator=gen).to(device, dtype)  # [2I, H]
     down = torch.randn(hidden, intermediate, generator=gen).to(device, dtype)  # [H, I]
@@ -128,12 +132,16 @@ def expert_weights(hidden: int, intermediate: int, dtype: torch.dtype, device: s
 
 
 def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [N, I] each
     return F.linear(F.silu(gate) * up, down)  # [N, H]
 
 
 def measure_h2d(sizes_mb: tuple[int, ...], device: str, repeats: int, warmup: int) -> tuple[dict, float]:
     """Pinned and pageable host-to-device GB/s per size (MiB), and the time of a 4 KiB pinned copy."""
+    import torch
+
     out = {}
     for mb in sizes_mb:
         n = int(mb * MIB)
@@ -154,6 +162,8 @@ def measure_h2d(sizes_mb: tuple[int, ...], device: str, repeats: int, warmup: in
 def measure_expert(hidden: int, intermediate: int, token_counts: tuple[int, ...], device: str,
                    dtype: torch.dtype, repeats: int, warmup: int) -> dict[str, float]:
     """Milliseconds of N tokens through one gated expert, per N, on `device` ('cpu' uses all cores)."""
+    import torch
+
     gate_up, down = expert_weights(hidden, intermediate, dtype, device)
     on_cuda = torch.device(device).type == "cuda"
     out = {}
@@ -169,6 +179,9 @@ def measure_dense(hidden: int, heads: int, context: int, token_counts: tuple[int
                   dtype: torch.dtype, repeats: int, warmup: int) -> dict[str, float]:
     """An attention-layer proxy: RMS norm, fused QKV [3H, H], SDPA over `context` cached positions,
     output projection [H, H]. Returns its parameters, bytes read, FLOPs per token and times."""
+    import torch
+    import torch.nn.functional as F
+
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(3 * hidden, hidden, generator=gen).to(device, dtype)  # [3H, H]
     o = torch.randn(hidden, hidden, generator=gen).to(device, dtype)  # [H, H]
@@ -195,6 +208,10 @@ def measure_dense(hidden: int, heads: int, context: int, token_counts: tuple[int
 def measure_host_overhead(device: str, repeats: int, warmup: int) -> float:
     """Seconds of host work per decoder layer: a tiny-width twin (whose kernels take no GPU time to
     speak of) at 2 and 4 layers, one token; the difference per layer is launch and Python time."""
+    import torch
+
+    from prescope.models import twins
+
     times = {}
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for layers in (2, 4):
@@ -207,6 +224,8 @@ def measure_host_overhead(device: str, repeats: int, warmup: int) -> float:
 
 def measure_predictor_proxy(device: str, repeats: int, warmup: int) -> float:
     """Seconds of one small MLP forward (Linear, GELU, Linear) on one token: a predictor call."""
+    import torch
+
     w = PREDICTOR_PROXY_WIDTH
     mlp = torch.nn.Sequential(torch.nn.Linear(w, w), torch.nn.GELU(), torch.nn.Linear(w, w)).to(device)
     x = torch.randn(1, w, device=device)  # [1, w]
@@ -271,6 +290,8 @@ def host_overhead_from_probes(probes: list[dict[str, Any]], profile: HardwarePro
     """Mean per-layer host time implied by resident decode probes at batch 1: step / L minus the
     modelled GPU work of a layer (K experts of one token, plus the layer's non-expert work).
     Each probe: {"twin", "num_layers", "step_s"}."""
+    from prescope.models import twins
+
     if not probes:
         raise CalibrationError("need at least one resident decode probe")
     values = []
@@ -343,6 +364,8 @@ def build_builtin_profiles(hardware_dir: str | os.PathLike, out_dir: str | os.Pa
 
 
 def _shape_dims(shape: str | tuple[int, int]) -> tuple[int, int]:
+    from prescope.models import twins
+
     if isinstance(shape, str):
         size = twins.twin_sizes(shape)
         return size["hidden_size"], size["expert_intermediate_size"]
@@ -368,6 +391,10 @@ def calibrate(device: str = "cuda", sizes_mb: tuple[int, ...] = (1, 4, 16, 64, 2
     Without CUDA, or with `cpu_only`, only the CPU expert models are measured and the link, GPU and
     host-overhead parts are copied from the `base` profile (noted in the profile).
     """
+    import torch
+
+    from prescope.models import twins
+
     has_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
     if not cpu_only and not has_cuda:
         raise CalibrationError(

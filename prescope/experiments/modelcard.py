@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from prescope.data import shipped
 from prescope.files import git_revision, write_atomic
@@ -45,6 +44,8 @@ def trace_statistics(trace: Trace) -> dict:
 
 def card_statistics(data_dir: Path, prompts_per_domain: int = 4, prompt_tokens: int = 64,
                     max_new_tokens: int = 32) -> dict:
+    import torch
+
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a small shared machine
     model, tokenizer = load_tiny()
     card = json.loads((TINY_DIR / "model_card.json").read_text())
@@ -97,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=str(shipped()),
                         help="data folder holding corpus/ and routing/ (files plain or .xz; default: the copy "
                              "shipped in prescope/assets/data)")
-    parser.add_argument("--prompts-per-domain", type=int, default=4)
+    parser.add_argument("--prompts-per-domain", type=int, default=4,
+                        help="held-out prompts of each corpus domain recorded (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

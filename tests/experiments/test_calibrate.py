@@ -9,6 +9,7 @@ from prescope import cli
 from prescope.experiments import calibrate
 from prescope.hardware import cost
 from prescope.hardware.profiles import ComputeModel, load_profile
+from prescope.models import twins
 
 H200_FILE = calibrate.HARDWARE_DIR / "h200-measured-2026-11-28.json"  # shipped with the package
 MIB, MS = 2**20, 1e-3
@@ -56,7 +57,7 @@ def test_expert_points_derive_bytes_and_flops_from_the_bf16_size():
 
 def test_host_overhead_from_probes_subtracts_the_modelled_gpu_work():
     p = load_profile("h200")
-    size = calibrate.twins.twin_sizes("mixtral-8x7b", 8)
+    size = twins.twin_sizes("mixtral-8x7b", 8)
     gpu = 2 * cost.gpu_expert_time(1, 4096, 14336, 2, p) + cost.dense_time(
         1, size["non_expert_params_per_moe_layer"], 2, p)
     got = calibrate.host_overhead_from_probes([{"twin": "mixtral-8x7b", "num_layers": 8, "step_s": 8 * 2e-3}], p)
