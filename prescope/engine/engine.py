@@ -33,7 +33,7 @@ from prescope.models import adapter
 from prescope.policies import make_policy
 from prescope.policies.base import LayerView, Policy, costs_for
 from prescope.policies.cache import CacheError, ExpertCache, Key
-from prescope.timeline import make_timeline, step_summary
+from prescope.timeline import host_device, make_timeline, measured_profile, step_summary
 
 TIMELINE_COLUMNS = ("lane", "step", "layer", "expert", "kind", "tokens", "bytes", "start", "end")
 
@@ -434,7 +434,7 @@ class Engine:
 
 
 def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return measured_profile(host_device(device))  # "host:NVIDIA H200", "host:x86_64-2cpu": one scheme
 
 
 def _dispatch(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

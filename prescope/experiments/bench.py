@@ -50,6 +50,7 @@ import pandas as pd
 
 from prescope.config import EngineConfig
 from prescope.files import git_revision, write_atomic
+from prescope.timeline import host_device, measured_profile
 
 if TYPE_CHECKING:  # torch, the engine and the models load in the functions that measure: `--help` starts fast
     import torch
@@ -255,7 +256,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"config": asdict(cfg), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": host_device(device),
             "torch": torch.__version__, "source": "measured"}
     rows, routes, timelines, failed = [], {}, [], []
     meta["failed"] = failed
@@ -487,7 +488,7 @@ def bench_table(path: str | Path) -> pd.DataFrame:
     rows = [dict(r) for r in data["cells"]]
     _add_ratios(rows)
     table = pd.DataFrame(rows)
-    table.attrs.update(source=data.get("source", "measured"), profile=data.get("device", ""),
+    table.attrs.update(source=data.get("source", "measured"), profile=measured_profile(data.get("device", "?")),
                        git_revision=data.get("git_revision", "unknown"))
     return table
 

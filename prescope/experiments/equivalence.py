@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from prescope.config import EngineConfig
 from prescope.files import git_revision, write_atomic
 from prescope.policies import POLICIES
+from prescope.timeline import host_device
 
 if TYPE_CHECKING:  # torch and the models load where the check runs, so `--help` starts fast
     import torch
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         rows += check_model(spec, device)
         for r in rows[-6:]:
             print(r, flush=True)
-    result = {"source": "measured", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    result = {"source": "measured", "device": host_device(device),
               "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(), "torch": torch.__version__,
               "rows": rows}
     write_atomic(args.out, json.dumps(result, indent=1))
