@@ -3,7 +3,7 @@
 One notebook run (`run_notebook`) writes, in its output folder and always atomically:
 `<stem>.ipynb` (the executed notebook), `<stem>.html` (rendered, plotly figures embedded with plotly.js
 inline once per page so the page works offline) and, last, `<stem>.metrics.json` (what the notebook
-recorded with `prescope.metrics.record_metrics`). The metrics file is written last: its presence means
+recorded with `prescope.workbench.metrics.record_metrics`). The metrics file is written last: its presence means
 the run finished. A failing notebook yields a result carrying its error, not an exception, so one
 failure never stops the others; `report_all` runs every notebook on its defaults and writes
 `index.html`, and the command exits non-zero if any failed.

@@ -15,7 +15,6 @@ attention's GPU work, and the fastest link/CPU split of what an optimal cache mu
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -118,7 +117,7 @@ def takes_lookahead(policy: str) -> bool:
     """Whether the policy named `policy` has a lookahead distance (layers predicted ahead)."""
     if policy not in POLICIES:
         raise WorkbenchError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
-    return "lookahead" in inspect.signature(POLICIES[policy]).parameters
+    return "lookahead" in POLICIES[policy].options_type.names()
 
 
 def named_policy(policy: str, lookahead: int | None = None) -> Policy:
@@ -400,9 +399,10 @@ def best_per_cell(table: pd.DataFrame) -> pd.DataFrame:
     """Per run, model, budget and batch: the contending policy with the highest decode throughput, and
     prescope's throughput against it and against on_demand_lru (NaN where prescope did not run). Ablation
     variants (`name[k=v]`, `name+sync`, `prescope+cal`) are not contenders: each is one policy's option."""
-    from prescope.experiments.bench import policy_variant
+    from prescope.policies import parse_policy
 
-    variant = table["policy"].map(lambda name: policy_variant(name) != (name, False, {}))
+    references = set(REFERENCES)
+    variant = table["policy"].map(lambda name: name not in references and parse_policy(name).is_variant)
     contenders = table[~table["policy"].isin(REFERENCES) & ~variant]
     rows = []
     for (run, model, budget, batch), cell in contenders.groupby(["run", "model", "budget", "batch"], sort=False):
