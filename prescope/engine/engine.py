@@ -41,6 +41,7 @@ from prescope.policies import make_policy
 from prescope.policies.base import LayerView, Policy, costs_for
 from prescope.policies.cache import ExpertCache, Key
 from prescope.policies.protocol import Executor, fill, preload, run_layer, slots_for
+from prescope.timeline import host_device, measured_profile
 
 
 def resolve_device(name: str) -> torch.device:
@@ -422,7 +423,7 @@ class Engine(Executor):
 
 
 def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return measured_profile(host_device(device))  # "host:NVIDIA H200", "host:x86_64-2cpu": one scheme
 
 
 def _dispatch(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

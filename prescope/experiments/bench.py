@@ -43,19 +43,23 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 from prescope.config import EngineConfig
-from prescope.engine.engine import Engine
 from prescope.experiments import bounds
-from prescope.experiments.subjects import Subject, build_bench_subject, build_subject, generate, prompt_ids
 from prescope.files import git_revision, write_atomic
-from prescope.models import adapter
 from prescope.policies import parse_policy
-from prescope.routing.replay import RoutingReplay
+from prescope.timeline import host_device, measured_profile
+
+if TYPE_CHECKING:  # torch, the engine and the models load in the functions that measure: `--help` starts fast
+    import torch
+
+    from prescope.engine.engine import Engine
+    from prescope.experiments.subjects import Subject
+    from prescope.routing.replay import RoutingReplay
 
 RESIDENT = "resident"
 STOCK = "stock"  # transformers' fastest experts implementation on the device (`experts_implementation`)
@@ -105,6 +109,8 @@ class BenchConfig:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -138,6 +144,8 @@ def measure_stocks(model, batch: int, cfg: BenchConfig, device: torch.device, pr
 def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device, prompts: np.ndarray | None = None,
                   new_tokens: int | None = None) -> dict:
     """Stock decode: per-step latency from host timestamps around synchronised forward calls."""
+    from prescope.experiments.subjects import generate
+
     stamps = []
 
     def stamp(kind: str):
@@ -171,6 +179,10 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
     against the stock run's `stock` [B, T]) and a fully timed run (timeline). With `cfg.graphs` the engine
     decodes through `engine.generate` (static cache, CUDA graphs), whose first decode step runs eagerly to
     warm up: the decode metrics are the captured steps'."""
+    import torch
+
+    from prescope.models import adapter
+
     layout = engine.layout
     engine.set_timing("steps")
     engine.set_replay(replay)
@@ -236,6 +248,8 @@ def _engine_generate(engine: Engine, model, batch: int, cfg: BenchConfig, new_to
                      prompts: np.ndarray | None) -> tuple[torch.Tensor, str]:
     """(generated ids on the CPU, how the decode steps ran): `engine.generate` with `cfg.graphs`, else
     transformers' `generate` through the engine."""
+    from prescope.experiments.subjects import generate, prompt_ids
+
     if not cfg.graphs:
         return generate(model, batch, cfg.input_len, new_tokens, seed, prompts).cpu(), "eager"
     ids = prompt_ids(model, batch, cfg.input_len, seed, prompts)
@@ -262,12 +276,30 @@ def _timeline_metrics(timeline: pd.DataFrame, steps: pd.DataFrame, expert_bytes:
             if total else None}
 
 
+def require_device(device: str) -> None:
+    """A clear error, before anything is built, when `device` is CUDA and this torch has none."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else "sees no CUDA device"
+        raise ValueError(f"--device {device}: this machine's torch {torch.__version__} {built}; `prescope bench` "
+                         "measures on a GPU (run it there, or pass --device cpu for the engine's CPU twin; "
+                         "`prescope simulate-compare` gives simulated results)")
+
+
 def run_bench(cfg: BenchConfig) -> list[dict]:
+    require_device(cfg.device)
+    import torch
+
+    from prescope.engine.engine import Engine
+    from prescope.experiments.subjects import build_bench_subject
+    from prescope.models import adapter
+
     device = torch.device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"config": asdict(cfg), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": host_device(device),
             "torch": torch.__version__, "source": "measured"}
     rows, routes, timelines, failed = [], {}, [], []
     meta["failed"] = failed
@@ -351,6 +383,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
 
 def replay_route(replay: RoutingReplay, decode_steps: int) -> np.ndarray:
     """The replay's routing of its first `decode_steps` decode steps, [T', L, B, K] int16."""
+    import torch
+
     span = replay.experts[:, replay.prompt_len:replay.prompt_len + decode_steps]  # [B, T', L, K]
     return span.permute(1, 2, 0, 3).to(torch.int16).cpu().numpy()
 
@@ -372,6 +406,8 @@ def median_round(rounds: list[tuple]) -> tuple:
 
 
 def _free(device: torch.device) -> None:
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -381,7 +417,10 @@ def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: to
     """accelerate's offload of a fresh copy of the model at each budget (native routing: it moves the same
     offloaded weights at every forward whatever the routing), `accelerate_tokens` decode steps; yields each
     row as it is measured."""
+    import torch
+
     from prescope.experiments import hfoffload
+    from prescope.experiments.subjects import build_subject
 
     for budget in cfg.budgets if cfg.accelerate_batches else ():
         fresh = build_subject(spec.split("@")[0], device, cfg.seed).to("cpu")
@@ -409,6 +448,8 @@ def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, re
     distances, from recorded router inputs `hidden` [L, H], until the host can read the scores (as the
     planner does), median over `repeats`, averaged over layers; eagerly (`us_per_layer`) and replayed from
     a CUDA graph as the prescope policy runs it (`us_per_layer_graph`, predict.graphs.GraphCache)."""
+    import torch
+
     from prescope.predict.graphs import GraphCache
 
     L, graphs = hidden.shape[0], GraphCache()
@@ -484,7 +525,7 @@ def bench_table(path: str | Path) -> pd.DataFrame:
     rows = [dict(r) for r in data["cells"]]
     _add_ratios(rows)
     table = pd.DataFrame(rows)
-    table.attrs.update(source=data.get("source", "measured"), profile=data.get("device", ""),
+    table.attrs.update(source=data.get("source", "measured"), profile=measured_profile(data.get("device", "?")),
                        git_revision=data.get("git_revision", "unknown"))
     return table
 
@@ -509,20 +550,34 @@ def _flush(out: Path, meta: dict, rows: list[dict], routes: dict, timelines: lis
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
-    parser.add_argument("--models", nargs="+", default=list(d.models))
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(d.batch_sizes))
-    parser.add_argument("--policies", nargs="+", default=list(d.policies))
-    parser.add_argument("--budgets", nargs="+", type=float, default=list(d.budgets))
+    parser.add_argument("--models", nargs="+", default=list(d.models),
+                        help="shape twins, each NAME or NAME:LAYERS, or TWIN@prescope-tiny (the twin driven by "
+                             "prescope-tiny's routing on held-out text) (default: %(default)s)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(d.batch_sizes),
+                        help="batch sizes to measure (default: %(default)s)")
+    parser.add_argument("--policies", nargs="+", default=list(d.policies),
+                        help="policies to measure, each optionally NAME+sync (AsyncIO off), prescope+cal or "
+                             "NAME[key=value,...] (default: every policy)")
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(d.budgets),
+                        help="GPU expert budgets, as shares of all L·E experts (default: %(default)s)")
+    helps = {"input_len": "prompt tokens per sequence", "output_len": "generated tokens per sequence",
+             "timeline_tokens": "decode tokens of the second, fully timed run that draws the timeline (0 = skip it)",
+             "seed": "seed of the random prompts and of the twins' weights",
+             "device": "CUDA device to measure on (cpu runs the engine's CPU twin: a smoke test, not a timing)",
+             "profile": "hardware profile (built-in name or JSON) the cost-aware policies weigh",
+             "out": "folder for bench.json, routing.npz and timelines.parquet"}
     for name in ("input_len", "output_len", "timeline_tokens", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name),
+                            help=helps[name] + " (default: %(default)s)")
     for name in ("device", "profile", "out"):
-        parser.add_argument(f"--{name}", default=getattr(d, name))
+        parser.add_argument(f"--{name}", default=getattr(d, name), help=helps[name] + " (default: %(default)s)")
     parser.add_argument("--predictor", help="LLaPor checkpoint for `prescope` (used where its layout matches)")
     parser.add_argument("--prompts", help="prescope-tiny's prompts: 'heldout' (held-out corpus windows) or a .npy "
-                        "[rows, >= input_len] of token ids (bench.heldout_prompts, saved with np.save)")
+                        "[rows, >= input_len] of token ids (subjects.heldout_prompts, saved with np.save)")
     parser.add_argument("--accelerate-batches", nargs="*", type=int, default=list(d.accelerate_batches),
                         help="batch sizes of the accelerate offload rows (none: skip them)")
-    parser.add_argument("--accelerate-tokens", type=int, default=d.accelerate_tokens)
+    parser.add_argument("--accelerate-tokens", type=int, default=d.accelerate_tokens,
+                        help="decode tokens of each accelerate offload row (it is slow) (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=d.repeats,
                         help="rounds over every engine cell, interleaved; each row is the median round's, with "
                              "every round's decode median and their spread")

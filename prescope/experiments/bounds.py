@@ -18,15 +18,16 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 HBM_COPY_BYTES = 1 << 30  # large enough to run at full bandwidth, far past the L2
 H2D_COPY_BYTES = 1 << 28
 COPY_REPEATS = 5
 
 
-def measure_bandwidths(device: torch.device) -> dict:
+def measure_bandwidths(device) -> dict:
     """{"hbm_GBps", "h2d_GBps"} measured with timed copies (medians of a few), or {} off CUDA."""
+    import torch
+
     if device.type != "cuda":
         return {}
 

@@ -78,7 +78,7 @@ HELDOUT = "heldout"
 
 def heldout_prompts(input_len: int, per_domain: int = 13) -> np.ndarray:
     """[rows, input_len] token ids: windows of prescope-tiny's held-out text, `per_domain` from each domain
-    (needs the corpus, ../shared/data); save with np.save to carry them to a machine without it."""
+    (the corpus shipped with the package); save with np.save to carry them to a machine without prescope."""
     from prescope.models.corpus import default_corpus_dir
     from prescope.models.tiny import TinyConfig, load_tiny
     from prescope.predict.accuracy import corpus_prompts
