@@ -1,6 +1,6 @@
 """Import llama.cpp route traces (`*.route.csv`, format `route_trace v1`) into a `Trace`.
 
-The format (../shared/data/README.md): a header of `#` lines, then a CSV.
+The format (prescope/assets/data/README.md; two real traces ship there): a header of `#` lines, then a CSV.
   # route_trace v1
   # model=<path> arch=<arch> n_layer=<int> n_expert=<int> n_expert_used=<int>
   # layer=<i> expert_bytes=<int> dense_bytes=<int>        (one line per layer, i = 0..n_layer-1)
@@ -31,15 +31,18 @@ from __future__ import annotations
 
 import csv
 import io
+import lzma
 import math
 import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
 
+from prescope import data
 from prescope.layout import ModelLayout
 from prescope.routing.trace import MISSING, Trace
 
@@ -82,6 +85,12 @@ def _int(path: Path, lineno: int, what: str, text: str, lo: int = 0, hi: int | N
         bound = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
         raise RouteCsvError(f"{path}:{lineno}: {what}={value} out of range, expected {bound}")
     return value
+
+
+def _open(path: Path) -> BinaryIO:
+    """The bytes of the file `path` names (`data.resolve`: itself, or its .xz copy, decompressed as read)."""
+    found = data.resolve(path)
+    return lzma.open(found, "rb") if found.suffix == data.XZ else open(found, "rb")
 
 
 def _lines(path: Path, f) -> Iterator[tuple[int, str]]:
@@ -290,7 +299,7 @@ def _take(lines: Iterator[tuple[int, str]], n: int) -> list[tuple[int, str]]:
 
 def _first_line(path: Path, groups: set[tuple[int, int, int]]) -> tuple[int, tuple[int, int, int]]:
     """(line, (turn, step, layer)) of the first row of any of these groups: read again only for an error."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for lineno, raw in enumerate(f, start=1):
             parts = next(csv.reader([raw.decode("utf-8", errors="replace")]), [])
             if len(parts) == len(COLUMNS) and all(re.fullmatch(r"\s*\d+\s*", p) for p in parts[:4]):
@@ -335,21 +344,22 @@ def _check_groups(path: Path, rows: _Rows, moe: list[int]) -> None:
 
 
 def load_llamacpp_trace(path, domain: str = "", max_decode_steps: int | None = None) -> Trace:
-    """Read and validate a llama.cpp route trace; every malformed line gets a RouteCsvError with its number.
-    `max_decode_steps`: stop at the first row after that many decode steps (what a short replay needs)."""
+    """Read and validate a llama.cpp route trace (plain or .xz); every malformed line gets a RouteCsvError
+    with its number. `max_decode_steps`: stop at the first row after that many decode steps (what a short
+    replay needs)."""
     path = Path(path)
-    if not path.is_file():
+    if not data.exists(path):
         raise FileNotFoundError(f"route trace {path} does not exist")
     if max_decode_steps is not None and max_decode_steps < 1:
         raise RouteCsvError(f"max_decode_steps must be >= 1 (or None for all), got {max_decode_steps}")
-    with open(path, "rb") as f:
+    with _open(path) as f:
         lines = _lines(path, f)
         model, expert_bytes = _read_header(path, lines)
         moe = [i for i, b in enumerate(expert_bytes) if b > 0]
         if not moe:
             raise RouteCsvError(f"{path}: no layer has expert_bytes > 0, so no MoE layer")
         rows = _Rows(path, model["n_layer"], model["n_expert"], model["n_expert_used"], moe, max_decode_steps)
-        rows.read(lines, path.stat().st_size)
+        rows.read(lines, data.resolve(path).stat().st_size)
     if not rows.tokens:
         raise RouteCsvError(f"{path}: no routing rows after the header")
     _check_groups(path, rows, moe)

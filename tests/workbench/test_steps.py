@@ -98,7 +98,7 @@ def test_measure_policies_runs_the_engine_and_reproduces_the_stock_tokens(tiny):
                                                   budget_share=0.25, max_new_tokens=3)
     row = table.iloc[0]
     assert bool(row["same_tokens"]) and row["steps"] == 2 and row["loads_on_demand"] > 0
-    assert table.attrs == {"source": "measured", "profile": "cpu"}
+    assert table.attrs == {"source": "measured", "profile": tl.measured_profile(tl.host_device("cpu"))}
     assert timelines["on_demand_lru"].attrs["source"] == "measured"
 
 
@@ -115,9 +115,9 @@ def test_resolve_mode():
 
 def test_h200_tables_and_fidelity_scaling():
     bench, fidelity = steps.h200_tables(H200)
-    assert bench.attrs["source"] == "measured" and bench.attrs["profile"] == "NVIDIA H200"
+    assert bench.attrs["source"] == "measured" and bench.attrs["profile"] == "host:NVIDIA H200"
     assert {"mixtral-8x7b", "olmoe-1b-7b"} <= set(bench["model"])
-    assert fidelity.attrs["measured_on"] == "NVIDIA H200" and fidelity.attrs["profile"]
+    assert fidelity.attrs["measured_on"] == "host:NVIDIA H200" and fidelity.attrs["profile"]
     scaling = steps.fidelity_scaling(fidelity, "mixtral-8x7b")
     cells = int((fidelity["model"] == "mixtral-8x7b").sum())
     assert len(scaling) == 2 * cells and set(scaling["source"]) == {"measured", "simulated"}
@@ -128,8 +128,8 @@ def test_h200_tables_and_fidelity_scaling():
         steps.h200_tables(ROOT / "notebooks")
 
 
-def test_real_traces(shared_data, tmp_path):
-    traces = steps.real_traces(shared_data)
+def test_real_traces(shipped_data, tmp_path):
+    traces = steps.real_traces(shipped_data)
     assert set(traces) == set(steps.REAL_TRACES)
     assert traces["qwen3-30b-a3b"].layout.num_moe_layers == 48
     with pytest.raises(FileNotFoundError, match="not found in"):
@@ -149,7 +149,7 @@ def test_measured_scaling_takes_one_run_per_model():
 def test_comparison_table_ratios_within_each_run_and_the_winner_of_each_cell():
     folder = ROOT / "reports" / "h200" / "comparison"
     table = steps.comparison_table(folder, ["mixtral4-3d15d9b", "qwen3-8-3d15d9b"])
-    assert table.attrs == {"source": "measured", "profile": "NVIDIA H200"}
+    assert table.attrs == {"source": "measured", "profile": "host:NVIDIA H200"}
     assert set(table["run"]) == {"mixtral4-3d15d9b", "qwen3-8-3d15d9b"} and set(table["git_revision"]) == {"3d15d9b"}
     lru = table[table["policy"] == "on_demand_lru"]
     assert np.allclose(lru["vs_on_demand_lru"], 1.0)

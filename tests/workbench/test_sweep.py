@@ -350,3 +350,14 @@ def test_cli_checks_the_output_folder_and_timeout_first(tmp_path, capsys):
     assert "FILE is a file" in capsys.readouterr().err
     assert cli.main(["sweep", str(grid_file), "--cell-timeout-s", "-1"]) == 2
     assert "--cell-timeout-s -1.0: give seconds > 0, or 0 for no limit" in capsys.readouterr().err
+def test_the_grid_example_in_the_module_docstring_fits_its_notebook(tmp_path):
+    """The example a reader copies names parameters the notebook really has, with their types."""
+    doc = sweep.__doc__.split("Grid file, YAML or JSON:\n\n", 1)[1]
+    example = "\n".join(line[4:] for line in doc.split("\n\n", 1)[0].splitlines())
+    (tmp_path / "grids").mkdir()
+    grid_file = tmp_path / "grids" / "example.yaml"
+    grid_file.write_text(example)
+    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "03_presched.ipynb"
+    assert "../notebooks/03_presched.ipynb" in example
+    cells = sweep.load_grid(grid_file, notebook=notebook).check()
+    assert len(cells) == 4 and all(cell["max_steps"] == 8 for cell in cells)
