@@ -49,7 +49,8 @@ import pandas as pd
 
 from prescope.config import EngineConfig, check_types
 from prescope.experiments import bounds
-from prescope.files import check_output, git_revision, read_json, write_json, write_npz, write_parquet
+from prescope.experiments.benchfile import read_bench, write_bench
+from prescope.files import check_output, git_revision
 from prescope.policies import parse_policy
 from prescope.timeline import host_device, measured_profile
 
@@ -97,10 +98,10 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        if not (self.batch_sizes and self.budgets and self.policies and self.models):
-            raise ValueError("models, batch sizes, policies and budgets need at least one value each")
-        if min(self.batch_sizes) < 1 or self.input_len < 1 or self.output_len < 2:
-            raise ValueError("batch sizes and input_len must be >= 1 and output_len >= 2")
+        if not (self.models and self.policies and self.budgets and self.batch_sizes) or min(self.batch_sizes) < 1 \
+                or self.input_len < 1 or self.output_len < 2:
+            raise ValueError("models, policies, budgets and batch sizes need a value each; batch sizes and input_len "
+                             "must be >= 1 and output_len >= 2")
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1 round, got {self.repeats}")
         for b in self.budgets:
@@ -321,7 +322,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                 route = replay_route(replays[batch], len(measured["decode_ms_steps"]))
                 rows.append({**base, "budget": 1.0, "batch": batch, "routing": "native", **measured,
                              "step_bytes": _mean_step_bytes(route, layout, sizes, batch, cfg)})
-            _flush(out, meta, rows, routes, timelines)
+            write_bench(out, meta, rows, routes, timelines)
         overhead = None
         if subject.llapor is not None and subject.source is None and device.type == "cuda":
             overhead = {"model": name, **predictor_overhead(subject.llapor, subject.router_inputs(cfg), device)}
@@ -366,20 +367,20 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     if len(timeline):
                         timelines.append(timeline.assign(model=name, policy=policy_name, budget=budget, batch=batch))
                     print(_line(rows[position[cell]]), flush=True)
-                _flush(out, meta, rows, routes, timelines)
+                write_bench(out, meta, rows, routes, timelines)
             engine.close()
             del engine, policy
             _free(device)
         if device.type == "cuda":
             for row in measure_accelerate(spec, subject, cfg, device, base):
                 rows.append(row)
-                _flush(out, meta, rows, routes, timelines)
+                write_bench(out, meta, rows, routes, timelines)
         del model, subject
         _free(device)
     meta["predictor_overhead"] = [_overhead_shares(o, rows) for o in meta.get("predictor_overhead", [])]
     _add_ratios(rows)
     bounds.add_bounds(rows, meta["bandwidths"], RESIDENT, (STOCK, STOCK_EAGER))
-    _flush(out, meta, rows, routes, timelines)
+    write_bench(out, meta, rows, routes, timelines)
     return rows
 
 
@@ -521,35 +522,6 @@ def _add_ratios(rows: list[dict], link_gbps: float | None = None) -> None:
         r["regime"] = "link-bound" if link_ms > ref["decode_ms_median"] else "host-bound"
 
 
-# What readers of a bench.json rely on (fidelity, comparisons, reports): key -> (type, what it is)
-BENCH_CONFIG_KEYS = {"models": (list, "a list of model specs"), "input_len": (int, "an int"),
-                     "profile": (str, "a profile name or path")}
-BENCH_CELL_KEYS = {"model": (str, "a string"), "policy": (str, "a string"), "budget": ((int, float), "a number"),
-                   "batch": (int, "an int"), "decode_ms_median": ((int, float), "a number"),
-                   "decode_tok_s": ((int, float), "a number")}
-
-
-def read_bench(path: str | Path) -> dict:
-    """A bench.json, verified (`files.read_json`) and checked for every key its readers use, so a file edited
-    or cut by hand is refused naming the cell and the key, not met later as a KeyError."""
-    data = read_json(path, "bench JSON")
-
-    def check(record: object, keys: dict, where: str) -> None:
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: {where} must be an object, got {record!r:.60}")
-        for key, (kind, what) in keys.items():
-            value = record.get(key)
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise ValueError(f"{path}: {where} needs {key!r} as {what}, got {value!r:.60}")
-
-    check(data.get("config"), BENCH_CONFIG_KEYS, "config")
-    if not isinstance(data.get("cells"), list):
-        raise ValueError(f"{path}: `cells` must be a list of measured cells")
-    for i, cell in enumerate(data["cells"]):
-        check(cell, BENCH_CELL_KEYS, f"cell {i}")
-    return data
-
-
 def bench_table(path: str | Path) -> pd.DataFrame:
     """The cells of a bench.json with ratios and regimes, for reports and notebooks."""
     data = read_bench(path)
@@ -566,13 +538,6 @@ def _line(r: dict) -> str:
             f"{r['decode_tok_s']:9.1f} tok/s {r['decode_ms_median']:8.2f} ms/step loads/step="
             f"{r.get('loads_per_step', 0):6.1f} host/layer={r.get('host_ms_per_layer', 0):.3f} ms "
             f"h2d={r.get('h2d_GBps_median') or 0:.1f} GB/s idle={r.get('gpu_idle_share') or 0:.2f}")
-
-
-def _flush(out: Path, meta: dict, rows: list[dict], routes: dict, timelines: list[pd.DataFrame]) -> None:
-    write_json(out / "bench.json", {**meta, "cells": rows})
-    write_npz(out / "routing.npz", {k.replace("|", "__"): v for k, v in routes.items()})
-    if timelines:
-        write_parquet(out / "timelines.parquet", pd.concat(timelines, ignore_index=True))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

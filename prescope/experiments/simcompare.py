@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from prescope.config import check_types
-from prescope.experiments.bench import ALL_POLICIES, RESIDENT, read_bench
+from prescope.experiments.bench import ALL_POLICIES, RESIDENT
+from prescope.experiments.benchfile import read_bench
 from prescope.experiments.fidelity import TOLERANCE
 from prescope.files import check_output, source_revision, write_atomic, write_json, write_with_sidecar
 from prescope.hardware.profiles import HardwareProfile, ProfileError, load_profile

@@ -105,7 +105,7 @@ import json, shutil, sys
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from prescope import files
-from prescope.experiments import bench
+from prescope.experiments import benchfile
 from prescope.hardware.profiles import load_profile, save_profile
 from prescope.models.tiny import load_tiny
 from prescope.predict import llapor
@@ -133,7 +133,7 @@ with np.load(f"{src}.routing.npz") as z:
     routes = {k.replace("__", "|"): z[k] for k in z.files if k.endswith("__1") and ("resident" in k or "on_demand_lru" in k)}
 timeline = pd.read_parquet(root / "reports/h200/comparison/mixtral4.timelines.parquet").head(2000)
 (fx / "bench").mkdir()
-bench._flush(fx / "bench", {k: v for k, v in data.items() if k != "cells"}, keep, routes, [timeline])
+benchfile.write_bench(fx / "bench", {k: v for k, v in data.items() if k != "cells"}, keep, routes, [timeline])
 """
 
 TINY_NOTEBOOK = {

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prescope.experiments import bench
+from prescope.experiments import bench, benchfile
 from prescope.experiments.bench import BenchConfig, run_bench
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +90,7 @@ def test_a_round_that_fails_keeps_the_rounds_before_it(tmp_path, monkeypatch):
 ])
 def test_a_bench_json_edited_by_hand_is_refused_naming_the_cell_and_key(tmp_path, edit, message):
     committed = ROOT / "reports" / "h200" / "bench-olmoe.json"
-    bench.read_bench(committed)  # written before checksums: read under the rule, every key there
+    benchfile.read_bench(committed)  # written before checksums: read under the rule, every key there
     data = json.loads(committed.read_text())
     edit(data)
     (tmp_path / "b.json").write_text(json.dumps(data))
