@@ -206,7 +206,8 @@ def build_fixtures(root: Path) -> Fixtures:
     llamacpp_csv(root / "big.route.csv", 5000, layers=48, experts=128, top_k=6)  # about 50 MB
     for argv, what in steps:
         done = run(argv, root, timeout=900)
-        if done.rc != 0:
+        # check-equivalence exits 1 when runs of one policy differ bit for bit across budgets; its file is the input
+        if done.rc != 0 and not (what == "check-equivalence" and done.rc == 1 and (root / "equivalence.json").exists()):
             raise SystemExit(f"building the {what} fixture failed:\n{done.err[-3000:]}")
         print(f"fixture: {what} ({done.seconds:.0f} s)", flush=True)
     return fx
