@@ -6,7 +6,7 @@ prompts is grouped into batches of `batch_size` prompts whose decode steps run t
 decoder layer in order:
 
 1. attention and the other resident work of the layer on the GPU (`dense_time` for N tokens);
-2. host work of the MoE step on the host: the profile's per-layer overhead (`wait`); issuing each transfer
+2. host work of the MoE step on the host: the profile's per-layer overhead (`host`); issuing each transfer
    costs the profile's `host_per_transfer_s` more (a kernel launched after an issue starts after it);
 3. the cache catches up with the clock (loads that ended become resident) and the policy plans, which
    costs the profile's prediction and planning times (`predict`, `plan`) for a policy that declares them
@@ -162,7 +162,7 @@ class _Replay:
             raise SimulationError(f"policy {policy.name!r} declares host_work {work}; allowed: {HOST_WORK}")
         p = times.profile
         self.per_transfer = p.host_per_transfer_s  # host time to issue one transfer
-        self.host = [("wait", p.host_overhead_per_layer_s)] if p.host_overhead_per_layer_s > 0 else []
+        self.host = [("host", p.host_overhead_per_layer_s)] if p.host_overhead_per_layer_s > 0 else []
         self.planning = [(kind, d) for kind, d in (("predict", p.predict_overhead_s if "predict" in work else 0.0),
                                                    ("plan", p.plan_overhead_s if "plan" in work else 0.0)) if d > 0]
 

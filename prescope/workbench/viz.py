@@ -19,7 +19,7 @@ from prescope import timeline as tl
 
 KIND_COLORS = {
     "prefetch": "#4C78A8", "on_demand": "#E45756", "gpu_expert": "#54A24B", "cpu_expert": "#F58518",
-    "attention": "#B279A2", "dense": "#9D755D", "predict": "#72B7B2", "plan": "#EECA3B", "wait": "#BAB0AC",
+    "attention": "#B279A2", "dense": "#9D755D", "predict": "#72B7B2", "plan": "#EECA3B", "host": "#BAB0AC",
 }
 # Bubble causes in the colour of the operation they wait for (KIND_COLORS), the same in every figure.
 CAUSE_COLORS = {"on_demand_transfer": "#E45756", "late_prefetch": "#4C78A8", "cpu_expert": "#F58518",
@@ -28,7 +28,7 @@ BUBBLE_COLOR = "rgba(215, 25, 28, 0.45)"
 WASTED_COLOR = "#9D755D"  # prefetched bytes evicted unused: not the red of on-demand loads
 SUBPLOT_NOTE_Y = 1.08  # above the subplot titles, which sit at y = 1
 MENU_TOP_MARGIN_PX = 130  # room for a title and a menu above the panels
-BUBBLE_BAR_WIDTH = 0.3  # thinner than the operation bars, so a bubble over a `wait` bar stays visible
+BUBBLE_BAR_WIDTH = 0.3  # thinner than the operation bars, so a bubble over a `host` bar stays visible
 MS_PER_S = 1e3
 
 

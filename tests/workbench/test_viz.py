@@ -18,7 +18,7 @@ def timeline(source: str | None = "simulated", profile: str | None = "a100-pcie4
     """Step 0 (0-4.5 ms): attention 0-1 on the GPU, an on-demand load 0.5-3 on PCIe while the GPU waits
     1-3, the expert 3-4 on the GPU, a CPU expert 1-4.5. Step 1 (5-6 ms): attention 5-5.5, expert 5.75-6."""
     rows = [("gpu", 0, 0, -1, "attention", 4, 0, 0.0, 1.0), ("pcie", 0, 0, 3, "on_demand", 4, 1 << 20, 0.5, 3.0),
-            ("gpu", 0, 0, 3, "wait", 4, 0, 1.0, 3.0), ("gpu", 0, 0, 3, "gpu_expert", 2, 0, 3.0, 4.0),
+            ("gpu", 0, 0, 3, "host", 4, 0, 1.0, 3.0), ("gpu", 0, 0, 3, "gpu_expert", 2, 0, 3.0, 4.0),
             ("cpu", 0, 0, 5, "cpu_expert", 2, 0, 1.0, 4.5), ("gpu", 1, 0, -1, "attention", 4, 0, 5.0, 5.5),
             ("gpu", 1, 0, 3, "gpu_expert", 4, 0, 5.75, 6.0)]
     df = pd.DataFrame(rows, columns=timeline_module.COLUMNS)
@@ -36,7 +36,7 @@ def test_timeline_figure_lanes_kinds_bubbles_and_provenance():
     fig = viz.timeline_figure(timeline(), title="t")
     assert isinstance(fig, go.Figure)
     names = [t.name for t in fig.data]
-    assert names[:-1] == ["on_demand", "gpu_expert", "cpu_expert", "attention", "wait"]  # KIND_COLORS order
+    assert names[:-1] == ["on_demand", "gpu_expert", "cpu_expert", "attention", "host"]  # KIND_COLORS order
     bubble = fig.data[-1]  # by hand: GPU idle 1-3 (waiting), 4-4.5 (CPU expert), 5.5-5.75 (nothing ran)
     assert bubble.name == "bubble (GPU idle, 2.75 ms)" and set(bubble.y) == {"gpu"}
     assert bubble.customdata[:, 0].tolist() == ["on_demand_transfer", "cpu_expert", "host"]
