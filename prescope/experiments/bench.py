@@ -51,7 +51,7 @@ import torch
 from prescope.config import EngineConfig
 from prescope.engine.engine import Engine
 from prescope.experiments.subjects import Subject, build_bench_subject, build_subject, generate
-from prescope.files import git_revision, write_atomic
+from prescope.files import git_revision, portable_values, write_atomic
 from prescope.models import adapter
 from prescope.routing.replay import RoutingReplay
 
@@ -224,7 +224,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     device = torch.device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"config": asdict(cfg), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
+    meta = {"config": portable_values(asdict(cfg)), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "source": "measured"}
     rows, routes, timelines, failed = [], {}, [], []
