@@ -114,7 +114,8 @@ def _sync(device: torch.device) -> None:
 
 def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device, prompts: np.ndarray | None = None,
                   new_tokens: int | None = None) -> dict:
-    """Stock decode: per-step latency from host timestamps around synchronised forward calls."""
+    """Stock decode: per-step latency from host timestamps around synchronised forward calls; the row names
+    the experts implementation that ran (transformers' default unless the caller changed it)."""
     stamps = []
 
     def stamp(kind: str):
@@ -133,7 +134,8 @@ def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device, pro
             h.remove()
     starts, ends = [t for k, t in stamps if k == "s"], [t for k, t in stamps if k == "e"]
     latencies = [e - s for s, e in zip(starts, ends, strict=True)]
-    return {**_decode_metrics(latencies[0], latencies[1:], batch), SEQUENCES: out.cpu()}
+    return {**_decode_metrics(latencies[0], latencies[1:], batch),
+            "experts_implementation": adapter.experts_implementation(model), SEQUENCES: out.cpu()}
 
 
 def _decode_metrics(ttft: float, decode: list[float], batch: int) -> dict:

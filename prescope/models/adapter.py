@@ -212,9 +212,14 @@ def register_backend(fn: Callable) -> None:
     ExpertsInterface.register(BACKEND_NAME, fn)
 
 
+def experts_implementation(model: nn.Module) -> str:
+    """The experts backend `model` runs (transformers' default is "grouped_mm"), as results record it."""
+    return str(model.config._experts_implementation)
+
+
 def set_backend(model: nn.Module, name: str) -> str:
     """Switch `model`'s experts implementation; returns the previous one."""
-    previous = model.config._experts_implementation
+    previous = experts_implementation(model)
     model.set_experts_implementation(name)
     return previous
 

@@ -49,6 +49,22 @@ def test_timeline_figure_lanes_kinds_bubbles_and_provenance():
     assert list(fig.layout.yaxis.categoryarray) == ["cpu", "gpu", "pcie"]
 
 
+def test_timeline_pair_figure_one_panel_each_titled_with_what_it_is():
+    measured = timeline(source="measured", profile="NVIDIA H200")
+    simulated = timeline(source="simulated", profile="h200-engine")
+    simulated.attrs["label"] = "the same cell,"
+    fig = viz.timeline_pair_figure(measured, simulated, title="pair")
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["measured on NVIDIA H200", "the same cell, simulated on h200-engine"]
+    kinds = [t.name for t in fig.data if t.showlegend is not False and not t.name.startswith("bubble")]
+    assert kinds == ["on_demand", "gpu_expert", "cpu_expert", "attention", "host"]  # one legend entry per kind
+    bubbles = [t.name for t in fig.data if t.name.startswith("bubble")]
+    assert bubbles == ["bubble, measured (GPU idle, 2.75 ms)", "bubble, the same cell, simulated (GPU idle, 2.75 ms)"]
+    assert {t.yaxis for t in fig.data} == {"y", "y2"} and fig.layout.xaxis.matches == "x2"
+    with pytest.raises(ProvenanceError):
+        viz.timeline_pair_figure(measured, timeline(source=None))
+
+
 def test_timeline_figure_selects_steps_relative_to_their_start():
     fig = viz.timeline_figure(timeline(source="measured", profile="h200"), steps=[1])
     assert [t.name for t in fig.data] == ["gpu_expert", "attention", "bubble (GPU idle, 0.25 ms)"]
@@ -206,6 +222,12 @@ def test_scaling_figure_throughput_latency_oracle_and_bound():
     np.testing.assert_allclose(fig.data[2].y, [40.0, 160.0])
     np.testing.assert_allclose(fig.data[3].y, [100.0, 400.0 / 3])  # latency of lru, ms
     assert fig.layout.xaxis.type == "log" and fig.layout.annotations[-1].text == "simulated on h200"
+    # the bound lies 4x above lru here: log y axes keep the policies from the bottom of the panels
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
+    assert viz.scaling_figure(df, log_y=False).layout.yaxis.type == "linear"
+    sweep = df.rename(columns={"batch_size": "link_gbps"})
+    sweep.attrs = df.attrs
+    assert viz.scaling_figure(sweep, x="link_gbps").layout.xaxis.type == "log"
     both = pd.concat([df.assign(source="measured"), df.assign(source="simulated")], ignore_index=True)
     both["profile"] = "h200"
     fig = viz.scaling_figure(both.drop(columns=["bound_tokens_per_s", "bound_latency_ms"]))
