@@ -144,7 +144,7 @@ def test_ray_missing_names_the_extra(monkeypatch):
 
 
 def test_importing_sweep_does_not_import_ray():
-    code = ("import sys, prescope.sweep as s; import argparse; p = argparse.ArgumentParser(); "
+    code = ("import sys, prescope.workbench.sweep as s; import argparse; p = argparse.ArgumentParser(); "
             "s.add_arguments(p); a = p.parse_args(['g.yaml', '--executor', 'ray', '--address', 'h:1']); "
             "print(a.executor, a.address, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
