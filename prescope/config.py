@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 TIMING_MODES = ("full", "steps", "off")
+IO_CHUNK_BYTES = 32 << 20  # AsyncIO's largest single copy, in the engine and in the simulator's priority link
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class EngineConfig:
     pin_memory: keep expert weights in pinned host memory (falls back to pageable, with a warning, where
         pinning is refused).
     profile: hardware profile (built-in name or JSON path) whose cost model cost-aware policies weigh.
-    async_io: issue copies through AsyncIO's I/O worker (prescope.transfers: priority queue, chunks);
+    async_io: issue copies through AsyncIO's I/O worker (prescope.engine.transfers: priority queue, chunks);
         None lets the policy choose (`prescope` and `oracle` ask for it), False issues every copy at once
         on the copy stream, first come first served, as the peers' systems do.
     io_chunk_bytes: AsyncIO's largest single copy; an on-demand load overtakes queued prefetches at a
@@ -40,7 +41,7 @@ class EngineConfig:
     pin_memory: bool = True
     profile: str = "h200"
     async_io: bool | None = None
-    io_chunk_bytes: int = 32 << 20
+    io_chunk_bytes: int = IO_CHUNK_BYTES
     io_depth: int = 3
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -32,7 +33,8 @@ from prescope.layout import ModelLayout
 from prescope.models import adapter
 from prescope.policies import make_policy
 from prescope.policies.base import LayerView, Policy, costs_for
-from prescope.policies.cache import CacheError, ExpertCache, Key
+from prescope.policies.cache import ExpertCache, Key
+from prescope.policies.protocol import Executor, fill, preload, run_layer, slots_for
 from prescope.timeline import make_timeline, step_summary
 
 TIMELINE_COLUMNS = ("lane", "step", "layer", "expert", "kind", "tokens", "bytes", "start", "end")
@@ -47,18 +49,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def slots_for_budget(layout: ModelLayout, config: EngineConfig) -> int:
-    """Slots the budget buys, clipped to every expert; a budget under one layer's top-k is an error."""
-    total = layout.num_moe_layers * layout.num_experts
+    """Slots the config's budget buys (`protocol.slots_for`: budget_bytes if set, else budget_share)."""
     if config.budget_bytes is not None:
-        slots = config.budget_bytes // layout.expert_bytes
-    else:
-        slots = round(config.budget_share * total)
-    if slots < layout.top_k:
-        raise ValueError(
-            f"the expert budget holds {slots} experts but one layer's top-k needs {layout.top_k}: give at least "
-            f"{layout.top_k * layout.expert_bytes} bytes (K={layout.top_k} experts of {layout.expert_bytes} B) "
-            f"or budget_share >= {layout.top_k / total:.4f}")
-    return min(slots, total)
+        return slots_for(layout, nbytes=config.budget_bytes)
+    return slots_for(layout, share=config.budget_share)
 
 
 def _move_except(module: nn.Module, skip: set[int], device: torch.device) -> None:
@@ -75,7 +69,7 @@ def _move_except(module: nn.Module, skip: set[int], device: torch.device) -> Non
             module._buffers[name] = b.to(device)
 
 
-class Engine:
+class Engine(Executor):
     """Offloads `model`'s experts and executes a policy's orders inside every MoE layer."""
 
     def __init__(self, model: nn.Module, config: EngineConfig | None = None, policy: Policy | None = None):
@@ -102,7 +96,7 @@ class Engine:
         self.plan_seconds = [0.0] * self.layout.num_moe_layers  # of which in the policy: prediction, planning
         self.victim_seconds = [0.0] * self.layout.num_moe_layers  # and in the policy's victim choices
         self.stopped = {"queued": 0, "part_way": 0}  # AsyncIO prefetches no layer used, stopped (_drop_stale)
-        self._t0 = None
+        self._t0, self._layer = None, None  # the first step's events; the MoE layer running (_Running)
         self._install()
 
     # ---- install: memory decided once ----------------------------------------------------------------
@@ -142,17 +136,10 @@ class Engine:
         """Empty the slot pool, then load what the policy wants resident (all experts if the budget allows)."""
         self._drain()
         self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)
-        L, E = self.layout.num_moe_layers, self.layout.num_experts
-        if self.num_slots >= L * E:
-            preload = [(layer, e) for layer in range(L) for e in range(E)]
-            self.policy.reset(self.cache, E, self.costs)
-        else:
-            preload = self.policy.reset(self.cache, E, self.costs)
-        for key in preload[: self.num_slots]:
-            self._load(key, speculative=False, timed=False)
+        keys = preload(self.policy, self.cache, self.layout.num_experts, self.costs)
+        fill(self.policy, self.cache, keys, lambda key, slot: self.load(key, slot, speculative=False))
         self._drain()
         self.streams.synchronize()
-        self.cache.stats = type(self.cache.stats)()
 
     def close(self) -> None:
         """Detach from the model (hooks, backend) and stop the CPU workers; experts stay in host memory."""
@@ -182,7 +169,6 @@ class Engine:
     def moe_step(self, layer: int, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
         began, entry = time.perf_counter(), self._mark()
-        self.cache.unpin_all()  # a layer that raised part-way must not leave its pins behind
         num_tokens, top_k = top_k_index.shape
         seen, future = hidden, None
         if self.replay is not None:
@@ -190,39 +176,87 @@ class Engine:
             top_k_weights = weights.to(top_k_weights.dtype)
             seen = recorded if recorded is not None else hidden
             future = self.replay.future(self.step, layer, num_tokens)
-        # 1. route: tokens per expert and each (token, k) position grouped by expert; one host sync
+        # route: tokens per expert and each (token, k) position grouped by expert; one host sync
         flat = top_k_index.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)  # [N*K]
         synced = time.perf_counter()
         counts = torch.bincount(flat, minlength=self.layout.num_experts + 1).tolist()  # waits for the device
         self.sync_seconds[layer] += time.perf_counter() - synced
         groups = self._groups(order, counts)  # expert -> positions in [N*K]
-        if self.io is not None:
-            self._drop_stale(layer, groups)
         ranked = sorted(groups, key=lambda e: (-counts[e], e))
         view = LayerView(self.step, layer, self.layout.num_moe_layers, self.layout.num_experts,
                          tuple(ranked), tuple(counts[e] for e in ranked), hidden=seen, future=future)
-        # 2. record: routing observers hook the experts call itself (adapter.observe_routing)
-        # 3-4. predict ahead and plan: the policy owns its predictor and planner
-        planning = time.perf_counter()
-        orders = self.policy.plan(view, self.cache)
-        self.plan_seconds[layer] += time.perf_counter() - planning
-        orders.check(view)
-        # 5. CPU experts start now and overlap the GPU work below
+        # the protocol: cut, plan, CPU experts, GPU experts in waves, prefetch (policies.protocol)
         out = hidden.new_zeros((num_tokens * top_k, hidden.shape[1]))  # [N*K, H]
-        cpu_positions, cpu_jobs = self._submit_cpu(layer, experts, orders.cpu, hidden, groups, top_k)
-        # 6. GPU experts: absent ones load on demand; each computes once its copy landed, in waves if short
-        self._gpu_experts(layer, experts, orders.gpu, hidden, groups, top_k, out)
-        # 7. prefetch later layers' experts, queued behind this layer's on-demand loads
-        for key in orders.prefetch:
-            if not self.cache.is_present(key) and not self._load(key, speculative=True):
-                break
-        # 8. join CPU results; weight each token's K outputs and sum them in the routing weights' precision
-        if cpu_jobs:
-            out[cpu_positions] = torch.cat([job.result() for job in cpu_jobs]).to(out.device, out.dtype)
+        self._layer = _Running(experts, hidden, groups, top_k, out)
+        run = run_layer(view, self.policy, self.cache, self)
+        self.plan_seconds[layer] += run.plan_s
+        self.victim_seconds[layer] += run.victim_s
+        # join CPU results; weight each token's K outputs and sum them in the routing weights' precision
+        running, self._layer = self._layer, None
+        if running.cpu_jobs:
+            out[running.cpu_positions] = torch.cat([job.result() for job in running.cpu_jobs]).to(out.device, out.dtype)
         self._log_host(layer, began, entry)
         weighted = out.view(num_tokens, top_k, -1) * top_k_weights.unsqueeze(-1)  # [N, K, H]
         return weighted.sum(dim=1).to(hidden.dtype)  # [N, H]
+
+    # ---- the protocol's orders, carried out ----------------------------------------------------------
+    def cut_stale(self, view: LayerView) -> None:
+        """Stop the prefetches no layer will use (for layers that already ran, or for this layer's experts it
+        does not route), queued or part-way: their slots are free again."""
+        if self.io is None:
+            return
+        now = max(0, self.step) * self.layout.num_moe_layers + view.layer
+        for t in self.io.drop_stale(now, set(view.experts)):
+            if self.cache.holds(t.key, t.slot):
+                started = t.busy or t.next > 0  # busy first: the worker sets next, then busy
+                self.cache.cancel(t.key, started=started)
+                self._ready[t.slot] = None
+                self.stopped["part_way" if started else "queued"] += 1
+
+    def start_cpu(self, layer: int, chosen: list[int]) -> None:
+        """Start the CPU experts: their tokens cross to the host in one copy, each expert is one task."""
+        run = self._layer
+        positions = torch.cat([run.groups[e] for e in chosen])  # [m] positions in [N*K]
+        x_all = run.hidden[positions // run.top_k].to("cpu")  # [m, H], the one device-to-host copy
+        dtype = next(iter(self._host[layer].values())).dtype
+        start = 0
+        for e in chosen:
+            n = len(run.groups[e])
+            x, params = x_all[start:start + n].to(dtype), {name: host[e] for name, host in self._host[layer].items()}
+            run.cpu_jobs.append(self.pool.submit(self._cpu_expert, layer, run.experts, e, x, params))
+            start += n
+        run.cpu_positions = positions
+
+    def load(self, key: Key, slot: int, speculative: bool) -> None:
+        """Copy expert `key` into `slot` (assigned by the protocol), after the slot's last kernel."""
+        layer, e = key
+        pairs = [(self._slots[n][slot], host[e]) for n, host in self._host[layer].items()]
+        if self.io is not None:
+            old = self._ready[slot]
+            if isinstance(old, Transfer) and self.io.cancel(old):  # evicted before any of it moved
+                self.cache.uncount_load(old.speculative)
+            need = max(0, self.step) * self.layout.num_moe_layers + layer
+            start = done = self.io.submit(key, slot, pairs, self._released[slot], speculative, need)
+        else:
+            start, done = self.streams.copy_many(pairs, after=self._released[slot])
+        self._ready[slot] = done
+        self.cache.mark_ready(key)  # ordered before any use: kernels wait on `done`
+        if self.step >= 0:
+            self._row("pcie", layer, e, "prefetch" if speculative else "on_demand", 0, self.layout.expert_bytes,
+                      start, done)
+
+    def compute(self, layer: int, wave: list[tuple[int, int]]) -> None:
+        """Each expert of the wave from its slot, on the compute stream once its copy has landed."""
+        run = self._layer
+        for e, slot in wave:
+            positions = run.groups[e]
+            self.streams.wait(self._ready_event(slot))  # AsyncIO: promotes a queued transfer
+            start = self._mark()
+            x = run.hidden[positions // run.top_k]  # [n, H]
+            run.out[positions] = adapter.expert_forward(run.experts, x, {n: t[slot] for n, t in self._slots.items()})
+            self._released[slot] = self.streams.record()
+            self._row("gpu", layer, e, "gpu_expert", len(positions), 0, start, self._released[slot])
 
     # ---- named parts of the step ---------------------------------------------------------------------
     def _groups(self, order: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]:
@@ -233,97 +267,14 @@ class Engine:
             start += n
         return groups
 
-    def _gpu_experts(self, layer, experts, chosen, hidden, groups, top_k, out) -> None:
-        """Compute `chosen` on the GPU: present experts are pinned first so no miss evicts them; misses
-        take the slots the policy gives up; when none is left the wave computes and releases its pins."""
-        pending = list(chosen)
-        while pending:
-            wave = [(e, True) for e in pending if self.cache.is_present((layer, e))]
-            for e, _ in wave:
-                self.cache.pin((layer, e))
-            for e in pending:
-                if not self.cache.is_present((layer, e)):
-                    if not self._load((layer, e), speculative=False):
-                        break
-                    self.cache.pin((layer, e))
-                    wave.append((e, False))
-            if not wave:
-                raise CacheError(f"layer {layer}: no slot could be freed for expert {pending[0]}")
-            for e, hit in wave:
-                key, positions = (layer, e), groups[e]
-                slot = self.cache.lookup(key)
-                self.streams.wait(self._ready_event(slot))  # AsyncIO: promotes a queued transfer
-                self.cache.use(key, hit=hit)
-                start = self._mark()
-                x = hidden[positions // top_k]  # [n, H]
-                out[positions] = adapter.expert_forward(experts, x, {n: t[slot] for n, t in self._slots.items()})
-                self._released[slot] = self.streams.record()
-                self._row("gpu", layer, e, "gpu_expert", len(positions), 0, start, self._released[slot])
-            done = {e for e, _ in wave}
-            for e in done:
-                self.cache.unpin((layer, e))
-            pending = [e for e in pending if e not in done]
-
-    def _load(self, key: Key, speculative: bool, timed: bool = True) -> bool:
-        """Copy expert `key` into a slot the policy gives up; False when none can be given up now."""
-        began = time.perf_counter()
-        slot = self.policy.victim(self.cache, key)
-        layer, e = key
-        self.victim_seconds[layer] += time.perf_counter() - began
-        if slot is None:
-            return False
-        self.cache.assign(key, slot, speculative=speculative)
-        pairs = [(self._slots[n][slot], host[e]) for n, host in self._host[layer].items()]
-        if self.io is not None:
-            old = self._ready[slot]
-            if isinstance(old, Transfer) and self.io.cancel(old):  # evicted before any of it moved
-                self.cache.stats.loads -= 1
-                self.cache.stats.prefetches -= int(old.speculative)
-            need = max(0, self.step) * self.layout.num_moe_layers + layer
-            start = done = self.io.submit(key, slot, pairs, self._released[slot], speculative, need)
-        else:
-            start, done = self.streams.copy_many(pairs, after=self._released[slot])
-        self._ready[slot] = done
-        self.cache.mark_ready(key)  # ordered before any use: kernels wait on `done`
-        if timed:
-            self._row("pcie", layer, e, "prefetch" if speculative else "on_demand", 0, self.layout.expert_bytes,
-                      start, done)
-        return True
-
     def _ready_event(self, slot: int):
         """The event a kernel reading `slot` waits for; an AsyncIO transfer is promoted and issued first."""
         ready = self._ready[slot]
         return self.io.ready(ready) if isinstance(ready, Transfer) else ready
 
-    def _drop_stale(self, layer: int, routed) -> None:
-        """Stop the prefetches no layer will use (for layers that already ran, or for this layer's experts it
-        does not route), queued or part-way: their slots are free again."""
-        now = max(0, self.step) * self.layout.num_moe_layers + layer
-        for t in self.io.drop_stale(now, routed):
-            if self.cache.slot_of.get(t.key) == t.slot and t.slot not in self.cache.pinned:
-                started = t.busy or t.next > 0  # busy first: the worker sets next, then busy
-                self.cache.cancel(t.key, started=started)
-                self._ready[t.slot] = None
-                self.stopped["part_way" if started else "queued"] += 1
-
     def _drain(self) -> None:
         if self.io is not None:
             self.io.drain()
-
-    def _submit_cpu(self, layer, experts, chosen, hidden, groups, top_k):
-        """Start the CPU experts: their tokens cross to the host in one copy, each expert is one task."""
-        if not chosen:
-            return None, []
-        positions = torch.cat([groups[e] for e in chosen])  # [m] positions in [N*K]
-        x_all = hidden[positions // top_k].to("cpu")  # [m, H], the one device-to-host copy
-        dtype = next(iter(self._host[layer].values())).dtype
-        jobs, start = [], 0
-        for e in chosen:
-            n = len(groups[e])
-            x, params = x_all[start:start + n].to(dtype), {name: host[e] for name, host in self._host[layer].items()}
-            jobs.append(self.pool.submit(self._cpu_expert, layer, experts, e, x, params))
-            start += n
-        return positions, jobs
 
     def _cpu_expert(self, layer, experts, e, x, params) -> torch.Tensor:
         start = time.perf_counter()
@@ -431,6 +382,20 @@ class Engine:
         self.plan_seconds = [0.0] * self.layout.num_moe_layers
         self.victim_seconds = [0.0] * self.layout.num_moe_layers
         self.stopped = {"queued": 0, "part_way": 0}
+
+
+@dataclass
+class _Running:
+    """The MoE layer the engine is running: its experts module, router input [N, H], positions in [N*K] of
+    each routed expert, K, the output rows [N*K, H], and the CPU experts in flight."""
+
+    experts: nn.Module
+    hidden: torch.Tensor
+    groups: dict[int, torch.Tensor]
+    top_k: int
+    out: torch.Tensor
+    cpu_positions: torch.Tensor | None = None
+    cpu_jobs: list = field(default_factory=list)
 
 
 def _device_name(device: torch.device) -> str:

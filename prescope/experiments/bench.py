@@ -18,8 +18,8 @@ routing on held-out text instead (same L, E, K): its predictors read prescope-ti
 Predictors: `lookahead_prefetch` and `hybrid` use gate lookahead (the routers of the model whose routing
 runs); `prescope` uses the LLaPor checkpoint given with `--predictor` where its layout matches that model,
 else gate lookahead (stated in each row's `predictor`); `activation_matrix` uses its own activation
-statistics; `oracle` the replayed future. Variants: `NAME+sync` (AsyncIO off), `prescope+cal` (with the
-online calibration of its probabilities). Each cell records whether its tokens equal the stock run's.
+statistics; `oracle` the replayed future. Variants (`prescope.policies.parse_policy`): `NAME[key=value,...]`
+(the policy's typed options, e.g. `prescope[calibrate=True]`), `NAME+sync` (AsyncIO off). Each cell records whether its tokens equal the stock run's.
 Results carry the config, git revision and device; each file is written atomically; a table is printed,
 then one JSON line.
 
@@ -53,6 +53,7 @@ from prescope.engine.engine import Engine
 from prescope.experiments.subjects import Subject, build_bench_subject, build_subject, generate
 from prescope.files import git_revision, portable_values, write_atomic
 from prescope.models import adapter
+from prescope.policies import parse_policy
 from prescope.routing.replay import RoutingReplay
 
 RESIDENT = "resident"
@@ -60,11 +61,7 @@ STOCK = "stock"
 ACCELERATE = "accelerate"
 ALL_POLICIES = ("on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix", "prescope",
                 "oracle")
-SYNC = "+sync"  # `name+sync`: the policy with AsyncIO off (every copy issued at once, first come first served)
 SEQUENCES = "sequences"  # measure_stock's generated ids, kept out of the result rows
-CAL = "+cal"  # `prescope+cal`: PreScope with the online calibration of its predictor's probabilities
-# `name[key=value,...]`: the policy built with these constructor options (an ablation), e.g.
-# `prescope[window_reuse=False]`; values are Python literals
 
 
 @dataclass(frozen=True)
@@ -99,12 +96,8 @@ class BenchConfig:
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets are shares in (0, 1], got {b}")
-        from prescope.policies import POLICIES
-
         for name in self.policies:
-            if policy_variant(name)[0] not in POLICIES:
-                raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}, optionally with "
-                                 f"{SYNC}, {CAL} (prescope) or [key=value,...]")
+            parse_policy(name)  # a clear error for an unknown policy or option
 
 
 def _sync(device: torch.device) -> None:
@@ -252,10 +245,10 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         measured: dict[str, list] = {}  # cell -> (about, row, route, timeline) of each round so far
         position: dict[str, int] = {}  # cell -> its row in `rows` (the median of its rounds so far)
         for rnd, (policy_name, budget) in ((r, c) for r in range(cfg.repeats) for c in cells):
-            base_name, sync, options = policy_variant(policy_name)
-            policy, predictor = subject.policy("on_demand_lru" if policy_name == RESIDENT else base_name, **options)
+            spec = parse_policy("on_demand_lru" if policy_name == RESIDENT else policy_name)
+            policy, predictor = subject.policy(spec.name, **spec.options)
             engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
-                                                profile=cfg.profile, async_io=False if sync else None), policy=policy)
+                                                profile=cfg.profile, async_io=spec.async_io), policy=policy)
             for batch in cfg.batch_sizes:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
                 about = {**base, "policy": policy_name, "budget": budget, "batch": batch, "slots": engine.num_slots,
@@ -270,8 +263,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     failed.append({**about, "error": f"{type(exc).__name__}: {exc}"})
                     engine.close()
                     engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
-                                                        profile=cfg.profile, async_io=False if sync else None),
-                                    policy=policy)
+                                                        profile=cfg.profile, async_io=spec.async_io), policy=policy)
                     continue
                 measured.setdefault(cell, []).append((about, row, route, timeline))
                 about, row, route, timeline = median_round(measured[cell])
@@ -345,31 +337,6 @@ def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: to
             yield row
         del fresh
         _free(device)
-
-
-def policy_variant(policy_name: str) -> tuple[str, bool, dict]:
-    """(policy, AsyncIO off, constructor options) from a bench name such as `prescope[lookahead=2]+cal+sync`."""
-    import ast
-
-    sync, cal = SYNC in policy_name, CAL in policy_name
-    base, options = policy_name.replace(SYNC, "").replace(CAL, ""), {}
-    if "[" in base:
-        base, _, inside = base.partition("[")
-        if not inside.endswith("]"):
-            raise ValueError(f"{policy_name!r}: options go in one bracket at the end of the name, as name[k=v,...]")
-        for item in filter(None, inside[:-1].split(",")):
-            key, eq, value = item.partition("=")
-            try:
-                options[key.strip()] = ast.literal_eval(value.strip())
-            except (ValueError, SyntaxError):
-                raise ValueError(f"{policy_name!r}: option {item!r} is not key=<Python literal>") from None
-            if not eq or not key.strip().isidentifier():
-                raise ValueError(f"{policy_name!r}: option {item!r} is not key=<Python literal>")
-    if cal:
-        if base != "prescope":
-            raise ValueError(f"{policy_name!r}: {CAL} applies to prescope only")
-        options["calibrate"] = True
-    return base, sync, options
 
 
 def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, repeats: int = 50) -> dict:

@@ -20,12 +20,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from prescope.experiments.bench import RESIDENT, policy_variant
+from prescope.experiments.bench import RESIDENT
 from prescope.experiments.subjects import parse_model, routing_source
 from prescope.files import write_atomic
 from prescope.hardware.profiles import load_profile
 from prescope.layout import ModelLayout
 from prescope.models import adapter, twins
+from prescope.policies import parse_policy
 from prescope.routing.trace import Trace
 from prescope.sim.simulator import replay
 
@@ -65,9 +66,12 @@ def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.D
         layouts[name if source is None else f"{name}@{source}"] = twin_layout(name, layers)
     for cell in bench["cells"]:
         key = f"{cell['model']}__{cell['policy']}__{cell['budget']}__{cell['batch']}"
-        policy, _, options = policy_variant("on_demand_lru" if cell["policy"] == RESIDENT else cell["policy"])
-        if key not in routing or cell["model"] not in layouts or options:
+        if key not in routing or cell["model"] not in layouts:
+            continue
+        spec = parse_policy("on_demand_lru" if cell["policy"] == RESIDENT else cell["policy"])
+        if spec.options:
             continue  # (the simulator builds policies by name, without constructor options)
+        policy = spec.name
         layout, dense = layouts[cell["model"]]
         trace = routing_trace(routing[key], layout, bench["config"]["input_len"])
         # the link the cell ran on: AsyncIO's priority link where the engine had it (bench rows since rev

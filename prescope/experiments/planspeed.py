@@ -1,5 +1,5 @@
 """How fast PreSched plans: decode instances shaped as the prescope policy builds them, and the planning time
-per layer on this machine's CPU (`python -m prescope.planspeed --bench`; the issue's target: median under
+per layer on this machine's CPU (`python -m prescope.experiments.planspeed --bench`; the issue's target: median under
 0.2 ms for E = 64, K = 8, D = 3)."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ if __name__ == "__main__":
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m prescope.planspeed", description="PreSched planning speed")
+    parser = argparse.ArgumentParser(prog="python -m prescope.experiments.planspeed", description="PreSched planning speed")
     parser.add_argument("--bench", action="store_true", help="print planning time per layer (E=64, K=8, D=3)")
     parser.add_argument("--count", type=int, default=300, help="instances per budget")
     parser.add_argument("--repeats", type=int, default=5, help="plans per instance (the best counts)")

@@ -6,7 +6,7 @@ width (H = 128, I = 32, 4 heads, 8192-token byte-level BPE vocabulary, tied embe
 V·H + L·(4·H² + E·3·H·I + E·H + 2·H + 2·H) + H ≈ 14.8M, ≈ 29.7 MB in bf16, under the repository's
 32 MB budget; the experts hold 85% of it, as in the real model.
 
-Recipe (`prescope train-tiny`): corpus (`prescope.corpus`, five domains, held-out split) →
+Recipe (`prescope train-tiny`): corpus (`prescope.models.corpus`, five domains, held-out split) →
 BPE tokenizer trained on the training split → token ids (`.npy`) → AdamW with linear warm-up and a
 cosine decay, bf16 autocast on CUDA and fp32 on the CPU, the load-balancing auxiliary loss on →
 held-out loss per domain for the trained model and for its random-initialised twin (same config,

@@ -1,27 +1,90 @@
 """Offloading policies: what each MoE layer runs where, what to prefetch, what to evict.
 
-- `base`: the interface every executor runs (`Policy.plan`, `Policy.victim`, `LayerView`, `Orders`, `Costs`)
-  and the two prediction-free policies;
+- `base`: the interface every executor runs (`Policy.plan`, `Policy.victim`, `LayerView`, `Orders`, `Costs`),
+  typed options (`PolicyOptions`) and the two prediction-free policies;
 - `cache`: the GPU slot bookkeeping a policy reads and the executors update;
+- `protocol`: one MoE layer's steps, written once for both executors (the engine, the simulator);
 - `peers`: the prediction-driven policies (the peers' systems, PreScope, the oracle), on `predictive`;
 - `presched`: PreSched, the cross-layer planner, a pure function; `reliability`: online calibration.
 
-`POLICIES` names every policy; `make_policy(name, **options)` builds one.
+`POLICIES` names every policy; `make_policy(name, **options)` builds one; `parse_policy("name[k=v,...]+sync")`
+reads a policy as the command line and result files name it.
 """
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from prescope.policies.base import CpuMisses, OnDemandLRU, Policy
+from prescope.policies.base import CpuMisses, OnDemandLRU, Policy, PolicyError
 from prescope.policies.peers import ActivationMatrixPolicy, Hybrid, LookaheadPrefetch, OracleFuture, PreScope
 
 POLICIES: dict[str, Callable[..., Policy]] = {cls.name: cls for cls in (
     OnDemandLRU, CpuMisses, Hybrid, LookaheadPrefetch, ActivationMatrixPolicy, PreScope, OracleFuture)}
+SYNC = "+sync"  # AsyncIO off: every copy issued at once, first come first served
+CALIBRATED = "+cal"  # the name results of earlier versions give `prescope[calibrate=True]`
 
 
 def make_policy(name: str, **options) -> Policy:
-    """The policy registered as `name`, built with `options` (its constructor's keywords)."""
+    """The policy registered as `name`, built with `options` (a predictor, and its `options_type` fields)."""
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+        raise PolicyError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
     return POLICIES[name](**options)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy as the command line and result files name it: `name[key=value,...]`, `+sync` for AsyncIO off."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+    async_io: bool | None = None  # None: the policy's own choice; False: `+sync`
+
+    @property
+    def is_variant(self) -> bool:
+        """An ablation of the policy (options or AsyncIO changed), not a contender of its own."""
+        return bool(self.options) or self.async_io is not None
+
+    def build(self, **runtime) -> Policy:
+        """The policy object; `runtime` adds what a name cannot carry (a predictor)."""
+        return make_policy(self.name, **runtime, **self.options)
+
+    def __str__(self) -> str:
+        inside = ",".join(f"{k}={v!r}" for k, v in self.options.items())
+        return self.name + (f"[{inside}]" if inside else "") + (SYNC if self.async_io is False else "")
+
+
+def parse_policy(text: str) -> PolicySpec:
+    """`prescope[window_reuse=False, lookahead=2]+sync` -> PolicySpec; options are Python literals, checked
+    against the policy's option types; a clear PolicyError for anything else."""
+    rest, sync = (text[: -len(SYNC)], True) if text.endswith(SYNC) else (text, False)
+    calibrated = rest.endswith(CALIBRATED)
+    rest = rest[: -len(CALIBRATED)] if calibrated else rest
+    name, bracket, inside = rest.partition("[")
+    name, options = name.strip(), {}
+    if name not in POLICIES:
+        raise PolicyError(f"{text!r}: unknown policy {name!r}; choose one of {sorted(POLICIES)}, optionally with "
+                          f"[key=value,...] and {SYNC}")
+    if bracket:
+        if not inside.endswith("]") or "[" in inside[:-1]:
+            raise PolicyError(f"{text!r}: options go in one bracket at the end of the name, as name[k=v,...]")
+        for item in filter(str.strip, inside[:-1].split(",")):
+            key, eq, value = (part.strip() for part in item.partition("="))
+            try:
+                if not eq or not key.isidentifier():
+                    raise ValueError(item)
+                options[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise PolicyError(f"{text!r}: option {item.strip()!r} is not key=<Python literal>") from None
+    if calibrated:
+        if name != PreScope.name:
+            raise PolicyError(f"{text!r}: {CALIBRATED} applies to prescope only")
+        options["calibrate"] = True
+    options_type = POLICIES[name].options_type
+    unknown = sorted(set(options) - set(options_type.names()))
+    if unknown:
+        raise PolicyError(f"{text!r}: unknown option(s) {unknown}; {name}'s options: "
+                          f"{', '.join(options_type.names()) or 'none'}")
+    options_type(**options)  # types and ranges, checked now rather than when the policy is built
+    return PolicySpec(name, options, False if sync else None)

@@ -10,19 +10,57 @@ trace-replay simulator all run the very same objects:
   evicted); None when every slot is pinned by the running layer or still loading, in which case the
   engine first computes what is resident and retries.
 
-Each policy names the system it imitates and where it simplifies. Prediction-driven policies (lookahead,
-activation matrix, prescope, oracle) build on this interface in `peers.py`; the registry by name is
-`prescope.policies.POLICIES`.
+Each policy names the system it imitates and where it simplifies, and declares its options as a frozen
+dataclass (`Policy.options_type`, a `PolicyOptions`), typed and checked once: `make_policy(name, **options)`
+and the command line's `name[key=value,...]` (`prescope.policies.parse_policy`) both build it.
+Prediction-driven policies (lookahead, activation matrix, prescope, oracle) build on this interface in
+`peers.py`; the registry by name is `prescope.policies.POLICIES`.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 from prescope.policies.cache import ExpertCache, Key
+
+
+class PolicyError(ValueError):
+    """A policy set up in a way that cannot work (an unknown or mistyped option, a predictor of another model,
+    a lookahead too deep)."""
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """A policy's options: typed fields with defaults. Values are checked against the annotations (`int`,
+    `float`, `bool`, `str`, `dict[...]`, `X | None`): a bool is not a number, an int is taken for a float,
+    and a float must be finite. Subclasses add fields and range checks (`check`)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            allowed = [part.strip().split("[")[0] for part in str(f.type).split("|")]
+            if "float" in allowed and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, value := float(value))
+            kinds = tuple(_TYPES.get(a, dict if a == "dict" else tuple if a == "tuple" else object) for a in allowed)
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise PolicyError(f"{type(self).__name__}.{f.name} must be {f.type}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PolicyError(f"{type(self).__name__}.{f.name} must be finite, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Range checks of a policy's own options (none here)."""
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
 
 
 @dataclass(frozen=True)
@@ -66,7 +104,7 @@ class Costs:
 
 
 def costs_for(layout, profile) -> Costs:
-    """Per-expert costs of `layout`'s experts on hardware `profile` (prescope.cost formulas).
+    """Per-expert costs of `layout`'s experts on hardware `profile` (prescope.hardware.cost formulas).
 
     The layer gap is the profile's host overhead per layer plus the GPU's fixed cost of one layer's
     resident work: a floor, since the attention's own size is not part of the layout."""
@@ -87,6 +125,14 @@ class Policy(ABC):
     name: str = ""
     imitates: str = ""
     simplifies: str = ""
+    options_type: ClassVar[type[PolicyOptions]] = PolicyOptions
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.options_type.names()))
+        if unknown:
+            known = ", ".join(self.options_type.names()) or "none"
+            raise PolicyError(f"{self.name}: unknown option(s) {unknown}; its options: {known}")
+        self.options = self.options_type(**options)
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         """Start of a run; returns keys to make resident before timing starts (none by default)."""
@@ -109,14 +155,20 @@ class Policy(ABC):
         return self.async_io
 
     def victim(self, cache: ExpertCache, key: Key) -> int | None:
-        """Per-layer LRU: a free slot while the layer is under its quota, else its least recently used."""
-        own = cache.evictable(key[0])
-        if cache.free and (len(cache.by_layer[key[0]]) < cache.quota or not own):
-            return min(cache.free)
-        if own:
-            return cache.lru(own)
-        others = cache.evictable()
-        return cache.lru(others) if others else None
+        """Per-layer LRU (`lru_victim`)."""
+        return lru_victim(cache, key)
+
+
+def lru_victim(cache: ExpertCache, key: Key, protect: frozenset[Key] | set[Key] = frozenset()) -> int | None:
+    """Per-layer LRU: a free slot while the layer of `key` is under its quota (or has nothing to give up),
+    else that layer's least recently used expert, else any layer's; never a key in `protect`."""
+    own = cache.evictable(key[0], protect)
+    if cache.free_count and (cache.layer_size(key[0]) < cache.quota or not own):
+        return cache.first_free()
+    if own:
+        return cache.lru(own)
+    others = cache.evictable(None, protect)
+    return cache.lru(others) if others else None
 
 
 class OnDemandLRU(Policy):
@@ -128,6 +180,11 @@ class OnDemandLRU(Policy):
         return Orders(gpu=list(view.experts))
 
 
+@dataclass(frozen=True)
+class CpuMissesOptions(PolicyOptions):
+    popularity: dict | None = None  # layer -> experts, most popular first: made resident at reset
+
+
 class CpuMisses(Policy):
     name = "cpu_misses"
     imitates = "Fiddler; llama.cpp `--n-cpu-moe`; KTransformers"
@@ -136,8 +193,11 @@ class CpuMisses(Policy):
                   "loading it is faster for its token count (prefill), in which case it takes the layer's "
                   "least recently used slot")
 
-    def __init__(self, popularity: dict[int, Sequence[int]] | None = None):
-        self.popularity = popularity or {}
+    options_type = CpuMissesOptions
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.popularity: dict[int, Sequence[int]] = self.options.popularity or {}
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         super().reset(cache, num_experts, costs)
@@ -145,11 +205,11 @@ class CpuMisses(Policy):
                 for e in list(ranked)[:cache.quota]]
 
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders:
-        orders, room = Orders(), cache.quota - len(cache.by_layer[view.layer])
+        orders, room = Orders(), cache.quota - cache.layer_size(view.layer)
         for e, n in zip(view.experts, view.tokens, strict=True):
             if cache.is_present((view.layer, e)):
                 orders.gpu.append(e)
-            elif room > 0 and cache.free:
+            elif room > 0 and cache.free_count:
                 orders.gpu.append(e)
                 room -= 1
             elif self.costs is not None and self.costs.cpu(n) > self.costs.load + self.costs.gpu(n):

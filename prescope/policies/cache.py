@@ -5,12 +5,17 @@ into it is in flight) or RESIDENT. Slots pinned by the running layer cannot be g
 layer still has to compute is never evicted. Counters record hits, misses, loads and evictions, and
 whether each prefetched expert was used before it left, for prefetch precision.
 
+The representation is private: policies ask questions (`is_warm`, `evictable_keys`, `loading_keys`, ...)
+and executors report what happened (`assign`, `mark_ready`, `use`, `pin`, `cancel`), so the bookkeeping can
+change without touching the policies.
+
 Letters: L MoE layers, E experts, S slots.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable, KeysView
+from dataclasses import dataclass
 from enum import Enum
 
 Key = tuple[int, int]  # (MoE layer ordinal, expert)
@@ -36,111 +41,183 @@ class CacheStats:
     evictions: int = 0
 
 
-@dataclass
+_RESIDENT, _LOADING, _FREE = SlotState.RESIDENT, SlotState.LOADING, SlotState.FREE
+
+
 class ExpertCache:
-    num_slots: int
-    num_layers: int
-    owner: list[Key | None] = field(init=False)
-    state: list[SlotState] = field(init=False)
-    last_use: list[int] = field(init=False)
-    prefetched: list[bool] = field(init=False)  # loaded speculatively and not used yet
-    pinned: set[int] = field(default_factory=set, init=False)
-    slot_of: dict[Key, int] = field(default_factory=dict, init=False)
-    free: set[int] = field(init=False)  # FREE slots, kept in step so lookups never scan the pool
-    by_layer: dict[int, set[int]] = field(init=False)  # occupied slots of each layer
-    stats: CacheStats = field(default_factory=CacheStats, init=False)
-    clock: int = field(default=0, init=False)
+    """S slots over L layers; see the module docstring."""
 
-    def __post_init__(self) -> None:
-        if self.num_slots < 1 or self.num_layers < 1:
-            raise ValueError(f"cache needs at least one slot and one layer, got S={self.num_slots}, L={self.num_layers}")
-        self.owner = [None] * self.num_slots
-        self.state = [SlotState.FREE] * self.num_slots
-        self.last_use = [-1] * self.num_slots
-        self.prefetched = [False] * self.num_slots
-        self.free = set(range(self.num_slots))
-        self.by_layer = {layer: set() for layer in range(self.num_layers)}
+    def __init__(self, num_slots: int, num_layers: int):
+        if num_slots < 1 or num_layers < 1:
+            raise ValueError(f"cache needs at least one slot and one layer, got S={num_slots}, L={num_layers}")
+        self.num_slots, self.num_layers = num_slots, num_layers
+        self.stats = CacheStats()
+        self._owner: list[Key | None] = [None] * num_slots
+        self._state = [_FREE] * num_slots
+        self._last_use = [-1] * num_slots
+        self._fresh = [False] * num_slots  # loaded speculatively and not used yet
+        self._pinned: set[int] = set()
+        self._slot_of: dict[Key, int] = {}
+        self._free = set(range(num_slots))  # FREE slots, kept in step so lookups never scan the pool
+        self._by_layer: dict[int, set[int]] = {layer: set() for layer in range(num_layers)}  # occupied slots
+        self._clock = 0
 
+    # ---- questions about one key ---------------------------------------------------------------------
+    def slot(self, key: Key) -> int | None:
+        """The slot holding `key` (resident or loading), else None."""
+        return self._slot_of.get(key)
+
+
+    def is_present(self, key: Key) -> bool:
+        """Resident or on its way."""
+        return key in self._slot_of
+
+    def is_resident(self, key: Key) -> bool:
+        slot = self._slot_of.get(key)
+        return slot is not None and self._state[slot] is _RESIDENT
+
+    def is_loading(self, key: Key) -> bool:
+        slot = self._slot_of.get(key)
+        return slot is not None and self._state[slot] is _LOADING
+
+    def is_warm(self, key: Key) -> bool:
+        """Resident and used since it arrived (not a prefetch still waiting for its first use)."""
+        slot = self._slot_of.get(key)
+        return slot is not None and self._state[slot] is _RESIDENT and not self._fresh[slot]
+
+    def is_evictable(self, key: Key) -> bool:
+        """Resident and not pinned by the running layer."""
+        slot = self._slot_of.get(key)
+        return slot is not None and self._state[slot] is _RESIDENT and slot not in self._pinned
+
+    def holds(self, key: Key, slot: int) -> bool:
+        """`key` is in `slot` and the running layer has not pinned it (a transfer into it may be stopped)."""
+        return self._slot_of.get(key) == slot and slot not in self._pinned
+
+    # ---- questions about the pool --------------------------------------------------------------------
     @property
     def quota(self) -> int:
         """Slots per layer when the pool is split evenly (per-layer policies use it); at least one."""
         return max(1, self.num_slots // self.num_layers)
 
-    def lookup(self, key: Key) -> int | None:
-        return self.slot_of.get(key)
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
 
-    def is_resident(self, key: Key) -> bool:
-        slot = self.slot_of.get(key)
-        return slot is not None and self.state[slot] is SlotState.RESIDENT
-
-    def is_present(self, key: Key) -> bool:
-        """Resident or on its way."""
-        return key in self.slot_of
+    def first_free(self) -> int | None:
+        return min(self._free) if self._free else None
 
     def free_slots(self) -> list[int]:
-        return sorted(self.free)
+        return sorted(self._free)
+
+    def layer_size(self, layer: int) -> int:
+        """Occupied slots (resident or loading) of `layer`."""
+        return len(self._by_layer[layer])
 
     def layer_slots(self, layer: int) -> list[int]:
-        return sorted(self.by_layer[layer])
+        return sorted(self._by_layer[layer])
 
-    def evictable(self, layer: int | None = None) -> list[int]:
-        """Occupied slots (of `layer`, or all) that are neither pinned nor loading."""
-        slots = self.by_layer[layer] if layer is not None else range(self.num_slots)
-        return [s for s in slots if self.state[s] is SlotState.RESIDENT and s not in self.pinned]
+    def owner(self, slot: int) -> Key | None:
+        return self._owner[slot]
+
+    def state(self, slot: int) -> SlotState:
+        return self._state[slot]
+
+    def is_pinned(self, slot: int) -> bool:
+        return slot in self._pinned
+
+    def last_used(self, slot: int) -> int:
+        return self._last_use[slot]
+
+    def present_keys(self) -> KeysView[Key]:
+        """Every key resident or loading (a live view: do not assign while iterating)."""
+        return self._slot_of.keys()
 
     def keys(self, layer: int | None = None) -> list[Key]:
-        return [k for k in self.owner if k is not None and (layer is None or k[0] == layer)]
+        return [k for k in self._owner if k is not None and (layer is None or k[0] == layer)]
 
+    def loading_keys(self) -> list[Key]:
+        """Keys whose copy is in flight, in slot order."""
+        return [self._owner[s] for s, state in enumerate(self._state) if state is _LOADING]
+
+    def resident_keys(self, layers: Iterable[int]) -> list[Key]:
+        owner, state = self._owner, self._state
+        return [owner[s] for j in layers for s in self._by_layer[j] if state[s] is _RESIDENT]
+
+    def evictable(self, layer: int | None = None, protect: frozenset[Key] | set[Key] = frozenset()) -> list[int]:
+        """Slots (of `layer`, or all) that are resident, not pinned and whose key is not in `protect`."""
+        slots = self._by_layer[layer] if layer is not None else range(self.num_slots)
+        owner, state, pinned = self._owner, self._state, self._pinned
+        return [s for s in slots if state[s] is _RESIDENT and s not in pinned and owner[s] not in protect]
+
+    def evictable_keys(self, layer: int, keep_fresh: bool = False) -> list[Key]:
+        """Keys of `layer` that are resident and not pinned; with `keep_fresh`, not those a prefetch brought
+        that have not been used yet either."""
+        owner, state, pinned, fresh = self._owner, self._state, self._pinned, self._fresh
+        return [owner[s] for s in self._by_layer[layer]
+                if state[s] is _RESIDENT and s not in pinned and not (keep_fresh and fresh[s])]
+
+    def evictable_ranked(self, protect: frozenset[Key] | set[Key], rank) -> int | None:
+        """The evictable slot (key not in `protect`) whose key ranks lowest by `rank(key)`, ties by least
+        recent use; None when there is none."""
+        owner, last = self._owner, self._last_use
+        pool = self.evictable(None, protect)
+        return min(pool, key=lambda s: (rank(owner[s]), last[s])) if pool else None
+
+    def lru(self, slots: list[int]) -> int:
+        return min(slots, key=self._last_use.__getitem__)
+
+    # ---- what executors report -----------------------------------------------------------------------
     def assign(self, key: Key, slot: int, *, speculative: bool) -> Key | None:
         """Start loading `key` into `slot`; returns the key it evicted, if any."""
-        if key in self.slot_of:
-            raise CacheError(f"{key} is already in slot {self.slot_of[key]}")
-        if slot in self.pinned or self.state[slot] is SlotState.LOADING:
-            raise CacheError(f"slot {slot} holds {self.owner[slot]}, which is in use or loading")
-        evicted = self.owner[slot]
+        if key in self._slot_of:
+            raise CacheError(f"{key} is already in slot {self._slot_of[key]}")
+        if slot in self._pinned or self._state[slot] is _LOADING:
+            raise CacheError(f"slot {slot} holds {self._owner[slot]}, which is in use or loading")
+        evicted = self._owner[slot]
         if evicted is not None:
-            del self.slot_of[evicted]
-            self.by_layer[evicted[0]].discard(slot)
+            del self._slot_of[evicted]
+            self._by_layer[evicted[0]].discard(slot)
             self.stats.evictions += 1
-        self.owner[slot], self.state[slot], self.slot_of[key] = key, SlotState.LOADING, slot
-        self.free.discard(slot)
-        self.by_layer[key[0]].add(slot)
-        self.prefetched[slot] = speculative
+        self._owner[slot], self._state[slot], self._slot_of[key] = key, _LOADING, slot
+        self._free.discard(slot)
+        self._by_layer[key[0]].add(slot)
+        self._fresh[slot] = speculative
         self.stats.loads += 1
         self.stats.prefetches += int(speculative)
         return evicted
 
     def mark_ready(self, key: Key) -> None:
-        self.state[self.slot_of[key]] = SlotState.RESIDENT
+        self._state[self._slot_of[key]] = _RESIDENT
 
     def use(self, key: Key, *, hit: bool) -> None:
         """Record that the running layer computes `key` from its slot."""
-        slot = self.slot_of[key]
-        self.clock += 1
-        self.last_use[slot] = self.clock
+        slot = self._slot_of[key]
+        self._clock += 1
+        self._last_use[slot] = self._clock
         self.stats.hits += int(hit)
         self.stats.misses += int(not hit)
-        if self.prefetched[slot]:
-            self.prefetched[slot] = False
+        if self._fresh[slot]:
+            self._fresh[slot] = False
             self.stats.prefetches_used += 1
 
     def pin(self, key: Key) -> None:
-        self.pinned.add(self.slot_of[key])
+        self._pinned.add(self._slot_of[key])
 
     def unpin(self, key: Key) -> None:
-        self.pinned.discard(self.slot_of[key])
+        self._pinned.discard(self._slot_of[key])
 
     def unpin_all(self) -> None:
-        self.pinned.clear()
+        self._pinned.clear()
 
     def evict(self, key: Key) -> int:
-        slot = self.slot_of[key]
-        if slot in self.pinned:
+        slot = self._slot_of[key]
+        if slot in self._pinned:
             raise CacheError(f"{key} is pinned by the running layer")
-        del self.slot_of[key]
-        self.owner[slot], self.state[slot], self.prefetched[slot] = None, SlotState.FREE, False
-        self.free.add(slot)
-        self.by_layer[key[0]].discard(slot)
+        del self._slot_of[key]
+        self._owner[slot], self._state[slot], self._fresh[slot] = None, _FREE, False
+        self._free.add(slot)
+        self._by_layer[key[0]].discard(slot)
         self.stats.evictions += 1
         return slot
 
@@ -151,8 +228,14 @@ class ExpertCache:
         self.stats.evictions -= 1
         if not started:
             self.stats.loads -= 1
-            self.stats.prefetches -= 1
+            self.stats.prefetches -= 1  # only prefetches wait in a queue (on-demand loads are issued at once)
         return slot
 
-    def lru(self, slots: list[int]) -> int:
-        return min(slots, key=lambda s: self.last_use[s])
+    def uncount_load(self, speculative: bool) -> None:
+        """A load that was assigned but never moved a byte (its copy was cancelled before it started and its
+        slot given to another key) counts as no load."""
+        self.stats.loads -= 1
+        self.stats.prefetches -= int(speculative)
+
+    def reset_stats(self) -> None:
+        self.stats = CacheStats()

@@ -27,19 +27,19 @@ Letters: L MoE layers, E experts, K top-k, N tokens, D lookahead distance, S slo
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
 import prescope.policies.presched as presched
-from prescope.policies.base import Costs, LayerView, Orders, Policy
-from prescope.policies.cache import ExpertCache, Key, SlotState
+from prescope.policies.base import Costs, LayerView, Orders, Policy, PolicyError, lru_victim
+from prescope.policies.cache import ExpertCache, Key
 from prescope.policies.predictive import (
     UNPLANNED,
-    PolicyError,
     Predictive,
+    PredictiveOptions,
     fastest_split,
     link_state,
-    lru_victim,
     planned_slot,
     ranked_victim,
     smallest,
@@ -54,9 +54,6 @@ class LookaheadPrefetch(Predictive):
     simplifies = ("the predictor's top-K experts of the next layer are prefetched one layer ahead, best first "
                   "(no adaptive top-k or stride); misses load on demand; per-layer LRU that never evicts "
                   "the running layer's experts or this layer's prefetches")
-
-    def __init__(self, predictor=None, lookahead: int = 1, memory_decay: float = 0.8):
-        super().__init__(predictor, lookahead, memory_decay)
 
     def next_layer_top(self, view: LayerView, cache: ExpertCache) -> list[Key]:
         forecast = self.forecast(view, 1)
@@ -102,6 +99,19 @@ class Hybrid(LookaheadPrefetch):
         return Orders(gpu=gpu, cpu=cpu, prefetch=prefetch)
 
 
+@dataclass(frozen=True)
+class ActivationMatrixOptions(PredictiveOptions):
+    lookahead: int | None = None  # None: every later layer
+    max_prefetch: int | None = None  # prefetches per plan (None: K)
+
+    def check(self) -> None:
+        if self.lookahead is not None and self.lookahead < 1:
+            raise PolicyError(f"lookahead must be >= 1 layer, got {self.lookahead}")
+        for name in ("max_prefetch",):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise PolicyError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 class ActivationMatrixPolicy(Predictive):
     name = "activation_matrix"
     imitates = "MoE-Infinity"
@@ -110,10 +120,12 @@ class ActivationMatrixPolicy(Predictive):
                   "ranked by activation × (1 − d/L) and the first `max_prefetch` prefetched; misses on "
                   "demand; eviction of the key with the lowest predicted activation, then LRU")
 
-    def __init__(self, predictor=None, lookahead: int | None = None, max_prefetch: int | None = None,
-                 memory_decay: float = 0.8):
-        super().__init__(predictor, lookahead or 1, memory_decay)
-        self.full_depth, self.max_prefetch, self.priority = lookahead is None, max_prefetch, {}
+    options_type = ActivationMatrixOptions
+
+    def __init__(self, predictor=None, **options):
+        super().__init__(predictor, **options)
+        self.full_depth, self.priority = self.options.lookahead is None, {}
+        self.lookahead, self.max_prefetch = self.options.lookahead or 1, self.options.max_prefetch
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         if self.full_depth:
@@ -148,6 +160,39 @@ class ActivationMatrixPolicy(Predictive):
 
 # ---- PreScope ----------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class PreScopeOptions(PredictiveOptions):
+    lookahead: int = 3  # D, the window of later layers predicted and planned
+    # absent experts per later layer handed to the planner (None: 2·K, the likeliest)
+    candidates: int | None = None
+    # attention, dense and host time between two MoE layers (None: `costs.layer_gap` from the profile)
+    layer_gap_s: float | None = None
+    max_prefetch: int | None = None  # a cap on prefetches per plan (None: the slots)
+    # host time to issue one transfer, paid whether or not the expert is used: a candidate is offered only if
+    # p·(load + h) > h, i.e. p > h / (load + h); it matters for small experts, hardly for large ones
+    transfer_host_s: float = 1e-4
+    # replace the predictor's p by the frequency measured so far for that p and distance (reliability.py)
+    calibrate: bool = False
+    # a resident key of layers l+1 … l+D is kept with the larger of its prediction and the memory's chance
+    # (False: its prediction alone)
+    window_reuse: bool = True
+    # predict and plan only where speculation can shorten a step (`PreScope.speculation_pays`)
+    gate: bool = True
+    # host time of predicting and planning one layer, which the device's excess over the host must cover
+    # (None: `costs.plan`, the profile's predict_overhead_s + plan_overhead_s)
+    plan_host_s: float | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.candidates is not None and self.candidates < 1:
+            raise PolicyError(f"candidates must be >= 1 per layer, got {self.candidates}")
+        if self.transfer_host_s < 0:
+            raise PolicyError(f"transfer_host_s must be >= 0 s, got {self.transfer_host_s}")
+        for name in ("layer_gap_s", "plan_host_s", "max_prefetch"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise PolicyError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 class PreScope(Predictive):
     name = "prescope"
     imitates = "PreScope (Yu et al. 2025): LLaPor + PreSched + AsyncIO"
@@ -155,50 +200,27 @@ class PreScope(Predictive):
                   "and in-flight ETAs are estimated from the cache (loads in flight land one transfer apart); "
                   "keys outside the window are kept with their decayed activation frequency as the chance of "
                   "being needed; the candidates per layer are the `candidates` most likely absent experts; "
-                  "AsyncIO only where one expert's transfer takes >= 1 ms (measured: below that its thread "
-                  "costs more host time than it saves); "
+                  "AsyncIO only where one expert's transfer takes >= 1 ms (below that its thread costs more "
+                  "host time than it saves: reports/h200/comparison); "
                   "a gate (gate=True) skips prediction and planning at layers where the device's on-demand work "
                   "exceeds the host's own time per layer by less than planning costs (host-bound: a prefetch could "
                   "not shorten the step); "
-                  "optional (calibrate=True, off by default: on the H200 it cost 0.3-0.5 ms per layer and bought "
-                  "more prefetches, not fewer): the predictor's probabilities calibrated online per distance "
-                  "(reliability.Reliability)")
+                  "optional (calibrate=True, off by default; reports/h200/comparison says why): the predictor's "
+                  "probabilities calibrated online per distance (reliability.Reliability)")
     async_io = True
     host_work = ("predict", "plan")
-    # AsyncIO where a transfer is long enough for an on-demand load to suffer behind queued prefetches: one
-    # expert's load >= 1 ms. Measured on the H200 (reports/h200/comparison): with Mixtral's 336 MB experts
-    # (6.6 ms) AsyncIO is 0-5 % faster; with OLMoE's and Qwen3's 9-12 MiB experts (0.2 ms) its I/O thread
-    # costs the host-bound decode loop 5-31 %
+    # AsyncIO where a transfer is long enough for an on-demand load to suffer behind queued prefetches (one
+    # expert's load >= 1 ms); for shorter ones the I/O thread's host time outweighs what the priority saves
     ASYNC_MIN_LOAD_S = 1e-3
-    # candidates: absent experts per later layer handed to the planner (None: 2·K, the likeliest);
-    # layer_gap_s: attention, dense and host time between two MoE layers (None: `costs.layer_gap` if the
-    # executor's costs carry it, else 0); max_prefetch: a cap on prefetches per plan (None: the slots);
-    # transfer_host_s: host time to issue one transfer, paid whether or not the expert is used: a candidate
-    # is offered only if p·(load + h) > h, i.e. p > h / (load + h). The default is the engine's host cost
-    # per load measured on the H200 (bench, rev 70a3c5d: 0.09 ms per load on the OLMoE twin, 0.2 ms on the
-    # Qwen3 twin, at batch 1): it matters for small experts (OLMoE 12 MB: p > 0.3), hardly for large ones
-    # (Mixtral 336 MB: p > 0.016); calibrate: replace the predictor's p by the frequency measured so far for
-    # that p and distance (reliability.py), meant to stop an over-confident predictor buying wrong prefetches;
-    # window_reuse: a resident key of layers l+1 … l+D is kept with the larger of its prediction and the
-    # memory's chance (False: its prediction alone); gate: predict and plan only where speculation can
-    # shorten a step (`speculation_pays`; False: at every layer); plan_host_s: the host time of predicting
-    # and planning one layer, which the device's excess over the host must cover (None: `costs.plan`, the
-    # profile's predict_overhead_s + plan_overhead_s)
-    TRANSFER_HOST_S = 1e-4
     GATE_WEIGHT = 0.2  # weight of the newest layer in the running slack (about the last 5 layers)
+    options_type = PreScopeOptions
 
-    def __init__(self, predictor=None, lookahead: int = 3, candidates: int | None = None,
-                 layer_gap_s: float | None = None, max_prefetch: int | None = None, memory_decay: float = 0.8,
-                 transfer_host_s: float = TRANSFER_HOST_S, calibrate: bool = False, window_reuse: bool = True,
-                 gate: bool = True, plan_host_s: float | None = None):
-        super().__init__(predictor, lookahead, memory_decay)
-        if candidates is not None and candidates < 1:
-            raise PolicyError(f"candidates must be >= 1 per layer, got {candidates}")
-        if transfer_host_s < 0:
-            raise PolicyError(f"transfer_host_s must be >= 0 s, got {transfer_host_s}")
-        self.candidates, self.layer_gap_s, self.max_prefetch = candidates, layer_gap_s, max_prefetch
-        self.transfer_host_s, self.calibrate, self.window_reuse = transfer_host_s, calibrate, window_reuse
-        self.gate, self.plan_host_s = gate, plan_host_s
+    def __init__(self, predictor=None, **options):
+        super().__init__(predictor, **options)
+        o = self.options
+        self.candidates, self.layer_gap_s, self.max_prefetch = o.candidates, o.layer_gap_s, o.max_prefetch
+        self.transfer_host_s, self.calibrate, self.window_reuse = o.transfer_host_s, o.calibrate, o.window_reuse
+        self.gate, self.plan_host_s = o.gate, o.plan_host_s
         self.reliability: Reliability | None = None
         self.planned: dict[Key, Key | None] = {}
         self.loss: dict[Key, float] = {}
@@ -237,11 +259,8 @@ class PreScope(Predictive):
         engine syncs with the device once per layer (the routing), so a layer's loads and kernels run while
         the host launches the next layer: when they take less than that, a prefetch cannot make the step
         shorter and only adds its own host time and the planning."""
-        present, state, fresh, ready = cache.slot_of, cache.state, cache.prefetched, SlotState.RESIDENT
-        costs, layer, demand = self.costs, view.layer, 0
-        for e in view.experts:
-            slot = present.get((layer, e))
-            demand += slot is None or state[slot] is not ready or fresh[slot]
+        costs, layer, warm = self.costs, view.layer, cache.is_warm
+        demand = sum(1 for e in view.experts if not warm((layer, e)))
         device = sum(map(costs.gpu, view.tokens)) + demand * costs.load
         return device - (costs.host + len(view.experts) * costs.launch + demand * self.transfer_host_s)
 
@@ -259,11 +278,11 @@ class PreScope(Predictive):
     def nothing_to_plan(self, view: LayerView, cache: ExpertCache, forecast) -> bool:
         """Every routed expert resident and no candidate in the window: PreSched's plan is then all routed
         experts on the GPU in its order and nothing else, so it need not be built (exact, tested)."""
-        ready, present, layer = SlotState.RESIDENT, cache.slot_of, view.layer
-        if any(present.get((layer, e)) is None or cache.state[present[(layer, e)]] is not ready for e in view.experts):
+        layer, resident, present = view.layer, cache.is_resident, cache.is_present
+        if not all(resident((layer, e)) for e in view.experts):
             return False
         worth = self.worth()
-        return not any(q > worth and (layer + d, e) not in present
+        return not any(q > worth and not present((layer + d, e))
                        for d, (p, _) in enumerate(forecast, 1) for e, q in enumerate(p))
 
     def instance(self, view: LayerView, cache: ExpertCache, forecast=None) -> presched.Instance:
@@ -271,10 +290,8 @@ class PreScope(Predictive):
         costs, layer, E = self.costs, view.layer, self.num_experts
         forecast = self.window_forecast(view) if forecast is None else forecast
         link_free, eta = link_state(cache, self.issued, costs.load)
-        owner, state, pinned, present, ready = cache.owner, cache.state, cache.pinned, cache.slot_of, SlotState.RESIDENT
-        resident = frozenset([owner[s] for j in range(layer, layer + len(forecast) + 1) for s in cache.by_layer[j]
-                              if state[s] is ready])
-        keep, worth = self.candidates or 2 * self.top_k(), self.worth()
+        resident = frozenset(cache.resident_keys(range(layer, layer + len(forecast) + 1)))
+        keep, worth, present = self.candidates or 2 * self.top_k(), self.worth(), cache.present_keys()
         predictions, compute = [], []
         for d, (p, n) in enumerate(forecast, 1):
             absent = [e for e in range(E) if p[e] > worth and (layer + d, e) not in present]
@@ -286,10 +303,10 @@ class PreScope(Predictive):
         # the H200 showed prefetches evicting experts that reuse asked for again; else the prediction alone);
         # a prefetch not used yet keeps its slot until its layer ran (no churn between plans); the plan takes
         # at most one victim per routed expert and candidate
-        routed, chances, memory, prefetched = {(layer, e) for e in view.experts}, [], self.memory, cache.prefetched
-        for j, slots in cache.by_layer.items():  # every slot, in comprehensions
+        routed, chances, memory = {(layer, e) for e in view.experts}, [], self.memory
+        for j in range(cache.num_layers):
             d, window = j - layer, 1 <= j - layer <= len(forecast)
-            keys = [owner[s] for s in slots if state[s] is ready and s not in pinned and not (window and prefetched[s])]
+            keys = cache.evictable_keys(j, keep_fresh=window)
             if d == 0:
                 keys = [key for key in keys if key not in routed]
             if window and not self.window_reuse:
@@ -305,7 +322,7 @@ class PreScope(Predictive):
         gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
         return presched.Instance(
             layer, view.experts, view.tokens, tuple(predictions), costs.load, costs.gpu, costs.cpu,
-            resident=resident, inflight=eta, free_slots=len(cache.free), evictable=held, link_free=link_free,
+            resident=resident, inflight=eta, free_slots=cache.free_count, evictable=held, link_free=link_free,
             demand_free=0.0 if self.uses_async_io(costs) else None, gap=gap, max_prefetch=self.max_prefetch,
             compute=tuple(compute))
 
@@ -360,8 +377,7 @@ class PreScope(Predictive):
 
     def _still_loading(self, cache: ExpertCache) -> list[Key]:
         """The keys this policy issued that are still on the link, in issue order (for `link_state`)."""
-        return [k for k in self.issued if cache.slot_of.get(k) is not None
-                and cache.state[cache.slot_of[k]] is SlotState.LOADING]
+        return [k for k in self.issued if cache.is_loading(k)]
 
     def victim(self, cache: ExpertCache, key: Key) -> int | None:
         protect = _guarded(self.protect, key, self.layer)
@@ -410,9 +426,9 @@ class OracleFuture(Policy):
         # Belady admission: walk the later keys in order of use, each taking a free slot or the slot of the
         # resident key used farthest ahead, as long as that key is used later than the one loaded
         L = view.num_layers
-        held = {k: self.distance(k, view.layer, L) for k in cache.slot_of}
-        misses = [(view.layer, e) for e in gpu if (view.layer, e) not in cache.slot_of]
-        free = len(cache.free)
+        held = {k: self.distance(k, view.layer, L) for k in cache.present_keys()}
+        misses = [(view.layer, e) for e in gpu if not cache.is_present((view.layer, e))]
+        free = cache.free_count
         self.planned, prefetch = {}, []
         for key in misses + [(view.layer + d, e) for d, experts in enumerate(future, 1) for e in experts]:
             if key in held:

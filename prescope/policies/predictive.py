@@ -15,19 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from itertools import compress, repeat
-from operator import is_
+from dataclasses import dataclass
 
 import prescope.policies.presched as presched
-from prescope.policies.base import Costs, LayerView, Policy
-from prescope.policies.cache import ExpertCache, Key, SlotState
+from prescope.policies.base import Costs, LayerView, Policy, PolicyError, PolicyOptions
+from prescope.policies.cache import ExpertCache, Key
 
-MISSING = -1  # the trace's padding expert id (prescope.trace.MISSING), kept here to avoid importing pandas
+MISSING = -1  # the trace's padding expert id (prescope.routing.trace.MISSING), kept here to avoid importing pandas
 UNPLANNED = object()  # a load the last plan did not foresee
-
-
-class PolicyError(ValueError):
-    """A policy set up in a way that cannot work (a predictor of another model, a lookahead too deep)."""
 
 
 # ---- what a policy has seen --------------------------------------------------------------------------------
@@ -118,54 +113,52 @@ def _padded(rows: list[list[int]], width: int | None = None):
 
 # ---- victims ----------------------------------------------------------------------------------------------
 
-def lru_victim(cache: ExpertCache, key: Key, protect: set[Key]) -> int | None:
-    """`Policy.victim`'s per-layer LRU, never giving up a key in `protect`."""
-    own = [s for s in cache.evictable(key[0]) if cache.owner[s] not in protect]
-    if cache.free and (len(cache.by_layer[key[0]]) < cache.quota or not own):
-        return min(cache.free)
-    if own:
-        return cache.lru(own)
-    others = [s for s in cache.evictable() if cache.owner[s] not in protect]
-    return cache.lru(others) if others else None
-
-
 def planned_slot(cache: ExpertCache, planned, protect: set[Key]) -> int | None:
     """The slot a plan chose for a load: a free one (planned None), or its victim's while that key is still
     evictable and unprotected; None when the plan no longer applies."""
     if planned is UNPLANNED:
         return None
     if planned is None:
-        return min(cache.free) if cache.free else None
-    slot = cache.slot_of.get(planned)
-    if slot is None or planned in protect or slot in cache.pinned or cache.state[slot] is not SlotState.RESIDENT:
+        return cache.first_free()
+    if planned in protect or not cache.is_evictable(planned):
         return None
-    return slot
+    return cache.slot(planned)
 
 
 def ranked_victim(cache: ExpertCache, protect: set[Key], rank: Callable[[Key], float]) -> int | None:
     """A free slot, else the evictable slot whose key ranks lowest (ties: least recently used)."""
-    if cache.free:
-        return min(cache.free)
-    pool = [s for s in cache.evictable() if cache.owner[s] not in protect]
-    return min(pool, key=lambda s: (rank(cache.owner[s]), cache.last_use[s])) if pool else None
+    free = cache.first_free()
+    return free if free is not None else cache.evictable_ranked(protect, rank)
 
 
 # ---- the common part ---------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class PredictiveOptions(PolicyOptions):
+    lookahead: int = 1  # D, the layers predicted ahead (checked at `reset` against the model and the predictor)
+    memory_decay: float = 0.8  # weight of the past in the decayed activation frequencies (0.8: ~ the last 5 steps)
+
+    def check(self) -> None:
+        if self.lookahead < 1:
+            raise PolicyError(f"lookahead must be >= 1 layer, got {self.lookahead}")
+        if not 0.0 <= self.memory_decay < 1.0:
+            raise PolicyError(f"memory decay must be in [0, 1), got {self.memory_decay}")
+
+
 class Predictive(Policy):
     """A policy that predicts layers l+1 … l+D from a `predictors.Predictor` (or from what it has seen).
 
-    predictor: a Predictor, a zero-argument factory of one, or None (the previous step's routing).
-    lookahead: D, the layers predicted ahead (checked at `reset` against the model and the predictor).
-    memory_decay: weight of the past in the decayed activation frequencies (0.8: about the last 5 steps).
+    predictor: a Predictor, a zero-argument factory of one, or None (the previous step's routing); the
+    options are `options_type`'s.
     """
 
     use_graphs = True  # replay a hidden-state predictor's window from CUDA graphs (False: always eager)
+    options_type = PredictiveOptions
 
-    def __init__(self, predictor=None, lookahead: int = 1, memory_decay: float = 0.8):
-        if lookahead < 1:
-            raise PolicyError(f"lookahead must be >= 1 layer, got {lookahead}")
-        self.predictor_source, self.lookahead, self.memory_decay = predictor, lookahead, memory_decay
+    def __init__(self, predictor=None, **options):
+        super().__init__(**options)
+        self.predictor_source, self.lookahead = predictor, self.options.lookahead
+        self.memory_decay = self.options.memory_decay
         self.predictor = None
         self.protect: set[Key] = set()
         self.layer, self.costs_gap = -1, 0.0
@@ -188,11 +181,11 @@ class Predictive(Policy):
             self.graphs, self.graphs_for = None, self.predictor
         if costs is not None:
             self.costs = dataclasses.replace(costs, gpu=_memo(costs.gpu), cpu=_memo(costs.cpu))
-            self.costs_gap = getattr(costs, "layer_gap", 0.0)
+            self.costs_gap = costs.layer_gap
         return []
 
     def top_k(self) -> int:
-        layout = getattr(self.predictor, "layout", None)
+        layout = self.predictor.layout if self.predictor is not None else None
         return layout.top_k if layout is not None else (self.memory.min_routed or 1)
 
     def forecast(self, view: LayerView, depth: int) -> list[tuple[list[float], list[float]]]:
@@ -209,7 +202,7 @@ class Predictive(Policy):
 
         hidden, pred, distances = view.hidden, self.predictor, list(range(1, depth + 1))
         rows = hidden.shape[0] if hidden is not None else 1
-        if not getattr(pred, "needs_hidden", False):  # history-based: the routing seen so far
+        if not pred.needs_hidden:  # history-based: the routing seen so far
             history = self.memory.history(view, with_truth=True)
             scores = pred.predict_window(view.layer, distances, hidden=hidden, history=history)
             k = self.top_k() if hidden is not None and rows == 1 else max(1, len(view.experts))
@@ -219,10 +212,10 @@ class Predictive(Policy):
         # then runs as one CUDA graph on the GPU (its ~40 kernels cost their launches, not their arithmetic)
         if hidden is None:  # the predictor says what it needs; one that does not is refused here
             pred.predict_window(view.layer, distances, hidden=None, history=None)
-            raise PolicyError(f"{self.name}: predictor {getattr(pred, 'name', '')!r} reads hidden states and this "
+            raise PolicyError(f"{self.name}: predictor {pred.name!r} reads hidden states and this "
                               "executor gives none")
         inputs = [self._predictor_input(hidden)]
-        if rows == 1 and getattr(getattr(pred, "config", None), "use_routing", False):
+        if rows == 1 and pred.uses_routing:
             inputs.append(self.memory.current(view).to(inputs[0].device, non_blocking=True))  # [1, L, K]
         k = min(self.top_k(), self.num_experts)
 
@@ -240,7 +233,7 @@ class Predictive(Policy):
 
     def _predictor_input(self, hidden):
         """The router input on the predictor's device (LLaPor's parameters live where it was loaded)."""
-        where = getattr(getattr(self.predictor, "config", None), "device", None)
+        where = self.predictor.device
         return hidden if where is None else hidden.to(where, non_blocking=True)
 
 
@@ -277,24 +270,23 @@ def _as_lists(used) -> list[tuple[list[float], list[float]]]:
 
 
 def check_predictor(predictor, num_layers: int, num_experts: int, lookahead: int, policy: str) -> None:
-    """PolicyError unless `predictor` was built for a model with these L and E and reaches `lookahead`."""
-    layout = getattr(predictor, "layout", None)
+    """PolicyError unless `predictor` (a `predictors.Predictor`) was built for a model with these L and E and
+    answers up to `lookahead` layers ahead."""
+    layout, name = predictor.layout, predictor.name or type(predictor).__name__
     if layout is not None and (layout.num_moe_layers, layout.num_experts) != (num_layers, num_experts):
         raise PolicyError(
-            f"{policy}: predictor {getattr(predictor, 'name', type(predictor).__name__)!r} was built for "
-            f"{layout.model_class} with {layout.num_moe_layers} MoE layers and {layout.num_experts} experts, "
-            f"but this model has {num_layers} MoE layers and {num_experts} experts")
-    config = getattr(predictor, "config", None)
-    trained = getattr(config, "distance", None)
-    if trained is not None and lookahead > trained:
-        raise PolicyError(f"{policy}: lookahead {lookahead} exceeds the {trained} layers predictor "
-                          f"{getattr(predictor, 'name', '')!r} was trained to predict")
+            f"{policy}: predictor {name!r} was built for {layout.model_class} with {layout.num_moe_layers} MoE "
+            f"layers and {layout.num_experts} experts, but this model has {num_layers} MoE layers and "
+            f"{num_experts} experts")
+    if predictor.max_distance is not None and lookahead > predictor.max_distance:
+        raise PolicyError(f"{policy}: lookahead {lookahead} exceeds the {predictor.max_distance} layers predictor "
+                          f"{name!r} was trained to predict")
 
 
 def link_state(cache: ExpertCache, issued: Sequence[Key], load: float) -> tuple[float, dict[Key, float]]:
     """(link_free, ETA per key in flight) estimated from the cache: keys loading land one transfer apart,
     in the order this policy issued them (others first); the link is free after the last."""
-    loading = list(compress(cache.owner, map(is_, cache.state, repeat(SlotState.LOADING))))  # in slot order
+    loading = cache.loading_keys()  # in slot order
     order = {k: i for i, k in enumerate(issued)}
     loading.sort(key=lambda k: order.get(k, -1))
     return load * len(loading), {k: load * (i + 1) for i, k in enumerate(loading)}
@@ -315,7 +307,7 @@ def fastest_split(view: LayerView, cache: ExpertCache, costs: Costs | None) -> t
     if costs is None:
         return list(view.experts), []
     routed = {(view.layer, e) for e in view.experts}
-    takeable = len(cache.free) + sum(1 for s in cache.evictable() if cache.owner[s] not in routed)
+    takeable = cache.free_count + len(cache.evictable(None, routed))
     inst = presched.Instance(view.layer, view.experts, view.tokens, (), costs.load, costs.gpu, costs.cpu,
                              resident=frozenset(k for k in routed if cache.is_present(k)), free_slots=takeable)
     finishes, present, misses = presched.split_finishes(inst)

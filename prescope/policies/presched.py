@@ -71,7 +71,7 @@ where an expert's GPU time is flat in tokens; otherwise the split is the best th
 Inputs a caller estimates (ETAs, link_free, gap, predictions, victims' probabilities) are taken as given.
 Speed: plain Python for windows this small (E = 64, K = 8, D = 3); per call the cost functions are
 memoised, π = 0's merges are shared by the relaxation and every other choice, and partial marginals are
-computed only for layers that may use them. `planspeed.planning_time` (`python -m prescope.planspeed
+computed only for layers that may use them. `planspeed.planning_time` (`python -m prescope.experiments.planspeed
 --bench`) measures it on `planspeed.bench_instances`.
 Letters: D lookahead distance, E experts, K top-k, S slots, τ transfer time of one expert.
 """

@@ -235,7 +235,7 @@ class LLaPor(Predictor):
                  pcas: list[PCA], nets: list[LayerNet], routers: LinearRouters | None, trace_info: dict | None = None,
                  history: list[dict] | None = None):
         self.config, self.layout, self.boundaries = config, layout, tuple(boundaries)
-        self.max_distance = config.distance
+        self.max_distance, self.uses_routing, self.device = config.distance, config.use_routing, config.device
         self.pcas, self.nets, self.routers = pcas, nets, routers
         self.trace_info, self.history = trace_info or {}, history or []
         if config.use_lookahead and routers is None:

@@ -205,14 +205,23 @@ class LinearRouters:
 
 
 class Predictor(ABC):
-    """Scores [N, E] for the experts of layer `layer + distance`, seen from MoE layer `layer`."""
+    """Scores [N, E] for the experts of layer `layer + distance`, seen from MoE layer `layer`.
+
+    What a policy may read of a predictor is declared here: `name`; `layout`, the model it was built for
+    (None: any); `needs_hidden`, whether `predict` reads the router input of layer `layer`; `uses_routing`,
+    whether it reads this step's routing at layers <= `layer` (`History.current`), exact only for one
+    token; `min_distance` and `max_distance`, the distances it answers (None: up to the last layer);
+    `device`, where its parameters live and its inputs must be (None: wherever they are given).
+    """
 
     name: str = ""
     imitates: str = ""
     needs_hidden: bool = False
+    uses_routing: bool = False
     min_distance: int = 0
     max_distance: int | None = None  # None: up to the last layer
     layout: ModelLayout | None = None
+    device: str | None = None
 
     def fit(self, trace: Trace) -> Predictor:
         """Learn from a training trace (no-op for training-free predictors); returns self."""

@@ -45,7 +45,7 @@ INT_COLUMNS = ("prompt", "row", "position", "step", "call")
 PHASES = ("prefill", "decode")
 # Tolerance for "weights are sorted highest first": float32 ties re-ordered by rounding.
 SORT_TOLERANCE = 1e-6
-# Names that moved to prescope.recording and are still imported from here; see `__getattr__`.
+# Names that moved to prescope.routing.recording and are still imported from here; see `__getattr__`.
 MOVED_TO_RECORDING = ("record_trace", "heldout_prompts")
 
 

@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-DEFAULT_CHUNK_BYTES = 16 * 2**20  # 16 MiB: the link keeps ~95% of its peak at that size on the H200
 PRIORITY = {"on_demand": 0, "prefetch": 1}
 
 TransferTime = Callable[[int], float]  # seconds to move n bytes

@@ -1,24 +1,17 @@
 """The simulated executor: replay a routing trace through a policy on a hardware profile, on a virtual clock.
 
-The same policy objects and cache as the engine, the same orders, times from `cost.py` (bound to the
+The same policy objects, cache and layer protocol as the engine (`policies.protocol.run_layer`: cut, plan,
+CPU experts, GPU experts in waves, prefetch), the same orders, times from `hardware/cost.py` (bound to the
 layout and profile in `simcost.py`). A step is one forward call over a batch; a batch-1 trace of several
 prompts is grouped into batches of `batch_size` prompts whose decode steps run together. Per step, each
-decoder layer in order:
-
-1. attention and the other resident work of the layer on the GPU (`dense_time` for N tokens);
-2. host work of the MoE step on the host: the profile's per-layer overhead (`host`); issuing each transfer
-   costs the profile's `host_per_transfer_s` more (a kernel launched after an issue starts after it);
-3. the cache catches up with the clock (loads that ended become resident) and the policy plans, which
-   costs the profile's prediction and planning times (`predict`, `plan`) for a policy that declares them
-   in `host_work`, the ones its last plan did (`Policy.planned_work`: prescope's gate skips both);
-4. CPU experts run one after another on the CPU lane, from the end of planning, overlapping GPU work;
-5. GPU experts, in the order of the orders: present ones are pinned, absent ones get a slot from
-   `policy.victim` and an on-demand load; each starts when its load has landed and the GPU is free. When
-   no slot can be given up the layer runs in waves: compute what is there, release it, load the rest
-   (into the released slots, each load waiting for its slot's computation); when every slot is still
-   loading, the GPU waits for the first transfer to land;
-6. prefetches are queued behind the layer's on-demand loads, stopping at the first that finds no slot;
-7. the layer ends when its GPU and CPU experts are done.
+decoder layer in order: attention and the other resident work of the layer on the GPU (`dense_time` for
+N tokens); the host's own work of the MoE step (the profile's per-layer overhead, `host`); then the
+protocol, whose orders this executor times (`_Replay`): the cache catches up with the clock before the
+plan; the plan costs the profile's prediction and planning times for what the policy did
+(`Policy.planned_work`: prescope's gate skips both); issuing each transfer costs `host_per_transfer_s`;
+CPU experts run one after another on the CPU lane, overlapping GPU work; a GPU expert starts when its
+load has landed and the GPU is free; when every slot is still loading, the GPU waits for the first
+transfer to land. The layer ends when its GPU and CPU experts are done.
 
 The link (`link.py`): one FIFO queue (`async_io=False`: a queued prefetch delays a later on-demand load),
 or a priority queue (`async_io=True`: on-demand loads overtake queued prefetches at `chunk_bytes`
@@ -51,16 +44,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prescope.config import EngineConfig
+from prescope.config import IO_CHUNK_BYTES, EngineConfig
 from prescope.hardware import cost
 from prescope.hardware.profiles import HardwareProfile, load_profile
 from prescope.layout import ModelLayout
 from prescope.policies import POLICIES, make_policy
 from prescope.policies.base import LayerView, Policy, costs_for
-from prescope.policies.cache import CacheError, CacheStats, ExpertCache, Key
+from prescope.policies.cache import CacheStats, ExpertCache, Key
+from prescope.policies.protocol import Executor, fill, preload, run_layer, slots_for
 from prescope.routing.trace import MISSING, Trace
 from prescope.sim.link import (
-    DEFAULT_CHUNK_BYTES,
     FifoLink,
     Load,
     PriorityLink,
@@ -87,27 +80,6 @@ class SimResult:
     totals: dict
     config: dict
     trace: Trace | None = field(default=None, repr=False)
-
-
-# ---- the budget ----------------------------------------------------------------------------------------
-
-def slots_for(layout: ModelLayout, budget_slots: int | None = None, budget_share: float | None = None) -> int:
-    """Slots of the budget, clipped to L·E; `budget_share` is a share of L·E (rounded). Below one layer's
-    top-k (K slots) raises a SimulationError stating the minimum in slots and bytes."""
-    total = layout.num_moe_layers * layout.num_experts
-    if budget_slots is not None and budget_share is not None:
-        raise SimulationError("give budget_slots or budget_share, not both")
-    if budget_slots is None:
-        share = EngineConfig().budget_share if budget_share is None else budget_share
-        if not 0.0 < share <= 1.0:
-            raise SimulationError(f"budget_share must be in (0, 1], got {share}")
-        budget_slots = round(share * total)
-    if budget_slots < layout.top_k:
-        raise SimulationError(
-            f"a budget of {budget_slots} slots is below the minimum of one layer's top-k: at least "
-            f"{layout.top_k} slots ({layout.top_k * layout.expert_bytes} bytes of {layout.expert_bytes}-byte "
-            f"experts, budget_share >= {layout.top_k / total:.4f})")
-    return min(int(budget_slots), total)
 
 
 # ---- the replay ----------------------------------------------------------------------------------------
@@ -143,8 +115,9 @@ def _routed(experts: np.ndarray, num_experts: int) -> list[tuple[tuple[int, ...]
             for layer in range(L)]
 
 
-class _Replay:
-    """The virtual clock, the cache and the lanes of one replay; `layer()` is one MoE layer of one step."""
+class _Replay(Executor):
+    """The virtual clock, the cache and the lanes of one replay; `layer()` runs one MoE layer of one step
+    through the layer protocol (`policies.protocol.run_layer`), carrying out its orders on the clock."""
 
     def __init__(self, policy: Policy, cache: ExpertCache, times: SimTimes, num_experts: int, async_io: bool,
                  chunk_bytes: int):
@@ -157,7 +130,7 @@ class _Replay:
         self.landed: list[tuple[float, int, Load]] = []
         self.release = [0.0] * cache.num_slots  # when each slot's last occupant finished computing
         self.cpu_free = 0.0
-        work = tuple(getattr(policy, "host_work", ()))
+        work = tuple(policy.host_work)
         if set(work) - set(HOST_WORK):
             raise SimulationError(f"policy {policy.name!r} declares host_work {work}; allowed: {HOST_WORK}")
         p = times.profile
@@ -165,6 +138,8 @@ class _Replay:
         self.host = [("host", p.host_overhead_per_layer_s)] if p.host_overhead_per_layer_s > 0 else []
         self.planning = [(kind, d) for kind, d in (("predict", p.predict_overhead_s if "predict" in work else 0.0),
                                                    ("plan", p.plan_overhead_s if "plan" in work else 0.0)) if d > 0]
+        # the running layer: its step, token count per routed expert, and the host, GPU and CPU clocks
+        self.step, self.count, self.h, self.g, self.c = 0, {}, 0.0, 0.0, 0.0
 
     def _emit(self, load: Load, start: float, end: float, nbytes: int) -> None:
         self.rows.append(("pcie", load.step, load.key[0], load.key[1], load.kind, 0, nbytes, start, end,
@@ -184,11 +159,6 @@ class _Replay:
         while self.landed and self.landed[0][0] <= t:
             self._resident(heapq.heappop(self.landed)[2])
 
-    def issue(self, key: Key, slot: int, kind: str, step: int, t: float) -> None:
-        load = Load(next(self.ids), key, slot, kind, step, self.times.nbytes, max(t, self.release[slot]))
-        self.inflight[key] = load
-        self.link.enqueue(load)
-
     def ready_time(self, key: Key, t: float) -> float:
         load = self.inflight.get(key)
         if load is None:
@@ -198,14 +168,16 @@ class _Replay:
         self._resident(load)
         return end
 
-    def _drop_stale(self, step: int, layer: int, experts) -> None:
-        """Cut the prefetches in flight for layers that already ran or for this layer's unrouted experts
-        (on the priority link only: `transfers.IOWorker.drop_stale`); their slots are free again."""
-        routed = set(experts)
+    # ---- the protocol's orders, on the clock --------------------------------------------------------
+    def cut_stale(self, view: LayerView) -> None:
+        """The cache at the clock, then the prefetches in flight for layers that already ran or for this
+        layer's unrouted experts cut (on the priority link only: `transfers.IOWorker.drop_stale`)."""
+        self.advance(self.h)
+        routed, step, layer = set(view.experts), view.step, view.layer
         stale = [load for key, load in self.inflight.items() if load.kind == "prefetch" and load.left > 0
                  and (load.step < step or key[0] < layer or (key[0] == layer and key[1] not in routed))]
         for load in stale:
-            if self.cache.slot_of.get(load.key) != load.slot or load.slot in self.cache.pinned:
+            if not self.cache.holds(load.key, load.slot):
                 continue
             started = self.link.cut(load)
             if started is None:  # promoted
@@ -213,97 +185,66 @@ class _Replay:
             del self.inflight[load.key]
             self.cache.cancel(load.key, started=started)
 
-    def land_one(self) -> bool:
+    def planned(self, policy: Policy, view: LayerView) -> None:
+        """Charge the profile's prediction and planning time for what the plan did (prescope's gate runs some
+        layers without either); the GPU lane starts after it."""
+        done, h = policy.planned_work(), self.h
+        for kind, d in self.planning:
+            if kind in done:
+                self.rows.append(("cpu", view.step, view.layer, -1, kind, sum(view.tokens), 0, h, h + d, -1, -1))
+                h += d
+        self.h = self.g = h
+
+    def start_cpu(self, layer: int, experts: list[int]) -> None:
+        """One after another on the CPU lane, from the end of planning, overlapping GPU work."""
+        c = max(self.cpu_free, self.h)
+        for e in experts:
+            d = self.times.cpu(self.count[e])
+            self.rows.append(("cpu", self.step, layer, e, "cpu_expert", self.count[e], 0, c, c + d, -1, -1))
+            c += d
+        self.cpu_free = self.c = c
+
+    def load(self, key: Key, slot: int, speculative: bool) -> None:
+        """Issuing a transfer costs host time; the copy starts once the slot's last occupant is done."""
+        self.h += self.per_transfer
+        load = Load(next(self.ids), key, slot, "prefetch" if speculative else "on_demand", self.step,
+                    self.times.nbytes, max(self.h, self.release[slot]))
+        self.inflight[key] = load
+        self.link.enqueue(load)
+
+    def compute(self, layer: int, wave: list[tuple[int, int]]) -> None:
+        """Each expert when its load has landed and the GPU is free."""
+        g = self.g
+        for e, slot in wave:
+            start = max(g, self.ready_time((layer, e), self.h))
+            g = start + self.times.gpu(self.count[e])
+            self.rows.append(("gpu", self.step, layer, e, "gpu_expert", self.count[e], 0, start, g, slot, -1))
+            self.release[slot] = g
+        self.g = g
+
+    def make_room(self) -> bool:
         """Let the earliest transfer in flight land (the GPU waits for it) so its slot can be given up."""
         if not self.landed and not self.link.finish_any():
             return False
         self._resident(heapq.heappop(self.landed)[2])
         return True
 
+    # ---- one layer ------------------------------------------------------------------------------------
     def layer(self, step: int, layer: int, t: float, num_tokens: int, experts: tuple[int, ...],
-              tokens: tuple[int, ...], future, hidden) -> tuple[float, int]:
-        """One MoE layer from time `t` (GPU free, previous layer done); returns (its end, hits)."""
-        cache, rows, times = self.cache, self.rows, self.times
-        # 1. attention and resident work on the GPU
-        h = t + times.of("attention", num_tokens)
+              tokens: tuple[int, ...], future, hidden) -> float:
+        """One MoE layer from time `t` (GPU free, previous layer done); returns its end."""
+        rows = self.rows
+        # attention and resident work on the GPU, then the host's own work of the MoE step
+        h = t + self.times.of("attention", num_tokens)
         rows.append(("gpu", step, layer, -1, "attention", num_tokens, 0, t, h, -1, -1))
-        # 2. host work of the MoE step
         for kind, d in self.host:
             rows.append(("cpu", step, layer, -1, kind, num_tokens, 0, h, h + d, -1, -1))
             h += d
-        # 3. the cache at the clock (prefetches no layer will use cut, as AsyncIO does), then the plan
-        self.advance(h)
-        self._drop_stale(step, layer, experts)
-        view = LayerView(step, layer, cache.num_layers, self.num_experts, experts, tokens, hidden, future)
-        hits = {e for e in experts if cache.is_present((layer, e))}
-        orders = self.policy.plan(view, cache)
-        orders.check(view)
-        done = self.policy.planned_work()  # prescope's gate runs some layers without predicting or planning
-        for kind, d in self.planning:
-            if kind in done:
-                rows.append(("cpu", step, layer, -1, kind, num_tokens, 0, h, h + d, -1, -1))
-                h += d
-        count = dict(zip(experts, tokens, strict=True))
-        # 4. CPU experts, overlapping the GPU
-        c = max(self.cpu_free, h)
-        for e in orders.cpu:
-            d = times.cpu(count[e])
-            rows.append(("cpu", step, layer, e, "cpu_expert", count[e], 0, c, c + d, -1, -1))
-            c += d
-        self.cpu_free = c
-        # 5. GPU experts, in waves when the slots run short; issuing their loads takes host time
-        g, h = self._gpu_experts(step, layer, orders.gpu, count, hits, h)
-        # 6. prefetches behind this layer's on-demand loads
-        for key in orders.prefetch:
-            if cache.is_present(key):
-                continue
-            slot = self.policy.victim(cache, key)
-            if slot is None:
-                break
-            cache.assign(key, slot, speculative=True)
-            h += self.per_transfer
-            self.issue(key, slot, "prefetch", step, h)
-        cache.unpin_all()
-        # 7. the layer ends with its last expert
-        return max(g, c, h), len(hits)
-
-    def _gpu_experts(self, step, layer, chosen, count, hits, h) -> tuple[float, float]:
-        """(when the GPU finishes the layer's experts, when the host finished issuing their loads)."""
-        cache, policy, rows = self.cache, self.policy, self.rows
-        for e in chosen:
-            if (layer, e) in cache.slot_of:
-                cache.pin((layer, e))
-        g, pending = h, list(chosen)
-        while pending:
-            wave, deferred = [], []  # a wave: what is present plus what finds a slot; the rest waits
-            for e in pending:
-                key = (layer, e)
-                if key not in cache.slot_of:
-                    slot = None if deferred else policy.victim(cache, key)
-                    if slot is None:
-                        deferred.append(e)
-                        continue
-                    cache.assign(key, slot, speculative=False)
-                    h += self.per_transfer
-                    self.issue(key, slot, "on_demand", step, h)
-                    cache.pin(key)
-                wave.append(e)
-            if not wave:
-                if not self.land_one():
-                    raise CacheError(f"layer {layer}: no slot could be freed for expert {pending[0]}")
-                continue
-            for e in wave:
-                key = (layer, e)
-                slot = cache.slot_of[key]
-                start = max(g, self.ready_time(key, h))
-                g = start + self.times.gpu(count[e])
-                cache.use(key, hit=e in hits)
-                rows.append(("gpu", step, layer, e, "gpu_expert", count[e], 0, start, g, slot, -1))
-                self.release[slot] = g
-            for e in wave:
-                cache.unpin((layer, e))
-            pending = deferred
-        return g, h
+        self.step, self.count, self.h, self.g, self.c = step, dict(zip(experts, tokens, strict=True)), h, h, h
+        view = LayerView(step, layer, self.cache.num_layers, self.num_experts, experts, tokens, hidden, future)
+        run_layer(view, self.policy, self.cache, self)
+        # the layer ends with its last expert (and the host's last issue)
+        return max(self.g, self.c, self.h)
 
 
 def _lower_bounds(requests, request_tokens, stats, num_slots, layout, profile, times) -> tuple[list, list]:
@@ -328,7 +269,7 @@ def _lower_bounds(requests, request_tokens, stats, num_slots, layout, profile, t
 
 def replay(trace: Trace, policy: Policy | str, profile: HardwareProfile | str, *, budget_slots: int | None = None,
            budget_share: float | None = None, batch_size: int = 1, decode_only: bool = True,
-           max_steps: int | None = None, async_io: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+           max_steps: int | None = None, async_io: bool = False, chunk_bytes: int = IO_CHUNK_BYTES,
            layout: ModelLayout | None = None, dense_params: int | None = None,
            policy_profile: HardwareProfile | str | None = None) -> SimResult:
     """Replay `trace` through `policy` on `profile` with a GPU expert budget; see the module docstring.
@@ -357,21 +298,13 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
     if chunk_bytes < 1:
         raise SimulationError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     L, E = layout.num_moe_layers, layout.num_experts
-    num_slots = slots_for(layout, budget_slots, budget_share)
+    if budget_slots is None and budget_share is None:
+        budget_share = EngineConfig().budget_share
+    num_slots = slots_for(layout, share=budget_share, slots=budget_slots)
     times = SimTimes(layout, profile, default_dense_params(layout) if dense_params is None else dense_params)
     cache = ExpertCache(num_slots, L)
     costs = times.costs() if policy_profile is None else costs_for(layout, load_profile(policy_profile))
-    if num_slots >= L * E:
-        policy.reset(cache, E, costs)
-        preload = [(layer, e) for layer in range(L) for e in range(E)]
-    else:
-        preload = policy.reset(cache, E, costs)
-    for key in preload[:num_slots]:
-        slot = None if cache.is_present(key) else policy.victim(cache, key)
-        if slot is not None:
-            cache.assign(key, slot, speculative=False)
-            cache.mark_ready(key)
-    cache.stats = CacheStats()
+    fill(policy, cache, preload(policy, cache, E, costs), lambda key, slot: cache.mark_ready(key))  # before time 0
     sim = _Replay(policy, cache, times, E, async_io, chunk_bytes)
     # decoder layers in order: (decoder index, MoE ordinal or -1 for a dense layer)
     decoder = sorted([(i, -1) for i in layout.dense_layers] + [(i, o) for o, i in enumerate(layout.moe_layers)])
@@ -382,7 +315,7 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
     for step, (batch, trace_step, phase, index) in enumerate(calls):
         routed = _routed(trace.experts[index], E)  # per layer: (experts, tokens)
         hidden = None if trace.hidden is None else np.ascontiguousarray(trace.hidden[index].transpose(1, 0, 2))
-        n, hits, before = len(index), 0, _stats(cache)
+        n, before = len(index), _stats(cache)
         gpu_work = dense_work = 0.0
         for _, layer in decoder:
             if layer < 0:
@@ -392,12 +325,10 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
                 continue
             experts, counts = routed[layer]
             future = tuple(r[0] for r in routed[layer + 1:])
-            t, layer_hits = sim.layer(step, layer, t, n, experts, counts, future,
-                                      None if hidden is None else _tensor(hidden[layer]))
-            hits += layer_hits
+            t = sim.layer(step, layer, t, n, experts, counts, future, None if hidden is None else _tensor(hidden[layer]))
             gpu_work += times.of("attention", n) + sum(times.gpu(c) for c in counts)
             dense_work += times.of("attention", n)
-        routed_total = sum(len(r[0]) for r in routed)
+        routed_total, hits = sum(len(r[0]) for r in routed), cache.stats.hits - before["hits"]
         requests.append([layer * E + e for layer, (experts, _) in enumerate(routed) for e in experts])
         request_tokens.extend(c for _, counts in routed for c in counts)
         records.append({"step": step, "batch": batch, "trace_step": trace_step, "phase": phase,
@@ -497,7 +428,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None)
     parser.add_argument("--async-io", "--async_io", dest="async_io", action="store_true",
                         help="priority link: on-demand loads overtake queued prefetches")
-    parser.add_argument("--chunk-bytes", "--chunk_bytes", dest="chunk_bytes", type=int, default=DEFAULT_CHUNK_BYTES)
+    parser.add_argument("--chunk-bytes", "--chunk_bytes", dest="chunk_bytes", type=int, default=IO_CHUNK_BYTES)
     parser.add_argument("--timeline", default="", help="write the timeline here (.parquet or .csv)")
 
 

@@ -7,7 +7,7 @@ profile and whether the numbers were measured on this host or simulated on a pro
 - displayed as a JSON mime bundle (`application/json`, wrapped under the key `MARKER`) with a readable
   text/plain fallback, so an executed notebook carries it in its outputs (`read_metrics(path)`);
 - written as JSON, atomically, to the file named by the environment variable `PRESCOPE_METRICS_PATH`
-  when that is set (for runners other than `prescope.reports`).
+  when that is set (for runners other than `prescope.workbench.reports`).
 
 Files are written through `prescope.files.write_atomic`.
 """

@@ -5,7 +5,7 @@ One notebook run (`run_notebook`) writes, in its output folder and always atomic
 shared copy of plotly.js, `plotly-<version>.min.js`, written once into the folder of the reports, so every page
 works offline and none carries its own 5 MB copy; a widget output shown by its static HTML, the state it was
 drawn in, since widget scripts would come from a CDN) and, last, `<stem>.metrics.json` (what the notebook
-recorded with `prescope.metrics.record_metrics`). The metrics file is written last: its presence means
+recorded with `prescope.workbench.metrics.record_metrics`). The metrics file is written last: its presence means
 the run finished. A failing notebook yields a result carrying its error, not an exception, so one
 failure never stops the others; `report_all` runs every notebook on its defaults and writes
 `index.html`, and the command exits non-zero if any failed.

@@ -138,9 +138,10 @@ def best_per_cell(table: pd.DataFrame) -> pd.DataFrame:
     """Per run, model, budget and batch: the contending policy with the highest decode throughput, and
     prescope's throughput against it and against on_demand_lru (NaN where prescope did not run). Ablation
     variants (`name[k=v]`, `name+sync`, `prescope+cal`) are not contenders: each is one policy's option."""
-    from prescope.experiments.bench import policy_variant
+    from prescope.policies import parse_policy
 
-    variant = table["policy"].map(lambda name: policy_variant(name) != (name, False, {}))
+    references = set(REFERENCES)
+    variant = table["policy"].map(lambda name: name not in references and parse_policy(name).is_variant)
     contenders = table[~table["policy"].isin(REFERENCES) & ~variant]
     rows = []
     for (run, model, budget, batch), cell in contenders.groupby(["run", "model", "budget", "batch"], sort=False):
@@ -206,10 +207,10 @@ def simulated_cell(folder: str | Path, run: str, profile, *, model: str, policy:
     deciding with the profile the engine decided with, on the link the cell ran on (AsyncIO's priority link
     where its row says so). The simulator's step s is the cell's decode step s + 1. The replay has no hidden
     states: a predicting policy predicts from the routing it has seen (the engine used gate lookahead)."""
-    from prescope.experiments.bench import RESIDENT, policy_variant
+    from prescope.experiments.bench import RESIDENT
     from prescope.experiments.fidelity import routing_trace, twin_layout
     from prescope.experiments.subjects import parse_model, routing_source
-    from prescope.policies import make_policy
+    from prescope.policies import parse_policy
     from prescope.sim.simulator import replay
 
     data, cell = bench_cell(folder, run, model, policy, budget, batch)
@@ -222,9 +223,9 @@ def simulated_cell(folder: str | Path, run: str, profile, *, model: str, policy:
         if key not in npz.files:
             raise WorkbenchError(f"run {run!r} kept no routing of {key}")
         route = npz[key]  # [steps, L, B, K]
-    base, _, options = policy_variant("on_demand_lru" if policy == RESIDENT else policy)
+    spec = parse_policy("on_demand_lru" if policy == RESIDENT else policy)
     trace = routing_trace(route, layout, data["config"]["input_len"])
-    return replay(trace, make_policy(base, **options), profile, budget_share=float(budget), batch_size=int(batch),
+    return replay(trace, spec.build(), profile, budget_share=float(budget), batch_size=int(batch),
                   max_steps=max_steps, dense_params=dense, async_io=bool(cell.get("async_io", False)),
                   policy_profile=_project_file(data["config"]["profile"]))
 

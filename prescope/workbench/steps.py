@@ -140,7 +140,7 @@ def takes_lookahead(policy: str) -> bool:
     """Whether the policy named `policy` has a lookahead distance (layers predicted ahead)."""
     if policy not in POLICIES:
         raise WorkbenchError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
-    return "lookahead" in inspect.signature(POLICIES[policy]).parameters
+    return "lookahead" in POLICIES[policy].options_type.names()
 
 
 def named_policy(policy: str, lookahead: int | None = None, gate=None) -> Policy:

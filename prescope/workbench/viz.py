@@ -189,7 +189,7 @@ def _routing_traces(key: str, df: pd.DataFrame) -> list[go.BaseTraceType]:
 def routing_figure(stats_tables: Mapping[str, pd.DataFrame]) -> go.Figure:
     """Routing statistics per MoE layer, one panel per table given (layers on a shared y axis).
 
-    Keys and columns (`prescope.routing_stats` produces the last two):
+    Keys and columns (`prescope.routing.stats` produces the last two):
     "load": layer, expert, share (share of the layer's routed slots), drawn as a heatmap;
     "skew": layer, entropy_norm (`load_skew`);
     "reuse": layer, lag, reuse, random (`temporal_reuse`), one line per lag and the random baseline K/E;

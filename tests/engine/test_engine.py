@@ -16,10 +16,9 @@ from prescope.config import EngineConfig
 from prescope.engine.engine import Engine
 from prescope.engine.streams import CpuStreams
 from prescope.engine.transfers import IOWorker
-from prescope.experiments.bench import policy_variant
 from prescope.layout import ModelLayout
 from prescope.models import adapter
-from prescope.policies import POLICIES, make_policy
+from prescope.policies import POLICIES, parse_policy
 from prescope.policies.base import OnDemandLRU
 
 GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
@@ -38,8 +37,8 @@ UNGATED = "prescope[gate=False]"
 
 def generate_offloaded(stock, ids, mask, policy, budget):
     model = copy.deepcopy(stock)
-    name, _, options = policy_variant(policy)
-    with Engine(model, EngineConfig(policy=name, device="cpu", **budget), policy=make_policy(name, **options)) as engine:
+    spec = parse_policy(policy)
+    with Engine(model, EngineConfig(policy=spec.name, device="cpu", **budget), policy=spec.build()) as engine:
         out = model.generate(ids, attention_mask=mask, **GEN)
     return out, engine
 
@@ -69,7 +68,7 @@ def test_offloaded_generate_equals_stock(arch, policy):
 def test_budget_below_one_layer_topk_states_the_minimum():
     model = tiny_model("olmoe")
     layout = adapter.describe(model)
-    with pytest.raises(ValueError, match=rf"at least {3 * layout.expert_bytes} bytes"):
+    with pytest.raises(ValueError, match=rf"at least 3 slots \({3 * layout.expert_bytes} bytes"):
         Engine(model, EngineConfig(budget_bytes=2 * layout.expert_bytes, device="cpu"))
 
 
@@ -108,8 +107,8 @@ class Watch:
         original_use = cache.use
 
         def use(key, *, hit):
-            slot = cache.lookup(key)
-            assert cache.owner[slot] == key and cache.state[slot].value == "resident"
+            slot = cache.slot(key)
+            assert cache.owner(slot) == key and cache.state(slot).value == "resident"
             for name, host in engine._host[key[0]].items():  # the copy is complete: slot holds the weights
                 assert torch.equal(engine._slots[name][slot], host[key[1]])
             original_use(key, hit=hit)
@@ -140,8 +139,8 @@ def test_random_routings_keep_pool_invariants(data):
                 if hasattr(lay.experts.__class__.forward, "__wrapped__") else None
             if want is not None:
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-            assert len(engine.cache.slot_of) <= slots
-            assert not engine.cache.pinned, "pins must be released when the layer ends"
+            assert len(engine.cache.present_keys()) <= slots
+            assert not any(map(engine.cache.is_pinned, range(slots))), "pins must be released when the layer ends"
     cpu_rows = [(r[1], r[2], r[3]) for r in engine.rows if r[0] == "cpu"]
     assert len(cpu_rows) == len(set(cpu_rows)), "a CPU expert was computed twice in one layer step"
     assert watch

@@ -44,17 +44,7 @@ def test_bench_runs_every_policy_on_the_same_replayed_routing(tmp_path):
     assert routing["olmoe-1b-7b-tiny@prescope-tiny__prescope__0.25__2"].shape[1:] == (16, 2, 8)
 
 
-def test_policy_variants_parse_and_bad_names_are_refused():
-    from prescope.experiments.bench import policy_variant
-
-    assert policy_variant("prescope[window_reuse=False, lookahead=2]+sync") == \
-        ("prescope", True, {"window_reuse": False, "lookahead": 2})
-    assert policy_variant("prescope+cal") == ("prescope", False, {"calibrate": True})
-    assert policy_variant("on_demand_lru") == ("on_demand_lru", False, {})
-    for bad, message in (("prescope[lookahead]", "key=<Python literal>"), ("prescope[x=nope]", "key=<Python literal>"),
-                         ("prescope[x=1", "one bracket"), ("hybrid+cal", "prescope only")):
-        with pytest.raises(ValueError, match=message):
-            policy_variant(bad)
+def test_unknown_policies_are_refused_before_anything_runs():
     with pytest.raises(ValueError, match="unknown policy 'lru'"):
         BenchConfig(policies=("lru",))
 

@@ -1,4 +1,4 @@
-"""Tests of prescope.corpus: domains present, deterministic and disjoint splits, clear errors."""
+"""Tests of prescope.models.corpus: domains present, deterministic and disjoint splits, clear errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of prescope.tiny: the committed model loads, is an OLMoE of the right topology, beats its
+"""Tests of prescope.models.tiny: the committed model loads, is an OLMoE of the right topology, beats its
 random twin on held-out text and generates text; a small model saves and loads in bf16; config, card
 and CLI (the training loop is tested in test_tinytrain.py)."""
 

@@ -1,4 +1,4 @@
-"""Tests of prescope.tinytrain: the training loop learns on the CPU and leaves the model on the default
+"""Tests of prescope.models.tinytrain: the training loop learns on the CPU and leaves the model on the default
 experts backend, and the learning-rate schedule follows its formula."""
 
 from __future__ import annotations

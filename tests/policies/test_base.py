@@ -16,7 +16,7 @@ def view(layer, experts, tokens=None, num_layers=2):
 
 def fill(cache, keys):
     for key in keys:
-        cache.assign(key, min(cache.free), speculative=False)
+        cache.assign(key, cache.first_free(), speculative=False)
         cache.mark_ready(key)
         cache.use(key, hit=False)
 
@@ -43,7 +43,7 @@ def test_on_demand_lru_evicts_within_its_layer():
     cache.use((0, 1), hit=True)  # (0, 2) is now layer 0's least recently used
     assert policy.victim(cache, (1, 6)) == 3  # layer 1 is under its quota: the free slot
     fill(cache, [(1, 6)])
-    assert cache.owner[policy.victim(cache, (0, 7))] == (0, 2)
+    assert cache.owner(policy.victim(cache, (0, 7))) == (0, 2)
 
 
 def test_cpu_misses_keeps_hot_experts_and_sends_misses_to_the_cpu():

@@ -11,7 +11,7 @@ def test_assign_ready_use_and_evict_keep_indexes_in_step():
     cache = ExpertCache(num_slots=3, num_layers=2)
     assert cache.free_slots() == [0, 1, 2] and cache.quota == 1
     assert cache.assign((0, 5), 1, speculative=False) is None
-    assert cache.state[1] is SlotState.LOADING and not cache.is_resident((0, 5)) and cache.is_present((0, 5))
+    assert cache.state(1) is SlotState.LOADING and not cache.is_resident((0, 5)) and cache.is_present((0, 5))
     cache.mark_ready((0, 5))
     assert cache.is_resident((0, 5)) and cache.free_slots() == [0, 2] and cache.layer_slots(0) == [1]
     cache.use((0, 5), hit=True)

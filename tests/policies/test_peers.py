@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import random
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,6 @@ from conftest import tiny_model
 
 from prescope.config import EngineConfig
 from prescope.engine.engine import Engine
-from prescope.experiments.bench import policy_variant
 from prescope.hardware.profiles import (
     NEGLIGIBLE_RATE,
     BandwidthCurve,
@@ -27,7 +25,7 @@ from prescope.hardware.profiles import (
 )
 from prescope.layout import ModelLayout
 from prescope.models import adapter
-from prescope.policies import POLICIES, make_policy, peers, presched
+from prescope.policies import POLICIES, base, make_policy, parse_policy, peers, presched
 from prescope.policies.base import Costs, LayerView
 from prescope.policies.cache import ExpertCache
 from prescope.predict.predictors import GateLookahead, Oracle, Predictor
@@ -49,8 +47,8 @@ class Fixed(Predictor):
 
     name = "fixed"
 
-    def __init__(self, lay: ModelLayout, scores: dict, config=None):
-        self.layout, self.scores, self.config = lay, scores, config
+    def __init__(self, lay: ModelLayout, scores: dict, max_distance: int | None = None):
+        self.layout, self.scores, self.max_distance = lay, scores, max_distance
 
     def predict(self, layer, distance, *, hidden=None, history=None):
         self._target(layer, distance)
@@ -104,10 +102,10 @@ def test_oracle_evicts_the_key_used_farthest_ahead_and_never_one_needed_sooner()
     policy.reset(cache, 8, None)
     orders = policy.plan(view(1, [6], future=((5,), (1, 2))), cache)
     assert orders.prefetch == [(3, 2)]  # the only future key absent; used 2 ahead, (1, 6) is farther
-    assert cache.owner[policy.victim(cache, (3, 2))] == (0, 4)  # (1, 6) is the running layer's: protected
+    assert cache.owner(policy.victim(cache, (3, 2))) == (0, 4)  # (1, 6) is the running layer's: protected
     # a miss of the running layer takes the farthest key, here the running layer's own (1, 6) is pinned
     cache.pin((1, 6))
-    assert cache.owner[policy.victim(cache, (1, 0))] == (0, 4)
+    assert cache.owner(policy.victim(cache, (1, 0))) == (0, 4)
     # nothing absent is worth a key needed sooner: full cache of keys used before the candidate
     tight = cache_with(2, 4, [(2, 5), (1, 6)])
     policy.reset(tight, 8, None)
@@ -170,7 +168,7 @@ def test_activation_matrix_ranks_by_activation_with_layer_decay_and_evicts_the_l
     assert orders.prefetch == [(1, 1), (2, 2), (3, 3)]
     full = cache_with(4, 4, [(0, 0), (1, 1), (2, 2), (3, 3)])
     assert policy.plan(view(0, [0], step=4), full).prefetch == []  # all predicted experts are there
-    assert full.owner[policy.victim(full, (1, 5))] == (3, 3)  # lowest priority; (0, 0) is the running layer's
+    assert full.owner(policy.victim(full, (1, 5))) == (3, 3)  # lowest priority; (0, 0) is the running layer's
 
 
 def test_prescope_orders_and_victims_follow_presched():
@@ -191,7 +189,7 @@ def test_prescope_orders_and_victims_follow_presched():
     assert want.prefetch, "the case must prefetch something"
     for key, victim in zip([(0, e) for e in want.loads] + list(want.prefetch), want.victims, strict=True):
         slot = policy.victim(cache, key)
-        assert (cache.owner[slot] if victim is not None else None) == victim
+        assert (cache.owner(slot) if victim is not None else None) == victim
         cache.assign(key, slot, speculative=key[0] != 0)
         cache.mark_ready(key)
 
@@ -203,7 +201,7 @@ def test_setup_errors_are_clear():
         policy.reset(cache_with(8, 4, []), 8, COSTS)
     with pytest.raises(peers.PolicyError, match="lookahead 4 reaches past the model's 4 MoE layers"):
         make_policy("lookahead_prefetch", lookahead=4).reset(cache_with(8, 4, []), 8, COSTS)
-    trained = Fixed(layout(4, 8, 2), {}, config=SimpleNamespace(distance=1))
+    trained = Fixed(layout(4, 8, 2), {}, max_distance=1)
     with pytest.raises(peers.PolicyError, match="lookahead 3 exceeds the 1 layers"):
         make_policy("prescope", predictor=trained).reset(cache_with(8, 4, []), 8, COSTS)
     with pytest.raises(peers.PolicyError, match="lookahead must be >= 1"):
@@ -249,7 +247,7 @@ def execute(policy, cache: ExpertCache, layer: int, orders) -> None:
         key = (layer, e)
         if not cache.is_present(key):
             slot = policy.victim(cache, key)
-            assert slot is not None and slot not in cache.pinned, f"{policy.name}: no slot for a miss"
+            assert slot is not None and not cache.is_pinned(slot), f"{policy.name}: no slot for a miss"
             cache.assign(key, slot, speculative=False)
             cache.mark_ready(key)
             cache.pin(key)
@@ -260,7 +258,7 @@ def execute(policy, cache: ExpertCache, layer: int, orders) -> None:
         slot = policy.victim(cache, key)
         if slot is None:
             break
-        assert slot not in cache.pinned and cache.owner[slot] not in {(layer, e) for e in orders.gpu}
+        assert not cache.is_pinned(slot) and cache.owner(slot) not in {(layer, e) for e in orders.gpu}
         cache.assign(key, slot, speculative=True)
         cache.mark_ready(key)  # as the engine does: kernels wait on the copy's event, not the cache
     cache.unpin_all()
@@ -323,7 +321,8 @@ def test_engine_generates_the_stock_tokens(name, tmp_path):
     misses load, prefetches run, except where prescope's gate finds a layer host-bound) and with the CPU
     winning (h200 on these tiny experts: misses on the CPU, except for gated prescope, which finds the host
     the bottleneck and runs them on the GPU)."""
-    name, _, variant = policy_variant(name)
+    spec = parse_policy(name)
+    name, variant = spec.name, spec.options
     stock = tiny_model("olmoe", seed=4)
     torch.manual_seed(5)
     ids = torch.randint(1, 96, (2, 5))
@@ -461,9 +460,9 @@ def test_prescope_gate_runs_host_bound_layers_on_demand_without_predicting():
     assert lean.lean == 3 and lean.skipped == 0 and lean.planned_work() == ()  # the simulator charges no planning
     full = cache_with(4, 4, [(0, 5), (1, 5), (3, 1), (3, 6)])
     for slot in (0, 2, 3, 1):
-        full.use(full.owner[slot], hit=True)  # slot 0 (layer 0) used longest ago
+        full.use(full.owner(slot), hit=True)  # slot 0 (layer 0) used longest ago
     lean.plan(view(3, [2, 4]), full)
-    assert lean.victim(full, (3, 2)) == peers.lru_victim(full, (3, 2), set()) == 2  # the layer's own LRU slot
+    assert lean.victim(full, (3, 2)) == base.lru_victim(full, (3, 2), set()) == 2  # the layer's own LRU slot
 
     scores = {(0, 1): [0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9]}
     busy = make_policy("prescope", predictor=Fixed(lay, scores))

@@ -25,6 +25,7 @@ from prescope.hardware.profiles import (
 from prescope.layout import ModelLayout
 from prescope.policies import POLICIES
 from prescope.policies.base import Orders, Policy
+from prescope.policies.protocol import BudgetError
 from prescope.routing.llamacpp import load_llamacpp_trace
 from prescope.routing.trace import Trace, save_trace
 from prescope.sim import simulator
@@ -258,11 +259,11 @@ def test_on_demand_lru_is_never_faster_than_resident_and_equal_at_full_budget():
 
 def test_budget_below_one_layers_top_k_is_a_clear_error():
     tr = make_trace([[[[0, 1], [2, 3]]]], E=4)
-    with pytest.raises(SimulationError, match=r"at least 2 slots \(2000000 bytes"):
+    with pytest.raises(BudgetError, match=r"at least 2 slots \(2000000 bytes"):
         replay(tr, "on_demand_lru", hand_profile(), budget_slots=1)
-    with pytest.raises(SimulationError, match="minimum"):
+    with pytest.raises(BudgetError, match="minimum"):
         replay(tr, "on_demand_lru", hand_profile(), budget_share=0.1)
-    with pytest.raises(SimulationError, match="not both"):
+    with pytest.raises(BudgetError, match="not both"):
         replay(tr, "on_demand_lru", hand_profile(), budget_slots=4, budget_share=0.5)
     with pytest.raises(SimulationError, match="batch_size"):
         replay(tr, "on_demand_lru", hand_profile(), budget_slots=4, batch_size=0)

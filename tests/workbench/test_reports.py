@@ -1,4 +1,4 @@
-"""prescope.workbench.reports and prescope.metrics: parameter parsing and checks, papermill runs rendered to HTML
+"""prescope.workbench.reports and prescope.workbench.metrics: parameter parsing and checks, papermill runs rendered to HTML
 with plotly embedded, the index, failures reported without stopping the others, atomic metrics files."""
 
 from __future__ import annotations
