@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -50,8 +49,8 @@ GATED = ("lookahead_prefetch", "hybrid", "prescope")  # the policies `prescope b
 # A predictor's matrices are tiny: one thread, as `simulate-compare` runs them (more spin-wait in OpenMP on a
 # busy CPU: 3 s became 34 s for 03's replays on a loaded 2-core machine)
 PREDICTOR_THREADS = 1
-REFERENCE = "on_demand_lru"
-SAME_LINK_GBPS = 0.005  # a link this close to a profile's own is the profile's (half the dashboard slider's step)  # the policy every comparison's ratios are taken against
+REFERENCE = "on_demand_lru"  # the policy every comparison's ratios are taken against
+SAME_LINK_GBPS = 0.005  # a link this close to a profile's own is the profile's (half the dashboard slider's step)
 SMALL_RUN_PCA_DIM = 32  # a small run has a few hundred tokens: a PCA of the hidden state no wider than this
 SMALL_RUN_WIDTH = 64
 
