@@ -332,6 +332,7 @@ def bubble_analysis_figure(timeline_df: pd.DataFrame, title: str | None = None) 
 SCALING_PANELS = (("tokens_per_s", "decode throughput (tokens/s)"), ("latency_ms", "per-token latency (ms)"))
 BOUND_COLUMNS = {"tokens_per_s": "bound_tokens_per_s", "latency_ms": "bound_latency_ms"}
 ORACLE = "oracle"
+LOG_TICKS = "D2"  # a log axis labels 1, 2 and 5 of each decade
 
 
 def scaling_figure(df: pd.DataFrame, x: str = "batch_size", by: str = "policy", title: str | None = None,
@@ -374,7 +375,7 @@ def scaling_figure(df: pd.DataFrame, x: str = "batch_size", by: str = "policy", 
                                          showlegend=col == 1, line=dict(color="grey", dash="dot", width=2)), 1, col)
         fig.update_xaxes(title_text=x, row=1, col=col, **_x_axis(df, x))
         fig.update_yaxes(title_text=SCALING_PANELS[col - 1][1] + (", log scale" if log_y else ""), row=1, col=col,
-                         type="log" if log_y else "linear")
+                         **(dict(type="log", dtick=LOG_TICKS) if log_y else {}))
     fig.update_layout(title=title or f"throughput and latency against {x}", legend_title=by)
     return _annotate(fig, where, SUBPLOT_NOTE_Y)
 
