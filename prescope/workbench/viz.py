@@ -375,7 +375,7 @@ def scaling_figure(df: pd.DataFrame, x: str = "batch_size", by: str = "policy", 
                                          showlegend=col == 1, line=dict(color="grey", dash="dot", width=2)), 1, col)
         fig.update_xaxes(title_text=x, row=1, col=col, **_x_axis(df, x))
         fig.update_yaxes(title_text=SCALING_PANELS[col - 1][1] + (", log scale" if log_y else ""), row=1, col=col,
-                         **(dict(type="log", dtick=LOG_TICKS) if log_y else {}))
+                         **(dict(type="log", dtick=LOG_TICKS) if log_y else dict(type="linear")))
     fig.update_layout(title=title or f"throughput and latency against {x}", legend_title=by)
     return _annotate(fig, where, SUBPLOT_NOTE_Y)
 
