@@ -35,6 +35,7 @@ FIGURE_HEIGHT_PX = 460
 CONTROL_MIN_WIDTH = "25em"
 LABEL_WIDTH = "11em"
 READOUT = {"link_gbps": ".2f", "budget_share": ".0%"}  # d3 formats: 55.27, 128.00, 25%
+ON_A_STEP = 1e-6  # a value this close to a multiple of a slider's step is on that step (float rounding)
 
 
 class DashboardError(ValueError):
@@ -85,7 +86,8 @@ def out_of_range(state: DashboardState, trace: Trace) -> list[str]:
         problems.append(f"batch_size {state.batch_size}: the trace {state.trace!r} has {prompts} prompts, so 1-{prompts}")
     if state.lookahead > deepest:
         problems.append(f"lookahead {state.lookahead}: at most {deepest} layers ahead for {state.trace!r}")
-    if state.budget_share < BUDGET_STEP or abs(state.budget_share / BUDGET_STEP - round(state.budget_share / BUDGET_STEP)) > 1e-6:
+    steps_of_budget = state.budget_share / BUDGET_STEP
+    if state.budget_share < BUDGET_STEP or abs(steps_of_budget - round(steps_of_budget)) > ON_A_STEP:
         problems.append(f"budget_share {state.budget_share:g}: the budget slider moves from {BUDGET_STEP:g} to 1 "
                         f"in steps of {BUDGET_STEP:g}")
     return problems
