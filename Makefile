@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prescope-installed
 
-.PHONY: report test lint
+.PHONY: report test lint lab
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,3 +20,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check prescope tests
+
+# JupyterLab on notebooks/ with this venv's kernel (start with 00_quickstart.ipynb)
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks

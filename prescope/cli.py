@@ -1,7 +1,9 @@
 """The `prescope` command line: one subcommand per job, options named like the config fields.
 
-Each subcommand lives in the module that owns its work; this file only wires them up, importing
-lazily so `prescope --help` stays fast.
+Each subcommand lives in the module that owns its work (`run(args)`, and `add_arguments(parser)` for its
+options); this file only wires them up by name. Only the selected subcommand's module is imported, and
+importing it does not import torch or transformers (they load inside the work), so `prescope --help` and
+`prescope CMD --help` answer at once (tests/test_cli.py holds every command to that).
 """
 
 from __future__ import annotations
@@ -9,32 +11,41 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NamedTuple
 
-# name -> (module, function that adds arguments to a parser, function that runs with parsed args)
-COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "calibrate": ("prescope.experiments.calibrate", "add_arguments", "run", "measure this machine and write a profile"),
-    "check-equivalence": ("prescope.experiments.equivalence", "add_arguments", "run", "offloaded vs stock output on a device"),
-    "tiny-card": ("prescope.experiments.modelcard", "add_arguments", "run", "measure prescope-tiny's routing for its card"),
-    "fidelity": ("prescope.experiments.fidelity", "add_arguments", "run", "simulated vs measured latency of a bench run"),
-    "bench": ("prescope.experiments.bench", "add_arguments", "run", "measure policies on a GPU (shape twins)"),
-    "report": ("prescope.workbench.reports", "add_arguments", "run", "run every notebook and render reports/"),
-    "sweep": ("prescope.workbench.sweep", "add_arguments", "run", "run a notebook over a parameter grid"),
-    "simulate": ("prescope.sim.simulator", "add_arguments", "run", "replay a routing trace through a policy on a hardware profile"),
-    "simulate-compare": ("prescope.experiments.simcompare", "add_arguments", "run", "every policy on several hardware profiles, simulated"),
-    "train-tiny": ("prescope.models.tiny", "add_arguments", "run", "train prescope-tiny"),
-    "train-predictor": ("prescope.predict.llapor", "add_arguments", "run", "train LLaPor on a routing trace"),
-    "trace": ("prescope.routing.recording", "add_arguments", "run", "record and summarise a routing trace"),
+
+class Command(NamedTuple):
+    module: str  # holds run(args), and add_arguments(parser) unless `options` names another module
+    help: str
+    options: str = ""  # where add_arguments lives when `module` itself needs torch to import
+
+
+COMMANDS: dict[str, Command] = {
+    "trace": Command("prescope.routing.recording", "record and summarise a routing trace of a model"),
+    "report": Command("prescope.workbench.reports", "run every notebook and render reports/"),
+    "simulate": Command("prescope.sim.simulator", "replay a routing trace through a policy on a hardware profile"),
+    "simulate-compare": Command("prescope.experiments.simcompare",
+                                "every policy on several hardware profiles, simulated"),
+    "sweep": Command("prescope.workbench.sweep", "run a notebook over a parameter grid"),
+    "train-tiny": Command("prescope.models.tiny", "train prescope-tiny"),
+    "tiny-card": Command("prescope.experiments.modelcard", "measure prescope-tiny's routing for its card"),
+    "train-predictor": Command("prescope.predict.llapor", "train LLaPor on a routing trace",
+                               options="prescope.predict.llaporconfig"),
+    "calibrate": Command("prescope.experiments.calibrate", "measure this machine and write a profile"),
+    "bench": Command("prescope.experiments.bench", "measure policies on a GPU (shape twins)"),
+    "check-equivalence": Command("prescope.experiments.equivalence", "offloaded vs stock output on a device"),
+    "fidelity": Command("prescope.experiments.fidelity", "simulated vs measured latency of a bench run"),
 }
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """All subcommands; only the selected one imports its module (so each runs with only its own needs)."""
     parser = argparse.ArgumentParser(prog="prescope", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, add_fn, _, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        cmd = sub.add_parser(name, help=command.help, description=command.help)
         if name == selected:
-            getattr(importlib.import_module(module), add_fn)(cmd)
+            importlib.import_module(command.options or command.module).add_arguments(cmd)
     return parser
 
 
@@ -42,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(selected).parse_args(argv)
-    module, _, run_fn, _ = COMMANDS[args.command]
     try:
-        return int(getattr(importlib.import_module(module), run_fn)(args) or 0)
+        return int(importlib.import_module(COMMANDS[args.command].module).run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
         print(f"prescope {args.command}: error: {exc}", file=sys.stderr)
         return 2

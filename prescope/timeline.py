@@ -16,8 +16,10 @@ Schema (DESIGN.md §2), one row per operation:
 Optional columns: `slot` (GPU slot a transfer fills or a GPU expert reads, -1 otherwise) and `load`
 (transfer id: the segments of one chunked transfer share it; -1 for other rows). A transfer interrupted
 at chunk granularity appears as several rows, one per contiguous segment, each with the bytes it moved.
-`DataFrame.attrs` holds `source` ("measured" | "simulated"), `profile` (hardware profile name) and
-`meta` (the run's config), so every figure can say what its times are.
+`DataFrame.attrs` holds `source` ("measured" | "simulated"), `profile` and `meta` (the run's config), so
+every figure can say what its times are. `profile` names a hardware profile for simulated times ("h200");
+for measured ones it is `measured_profile(...)`, the one scheme every result uses: "host:" and the device
+they ran on, a CUDA device's name ("host:NVIDIA H200") or the CPU ("host:x86_64-2cpu", `host_device`).
 
 Analyses here are pure pandas/numpy: per-step summaries, GPU bubbles with their causes, prefetch
 precision. A step spans from its first to its last operation, prefetches excluded (a prefetch may run
@@ -26,6 +28,9 @@ on into the next step, which it then serves).
 
 from __future__ import annotations
 
+import os
+import platform
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -40,6 +45,7 @@ COLUMNS = ("lane", "step", "layer", "expert", "kind", "tokens", "bytes", "start"
 OPTIONAL_COLUMNS = ("slot", "load")
 INT_COLUMNS = ("step", "layer", "expert", "tokens", "bytes")
 SOURCES = ("measured", "simulated")
+MEASURED_PREFIX = "host:"  # profile of measured results: this prefix, then the device they ran on
 KIND_LANES = {
     "prefetch": ("pcie",), "on_demand": ("pcie",),
     "gpu_expert": ("gpu",), "attention": ("gpu",), "dense": ("gpu",),
@@ -57,6 +63,24 @@ DEFAULT_TOLERANCE_S = 1e-9
 
 class TimelineError(ValueError):
     """A timeline is malformed; the message names the column or rows and what was expected."""
+
+
+def host_device(device=None) -> str:
+    """The device results were measured on, as they name it: a CUDA device's name ("NVIDIA H200"), else the
+    CPU as "<machine>-<cores>cpu" ("x86_64-2cpu"). `device`: a torch.device or "cuda[:N]"/"cpu"; None = the
+    first CUDA device when torch is loaded and sees one, else the CPU (torch is never imported for this)."""
+    torch = sys.modules.get("torch")
+    kind = str(getattr(device, "type", device or "")).split(":")[0]
+    cuda = torch is not None and torch.cuda.is_available() and kind in ("cuda", "")
+    if cuda:
+        return torch.cuda.get_device_name(device if kind == "cuda" else 0)
+    return f"{platform.machine() or 'cpu'}-{os.cpu_count()}cpu"
+
+
+def measured_profile(device_name: str | None = None) -> str:
+    """The `profile` label of measured results: "host:<device_name>" (default: `host_device()`)."""
+    name = host_device() if device_name is None else device_name
+    return name if name.startswith(MEASURED_PREFIX) else MEASURED_PREFIX + name
 
 
 def make_timeline(rows, *, source: str, profile: str, meta: Mapping | None = None) -> pd.DataFrame:

@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random-weight instances of every supported MoE architecture, built from the
-real transformers config classes, and the path to the shared data beside the repository."""
+real transformers config classes, and the data that ships inside the package (`prescope.data`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 import transformers
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from prescope.data import shipped
+
+DATA = shipped()  # corpus/, routing/, hardware/: the copy in prescope/assets/data (xz-compressed texts)
 
 # Small but structurally faithful: several experts, top-k > 1, shared experts and dense layers where the
 # architecture has them, so every code path of the adapter and the engine is exercised.
@@ -61,10 +63,11 @@ def arch(request) -> str:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA}: the repository must sit beside shared/")
-    return SHARED_DATA
+def shipped_data() -> Path:
+    """The data folder shipped with the package; a test fails, never skips, when it is missing."""
+    if not DATA.is_dir():
+        pytest.fail(f"shipped data not found at {DATA}: prescope/assets/data belongs to the package")
+    return DATA
 
 
 def small_olmoe(layers: int = 4, seed: int = 0):

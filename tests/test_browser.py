@@ -79,7 +79,7 @@ def test_notebook_report_draws_its_figures_without_script_errors(browser, render
     assert dom.count('class="plot-container plotly"') == figures  # plotly built every figure...
     assert dom.count('class="main-svg"') >= 2 * figures  # ...and drew it (plot and hover layers)
     assert len(re.findall(r'class="(?:bars|point|scatterlayer)', dom)) >= figures  # with traces in it
-    assert "measured on NVIDIA H200" in dom
+    assert "measured on host:NVIDIA H200" in dom
     shot = rendered / f"{NOTEBOOK}.png"
     open_page(browser, page, rendered, f"--screenshot={shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
@@ -113,7 +113,7 @@ def test_index_links_the_report_and_renders_cleanly(browser, rendered):
     index = rendered / "index.html"
     dom, console = open_page(browser, index, rendered, "--dump-dom")
     assert console == [], "the index logged to its console:\n" + "\n".join(console)
-    assert f'href="{NOTEBOOK}.html"' in dom and "measured on NVIDIA H200" in dom
+    assert f'href="{NOTEBOOK}.html"' in dom and "measured on host:NVIDIA H200" in dom
     shot = rendered / "index.png"
     open_page(browser, index, rendered, f"--screenshot={shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

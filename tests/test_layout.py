@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "prescope"
-ROOT_RECORDS = {"__init__", "layout", "config", "timeline", "files"}  # plain records every wing may use
+ROOT_RECORDS = {"__init__", "layout", "config", "timeline", "files", "data"}  # plain records every wing may use
 ENTRY_POINTS = {"cli"}  # names jobs by module path only; nothing imports it
 RANKS = {"models": 1, "hardware": 1, "routing": 2, "predict": 3, "policies": 4, "engine": 5, "sim": 5,
          "experiments": 6, "workbench": 7}

@@ -108,6 +108,15 @@ def test_notebook_is_thin_and_stored_clean(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_sees_every_parameter(path):
+    """papermill warns "Passed unknown parameter" for any name its own reader of the parameters cell misses
+    (it skips a line holding more than one '=', e.g. `x = 0  # 0 = off`), although it injects the value."""
+    import papermill
+
+    assert set(papermill.inspect_notebook(str(path))) == set(reports.notebook_parameters(path))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_under_nbval_and_records_its_metrics(path, tmp_path, request):
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook

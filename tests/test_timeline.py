@@ -150,3 +150,15 @@ def test_analyses_of_an_empty_timeline():
     empty = tl.make_timeline([], source="measured", profile="x")
     assert tl.step_summary(empty).empty and tl.bubbles(empty).empty
     assert tl.prefetch_precision(empty)["prefetches"].iloc[0] == 0
+
+
+def test_measured_results_are_labelled_in_one_scheme():
+    """"host:" and the device: a CUDA device's name, or the CPU as <machine>-<cores>cpu; a label is not
+    prefixed twice."""
+    import os
+    import platform
+
+    cpu = tl.host_device("cpu")
+    assert cpu == f"{platform.machine() or 'cpu'}-{os.cpu_count()}cpu"
+    assert tl.measured_profile(cpu) == "host:" + cpu
+    assert tl.measured_profile("NVIDIA H200") == tl.measured_profile("host:NVIDIA H200") == "host:NVIDIA H200"

@@ -2,13 +2,18 @@
 
 `Engine(model, config)` installs itself into any model the adapter supports, through transformers' own
 experts-backend registry, so `model.generate()` runs unchanged (any batch size, KV cache, prefill and
-decode). Memory is decided once, at install: every expert tensor stays in (pinned) host memory, the
-non-expert weights, shared experts and dense layers move to the device, and S slots per expert tensor are
-allocated there. Inside the decode loop nothing is allocated beyond activations and nothing is pinned.
+decode); `engine.generate()` decodes greedily at the device's pace (a static KV cache and the decode step
+replayed from CUDA graphs: `decode.py`). Memory is decided once, at install: every expert tensor stays in
+(pinned) host memory, the non-expert weights, shared experts and dense layers move to the device, and S
+slots per expert tensor are allocated there. Inside the decode loop nothing is allocated beyond
+activations and nothing is pinned.
 
-On a CUDA device copies run on their own stream and kernels wait only for the copy of the expert they
-use; on the CPU the same orders run through the CPU twin of the streams (real copies between host
-tensors), which is what CI checks for exact equivalence with the stock model.
+Each MoE layer runs the layer protocol (`policies.protocol.run_layer`) with this engine as its executor:
+one host synchronisation reads the layer's tokens per expert; the policy plans; absent experts are copied
+into slots on their own stream; the experts of a wave run as ONE grouped kernel over the slot pool
+(`adapter.grouped_rows`, through an expert-to-slot table), waiting only for the copies it reads; CPU
+experts run in a worker pool meanwhile. On the CPU the same orders run through the CPU twin of the
+streams (real copies between host tensors), which is what CI checks for equivalence with the stock model.
 
 Letters: L MoE layers, E experts, K top-k, N tokens, H hidden, S slots.
 """
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from prescope.config import EngineConfig
+from prescope.engine.records import Records
 from prescope.engine.streams import make_streams
 from prescope.engine.transfers import IOWorker, Transfer
 from prescope.hardware.profiles import load_profile
@@ -35,9 +41,7 @@ from prescope.policies import make_policy
 from prescope.policies.base import LayerView, Policy, costs_for
 from prescope.policies.cache import ExpertCache, Key
 from prescope.policies.protocol import Executor, fill, preload, run_layer, slots_for
-from prescope.timeline import make_timeline, step_summary
-
-TIMELINE_COLUMNS = ("lane", "step", "layer", "expert", "kind", "tokens", "bytes", "start", "end")
+from prescope.timeline import host_device, measured_profile
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,6 +73,25 @@ def _move_except(module: nn.Module, skip: set[int], device: torch.device) -> Non
             module._buffers[name] = b.to(device)
 
 
+@dataclass
+class _Running:
+    """The MoE layer the engine is running: its experts module, router input [N, H], routing [N, K] and
+    tokens per expert; the (token, k) rows its GPU waves computed [N*K, H]; the CPU experts in flight.
+    In a piecewise-captured step (`graphs`), the first wave replays the layer's expert segment, which
+    writes `record.rows`."""
+
+    experts: nn.Module
+    hidden: torch.Tensor
+    index: torch.Tensor
+    counts: list[int]
+    rows: torch.Tensor | None = None
+    waves: int = 0
+    cpu_positions: torch.Tensor | None = None
+    cpu_jobs: list = field(default_factory=list)
+    graphs: object | None = None  # decode.StepGraphs
+    record: object | None = None  # decode.GraphLayer
+
+
 class Engine(Executor):
     """Offloads `model`'s experts and executes a policy's orders inside every MoE layer."""
 
@@ -81,22 +104,18 @@ class Engine(Executor):
         self.policy = policy or make_policy(config.policy)
         self.num_slots = slots_for_budget(self.layout, config)
         self.costs = costs_for(self.layout, load_profile(config.profile))
-        self.timing = config.timing
         self.streams = make_streams(self.device, timed=config.timing == "full")
         use_io = config.async_io if config.async_io is not None else self.policy.uses_async_io(self.costs)
         self.io = IOWorker(self.streams, config.io_chunk_bytes, config.io_depth) if use_io else None
         self.replay = None
+        self.capture = None  # decode.StepGraphs while it captures the decode step
         self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)
         workers = config.cpu_workers or max(1, (os.cpu_count() or 2) // 2)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prescope-cpu")
-        self.step, self.phase, self.rows, self.steps = -1, "prefill", [], []
-        self._last_exit = None
-        self.host_seconds = [0.0] * self.layout.num_moe_layers  # wall time inside moe_step
-        self.sync_seconds = [0.0] * self.layout.num_moe_layers  # of which waiting for the device to catch up
-        self.plan_seconds = [0.0] * self.layout.num_moe_layers  # of which in the policy: prediction, planning
-        self.victim_seconds = [0.0] * self.layout.num_moe_layers  # and in the policy's victim choices
-        self.stopped = {"queued": 0, "part_way": 0}  # AsyncIO prefetches no layer used, stopped (_drop_stale)
-        self._t0, self._layer = None, None  # the first step's events; the MoE layer running (_Running)
+        self.records = Records(self.streams, self.layout.num_moe_layers, config.timing, lambda: self.cache.stats,
+                               {"device": _device_name(self.device), "policy": self.policy.name,
+                                "config": config.to_dict()})
+        self._layer: _Running | None = None
         self._install()
 
     # ---- install: memory decided once ----------------------------------------------------------------
@@ -106,9 +125,11 @@ class Engine(Executor):
         _move_except(self.model, {id(m) for m in experts}, self.device)
         shapes = adapter.expert_param_names(experts[0])
         dtype = next(iter(self._host[0].values())).dtype
-        self._slots = {n: torch.empty((self.num_slots, *s), dtype=dtype, device=self.device) for n, s in shapes.items()}
-        self._ready = [None] * self.num_slots  # copy-done event (or AsyncIO transfer) per slot
+        self.slot_tensors = {n: torch.empty((self.num_slots, *s), dtype=dtype, device=self.device)
+                             for n, s in shapes.items()}  # name -> [S, ...], the pool
+        self._ready = [None] * self.num_slots  # copy-done event (or AsyncIO transfer) not yet waited for
         self._released = [None] * self.num_slots  # event after the last kernel that read the slot
+        self._pinned_luts = self.device.type == "cuda"  # expert-to-slot tables cross to the device asynchronously
         for lay in self.layers:
             lay.experts._prescope = (self, lay.ordinal)
         adapter.register_backend(_dispatch)
@@ -134,11 +155,11 @@ class Engine(Executor):
 
     def reset(self) -> None:
         """Empty the slot pool, then load what the policy wants resident (all experts if the budget allows)."""
-        self._drain()
+        self.drain()
         self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)
         keys = preload(self.policy, self.cache, self.layout.num_experts, self.costs)
         fill(self.policy, self.cache, keys, lambda key, slot: self.load(key, slot, speculative=False))
-        self._drain()
+        self.drain()
         self.streams.synchronize()
 
     def close(self) -> None:
@@ -165,40 +186,105 @@ class Engine(Executor):
             replay = replay.to(self.device)
         self.replay = replay
 
+    def device_driven(self) -> bool:
+        """Every expert is resident: the expert-to-slot table never changes, no layer needs the host."""
+        return self.num_slots >= self.layout.num_moe_layers * self.layout.num_experts
+
+    def drain(self) -> None:
+        """Wait until AsyncIO has issued every transfer it was given."""
+        if self.io is not None:
+            self.io.drain()
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 graphs: bool = True, keep_logits: bool = False):
+        """Greedy decoding with a static KV cache, the decode step from CUDA graphs (`decode.generate`)."""
+        from prescope.engine.decode import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens, graphs=graphs, keep_logits=keep_logits)
+
+    @property
+    def step(self) -> int:
+        return self.records.step
+
     # ---- the per-layer MoE step ----------------------------------------------------------------------
     def moe_step(self, layer: int, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor) -> torch.Tensor:
-        began, entry = time.perf_counter(), self._mark()
-        num_tokens, top_k = top_k_index.shape
+        if self.capture is not None:  # a decode step being captured as CUDA graphs records the layer
+            return self.capture.moe(layer, experts, hidden, top_k_index, top_k_weights)
+        began, entry = time.perf_counter(), self.records.mark()
+        num_tokens = top_k_index.shape[0]
         seen, future = hidden, None
         if self.replay is not None:
             top_k_index, weights, recorded = self.replay.at(self.step, layer, num_tokens)
             top_k_weights = weights.to(top_k_weights.dtype)
             seen = recorded if recorded is not None else hidden
             future = self.replay.future(self.step, layer, num_tokens)
-        # route: tokens per expert and each (token, k) position grouped by expert; one host sync
-        flat = top_k_index.reshape(-1)  # [N*K]
-        order = torch.argsort(flat, stable=True)  # [N*K]
+        # route: tokens per expert, the one host synchronisation of the layer
         synced = time.perf_counter()
-        counts = torch.bincount(flat, minlength=self.layout.num_experts + 1).tolist()  # waits for the device
-        self.sync_seconds[layer] += time.perf_counter() - synced
-        groups = self._groups(order, counts)  # expert -> positions in [N*K]
-        ranked = sorted(groups, key=lambda e: (-counts[e], e))
-        view = LayerView(self.step, layer, self.layout.num_moe_layers, self.layout.num_experts,
-                         tuple(ranked), tuple(counts[e] for e in ranked), hidden=seen, future=future)
-        # the protocol: cut, plan, CPU experts, GPU experts in waves, prefetch (policies.protocol)
-        out = hidden.new_zeros((num_tokens * top_k, hidden.shape[1]))  # [N*K, H]
-        self._layer = _Running(experts, hidden, groups, top_k, out)
-        run = run_layer(view, self.policy, self.cache, self)
-        self.plan_seconds[layer] += run.plan_s
-        self.victim_seconds[layer] += run.victim_s
-        # join CPU results; weight each token's K outputs and sum them in the routing weights' precision
-        running, self._layer = self._layer, None
-        if running.cpu_jobs:
-            out[running.cpu_positions] = torch.cat([job.result() for job in running.cpu_jobs]).to(out.device, out.dtype)
-        self._log_host(layer, began, entry)
-        weighted = out.view(num_tokens, top_k, -1) * top_k_weights.unsqueeze(-1)  # [N, K, H]
-        return weighted.sum(dim=1).to(hidden.dtype)  # [N, H]
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.layout.num_experts + 1).tolist()
+        self.records.synced(layer, time.perf_counter() - synced)
+        running = _Running(experts, hidden, top_k_index, counts)
+        self._run(layer, self._view(layer, counts, seen, future), running)
+        out = self._combine(running, top_k_weights)
+        self.records.layer_done(layer, began, entry)
+        return out
+
+    def graph_layer(self, layer: int, record, graphs) -> None:
+        """The host's part of MoE layer `layer` in a piecewise-captured decode step (`decode.StepGraphs`): its
+        tokens per expert, the protocol (whose first wave replays the layer's expert segment), and the CPU
+        experts' rows for the segment that combines them."""
+        began, entry = time.perf_counter(), self.records.mark()
+        synced = time.perf_counter()
+        counts = graphs.counts(layer)
+        self.records.synced(layer, time.perf_counter() - synced)
+        seen, future = record.hidden, None
+        if self.replay is not None:
+            num_tokens = record.index.shape[0]
+            _, _, recorded = self.replay.at(self.step, layer, num_tokens)
+            seen = recorded if recorded is not None else record.hidden
+            future = self.replay.future(self.step, layer, num_tokens)
+        running = _Running(self.layers[layer].experts, record.hidden, record.index, counts, graphs=graphs,
+                           record=record)
+        self._run(layer, self._view(layer, counts, seen, future), running)
+        if running.waves == 0:  # every routed expert ran on the CPU: nothing replayed the expert segment
+            record.rows.zero_()
+        if running.cpu_jobs or record.cpu_dirty:
+            record.cpu_rows.zero_()
+            if running.cpu_jobs:
+                record.cpu_rows[running.cpu_positions] = self._cpu_results(running, record.cpu_rows)
+            record.cpu_dirty = bool(running.cpu_jobs)
+        self.records.layer_done(layer, began, entry)
+
+    def _view(self, layer: int, counts: list[int], seen, future) -> LayerView:
+        E = self.layout.num_experts
+        ranked = sorted((e for e in range(E) if counts[e]), key=lambda e: (-counts[e], e))
+        return LayerView(self.step, layer, self.layout.num_moe_layers, E, tuple(ranked),
+                         tuple(counts[e] for e in ranked), hidden=seen, future=future)
+
+    def _run(self, layer: int, view: LayerView, running: _Running) -> None:
+        """The protocol: cut, plan, CPU experts, GPU experts in waves, prefetch (policies.protocol)."""
+        self._layer = running
+        try:
+            run = run_layer(view, self.policy, self.cache, self)
+        finally:
+            self._layer = None
+        self.records.plan_seconds[layer] += run.plan_s
+        self.records.victim_seconds[layer] += run.victim_s
+
+    def _combine(self, run: _Running, weights: torch.Tensor) -> torch.Tensor:
+        """Join the CPU experts into the (token, k) rows, weight each token's K rows and sum them in the
+        routing weights' precision, as transformers' grouped backend does."""
+        rows = run.rows
+        if rows is None:  # every routed expert ran on the CPU
+            rows = run.hidden.new_zeros((run.index.numel(), run.hidden.shape[1]))  # [N*K, H]
+        if run.cpu_jobs:
+            rows[run.cpu_positions] = self._cpu_results(run, rows)
+        num_tokens, top_k = run.index.shape
+        weighted = rows.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)  # [N, K, H]
+        return weighted.sum(dim=1).to(run.hidden.dtype)  # [N, H]
+
+    def _cpu_results(self, run: _Running, like: torch.Tensor) -> torch.Tensor:
+        return torch.cat([job.result() for job in run.cpu_jobs]).to(like.device, like.dtype)  # [m, H]
 
     # ---- the protocol's orders, carried out ----------------------------------------------------------
     def cut_stale(self, view: LayerView) -> None:
@@ -212,17 +298,18 @@ class Engine(Executor):
                 started = t.busy or t.next > 0  # busy first: the worker sets next, then busy
                 self.cache.cancel(t.key, started=started)
                 self._ready[t.slot] = None
-                self.stopped["part_way" if started else "queued"] += 1
+                self.records.stopped["part_way" if started else "queued"] += 1
 
     def start_cpu(self, layer: int, chosen: list[int]) -> None:
         """Start the CPU experts: their tokens cross to the host in one copy, each expert is one task."""
-        run = self._layer
-        positions = torch.cat([run.groups[e] for e in chosen])  # [m] positions in [N*K]
-        x_all = run.hidden[positions // run.top_k].to("cpu")  # [m, H], the one device-to-host copy
+        run, flat = self._layer, self._layer.index.reshape(-1)
+        groups = [torch.nonzero(flat == e).squeeze(1) for e in chosen]  # positions in [N*K], per expert
+        positions = torch.cat(groups)  # [m]
+        x_all = run.hidden[positions // run.index.shape[1]].to("cpu")  # [m, H], the one device-to-host copy
         dtype = next(iter(self._host[layer].values())).dtype
         start = 0
-        for e in chosen:
-            n = len(run.groups[e])
+        for e, group in zip(chosen, groups, strict=True):
+            n = len(group)
             x, params = x_all[start:start + n].to(dtype), {name: host[e] for name, host in self._host[layer].items()}
             run.cpu_jobs.append(self.pool.submit(self._cpu_expert, layer, run.experts, e, x, params))
             start += n
@@ -231,7 +318,7 @@ class Engine(Executor):
     def load(self, key: Key, slot: int, speculative: bool) -> None:
         """Copy expert `key` into `slot` (assigned by the protocol), after the slot's last kernel."""
         layer, e = key
-        pairs = [(self._slots[n][slot], host[e]) for n, host in self._host[layer].items()]
+        pairs = [(self.slot_tensors[n][slot], host[e]) for n, host in self._host[layer].items()]
         if self.io is not None:
             old = self._ready[slot]
             if isinstance(old, Transfer) and self.io.cancel(old):  # evicted before any of it moved
@@ -243,163 +330,100 @@ class Engine(Executor):
         self._ready[slot] = done
         self.cache.mark_ready(key)  # ordered before any use: kernels wait on `done`
         if self.step >= 0:
-            self._row("pcie", layer, e, "prefetch" if speculative else "on_demand", 0, self.layout.expert_bytes,
-                      start, done)
+            self.records.row("pcie", layer, e, "prefetch" if speculative else "on_demand", 0,
+                             self.layout.expert_bytes, start, done)
 
     def compute(self, layer: int, wave: list[tuple[int, int]]) -> None:
-        """Each expert of the wave from its slot, on the compute stream once its copy has landed."""
+        """The wave's experts as one grouped kernel over the slot pool (`adapter.grouped_rows`), on the compute
+        stream once their copies have landed; pairs routed to other experts stay zero."""
         run = self._layer
-        for e, slot in wave:
-            positions = run.groups[e]
-            self.streams.wait(self._ready_event(slot))  # AsyncIO: promotes a queued transfer
-            start = self._mark()
-            x = run.hidden[positions // run.top_k]  # [n, H]
-            run.out[positions] = adapter.expert_forward(run.experts, x, {n: t[slot] for n, t in self._slots.items()})
-            self._released[slot] = self.streams.record()
-            self._row("gpu", layer, e, "gpu_expert", len(positions), 0, start, self._released[slot])
-
-    # ---- named parts of the step ---------------------------------------------------------------------
-    def _groups(self, order: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]:
-        groups, start = {}, 0
-        for e, n in enumerate(counts[: self.layout.num_experts]):
-            if n:
-                groups[e] = order[start:start + n]
-            start += n
-        return groups
+        for _, slot in wave:
+            if self._ready[slot] is not None:  # a copy the compute stream has not waited for yet
+                self.streams.wait(self._ready_event(slot))  # AsyncIO: promotes a queued transfer
+                self._ready[slot] = None
+        start = self.records.mark()
+        if run.graphs is not None and run.waves == 0:
+            run.graphs.expert_segment(layer, wave)  # writes run.record.rows
+        else:
+            lut = torch.full((self.layout.num_experts + 1,), self.num_slots, dtype=torch.int64,
+                             pin_memory=self._pinned_luts)  # expert -> slot; the sentinel S elsewhere
+            for e, slot in wave:
+                lut[e] = slot
+            slot_index = lut.to(self.device, non_blocking=True)[run.index]  # [N, K]
+            rows = adapter.grouped_rows(run.experts, run.hidden, slot_index, self.slot_tensors)  # [N*K, H]
+            if run.graphs is not None:
+                run.record.rows.add_(rows)
+            else:
+                run.rows = rows if run.rows is None else run.rows + rows
+        run.waves += 1
+        released = self.streams.record()
+        for _, slot in wave:
+            self._released[slot] = released
+        for e, _ in wave:  # one row per expert, each with the grouped kernel's span
+            self.records.row("gpu", layer, e, "gpu_expert", run.counts[e], 0, start, released)
 
     def _ready_event(self, slot: int):
         """The event a kernel reading `slot` waits for; an AsyncIO transfer is promoted and issued first."""
         ready = self._ready[slot]
         return self.io.ready(ready) if isinstance(ready, Transfer) else ready
 
-    def _drain(self) -> None:
-        if self.io is not None:
-            self.io.drain()
-
     def _cpu_expert(self, layer, experts, e, x, params) -> torch.Tensor:
         start = time.perf_counter()
         y = adapter.expert_forward(experts, x, params)  # [n, H]
-        self._cpu_row(layer, e, len(x), start, time.perf_counter())
+        self.records.cpu_row(layer, e, len(x), start, time.perf_counter())
         return y
 
     # ---- steps and timing ----------------------------------------------------------------------------
+    def begin_step(self, tokens: int, phase: str) -> None:
+        self.records.begin_step(tokens, phase)
+
+    def end_step(self) -> None:
+        self.records.end_step()
+
     def _step_start(self, module, args, kwargs) -> None:
+        if self.capture is not None:
+            return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
-        self.step += 1
-        self.phase = "prefill" if ids is not None and ids.shape[1] > 1 else "decode"
-        if self.timing != "off":
-            if self._t0 is None:
-                self._t0 = (self.streams.record(), time.perf_counter())
-            tokens = int(ids.shape[0] * ids.shape[1]) if ids is not None else 0
-            stats = self.cache.stats
-            self.steps.append({"step": self.step, "phase": self.phase, "tokens": tokens,
-                               "start": self.streams.record(), "end": None,
-                               "counts": (stats.hits, stats.misses, stats.loads)})
+        phase = "prefill" if ids is not None and ids.shape[1] > 1 else "decode"
+        self.begin_step(int(ids.shape[0] * ids.shape[1]) if ids is not None else 0, phase)
 
     def _step_end(self, module, args, output) -> None:
-        if self.timing != "off" and self.steps:
-            self.steps[-1]["end"] = self.streams.record()
-            stats, before = self.cache.stats, self.steps[-1]["counts"]
-            self.steps[-1]["counts"] = (stats.hits - before[0], stats.misses - before[1], stats.loads - before[2])
-            if self._last_exit is not None:
-                self._row("gpu", -1, -1, "dense", 0, 0, self._last_exit, self.steps[-1]["end"])
-        self._last_exit = None
-
-    def _mark(self):
-        return self.streams.record() if self.timing == "full" else None
-
-    def _row(self, lane, layer, expert, kind, tokens, nbytes, start, end) -> None:
-        if self.timing == "full" and start is not None:
-            self.rows.append([lane, self.step, layer, expert, kind, tokens, nbytes, start, end])
-
-    def _cpu_row(self, layer, expert, tokens, start, end) -> None:
-        if self.timing == "full":  # host clock, converted to the device clock in timeline()
-            self.rows.append(["cpu", self.step, layer, expert, "cpu_expert", tokens, 0, ("host", start), ("host", end)])
-
-    def _log_host(self, layer: int, began: float, entry) -> None:
-        """Host time in prescope's own code; the GPU span since the last MoE layer is attention and dense work."""
-        self.host_seconds[layer] += time.perf_counter() - began
-        if self.timing == "full" and entry is not None:
-            kind = "attention" if self._last_exit is not None else "dense"
-            step_start = self.steps[-1]["start"] if self.steps else entry
-            self._row("gpu", layer, -1, kind, 0, 0, self._last_exit or step_start, entry)
-            self._last_exit = self._mark()
+        if self.capture is None:
+            self.end_step()
 
     def timeline(self) -> pd.DataFrame:
-        """Every recorded operation, seconds since the first step began (DESIGN.md §2 schema)."""
-        self._drain()
-        self.streams.synchronize()
-        if self._t0 is None:
-            return pd.DataFrame(columns=TIMELINE_COLUMNS)
-        t0, host0 = self._t0
+        """Every recorded operation, seconds since the first step began (DESIGN.md §2 schema), measured."""
+        self.drain()
 
-        def at(event) -> float:
-            if isinstance(event, tuple):
-                return event[1] - host0
-            return self.streams.seconds(t0, event)
-
-        def span(start, end):
+        def spans(start, end):
             if isinstance(start, Transfer):  # AsyncIO: None where the transfer was cancelled before it ended
                 start, end = start.start, start.done
-            return None if start is None or end is None else [at(start), at(end)]
+            return None if start is None or end is None else (start, end)
 
-        records = [dict(zip(TIMELINE_COLUMNS, r[:7] + times, strict=True)) for r in self.rows
-                   if (times := span(r[7], r[8])) is not None]
-        return make_timeline(pd.DataFrame(records, columns=TIMELINE_COLUMNS), source="measured",
-                             profile=_device_name(self.device),
-                             meta={"policy": self.policy.name, "config": self.config.to_dict()})
+        return self.records.timeline(spans)
 
     def step_table(self) -> pd.DataFrame:
         """One row per forward call: phase, tokens, start, end, latency, and the cache's hits, misses and loads."""
-        self._drain()
-        self.streams.synchronize()
-        t0 = self._t0[0] if self._t0 else None
-        rows = [{"step": s["step"], "phase": s["phase"], "tokens": s["tokens"],
-                 "start": self.streams.seconds(t0, s["start"]), "end": self.streams.seconds(t0, s["end"]),
-                 "hits": s["counts"][0], "misses": s["counts"][1], "loads": s["counts"][2]}
-                for s in self.steps if s["end"] is not None]
-        frame = pd.DataFrame(rows, columns=["step", "phase", "tokens", "start", "end", "hits", "misses", "loads"])
-        frame["latency"] = frame["end"] - frame["start"]
-        return frame
+        self.drain()
+        return self.records.step_table()
 
     def summary(self) -> pd.DataFrame:
         """Per step: latency, bytes moved, loads, hits, misses, GPU busy and idle time (needs timing="full")."""
-        steps = self.step_table()
-        table = step_summary(self.timeline(), steps[["step", "hits", "misses"]])
-        return table.merge(steps[["step", "phase"]], on="step", how="left")
+        return self.records.summary(self.timeline())
 
     def set_timing(self, mode: str) -> None:
         """Switch between 'full', 'steps' and 'off' between runs (full timing costs host time)."""
-        self.timing = EngineConfig(timing=mode).timing
+        self.records.timing = EngineConfig(timing=mode).timing
         self.streams.timed = mode == "full"
 
     def clear_records(self) -> None:
-        self.rows, self.steps, self._t0, self.step = [], [], None, -1
-        self.host_seconds = [0.0] * self.layout.num_moe_layers
-        self.sync_seconds = [0.0] * self.layout.num_moe_layers
-        self.plan_seconds = [0.0] * self.layout.num_moe_layers
-        self.victim_seconds = [0.0] * self.layout.num_moe_layers
-        self.stopped = {"queued": 0, "part_way": 0}
-
-
-@dataclass
-class _Running:
-    """The MoE layer the engine is running: its experts module, router input [N, H], positions in [N*K] of
-    each routed expert, K, the output rows [N*K, H], and the CPU experts in flight."""
-
-    experts: nn.Module
-    hidden: torch.Tensor
-    groups: dict[int, torch.Tensor]
-    top_k: int
-    out: torch.Tensor
-    cpu_positions: torch.Tensor | None = None
-    cpu_jobs: list = field(default_factory=list)
+        self.records.clear()
 
 
 def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return measured_profile(host_device(device))  # "host:NVIDIA H200", "host:x86_64-2cpu": one scheme
 
 
 def _dispatch(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

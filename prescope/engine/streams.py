@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 
 import torch
 
@@ -28,8 +29,9 @@ class Streams(ABC):
         """Make the compute stream wait for `event` (a copy's done event)."""
 
     @abstractmethod
-    def record(self, on_copy: bool = False) -> object:
-        """An event marking 'now' on the compute stream (or the copy stream)."""
+    def record(self, on_copy: bool = False, timed: bool | None = None) -> object:
+        """An event marking 'now' on the compute stream (or the copy stream); `timed` (default: the streams'
+        setting) makes it usable for elapsed times."""
 
     @abstractmethod
     def seconds(self, start: object, end: object) -> float:
@@ -94,8 +96,8 @@ class CudaStreams(Streams):
         if event is not None:
             self.compute.wait_event(event)
 
-    def record(self, on_copy=False):
-        event = torch.cuda.Event(enable_timing=True)
+    def record(self, on_copy=False, timed=None):
+        event = torch.cuda.Event(enable_timing=self.timed if timed is None else timed)
         event.record(self.copier if on_copy else self.compute)
         return event
 
@@ -138,7 +140,7 @@ class CpuStreams(Streams):
     def wait(self, event):
         return None
 
-    def record(self, on_copy=False):
+    def record(self, on_copy=False, timed=None):
         return time.perf_counter()
 
     def seconds(self, start, end):
@@ -146,6 +148,51 @@ class CpuStreams(Streams):
 
     def synchronize(self):
         return None
+
+
+class Segments:
+    """CUDA graphs captured back to back from one pass of Python code, split where the host must act between
+    them (`split`), sharing one memory pool so tensors made by one graph stay valid for the next; replayed in
+    the order they were captured (`replay`). Capture runs on a side stream; nothing executes while capturing.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(self.device)
+
+    @contextmanager
+    def capturing(self):
+        """Capture everything issued inside the block (split into graphs by `split`)."""
+        current = torch.cuda.current_stream(self.device)
+        torch.cuda.synchronize(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            self._begin()
+            try:
+                yield self
+            finally:
+                self.graphs[-1].capture_end()
+        current.wait_stream(self.stream)
+        torch.cuda.synchronize(self.device)
+
+    def split(self) -> int:
+        """End the graph being captured and begin the next; returns the index of the one that ended."""
+        self.graphs[-1].capture_end()
+        self._begin()
+        return len(self.graphs) - 2
+
+    def _begin(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        self.graphs.append(graph)
+
+    def replay(self, index: int) -> None:
+        self.graphs[index].replay()
+
+    def __len__(self) -> int:
+        return len(self.graphs)
 
 
 def make_streams(device: torch.device | str, timed: bool = True) -> Streams:

@@ -107,16 +107,37 @@ class IOWorker:
         return t
 
     def ready(self, t: Transfer) -> object:
-        """The done event of `t`, after promoting it to on-demand and waiting until it is issued."""
+        """The done event of `t`: a transfer the running layer needs is taken over from the queue and its
+        remaining chunks issued at once on this thread, as an on-demand load is (ahead of every queued
+        prefetch, behind at most the chunk the worker is issuing), so the host does not wait for the copy."""
         if t.cancelled:
             raise RuntimeError(f"transfer of {t.key} into slot {t.slot} was cancelled; nothing to wait for")
         if not t.issued.is_set():
             with self._cond:
-                if not t.issued.is_set() and t.priority[0] != ON_DEMAND:
-                    self._push(t, ON_DEMAND)
-                    self._cond.notify()
-            while not t.issued.wait(0.5):
                 self._check()
+                while t.busy:  # the worker is issuing one of its chunks: let it finish that one
+                    self._idle.wait(0.05)
+                    self._check()
+                take = not t.issued.is_set()
+                if take:
+                    first, t.next = t.next, len(t.chunks)  # the worker skips it from now on
+                    t.priority = (ON_DEMAND, 0, next(self._seq))
+            if take:
+                try:
+                    if first == 0:
+                        t.start = self.streams.begin(t.after)
+                    for dst, src in t.chunks[first:]:
+                        t.done = self.streams.issue(dst, src)
+                except BaseException as exc:  # the copy path is broken: every later call says so
+                    with self._cond:
+                        self.error, t.cancelled = self.error or exc, True
+                        self._busy -= 1
+                        self._idle.notify_all()
+                    raise
+                with self._cond:
+                    self._busy -= 1
+                    t.issued.set()
+                    self._idle.notify_all()
         self._check()
         return t.done
 
@@ -177,8 +198,8 @@ class IOWorker:
             if not self._heap:
                 return None
             priority, t = self._heap[0]
-            if t.cancelled or t.issued.is_set() or priority != t.priority:  # stale entry (cancelled, promoted)
-                heapq.heappop(self._heap)
+            if t.cancelled or t.issued.is_set() or priority != t.priority or t.next >= len(t.chunks):
+                heapq.heappop(self._heap)  # stale entry: cancelled, issued, or taken over by `ready`
                 continue
             if t.next == len(t.chunks) - 1:  # its last chunk: the entry leaves the queue
                 heapq.heappop(self._heap)
@@ -201,6 +222,7 @@ class IOWorker:
                 mark = self.streams.issue(dst, src)
                 with self._cond:
                     t.next, t.busy = index + 1, False
+                    self._idle.notify_all()  # `ready` may be waiting for this chunk to be issued
                     if t.next == len(t.chunks) and not t.cancelled:
                         t.done = mark
                         self._busy -= 1

@@ -43,21 +43,27 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 from prescope.config import EngineConfig
-from prescope.engine.engine import Engine
-from prescope.experiments.subjects import Subject, build_bench_subject, build_subject, generate
+from prescope.experiments import bounds
 from prescope.files import git_revision, portable_values, write_atomic
-from prescope.models import adapter
 from prescope.policies import parse_policy
-from prescope.routing.replay import RoutingReplay
+from prescope.timeline import host_device, measured_profile
+
+if TYPE_CHECKING:  # torch, the engine and the models load in the functions that measure: `--help` starts fast
+    import torch
+
+    from prescope.engine.engine import Engine
+    from prescope.experiments.subjects import Subject
+    from prescope.routing.replay import RoutingReplay
 
 RESIDENT = "resident"
-STOCK = "stock"
+STOCK = "stock"  # transformers' fastest experts implementation on the device (`experts_implementation`)
+STOCK_EAGER = "stock-eager"  # transformers' eager loop over experts
 ACCELERATE = "accelerate"
 ALL_POLICIES = ("on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix", "prescope",
                 "oracle")
@@ -86,6 +92,8 @@ class BenchConfig:
     accelerate_batches: tuple[int, ...] = (1,)
     accelerate_tokens: int = 6
     repeats: int = 1  # rounds over every engine cell, interleaved (round 1 of every cell, then round 2, ...)
+    graphs: bool = True  # engine cells decode with engine.generate (static cache, CUDA graphs), not model.generate
+    stock_implementations: tuple[str, ...] = ("grouped_mm", "batched_mm", "eager")  # transformers' to compare
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -101,14 +109,43 @@ class BenchConfig:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def measure_stocks(model, batch: int, cfg: BenchConfig, device: torch.device, prompts: np.ndarray | None) -> list[dict]:
+    """The stock rows of a batch: transformers' fastest experts implementation on this device (`stock`, naming
+    it) and its eager loop (`stock-eager`), each row with every implementation's decode median; the fastest's
+    generated ids under SEQUENCES. An implementation the device cannot run (out of memory) is named in
+    `stock_errors`."""
+    runs, errors = {}, {}
+    for impl in cfg.stock_implementations:
+        try:
+            model.set_experts_implementation(impl)
+            runs[impl] = measure_stock(model, batch, cfg, device, prompts)
+        except (RuntimeError, ValueError, KeyError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            errors[impl] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        _free(device)
+    model.set_experts_implementation(cfg.stock_implementations[0])
+    if not runs:
+        raise RuntimeError(f"no experts implementation of transformers ran: {errors}")
+    by_impl = {impl: r["decode_ms_median"] for impl, r in runs.items()}
+    fastest = min(runs, key=by_impl.__getitem__)
+    common = {"stock_ms_by_impl": by_impl, "stock_errors": errors}
+    rows = [{"policy": STOCK, "experts_implementation": fastest, **common, **runs[fastest]}]
+    if "eager" in runs:
+        rows.append({"policy": STOCK_EAGER, "experts_implementation": "eager", **common, **runs["eager"]})
+        rows[-1].pop(SEQUENCES)
+    return rows
+
+
 def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device, prompts: np.ndarray | None = None,
                   new_tokens: int | None = None) -> dict:
-    """Stock decode: per-step latency from host timestamps around synchronised forward calls; the row names
-    the experts implementation that ran (transformers' default unless the caller changed it)."""
+    """Stock decode: per-step latency from host timestamps around synchronised forward calls."""
+    from prescope.experiments.subjects import generate
+
     stamps = []
 
     def stamp(kind: str):
@@ -127,8 +164,7 @@ def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device, pro
             h.remove()
     starts, ends = [t for k, t in stamps if k == "s"], [t for k, t in stamps if k == "e"]
     latencies = [e - s for s, e in zip(starts, ends, strict=True)]
-    return {**_decode_metrics(latencies[0], latencies[1:], batch),
-            "experts_implementation": adapter.experts_implementation(model), SEQUENCES: out.cpu()}
+    return {**_decode_metrics(latencies[0], latencies[1:], batch), SEQUENCES: out.cpu()}
 
 
 def _decode_metrics(ttft: float, decode: list[float], batch: int) -> dict:
@@ -139,61 +175,86 @@ def _decode_metrics(ttft: float, decode: list[float], batch: int) -> dict:
 
 def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: RoutingReplay | None = None,
                    prompts: np.ndarray | None = None, stock: torch.Tensor | None = None) -> tuple[dict, np.ndarray, pd.DataFrame]:
-    """One cell: warm up, then a step-timed run (throughput, routing, and its tokens against the stock run's
-    `stock` [B, T]) and a fully timed run (timeline)."""
+    """One cell: warm up, then a step-timed run (throughput, the engine's host time, routing, and its tokens
+    against the stock run's `stock` [B, T]) and a fully timed run (timeline). With `cfg.graphs` the engine
+    decodes through `engine.generate` (static cache, CUDA graphs), whose first decode step runs eagerly to
+    warm up: the decode metrics are the captured steps'."""
+    import torch
+
+    from prescope.models import adapter
+
     layout = engine.layout
     engine.set_timing("steps")
     engine.set_replay(replay)
     engine.clear_records()  # the replay counts forward calls from the first one of a generate
-    generate(model, batch, cfg.input_len, min(cfg.warmup_tokens, cfg.output_len), cfg.seed + 1, prompts)
+    _engine_generate(engine, model, batch, cfg, min(cfg.warmup_tokens, cfg.output_len), cfg.seed + 1, prompts)
     engine.reset()
     engine.clear_records()
     routing = []
 
     def keep(ordinal, hidden, logits, weights, indices):
-        if engine.phase == "decode":
+        if engine.records.phase == "decode":
             routing.append(indices.detach().to(torch.int16))
 
     with adapter.observe_routing(model, keep if replay is None else lambda *_: None):
-        out = generate(model, batch, cfg.input_len, cfg.output_len, cfg.seed, prompts).cpu()
+        out, mode = _engine_generate(engine, model, batch, cfg, cfg.output_len, cfg.seed, prompts)
     steps = engine.step_table()
-    is_decode = steps["phase"] == "decode"
-    decode = steps[is_decode]["latency"].tolist()
+    decode_all = steps[steps["phase"] == "decode"]
+    decode_rows = decode_all.iloc[1:] if mode != "eager" and len(decode_all) > 1 else decode_all
+    decode = decode_rows["latency"].tolist()
     stats = engine.cache.stats
-    decode_loads = int(steps[is_decode]["loads"].sum())
-    calls = max(1, len(steps) * layout.num_moe_layers)
+    decode_loads = int(decode_rows["loads"].sum())
     L, K = layout.num_moe_layers, layout.top_k
-    if replay is not None:  # [B, T, L, K] -> the decode steps' [T', L, B, K]
-        span = replay.experts[:, replay.prompt_len:replay.prompt_len + len(decode)]
-        route = span.permute(1, 2, 0, 3).to(torch.int16).cpu().numpy()
+    calls = max(1, len(decode) * L)
+    measured_steps = set(decode_rows["step"])
+    own = sum(v for k, v in engine.records.own_seconds.items() if k in measured_steps)
+    issue = sum(v for k, v in engine.records.issue_seconds.items() if k in measured_steps)
+    if replay is not None:
+        route = replay_route(replay, len(decode_all))[len(decode_all) - len(decode):]
     else:
-        route = torch.stack(routing).cpu().numpy().reshape(len(decode), L, batch, K) if routing else np.zeros((0,))
-    row = {**_decode_metrics(steps["latency"].iloc[0], decode, batch),
+        route = torch.stack(routing).cpu().numpy().reshape(-1, L, batch, K) if routing else np.zeros((0,))
+    row = {**_decode_metrics(steps["latency"].iloc[0], decode, batch), "mode": mode,
            "loads_per_step": decode_loads / max(1, len(decode)),
            "bytes_per_step": decode_loads * layout.expert_bytes / max(1, len(decode)),
            "hit_rate": stats.hits / max(1, stats.hits + stats.misses),
-           "step_ms_per_layer": 1e3 * sum(engine.host_seconds) / calls,
-           "host_ms_per_layer": 1e3 * (sum(engine.host_seconds) - sum(engine.sync_seconds)) / calls,
-           "policy_ms_per_layer": 1e3 * sum(engine.plan_seconds) / calls,
-           "victim_ms_per_layer": 1e3 * sum(engine.victim_seconds) / calls,
-           "prefetches_stopped": dict(engine.stopped)}
+           # the engine's own host time per MoE layer (waiting for the device excluded): its layer work where
+           # the host drives each layer, the step's whole issue time over L where one graph runs the step
+           "host_ms_per_layer": 1e3 * (own if mode != "graph" else issue) / calls,
+           "step_issue_ms": 1e3 * issue / max(1, len(decode)),
+           "sync_ms_per_layer": 1e3 * sum(engine.records.sync_seconds) / max(1, len(steps) * L),
+           "policy_ms_per_layer": 1e3 * sum(engine.records.plan_seconds) / max(1, len(steps) * L),
+           "victim_ms_per_layer": 1e3 * sum(engine.records.victim_seconds) / max(1, len(steps) * L),
+           "prefetches_stopped": dict(engine.records.stopped)}
     if hasattr(engine.policy, "skipped"):  # prescope: layers with nothing to plan (PreSched not run)
-        row["plans_skipped_share"] = engine.policy.skipped / calls
+        row["plans_skipped_share"] = engine.policy.skipped / max(1, len(steps) * L)
     if hasattr(engine.policy, "lean"):  # prescope: layers its gate ran on demand (host-bound, no prediction)
-        row["plans_lean_share"] = engine.policy.lean / calls
-    if stock is not None and stock.shape == out.shape:  # bf16 per-expert kernels may round differently
+        row["plans_lean_share"] = engine.policy.lean / max(1, len(steps) * L)
+    if stock is not None and stock.shape == out.shape:  # bf16 kernels may round differently from stock's
         row |= {"tokens_equal_stock": bool(torch.equal(out, stock)),
                 "token_match_share": float((out == stock).float().mean())}
     timeline = pd.DataFrame()
     if cfg.timeline_tokens:
         engine.set_timing("full")
         engine.clear_records()
-        generate(model, batch, cfg.input_len, min(cfg.timeline_tokens, cfg.output_len), cfg.seed + 2, prompts)
+        _engine_generate(engine, model, batch, cfg, min(cfg.timeline_tokens, cfg.output_len), cfg.seed + 2, prompts)
         timeline = engine.timeline()
         steps = engine.step_table()
         timeline = timeline.merge(steps[["step", "phase"]], on="step", how="left")
         row.update(_timeline_metrics(timeline, steps, layout.expert_bytes))
     return row, route, timeline
+
+
+def _engine_generate(engine: Engine, model, batch: int, cfg: BenchConfig, new_tokens: int, seed: int,
+                     prompts: np.ndarray | None) -> tuple[torch.Tensor, str]:
+    """(generated ids on the CPU, how the decode steps ran): `engine.generate` with `cfg.graphs`, else
+    transformers' `generate` through the engine."""
+    from prescope.experiments.subjects import generate, prompt_ids
+
+    if not cfg.graphs:
+        return generate(model, batch, cfg.input_len, new_tokens, seed, prompts).cpu(), "eager"
+    ids = prompt_ids(model, batch, cfg.input_len, seed, prompts)
+    out = engine.generate(ids, max_new_tokens=new_tokens)
+    return out.sequences.cpu(), out.mode
 
 
 def _timeline_metrics(timeline: pd.DataFrame, steps: pd.DataFrame, expert_bytes: int) -> dict:
@@ -215,15 +276,34 @@ def _timeline_metrics(timeline: pd.DataFrame, steps: pd.DataFrame, expert_bytes:
             if total else None}
 
 
+def require_device(device: str) -> None:
+    """A clear error, before anything is built, when `device` is CUDA and this torch has none."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else "sees no CUDA device"
+        raise ValueError(f"--device {device}: this machine's torch {torch.__version__} {built}; `prescope bench` "
+                         "measures on a GPU (run it there, or pass --device cpu for the engine's CPU twin; "
+                         "`prescope simulate-compare` gives simulated results)")
+
+
 def run_bench(cfg: BenchConfig) -> list[dict]:
+    require_device(cfg.device)
+    import torch
+
+    from prescope.engine.engine import Engine
+    from prescope.experiments.subjects import build_bench_subject
+    from prescope.models import adapter
+
     device = torch.device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"config": portable_values(asdict(cfg)), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": host_device(device),
             "torch": torch.__version__, "source": "measured"}
     rows, routes, timelines, failed = [], {}, [], []
     meta["failed"] = failed
+    meta["bandwidths"] = bounds.measure_bandwidths(device)  # what the bounds divide by, measured here
     for spec in cfg.models:
         subject = build_bench_subject(spec, cfg, device)
         name, model = subject.name, subject.model
@@ -231,11 +311,14 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         base = {"model": name, "layers": layout.num_layers, "moe_layers": layout.num_moe_layers,
                 "expert_MB": layout.expert_bytes / 2**20}
         replays, stock = {}, {}
+        sizes = bounds.model_bytes(model, layout)
         for batch in cfg.batch_sizes:
-            measured = measure_stock(model, batch, cfg, device, subject.prompts)
-            stock[batch] = measured.pop(SEQUENCES)
-            rows.append({**base, "policy": STOCK, "budget": 1.0, "batch": batch, "routing": "native", **measured})
             replays[batch] = subject.replay(batch, cfg)
+            for measured in measure_stocks(model, batch, cfg, device, subject.prompts):
+                stock[batch] = measured.pop(SEQUENCES, stock.get(batch))
+                route = replay_route(replays[batch], len(measured["decode_ms_steps"]))
+                rows.append({**base, "budget": 1.0, "batch": batch, "routing": "native", **measured,
+                             "step_bytes": _mean_step_bytes(route, layout, sizes, batch, cfg)})
             _flush(out, meta, rows, routes, timelines)
         overhead = None
         if subject.llapor is not None and subject.source is None and device.type == "cuda":
@@ -265,6 +348,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
                                                         profile=cfg.profile, async_io=spec.async_io), policy=policy)
                     continue
+                row["step_bytes"] = _mean_step_bytes(route, layout, sizes, batch, cfg)
                 measured.setdefault(cell, []).append((about, row, route, timeline))
                 about, row, route, timeline = median_round(measured[cell])
                 if cell in position:  # a later round: the cell's row is replaced by the median so far
@@ -292,8 +376,23 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         _free(device)
     meta["predictor_overhead"] = [_overhead_shares(o, rows) for o in meta.get("predictor_overhead", [])]
     _add_ratios(rows)
+    bounds.add_bounds(rows, meta["bandwidths"], RESIDENT, (STOCK, STOCK_EAGER))
     _flush(out, meta, rows, routes, timelines)
     return rows
+
+
+def replay_route(replay: RoutingReplay, decode_steps: int) -> np.ndarray:
+    """The replay's routing of its first `decode_steps` decode steps, [T', L, B, K] int16."""
+    import torch
+
+    span = replay.experts[:, replay.prompt_len:replay.prompt_len + decode_steps]  # [B, T', L, K]
+    return span.permute(1, 2, 0, 3).to(torch.int16).cpu().numpy()
+
+
+def _mean_step_bytes(route: np.ndarray, layout, sizes: dict, batch: int, cfg: BenchConfig) -> float | None:
+    if route.ndim != 4 or not len(route):
+        return None
+    return float(np.mean(bounds.step_bytes(route, layout.expert_bytes, sizes, batch, cfg.input_len)))
 
 
 def median_round(rounds: list[tuple]) -> tuple:
@@ -307,6 +406,8 @@ def median_round(rounds: list[tuple]) -> tuple:
 
 
 def _free(device: torch.device) -> None:
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -316,7 +417,10 @@ def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: to
     """accelerate's offload of a fresh copy of the model at each budget (native routing: it moves the same
     offloaded weights at every forward whatever the routing), `accelerate_tokens` decode steps; yields each
     row as it is measured."""
+    import torch
+
     from prescope.experiments import hfoffload
+    from prescope.experiments.subjects import build_subject
 
     for budget in cfg.budgets if cfg.accelerate_batches else ():
         fresh = build_subject(spec.split("@")[0], device, cfg.seed).to("cpu")
@@ -344,6 +448,8 @@ def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, re
     distances, from recorded router inputs `hidden` [L, H], until the host can read the scores (as the
     planner does), median over `repeats`, averaged over layers; eagerly (`us_per_layer`) and replayed from
     a CUDA graph as the prescope policy runs it (`us_per_layer_graph`, predict.graphs.GraphCache)."""
+    import torch
+
     from prescope.predict.graphs import GraphCache
 
     L, graphs = hidden.shape[0], GraphCache()
@@ -419,7 +525,7 @@ def bench_table(path: str | Path) -> pd.DataFrame:
     rows = [dict(r) for r in data["cells"]]
     _add_ratios(rows)
     table = pd.DataFrame(rows)
-    table.attrs.update(source=data.get("source", "measured"), profile=data.get("device", ""),
+    table.attrs.update(source=data.get("source", "measured"), profile=measured_profile(data.get("device", "?")),
                        git_revision=data.get("git_revision", "unknown"))
     return table
 
@@ -444,20 +550,34 @@ def _flush(out: Path, meta: dict, rows: list[dict], routes: dict, timelines: lis
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
-    parser.add_argument("--models", nargs="+", default=list(d.models))
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(d.batch_sizes))
-    parser.add_argument("--policies", nargs="+", default=list(d.policies))
-    parser.add_argument("--budgets", nargs="+", type=float, default=list(d.budgets))
+    parser.add_argument("--models", nargs="+", default=list(d.models),
+                        help="shape twins, each NAME or NAME:LAYERS, or TWIN@prescope-tiny (the twin driven by "
+                             "prescope-tiny's routing on held-out text) (default: %(default)s)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(d.batch_sizes),
+                        help="batch sizes to measure (default: %(default)s)")
+    parser.add_argument("--policies", nargs="+", default=list(d.policies),
+                        help="policies to measure, each optionally NAME+sync (AsyncIO off), prescope+cal or "
+                             "NAME[key=value,...] (default: every policy)")
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(d.budgets),
+                        help="GPU expert budgets, as shares of all L·E experts (default: %(default)s)")
+    helps = {"input_len": "prompt tokens per sequence", "output_len": "generated tokens per sequence",
+             "timeline_tokens": "decode tokens of the second, fully timed run that draws the timeline (0 = skip it)",
+             "seed": "seed of the random prompts and of the twins' weights",
+             "device": "CUDA device to measure on (cpu runs the engine's CPU twin: a smoke test, not a timing)",
+             "profile": "hardware profile (built-in name or JSON) the cost-aware policies weigh",
+             "out": "folder for bench.json, routing.npz and timelines.parquet"}
     for name in ("input_len", "output_len", "timeline_tokens", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name),
+                            help=helps[name] + " (default: %(default)s)")
     for name in ("device", "profile", "out"):
-        parser.add_argument(f"--{name}", default=getattr(d, name))
+        parser.add_argument(f"--{name}", default=getattr(d, name), help=helps[name] + " (default: %(default)s)")
     parser.add_argument("--predictor", help="LLaPor checkpoint for `prescope` (used where its layout matches)")
     parser.add_argument("--prompts", help="prescope-tiny's prompts: 'heldout' (held-out corpus windows) or a .npy "
-                        "[rows, >= input_len] of token ids (bench.heldout_prompts, saved with np.save)")
+                        "[rows, >= input_len] of token ids (subjects.heldout_prompts, saved with np.save)")
     parser.add_argument("--accelerate-batches", nargs="*", type=int, default=list(d.accelerate_batches),
                         help="batch sizes of the accelerate offload rows (none: skip them)")
-    parser.add_argument("--accelerate-tokens", type=int, default=d.accelerate_tokens)
+    parser.add_argument("--accelerate-tokens", type=int, default=d.accelerate_tokens,
+                        help="decode tokens of each accelerate offload row (it is slow) (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=d.repeats,
                         help="rounds over every engine cell, interleaved; each row is the median round's, with "
                              "every round's decode median and their spread")

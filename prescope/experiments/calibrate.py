@@ -3,8 +3,9 @@
 `calibrate()` times host-to-device copies (pinned and pageable, CUDA events, warm-up, median of
 repeats), a gated expert (SwiGLU: two matmuls and an activation) on the GPU and on the CPU (all
 cores) at several token counts, an attention-layer proxy, and the per-layer host overhead of a tiny
-transformers model; it stores the raw points in the same layout as the H200 measurement file
-(`../shared/hardware/h200-measured-2026-11-28.json`) and fits the profile's models to them with
+transformers model; it stores the raw points in the same layout as the H200 measurement file (shipped
+with the package: `prescope/assets/data/hardware/h200-measured-2026-11-28.json`) and fits the profile's
+models to them with
 `profile_from_measurements`, which also builds the built-in `h200` profile from that file.
 
 Raw layout: {"h2d": {"<MiB>": {"pinned_GBps", "pageable_GBps"}}, "experts": {"<shape>":
@@ -12,7 +13,8 @@ Raw layout: {"h2d": {"<MiB>": {"pinned_GBps", "pageable_GBps"}}, "experts": {"<s
 "bytes", "flops_per_token", "gpu_ms_t<N>"}}, ...}. An expert of P parameters costs 2·N·P
 FLOPs and P·b bytes, so only its bf16 size (P = MiB·2^20 / 2) is needed.
 
-Rebuild the built-ins: `build_builtin_profiles("../shared/hardware", "prescope/profiles")`.
+Rebuild the built-ins: `build_builtin_profiles(HARDWARE_DIR, "prescope/assets/profiles")` (HARDWARE_DIR: the
+measurements shipped with the package; another folder of the same files works in its place).
 """
 
 from __future__ import annotations
@@ -26,12 +28,11 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from prescope.data import read_text, shipped
 from prescope.hardware import cost
 from prescope.hardware.profiles import (
     GB,
@@ -44,8 +45,11 @@ from prescope.hardware.profiles import (
     save_profile,
     scale_profile,
 )
-from prescope.models import twins
 
+if TYPE_CHECKING:  # torch and the twins load in the functions that measure, so `--help` starts fast
+    import torch
+
+HARDWARE_DIR = shipped("hardware")  # the H200 measurements behind the built-in profiles
 MIB = 1 << 20
 MS = 1e-3
 BF16_BYTES = 2
@@ -84,6 +88,8 @@ class CalibrationError(ValueError):
 
 def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
     """Median seconds of `fn` on the current CUDA stream, between CUDA events."""
+    import torch
+
     for _ in range(warmup):
         fn()
     times = []
@@ -117,6 +123,8 @@ def time_host(fn: Callable[[], Any], repeats: int, warmup: int, sync: Callable[[
 def expert_weights(hidden: int, intermediate: int, dtype: torch.dtype, device: str | torch.device,
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random gated-expert weights in the transformers layout: gate_up [2I, H], down [H, I]."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     gate_up = torch.randn(2 * intermediate, hidden, generator=gen).to(device, dtype)  # [2I, H]
     down = torch.randn(hidden, intermediate, generator=gen).to(device, dtype)  # [H, I]
@@ -124,12 +132,16 @@ def expert_weights(hidden: int, intermediate: int, dtype: torch.dtype, device: s
 
 
 def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [N, I] each
     return F.linear(F.silu(gate) * up, down)  # [N, H]
 
 
 def measure_h2d(sizes_mb: tuple[int, ...], device: str, repeats: int, warmup: int) -> tuple[dict, float]:
     """Pinned and pageable host-to-device GB/s per size (MiB), and the time of a 4 KiB pinned copy."""
+    import torch
+
     out = {}
     for mb in sizes_mb:
         n = int(mb * MIB)
@@ -150,6 +162,8 @@ def measure_h2d(sizes_mb: tuple[int, ...], device: str, repeats: int, warmup: in
 def measure_expert(hidden: int, intermediate: int, token_counts: tuple[int, ...], device: str,
                    dtype: torch.dtype, repeats: int, warmup: int) -> dict[str, float]:
     """Milliseconds of N tokens through one gated expert, per N, on `device` ('cpu' uses all cores)."""
+    import torch
+
     gate_up, down = expert_weights(hidden, intermediate, dtype, device)
     on_cuda = torch.device(device).type == "cuda"
     out = {}
@@ -165,6 +179,9 @@ def measure_dense(hidden: int, heads: int, context: int, token_counts: tuple[int
                   dtype: torch.dtype, repeats: int, warmup: int) -> dict[str, float]:
     """An attention-layer proxy: RMS norm, fused QKV [3H, H], SDPA over `context` cached positions,
     output projection [H, H]. Returns its parameters, bytes read, FLOPs per token and times."""
+    import torch
+    import torch.nn.functional as F
+
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(3 * hidden, hidden, generator=gen).to(device, dtype)  # [3H, H]
     o = torch.randn(hidden, hidden, generator=gen).to(device, dtype)  # [H, H]
@@ -191,6 +208,10 @@ def measure_dense(hidden: int, heads: int, context: int, token_counts: tuple[int
 def measure_host_overhead(device: str, repeats: int, warmup: int) -> float:
     """Seconds of host work per decoder layer: a tiny-width twin (whose kernels take no GPU time to
     speak of) at 2 and 4 layers, one token; the difference per layer is launch and Python time."""
+    import torch
+
+    from prescope.models import twins
+
     times = {}
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for layers in (2, 4):
@@ -203,6 +224,8 @@ def measure_host_overhead(device: str, repeats: int, warmup: int) -> float:
 
 def measure_predictor_proxy(device: str, repeats: int, warmup: int) -> float:
     """Seconds of one small MLP forward (Linear, GELU, Linear) on one token: a predictor call."""
+    import torch
+
     w = PREDICTOR_PROXY_WIDTH
     mlp = torch.nn.Sequential(torch.nn.Linear(w, w), torch.nn.GELU(), torch.nn.Linear(w, w)).to(device)
     x = torch.randn(1, w, device=device)  # [1, w]
@@ -267,6 +290,8 @@ def host_overhead_from_probes(probes: list[dict[str, Any]], profile: HardwarePro
     """Mean per-layer host time implied by resident decode probes at batch 1: step / L minus the
     modelled GPU work of a layer (K experts of one token, plus the layer's non-expert work).
     Each probe: {"twin", "num_layers", "step_s"}."""
+    from prescope.models import twins
+
     if not probes:
         raise CalibrationError("need at least one resident decode probe")
     values = []
@@ -279,16 +304,16 @@ def host_overhead_from_probes(probes: list[dict[str, Any]], profile: HardwarePro
     return statistics.mean(values)
 
 
-def build_h200_profile(hardware_dir: str | os.PathLike) -> HardwareProfile:
+def build_h200_profile(hardware_dir: str | os.PathLike = HARDWARE_DIR) -> HardwareProfile:
     """The built-in `h200` profile from the H200 measurement file and the resident-loop probes beside it."""
     folder = Path(hardware_dir)
     main_file = "h200-measured-2026-11-28.json"
     probe_files = {"mixtral-8x7b": ("h200-mixtral-twin-8layers-lru-probe-2026-11-28.json", 8),
                    "olmoe-1b-7b": ("h200-olmoe-twin-lru-probe-2026-11-28.json", 16)}
-    measured = json.loads((folder / main_file).read_text())
+    measured = json.loads(read_text(folder / main_file))
     probes, raw_probes = [], {}
     for twin, (file, layers) in probe_files.items():
-        raw_probes[file] = json.loads((folder / file).read_text())
+        raw_probes[file] = json.loads(read_text(folder / file))
         for key in ("resident_loop_ms_r0", "resident_loop_ms_r1"):
             probes.append({"twin": twin, "num_layers": layers, "step_s": raw_probes[file][key] * MS})
     profile = profile_from_measurements(
@@ -297,7 +322,7 @@ def build_h200_profile(hardware_dir: str | os.PathLike) -> HardwareProfile:
             f for f, _ in probe_files.values())),
         description="One NVIDIA H200 on PCIe 5 (about 55 GB/s pinned host-to-device), measured.",
         citation=f"Measured on the project's H200 machine on 2026-11-28 (torch {measured['torch']}): "
-                 f"../shared/hardware/{main_file} and the resident-loop probes beside it.",
+                 f"prescope/assets/data/hardware/{main_file} and the resident-loop probes beside it.",
         host_overhead_per_layer_s=0.0, predict_overhead_s=0.0, plan_overhead_s=0.0,
         notes=("GPU dense/attention model: not measured on this machine; it reuses the expert fit "
                "(launch floor, achieved HBM bandwidth and FLOP rate). `prescope calibrate` measures it.",
@@ -339,6 +364,8 @@ def build_builtin_profiles(hardware_dir: str | os.PathLike, out_dir: str | os.Pa
 
 
 def _shape_dims(shape: str | tuple[int, int]) -> tuple[int, int]:
+    from prescope.models import twins
+
     if isinstance(shape, str):
         size = twins.twin_sizes(shape)
         return size["hidden_size"], size["expert_intermediate_size"]
@@ -364,6 +391,10 @@ def calibrate(device: str = "cuda", sizes_mb: tuple[int, ...] = (1, 4, 16, 64, 2
     Without CUDA, or with `cpu_only`, only the CPU expert models are measured and the link, GPU and
     host-overhead parts are copied from the `base` profile (noted in the profile).
     """
+    import torch
+
+    from prescope.models import twins
+
     has_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
     if not cpu_only and not has_cuda:
         raise CalibrationError(
@@ -471,7 +502,7 @@ def summary_table(profile: HardwareProfile) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.from_measurements:
-        measured = json.loads(Path(args.from_measurements).read_text())
+        measured = json.loads(read_text(args.from_measurements))
         try:
             profile = _fit(measured, "h2d" not in measured, load_profile(args.base), args.name)
         except KeyError as exc:

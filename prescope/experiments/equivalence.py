@@ -15,24 +15,32 @@ import argparse
 import copy
 import json
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from prescope.config import EngineConfig
-from prescope.engine.engine import Engine
-from prescope.experiments.subjects import build_subject
 from prescope.files import git_revision, write_atomic
-from prescope.models import adapter
 from prescope.policies import POLICIES
+from prescope.timeline import host_device
+
+if TYPE_CHECKING:  # torch and the models load where the check runs, so `--help` starts fast
+    import torch
 
 
 def _generate(model, ids, new_tokens):
+    import torch
+
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                           do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
 
 
 def check_model(spec: str, device: torch.device, batch: int = 2, prompt_len: int = 16, new_tokens: int = 12,
                 seed: int = 0) -> list[dict]:
+    import torch
+
+    from prescope.engine.engine import Engine
+    from prescope.experiments.subjects import build_subject
+    from prescope.models import adapter
+
     stock = build_subject(spec, device, seed)
     layout = adapter.describe(stock)
     ids = torch.randint(1, stock.config.vocab_size, (batch, prompt_len),
@@ -63,19 +71,29 @@ def check_model(spec: str, device: torch.device, batch: int = 2, prompt_len: int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=["prescope-tiny", "olmoe-1b-7b:4", "qwen3-30b-a3b:4"])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", default="reports/equivalence.json")
+    parser.add_argument("--models", nargs="+", default=["prescope-tiny", "olmoe-1b-7b:4", "qwen3-30b-a3b:4"],
+                        help="models to check: prescope-tiny or shape twins, each optionally NAME:LAYERS "
+                             "(default: %(default)s)")
+    parser.add_argument("--device", default="cuda",
+                        help="torch device the engine and the stock model run on (cuda, cuda:N or cpu; "
+                             "default: %(default)s)")
+    parser.add_argument("--out", default="reports/equivalence.json",
+                        help="JSON file for every (model, policy, budget) row (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from prescope.experiments.bench import require_device
+
+    require_device(args.device)
     device = torch.device(args.device)
     rows = []
     for spec in args.models:
         rows += check_model(spec, device)
         for r in rows[-6:]:
             print(r, flush=True)
-    result = {"source": "measured", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    result = {"source": "measured", "device": host_device(device),
               "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(), "torch": torch.__version__,
               "rows": rows}
     write_atomic(args.out, json.dumps(result, indent=1))

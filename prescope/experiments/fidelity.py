@@ -18,14 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from prescope.experiments.bench import RESIDENT
-from prescope.experiments.subjects import parse_model, routing_source
 from prescope.files import write_atomic
 from prescope.hardware.profiles import load_profile
 from prescope.layout import ModelLayout
-from prescope.models import adapter, twins
 from prescope.policies import parse_policy
 from prescope.routing.trace import Trace
 from prescope.sim.simulator import replay
@@ -34,15 +31,11 @@ TOLERANCE = 0.15
 
 
 def twin_layout(name: str, num_layers: int | None) -> tuple[ModelLayout, int]:
-    """The layout and non-expert parameters per MoE layer of a twin, without allocating its weights."""
-    from transformers import AutoModelForCausalLM
+    """The layout and non-expert parameters per MoE layer of a twin, without allocating its weights
+    (`twins.twin_layout`; imported when called, so this module loads without torch)."""
+    from prescope.models.twins import twin_layout as layout_of
 
-    cfg = twins.twin_config(name, num_layers)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    sizes = twins.config_layer_sizes(cfg)
-    dense = int(sizes.loc[sizes["kind"] == "moe", "non_expert"].max())
-    return adapter.describe(model), dense
+    return layout_of(name, num_layers)
 
 
 def routing_trace(route: np.ndarray, layout: ModelLayout, first_position: int) -> Trace:
@@ -57,6 +50,9 @@ def routing_trace(route: np.ndarray, layout: ModelLayout, first_position: int) -
 
 
 def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.DataFrame:
+    from prescope.experiments.subjects import parse_model, routing_source
+    from prescope.models import twins
+
     rows, layouts = [], {}
     for spec in bench["config"]["models"]:
         name, layers = parse_model(spec)

@@ -1,7 +1,7 @@
 """`prescope tiny-card`: the routing section of prescope-tiny's model card, measured, never typed in.
 
 Records routing traces of the trained model and of its random-initialised twin (same config, same
-held-out prompts) on the CPU, and sets their statistics beside the real traces' (`../shared/data/routing`:
+held-out prompts) on the CPU, and sets their statistics beside the real traces' (`prescope/assets/data/routing`:
 Qwen3-30B-A3B and gpt-oss-120b, llama.cpp) and OLMoE-1B-7B's published per-domain aggregates: lag-1
 decode reuse against the random baseline K/E, per-layer load skew, adjacent-layer NMI and top-1 gate
 weight. Writes the numbers into `model_card.json` (key `routing_statistics`) and a table into the card's
@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
 
+from prescope.data import shipped
 from prescope.files import git_revision, write_atomic
-from prescope.models.corpus import CorpusSpec, default_corpus_dir
+from prescope.models.corpus import CorpusSpec
 from prescope.models.tiny import CARD_ROUTING_KEY, TINY_DIR, TinyConfig, build_model, load_tiny
 from prescope.routing import stats as rs
 from prescope.routing.llamacpp import load_llamacpp_trace
@@ -44,6 +44,8 @@ def trace_statistics(trace: Trace) -> dict:
 
 def card_statistics(data_dir: Path, prompts_per_domain: int = 4, prompt_tokens: int = 64,
                     max_new_tokens: int = 32) -> dict:
+    import torch
+
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a small shared machine
     model, tokenizer = load_tiny()
     card = json.loads((TINY_DIR / "model_card.json").read_text())
@@ -79,7 +81,7 @@ def write_card(stats: dict, model_dir: Path = TINY_DIR) -> None:
     table = pd.DataFrame(stats["traces"]).T.round(3)
     text = (f"{README_MARK}\n\nMeasured by `prescope tiny-card` (git {stats['git_revision'][:12]}) on "
             f"{stats['prompts']} held-out prompts ({stats['prompt_tokens']} tokens, {stats['max_new_tokens']} "
-            "generated, greedy), beside the real traces in `../shared/data/routing/`. lag1_reuse: share of a "
+            "generated, greedy), beside the real traces in `prescope/assets/data/routing/`. lag1_reuse: share of a "
             "decode token's experts that the previous token also used (same layer); random_reuse = K/E; "
             "load_entropy_norm: normalised entropy of expert selection counts per layer (1 = uniform); "
             "nmi_next_layer: mutual information between adjacent layers' choices (shuffled: the small-sample "
@@ -93,9 +95,11 @@ def write_card(stats: dict, model_dir: Path = TINY_DIR) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default=str(Path(default_corpus_dir()).parent),
-                        help="the shared data folder holding corpus/ and routing/")
-    parser.add_argument("--prompts-per-domain", type=int, default=4)
+    parser.add_argument("--data-dir", default=str(shipped()),
+                        help="data folder holding corpus/ and routing/ (files plain or .xz; default: the copy "
+                             "shipped in prescope/assets/data)")
+    parser.add_argument("--prompts-per-domain", type=int, default=4,
+                        help="held-out prompts of each corpus domain recorded (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

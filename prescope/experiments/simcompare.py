@@ -32,7 +32,6 @@ import pandas as pd
 
 from prescope.experiments.bench import ALL_POLICIES, RESIDENT
 from prescope.experiments.fidelity import TOLERANCE
-from prescope.experiments.subjects import GATE_POLICIES
 from prescope.files import portable_values, source_revision, write_atomic
 from prescope.hardware.profiles import HardwareProfile, ProfileError, load_profile
 from prescope.policies import POLICIES, make_policy
@@ -159,6 +158,8 @@ def prompt_subset(trace: Trace, count: int) -> Trace:
 def policy_for(name: str, gate=None, llapor=None, lookahead: int = PRESCOPE_LOOKAHEAD) -> tuple[Policy, str]:
     """A fresh policy with the predictor the bench gives it (`subjects.Subject.policy`); (policy, predictor
     name). Without `gate`, the gate-lookahead policies predict from the routing they have seen."""
+    from prescope.experiments.subjects import GATE_POLICIES  # torch: imported when a comparison runs
+
     if name in GATE_POLICIES:
         return make_policy(name, predictor=gate), "gate_lookahead" if gate is not None else "previous step"
     if name == "prescope":
@@ -492,25 +493,36 @@ revision. error = simulated / measured median step − 1; {within:.0%} of {len(c
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CompareConfig()
-    parser.add_argument("--trace", default=d.trace, help="routing trace with hidden states (.parquet)")
-    parser.add_argument("--twin", default=d.twin, help="shape twin whose layout times the trace ('' = its own)")
-    parser.add_argument("--twin-layers", type=int, default=None)
-    parser.add_argument("--profiles", nargs="+", default=list(d.profiles), help="profile names or JSON paths")
-    parser.add_argument("--policies", nargs="+", default=list(d.policies))
-    parser.add_argument("--budgets", nargs="+", type=float, default=list(d.budgets))
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(d.batch_sizes))
+    parser.add_argument("--trace", default=d.trace, help="routing trace with hidden states (.parquet) "
+                                                         "(default: %(default)s)")
+    parser.add_argument("--twin", default=d.twin, help="shape twin whose layout times the trace ('' = its own) "
+                                                       "(default: %(default)s)")
+    parser.add_argument("--twin-layers", type=int, default=None, help="the twin's layer count (default: all)")
+    parser.add_argument("--profiles", nargs="+", default=list(d.profiles), help="profile names or JSON paths "
+                                                                                "(default: %(default)s)")
+    parser.add_argument("--policies", nargs="+", default=list(d.policies),
+                        help="policies to compare (default: %(default)s)")
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(d.budgets),
+                        help="GPU expert budgets, as shares of all L·E experts (default: %(default)s)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(d.batch_sizes),
+                        help="batch sizes, in prompts decoded together (default: %(default)s)")
     parser.add_argument("--prompts", type=int, default=d.prompts, help="evenly spaced prompts replayed (0: all)")
     parser.add_argument("--max-steps", type=int, default=None, help="forward calls per replay (default: all)")
     parser.add_argument("--predictor", default=d.predictor,
                         help="LLaPor checkpoint for prescope ('' = gate lookahead)")
-    parser.add_argument("--routers", default=d.routers, choices=ROUTERS)
-    parser.add_argument("--lookahead", type=int, default=d.lookahead)
-    parser.add_argument("--threads", type=int, default=d.threads)
+    parser.add_argument("--routers", default=d.routers, choices=ROUTERS,
+                        help="routers the gate lookahead applies: prescope-tiny's own, or least squares fitted to "
+                             "the trace (default: %(default)s)")
+    parser.add_argument("--lookahead", type=int, default=d.lookahead,
+                        help="layers prescope predicts and prefetches ahead (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=d.threads,
+                        help="torch intra-op threads (tiny matrices: one avoids spin-waits) (default: %(default)s)")
     parser.add_argument("--host-of", default=d.host_of,
                         help="also time each published profile with this profile's host side ('' = no)")
     parser.add_argument("--measured", default=d.measured,
                         help="bench JSON of the same twin to set beside the simulated cells ('' = none)")
-    parser.add_argument("--out", default=d.out)
+    parser.add_argument("--out", default=d.out, help="folder for comparison.json, the CSV and its README "
+                                                     "(default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

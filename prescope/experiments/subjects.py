@@ -51,17 +51,24 @@ def build_subject(spec: str, device: torch.device, seed: int):
     return twins.build_twin(name, num_layers=layers, device=device, seed=seed)
 
 
-def generate(model, batch: int, input_len: int, new_tokens: int, seed: int, prompts: np.ndarray | None = None,
-              device: torch.device | None = None):
-    """Greedy generate of exactly `new_tokens` tokens from `batch` prompts of `input_len` tokens: rows of
-    `prompts` where given (cycled), else random ids (seeded)."""
+def prompt_ids(model, batch: int, input_len: int, seed: int, prompts: np.ndarray | None = None,
+               device: torch.device | None = None) -> torch.Tensor:
+    """[batch, input_len] ids on the model's device: rows of `prompts` where given (cycled), else random ids
+    (seeded)."""
     if prompts is not None:
         rows = np.resize(np.arange(len(prompts)), batch)
         ids = torch.from_numpy(np.ascontiguousarray(prompts[rows, :input_len])).long()
     else:
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(1, model.config.vocab_size, (batch, input_len), generator=gen)
-    ids = ids.to(device or model.device)
+    return ids.to(device or model.device)
+
+
+def generate(model, batch: int, input_len: int, new_tokens: int, seed: int, prompts: np.ndarray | None = None,
+              device: torch.device | None = None):
+    """Greedy generate of exactly `new_tokens` tokens from `batch` prompts of `input_len` tokens: rows of
+    `prompts` where given (cycled), else random ids (seeded)."""
+    ids = prompt_ids(model, batch, input_len, seed, prompts, device)
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
@@ -71,7 +78,7 @@ HELDOUT = "heldout"
 
 def heldout_prompts(input_len: int, per_domain: int = 13) -> np.ndarray:
     """[rows, input_len] token ids: windows of prescope-tiny's held-out text, `per_domain` from each domain
-    (needs the corpus, ../shared/data); save with np.save to carry them to a machine without it."""
+    (the corpus shipped with the package); save with np.save to carry them to a machine without prescope."""
     from prescope.models.corpus import default_corpus_dir
     from prescope.models.tiny import TinyConfig, load_tiny
     from prescope.predict.accuracy import corpus_prompts

@@ -205,6 +205,73 @@ def expert_forward(experts: nn.Module, x: torch.Tensor, params: dict[str, torch.
     return project(h, "down_proj")  # [N, H]
 
 
+def grouped_rows(experts: nn.Module, hidden: torch.Tensor, slot_index: torch.Tensor,
+                 slots: dict[str, torch.Tensor], kernel: str = "auto") -> torch.Tensor:
+    """Every routed (token, k) pair through its expert, as one grouped kernel per projection over a pool of S
+    expert slots: the unweighted outputs [N*K, H] in (token, k) order, zero where `slot_index` holds S.
+
+    `slot_index [N, K]` is the slot holding each pair's expert (S: computed elsewhere, e.g. on the CPU);
+    `slots` the pool's stacked tensors (`gate_up_proj [S, 2I, H]`, `down_proj [S, H, I]`, transposes and
+    biases as the experts class has them). Between the projections, the class's own gating. A fixed
+    sequence of kernels with no host synchronisation, so it can sit in a CUDA graph. `kernel`: "grouped_mm"
+    (transformers' grouped matrix product, with slots in place of experts: the CPU's, bit for bit the stock
+    backend's arithmetic), "triton" (`slotmm`, any number of slots: CUDA's, where grouped_mm stops at 1024
+    groups), "auto" (triton on CUDA, else grouped_mm).
+    """
+    if kernel == "auto":
+        kernel = "triton" if hidden.is_cuda else "grouped_mm"
+    if kernel == "triton":
+        return _slot_rows(experts, hidden, slot_index, slots)
+    from transformers.integrations.moe import _grouped_linear
+
+    num_slots, top_k = next(iter(slots.values())).shape[0], slot_index.shape[-1]
+    flat = slot_index.reshape(-1)  # [N*K]
+    sorted_slots, perm = torch.sort(flat)  # [N*K]
+    x = hidden[perm // top_k]  # [N*K, H]
+    # tokens per slot (histc, not bincount: no host sync, graph-safe); the sentinel falls past the last bin
+    count_input = sorted_slots.float() if hidden.device.type in ("cpu", "mps") else sorted_slots.int()
+    offsets = torch.cumsum(torch.histc(count_input, bins=num_slots, min=0, max=num_slots - 1), 0, dtype=torch.int32)
+    outside = (sorted_slots >= num_slots).unsqueeze(-1)  # [N*K, 1]
+    rows = sorted_slots.clamp(max=num_slots - 1)  # in range for the per-row bias gather
+    transposed, has_gate = getattr(experts, "is_transposed", False), getattr(experts, "has_gate", True)
+    up = "gate_up_proj" if has_gate else "up_proj"
+    bias = slots.get(f"{up}_bias")
+    h = _grouped_linear(x.masked_fill(outside, 0.0), slots[up], offsets,
+                        bias=None if bias is None else bias[rows], is_transposed=transposed)
+    h = h.masked_fill(outside, 0.0)  # rows past the last offset are left unwritten by the kernel
+    h = experts._apply_gate(h) if has_gate else experts.act_fn(h)  # [N*K, I]
+    bias = slots.get("down_proj_bias")
+    out = _grouped_linear(h, slots["down_proj"], offsets, bias=None if bias is None else bias[rows],
+                          is_transposed=transposed).masked_fill(outside, 0.0)  # [N*K, H], sorted by slot
+    unsorted = torch.empty_like(out)
+    unsorted[perm] = out
+    return unsorted
+
+
+def _slot_rows(experts: nn.Module, hidden: torch.Tensor, slot_index: torch.Tensor,
+               slots: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`grouped_rows` through `slotmm`: pairs padded into blocks of one slot each, one kernel per projection."""
+    from prescope.models import slotmm
+
+    num_slots, top_k = next(iter(slots.values())).shape[0], slot_index.shape[-1]
+    plan = slotmm.align(slot_index.reshape(-1), num_slots)
+    pair = plan.pair_of_row  # [Mp]
+    live = (pair >= 0) & (slotmm.row_slots(plan) >= 0)  # [Mp] rows some block computes
+    slot_of_row = slotmm.row_slots(plan).clamp(min=0)  # [Mp] for the bias gathers
+    transposed, has_gate = getattr(experts, "is_transposed", False), getattr(experts, "has_gate", True)
+    up = "gate_up_proj" if has_gate else "up_proj"
+    token = torch.where(pair >= 0, pair // top_k, -1)  # [Mp] the token each row reads
+    h = slotmm.slot_matmul(hidden, token, slots[up], plan, transposed)  # [Mp, 2I]
+    if f"{up}_bias" in slots:
+        h = h + slots[f"{up}_bias"][slot_of_row]
+    h = experts._apply_gate(h) if has_gate else experts.act_fn(h)  # [Mp, I]
+    rows = torch.where(live, torch.arange(len(pair), device=pair.device), -1)  # [Mp] each row reads itself
+    out = slotmm.slot_matmul(h.contiguous(), rows, slots["down_proj"], plan, transposed)  # [Mp, H]
+    if "down_proj_bias" in slots:
+        out = out + slots["down_proj_bias"][slot_of_row]
+    return out.masked_fill(~live.unsqueeze(-1), 0.0)[plan.row_of_pair]  # [N*K, H]
+
+
 def register_backend(fn: Callable) -> None:
     """Register `fn(experts, hidden [N, H], top_k_index [N, K], top_k_weights [N, K])` as the prescope backend."""
     from transformers.integrations.moe import ExpertsInterface
@@ -212,14 +279,9 @@ def register_backend(fn: Callable) -> None:
     ExpertsInterface.register(BACKEND_NAME, fn)
 
 
-def experts_implementation(model: nn.Module) -> str:
-    """The experts backend `model` runs (transformers' default is "grouped_mm"), as results record it."""
-    return str(model.config._experts_implementation)
-
-
 def set_backend(model: nn.Module, name: str) -> str:
     """Switch `model`'s experts implementation; returns the previous one."""
-    previous = experts_implementation(model)
+    previous = model.config._experts_implementation
     model.set_experts_implementation(name)
     return previous
 

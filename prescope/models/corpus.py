@@ -1,10 +1,11 @@
 """Training text for prescope-tiny: five domains, deduplicated, with a deterministic held-out split.
 
-Four domains come from the shared corpus (`../shared/data/corpus/*.txt`: arxiv, c4,
-github_oss_with_stack, wikipedia; samples from allenai/OLMoE's routing texts). A fifth, `stdlib`, is
-text every machine has: a fixed-budget sample of the Python standard library's source.
+Four domains come from the corpus that ships with prescope (`prescope/assets/data/corpus/*.txt.xz`:
+arxiv, c4, github_oss_with_stack, wikipedia; samples from allenai/OLMoE's routing texts, see that folder's
+README); a folder of the same plain `.txt` files works in its place. A fifth, `stdlib`, is text every
+machine has: a fixed-budget sample of the Python standard library's source.
 
-What the shared files look like (read off the files, not assumed): they carry no document
+What the corpus files look like (read off the files, not assumed): they carry no document
 separator; documents are joined by a single newline, so the newline is the only boundary that can
 be recovered. Each file also repeats itself: its last 45-48% is a verbatim copy of its beginning
 (file = A + A[:m]). A split by position would therefore leak held-out text into training. So each
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prescope import data
+
 SHARED_DOMAINS: tuple[str, ...] = ("arxiv", "c4", "github_oss_with_stack", "wikipedia")
 STDLIB_DOMAIN = "stdlib"
 DOMAINS: tuple[str, ...] = (*SHARED_DOMAINS, STDLIB_DOMAIN)
@@ -56,8 +59,8 @@ class CorpusError(ValueError):
 
 
 def default_corpus_dir() -> Path:
-    """The shared corpus as seen from the repository root: `../shared/data/corpus` from the cwd."""
-    return Path.cwd().parent / "shared" / "data" / "corpus"
+    """The corpus shipped with the package (`prescope/assets/data/corpus`)."""
+    return data.shipped("corpus")
 
 
 @dataclass(frozen=True)
@@ -95,14 +98,15 @@ class DomainSplit:
 
 
 def check_corpus_dir(corpus_dir: Path) -> None:
-    """Raise CorpusError naming the path and the files expected when the corpus is missing or empty."""
+    """Raise CorpusError naming the path and the files expected when the corpus is missing or empty.
+    Each domain file may be plain (`arxiv.txt`) or xz-compressed (`arxiv.txt.xz`)."""
     expected = ", ".join(f"{d}.txt" for d in SHARED_DOMAINS)
     if not corpus_dir.is_dir():
         raise CorpusError(f"corpus directory {corpus_dir} does not exist; expected a folder holding {expected}")
-    missing = [d for d in SHARED_DOMAINS if not (corpus_dir / f"{d}.txt").is_file()]
+    missing = [d for d in SHARED_DOMAINS if not data.exists(corpus_dir / f"{d}.txt")]
     if missing:
         raise CorpusError(f"corpus directory {corpus_dir} lacks {', '.join(f'{d}.txt' for d in missing)}")
-    empty = [d for d in SHARED_DOMAINS if (corpus_dir / f"{d}.txt").stat().st_size == 0]
+    empty = [d for d in SHARED_DOMAINS if data.is_empty(corpus_dir / f"{d}.txt")]
     if empty:
         raise CorpusError(f"corpus files are empty in {corpus_dir}: {', '.join(f'{d}.txt' for d in empty)}")
 
@@ -152,10 +156,10 @@ def split_documents(docs: list[str], heldout_fraction: float) -> tuple[tuple[str
 
 
 def shared_documents(corpus_dir: Path, domain: str, doc_chars: int) -> list[str]:
-    """One shared-corpus domain as deduplicated passages, in file order."""
+    """One corpus domain (`corpus_dir`/DOMAIN.txt, or .txt.xz) as deduplicated passages, in file order."""
     if domain not in SHARED_DOMAINS:
         raise CorpusError(f"unknown shared domain {domain!r}; expected one of {SHARED_DOMAINS}")
-    text = (corpus_dir / f"{domain}.txt").read_text(encoding="utf-8")
+    text = data.read_text(corpus_dir / f"{domain}.txt")
     return group_documents(dedup_lines(text.split("\n")), doc_chars)
 
 

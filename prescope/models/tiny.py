@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from prescope.files import portable_path
 from prescope.models import corpus
@@ -43,6 +42,7 @@ from prescope.models.corpus import (
 )
 from prescope.models.tinytrain import (
     AUTOCAST_EXPERTS,
+    TINY_FIELD_HELP,
     TinyConfig,
     TinyConfigError,
     TrainResult,
@@ -67,6 +67,7 @@ CARD_ROUTING_KEY = "routing_statistics"
 
 def build_model(config: TinyConfig, seed: int | None = None):
     """A randomly initialised `OlmoeForCausalLM` of this config (fp32, CPU); same seed, same weights."""
+    import torch
     from transformers import GenerationConfig, OlmoeForCausalLM
 
     torch.manual_seed(config.seed if seed is None else seed)
@@ -87,6 +88,8 @@ def count_parameters(model) -> dict[str, int]:
 
 def save_tiny(model, tokenizer, out_dir: Path, card: dict) -> Path:
     """Write bf16 safetensors, config, generation config, tokenizer, model_card.json and README.md."""
+    import torch
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # A bf16 copy on the CPU: casting the model itself would destroy its fp32 master weights.
@@ -111,7 +114,7 @@ def render_card(card: dict) -> str:
         "# prescope-tiny", "",
         "The prescope project's own small Mixture-of-Experts language model: OLMoE-1B-7B's routing topology "
         f"({arch['num_layers']} MoE layers, {arch['num_experts']} experts, top-{arch['top_k']}) at a tiny width, "
-        "trained on the shared corpus plus Python standard-library source so its routing is learned, not random. "
+        "trained on the corpus shipped with prescope plus Python standard-library source so its routing is learned, not random. "
         "Loads with `transformers.AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.", "",
         "## Architecture", "",
         "| field | value |", "|---|---|",
@@ -135,7 +138,7 @@ def render_card(card: dict) -> str:
               "To be added by the project lead (key `routing_statistics` in `model_card.json`).", "",
               "## Reproduce", "", "```bash", card["command"], "```", "",
               "Corpus: allenai/OLMoE routing texts (Apache-2.0; arxiv, c4, github, wikipedia samples) from "
-              "`../shared/data/corpus`, plus the Python standard library of the preparing interpreter "
+              "`prescope/assets/data/corpus` (shipped with the package), plus the Python standard library of the preparing interpreter "
               f"(Python {card['python']}).", ""]
     return "\n".join(lines)
 
@@ -150,10 +153,13 @@ def heldout_table(rows: list[dict]) -> list[str]:
     return [head, rule, *body]
 
 
-def load_tiny(dir: Path | str | None = None, dtype: torch.dtype = torch.float32):  # noqa: A002 - contract name
-    """(model, tokenizer) of the committed prescope-tiny (or the one in `dir`), eval mode, on the CPU."""
+def load_tiny(dir: Path | str | None = None, dtype=None):  # noqa: A002 - contract name
+    """(model, tokenizer) of the committed prescope-tiny (or the one in `dir`), eval mode, on the CPU, in `dtype`
+    (a torch dtype; None = float32)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = torch.float32 if dtype is None else dtype
     path = Path(dir) if dir is not None else TINY_DIR
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no prescope-tiny model in {path} (config.json missing)")
@@ -167,7 +173,8 @@ def load_tiny(dir: Path | str | None = None, dtype: torch.dtype = torch.float32)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `prescope train-tiny`: one per TinyConfig field (--hidden-size ...), plus paths."""
     parser.add_argument("--out", type=Path, required=True, help="output folder (model, or prepared data)")
-    parser.add_argument("--corpus-dir", type=Path, default=None, help="shared corpus (default ../shared/data/corpus)")
+    parser.add_argument("--corpus-dir", type=Path, default=None,
+                        help="folder of the corpus files, plain or .xz (default: the copy shipped in the package)")
     parser.add_argument("--data", type=Path, default=None, help="train from this --prepare-only folder")
     parser.add_argument("--prepare-only", action="store_true", help="write tokenizer and token ids, then stop")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -179,12 +186,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts-implementation", default=AUTOCAST_EXPERTS,
                         help="experts backend while training (eager = slow fallback)")
     for field in dataclasses.fields(TinyConfig):
-        flag = "--" + field.name.replace("_", "-")
+        flag, explained = "--" + field.name.replace("_", "-"), TINY_FIELD_HELP[field.name] + " (default: %(default)s)"
         if field.type in ("bool", bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=field.default)
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=field.default,
+                                help=explained)
         else:
             kind = {"int": int, "float": float}[str(field.type)]
-            parser.add_argument(flag, type=kind, default=field.default, help=f"default {field.default}")
+            parser.add_argument(flag, type=kind, default=field.default, help=explained)
 
 
 def config_from_args(args: argparse.Namespace) -> TinyConfig:
@@ -193,6 +201,8 @@ def config_from_args(args: argparse.Namespace) -> TinyConfig:
 
 def run(args: argparse.Namespace) -> int:
     """The whole recipe: prepare (or load prepared data) → train → evaluate against the random twin → save."""
+    import torch
+
     config = config_from_args(args)
     if args.prepare_only:
         record = prepare_data(config, args.corpus_dir, args.out)
@@ -241,6 +251,8 @@ def prepare_data(config: TinyConfig, corpus_dir: Path | None, out_dir: Path) -> 
 def make_card(model, config: TinyConfig, result: TrainResult, table: pd.DataFrame, continuations: list[dict],
               record: dict, device: str, valid_every: int) -> dict:
     """The model_card.json record (README.md is rendered from it)."""
+    import torch
+
     hardware = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
     defaults = TinyConfig()
     overrides = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)

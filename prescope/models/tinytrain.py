@@ -22,14 +22,17 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from prescope.models import corpus
 from prescope.models.corpus import EOS_ID, PAD_ID, encode_documents
+
+if TYPE_CHECKING:  # torch loads where a model trains or runs, so `prescope train-tiny --help` starts fast
+    import torch
 
 
 class TinyConfigError(ValueError):
@@ -38,7 +41,8 @@ class TinyConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TinyConfig:
-    """Model shape, tokenizer, corpus split and training hyper-parameters of prescope-tiny."""
+    """Model shape, tokenizer, corpus split and training hyper-parameters of prescope-tiny (each field's
+    meaning in TINY_FIELD_HELP, which `prescope train-tiny --help` shows)."""
 
     vocab_size: int = 8192
     hidden_size: int = 128
@@ -102,6 +106,32 @@ class TinyConfig:
 
 
 
+TINY_FIELD_HELP = {
+    "vocab_size": "byte-level BPE vocabulary trained on the training split",
+    "hidden_size": "H: model width",
+    "intermediate_size": "I: each expert's width",
+    "num_layers": "L: decoder layers, each a MoE layer",
+    "num_heads": "attention heads (H must divide by it)",
+    "num_experts": "E: routed experts per layer",
+    "top_k": "K: experts each token is routed to",
+    "max_position": "longest sequence the model accepts",
+    "tie_embeddings": "share the input embedding with the output head (true/false)",
+    "router_aux_loss_coef": "weight of the load-balancing auxiliary loss",
+    "heldout_fraction": "share of each domain's documents held out for evaluation",
+    "doc_chars": "characters per document when the corpus lines are grouped",
+    "stdlib_bytes": "bytes of Python standard-library source in the stdlib domain",
+    "seq_len": "tokens per training window",
+    "batch_size": "windows per training step",
+    "steps": "training steps (the cosine schedule's length)",
+    "lr": "peak AdamW learning rate",
+    "min_lr_ratio": "floor of the cosine schedule, as a share of lr",
+    "warmup_steps": "steps of linear warm-up",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "grad_clip": "gradient-norm clip (0 = none)",
+    "seed": "seed of the weights and of the windows drawn",
+    "time_budget_s": "wall-clock budget in seconds that cuts the step count once, early (0 = none)",
+}
+
 # Name of the training-time experts backend registered below (never saved in a config).
 AUTOCAST_EXPERTS = "prescope_autocast_grouped_mm"
 
@@ -115,6 +145,7 @@ def _autocast_experts_forward(experts, hidden_states, top_k_index, top_k_weights
     torch's grouped_mm is not autocast-aware and runs bf16 only on CUDA; the model keeps fp32
     master weights, so under autocast the expert weights are cast (differentiably) per call.
     """
+    import torch
     from transformers.integrations.moe import grouped_mm_experts_forward
 
     device_type = hidden_states.device.type
@@ -131,6 +162,8 @@ class _CastView:
         self._module, self.dtype = module, dtype
 
     def __getattr__(self, name: str):
+        import torch
+
         value = getattr(self._module, name)
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 3:
             return value.to(self.dtype)
@@ -156,6 +189,8 @@ def lr_at(step: int, total: int, config: TinyConfig) -> float:
 
 def sample_batch(stream: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int) -> torch.Tensor:
     """Windows of seq_len tokens starting at uniform random offsets of the training stream."""
+    import torch
+
     if stream.size <= seq_len:
         raise ValueError(f"training stream has {stream.size} tokens, need more than seq_len={seq_len}")
     starts = rng.integers(0, stream.size - seq_len, size=batch_size)
@@ -193,6 +228,8 @@ def train(model, stream: np.ndarray, config: TinyConfig, device: str = "cpu", pr
     `experts_implementation` is the transformers experts backend used while training ("eager" is
     the slow, always-available fallback); the model is set back to "grouped_mm" afterwards.
     """
+    import torch
+
     use_autocast = device.startswith("cuda")
     _register_autocast_experts()
     model.set_experts_implementation(experts_implementation)
@@ -265,26 +302,28 @@ def train(model, stream: np.ndarray, config: TinyConfig, device: str = "cpu", pr
 # ---------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 def heldout_loss(model, ids: np.ndarray, seq_len: int, max_tokens: int, batch_size: int = 32) -> tuple[float, int]:
     """Mean next-token CE (nats) over non-overlapping windows of seq_len tokens from the first
     max_tokens ids; returns (loss, tokens predicted)."""
-    n_windows = min(ids.size, max_tokens) // seq_len
-    if n_windows == 0:
-        raise ValueError(f"need at least seq_len={seq_len} held-out tokens, got {min(ids.size, max_tokens)}")
-    windows = torch.from_numpy(ids[: n_windows * seq_len].astype(np.int64)).view(n_windows, seq_len)  # [W, T]
-    device = next(model.parameters()).device
-    use_autocast = device.type == "cuda"
-    total, count = 0.0, 0
-    for chunk in windows.split(batch_size):
-        chunk = chunk.to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            logits = model(input_ids=chunk).logits  # [b, T, V]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.size(-1)), chunk[:, 1:].reshape(-1), reduction="sum")
-        total += loss.item()
-        count += chunk[:, 1:].numel()
-    return total / count, count
+    import torch
+
+    with torch.no_grad():
+        n_windows = min(ids.size, max_tokens) // seq_len
+        if n_windows == 0:
+            raise ValueError(f"need at least seq_len={seq_len} held-out tokens, got {min(ids.size, max_tokens)}")
+        windows = torch.from_numpy(ids[: n_windows * seq_len].astype(np.int64)).view(n_windows, seq_len)  # [W, T]
+        device = next(model.parameters()).device
+        use_autocast = device.type == "cuda"
+        total, count = 0.0, 0
+        for chunk in windows.split(batch_size):
+            chunk = chunk.to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                logits = model(input_ids=chunk).logits  # [b, T, V]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)), chunk[:, 1:].reshape(-1), reduction="sum")
+            total += loss.item()
+            count += chunk[:, 1:].numel()
+        return total / count, count
 
 
 def evaluate_domains(model, tokenizer, heldout: Mapping[str, str | np.ndarray], seq_len: int = 256,
@@ -302,16 +341,18 @@ def evaluate_domains(model, tokenizer, heldout: Mapping[str, str | np.ndarray], 
     return pd.DataFrame(rows, columns=["domain", "tokens", "loss", "ppl"])
 
 
-@torch.no_grad()
 def greedy_continuations(model, tokenizer, heldout: Mapping[str, np.ndarray], domains: Iterable[str],
                          prompt_tokens: int = 24, new_tokens: int = 40) -> list[dict]:
     """Greedy continuation of the first `prompt_tokens` held-out tokens of each named domain."""
-    device = next(model.parameters()).device
-    out = []
-    for domain in domains:
-        prompt = torch.from_numpy(heldout[domain][:prompt_tokens].astype(np.int64))[None].to(device)  # [1, P]
-        gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=PAD_ID)
-        out.append({"domain": domain, "prompt": tokenizer.decode(prompt[0]),
-                    "continuation": tokenizer.decode(gen[0, prompt.size(1):])})
-    return out
+    import torch
+
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        out = []
+        for domain in domains:
+            prompt = torch.from_numpy(heldout[domain][:prompt_tokens].astype(np.int64))[None].to(device)  # [1, P]
+            gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=PAD_ID)
+            out.append({"domain": domain, "prompt": tokenizer.decode(prompt[0]),
+                        "continuation": tokenizer.decode(gen[0, prompt.size(1):])})
+        return out

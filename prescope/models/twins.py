@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from prescope.layout import ModelLayout
+
 
 class UnknownTwinError(ValueError):
     """The twin name is not one of `list_twins()`, or the requested layer count cannot hold it."""
@@ -238,6 +240,18 @@ def twin_sizes(name: str, num_layers: int | None = None, dtype: torch.dtype = to
     """Parameters and bytes of twin `name` (experts, non-expert, per expert, per layer), without
     allocating. Mixtral-8x7B: 3·4096·14336 = 176,160,768 parameters = 336 MiB per bf16 expert."""
     return {"name": name, **config_sizes(twin_config(name, num_layers), dtype)}
+
+
+def twin_layout(name: str, num_layers: int | None = None) -> tuple[ModelLayout, int]:
+    """Twin `name`'s layout (as the adapter reads it) and its non-expert parameters per MoE layer, from a
+    model built on the meta device: nothing is allocated. Times a trace with the twin's expert sizes."""
+    from prescope.models.adapter import describe
+
+    cfg = twin_config(name, num_layers)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    sizes = config_layer_sizes(cfg)
+    return describe(model), int(sizes.loc[sizes["kind"] == "moe", "non_expert"].max())
 
 
 def twin_layer_sizes(name: str, num_layers: int | None = None) -> pd.DataFrame:

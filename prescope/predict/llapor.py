@@ -23,6 +23,8 @@ is a candidate); seeds fixed per layer. Before that, a_d and b_d alone are calib
 (`calibrate_steps`), so gradient steps on the trunk start from the calibrated lookahead rather than first
 scrambling its ranking (measured: without it the first epochs lose 4-5 points of validation recall).
 
+The configuration (`LLaPorConfig`) and the command's options live in `llaporconfig`, which needs no torch.
+
 Letters: L MoE layers, E experts, K top-k, N tokens, H hidden, P PCA components, D lookahead distance.
 """
 
@@ -33,7 +35,7 @@ import copy
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,70 +47,12 @@ from tqdm.auto import tqdm
 
 from prescope.files import write_atomic_with
 from prescope.layout import ModelLayout
-from prescope.predict.predictors import LinearRouters, Predictor, PredictorError, check_target, multi_hot
+from prescope.predict.llaporconfig import GROUPS, LLaPorConfig, LLaPorError
+from prescope.predict.predictors import LinearRouters, Predictor, check_target, multi_hot
 from prescope.routing import stats as routing_stats
 from prescope.routing.trace import Trace, load_trace
 
 FORMAT, FORMAT_VERSION = "prescope.predict.llapor", 1
-GROUPS = ("near_input", "middle", "near_output")
-MONITORS = ("recall", "loss")
-
-
-class LLaPorError(PredictorError):
-    """A LLaPor setting, training trace or checkpoint is unusable; the message says what was expected."""
-
-
-@dataclass(frozen=True)
-class LLaPorConfig:
-    """How LLaPor is built and trained (`prescope train-predictor` takes one option per field).
-
-    distance: D, layers predicted ahead; pca_dim: P; use_routing / use_lookahead: extra inputs (above);
-    width, edge_depth: trunk width and Linear→GELU→Dropout blocks at the edges; group_boundaries:
-    (first middle layer, first near-output layer), None = derived with at least min_group_layers each;
-    monitor: early-stopping criterion on the validation split ("recall" or "loss").
-    """
-
-    distance: int = 4
-    pca_dim: int = 64
-    use_routing: bool = True
-    use_lookahead: bool = True
-    width: int = 256
-    edge_depth: int = 1
-    dropout: float = 0.1
-    group_boundaries: tuple[int, int] | None = None
-    min_group_layers: int = 2
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    batch_size: int = 256
-    max_epochs: int = 40
-    patience: int = 5
-    freq_power: float = 0.5
-    focal_gamma: float = 2.0
-    focal_weight: float = 1.0
-    valid_fraction: float = 0.15
-    calibrate_steps: int = 50
-    monitor: str = "recall"
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.group_boundaries is not None:
-            object.__setattr__(self, "group_boundaries", tuple(int(b) for b in self.group_boundaries))
-            if len(self.group_boundaries) != 2 or not 0 <= self.group_boundaries[0] <= self.group_boundaries[1]:
-                raise LLaPorError(f"group_boundaries must be (first middle, first near-output) with 0 <= a <= b, "
-                                  f"got {self.group_boundaries}")
-        for name in ("distance", "pca_dim", "width", "edge_depth", "batch_size", "max_epochs", "min_group_layers"):
-            if getattr(self, name) < 1:
-                raise LLaPorError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "freq_power", "focal_gamma", "focal_weight", "patience", "calibrate_steps"):
-            if getattr(self, name) < 0:
-                raise LLaPorError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LLaPorError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 < self.valid_fraction < 1.0:
-            raise LLaPorError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
-        if self.monitor not in MONITORS:
-            raise LLaPorError(f"monitor must be one of {MONITORS}, got {self.monitor!r}")
 
 
 # ---------------------------------------------------------------------------------------------- layer groups
@@ -445,9 +389,11 @@ def _train_net(net: LayerNet, train, valid, pos_weight, config: LLaPorConfig, k:
             "best_valid_recall": max([rec0] + [c["valid_recall"] for c in curve])}
 
 
-def train_llapor(trace: Trace, config: LLaPorConfig = LLaPorConfig(), *, routers: LinearRouters | None = None,
+def train_llapor(trace: Trace, config: LLaPorConfig | None = None, *, routers: LinearRouters | None = None,
                  progress: bool = True) -> LLaPor:
-    """Train LLaPor on `trace` (needs hidden states; router logits too unless `routers` are given)."""
+    """Train LLaPor on `trace` (needs hidden states; router logits too unless `routers` are given) with
+    `config` (None = the defaults)."""
+    config = LLaPorConfig() if config is None else config
     if trace.hidden is None:
         raise LLaPorError("LLaPor needs a trace with hidden states (record_trace(..., keep_hidden=True)); "
                           "imported llama.cpp traces have none")
@@ -492,22 +438,6 @@ def train_llapor(trace: Trace, config: LLaPorConfig = LLaPorConfig(), *, routers
 
 
 # ---------------------------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--trace, --out, --model, then one option per LLaPorConfig field (--pca-dim or --pca_dim)."""
-    parser.add_argument("--trace", type=Path, required=True, help="routing trace with hidden states (parquet)")
-    parser.add_argument("--out", type=Path, required=True, help="checkpoint path to write")
-    parser.add_argument("--model", default="", help="model directory to take the routers from (default: fit them)")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    for f in fields(LLaPorConfig):
-        flags = sorted({"--" + f.name.replace("_", "-"), "--" + f.name})
-        if f.name == "group_boundaries":
-            parser.add_argument(*flags, dest=f.name, default="", help="'A,B' (first middle, first near-output); '' = derive")
-        elif isinstance(f.default, bool):
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default, help=f"default: {f.default!r}")
 
 
 def run(args: argparse.Namespace) -> int:

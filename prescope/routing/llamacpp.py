@@ -1,6 +1,6 @@
 """Import llama.cpp route traces (`*.route.csv`, format `route_trace v1`) into a `Trace`.
 
-The format (../shared/data/README.md): a header of `#` lines, then a CSV.
+The format (prescope/assets/data/README.md; two real traces ship there): a header of `#` lines, then a CSV.
   # route_trace v1
   # model=<path> arch=<arch> n_layer=<int> n_expert=<int> n_expert_used=<int>
   # layer=<i> expert_bytes=<int> dense_bytes=<int>        (one line per layer, i = 0..n_layer-1)
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from prescope import data
 from prescope.layout import ModelLayout
 from prescope.routing.trace import MISSING, Trace
 
@@ -93,11 +94,12 @@ def _read_header(path: Path, lines: list[str]) -> tuple[dict, list[int], int]:
 
 
 def load_llamacpp_trace(path, domain: str = "") -> Trace:
-    """Read and validate a llama.cpp route trace; every malformed line gets a RouteCsvError with its number."""
+    """Read and validate a llama.cpp route trace (plain or .xz); every malformed line gets a RouteCsvError
+    with its number."""
     path = Path(path)
-    if not path.is_file():
+    if not data.exists(path):
         raise FileNotFoundError(f"route trace {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = data.read_text(path).splitlines()
     model, expert_bytes, col_line = _read_header(path, lines)
     n_layer, E, K = model["n_layer"], model["n_expert"], model["n_expert_used"]
     moe = [i for i, b in enumerate(expert_bytes) if b > 0]

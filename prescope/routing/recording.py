@@ -19,13 +19,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
-from prescope.models.adapter import describe, observe_routing
 from prescope.routing.trace import Trace, TraceError, save_trace
+
+if TYPE_CHECKING:  # torch and the adapter load where a model runs, so `prescope trace --help` starts fast
+    import torch
 
 
 def _prompt_ids(tokenizer, prompt, i: int) -> list[int]:
@@ -53,6 +55,10 @@ def _pad_and_eos(model, tokenizer) -> tuple[int, set[int]]:
 def _record_batch(model, batch: list[list[int]], max_new_tokens: int, pad_id: int, eos_ids: set[int],
                   keep_hidden: bool, keep_logits: bool) -> tuple[list[dict], torch.Tensor]:
     """Generate greedily for one left-padded batch; return per-step records of its real tokens and the output."""
+    import torch
+
+    from prescope.models.adapter import observe_routing
+
     B, P = len(batch), max(len(ids) for ids in batch)
     input_ids = torch.full((B, P), pad_id, dtype=torch.long)  # [B, P]
     mask = torch.zeros((B, P), dtype=torch.long)  # [B, P]
@@ -117,6 +123,8 @@ def record_trace(model, tokenizer, prompts: Sequence, *, max_new_tokens: int, ba
     """
     from tqdm.auto import tqdm
 
+    from prescope.models.adapter import describe
+
     if max_new_tokens < 1 or batch_size < 1:
         raise TraceError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
     if domains is not None and len(domains) != len(prompts):
@@ -162,7 +170,8 @@ class TraceConfig:
 
     model: local model directory ("" = the committed prescope-tiny); name: report stem ("" = the model
     folder's name); prompts_per_domain prompts of exactly prompt_tokens tokens from every corpus domain's
-    held-out documents; corpus_dir "" = ../shared/data/corpus; out_dir: where the files go.
+    held-out documents; corpus_dir "" = the corpus shipped with the package (prescope/assets/data/corpus);
+    out_dir: where the files go.
     """
 
     model: str = ""
@@ -199,20 +208,38 @@ def heldout_prompts(tokenizer, spec, prompts_per_domain: int, prompt_tokens: int
     return prompts, domains
 
 
+TRACE_HELP = {  # what each TraceConfig field does, for `prescope trace --help`
+    "model": "local model directory ('' = the committed prescope-tiny)",
+    "name": "stem of the files written ('' = the model folder's name)",
+    "prompts_per_domain": "held-out prompts taken from each corpus domain",
+    "prompt_tokens": "tokens of each prompt (held-out documents cut to this length)",
+    "max_new_tokens": "tokens generated greedily per prompt",
+    "batch_size": "prompts generated together",
+    "keep_hidden": "also store the hidden state entering each MoE layer (LLaPor trains on them)",
+    "keep_logits": "also store each router's logits over all experts",
+    "dtype": "torch dtype the model runs in",
+    "device": "torch device the model runs on",
+    "corpus_dir": "folder of the corpus files, plain or .xz ('' = the copy shipped in prescope/assets/data/corpus)",
+    "out_dir": "folder for NAME.trace.parquet and NAME.routing.csv",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per TraceConfig field, spelled --max-new-tokens or --max_new_tokens."""
     for f in TraceConfig.__dataclass_fields__.values():
         flags = sorted({"--" + f.name.replace("_", "-"), "--" + f.name})
         if isinstance(f.default, bool):
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=TRACE_HELP[f.name] + " (default: %(default)s)")
         else:
             parser.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default,
-                                help=f"default: {f.default!r}")
+                                help=TRACE_HELP[f.name] + " (default: %(default)r)")
 
 
 def run(args: argparse.Namespace) -> int:
     import time
 
+    import torch
     from transformers import AutoTokenizer
 
     from prescope.files import git_revision, portable_path, portable_values, write_atomic

@@ -41,6 +41,7 @@ class RoutingReplay:
     prompt_len: int
     hidden: torch.Tensor | None = None  # [B, T, L, H] router input of the recorded model
     _future: dict = field(default_factory=dict, init=False, repr=False)
+    _host_experts: torch.Tensor | None = field(default=None, init=False, repr=False)  # [B, T, L, K] on the CPU
 
     def __post_init__(self) -> None:
         if self.experts.dim() != 4 or self.experts.shape != self.weights.shape:
@@ -67,7 +68,21 @@ class RoutingReplay:
 
     def to(self, device: torch.device | str) -> RoutingReplay:
         hidden = None if self.hidden is None else self.hidden.to(device)
-        return RoutingReplay(self.experts.to(device), self.weights.to(device), self.prompt_len, hidden)
+        moved = RoutingReplay(self.experts.to(device), self.weights.to(device), self.prompt_len, hidden)
+        moved._host_experts = self.host_experts
+        return moved
+
+    @property
+    def host_experts(self) -> torch.Tensor:
+        """The experts [B, T, L, K] in host memory (kept, so reading them never waits for the device)."""
+        if self._host_experts is None:
+            self._host_experts = self.experts.cpu()
+        return self._host_experts
+
+    def host_counts(self, step: int, layer: int, num_experts: int) -> list[int]:
+        """Tokens per expert (E + 1 entries) of MoE layer `layer` in forward call `step`, from host memory."""
+        span = self.positions(step, self.shape[0] * (self.prompt_len if step == 0 else 1))
+        return torch.bincount(self.host_experts[:, span, layer].reshape(-1), minlength=num_experts + 1).tolist()
 
     def positions(self, step: int, num_tokens: int) -> slice:
         """The positions forward call `step` routes, checked against its token count."""

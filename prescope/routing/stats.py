@@ -6,7 +6,8 @@
 - cross-layer correlation: normalised mutual information of expert choices between two layers, against
   the same statistic with the tokens of one layer shuffled (finite-sample bias), and pair lift;
 - gate weights: how peaked the top-k weights are;
-- a comparison with the OLMoE/Mixtral routing aggregates of allenai/OLMoE (layers 0, 7, 15 per domain).
+- a comparison with the OLMoE/Mixtral routing aggregates of allenai/OLMoE (layers 0, 7, 15 per domain; the
+  file ships with prescope, `AGGREGATES`, and is the default of every function that reads it).
 
 All functions are pure; (token, layer) entries the source did not route (MISSING) are left out.
 Letters: T tokens, L MoE layers, E experts, K top-k.
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from prescope.data import exists, read_text, shipped
 from prescope.routing.trace import MISSING, Trace
 
 DEFAULT_LAGS = tuple(range(1, 9))
@@ -29,6 +31,7 @@ DEFAULT_LAGS = tuple(range(1, 9))
 AGGREGATE_NUM_LAYERS = {"olmoe-1b-7b": 16, "mixtral-8x7b-v0.1": 32}
 # Our corpus names its code domain after the OLMoE text file; the aggregates file uses the short name.
 AGGREGATE_DOMAIN_NAMES = {"github_oss_with_stack": "github"}
+AGGREGATES = shipped("routing", "olmoe-mixtral-routing-aggregates.json")
 PAIR_CHUNK = 8192  # token pairs compared at once in temporal_reuse: bounds memory at PAIR_CHUNK*L*K*K bools
 
 
@@ -225,18 +228,19 @@ def routing_summary(trace: Trace) -> pd.DataFrame:
     return skew.merge(reuse, on="layer").merge(gates, on="layer").merge(nmi, on="layer", how="left")
 
 
-def load_aggregates(path) -> dict:
-    """The aggregates JSON (see ../shared/data/README.md), with a clear error if it is not that file."""
+def load_aggregates(path: str | Path = AGGREGATES) -> dict:
+    """The aggregates JSON (plain or .xz; see prescope/assets/data/README.md), with a clear error if it is
+    not that file."""
     path = Path(path)
-    if not path.is_file():
+    if not exists(path):
         raise FileNotFoundError(f"routing aggregates file {path} does not exist")
-    data = json.loads(path.read_text())
+    data = json.loads(read_text(path))
     if not isinstance(data, dict) or "models" not in data or "layers_recorded" not in data:
         raise ValueError(f"{path} is not a routing aggregates file (expected keys 'models', 'layers_recorded')")
     return data
 
 
-def aggregate_skew(path, model: str = "olmoe-1b-7b") -> pd.DataFrame:
+def aggregate_skew(path: str | Path = AGGREGATES, model: str = "olmoe-1b-7b") -> pd.DataFrame:
     """Per (domain, recorded layer) of the reference model: tokens, entropy_norm, max_over_mean."""
     data = load_aggregates(path)
     if model not in data["models"]:
@@ -253,7 +257,7 @@ def aggregate_skew(path, model: str = "olmoe-1b-7b") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def compare_with_aggregates(trace: Trace, path, model: str = "olmoe-1b-7b") -> pd.DataFrame:
+def compare_with_aggregates(trace: Trace, path: str | Path = AGGREGATES, model: str = "olmoe-1b-7b") -> pd.DataFrame:
     """Load skew of the trace next to the reference model's at layers 0/7/15, per domain, as one long table.
 
     Trace layers are matched by relative depth: ordinal round(ref_layer / (ref_layers - 1) * (L - 1)) (the
@@ -275,7 +279,7 @@ def compare_with_aggregates(trace: Trace, path, model: str = "olmoe-1b-7b") -> p
                                                "entropy_norm", "max_over_mean"]]
 
 
-def aggregate_cross_layer(path, model: str = "olmoe-1b-7b") -> pd.DataFrame:
+def aggregate_cross_layer(path: str | Path = AGGREGATES, model: str = "olmoe-1b-7b") -> pd.DataFrame:
     """Per (domain, layer pair 0→7, 7→15) of the reference model: NMI of its rank-aligned pair counts
     (compare with `cross_layer(trace, layer_pairs, pairing="rank")`)."""
     data = load_aggregates(path)

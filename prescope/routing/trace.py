@@ -34,7 +34,6 @@ import pyarrow.parquet as pq
 
 from prescope.files import write_atomic_with
 from prescope.layout import LayoutMismatchError, ModelLayout
-from prescope.models.adapter import describe
 
 MISSING = -1  # expert id of a (token, layer) entry the source did not route
 FORMAT = "prescope.routing.trace"
@@ -225,6 +224,8 @@ def concat_traces(traces: Sequence[Trace]) -> Trace:
 
 def check_trace_matches(trace: Trace, model_or_layout) -> None:
     """Raise the adapter's LayoutMismatchError unless `trace` routes like the model (MoE layers, E, K, H)."""
+    from prescope.models.adapter import describe  # torch: only when a model is at hand
+
     layout = model_or_layout if isinstance(model_or_layout, ModelLayout) else describe(model_or_layout)
     try:
         layout.check_compatible(trace.layout, "trace")

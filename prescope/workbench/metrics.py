@@ -19,15 +19,13 @@ import datetime as dt
 import json
 import math
 import os
-import platform
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prescope.files import git_revision, write_atomic
-from prescope.timeline import SOURCES
+from prescope.timeline import SOURCES, measured_profile
 
 METRICS_PATH_ENV = "PRESCOPE_METRICS_PATH"
 METRICS_MIME = "application/json"
@@ -96,24 +94,16 @@ def _json_safe(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dict(config), default=str))
 
 
-def host_profile() -> str:
-    """A name for the machine at hand: its CUDA device if torch is loaded and sees one, else its CPU."""
-    torch = sys.modules.get("torch")  # never import torch just to name the host
-    if torch is not None and torch.cuda.is_available():
-        return f"host:{torch.cuda.get_device_name(0)}"
-    return f"host:{platform.machine() or 'cpu'}-{os.cpu_count()}cpu"
-
-
 def record_metrics(*, source: str, profile: str | None = None, config: Any = None,
                    **metrics: Scalar) -> None:
     """Record the notebook's metrics: display them as a marked JSON bundle and write them if asked.
 
     `source` is "measured" (numbers from running real code on this host) or "simulated" (from the cost
-    model on `profile`); `profile` defaults to `host_profile()`; `config` is the notebook's parameters
+    model on `profile`); `profile` defaults to `timeline.measured_profile()` (this host); `config` is the notebook's parameters
     (a mapping or a dataclass). Writes to `$PRESCOPE_METRICS_PATH` when that is set. Returns None, so
     a notebook's last line does not echo the record a second time.
     """
-    record = MetricsRecord(metrics=metrics, source=source, profile=profile or host_profile(),
+    record = MetricsRecord(metrics=metrics, source=source, profile=profile or measured_profile(),
                            config={} if config is None else config, git_revision=git_revision(),
                            recorded_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     target = os.environ.get(METRICS_PATH_ENV)

@@ -28,8 +28,9 @@ from prescope.workbench.steps import MS_PER_S, WorkbenchError
 CELL_KEYS = ("model", "policy", "budget", "batch")  # a bench cell; the timeline and routing files are keyed by it
 COMPARED = ("model", "policy", "budget", "batch", "decode_ms_median", "decode_tok_s", "loads_per_step",
             "policy_ms_per_layer", "vs_on_demand_lru", "vs_oracle", "vs_resident", "regime")
-REFERENCES = ("stock", "resident", "accelerate")  # reference rows of a bench run, not contending policies
-STOCK_EXPERTS = "grouped_mm"  # transformers' default experts implementation, what `bench` ran `stock` with
+REFERENCES = ("stock", "stock-eager", "resident", "accelerate")  # a bench run's reference rows, no contenders
+STOCK_ROWS = ("stock", "stock-eager")  # transformers' own model, all on the GPU (bench names the implementation)
+STOCK_EXPERTS = "grouped_mm"  # transformers' default experts implementation: what runs that predate the naming ran
 
 
 # ---- the H200 bench tables ---------------------------------------------------------------------------------
@@ -39,8 +40,9 @@ def h200_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     Bench: `bench.bench_table` of every bench-*.json (`run` = the file's stem), each model taken from the run
     holding most of its cells (`one_run_per_model`; attrs `left_out` says what was dropped), with an
-    `experts` column naming the experts implementation of the `stock` rows (recorded by bench since this
-    column existed, else transformers' default, STOCK_EXPERTS, which bench never changed). Fidelity: every
+    `experts` column naming the experts implementation of the stock rows (as bench records it now, its fastest
+    as `stock` and the eager loop as `stock-eager`; runs from before that ran transformers' default,
+    STOCK_EXPERTS). Fidelity: every
     fidelity-*.csv (measured_ms, simulated_ms per model, policy, budget, batch; `run` = the file's stem)."""
     from prescope.experiments.bench import bench_table
 
@@ -52,7 +54,7 @@ def h200_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     bench, left_out = one_run_per_model(pd.concat(tables, ignore_index=True))
     if "experts_implementation" not in bench:
         bench["experts_implementation"] = None
-    bench["experts"] = np.where(bench["policy"] == "stock",
+    bench["experts"] = np.where(bench["policy"].isin(STOCK_ROWS),
                                 bench["experts_implementation"].fillna(f"{STOCK_EXPERTS} (default)"), "")
     devices = sorted({t.attrs.get("profile", "") for t in tables})
     bench.attrs.update(source="measured", profile=", ".join(devices), left_out=left_out,
@@ -197,7 +199,7 @@ def measured_timeline(folder: str | Path, run: str, *, model: str, policy: str, 
         raise WorkbenchError(f"run {run!r} kept no timeline of {model} {policy}@{budget:g} b{batch}")
     meta = {"run": run, "git_revision": data.get("git_revision", "unknown"), **{k: cell[k] for k in CELL_KEYS}}
     return tl.make_timeline(rows.drop(columns=list(CELL_KEYS)).reset_index(drop=True), source="measured",
-                            profile=data.get("device", "?"), meta=meta)
+                            profile=tl.measured_profile(data.get("device", "?")), meta=meta)
 
 
 def simulated_cell(folder: str | Path, run: str, profile, *, model: str, policy: str, budget: float, batch: int,

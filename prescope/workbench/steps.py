@@ -3,7 +3,7 @@ and policy comparisons (simulated by trace replay, or measured through the engin
 
 Traces: `tiny_trace` returns the trace of prescope-tiny that `prescope trace` leaves in `reports/` when it
 exists, and otherwise records a small one on the spot (a few built-in prompts, greedy decoding on the CPU);
-`real_traces` loads the llama.cpp routing traces of real models from the shared data folder. Result tables
+`real_traces` loads the llama.cpp routing traces of real models (shipped with the package). Result tables
 carry `attrs` source ("measured" | "simulated") and profile, which `viz` requires of anything timed.
 
 Rates: tokens_per_s = tokens / seconds over the replayed (or measured) forward calls; latency_ms = the mean
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from prescope import timeline as tl
+from prescope.data import DATA_DIR, exists
 from prescope.hardware.profiles import HardwareProfile, load_profile, scale_profile
 from prescope.layout import ModelLayout
 from prescope.policies import POLICIES, make_policy
@@ -85,14 +86,15 @@ def tiny_trace(path: str | Path = "", *, num_prompts: int = 4, max_new_tokens: i
                         keep_hidden=keep_hidden, keep_logits=keep_logits, progress=progress)
 
 
-def real_traces(data_dir: str | Path) -> dict[str, Trace]:
-    """The llama.cpp routing traces of real models in `data_dir`/routing (REAL_TRACES), by model name."""
+def real_traces(data_dir: str | Path = DATA_DIR) -> dict[str, Trace]:
+    """The llama.cpp routing traces of real models in `data_dir`/routing (REAL_TRACES, plain or .xz), by model
+    name; the default `data_dir` is the data shipped with the package."""
     from prescope.routing.llamacpp import load_llamacpp_trace
 
     folder = Path(data_dir) / "routing"
-    missing = [f for f in REAL_TRACES.values() if not (folder / f).is_file()]
+    missing = [f for f in REAL_TRACES.values() if not exists(folder / f)]
     if missing:
-        raise FileNotFoundError(f"routing traces {missing} not found in {folder} (the shared data folder)")
+        raise FileNotFoundError(f"routing traces {missing} not found in {folder}")
     return {name: load_llamacpp_trace(folder / f) for name, f in REAL_TRACES.items()}
 
 

@@ -3,9 +3,9 @@
 Grid file, YAML or JSON:
 
     notebook: ../notebooks/03_presched.ipynb        # relative to the grid file (or --notebook)
-    parameters: {batch_size: [1, 4, 16], policy: [on_demand_lru, prescope]}   # Cartesian product
-    fixed: {num_steps: 8}                            # the same in every cell
-    resources: {num_gpus: 1}                         # optional: what each cell asks a scheduler for
+    parameters: {budget_share: [0.25, 0.5], profile: [h200, a100-pcie4]}   # Cartesian product
+    fixed: {max_steps: 8, batch_sizes: [1]}         # the same in every cell
+    resources: {num_cpus: 1}                         # optional: what each cell asks a scheduler for
 
 Every name must be a parameter of the notebook's `parameters` cell and every value must have its
 default's type; all of it is checked before any cell runs. The output folder holds

@@ -59,7 +59,7 @@ def test_offloaded_generate_equals_stock(arch, policy):
         for got, want in zip(out.logits, ref.logits, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         stats = engine.cache.stats
-        ran_on_cpu = any(row[0] == "cpu" for row in engine.rows)
+        ran_on_cpu = any(row[0] == "cpu" for row in engine.records.rows)
         assert stats.hits + stats.misses > 0 or ran_on_cpu, "no expert ran anywhere"
         if name == "all":
             assert stats.loads == 0, "everything resident must not load during generation"
@@ -110,7 +110,7 @@ class Watch:
             slot = cache.slot(key)
             assert cache.owner(slot) == key and cache.state(slot).value == "resident"
             for name, host in engine._host[key[0]].items():  # the copy is complete: slot holds the weights
-                assert torch.equal(engine._slots[name][slot], host[key[1]])
+                assert torch.equal(engine.slot_tensors[name][slot], host[key[1]])
             original_use(key, hit=hit)
 
         cache.use = use
@@ -128,7 +128,7 @@ def test_random_routings_keep_pool_invariants(data):
     watch = Watch(engine)
     layers = adapter.moe_layers(model)
     for step in range(data.draw(st.integers(1, 4), label="steps")):
-        engine.step = step
+        engine.records.step = step
         for lay in layers:
             n = data.draw(st.integers(1, 9), label="tokens")
             idx = torch.stack([torch.randperm(E)[:K] for _ in range(n)])  # [N, K]
@@ -141,7 +141,7 @@ def test_random_routings_keep_pool_invariants(data):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             assert len(engine.cache.present_keys()) <= slots
             assert not any(map(engine.cache.is_pinned, range(slots))), "pins must be released when the layer ends"
-    cpu_rows = [(r[1], r[2], r[3]) for r in engine.rows if r[0] == "cpu"]
+    cpu_rows = [(r[1], r[2], r[3]) for r in engine.records.rows if r[0] == "cpu"]
     assert len(cpu_rows) == len(set(cpu_rows)), "a CPU expert was computed twice in one layer step"
     assert watch
     engine.close()
@@ -251,7 +251,7 @@ def test_prefetches_no_layer_uses_are_cut_part_way_and_the_output_stays_stock():
         engine.io.close()
         engine.streams, engine.io = streams, IOWorker(streams, 256, 1)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
-        stopped = dict(engine.stopped)
+        stopped = dict(engine.records.stopped)
         streams.advance()
     assert stopped["part_way"] > 0
     assert torch.equal(out.sequences, ref.sequences)

@@ -1,7 +1,6 @@
 """Calibration: fitting synthetic measurements, the real CPU measurement path, the CLI."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +9,9 @@ from prescope import cli
 from prescope.experiments import calibrate
 from prescope.hardware import cost
 from prescope.hardware.profiles import ComputeModel, load_profile
+from prescope.models import twins
 
-HARDWARE = Path(__file__).resolve().parents[2].parent / "shared" / "hardware"
-H200_FILE = HARDWARE / "h200-measured-2026-11-28.json"
+H200_FILE = calibrate.HARDWARE_DIR / "h200-measured-2026-11-28.json"  # shipped with the package
 MIB, MS = 2**20, 1e-3
 GPU = ComputeModel(0.1e-3, 3000.0, 600.0)
 CPU_BF16 = ComputeModel(0.2e-3, 80.0, 4.0)
@@ -58,7 +57,7 @@ def test_expert_points_derive_bytes_and_flops_from_the_bf16_size():
 
 def test_host_overhead_from_probes_subtracts_the_modelled_gpu_work():
     p = load_profile("h200")
-    size = calibrate.twins.twin_sizes("mixtral-8x7b", 8)
+    size = twins.twin_sizes("mixtral-8x7b", 8)
     gpu = 2 * cost.gpu_expert_time(1, 4096, 14336, 2, p) + cost.dense_time(
         1, size["non_expert_params_per_moe_layer"], 2, p)
     got = calibrate.host_overhead_from_probes([{"twin": "mixtral-8x7b", "num_layers": 8, "step_s": 8 * 2e-3}], p)
@@ -94,7 +93,6 @@ def test_without_cuda_the_gpu_parts_are_refused_clearly():
         calibrate.calibrate("cuda", progress=False)
 
 
-@pytest.mark.skipif(not H200_FILE.exists(), reason="needs ../shared/hardware")
 def test_cli_fits_a_stored_measurement_file(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert cli.main(["calibrate", "--out", str(out), "--from-measurements", str(H200_FILE)]) == 0

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ from prescope.hardware.profiles import (
     scale_profile,
 )
 
-HARDWARE = Path(__file__).resolve().parents[2].parent / "shared" / "hardware"
 MIB = 2**20
 
 
@@ -108,11 +106,10 @@ def test_h200_curve_reproduces_every_measured_pinned_copy():
         assert cost.transfer_time(n, p, pinned=False) == pytest.approx(n / (row["pageable_GBps"] * 1e9), rel=1e-9)
 
 
-@pytest.mark.skipif(not HARDWARE.exists(), reason="needs ../shared/hardware")
-def test_builtin_profiles_are_reproducible_from_the_shared_measurements(tmp_path):
-    from prescope.experiments.calibrate import build_builtin_profiles
+def test_builtin_profiles_are_reproducible_from_the_shipped_measurements(tmp_path):
+    from prescope.experiments.calibrate import HARDWARE_DIR, build_builtin_profiles
 
-    for path in build_builtin_profiles(HARDWARE, tmp_path):
+    for path in build_builtin_profiles(HARDWARE_DIR, tmp_path):
         assert_close(load_profile(path).to_dict(), load_profile(path.stem).to_dict(), path.stem)
 
 

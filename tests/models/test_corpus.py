@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from prescope.data import read_text, shipped
 from prescope.models import corpus
 
-CORPUS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "corpus"
+CORPUS_DIR = corpus.default_corpus_dir()  # the copy shipped in the package, xz-compressed
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +90,14 @@ def test_spec_validation():
         corpus.split_documents(["only"], 0.1)
 
 
-def test_default_corpus_dir_is_relative_to_cwd(monkeypatch, tmp_path):
+def test_default_corpus_dir_is_the_shipped_copy_wherever_the_cwd_is(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    assert corpus.default_corpus_dir() == tmp_path.parent / "shared" / "data" / "corpus"
+    assert corpus.default_corpus_dir() == shipped("corpus")
+    assert all(shipped("corpus", f"{d}.txt.xz").is_file() for d in corpus.SHARED_DOMAINS)
+
+
+def test_a_folder_of_plain_files_reads_like_the_shipped_copy(tmp_path):
+    for domain in corpus.SHARED_DOMAINS:
+        (tmp_path / f"{domain}.txt").write_text(read_text(CORPUS_DIR / f"{domain}.txt"))
+    assert corpus.shared_documents(tmp_path, "c4", 2000) == corpus.shared_documents(CORPUS_DIR, "c4", 2000)
+    corpus.check_corpus_dir(tmp_path)

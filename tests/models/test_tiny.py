@@ -14,7 +14,7 @@ import torch
 from prescope import cli
 from prescope.models import corpus, tiny
 
-CORPUS_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "corpus"
+CORPUS_DIR = corpus.default_corpus_dir()
 SAMPLE_TOKENS = 128  # held-out tokens per domain in the loss test (CPU time is the limit)
 
 

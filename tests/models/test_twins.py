@@ -4,15 +4,15 @@ exactly with a meta-device instantiation."""
 import json
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from prescope.data import read_text, shipped
 from prescope.models import twins
 
-HARDWARE = Path(__file__).resolve().parents[2].parent / "shared" / "hardware"
+HARDWARE = shipped("hardware")  # the H200 measurements shipped with the package
 
 # (field, value) pairs each twin's config must have, from DESIGN.md section 3 and the hub configs.
 EXPECTED = {
@@ -94,9 +94,8 @@ def test_deepseek_first_layer_is_dense():
         twins.twin_config("deepseek-v2-lite", num_layers=1)
 
 
-@pytest.mark.skipif(not HARDWARE.exists(), reason="needs ../shared/hardware")
 def test_olmoe_size_matches_the_twin_measured_on_the_h200():
-    probe = json.loads((HARDWARE / "h200-olmoe-twin-resident-and-accelerate-2026-11-28.json").read_text())
+    probe = json.loads(read_text(HARDWARE / "h200-olmoe-twin-resident-and-accelerate-2026-11-28.json"))
     assert twins.twin_sizes("olmoe-1b-7b")["total_params"] / 1e9 == pytest.approx(probe["params_B"], abs=1e-9)
 
 

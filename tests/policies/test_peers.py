@@ -340,7 +340,7 @@ def test_engine_generates_the_stock_tokens(name, tmp_path):
             warnings.filterwarnings("ignore", "oracle: this executor gives no", RuntimeWarning)
             got = model.generate(ids, **GEN)
         assert torch.equal(got, want), f"{name} {profile} {budget}: tokens differ"
-        on_cpu = sum(r[0] == "cpu" and r[4] == "cpu_expert" for r in engine.rows)
+        on_cpu = sum(r[0] == "cpu" and r[4] == "cpu_expert" for r in engine.records.rows)
         stats = engine.cache.stats
         if profile == link_wins:
             assert stats.loads > 0

@@ -96,10 +96,10 @@ def test_evaluate_rejects_bad_input(toy):
 
 
 @pytest.mark.slow
-def test_run_report_end_to_end(tmp_path, shared_data):
+def test_run_report_end_to_end(tmp_path, shipped_data):
     """The reports/llapor pipeline at toy sizes on prescope-tiny: traces, training, tables, summary."""
     config = LLaPorConfig(distance=2, pca_dim=8, width=16, max_epochs=1, calibrate_steps=2, min_group_layers=1)
-    summary = A.run_report(tmp_path / "out", tmp_path / "cache", corpus_dir=shared_data / "corpus",
+    summary = A.run_report(tmp_path / "out", tmp_path / "cache", corpus_dir=shipped_data / "corpus",
                            train_per_domain=2, heldout_per_domain=1, prompt_tokens=8, max_new_tokens=3,
                            batch_size=5, config=config, variants=False, progress=False)
     assert summary["source"] == "measured" and summary["hardware"] == "cpu"

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SHARED_DATA, small_olmoe
+from conftest import DATA, small_olmoe
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -20,7 +20,7 @@ from prescope.predict.accuracy import evaluate, mean_by_distance
 from prescope.routing.llamacpp import load_llamacpp_trace
 from prescope.routing.trace import MISSING, Trace, record_trace
 
-# Published lag-1 decode reuse of the real traces (../shared/data/README.md).
+# Published lag-1 decode reuse of the real traces (prescope/assets/data/README.md).
 PUBLISHED_REUSE = {"qwen3-30b-a3b": 0.380, "gpt-oss-120b": 0.179}
 
 
@@ -211,7 +211,7 @@ def test_fitted_routers_match_the_model(recorded):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_REUSE))
 def test_history_baselines_on_real_llamacpp_traces(name):
-    trace = load_llamacpp_trace(SHARED_DATA / "routing" / f"{name}.route.csv")
+    trace = load_llamacpp_trace(DATA / "routing" / f"{name}.route.csv")
     preds = {p.name: p.fit(trace) for p in (P.PreviousToken(), P.Popularity(), P.ActivationMatrix(), P.Oracle())}
     table = evaluate(preds, trace, (0, 1, 2))
     means = mean_by_distance(table)

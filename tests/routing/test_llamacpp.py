@@ -39,8 +39,8 @@ def _write(tmp_path, text: str):
     ("qwen3-30b-a3b", 28, 128, 48, 6, 27),
     ("gpt-oss-120b", 85, 64, 36, 2, 84),
 ])
-def test_real_files(shared_data, name, prefill, decode, layers, top_k, missing):
-    tr = load_llamacpp_trace(shared_data / "routing" / f"{name}.route.csv")
+def test_real_files(shipped_data, name, prefill, decode, layers, top_k, missing):
+    tr = load_llamacpp_trace(shipped_data / "routing" / f"{name}.route.csv")
     phases = tr.tokens["phase"].value_counts()
     assert (phases["prefill"], phases["decode"]) == (prefill, decode)
     assert (tr.layout.num_moe_layers, tr.layout.num_experts, tr.layout.top_k) == (layers, 128, top_k)

@@ -11,6 +11,7 @@ import torch
 from conftest import TRACE_NEW_TOKENS, TRACE_PROMPTS, tiny_model
 
 from prescope import cli
+from prescope.data import read_text
 from prescope.models import adapter
 from prescope.routing import recording, trace
 
@@ -85,21 +86,21 @@ def test_tokens_after_eos_are_left_out(trace_model):
 
 
 
-def test_cli_records_and_summarises(tmp_path, shared_data, capsys):
+def test_cli_records_and_summarises(tmp_path, shipped_data, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     model = tiny_model("olmoe")
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    text = (shared_data / "corpus" / "c4.txt").read_text()[:20000]
+    text = read_text(shipped_data / "corpus" / "c4.txt")[:20000]
     bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=model.config.vocab_size, limit_alphabet=40,
                                                         special_tokens=["<unk>", "<eos>"]))
     model_dir = tmp_path / "tiny-random"
     model.save_pretrained(model_dir)
     PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<eos>").save_pretrained(model_dir)
     code = cli.main(["trace", "--model", str(model_dir), "--prompts-per-domain", "1", "--prompt-tokens", "12",
-                     "--max-new-tokens", "3", "--batch-size", "2", "--corpus-dir", str(shared_data / "corpus"),
+                     "--max-new-tokens", "3", "--batch-size", "2", "--corpus-dir", str(shipped_data / "corpus"),
                      "--out-dir", str(tmp_path / "reports"), "--name", "smoke"])
     assert code == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

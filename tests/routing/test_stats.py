@@ -86,8 +86,8 @@ def test_summary_has_one_row_per_layer(toy):
 
 
 @pytest.mark.parametrize("name, published", [("qwen3-30b-a3b", 0.380), ("gpt-oss-120b", 0.179)])
-def test_real_lag1_decode_reuse_matches_published(shared_data, name, published):
-    tr = load_llamacpp_trace(shared_data / "routing" / f"{name}.route.csv")
+def test_real_lag1_decode_reuse_matches_published(shipped_data, name, published):
+    tr = load_llamacpp_trace(shipped_data / "routing" / f"{name}.route.csv")
     row = rs.reuse_by_lag(tr, lags=(1,)).iloc[0]
     assert round(row["reuse"], 3) == published
     assert round(row["random"], 3) == {"qwen3-30b-a3b": 0.047, "gpt-oss-120b": 0.016}[name]  # README's K/E
@@ -95,8 +95,8 @@ def test_real_lag1_decode_reuse_matches_published(shared_data, name, published):
     assert list(by_lag["lag"]) == list(range(1, 9)) and (by_lag["reuse"] > 2 * by_lag["random"]).all()
 
 
-def test_aggregates_table(shared_data, toy):
-    path = shared_data / "routing" / "olmoe-mixtral-routing-aggregates.json"
+def test_aggregates_table(shipped_data, toy):
+    path = shipped_data / "routing" / "olmoe-mixtral-routing-aggregates.json"
     ref = rs.aggregate_skew(path)
     assert set(ref["domain"]) == {"arxiv", "book", "c4", "github", "wikipedia", "tulu"}
     assert (ref.loc[ref["domain"] != "tulu", "tokens"] == 208896).all()  # README: about 209K tokens per domain
@@ -110,7 +110,7 @@ def test_aggregates_table(shared_data, toy):
         rs.aggregate_skew(path, model="gpt-5")
 
 
-def test_aggregate_cross_layer(shared_data):
-    table = rs.aggregate_cross_layer(shared_data / "routing" / "olmoe-mixtral-routing-aggregates.json")
+def test_aggregate_cross_layer(shipped_data):
+    table = rs.aggregate_cross_layer(shipped_data / "routing" / "olmoe-mixtral-routing-aggregates.json")
     assert len(table) == 10 and set(zip(table["ref_layer_a"], table["ref_layer_b"], strict=True)) == {(0, 7), (7, 15)}
     assert (table["tokens"] == 208896).all() and table["nmi"].between(0, 1, inclusive="neither").all()

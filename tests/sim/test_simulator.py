@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED_DATA, tiny_model
+from conftest import DATA, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -155,7 +155,7 @@ def test_lower_bound_counts_the_misses_of_an_optimal_cache():
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_no_policy_beats_the_any_placement_bound(policy):
-    tr = load_llamacpp_trace(SHARED_DATA / "routing" / "qwen3-30b-a3b.route.csv")
+    tr = load_llamacpp_trace(DATA / "routing" / "qwen3-30b-a3b.route.csv")
     r = replay(tr, policy, "h200", budget_share=0.25, max_steps=24)
     assert (r.summary["lower_bound"] <= r.summary["latency"] * (1 + 1e-9)).all()
 
@@ -351,10 +351,10 @@ def test_invariants_on_random_traces(case):
 
 # ---- real data, the real-computation mode, the command line, speed -----------------------------------
 
-def test_replay_of_a_real_llamacpp_trace(shared_data):
+def test_replay_of_a_real_llamacpp_trace(shipped_data):
     from prescope.routing.llamacpp import load_llamacpp_trace
 
-    tr = load_llamacpp_trace(shared_data / "routing" / "qwen3-30b-a3b.route.csv")
+    tr = load_llamacpp_trace(shipped_data / "routing" / "qwen3-30b-a3b.route.csv")
     r = replay(tr, "on_demand_lru", "h200", budget_share=0.05, max_steps=8)
     assert r.totals["steps"] == 8 and 0.0 < r.totals["hit_rate"] < 1.0
     assert r.totals["bytes_moved"] == r.totals["loads_on_demand"] * tr.layout.expert_bytes
@@ -394,9 +394,28 @@ def test_cli_simulate_prints_a_table_and_a_json_line(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     record = json.loads(lines[-1])
     assert record["config"]["policy"] == "on_demand_lru" and record["config"]["budget_slots"] == 2
-    assert record["totals"]["steps"] == 2 and "latency_ms" in lines[0]
+    assert record["totals"]["steps"] == 2
+    # a totals table for people (no row per step unless --per-step), tokens/s in it, then the JSON line
+    assert lines[0].startswith("simulated: on_demand_lru on h200") and len(lines) == 11
+    tokens_per_s = next(line for line in lines if line.strip().startswith("tokens per second"))
+    assert float(tokens_per_s.split()[-1]) == pytest.approx(record["totals"]["tokens_per_s"], rel=1e-2)
     assert len(pd.read_csv(out_tl)) > 0
     assert cli.main(["simulate", "--trace", str(path), "--budget-slots", "0"]) == 2
+    assert cli.main(["simulate", "--trace", str(path), "--per-step"]) == 0
+    assert "latency_ms" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_cli_simulate_times_a_trace_with_a_twins_expert_sizes(tmp_path, capsys):
+    """--twin: prescope-tiny-like routing (16 layers, 64 experts, top-8) on OLMoE-1B-7B's 12 MiB experts."""
+    rng = np.random.default_rng(0)
+    steps = [[[list(rng.choice(64, 8, replace=False)) for _ in range(16)] for _ in range(3)]]
+    path = save_trace(make_trace(steps, E=64), tmp_path / "t.trace.parquet")
+    assert cli.main(["simulate", "--trace", str(path), "--twin", "olmoe-1b-7b"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["config"]["model_class"] == "OlmoeForCausalLM" and record["config"]["twin"] == "olmoe-1b-7b"
+    assert record["config"]["expert_bytes"] == 3 * 2048 * 1024 * 2  # bf16 OLMoE expert: 3·H·I·2 bytes
+    assert cli.main(["simulate", "--trace", str(path), "--twin", "mixtral-8x7b"]) == 2  # 32 x 8: routes otherwise
+    assert "does not route like the trace" in capsys.readouterr().err
 
 
 def test_replay_speed_at_prescope_tiny_topology():

@@ -21,9 +21,9 @@ CELL = dict(model="mixtral-8x7b", policy="prescope", budget=0.25, batch=4)
 
 def test_h200_tables_and_fidelity_scaling():
     bench, fidelity = results.h200_tables(H200)
-    assert bench.attrs["source"] == "measured" and bench.attrs["profile"] == "NVIDIA H200"
+    assert bench.attrs["source"] == "measured" and bench.attrs["profile"] == "host:NVIDIA H200"
     assert {"mixtral-8x7b", "olmoe-1b-7b"} <= set(bench["model"])
-    assert fidelity.attrs["measured_on"] == "NVIDIA H200" and fidelity.attrs["profile"]
+    assert fidelity.attrs["measured_on"] == "host:NVIDIA H200" and fidelity.attrs["profile"]
     scaling = results.fidelity_scaling(fidelity, "mixtral-8x7b")
     cells = int((fidelity["model"] == "mixtral-8x7b").sum())
     assert len(scaling) == 2 * cells and set(scaling["source"]) == {"measured", "simulated"}
@@ -58,7 +58,7 @@ def test_measured_scaling_takes_one_run_per_model():
 
 def test_comparison_table_ratios_within_each_run_and_the_winner_of_each_cell():
     table = results.comparison_table(COMPARISON, ["mixtral4-3d15d9b", "qwen3-8-3d15d9b"])
-    assert table.attrs == {"source": "measured", "profile": "NVIDIA H200"}
+    assert table.attrs == {"source": "measured", "profile": "host:NVIDIA H200"}
     assert set(table["run"]) == {"mixtral4-3d15d9b", "qwen3-8-3d15d9b"} and set(table["git_revision"]) == {"3d15d9b"}
     lru = table[table["policy"] == "on_demand_lru"]
     assert np.allclose(lru["vs_on_demand_lru"], 1.0)
@@ -78,7 +78,7 @@ def test_comparison_table_ratios_within_each_run_and_the_winner_of_each_cell():
 
 def test_the_measured_timeline_of_a_cell_is_the_engines_on_the_h200():
     measured = results.measured_timeline(COMPARISON, "mixtral4", **CELL)
-    assert measured.attrs["source"] == "measured" and measured.attrs["profile"] == "NVIDIA H200"
+    assert measured.attrs["source"] == "measured" and measured.attrs["profile"] == "host:NVIDIA H200"
     assert measured.attrs["meta"]["git_revision"].startswith("461845e") and measured.attrs["meta"]["batch"] == 4
     assert set(measured["phase"]) == {"prefill", "decode"} and measured["step"].min() == 0
     kinds = set(measured["kind"])

@@ -100,7 +100,7 @@ def test_measure_policies_runs_the_engine_and_reproduces_the_stock_tokens(tiny):
                                                   budget_share=0.25, max_new_tokens=3)
     row = table.iloc[0]
     assert bool(row["same_tokens"]) and row["steps"] == 2 and row["loads_on_demand"] > 0
-    assert table.attrs == {"source": "measured", "profile": "cpu"}
+    assert table.attrs == {"source": "measured", "profile": tl.measured_profile(tl.host_device("cpu"))}
     assert timelines["on_demand_lru"].attrs["source"] == "measured"
 
 
@@ -115,8 +115,8 @@ def test_resolve_mode():
         steps.resolve_mode("guess", "cpu")
 
 
-def test_real_traces(shared_data, tmp_path):
-    traces = steps.real_traces(shared_data)
+def test_real_traces(shipped_data, tmp_path):
+    traces = steps.real_traces(shipped_data)
     assert set(traces) == set(steps.REAL_TRACES)
     assert traces["qwen3-30b-a3b"].layout.num_moe_layers == 48
     with pytest.raises(FileNotFoundError, match="not found in"):

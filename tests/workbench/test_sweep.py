@@ -246,3 +246,16 @@ def test_executors_by_name_and_the_address_option():
     with pytest.raises(sweep.ExecutorError, match="takes no address"):
         sweep.make_executor("local", address="10.0.0.1:6379")
     assert isinstance(sweep.make_executor("local"), sweep.LocalExecutor)
+
+
+def test_the_grid_example_in_the_module_docstring_fits_its_notebook(tmp_path):
+    """The example a reader copies names parameters the notebook really has, with their types."""
+    doc = sweep.__doc__.split("Grid file, YAML or JSON:\n\n", 1)[1]
+    example = "\n".join(line[4:] for line in doc.split("\n\n", 1)[0].splitlines())
+    (tmp_path / "grids").mkdir()
+    grid_file = tmp_path / "grids" / "example.yaml"
+    grid_file.write_text(example)
+    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "03_presched.ipynb"
+    assert "../notebooks/03_presched.ipynb" in example
+    cells = sweep.load_grid(grid_file, notebook=notebook).check()
+    assert len(cells) == 4 and all(cell["max_steps"] == 8 for cell in cells)
