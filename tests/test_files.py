@@ -43,7 +43,7 @@ def test_no_committed_result_or_report_holds_an_absolute_path_of_a_machine():
 def test_the_check_finds_an_absolute_path_and_spares_portable_ones():
     assert MACHINE_FOLDERS.search('"out": "/root/out/mixtral"')
     assert MACHINE_FOLDERS.search("File /work/main/prescope/engine.py, line 3")
-    assert not MACHINE_FOLDERS.search('"out": "~/out/mixtral", "x": "$TMPDIR/simout", "y": "../shared/data"')
+    assert not MACHINE_FOLDERS.search('"out": "~/out/mixtral", "x": "$TMPDIR/simout", "y": "../data"')
 
 
 def test_portable_path_is_relative_to_the_working_directory_or_the_project(tmp_path, monkeypatch):
