@@ -50,7 +50,7 @@ import pandas as pd
 
 from prescope.config import EngineConfig
 from prescope.experiments import bounds
-from prescope.files import git_revision, write_atomic
+from prescope.files import git_revision, portable_values, write_atomic
 from prescope.policies import parse_policy
 from prescope.timeline import host_device, measured_profile
 
@@ -298,7 +298,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     device = torch.device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"config": asdict(cfg), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
+    meta = {"config": portable_values(asdict(cfg)), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
             "device": host_device(device),
             "torch": torch.__version__, "source": "measured"}
     rows, routes, timelines, failed = [], {}, [], []

@@ -22,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from prescope.files import portable_path
 from prescope.models import corpus
 from prescope.models.corpus import (
     EOS_ID,
@@ -285,6 +287,6 @@ def make_card(model, config: TinyConfig, result: TrainResult, table: pd.DataFram
         "python": record["python"],
         "torch": torch.__version__,
         "command": command,
-        "argv": " ".join(shlex.quote(a) for a in sys.argv),
+        "argv": " ".join(shlex.quote(portable_path(a) if os.path.isabs(a) else a) for a in sys.argv),
         CARD_ROUTING_KEY: None,
     }

@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from prescope.files import git_revision, write_atomic
+    from prescope.files import git_revision, portable_path, portable_values, write_atomic
     from prescope.models import corpus, tiny
     from prescope.models.adapter import load_model
     from prescope.routing import stats as routing_stats
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
                          batch_size=config.batch_size, keep_hidden=config.keep_hidden,
                          keep_logits=config.keep_logits, domains=domains)
     name = config.name or model_dir.name
-    trace.meta.update(config=vars(config) | {"model": str(model_dir)}, git_revision=git_revision(),
+    trace.meta.update(config=portable_values(vars(config)) | {"model": portable_path(model_dir)}, git_revision=git_revision(),
                       corpus={"heldout_fraction": spec.heldout_fraction, "doc_chars": spec.doc_chars,
                               "stdlib_bytes": spec.stdlib_bytes})
     out = Path(config.out_dir)

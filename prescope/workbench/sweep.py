@@ -42,6 +42,7 @@ import io
 import itertools
 import json
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ from prescope.workbench.reports import (
     parameter_problems,
     render_index,
     run_notebook,
+    write_plotly_js,
 )
 
 CELL_ID_HEX = 12
@@ -168,6 +170,7 @@ class CellJob:
     out_dir: Path
     parameters: dict[str, Any]
     resources: dict[str, float] = field(default_factory=dict)
+    plotly_src: str | None = None  # where the cell's page loads plotly.js (`reports.run_notebook`)
 
 
 class Executor(Protocol):
@@ -183,7 +186,7 @@ class LocalExecutor:
     def run(self, jobs: Sequence[CellJob]) -> Iterator[tuple[CellJob, NotebookResult | None]]:
         for job in jobs:
             yield job, None
-            yield job, run_notebook(job.notebook, job.out_dir, job.parameters)
+            yield job, run_notebook(job.notebook, job.out_dir, job.parameters, plotly_src=job.plotly_src)
 
 
 # name -> executor class, or "module:Class" imported on use (optional dependencies stay optional)
@@ -273,7 +276,9 @@ def run_sweep(grid: Grid, out_dir: str | Path, executor: Executor | None = None,
               "resources": grid.resources, "cells": cells}
     write_atomic(out / "grid.json", json.dumps(as_run, indent=1, default=str))
     done = {i: load_result(grid.notebook, out / CELLS_DIR / i, c) for i, c in cells.items()}
-    jobs = [CellJob(grid.notebook, out / CELLS_DIR / i, c, cell_resources(c, grid.resources, defaults))
+    shared = write_plotly_js(out)  # one copy of plotly.js for every cell's page
+    jobs = [CellJob(grid.notebook, out / CELLS_DIR / i, c, cell_resources(c, grid.resources, defaults),
+                    os.path.relpath(shared, out / CELLS_DIR / i).replace(os.sep, "/"))
             for i, c in cells.items() if done[i] is None]
     with SweepProgress(len(jobs), disable=not progress) as bar:
         for job, result in (executor or LocalExecutor()).run(jobs):

@@ -10,7 +10,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from prescope.workbench import sweep
+from prescope.workbench import reports, sweep
 from prescope.workbench.metrics import MetricsRecord
 from prescope.workbench.reports import NotebookResult, ParameterError
 from prescope.workbench.sweep import CELLS_DIR, Grid, GridError, cell_id, load_grid, run_sweep
@@ -133,7 +133,8 @@ def test_summary_keeps_failed_cells_and_prefixes_clashing_metrics(tmp_path):
 
 
 def test_sweep_runs_cells_and_resumes_only_unfinished_ones(tmp_path, capsys):
-    write_notebook(tmp_path / "nb.ipynb")
+    write_notebook(tmp_path / "nb.ipynb", body="import plotly.graph_objects as go\ngo.Figure(go.Bar(y=[steps])).show()\n"
+                   + BODY)
     grid_file = _write(tmp_path / "grid.yaml", "notebook: nb.ipynb\nparameters:\n  steps: [1, 2]\n"
                                                "fixed:\n  policy: lru\n")
     out = tmp_path / "out"
@@ -144,8 +145,10 @@ def test_sweep_runs_cells_and_resumes_only_unfinished_ones(tmp_path, capsys):
     ids = [cell_id({"policy": "lru", "steps": s}) for s in (1, 2)]
     assert "2 cells, 2 run now, 0 failed" in printed
     assert json.loads(printed.splitlines()[-1]) == {"sweep": str(out), "cells": 2, "ran": ids, "failed": []}
-    for i in ids:
+    for i in ids:  # each page loads the one copy of plotly.js at the sweep's root
         assert {p.name for p in (out / CELLS_DIR / i).iterdir()} == {"nb.ipynb", "nb.html", "nb.metrics.json"}
+        assert f'src="../../{reports.plotly_js_name()}"' in (out / CELLS_DIR / i / "nb.html").read_text()
+    assert (out / reports.plotly_js_name()).is_file()
     table = pd.read_csv(out / "summary.csv")
     assert list(table["cell"]) == ids and list(table["work"]) == [0.5, 1.0]
     assert list(table["metric_steps"]) == [1, 2] and set(table["source"]) == {"simulated"}
@@ -214,7 +217,7 @@ def test_a_cell_without_a_result_is_reported_failed(tmp_path):
 def test_local_executor_reports_each_start_before_its_result(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(notebook, out_dir, parameters):
+    def fake_run(notebook, out_dir, parameters, plotly_src):
         calls.append(parameters)
         return NotebookResult(Path(notebook), parameters, error="RuntimeError: x")
 
