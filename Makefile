@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 report: $(STAMP)
-	$(VENV)/bin/prescope trace
+	$(VENV)/bin/prescope trace --keep-hidden  # the router inputs: the predictors of notebook 03 read them
 	$(VENV)/bin/prescope report
 
 test: $(STAMP)

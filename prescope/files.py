@@ -1,6 +1,9 @@
 """Files prescope writes: the one atomic writer, checksums that every result carries, folder locks, and the
 git revision every result file records.
 
+Result files never name this machine's folders: a path they record goes through `portable_path` (relative
+to the working directory or to the folder holding the package, else `~/...` or `$TMPDIR/...`).
+
 Atomic: a result is written to a temporary sibling and moved into place with `os.replace`, so a reader (a
 notebook, a resumed sweep, a person) never sees half a file, and an interrupted run leaves the previous
 file or none. `write_atomic` takes bytes or text; `write_atomic_with` hands a temporary path to a writer
@@ -36,13 +39,15 @@ import re
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 GIT_TIMEOUT_S = 5
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder holding the package (a checkout's root)
 TOKEN_PREFIX = b"prescope-sha256:"
 DIGEST_HEX = 64
 PLACEHOLDER = TOKEN_PREFIX + b"0" * DIGEST_HEX
@@ -385,3 +390,29 @@ def source_revision() -> tuple[str, list[str]]:
         return rev, []
     dirty = sorted(line[3:] for line in status.splitlines() if line.strip())
     return (f"{rev}+wip" if dirty and rev != "unknown" else rev), dirty
+
+
+def portable_path(path: str | Path) -> str:
+    """`path` as a result file records it: relative to the working directory or to PROJECT_DIR when under
+    one of them, `~/...` under the home folder, `$TMPDIR/...` under the temporary folder; other paths and
+    relative ones unchanged. A result then names no folder of the machine that wrote it."""
+    text = str(path)
+    if not os.path.isabs(text):
+        return text
+    resolved = Path(text).resolve()
+    for base, shown in ((Path.cwd().resolve(), ""), (PROJECT_DIR, ""), (Path(tempfile.gettempdir()).resolve(), "$TMPDIR"),
+                        (Path.home().resolve(), "~")):
+        if base.parent != base and (resolved == base or base in resolved.parents):
+            rest = resolved.relative_to(base).as_posix()
+            return "/".join(p for p in (shown, rest) if p and p != ".") or "."
+    return text
+
+
+def portable_values(values: Mapping) -> dict:
+    """A config's values with every absolute path string made portable (`portable_path`), lists included."""
+    def one(v):
+        if isinstance(v, str) and os.path.isabs(v):
+            return portable_path(v)
+        return [one(x) for x in v] if isinstance(v, list | tuple) else v
+
+    return {k: one(v) for k, v in values.items()}

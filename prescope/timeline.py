@@ -8,7 +8,7 @@ Schema (DESIGN.md §2), one row per operation:
 | step | forward call (token step) the operation belongs to; a transfer belongs to the step that issued it |
 | layer | MoE layer ordinal 0..L-1, or -1 for work outside MoE layers (dense decoder layers, step overhead) |
 | expert | expert index, or -1 for non-expert work |
-| kind | `prefetch`, `on_demand` (pcie); `gpu_expert`, `attention`, `dense` (gpu); `cpu_expert`, `plan` (cpu); `predict` (gpu or cpu); `wait` (host work that is neither planning nor prediction: bookkeeping, launches, synchronisation) |
+| kind | `prefetch`, `on_demand` (pcie); `gpu_expert`, `attention`, `dense` (gpu); `cpu_expert`, `plan` (cpu); `predict` (gpu or cpu); `host` (host work that is neither planning nor prediction: bookkeeping, launches, synchronisation; the bubble cause of the same name) |
 | tokens | tokens the operation processes (0 for transfers) |
 | bytes | bytes the operation moves over the link (0 for compute) |
 | start, end | seconds since the run's time origin |
@@ -37,7 +37,10 @@ import numpy as np
 import pandas as pd
 
 LANES = ("pcie", "gpu", "cpu")
-KINDS = ("prefetch", "on_demand", "gpu_expert", "cpu_expert", "attention", "dense", "predict", "plan", "wait")
+KINDS = ("prefetch", "on_demand", "gpu_expert", "cpu_expert", "attention", "dense", "predict", "plan", "host")
+# Kinds of timelines written before a kind was renamed, read under their current name ("wait" became "host",
+# the name of the bubble cause it explains).
+RENAMED_KINDS = {"wait": "host"}
 COLUMNS = ("lane", "step", "layer", "expert", "kind", "tokens", "bytes", "start", "end")
 OPTIONAL_COLUMNS = ("slot", "load")
 INT_COLUMNS = ("step", "layer", "expert", "tokens", "bytes")
@@ -46,13 +49,13 @@ MEASURED_PREFIX = "host:"  # profile of measured results: this prefix, then the 
 KIND_LANES = {
     "prefetch": ("pcie",), "on_demand": ("pcie",),
     "gpu_expert": ("gpu",), "attention": ("gpu",), "dense": ("gpu",),
-    "cpu_expert": ("cpu",), "plan": ("cpu",), "predict": ("gpu", "cpu"), "wait": ("gpu", "cpu"),
+    "cpu_expert": ("cpu",), "plan": ("cpu",), "predict": ("gpu", "cpu"), "host": ("gpu", "cpu"),
 }
 TRANSFER_KINDS = ("prefetch", "on_demand")
 # Causes of a GPU bubble, by the kind of operation that ended just when the GPU resumed. Among operations
 # ending at the same instant the first listed wins: the GPU needed all of them, the transfer most directly.
 CAUSE_OF_KIND = {"on_demand": "on_demand_transfer", "prefetch": "late_prefetch", "cpu_expert": "cpu_expert",
-                 "plan": "planning", "predict": "planning", "wait": "host"}
+                 "plan": "planning", "predict": "planning", "host": "host"}
 CAUSES = ("on_demand_transfer", "late_prefetch", "cpu_expert", "planning", "host")
 HOST_GAP = "host"  # nothing ended when the GPU resumed: launch latency or host work nobody recorded
 DEFAULT_TOLERANCE_S = 1e-9
@@ -95,6 +98,7 @@ def make_timeline(rows, *, source: str, profile: str, meta: Mapping | None = Non
     lengths = {len(v) for v in cols.values()}
     if len(lengths) > 1:
         raise TimelineError(f"timeline columns differ in length: { {k: len(v) for k, v in cols.items()} }")
+    cols["kind"] = _renamed(cols["kind"])
     _check_labels(cols["lane"], cols["kind"])
     for col in INT_COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in cols) + ("start", "end"):
         cols[col] = _numeric(col, cols[col], whole=col not in ("start", "end"))
@@ -107,6 +111,13 @@ def make_timeline(rows, *, source: str, profile: str, meta: Mapping | None = Non
     frame = pd.DataFrame({c: cols[c] for c in order})
     frame.attrs.update(source=source, profile=profile, meta=dict(meta or {}))
     return frame
+
+
+def _renamed(kind: np.ndarray) -> np.ndarray:
+    kind = np.asarray(kind, dtype=object)
+    for old, new in RENAMED_KINDS.items():
+        kind = np.where(kind == old, new, kind)
+    return kind
 
 
 def _columns(rows) -> dict[str, np.ndarray]:
@@ -177,7 +188,7 @@ class _Cols:
         return self.lane == LANES.index(lane)
 
     def gpu_busy(self) -> np.ndarray:
-        return self.lane_is("gpu") & ~self.kind_is("wait")
+        return self.lane_is("gpu") & ~self.kind_is("host")
 
     def key(self, mask: np.ndarray) -> np.ndarray:
         """(layer, expert) as one integer, for the rows `mask` selects (a boolean mask or row indices)."""
@@ -239,9 +250,9 @@ def step_spans(timeline: pd.DataFrame) -> pd.DataFrame:
 def step_summary(timeline: pd.DataFrame, cache_stats_per_step=None) -> pd.DataFrame:
     """One row per step: start, end, latency (end - start), tokens, bytes moved and loads issued by the
     step (on demand, prefetched), hits and misses, GPU busy and idle time, link busy time, host time
-    (wait, plan, predict on the host) and CPU expert time.
+    (host, plan, predict on the host) and CPU expert time.
 
-    GPU busy is the part of the step's span covered by GPU work (explicit `wait` rows are idle); link
+    GPU busy is the part of the step's span covered by GPU work (explicit `host` rows are idle); link
     busy the part covered by transfers of any step (a prefetch from the step before counts where it
     runs). Without `cache_stats_per_step` (a DataFrame or records with a `step` column and any of
     `hits`, `misses` or other per-step columns, which are joined in) hits are GPU experts with no
@@ -265,7 +276,7 @@ def step_summary(timeline: pd.DataFrame, cache_stats_per_step=None) -> pd.DataFr
     out["gpu_busy"] = _covered(*_merge(c.start[busy], c.end[busy]), a, b)
     out["gpu_idle"] = out["latency"] - out["gpu_busy"]
     out["link_busy"] = _covered(*_merge(c.start[pcie], c.end[pcie]), a, b)
-    host = c.lane_is("cpu") & c.kind_is("wait", "plan", "predict")
+    host = c.lane_is("cpu") & c.kind_is("host", "plan", "predict")
     out["host"] = _per_step(steps, c.step[host], c.end[host] - c.start[host])
     cpu = c.kind_is("cpu_expert")
     out["cpu_busy"] = _per_step(steps, c.step[cpu], c.end[cpu] - c.start[cpu])

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 
 from prescope.workbench import metrics, reports
@@ -24,6 +25,9 @@ FLOAT32_BYTES = 4
 H200 = ROOT / "reports" / "h200"
 EQUIVALENCE = json.loads((H200 / "equivalence.json").read_text())["rows"]
 FIDELITY_CELLS = sum(len(p.read_text().splitlines()) - 1 for p in H200.glob("fidelity-*.csv"))
+TIMED = pd.read_parquet(H200 / "comparison" / "mixtral4.timelines.parquet").query(
+    "model == 'mixtral-8x7b' and policy == 'prescope' and budget == 0.25 and batch == 4 and phase == 'decode'")
+TIMED_STEPS = TIMED[TIMED["step"].isin(sorted(TIMED["step"].unique())[:2])]  # 06 draws the first two decode steps
 # Small parameters force a fresh recording ("" trace path) so each smoke run is the same everywhere.
 FRESH_TRACE = dict(tiny_trace_path="", num_prompts=2, max_new_tokens=6)
 
@@ -48,23 +52,27 @@ SMOKE = {
     ),
     "03_presched": (
         dict(FRESH_TRACE, policies=["on_demand_lru", "prescope", "oracle"], batch_sizes=[1, 2], max_steps=4,
-             mode="simulate"),
-        dict(mode="simulate", policies=3, rows=6),
+             mode="simulate", show_batch=2, host_bound_policies=["on_demand_lru", "oracle"]),
+        dict(mode="simulate", policies=3, rows=6, show_batch=2),
     ),
     "04_whatif": (
-        dict(FRESH_TRACE, num_prompts=1, data_dir="", max_steps=4, link_sweep=[8.0, 64.0],
-             sweep_policies=["on_demand_lru"]),
+        dict(FRESH_TRACE, num_prompts=1, data_dir="", batch_size=1, max_steps=4, link_sweep=[8.0, 64.0],
+             sweep_policies=["on_demand_lru"], sweep_batch_sizes=[1]),
         dict(traces=2, steps_replayed=4, sweep_rows=2),  # prescope-tiny and its OLMoE-sized twin
     ),
     "05_h200_report": (
         dict(model="olmoe-1b-7b"),
-        dict(models=2, equivalence_runs=len(EQUIVALENCE),
+        # bench-mixtral.json's OLMoE rows are left out: OLMoE is shown from bench-olmoe.json alone
+        dict(models=2, equivalence_runs=len(EQUIVALENCE), bench_rows_left_out=1,
              equivalence_equal=sum(r["tokens_equal_stock"] for r in EQUIVALENCE), fidelity_cells=FIDELITY_CELLS),
     ),
     "06_comparison": (
         dict(runs=["mixtral4-5f83609"]),
-        # the Mixtral twin at 25 %, batch 1 and 4: the oracle wins batch 1, prescope batch 4 (1.59x LRU)
-        dict(runs=1, models=1, cells=2, prescope_best_cells=1, prescope_vs_lru_max=1.592),
+        # the Mixtral twin at 25 %, batch 1 and 4: the oracle wins batch 1, prescope batch 4 (1.59x LRU); the
+        # timeline drawn is the committed H200 one of prescope at batch 4, every transfer and prefetch of it
+        dict(runs=1, models=1, cells=2, prescope_best_cells=1, prescope_vs_lru_max=1.592,
+             timeline_transfers_measured=int((TIMED_STEPS["lane"] == "pcie").sum()),
+             timeline_prefetches_measured=int((TIMED_STEPS["kind"] == "prefetch").sum())),
     ),
 }
 

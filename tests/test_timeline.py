@@ -21,7 +21,7 @@ def row(lane, step, layer, expert, kind, start, end, tokens=1, nbytes=0, slot=-1
 # layer 1: attention [7, 8], host [8, 9], expert 7 (prefetched) runs [9, 10].
 ROWS = [
     row("gpu", 0, 0, -1, "attention", 0, 1),
-    row("cpu", 0, 0, -1, "wait", 1, 2),
+    row("cpu", 0, 0, -1, "host", 1, 2),
     row("pcie", 0, 0, 3, "on_demand", 2, 5, tokens=0, nbytes=100, slot=0, load=0),
     row("gpu", 0, 0, 3, "gpu_expert", 5, 6, slot=0),
     row("cpu", 0, 0, 4, "cpu_expert", 2, 7),
@@ -59,6 +59,12 @@ def test_make_timeline_columns_types_and_attrs(timeline):
 def test_make_timeline_rejects_bad_rows(bad, message):
     with pytest.raises(tl.TimelineError, match=message):
         tl.make_timeline(ROWS + [bad], source="simulated", profile="hand")
+
+
+def test_a_timeline_written_with_the_old_kind_name_reads_as_host():
+    old = tl.make_timeline([row("gpu", 0, 0, -1, "attention", 0, 1), row("cpu", 0, 0, -1, "wait", 1, 2)],
+                           source="simulated", profile="test")
+    assert old["kind"].tolist() == ["attention", "host"]
 
 
 def test_make_timeline_rejects_bad_source_and_missing_columns():
@@ -112,7 +118,7 @@ def test_bubble_without_a_culprit_is_a_host_gap():
 
 
 def test_late_prefetch_is_blamed_before_host_work_ending_at_the_same_instant():
-    rows = [row("gpu", 0, 0, -1, "attention", 0, 1), row("cpu", 0, 0, -1, "wait", 1, 3),
+    rows = [row("gpu", 0, 0, -1, "attention", 0, 1), row("cpu", 0, 0, -1, "host", 1, 3),
             row("pcie", 0, 0, 5, "prefetch", 0, 3, tokens=0, nbytes=8, load=0),
             row("gpu", 0, 0, 5, "gpu_expert", 3, 4)]
     b = tl.bubbles(tl.make_timeline(rows, source="simulated", profile="x"))

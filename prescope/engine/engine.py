@@ -218,7 +218,7 @@ class Engine(Executor):
             top_k_index, weights, recorded = self.replay.at(self.step, layer, num_tokens)
             top_k_weights = weights.to(top_k_weights.dtype)
             seen = recorded if recorded is not None else hidden
-            future = self.replay.future(self.step, layer, num_tokens)
+            future = self.replay.future(self.step, layer, num_tokens) if self.policy.needs_future else None
         # route: tokens per expert, the one host synchronisation of the layer
         synced = time.perf_counter()
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.layout.num_experts + 1).tolist()
@@ -240,9 +240,9 @@ class Engine(Executor):
         seen, future = record.hidden, None
         if self.replay is not None:
             num_tokens = record.index.shape[0]
-            _, _, recorded = self.replay.at(self.step, layer, num_tokens)
+            recorded = self.replay.hidden_at(self.step, layer, num_tokens)
             seen = recorded if recorded is not None else record.hidden
-            future = self.replay.future(self.step, layer, num_tokens)
+            future = self.replay.future(self.step, layer, num_tokens) if self.policy.needs_future else None
         running = _Running(self.layers[layer].experts, record.hidden, record.index, counts, graphs=graphs,
                            record=record)
         self._run(layer, self._view(layer, counts, seen, future), running)

@@ -50,7 +50,7 @@ import pandas as pd
 from prescope.config import EngineConfig, check_types
 from prescope.experiments import bounds
 from prescope.experiments.benchfile import read_bench, write_bench
-from prescope.files import check_output, git_revision
+from prescope.files import check_output, git_revision, portable_values
 from prescope.policies import parse_policy
 from prescope.timeline import host_device, measured_profile
 
@@ -301,7 +301,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
 
     device = torch.device(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"config": asdict(cfg), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
+    meta = {"config": portable_values(asdict(cfg)), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
             "device": host_device(device),
             "torch": torch.__version__, "source": "measured"}
     rows, routes, timelines, failed = [], {}, [], []

@@ -34,7 +34,14 @@ from prescope.config import check_types
 from prescope.experiments.bench import ALL_POLICIES, RESIDENT
 from prescope.experiments.benchfile import read_bench
 from prescope.experiments.fidelity import TOLERANCE
-from prescope.files import check_output, source_revision, write_atomic, write_json, write_with_sidecar
+from prescope.files import (
+    check_output,
+    portable_values,
+    source_revision,
+    write_atomic,
+    write_json,
+    write_with_sidecar,
+)
 from prescope.hardware.profiles import HardwareProfile, ProfileError, load_profile
 from prescope.policies import POLICIES, make_policy
 from prescope.policies.base import Policy, costs_for
@@ -324,7 +331,7 @@ def run_compare(cfg: CompareConfig) -> tuple[pd.DataFrame, dict]:
     finally:
         torch.set_num_threads(threads)
     table = pd.concat(parts, ignore_index=True)
-    meta = {"config": asdict(cfg), "git_revision": revision, "uncommitted": dirty, "source": "simulated",
+    meta = {"config": portable_values(asdict(cfg)), "git_revision": revision, "uncommitted": dirty, "source": "simulated",
             "trace": {"path": cfg.trace, "model": trace.layout.model_class, "source": trace.meta.get("source", ""),
                       "split": trace.meta.get("split", ""), "prompts": int(trace.tokens["prompt"].nunique()),
                       "prompt_ids": sorted(int(p) for p in trace.tokens["prompt"].unique()),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from prescope.config import check_device
-from prescope.files import check_output, write_atomic, write_json
+from prescope.files import check_output, portable_path, write_atomic, write_json
 from prescope.models import corpus
 from prescope.models.corpus import (
     EOS_ID,
@@ -288,6 +289,6 @@ def make_card(model, config: TinyConfig, result: TrainResult, table: pd.DataFram
         "python": record["python"],
         "torch": torch.__version__,
         "command": command,
-        "argv": " ".join(shlex.quote(a) for a in sys.argv),
+        "argv": " ".join(shlex.quote(portable_path(a) if os.path.isabs(a) else a) for a in sys.argv),
         CARD_ROUTING_KEY: None,
     }

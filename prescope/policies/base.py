@@ -143,6 +143,7 @@ class Policy(ABC):
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders: ...
 
     host_work: tuple[str, ...] = ()  # host-side phases an executor should time: "predict", "plan"
+    needs_future: bool = False  # reads LayerView.future (an executor computes it only for such a policy)
     async_io: bool = False  # asks the executor for AsyncIO's priority link (on-demand loads overtake prefetches)
 
     def planned_work(self) -> tuple[str, ...]:

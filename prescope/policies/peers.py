@@ -397,6 +397,7 @@ class OracleFuture(Policy):
                   "goes first (then least recently used); the layer's misses split by the cost model; "
                   "without LayerView.future (the live engine) it has nothing to know and plans on demand")
     async_io = True
+    needs_future = True
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         super().reset(cache, num_experts, costs)

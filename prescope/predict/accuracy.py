@@ -256,7 +256,7 @@ def run_report(out_dir: str | Path = "reports/llapor", cache_dir: str | Path = "
                prompt_tokens: int = 32, max_new_tokens: int = 32, batch_size: int = 8,
                config=None, variants: bool = True, progress: bool = True) -> dict:
     """The LLaPor experiment on prescope-tiny (module docstring); returns the JSON summary it writes."""
-    from prescope.files import git_revision, read_json, write_json, write_with_sidecar
+    from prescope.files import git_revision, portable_path, read_json, write_json, write_with_sidecar
     from prescope.models import corpus, tiny
     from prescope.predict import llapor, predictors
 
@@ -309,7 +309,7 @@ def run_report(out_dir: str | Path = "reports/llapor", cache_dir: str | Path = "
     gains = _gains(table)
     summary = {
         "source": "measured", "hardware": "cpu", "git_revision": git_revision(),
-        "model": str(model_path), "config": asdict(config), "boundaries": list(bounds),
+        "model": portable_path(model_path), "config": asdict(config), "boundaries": list(bounds),
         "variants": {name: VARIANTS[name] for name in runs if name in VARIANTS},
         "traces": {"train": {"tokens": train.num_tokens, "prompts": int(train.tokens["prompt"].nunique()),
                              "record_seconds": round(train_s, 1), "hash": models["llapor"].trace_info["hash"]},

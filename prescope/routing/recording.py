@@ -251,7 +251,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from prescope.files import check_output, git_revision, read_json, write_with_sidecar
+    from prescope.files import (
+        check_output,
+        git_revision,
+        portable_path,
+        portable_values,
+        read_json,
+        write_with_sidecar,
+    )
     from prescope.models import corpus, tiny
     from prescope.models.adapter import load_model
     from prescope.routing import stats as routing_stats
@@ -275,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
                          batch_size=config.batch_size, keep_hidden=config.keep_hidden,
                          keep_logits=config.keep_logits, domains=domains)
     name = config.name or model_dir.name
-    trace.meta.update(config=vars(config) | {"model": str(model_dir)}, git_revision=git_revision(),
+    trace.meta.update(config=portable_values(vars(config)) | {"model": portable_path(model_dir)}, git_revision=git_revision(),
                       corpus={"heldout_fraction": spec.heldout_fraction, "doc_chars": spec.doc_chars,
                               "stdlib_bytes": spec.stdlib_bytes})
     out = Path(config.out_dir)

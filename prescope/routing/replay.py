@@ -104,6 +104,12 @@ class RoutingReplay:
         hidden = None if self.hidden is None else self.hidden[:, span, layer].reshape(num_tokens, -1)  # [N, H]
         return indices, weights, hidden
 
+    def hidden_at(self, step: int, layer: int, num_tokens: int) -> torch.Tensor | None:
+        """The recorded router input [N, H] of MoE layer `layer` in call `step`, or None if none was kept."""
+        if self.hidden is None:
+            return None
+        return self.hidden[:, self.positions(step, num_tokens), layer].reshape(num_tokens, -1)
+
     def future(self, step: int, layer: int, num_tokens: int) -> tuple[tuple[int, ...], ...]:
         """The experts each later MoE layer routes in call `step` (most tokens first), for the oracle."""
         if step not in self._future:

@@ -5,7 +5,7 @@ CPU experts, GPU experts in waves, prefetch), the same orders, times from `hardw
 layout and profile in `simcost.py`). A step is one forward call over a batch; a batch-1 trace of several
 prompts is grouped into batches of `batch_size` prompts whose decode steps run together. Per step, each
 decoder layer in order: attention and the other resident work of the layer on the GPU (`dense_time` for
-N tokens); the host's own work of the MoE step (the profile's per-layer overhead, `wait`); then the
+N tokens); the host's own work of the MoE step (the profile's per-layer overhead, `host`); then the
 protocol, whose orders this executor times (`_Replay`): the cache catches up with the clock before the
 plan; the plan costs the profile's prediction and planning times for what the policy did
 (`Policy.planned_work`: prescope's gate skips both); issuing each transfer costs `host_per_transfer_s`;
@@ -139,7 +139,7 @@ class _Replay(Executor):
             raise SimulationError(f"policy {policy.name!r} declares host_work {work}; allowed: {HOST_WORK}")
         p = times.profile
         self.per_transfer = p.host_per_transfer_s  # host time to issue one transfer
-        self.host = [("wait", p.host_overhead_per_layer_s)] if p.host_overhead_per_layer_s > 0 else []
+        self.host = [("host", p.host_overhead_per_layer_s)] if p.host_overhead_per_layer_s > 0 else []
         self.planning = [(kind, d) for kind, d in (("predict", p.predict_overhead_s if "predict" in work else 0.0),
                                                    ("plan", p.plan_overhead_s if "plan" in work else 0.0)) if d > 0]
         # the running layer: its step, token count per routed expert, and the host, GPU and CPU clocks

@@ -148,10 +148,11 @@ def unplaceable(jobs: Sequence[CellJob], nodes: Sequence[Mapping[str, float]]) -
     return [job for job in jobs if not any(fits(job, node) for node in nodes)]
 
 
-def run_cell(notebook: str, parameters: dict[str, Any], cell_timeout_s: float | None = None
-             ) -> Iterator[Placement | CellOutput]:
+def run_cell(notebook: str, parameters: dict[str, Any], plotly_src: str | None = None,
+             cell_timeout_s: float | None = None) -> Iterator[Placement | CellOutput]:
     """The body of a cell's Ray task (a generator): first where it runs, then the files
-    `reports.run_notebook` rendered in a scratch folder, as bytes, with the run's error or None.
+    `reports.run_notebook` rendered in a scratch folder, as bytes, with the run's error or None; the page
+    loads plotly.js from `plotly_src`, the driver's shared copy relative to the cell's folder there;
     `cell_timeout_s` limits each notebook cell (None: no limit)."""
     import ray
 
@@ -163,7 +164,7 @@ def run_cell(notebook: str, parameters: dict[str, Any], cell_timeout_s: float | 
         return
     with tempfile.TemporaryDirectory(prefix="prescope-cell-") as scratch:
         try:
-            result = run_notebook(notebook, scratch, parameters, cell_timeout_s=cell_timeout_s)
+            result = run_notebook(notebook, scratch, parameters, plotly_src=plotly_src, cell_timeout_s=cell_timeout_s)
         # Whatever stops the run is this cell's result, reported on the driver, not a failed Ray task.
         except Exception as exc:  # noqa: BLE001
             yield CellOutput({}, f"{type(exc).__name__}: {exc}", None)
@@ -267,7 +268,8 @@ class RayExecutor:
                 needs = {"num_cpus": DEFAULT_CELL_CPUS, "num_gpus": 0, **job.resources}
                 ref = task.options(num_cpus=needs["num_cpus"], num_gpus=needs["num_gpus"],
                                    max_retries=self.max_retries, scheduling_strategy=SCHEDULING_STRATEGY
-                                   ).remote(str(job.notebook.resolve()), job.parameters, job.cell_timeout_s)
+                                   ).remote(str(job.notebook.resolve()), job.parameters, job.plotly_src,
+                                            job.cell_timeout_s)
                 pending[ref] = job
             while pending:
                 (ref,), _ = ray.wait(list(pending), num_returns=1)

@@ -1,8 +1,10 @@
 """Run notebooks with papermill, render them to self-contained HTML and index them (`prescope report`).
 
 One notebook run (`run_notebook`) writes, in its output folder and always atomically:
-`<stem>.ipynb` (the executed notebook), `<stem>.html` (rendered, plotly figures embedded with plotly.js
-inline once per page so the page works offline) and, last, `<stem>.metrics.json` (what the notebook
+`<stem>.ipynb` (the executed notebook), `<stem>.html` (rendered; plotly figures as divs that load the one
+shared copy of plotly.js, `plotly-<version>.min.js`, written once into the folder of the reports, so every page
+works offline and none carries its own 5 MB copy; a widget output shown by its static HTML, the state it was
+drawn in, since widget scripts would come from a CDN) and, last, `<stem>.metrics.json` (what the notebook
 recorded with `prescope.workbench.metrics.record_metrics`). The metrics file is written last: its presence means
 the run finished. A failing notebook yields a result carrying its error, not an exception, so one
 failure never stops the others; `report_all` runs every notebook on its defaults and writes
@@ -59,10 +61,12 @@ REPORT_TEMPLATE = "prescope_report.html.j2"
 # require.js registers as an anonymous AMD module and never defines window.Plotly.
 _TEMPLATE_SOURCE = """{%- extends 'index.html.j2' -%}
 {%- block html_head_js -%}
-{%- if resources.plotly_js %}<script type="text/javascript">{{ resources.plotly_js }}</script>{% endif -%}
+{%- if resources.plotly_src %}<script type="text/javascript" src="{{ resources.plotly_src }}"></script>{% endif -%}
 {{ super() }}
 {%- endblock html_head_js -%}
 """
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+PLOTLY_DIV = 'class="plotly-graph-div"'  # what a figure rendered as HTML holds
 # Types a swept value may take for a default of each type (YAML writes 1 for 1.0, and has no tuples).
 _ACCEPTED_TYPES: dict[type, tuple[type, ...]] = {float: (float, int), tuple: (tuple, list)}
 
@@ -187,13 +191,29 @@ def ensure_kernel(name: str = KERNEL_NAME) -> None:
                    check=True, capture_output=True)
 
 
+def plotly_js_name() -> str:
+    """The file name of the shared plotly.js, versioned: pages made by another plotly read their own copy."""
+    from plotly.offline import get_plotlyjs_version
+
+    return f"plotly-{get_plotlyjs_version()}.min.js"
+
+
+def write_plotly_js(folder: str | Path) -> Path:
+    """The one copy of plotly.js that the pages under `folder` load (written once, atomically)."""
+    from plotly.offline import get_plotlyjs
+
+    path = Path(folder) / plotly_js_name()
+    return path if path.is_file() else write_atomic(path, get_plotlyjs())
+
+
 def run_notebook(path: str | Path, out_dir: str | Path, parameters: Mapping[str, Any] | None = None, *,
-                 kernel_name: str = KERNEL_NAME, cell_timeout_s: float | None = DEFAULT_CELL_TIMEOUT_S
-                 ) -> NotebookResult:
+                 kernel_name: str = KERNEL_NAME, cell_timeout_s: float | None = DEFAULT_CELL_TIMEOUT_S,
+                 plotly_src: str | None = None) -> NotebookResult:
     """Execute `path` with papermill (cwd = its folder), render HTML, read back its metrics.
 
-    Parameter errors raise ParameterError before anything runs; execution errors are returned in the
-    result. The metrics file is removed first and written last, so it marks a finished run.
+    The page loads plotly.js from `plotly_src` (a URL relative to the page; default: the copy `write_plotly_js`
+    keeps in `out_dir`). Parameter errors raise ParameterError before anything runs; execution errors are
+    returned in the result. The metrics file is removed first and written last, so it marks a finished run.
     """
     import nbformat
     import papermill
@@ -223,7 +243,9 @@ def run_notebook(path: str | Path, out_dir: str | Path, parameters: Mapping[str,
     os.replace(partial, paths["executed"])
     html_path = paths["html"]
     try:
-        write_atomic(html_path, notebook_html(nb))
+        if plotly_src is None:
+            plotly_src = write_plotly_js(out_dir).name
+        write_atomic(html_path, notebook_html(nb, plotly_src))
     except Exception as exc:  # noqa: BLE001  (a page that cannot render fails this notebook only)
         error, html_path = error or f"rendering HTML failed: {_describe_error(exc)}", None
     record = metrics_in_notebook(nb) if error is None else None
@@ -260,33 +282,38 @@ def load_result(path: str | Path, out_dir: str | Path, parameters: Mapping[str, 
 
 
 def _embed_plotly(nb: NotebookNode) -> bool:
-    """Give every plotly output a text/html div (no JS); True if the notebook has any figure."""
+    """Give every plotly output a text/html div (no JS), show a widget by the static HTML it carries (the
+    widget view is dropped: its scripts would come from a CDN), and drop the widgets' saved state (a plotly
+    FigureWidget's holds another copy of plotly.js); True if the notebook has any figure."""
     import plotly.io as pio
 
+    nb.metadata.pop("widgets", None)
     found = False
     for cell in nb.get("cells", []):
         for out in cell.get("outputs", []):
-            fig = out.get("data", {}).get(PLOTLY_MIME)
-            if fig is None:
-                continue
-            found = True
-            height = (fig.get("layout") or {}).get("height") or FIGURE_HEIGHT_PX
-            out["data"]["text/html"] = pio.to_html(fig, include_plotlyjs=False, full_html=False,
-                                                   default_height=f"{height}px", validate=False)
+            data = out.get("data", {})
+            if WIDGET_MIME in data and "text/html" in data:
+                del data[WIDGET_MIME]
+            fig = data.get(PLOTLY_MIME)
+            if fig is not None:
+                height = (fig.get("layout") or {}).get("height") or FIGURE_HEIGHT_PX
+                data["text/html"] = pio.to_html(fig, include_plotlyjs=False, full_html=False,
+                                                default_height=f"{height}px", validate=False)
+            found = found or PLOTLY_DIV in str(data.get("text/html", ""))
     return found
 
 
-def notebook_html(nb: NotebookNode) -> str:
-    """Render an executed notebook to one self-contained HTML page (`nb` itself is left unchanged)."""
+def notebook_html(nb: NotebookNode, plotly_src: str) -> str:
+    """Render an executed notebook to one HTML page that loads plotly.js from `plotly_src` (a URL relative to
+    the page) when it has figures (`nb` itself is left unchanged)."""
     import jinja2
     from nbconvert import HTMLExporter
-    from plotly.offline import get_plotlyjs
 
     node = copy.deepcopy(nb)
     has_figures = _embed_plotly(node)
     exporter = HTMLExporter(template_name="lab", template_file=REPORT_TEMPLATE,
                             extra_loaders=[jinja2.DictLoader({REPORT_TEMPLATE: _TEMPLATE_SOURCE})])
-    body, _ = exporter.from_notebook_node(node, resources={"plotly_js": get_plotlyjs() if has_figures else ""})
+    body, _ = exporter.from_notebook_node(node, resources={"plotly_src": plotly_src if has_figures else ""})
     return body
 
 

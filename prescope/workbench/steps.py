@@ -14,7 +14,9 @@ attention's GPU work, and the fastest link/CPU split of what an optimal cache mu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -23,8 +25,8 @@ import pandas as pd
 
 from prescope import timeline as tl
 from prescope.data import DATA_DIR, exists
-from prescope.files import read_csv, read_json
 from prescope.hardware.profiles import HardwareProfile, load_profile, scale_profile
+from prescope.layout import ModelLayout
 from prescope.policies import POLICIES, make_policy
 from prescope.policies.base import Policy
 from prescope.routing.trace import Trace
@@ -43,6 +45,13 @@ DEFAULT_PROMPTS = (
     "Photosynthesis is the process by which",
 )
 MS_PER_S = 1e3
+PREDICTORS = ("previous_step", "gate_lookahead")  # what the predicting policies predict from (`gate_lookahead`)
+GATED = ("lookahead_prefetch", "hybrid", "prescope")  # the policies `prescope bench` gives the gate lookahead
+# A predictor's matrices are tiny: one thread, as `simulate-compare` runs them (more spin-wait in OpenMP on a
+# busy CPU: 3 s became 34 s for 03's replays on a loaded 2-core machine)
+PREDICTOR_THREADS = 1
+REFERENCE = "on_demand_lru"  # the policy every comparison's ratios are taken against
+SAME_LINK_GBPS = 0.005  # a link this close to a profile's own is the profile's (half the dashboard slider's step)
 SMALL_RUN_PCA_DIM = 32  # a small run has a few hundred tokens: a PCA of the hidden state no wider than this
 SMALL_RUN_WIDTH = 64
 
@@ -90,18 +99,33 @@ def real_traces(data_dir: str | Path = DATA_DIR) -> dict[str, Trace]:
 
 
 def on_twin(trace: Trace, twin_model: str) -> Trace:
-    """The same routing timed as `twin_model`'s shape twin (`fidelity.twin_layout`, e.g. "olmoe-1b-7b" for
-    prescope-tiny, which shares its L, E and K): a copy of `trace` whose layout is the twin's, so replays
-    move and compute experts of the real model's size. Hidden states stay the small model's."""
-    from prescope.experiments.fidelity import twin_layout
-
-    layout, _ = twin_layout(twin_model, None)
+    """The same routing timed as `twin_model`'s shape twin (e.g. "olmoe-1b-7b" for prescope-tiny, which shares
+    its L, E and K): a copy of `trace` that `simulate` replays with the twin's layout (`timing_layout`: its
+    expert bytes and compute, its non-expert parameters). The copy's own layout and hidden states stay the
+    small model's, which a predictor reads with prescope-tiny's routers, as `prescope bench` drives
+    `twin@prescope-tiny`."""
+    layout, _ = twin_sizes(twin_model)
     mine = trace.layout
     if (layout.num_moe_layers, layout.num_experts, layout.top_k) != (mine.num_moe_layers, mine.num_experts, mine.top_k):
         raise WorkbenchError(f"{twin_model} routes {layout.num_moe_layers} layers × {layout.num_experts} experts, "
                              f"top-{layout.top_k}; the trace {mine.num_moe_layers} × {mine.num_experts}, top-{mine.top_k}")
-    return dataclasses.replace(trace, layout=layout, hidden=None, logits=None,
-                               meta={**trace.meta, "sizes_of": twin_model})
+    return dataclasses.replace(trace, logits=None, meta={**trace.meta, "sizes_of": twin_model})
+
+
+@functools.cache
+def twin_sizes(twin_model: str) -> tuple[ModelLayout, int]:
+    """(layout, non-expert parameters per MoE layer) of a shape twin (`fidelity.twin_layout`; built once per
+    name: a slider replays it many times)."""
+    from prescope.experiments.fidelity import twin_layout
+
+    return twin_layout(twin_model, None)
+
+
+def timing_layout(trace: Trace) -> tuple[ModelLayout, int | None]:
+    """The layout whose experts time `trace` in a replay, and its non-expert parameters per MoE layer (None:
+    the simulator's estimate): the twin's for an `on_twin` copy, else the trace's own."""
+    twin = trace.meta.get("sizes_of")
+    return twin_sizes(twin) if twin else (trace.layout, None)
 
 
 def trace_label(trace: Trace) -> str:
@@ -120,13 +144,33 @@ def takes_lookahead(policy: str) -> bool:
     return "lookahead" in POLICIES[policy].options_type.names()
 
 
-def named_policy(policy: str, lookahead: int | None = None) -> Policy:
-    """`make_policy(policy)`, with `lookahead` passed to the policies that have one (ignored by the others)."""
-    if lookahead is not None and takes_lookahead(policy):
-        return make_policy(policy, lookahead=lookahead)
+def named_policy(policy: str, lookahead: int | None = None, gate=None) -> Policy:
+    """`make_policy(policy)`, with `lookahead` passed to the policies that have one (ignored by the others) and
+    the predictor `gate` (a gate lookahead, `gate_lookahead`) to those `prescope bench` gives it (GATED);
+    without it, a predicting policy predicts from the routing it has seen (the previous step's experts)."""
     if policy not in POLICIES:
         raise WorkbenchError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
-    return make_policy(policy)
+    options = {"lookahead": lookahead} if lookahead is not None and takes_lookahead(policy) else {}
+    if gate is not None and policy in GATED:
+        options["predictor"] = gate
+    return make_policy(policy, **options)
+
+
+def gate_lookahead(predictor: str, trace: Trace):
+    """The predictor the predicting policies get: None for "previous_step" (the routing they have seen), or
+    for "gate_lookahead" later layers' routers of prescope-tiny applied to the router input the trace
+    recorded (the bench's choice on prescope-tiny's routing; the trace needs hidden states)."""
+    if predictor not in PREDICTORS:
+        raise WorkbenchError(f"predictor must be one of {PREDICTORS}, got {predictor!r}")
+    if predictor == "previous_step":
+        return None
+    if trace.hidden is None:
+        raise WorkbenchError("predictor 'gate_lookahead' reads the router inputs, and this trace has none: record it "
+                             "with hidden states (tiny_trace(..., keep_hidden=True)) or use 'previous_step'")
+    from prescope.models.tiny import load_tiny
+    from prescope.predict.predictors import GateLookahead
+
+    return GateLookahead.from_model(load_tiny()[0])
 
 
 def _clip_lookahead(lookahead: int | None, trace: Trace) -> int | None:
@@ -134,10 +178,10 @@ def _clip_lookahead(lookahead: int | None, trace: Trace) -> int | None:
 
 
 def what_if_profile(profile: str | HardwareProfile, link_gbps: float = 0.0) -> HardwareProfile:
-    """`profile` with its pinned link rescaled to `link_gbps` (0 or its own peak: unchanged), renamed
-    "<name> @ <link> GB/s" so figures say what was changed."""
+    """`profile` with its pinned link rescaled to `link_gbps` (0 or its own peak, within SAME_LINK_GBPS:
+    unchanged), renamed "<name> @ <link> GB/s" so figures say what was changed."""
     base = load_profile(profile)
-    if link_gbps <= 0 or abs(link_gbps - base.pinned_h2d.peak_gbps) < 1e-9:
+    if link_gbps <= 0 or abs(link_gbps - base.pinned_h2d.peak_gbps) < SAME_LINK_GBPS:
         return base
     return scale_profile(base, name=f"{base.name} @ {link_gbps:g} GB/s", link_gbps=link_gbps)
 
@@ -145,20 +189,41 @@ def what_if_profile(profile: str | HardwareProfile, link_gbps: float = 0.0) -> H
 # ---- comparisons -------------------------------------------------------------------------------------------
 
 def simulate(trace: Trace, policy: str, profile: HardwareProfile | str, *, budget_share: float, batch_size: int = 1,
-             max_steps: int | None = None, lookahead: int | None = None):
-    """One replay (`simulator.replay`) of `policy` by name, with the policy's own AsyncIO choice."""
+             max_steps: int | None = None, lookahead: int | None = None, gate=None):
+    """One replay (`simulator.replay`) of `policy` by name (`named_policy`), with the policy's own AsyncIO
+    choice. Its totals also hold host_s_per_step (the host's own work per step, which no cache or prefetch
+    removes) and, for a policy with a gate (prescope), gate_on_demand_share: the share of MoE layers its gate
+    ran on demand, without predicting or planning, because it judged them host-bound."""
+    from prescope.policies.base import costs_for
     from prescope.sim.simulator import replay
 
     prompts = int(trace.tokens["prompt"].nunique())
     if batch_size > prompts:
         raise WorkbenchError(f"batch_size {batch_size} needs at least {batch_size} prompts; the trace has {prompts}")
-    from prescope.hardware.profiles import load_profile
-    from prescope.policies.base import costs_for
+    chosen = named_policy(policy, _clip_lookahead(lookahead, trace), gate)
+    hardware, (layout, dense) = load_profile(profile), timing_layout(trace)
+    with _torch_threads(PREDICTOR_THREADS if gate is not None else None):
+        result = replay(trace, chosen, hardware, budget_share=budget_share, batch_size=batch_size,
+                        max_steps=max_steps, async_io=chosen.uses_async_io(costs_for(layout, hardware)),
+                        layout=layout, dense_params=dense)
+    layers = len(result.summary) * trace.layout.num_moe_layers
+    extra = {"host_s_per_step": float(result.summary["host"].mean()),
+             "gate_on_demand_share": chosen.lean / layers if getattr(chosen, "gate", False) and layers else np.nan}
+    return dataclasses.replace(result, totals={**result.totals, **extra})
 
-    chosen = named_policy(policy, _clip_lookahead(lookahead, trace))
-    hardware = load_profile(profile)
-    return replay(trace, chosen, hardware, budget_share=budget_share, batch_size=batch_size, max_steps=max_steps,
-                  async_io=chosen.uses_async_io(costs_for(trace.layout, hardware)))
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None):
+    """torch's intra-op threads set to `count` inside the block (None: left alone)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def result_row(totals: Mapping, **keys) -> dict:
@@ -171,40 +236,56 @@ def result_row(totals: Mapping, **keys) -> dict:
             "hit_rate": totals["hit_rate"], "gpu_idle_share": totals["gpu_idle_share"],
             "mb_moved": totals["bytes_moved"] / 1e6, "loads_on_demand": totals["loads_on_demand"],
             "loads_prefetched": totals["loads_prefetched"], "prefetch_precision": totals["prefetch_precision"],
+            "host_ms": totals.get("host_s_per_step", np.nan) * MS_PER_S,
+            "gate_on_demand_share": totals.get("gate_on_demand_share", np.nan),
             "steps": totals["steps"], "tokens": totals["tokens"]}
+
+
+def with_ratios(table: pd.DataFrame, by: str) -> pd.DataFrame:
+    """`table` with vs_on_demand_lru (each row's tokens/s over REFERENCE's at the same `by` value, where it ran)
+    and of_bound (tokens/s over the lower bound's: 1 would be the bound); attrs kept."""
+    out = table.copy()
+    if REFERENCE in set(out["policy"]):
+        ref = out[out["policy"] == REFERENCE].set_index(by)["tokens_per_s"]
+        out[f"vs_{REFERENCE}"] = out["tokens_per_s"] / out[by].map(ref)
+    out["of_bound"] = out["tokens_per_s"] / out["bound_tokens_per_s"]
+    out.attrs = dict(table.attrs)
+    return out
 
 
 def compare_policies(trace: Trace, policies: Iterable[str], profile: HardwareProfile | str, *,
                      batch_sizes: Iterable[int] = (1,), budget_share: float = 0.25, max_steps: int | None = None,
-                     lookahead: int | None = None) -> tuple[pd.DataFrame, dict]:
-    """Replay every policy at every batch size: (table with one `result_row` per (policy, batch_size),
-    attrs source "simulated" and the profile; the SimResults by (policy, batch_size))."""
-    profile = load_profile(profile)
+                     lookahead: int | None = None, predictor: str = "previous_step") -> tuple[pd.DataFrame, dict]:
+    """Replay every policy at every batch size, the predicting ones predicting from `predictor`
+    (`gate_lookahead`): (table with one `result_row` per (policy, batch_size) and `with_ratios` per batch
+    size, attrs source "simulated" and the profile; the SimResults by (policy, batch_size))."""
+    profile, gate = load_profile(profile), gate_lookahead(predictor, trace)
     rows, results = [], {}
     for policy in policies:
         for batch in batch_sizes:
             result = simulate(trace, policy, profile, budget_share=budget_share, batch_size=batch,
-                              max_steps=max_steps, lookahead=lookahead)
+                              max_steps=max_steps, lookahead=lookahead, gate=gate)
             results[policy, batch] = result
             rows.append(result_row(result.totals, policy=policy, batch_size=batch))
     table = pd.DataFrame(rows)
     table.attrs.update(source="simulated", profile=profile.name)
-    return table, results
+    return with_ratios(table, "batch_size"), results
 
 
 def link_sweep(trace: Trace, policies: Iterable[str], profile: HardwareProfile | str, links_gbps: Iterable[float], *,
                budget_share: float = 0.25, batch_size: int = 1, max_steps: int | None = None,
-               lookahead: int | None = None) -> pd.DataFrame:
+               lookahead: int | None = None, predictor: str = "previous_step") -> pd.DataFrame:
     """Replay every policy on `profile` with its link rescaled to each bandwidth (`what_if_profile`): one
-    `result_row` per (policy, link_gbps), attrs source "simulated" and profile "<name> (link rescaled)"."""
-    base = load_profile(profile)
+    `result_row` per (policy, link_gbps) and `with_ratios` per bandwidth, attrs source "simulated" and profile
+    "<name> (link rescaled)"."""
+    base, gate = load_profile(profile), gate_lookahead(predictor, trace)
     rows = [result_row(simulate(trace, policy, what_if_profile(base, link), budget_share=budget_share,
-                                batch_size=batch_size, max_steps=max_steps, lookahead=lookahead).totals,
+                                batch_size=batch_size, max_steps=max_steps, lookahead=lookahead, gate=gate).totals,
                        policy=policy, link_gbps=float(link))
             for policy in policies for link in links_gbps]
     table = pd.DataFrame(rows)
     table.attrs.update(source="simulated", profile=f"{base.name} (link rescaled)")
-    return table
+    return with_ratios(table, "link_gbps")
 
 
 def bubble_table(timelines: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -304,116 +385,3 @@ def small_accuracy_run(*, num_prompts: int = 8, max_new_tokens: int = 16, distan
                 **{p.name: p.fit(train) for p in (predictors.PreviousToken(), predictors.Popularity(),
                                                   predictors.Oracle())}}
     return accuracy.evaluate(everyone, heldout, range(1, distance + 1), batch_sizes=(), by_domain=False)
-
-
-# ---- committed results -------------------------------------------------------------------------------------
-
-def h200_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The measured H200 bench cells (`bench.bench_table` of every bench-*.json, `run` = the file's stem) and the fidelity cells
-    (every fidelity-*.csv: measured_ms, simulated_ms per model, policy, budget, batch; `run` = the file's
-    stem), from `folder`."""
-    from prescope.experiments.bench import bench_table
-
-    folder = Path(folder)
-    benches = sorted(folder.glob("bench-*.json"))
-    if not benches:
-        raise FileNotFoundError(f"no bench-*.json in {folder}: the H200 results are committed in reports/h200/")
-    tables = [bench_table(p).assign(run=p.stem) for p in benches]
-    bench = pd.concat(tables, ignore_index=True)
-    devices = sorted({t.attrs.get("profile", "") for t in tables})
-    bench.attrs.update(source="measured", profile=", ".join(devices),
-                       git_revisions=sorted({t.attrs.get("git_revision", "") for t in tables}))
-    fidelity = pd.concat([read_csv(p).assign(run=p.stem) for p in sorted(folder.glob("fidelity-*.csv"))],
-                         ignore_index=True)
-    profile_file = next(iter(sorted(folder.glob("*calibrated*.json"))), None)
-    fidelity.attrs.update(measured_on=", ".join(devices),
-                          profile=read_json(profile_file).get("name", profile_file.stem)
-                          if profile_file else "?")
-    return bench, fidelity
-
-
-def measured_scaling(bench: pd.DataFrame, model: str) -> pd.DataFrame:
-    """One model's measured cells for `viz.scaling_figure` (by "cell" = policy@budget): tokens_per_s = the
-    decode rate, latency_ms = the median decode step. A model measured by several runs is taken from the
-    run that holds most of its cells (ratios hold within one run only)."""
-    sel = bench[bench["model"] == model]
-    if sel.empty:
-        raise WorkbenchError(f"no bench cells for {model!r}; models: {sorted(set(bench['model']))}")
-    sel = sel[sel["run"] == sel["run"].value_counts().index[0]]
-    table = pd.DataFrame({"cell": sel["policy"] + "@" + sel["budget"].map("{:g}".format), "batch_size": sel["batch"],
-                          "tokens_per_s": sel["decode_tok_s"], "latency_ms": sel["decode_ms_median"],
-                          "regime": sel["regime"]})
-    table.attrs.update(source="measured", profile=bench.attrs.get("profile", "?"), run=str(sel["run"].iloc[0]))
-    return table
-
-
-def fidelity_scaling(fidelity: pd.DataFrame, model: str) -> pd.DataFrame:
-    """Measured and simulated rows of one model's fidelity cells (from the run with most of them), for
-    `viz.scaling_figure` (by "cell" = policy@budget): tokens_per_s = batch / median step, latency_ms = the
-    median step, source per row."""
-    sel = fidelity[fidelity["model"] == model]
-    if sel.empty:
-        raise WorkbenchError(f"no fidelity cells for {model!r}; models: {sorted(set(fidelity['model']))}")
-    if "run" in sel.columns:  # one run per model, as in `measured_scaling`
-        sel = sel[sel["run"] == sel["run"].value_counts().index[0]]
-    cell = sel["policy"] + "@" + sel["budget"].map("{:g}".format)
-    parts = []
-    for source, column in (("measured", "measured_ms"), ("simulated", "simulated_ms")):
-        parts.append(pd.DataFrame({"cell": cell, "batch_size": sel["batch"], "latency_ms": sel[column],
-                                   "tokens_per_s": sel["batch"] * MS_PER_S / sel[column], "source": source,
-                                   "profile": fidelity.attrs.get("measured_on" if source == "measured" else "profile",
-                                                                 "?")}))
-    return pd.concat(parts, ignore_index=True)
-
-
-
-COMPARED = ("model", "policy", "budget", "batch", "decode_ms_median", "decode_tok_s", "loads_per_step",
-            "policy_ms_per_layer", "vs_on_demand_lru", "vs_oracle", "vs_resident", "regime")
-REFERENCES = ("stock", "stock-eager", "resident", "accelerate")  # reference rows of a bench run, not contending policies
-
-
-def comparison_table(folder: str | Path, runs: Sequence[str]) -> pd.DataFrame:
-    """The measured cells of the `prescope bench` runs `runs` (file stems in `folder`): one row per model,
-    policy, budget and batch with its ratios to on_demand_lru and the oracle of the same run, and `run` and
-    `git_revision` columns; attrs say measured and on which device."""
-    from prescope.experiments.bench import bench_table
-
-    if not runs:
-        raise ValueError("comparison_table needs at least one run")
-    folder, tables, devices = Path(folder), [], set()
-    for run in runs:
-        path = folder / f"{run}.json"
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in folder.glob("*.json"))) or "none"
-            raise FileNotFoundError(f"no bench run {run!r} in {folder} (runs there: {known})")
-        table = bench_table(path)
-        devices.add(table.attrs["profile"])
-        tables.append(table[[c for c in COMPARED if c in table.columns]]
-                      .assign(run=run, git_revision=table.attrs["git_revision"]))
-    out = pd.concat(tables, ignore_index=True)
-    out.attrs = {"source": "measured", "profile": ", ".join(sorted(devices))}
-    return out
-
-
-def best_per_cell(table: pd.DataFrame) -> pd.DataFrame:
-    """Per run, model, budget and batch: the contending policy with the highest decode throughput, and
-    prescope's throughput against it and against on_demand_lru (NaN where prescope did not run). Ablation
-    variants (`name[k=v]`, `name+sync`, `prescope+cal`) are not contenders: each is one policy's option."""
-    from prescope.policies import parse_policy
-
-    references = set(REFERENCES)
-    variant = table["policy"].map(lambda name: name not in references and parse_policy(name).is_variant)
-    contenders = table[~table["policy"].isin(REFERENCES) & ~variant]
-    rows = []
-    for (run, model, budget, batch), cell in contenders.groupby(["run", "model", "budget", "batch"], sort=False):
-        best = cell.loc[cell["decode_tok_s"].idxmax()]
-        ours = cell[cell["policy"] == "prescope"]
-        rate = float(ours["decode_tok_s"].iloc[0]) if len(ours) else float("nan")
-        rows.append({"run": run, "model": model, "budget": budget, "batch": batch, "policies": len(cell),
-                     "best": best["policy"], "best_tok_s": float(best["decode_tok_s"]),
-                     "prescope_vs_best": rate / float(best["decode_tok_s"]),
-                     "prescope_vs_on_demand_lru": float(ours["vs_on_demand_lru"].iloc[0]) if len(ours) else float("nan"),
-                     "regime": best.get("regime", "")})
-    out = pd.DataFrame(rows)
-    out.attrs = dict(table.attrs)
-    return out

@@ -49,6 +49,7 @@ import inspect
 import itertools
 import json
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ from prescope.workbench.reports import (
     parameter_problems,
     render_index,
     run_notebook,
+    write_plotly_js,
 )
 
 CELL_ID_HEX = 12
@@ -215,6 +217,7 @@ class CellJob:
     out_dir: Path
     parameters: dict[str, Any]
     resources: dict[str, float] = field(default_factory=dict)
+    plotly_src: str | None = None  # where the cell's page loads plotly.js (`reports.run_notebook`)
     cell_timeout_s: float | None = DEFAULT_CELL_TIMEOUT_S  # per notebook cell; None: no limit
 
 
@@ -240,7 +243,7 @@ class LocalExecutor:
                 finished = load_result(job.notebook, job.out_dir, job.parameters)  # by another runner meanwhile
                 yield job, None
                 yield job, finished or run_notebook(job.notebook, job.out_dir, job.parameters,
-                                                    cell_timeout_s=job.cell_timeout_s)
+                                                    cell_timeout_s=job.cell_timeout_s, plotly_src=job.plotly_src)
             finally:
                 claim.release()
 
@@ -338,8 +341,10 @@ def run_sweep(grid: Grid, out_dir: str | Path, executor: Executor | None = None,
         as_run = {"notebook": str(grid.notebook), "parameters": grid.parameters, "fixed": grid.fixed,
                   "resources": grid.resources, "cells": cells}
         write_json(out / "grid.json", as_run)
+        shared = write_plotly_js(out)  # one copy of plotly.js for every cell's page
         jobs = [CellJob(grid.notebook, out / CELLS_DIR / i, c, cell_resources(c, grid.resources, defaults),
-                        cell_timeout_s) for i, c in cells.items() if done[i] is None]
+                        plotly_src=os.path.relpath(shared, out / CELLS_DIR / i).replace(os.sep, "/"),
+                        cell_timeout_s=cell_timeout_s) for i, c in cells.items() if done[i] is None]
         try:
             with SweepProgress(len(jobs), disable=not progress) as bar:
                 for job, result in (executor or LocalExecutor()).run(jobs):

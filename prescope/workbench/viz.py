@@ -19,7 +19,7 @@ from prescope import timeline as tl
 
 KIND_COLORS = {
     "prefetch": "#4C78A8", "on_demand": "#E45756", "gpu_expert": "#54A24B", "cpu_expert": "#F58518",
-    "attention": "#B279A2", "dense": "#9D755D", "predict": "#72B7B2", "plan": "#EECA3B", "wait": "#BAB0AC",
+    "attention": "#B279A2", "dense": "#9D755D", "predict": "#72B7B2", "plan": "#EECA3B", "host": "#BAB0AC",
 }
 # Bubble causes in the colour of the operation they wait for (KIND_COLORS), the same in every figure.
 CAUSE_COLORS = {"on_demand_transfer": "#E45756", "late_prefetch": "#4C78A8", "cpu_expert": "#F58518",
@@ -28,7 +28,7 @@ BUBBLE_COLOR = "rgba(215, 25, 28, 0.45)"
 WASTED_COLOR = "#9D755D"  # prefetched bytes evicted unused: not the red of on-demand loads
 SUBPLOT_NOTE_Y = 1.08  # above the subplot titles, which sit at y = 1
 MENU_TOP_MARGIN_PX = 130  # room for a title and a menu above the panels
-BUBBLE_BAR_WIDTH = 0.3  # thinner than the operation bars, so a bubble over a `wait` bar stays visible
+BUBBLE_BAR_WIDTH = 0.3  # thinner than the operation bars, so a bubble over a `host` bar stays visible
 MS_PER_S = 1e3
 
 
@@ -83,6 +83,48 @@ def _check_timeline(df: pd.DataFrame) -> None:
             raise VizInputError(f"timeline: unknown {column} values {bad}; expected {allowed}")
 
 
+def _shown_steps(timeline_df: pd.DataFrame, steps: int | Iterable[int] | None) -> pd.DataFrame:
+    _check_timeline(timeline_df)
+    if steps is None:
+        return timeline_df
+    wanted = {steps} if isinstance(steps, int) else set(steps)
+    df = timeline_df[timeline_df["step"].isin(wanted)]
+    if df.empty:
+        raise VizInputError(f"timeline: no rows for steps {sorted(wanted)}")
+    return df
+
+
+_TIMELINE_HOVER = ("%{y} %{fullData.name}<br>step %{customdata[0]}, layer %{customdata[1]}, expert %{customdata[2]}"
+                   "<br>%{customdata[3]} tokens, %{customdata[4]:.3s}B<br>%{base:.3f} ms + %{x:.3f} ms<extra></extra>")
+
+
+def _timeline_traces(df: pd.DataFrame, named: set[str], bubble_name: str) -> list[go.Bar]:
+    """One bar trace per kind present (in the legend once: `named` collects the kinds already listed) and the
+    GPU bubbles of `df`, times in ms from its first row."""
+    t0, traces = df["start"].min(), []
+    for kind, color in KIND_COLORS.items():
+        rows = df[df["kind"] == kind]
+        if len(rows):
+            traces.append(go.Bar(name=kind, legendgroup=kind, showlegend=kind not in named, orientation="h",
+                                 y=rows["lane"], base=(rows["start"] - t0) * MS_PER_S,
+                                 x=(rows["end"] - rows["start"]) * MS_PER_S, marker_color=color,
+                                 customdata=rows[["step", "layer", "expert", "tokens", "bytes"]].to_numpy(),
+                                 hovertemplate=_TIMELINE_HOVER))
+            named.add(kind)
+    gaps = tl.bubbles(df)
+    if len(gaps):
+        traces.append(go.Bar(name=f"{bubble_name} (GPU idle, {gaps['duration'].sum() * MS_PER_S:.3g} ms)",
+                             orientation="h", y=["gpu"] * len(gaps), base=(gaps["start"] - t0) * MS_PER_S,
+                             x=gaps["duration"] * MS_PER_S, width=BUBBLE_BAR_WIDTH, marker_color=BUBBLE_COLOR,
+                             customdata=gaps[["cause"]].to_numpy(),
+                             hovertemplate="GPU idle %{x:.3f} ms: %{customdata[0]}<extra></extra>"))
+    return traces
+
+
+LANE_AXIS = dict(categoryorder="array", categoryarray=list(reversed(tl.LANES)))
+LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.18, x=0, xanchor="left")  # wide figures keep their width
+
+
 def timeline_figure(timeline_df: pd.DataFrame, steps: int | Iterable[int] | None = None,
                     title: str | None = None) -> go.Figure:
     """Lanes pcie/gpu/cpu against time (ms from the first shown row), one bar per operation coloured by
@@ -92,36 +134,30 @@ def timeline_figure(timeline_df: pd.DataFrame, steps: int | Iterable[int] | None
     selects one step or several.
     """
     where = provenance(timeline_df, attrs_only=True)
-    _check_timeline(timeline_df)
-    df = timeline_df
-    if steps is not None:
-        wanted = {steps} if isinstance(steps, int) else set(steps)
-        df = df[df["step"].isin(wanted)]
-        if df.empty:
-            raise VizInputError(f"timeline: no rows for steps {sorted(wanted)}")
-    t0 = df["start"].min()
-    fig = go.Figure()
-    hover = "%{y} %{fullData.name}<br>step %{customdata[0]}, layer %{customdata[1]}, expert %{customdata[2]}" \
-            "<br>%{customdata[3]} tokens, %{customdata[4]:.3s}B<br>%{base:.3f} ms + %{x:.3f} ms<extra></extra>"
-    for kind, color in KIND_COLORS.items():
-        rows = df[df["kind"] == kind]
-        if len(rows):
-            fig.add_trace(go.Bar(name=kind, orientation="h", y=rows["lane"], base=(rows["start"] - t0) * MS_PER_S,
-                                 x=(rows["end"] - rows["start"]) * MS_PER_S, marker_color=color,
-                                 customdata=rows[["step", "layer", "expert", "tokens", "bytes"]].to_numpy(),
-                                 hovertemplate=hover))
-    gaps = tl.bubbles(df)
-    if len(gaps):
-        fig.add_trace(go.Bar(name=f"bubble (GPU idle, {gaps['duration'].sum() * MS_PER_S:.3g} ms)",
-                             orientation="h", y=["gpu"] * len(gaps), base=(gaps["start"] - t0) * MS_PER_S,
-                             x=gaps["duration"] * MS_PER_S, width=BUBBLE_BAR_WIDTH, marker_color=BUBBLE_COLOR,
-                             customdata=gaps[["cause"]].to_numpy(),
-                             hovertemplate="GPU idle %{x:.3f} ms: %{customdata[0]}<extra></extra>"))
+    df = _shown_steps(timeline_df, steps)
+    fig = go.Figure(_timeline_traces(df, set(), "bubble"))
     shown = sorted(df["step"].unique())
     fig.update_layout(barmode="overlay", title=title or f"timeline, steps {shown[0]}–{shown[-1]}",
-                      xaxis_title="time (ms)", legend_title="kind",
-                      yaxis=dict(categoryorder="array", categoryarray=list(reversed(tl.LANES))))
+                      xaxis_title="time (ms)", legend=LEGEND_BELOW, yaxis=LANE_AXIS)
     return _annotate(fig, where)
+
+
+def timeline_pair_figure(top: pd.DataFrame, bottom: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Two timelines one above the other, each against its own time from its first row (ms, one x axis):
+    typically a run measured on a GPU and the simulator's replay of the same cell. Each panel is titled with
+    what it is (`attrs["label"]` if set, then measured/simulated and the device or profile, from attrs), one
+    legend of kinds for both; bubbles as in `timeline_figure`."""
+    frames = [_shown_steps(df, None) for df in (top, bottom)]
+    names = [" ".join(filter(None, (df.attrs.get("label"), provenance(df, attrs_only=True)))) for df in (top, bottom)]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.14, subplot_titles=names)
+    named: set[str] = set()
+    for row, (df, name) in enumerate(zip(frames, names, strict=True), start=1):
+        for trace in _timeline_traces(df, named, "bubble, " + name.split(" on ")[0]):
+            fig.add_trace(trace, row, 1)
+        fig.update_yaxes(LANE_AXIS, row=row, col=1)
+    fig.update_xaxes(title_text="time (ms) from the first shown operation", row=2, col=1)
+    return fig.update_layout(barmode="overlay", title=title or "measured and simulated, the same cell",
+                             legend=LEGEND_BELOW, height=2 * 330)
 
 
 ROUTING_PANELS = {  # key of stats_tables -> (panel title, columns it needs)
@@ -296,16 +332,20 @@ def bubble_analysis_figure(timeline_df: pd.DataFrame, title: str | None = None) 
 SCALING_PANELS = (("tokens_per_s", "decode throughput (tokens/s)"), ("latency_ms", "per-token latency (ms)"))
 BOUND_COLUMNS = {"tokens_per_s": "bound_tokens_per_s", "latency_ms": "bound_latency_ms"}
 ORACLE = "oracle"
+LOG_TICKS = "D2"  # a log axis labels 1, 2 and 5 of each decade
 
 
-def scaling_figure(df: pd.DataFrame, x: str = "batch_size", by: str = "policy", title: str | None = None) -> go.Figure:
+def scaling_figure(df: pd.DataFrame, x: str = "batch_size", by: str = "policy", title: str | None = None,
+                   log_y: bool = True) -> go.Figure:
     """Throughput and per-token latency against `x` (batch size by default), one line per `by` value.
 
     Columns: `x`, `by`, tokens_per_s, latency_ms; optionally `source` ("measured" solid, "simulated"
     dashed, both on one figure for a fidelity view) and the lower bound of each x, bound_tokens_per_s and
     bound_latency_ms (drawn once per source as a grey dotted "lower bound" line; the best any policy can
     do). The `oracle` policy is drawn in black. One row per (by, x, source); provenance in attrs or
-    source/profile columns. A batch-size axis is log2.
+    source/profile columns. A batch-size or bandwidth axis is logarithmic, and so are both y axes unless
+    `log_y` is False: the bound may lie ten times above every policy, and on a linear axis it would squeeze
+    them into its bottom tenth.
     """
     where = provenance(df)
     _require(df, (x, by, *(c for c, _ in SCALING_PANELS)), "scaling table")
@@ -334,7 +374,8 @@ def scaling_figure(df: pd.DataFrame, x: str = "batch_size", by: str = "policy", 
                 fig.add_trace(go.Scatter(name=label, x=line.index, y=line.to_numpy(), mode="lines", legendgroup=label,
                                          showlegend=col == 1, line=dict(color="grey", dash="dot", width=2)), 1, col)
         fig.update_xaxes(title_text=x, row=1, col=col, **_x_axis(df, x))
-        fig.update_yaxes(title_text=SCALING_PANELS[col - 1][1], row=1, col=col)
+        fig.update_yaxes(title_text=SCALING_PANELS[col - 1][1] + (", log scale" if log_y else ""), row=1, col=col,
+                         **(dict(type="log", dtick=LOG_TICKS) if log_y else dict(type="linear")))
     fig.update_layout(title=title or f"throughput and latency against {x}", legend_title=by)
     return _annotate(fig, where, SUBPLOT_NOTE_Y)
 
@@ -344,7 +385,7 @@ _PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#
 
 def _x_axis(df: pd.DataFrame, x: str) -> dict:
     values = sorted(df[x].unique())
-    if x.startswith("batch") and len(values) > 1 and min(values) > 0:
+    if x.startswith(("batch", "link")) and len(values) > 1 and min(values) > 0:
         return dict(type="log", tickvals=values)
     return {}
 

@@ -11,8 +11,9 @@ the figure without re-creating the widget. Every number it shows is simulated, o
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from time import perf_counter
 
 import pandas as pd
@@ -25,9 +26,16 @@ from prescope.workbench import steps, viz
 
 MS_PER_S = 1e3
 LINK_RANGE_GBPS = (1.0, 128.0)  # slider range: PCIe 3 x4 up to beyond PCIe 6 x16
-BUDGET_STEP = 0.05
+LINK_STEP_GBPS = 0.01  # fine enough to hold a profile's own measured peak (55.27 GB/s) exactly as shown
+BUDGET_STEP = 0.01
 MAX_LOOKAHEAD = 6
-FIGURE_HEIGHT_PX = 420
+FIGURE_HEIGHT_PX = 460
+# Controls sit in a grid of columns at least this wide (two side by side in a notebook 1400 px wide, one on a
+# narrow screen), each label wide enough for "expert budget (share)", each readout for "128.00" or "100%"
+CONTROL_MIN_WIDTH = "25em"
+LABEL_WIDTH = "11em"
+READOUT = {"link_gbps": ".2f", "budget_share": ".0%"}  # d3 formats: 55.27, 128.00, 25%
+ON_A_STEP = 1e-6  # a value this close to a multiple of a slider's step is on that step (float rounding)
 
 
 class DashboardError(ValueError):
@@ -67,6 +75,32 @@ class DashboardState:
                 raise DashboardError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+def out_of_range(state: DashboardState, trace: Trace) -> list[str]:
+    """What in `state` the controls cannot show for `trace` (a slider would clamp it without a word)."""
+    prompts, deepest = _prompts(trace), _max_lookahead(trace)
+    problems = []
+    if state.link_gbps and not LINK_RANGE_GBPS[0] <= state.link_gbps <= LINK_RANGE_GBPS[1]:
+        problems.append(f"link_gbps {state.link_gbps:g}: the link slider spans {LINK_RANGE_GBPS[0]:g}-"
+                        f"{LINK_RANGE_GBPS[1]:g} GB/s (0 = the profile's own)")
+    if state.batch_size > prompts:
+        problems.append(f"batch_size {state.batch_size}: the trace {state.trace!r} has {prompts} prompts, so 1-{prompts}")
+    if state.lookahead > deepest:
+        problems.append(f"lookahead {state.lookahead}: at most {deepest} layers ahead for {state.trace!r}")
+    steps_of_budget = state.budget_share / BUDGET_STEP
+    if state.budget_share < BUDGET_STEP or abs(steps_of_budget - round(steps_of_budget)) > ON_A_STEP:
+        problems.append(f"budget_share {state.budget_share:g}: the budget slider moves from {BUDGET_STEP:g} to 1 "
+                        f"in steps of {BUDGET_STEP:g}")
+    return problems
+
+
+def _prompts(trace: Trace) -> int:
+    return int(trace.tokens["prompt"].nunique())
+
+
+def _max_lookahead(trace: Trace) -> int:
+    return max(1, min(MAX_LOOKAHEAD, trace.layout.num_moe_layers - 1))
+
+
 def dashboard_update(state: DashboardState, traces: Mapping[str, Trace]) -> tuple[go.Figure, pd.DataFrame]:
     """Replay `traces[state.trace]` as `state` says; returns (timeline figure of the last `show_steps`
     steps, summary table: one `value` per quantity, attrs source "simulated" and the profile)."""
@@ -78,10 +112,10 @@ def dashboard_update(state: DashboardState, traces: Mapping[str, Trace]) -> tupl
     result = steps.simulate(trace, state.policy, profile, budget_share=state.budget_share,
                             batch_size=state.batch_size, max_steps=state.max_steps, lookahead=lookahead)
     shown = sorted(result.timeline["step"].unique())[-state.show_steps:]
-    title = (f"{state.policy} on {state.trace}, batch {state.batch_size}, budget {state.budget_share:.0%}: "
+    title = (f"{state.policy}, batch {state.batch_size}, budget {state.budget_share:.0%}: "
              f"steps {shown[0]}–{shown[-1]} of {len(result.summary)}")
     figure = viz.timeline_figure(result.timeline, steps=shown, title=title)
-    figure.update_layout(height=FIGURE_HEIGHT_PX)
+    figure.update_layout(height=FIGURE_HEIGHT_PX, title_font_size=14)
     return figure, summary_table(state, result, profile, lookahead)
 
 
@@ -98,9 +132,12 @@ def summary_table(state: DashboardState, result, profile: HardwareProfile, looka
         "tokens/s": round(row["tokens_per_s"], 1), "decode step (ms)": round(row["latency_ms"], 3),
         "lower bound step (ms)": round(row["bound_latency_ms"], 3),
         "bound / achieved": round(result.totals["lower_bound_share"], 3),
+        "host work per step (ms)": round(row["host_ms"], 3),
         "hit rate": round(row["hit_rate"], 3), "on-demand loads": row["loads_on_demand"],
         "prefetches": row["loads_prefetched"],
         "prefetch precision": None if row["prefetch_precision"] is None else round(row["prefetch_precision"], 3),
+        "layers the gate ran on demand": "n/a" if pd.isna(row["gate_on_demand_share"])
+        else f"{row['gate_on_demand_share']:.0%}",
         "MB moved": round(row["mb_moved"], 1), "GPU idle share": round(row["gpu_idle_share"], 3),
         "steps replayed": row["steps"],
     }
@@ -112,7 +149,12 @@ def summary_table(state: DashboardState, result, profile: HardwareProfile, looka
 
 class Dashboard:
     """Sliders and menus for a `DashboardState`; each change calls `dashboard_update` and redraws a
-    FigureWidget and the summary in place. Display it as a notebook cell's value."""
+    FigureWidget and the summary in place. Display it as a notebook cell's value; where no widget can be
+    drawn (a rendered report, offline) the cell shows the state it was displayed in (`static_html`).
+
+    A state the controls cannot show (a batch larger than the trace's prompts, a link outside the slider) is
+    refused with a DashboardError rather than clamped; a control clamped later (another trace with fewer
+    prompts) says so in the status line."""
 
     def __init__(self, traces: Mapping[str, Trace], state: DashboardState = DashboardState(),
                  profiles: Sequence[str] | None = None):
@@ -121,40 +163,61 @@ class Dashboard:
         if not traces:
             raise DashboardError("the dashboard needs at least one trace")
         self.traces = dict(traces)
-        state = state if state.trace in self.traces else replace(state, trace=next(iter(self.traces)))
+        if state.trace not in self.traces:
+            raise DashboardError(f"trace {state.trace!r}: choose one of {sorted(self.traces)}")
+        problems = out_of_range(state, self.traces[state.trace])
+        if problems:
+            raise DashboardError("the dashboard cannot show " + "; ".join(problems))
         profiles = list(profiles or list_profiles())
         if state.profile not in profiles:
             profiles.append(state.profile)
         link = state.link_gbps or load_profile(state.profile).pinned_h2d.peak_gbps
-        wide = {"style": {"description_width": "11em"}, "layout": w.Layout(width="30em")}
+
+        def styled(**extra):
+            return {"style": {"description_width": LABEL_WIDTH},
+                    "layout": w.Layout(width="auto", min_width=CONTROL_MIN_WIDTH), **extra}
+
+        slider = styled(continuous_update=False)
         self.controls = {
-            "trace": w.Dropdown(options=list(self.traces), value=state.trace, description="trace", **wide),
-            "policy": w.Dropdown(options=list(POLICIES), value=state.policy, description="policy", **wide),
-            "profile": w.Dropdown(options=profiles, value=state.profile, description="hardware profile", **wide),
-            "link_gbps": w.FloatSlider(value=link, min=LINK_RANGE_GBPS[0], max=LINK_RANGE_GBPS[1], step=0.5,
-                                       description="link GB/s", continuous_update=False, **wide),
+            "trace": w.Dropdown(options=list(self.traces), value=state.trace, description="trace", **styled()),
+            "policy": w.Dropdown(options=list(POLICIES), value=state.policy, description="policy", **styled()),
+            "profile": w.Dropdown(options=profiles, value=state.profile, description="hardware profile", **styled()),
+            "link_gbps": w.FloatSlider(value=link, min=LINK_RANGE_GBPS[0], max=LINK_RANGE_GBPS[1], step=LINK_STEP_GBPS,
+                                       description="link GB/s", readout_format=READOUT["link_gbps"], **slider),
             "budget_share": w.FloatSlider(value=state.budget_share, min=BUDGET_STEP, max=1.0, step=BUDGET_STEP,
-                                          description="expert budget (share)", continuous_update=False, **wide),
-            "batch_size": w.IntSlider(value=state.batch_size, min=1, max=self._prompts(state.trace),
-                                      description="batch size", continuous_update=False, **wide),
-            "lookahead": w.IntSlider(value=state.lookahead, min=1, max=self._max_lookahead(state.trace),
-                                     description="lookahead (layers)", continuous_update=False, **wide),
+                                          description="expert budget (share)",
+                                          readout_format=READOUT["budget_share"], **slider),
+            "batch_size": w.IntSlider(value=state.batch_size, min=1, max=max(2, _prompts(self.traces[state.trace])),
+                                      description="batch size", **slider),
+            "lookahead": w.IntSlider(value=state.lookahead, min=1, max=_max_lookahead(self.traces[state.trace]),
+                                     description="lookahead (layers)", **slider),
         }
         self.fixed = {"max_steps": state.max_steps, "show_steps": state.show_steps}
-        self.figure = go.FigureWidget()
+        self.figure = go.FigureWidget(layout={"height": FIGURE_HEIGHT_PX})
         self.table, self.status = w.HTML(), w.HTML()
+        self.summary: pd.DataFrame | None = None
         self.seconds: list[float] = []  # wall time of every update, for the benchmark and the status line
+        self.notes: list[str] = []  # what the last change did beyond itself (a clamped control), for the status
         self._quiet = False
         for control in self.controls.values():
             control.observe(self._changed, names="value")
-        self.widget = w.HBox([w.VBox([*self.controls.values(), self.status]), w.VBox([self.figure, self.table])])
+        grid = w.GridBox(list(self.controls.values()), layout=w.Layout(
+            grid_template_columns=f"repeat(auto-fill, minmax({CONTROL_MIN_WIDTH}, 1fr))", grid_gap="0.2em 2em",
+            width="100%"))
+        self.widget = w.VBox([grid, self.status, self.figure, self.table], layout=w.Layout(width="100%"))
+        self._batch_range()
         self.update()
 
-    def _prompts(self, trace: str) -> int:
-        return int(self.traces[trace].tokens["prompt"].nunique())
-
-    def _max_lookahead(self, trace: str) -> int:
-        return max(1, min(MAX_LOOKAHEAD, self.traces[trace].layout.num_moe_layers - 1))
+    def _batch_range(self) -> None:
+        """A trace of one prompt has one batch size: its slider is shown at 1 and disabled (a slider from 1 to
+        1 would draw no readout)."""
+        batch = self.controls["batch_size"]
+        prompts = _prompts(self.traces[self.controls["trace"].value])
+        before = batch.value
+        batch.max, batch.disabled = max(2, prompts), prompts < 2
+        batch.value = min(batch.value, prompts)
+        if batch.value != before:
+            self.notes.append(f"batch size set to {batch.value}: the trace has {prompts} prompts")
 
     @property
     def state(self) -> DashboardState:
@@ -170,8 +233,11 @@ class Dashboard:
             if owner is self.controls["profile"]:
                 self.controls["link_gbps"].value = load_profile(change["new"]).pinned_h2d.peak_gbps
             elif owner is self.controls["trace"]:
-                self.controls["batch_size"].max = self._prompts(change["new"])
-                self.controls["lookahead"].max = self._max_lookahead(change["new"])
+                self._batch_range()
+                lookahead, deepest = self.controls["lookahead"], _max_lookahead(self.traces[change["new"]])
+                if lookahead.value > deepest:
+                    self.notes.append(f"lookahead set to {deepest}: the trace has {deepest + 1} MoE layers")
+                lookahead.max = deepest
             self.controls["lookahead"].disabled = not steps.takes_lookahead(self.controls["policy"].value)
         finally:
             self._quiet = False
@@ -180,21 +246,35 @@ class Dashboard:
     def update(self) -> None:
         """Recompute from the controls and redraw in place; an impossible state shows its error instead."""
         start = perf_counter()
+        notes, self.notes = self.notes, []
         try:
             figure, summary = dashboard_update(self.state, self.traces)
         except ValueError as exc:  # DashboardError, SimulationError, ProfileError: say what to change
-            self.status.value = f"<b style='color:#b00'>cannot simulate this:</b> {exc}"
+            self.status.value = f"<b style='color:#b00'>cannot simulate this:</b> {html.escape(str(exc))}"
             return
         with self.figure.batch_update():
             self.figure.data = ()
             self.figure.layout = figure.layout
         self.figure.add_traces(list(figure.data))
+        self.summary = summary
         self.table.value = summary.to_html()
         self.seconds.append(perf_counter() - start)
-        self.status.value = f"simulated in {self.seconds[-1] * MS_PER_S:.0f} ms"
+        self.status.value = "; ".join([f"simulated in {self.seconds[-1] * MS_PER_S:.0f} ms",
+                                       *map(html.escape, notes)])
+
+    def static_html(self) -> str:
+        """The dashboard as last drawn, without widgets: its controls' values, the figure (a plotly div that
+        needs plotly.js on the page) and the summary, for reports and viewers without a kernel."""
+        import plotly.io as pio
+
+        values = ", ".join(f"{c.description} = {html.escape(str(c.value))}" for c in self.controls.values())
+        figure = pio.to_html(go.Figure(self.figure), include_plotlyjs=False, full_html=False,
+                             default_height=f"{FIGURE_HEIGHT_PX}px")
+        return (f"<div class='prescope-dashboard-static'><p><b>The dashboard as drawn</b> (moving its controls needs "
+                f"a live kernel): {values}.</p>{figure}{self.table.value}</div>")
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        return {**self.widget._repr_mimebundle_(**kwargs), "text/html": self.static_html()}
 
 
 def state_fields() -> list[str]:

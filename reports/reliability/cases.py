@@ -1011,7 +1011,7 @@ def _concurrent_cases() -> None:
             from pathlib import Path
             from prescope.workbench import sweep
             from prescope.workbench.reports import NotebookResult
-            def counted(nb, out, params, cell_timeout_s=None):
+            def counted(nb, out, params, **options):
                 import time
                 with open(Path(out) / 'runs', 'a') as f:
                     f.write('x')

@@ -28,6 +28,7 @@ def test_bench_runs_every_policy_on_the_same_replayed_routing(tmp_path):
         rows = run_bench(cfg)
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert data["failed"] == [] and data["source"] == "measured"
+    assert not data["config"]["out"].startswith("/")  # the run's folder, named portably (files.portable_path)
     engine_rows = [r for r in rows if r["policy"] not in (bench.STOCK, bench.STOCK_EAGER)]
     assert {r["policy"] for r in engine_rows} == {bench.RESIDENT, "on_demand_lru", "prescope", "oracle"}
     assert all(r["routing"] == "replayed from prescope-tiny" for r in engine_rows)

@@ -107,9 +107,9 @@ TWO_STEPS = make_trace([[[[0], [1]], [[0], [2]]]], E=4)  # layer 0: expert 0 twi
 def test_on_demand_lru_by_hand():
     r = replay(TWO_STEPS, "on_demand_lru", hand_profile(), budget_slots=2)
     assert rows_of(r, 0) == [
-        ("gpu", 0, -1, "attention", 0.0, 0.1), ("cpu", 0, -1, "wait", 0.1, 0.35),
+        ("gpu", 0, -1, "attention", 0.0, 0.1), ("cpu", 0, -1, "host", 0.1, 0.35),
         ("pcie", 0, 0, "on_demand", 0.35, 1.35), ("gpu", 0, 0, "gpu_expert", 1.35, 1.85),
-        ("gpu", 1, -1, "attention", 1.85, 1.95), ("cpu", 1, -1, "wait", 1.95, 2.2),
+        ("gpu", 1, -1, "attention", 1.85, 1.95), ("cpu", 1, -1, "host", 1.95, 2.2),
         ("pcie", 1, 1, "on_demand", 2.2, 3.2), ("gpu", 1, 1, "gpu_expert", 3.2, 3.7)]
     # step 1: expert (0, 0) hits; (1, 2) evicts (1, 1) from the layer's only slot
     assert rows_of(r, 1)[2] == ("gpu", 0, 0, "gpu_expert", 4.05, 4.55)
@@ -239,7 +239,7 @@ def test_host_work_rows_for_policies_that_predict_and_plan():
     tr = make_trace([[[[0], [1]]]], E=4)
     r = replay(tr, MixedPolicy(), hand_profile(predict_s=0.05 * MS, plan_s=0.02 * MS), budget_slots=4)
     kinds = [x[3] for x in rows_of(r, 0) if x[0] == "cpu" and x[1] == 0]
-    assert kinds == ["wait", "predict", "plan"]
+    assert kinds == ["host", "predict", "plan"]
     assert r.summary["host"].iloc[0] == pytest.approx(2 * 0.32 * MS)
 
 

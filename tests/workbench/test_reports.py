@@ -115,21 +115,39 @@ def test_report_runs_every_notebook_and_fails_the_exit_code(report):
     out, code = report
     assert code == 1  # three notebooks failed
     assert {p.name for p in out.iterdir()} == {"good.ipynb", "good.html", "good.metrics.json", "bad.ipynb",
-                                               "bad.html", "silent.ipynb", "silent.html", "index.html"}
+                                               "bad.html", "silent.ipynb", "silent.html", "index.html",
+                                               reports.plotly_js_name()}
     record = MetricsRecord.from_dict(json.loads((out / "good.metrics.json").read_text()))
     assert record.metrics == {"doubled": 6, "name": "x"} and record.source == "simulated"
     assert metrics.read_metrics(out / "good.ipynb") == record
 
 
-def test_report_html_embeds_plotly_once_and_the_figure(report):
+def test_report_pages_load_one_shared_copy_of_plotly_js(report):
     out, _ = report
     page = (out / "good.html").read_text()
-    assert page.count("plotly.js v") == 1  # the library's banner: inline, once
-    assert len(re.findall(r'class="plotly-graph-div"', page)) == 1
-    assert "Plotly.newPlot" in page and not re.search(r"<script[^>]*src=[^>]*plot", page)  # nothing fetched
-    assert page.index("plotly.js v") < page.index("require.min.js")  # loaded before require.js
-    assert "plotly.js v" not in (out / "bad.html").read_text()  # no figure ran: no library
+    shared = out / reports.plotly_js_name()
+    assert "plotly.js v" in shared.read_text()[:1000] and "plotly.js v" not in page  # the library: once, beside
+    assert len(re.findall(r'class="plotly-graph-div"', page)) == 1 and "Plotly.newPlot" in page
+    scripts = re.findall(r'<script[^>]*src="([^"]+)"', page)
+    assert scripts[0] == shared.name and page.index(shared.name) < page.index("require.min.js")  # before require.js
+    assert shared.name not in (out / "bad.html").read_text()  # no figure ran: no library
     assert page.count("recorded_at") == 0  # the record shows as its summary, not echoed as a repr
+
+
+def test_a_widget_shows_its_static_html_and_its_state_is_dropped():
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {"x": {"big": "0" * 1000}}}}
+    cell = nbformat.v4.new_code_cell("dashboard")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        reports.WIDGET_MIME: {"model_id": "x", "version_major": 2, "version_minor": 0},
+        "text/html": "<p>the dashboard as drawn</p><div class=\"plotly-graph-div\"></div>",
+        "text/plain": "Dashboard(...)"})]
+    nb.cells = [cell]
+    page = reports.notebook_html(nb, "plotly-shared.min.js")
+    assert "the dashboard as drawn" in page and '"model_id"' not in page and "0" * 1000 not in page
+    assert "@jupyter-widgets/html-manager" not in page  # no widget scripts from a CDN
+    assert 'src="plotly-shared.min.js"' in page  # its figure needs plotly.js: the page loads the shared copy
+    assert reports.WIDGET_MIME in nb.cells[0].outputs[0].data and "widgets" in nb.metadata  # input unchanged
 
 
 def test_index_links_every_report_with_provenance_and_errors(report):

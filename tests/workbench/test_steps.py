@@ -1,9 +1,7 @@
-"""prescope.workbench.steps: traces found or recorded, policies by name, comparisons simulated and measured, the
-committed H200 tables read back."""
+"""prescope.workbench.steps: traces found or recorded, policies by name (with the bench's predictors), comparisons
+simulated and measured."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +11,6 @@ from prescope.hardware.profiles import load_profile
 from prescope.routing.trace import save_trace
 from prescope.workbench import steps
 from prescope.workbench.steps import WorkbenchError
-
-ROOT = Path(__file__).resolve().parents[2]
-H200 = ROOT / "reports" / "h200"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +24,13 @@ def tiny():
 def trace(tiny):
     model, tokenizer = tiny
     return steps.tiny_trace("", num_prompts=2, max_new_tokens=6, model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def hidden(tiny):
+    """prescope-tiny's routing with the router inputs (hidden states) a gate lookahead reads."""
+    model, tokenizer = tiny
+    return steps.tiny_trace("", num_prompts=2, max_new_tokens=8, keep_hidden=True, model=model, tokenizer=tokenizer)
 
 
 def test_tiny_trace_records_when_no_file_and_loads_when_there_is(trace, tmp_path):
@@ -113,21 +115,6 @@ def test_resolve_mode():
         steps.resolve_mode("guess", "cpu")
 
 
-def test_h200_tables_and_fidelity_scaling():
-    bench, fidelity = steps.h200_tables(H200)
-    assert bench.attrs["source"] == "measured" and bench.attrs["profile"] == "host:NVIDIA H200"
-    assert {"mixtral-8x7b", "olmoe-1b-7b"} <= set(bench["model"])
-    assert fidelity.attrs["measured_on"] == "host:NVIDIA H200" and fidelity.attrs["profile"]
-    scaling = steps.fidelity_scaling(fidelity, "mixtral-8x7b")
-    cells = int((fidelity["model"] == "mixtral-8x7b").sum())
-    assert len(scaling) == 2 * cells and set(scaling["source"]) == {"measured", "simulated"}
-    np.testing.assert_allclose(scaling["tokens_per_s"], scaling["batch_size"] * 1e3 / scaling["latency_ms"])
-    with pytest.raises(WorkbenchError, match="no fidelity cells for 'gpt-2'"):
-        steps.fidelity_scaling(fidelity, "gpt-2")
-    with pytest.raises(FileNotFoundError, match="no bench"):
-        steps.h200_tables(ROOT / "notebooks")
-
-
 def test_real_traces(shipped_data, tmp_path):
     traces = steps.real_traces(shipped_data)
     assert set(traces) == set(steps.REAL_TRACES)
@@ -136,32 +123,52 @@ def test_real_traces(shipped_data, tmp_path):
         steps.real_traces(tmp_path)
 
 
-def test_measured_scaling_takes_one_run_per_model():
-    bench, _ = steps.h200_tables(H200)
-    table = steps.measured_scaling(bench, "olmoe-1b-7b")
-    assert table.attrs["run"] == "bench-olmoe" and table.attrs["source"] == "measured"
-    assert not table.duplicated(["cell", "batch_size"]).any()
-    assert {"stock@1", "resident@1", "on_demand_lru@0.25"} <= set(table["cell"])
-    with pytest.raises(WorkbenchError, match="no bench cells for 'gpt-2'"):
-        steps.measured_scaling(bench, "gpt-2")
+def test_a_twin_times_the_routing_with_its_sizes_and_keeps_the_hidden_states(hidden):
+    twin = steps.on_twin(hidden, "olmoe-1b-7b")
+    assert twin.hidden is not None and twin.layout == hidden.layout  # a predictor still reads prescope-tiny's
+    layout, dense = steps.timing_layout(twin)
+    assert layout.expert_bytes == 3 * 2048 * 1024 * 2 and dense > 0  # OLMoE-1B-7B's bf16 experts
+    assert steps.timing_layout(hidden) == (hidden.layout, None)
+    assert "timed with olmoe-1b-7b's expert sizes" in steps.trace_label(twin)
+    small = steps.simulate(hidden, "on_demand_lru", "h200", budget_share=0.25, max_steps=3)
+    large = steps.simulate(twin, "on_demand_lru", "h200", budget_share=0.25, max_steps=3)
+    assert large.config["expert_bytes"] == layout.expert_bytes and large.config["dense_params"] == dense
+    assert large.totals["bytes_moved"] > 100 * small.totals["bytes_moved"]
+    with pytest.raises(WorkbenchError, match="mixtral-8x7b routes 32 layers × 8 experts"):
+        steps.on_twin(hidden, "mixtral-8x7b")
 
 
-def test_comparison_table_ratios_within_each_run_and_the_winner_of_each_cell():
-    folder = ROOT / "reports" / "h200" / "comparison"
-    table = steps.comparison_table(folder, ["mixtral4-3d15d9b", "qwen3-8-3d15d9b"])
-    assert table.attrs == {"source": "measured", "profile": "host:NVIDIA H200"}
-    assert set(table["run"]) == {"mixtral4-3d15d9b", "qwen3-8-3d15d9b"} and set(table["git_revision"]) == {"3d15d9b"}
-    lru = table[table["policy"] == "on_demand_lru"]
-    assert np.allclose(lru["vs_on_demand_lru"], 1.0)
-    best = steps.best_per_cell(table).set_index(["model", "batch"])
-    for (model, batch), row in best.iterrows():  # the winner is the fastest contender of its own cell
-        cell = table[(table["model"] == model) & (table["batch"] == batch) & ~table["policy"].isin(steps.REFERENCES)]
-        assert row["best"] == cell.loc[cell["decode_tok_s"].idxmax(), "policy"]
-        assert row["prescope_vs_best"] <= 1.0
-    assert best.loc[("mixtral-8x7b", 4), "best"] == "prescope"
-    # a run with ablations: prescope[lookahead=1] is faster at batch 4 but is an option of prescope, no contender
-    ablated = steps.comparison_table(folder, ["mixtral4-5f83609"])
-    assert {"prescope+cal", "prescope[lookahead=1]"} <= set(ablated["policy"])
-    assert list(steps.best_per_cell(ablated)["best"]) == ["oracle", "prescope"]
-    with pytest.raises(FileNotFoundError, match="no bench run 'nope'.*runs there: .*mixtral4-3d15d9b"):
-        steps.comparison_table(folder, ["nope"])
+def test_the_gate_lookahead_predicts_experts_the_previous_step_did_not_use(hidden):
+    """At batch 1 with 16 slots a layer, the previous step's 8 experts are all still resident: predicting them
+    prefetches nothing. The gate lookahead reads the router input and predicts experts that are absent."""
+    twin = steps.on_twin(hidden, "olmoe-1b-7b")
+    table, _ = steps.compare_policies(twin, ["on_demand_lru", "lookahead_prefetch"], "h200", max_steps=6,
+                                      predictor="previous_step")
+    gated, _ = steps.compare_policies(twin, ["on_demand_lru", "lookahead_prefetch"], "h200", max_steps=6,
+                                      predictor="gate_lookahead")
+    history, gate = table.set_index("policy"), gated.set_index("policy")
+    assert history.loc["lookahead_prefetch", "loads_prefetched"] == 0
+    assert gate.loc["lookahead_prefetch", "loads_prefetched"] > 0
+    assert gate.loc["lookahead_prefetch", "loads_on_demand"] < gate.loc["on_demand_lru", "loads_on_demand"]
+    assert gate.loc["on_demand_lru", "vs_on_demand_lru"] == 1.0
+    with pytest.raises(WorkbenchError, match="reads the router inputs, and this trace has none"):
+        steps.gate_lookahead("gate_lookahead", steps.on_twin(steps.tiny_trace("", num_prompts=1, max_new_tokens=2),
+                                                             "olmoe-1b-7b"))
+    with pytest.raises(WorkbenchError, match="predictor must be one of"):
+        steps.gate_lookahead("llapor", twin)
+
+
+def test_rows_say_how_far_the_bound_is_the_host_time_and_what_the_gate_did(hidden):
+    twin = steps.on_twin(hidden, "olmoe-1b-7b")
+    table, results = steps.compare_policies(twin, ["on_demand_lru", "prescope"], "h200", max_steps=4)
+    rows = table.set_index("policy")
+    result = results["prescope", 1]
+    assert rows.loc["prescope", "host_ms"] == pytest.approx(result.summary["host"].mean() * 1e3)
+    assert rows.loc["prescope", "host_ms"] > rows.loc["prescope", "bound_latency_ms"]  # why the bound is far
+    np.testing.assert_allclose(table["of_bound"], table["tokens_per_s"] / table["bound_tokens_per_s"])
+    assert 0.0 <= rows.loc["prescope", "gate_on_demand_share"] <= 1.0
+    assert np.isnan(rows.loc["on_demand_lru", "gate_on_demand_share"])  # LRU has no gate
+    # h200, batch 1: one sequence's experts take less device time than the host's own work: all on demand
+    assert rows.loc["prescope", "gate_on_demand_share"] == 1.0 and rows.loc["prescope", "loads_prefetched"] == 0
+    alone = steps.simulate(twin, "prescope", "h200", budget_share=0.25, max_steps=4)
+    assert alone.totals["gate_on_demand_share"] == 1.0 and "host_s_per_step" in alone.totals

@@ -14,7 +14,7 @@ import pytest
 
 from prescope import cli, files
 from prescope.files import Claim, FolderLock, LockedError, write_json
-from prescope.workbench import sweep
+from prescope.workbench import reports, sweep
 from prescope.workbench.metrics import MetricsRecord
 from prescope.workbench.reports import NotebookResult, ParameterError, output_paths
 from prescope.workbench.sweep import CELLS_DIR, Grid, GridError, cell_id, load_grid, run_sweep
@@ -138,7 +138,8 @@ def test_summary_keeps_failed_cells_and_prefixes_clashing_metrics(tmp_path):
 
 
 def test_sweep_runs_cells_and_resumes_only_unfinished_ones(tmp_path, capsys):
-    write_notebook(tmp_path / "nb.ipynb")
+    write_notebook(tmp_path / "nb.ipynb", body="import plotly.graph_objects as go\ngo.Figure(go.Bar(y=[steps])).show()\n"
+                   + BODY)
     grid_file = _write(tmp_path / "grid.yaml", "notebook: nb.ipynb\nparameters:\n  steps: [1, 2]\n"
                                                "fixed:\n  policy: lru\n")
     out = tmp_path / "out"
@@ -150,8 +151,10 @@ def test_sweep_runs_cells_and_resumes_only_unfinished_ones(tmp_path, capsys):
     assert "2 cells, 2 run now, 0 failed" in printed
     assert json.loads(printed.splitlines()[-1]) == {"sweep": str(out), "cells": 2, "ran": ids, "failed": [],
                                                     "missing": []}
-    for i in ids:
+    for i in ids:  # each page loads the one copy of plotly.js at the sweep's root
         assert {p.name for p in (out / CELLS_DIR / i).iterdir()} == {"nb.ipynb", "nb.html", "nb.metrics.json"}
+        assert f'src="../../{reports.plotly_js_name()}"' in (out / CELLS_DIR / i / "nb.html").read_text()
+    assert (out / reports.plotly_js_name()).is_file()
     table = pd.read_csv(out / "summary.csv")
     assert list(table["cell"]) == ids and list(table["work"]) == [0.5, 1.0]
     assert list(table["metric_steps"]) == [1, 2] and set(table["source"]) == {"simulated"}
@@ -220,7 +223,7 @@ def test_a_cell_without_a_result_is_reported_failed(tmp_path):
 def test_local_executor_reports_each_start_before_its_result(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(notebook, out_dir, parameters, cell_timeout_s=None):
+    def fake_run(notebook, out_dir, parameters, plotly_src=None, cell_timeout_s=None):
         calls.append(parameters)
         return NotebookResult(Path(notebook), parameters, error="RuntimeError: x")
 
@@ -264,7 +267,7 @@ def test_a_second_sweep_into_a_folder_in_use_is_refused(tmp_path):
 
 def test_local_executor_skips_cells_another_runner_holds_or_has_finished(tmp_path, monkeypatch):
     ran = []
-    monkeypatch.setattr(sweep, "run_notebook", lambda nb, out, params, cell_timeout_s=None: ran.append(params) or
+    monkeypatch.setattr(sweep, "run_notebook", lambda nb, out, params, **options: ran.append(params) or
                         NotebookResult(Path(nb), params, error="x"))
     nb = write_notebook(tmp_path / "nb.ipynb")
     jobs = [sweep.CellJob(nb, tmp_path / str(i), {"steps": i}) for i in (1, 2, 3)]

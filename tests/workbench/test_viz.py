@@ -18,7 +18,7 @@ def timeline(source: str | None = "simulated", profile: str | None = "a100-pcie4
     """Step 0 (0-4.5 ms): attention 0-1 on the GPU, an on-demand load 0.5-3 on PCIe while the GPU waits
     1-3, the expert 3-4 on the GPU, a CPU expert 1-4.5. Step 1 (5-6 ms): attention 5-5.5, expert 5.75-6."""
     rows = [("gpu", 0, 0, -1, "attention", 4, 0, 0.0, 1.0), ("pcie", 0, 0, 3, "on_demand", 4, 1 << 20, 0.5, 3.0),
-            ("gpu", 0, 0, 3, "wait", 4, 0, 1.0, 3.0), ("gpu", 0, 0, 3, "gpu_expert", 2, 0, 3.0, 4.0),
+            ("gpu", 0, 0, 3, "host", 4, 0, 1.0, 3.0), ("gpu", 0, 0, 3, "gpu_expert", 2, 0, 3.0, 4.0),
             ("cpu", 0, 0, 5, "cpu_expert", 2, 0, 1.0, 4.5), ("gpu", 1, 0, -1, "attention", 4, 0, 5.0, 5.5),
             ("gpu", 1, 0, 3, "gpu_expert", 4, 0, 5.75, 6.0)]
     df = pd.DataFrame(rows, columns=timeline_module.COLUMNS)
@@ -36,7 +36,7 @@ def test_timeline_figure_lanes_kinds_bubbles_and_provenance():
     fig = viz.timeline_figure(timeline(), title="t")
     assert isinstance(fig, go.Figure)
     names = [t.name for t in fig.data]
-    assert names[:-1] == ["on_demand", "gpu_expert", "cpu_expert", "attention", "wait"]  # KIND_COLORS order
+    assert names[:-1] == ["on_demand", "gpu_expert", "cpu_expert", "attention", "host"]  # KIND_COLORS order
     bubble = fig.data[-1]  # by hand: GPU idle 1-3 (waiting), 4-4.5 (CPU expert), 5.5-5.75 (nothing ran)
     assert bubble.name == "bubble (GPU idle, 2.75 ms)" and set(bubble.y) == {"gpu"}
     assert bubble.customdata[:, 0].tolist() == ["on_demand_transfer", "cpu_expert", "host"]
@@ -47,6 +47,22 @@ def test_timeline_figure_lanes_kinds_bubbles_and_provenance():
     np.testing.assert_allclose(expert.x, [1.0, 0.25])
     assert [a.text for a in fig.layout.annotations] == ["simulated on a100-pcie4"]
     assert list(fig.layout.yaxis.categoryarray) == ["cpu", "gpu", "pcie"]
+
+
+def test_timeline_pair_figure_one_panel_each_titled_with_what_it_is():
+    measured = timeline(source="measured", profile="NVIDIA H200")
+    simulated = timeline(source="simulated", profile="h200-engine")
+    simulated.attrs["label"] = "the same cell,"
+    fig = viz.timeline_pair_figure(measured, simulated, title="pair")
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["measured on NVIDIA H200", "the same cell, simulated on h200-engine"]
+    kinds = [t.name for t in fig.data if t.showlegend is not False and not t.name.startswith("bubble")]
+    assert kinds == ["on_demand", "gpu_expert", "cpu_expert", "attention", "host"]  # one legend entry per kind
+    bubbles = [t.name for t in fig.data if t.name.startswith("bubble")]
+    assert bubbles == ["bubble, measured (GPU idle, 2.75 ms)", "bubble, the same cell, simulated (GPU idle, 2.75 ms)"]
+    assert {t.yaxis for t in fig.data} == {"y", "y2"} and fig.layout.xaxis.matches == "x2"
+    with pytest.raises(ProvenanceError):
+        viz.timeline_pair_figure(measured, timeline(source=None))
 
 
 def test_timeline_figure_selects_steps_relative_to_their_start():
@@ -206,6 +222,12 @@ def test_scaling_figure_throughput_latency_oracle_and_bound():
     np.testing.assert_allclose(fig.data[2].y, [40.0, 160.0])
     np.testing.assert_allclose(fig.data[3].y, [100.0, 400.0 / 3])  # latency of lru, ms
     assert fig.layout.xaxis.type == "log" and fig.layout.annotations[-1].text == "simulated on h200"
+    # the bound lies 4x above lru here: log y axes keep the policies from the bottom of the panels
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
+    assert viz.scaling_figure(df, log_y=False).layout.yaxis.type == "linear"
+    sweep = df.rename(columns={"batch_size": "link_gbps"})
+    sweep.attrs = df.attrs
+    assert viz.scaling_figure(sweep, x="link_gbps").layout.xaxis.type == "log"
     both = pd.concat([df.assign(source="measured"), df.assign(source="simulated")], ignore_index=True)
     both["profile"] = "h200"
     fig = viz.scaling_figure(both.drop(columns=["bound_tokens_per_s", "bound_latency_ms"]))

@@ -92,7 +92,34 @@ def test_dashboard_redraws_one_figure_widget_in_place(traces):
     dash.controls["policy"].value = "cpu_misses"
     assert dash.controls["lookahead"].disabled and dash.state.policy == "cpu_misses"
     assert "simulated in" in dash.status.value
-    assert "application/vnd.jupyter.widget-view+json" in dash._repr_mimebundle_()
+    bundle = dash._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert 'class="plotly-graph-div"' in bundle["text/html"] and "on-demand loads" in bundle["text/html"]
+    assert "policy = cpu_misses" in bundle["text/html"]  # offline, the cell shows the state it was drawn in
+
+
+def test_the_dashboard_refuses_what_its_controls_would_clamp(traces):
+    with pytest.raises(DashboardError, match=r"batch_size 99: the trace 'prescope-tiny' has 2 prompts, so 1-2"):
+        widgets.Dashboard(traces, DashboardState(batch_size=99))
+    with pytest.raises(DashboardError, match=r"link_gbps 200: the link slider spans 1-128 GB/s"):
+        widgets.Dashboard(traces, DashboardState(link_gbps=200.0))
+    with pytest.raises(DashboardError, match=r"lookahead 9: at most 6 layers ahead"):
+        widgets.Dashboard(traces, DashboardState(lookahead=9))
+    with pytest.raises(DashboardError, match=r"budget_share 0.333: the budget slider moves from 0.01 to 1 in steps"):
+        widgets.Dashboard(traces, DashboardState(budget_share=0.333))
+    with pytest.raises(DashboardError, match=r"trace 'nope': choose one of"):
+        widgets.Dashboard(traces, DashboardState(trace="nope"))
+
+
+def test_a_control_clamped_by_another_trace_says_so(traces):
+    one = {**traces, "one prompt": steps.tiny_trace("", num_prompts=1, max_new_tokens=4)}
+    dash = widgets.Dashboard(one, DashboardState(policy="on_demand_lru", batch_size=2, max_steps=3))
+    dash.controls["trace"].value = "one prompt"
+    assert dash.controls["batch_size"].value == 1 and dash.controls["batch_size"].disabled
+    assert "batch size set to 1: the trace has 1 prompts" in dash.status.value
+    link = dash.controls["link_gbps"]
+    assert link.value == load_profile("h200").pinned_h2d.peak_gbps  # the profile's own link, not a rounded one
+    assert dash.summary["value"]["profile"] == "h200"
 
 
 def test_dashboard_update_benchmark(traces):
