@@ -595,7 +595,7 @@ def _flip_cases() -> None:
                     copy(fx.root / "bench/bench.json", tmp / "bench-x.json")
                     path.rename(tmp / "fidelity-x.csv")
                     (tmp / "t.csv.sha256").rename(tmp / "fidelity-x.csv.sha256")
-                    return api(f"from prescope.workbench.steps import h200_tables; h200_tables({str(tmp)!r})", tmp)
+                    return api(f"from prescope.workbench.results import h200_tables; h200_tables({str(tmp)!r})", tmp)
                 return api(loaders[what].format(p=str(path)), tmp)
             names = "fidelity-x.csv" if what == "fidelity CSV" else dst
             CASES.append(Case(f"{len(CASES) + 1:03d}", cat, f"{what}, one bit at {where:.0%} of the file",
