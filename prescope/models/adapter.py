@@ -145,8 +145,8 @@ def _route_by_block(layer: MoELayer, hidden: torch.Tensor) -> RouterOutput:
             if hook is not None:
                 hook.remove()
     if "routing" not in seen:
-        raise UnsupportedModelError(f"{type(p.block).__name__} at layer {p.layer}: re-running its block on hidden "
-                                    "states did not reach its experts")
+        raise UnsupportedModelError(f"{p.where}: re-running its block {type(p.block).__name__} on hidden states "
+                                    "did not reach its experts")
     _, index, weights = seen["routing"]
     n = x.shape[-2]
     logits = seen.get("logits")
@@ -174,7 +174,7 @@ def linear_router(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [E, H], bias [E] or None) when layer's router logits are a linear map of its input hidden
     states (checked on a few random inputs), else UnsupportedModelError saying why."""
     p = layer.probed
-    where = f"layer {p.layer} ({type(p.router).__name__ if p.router is not None else 'no router'})"
+    where = f"{p.where}, router {type(p.router).__name__ if p.router is not None else '(none found)'}"
     candidates = [] if p.router is None else [m for m in p.router.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
                                               and tuple(m.weight.shape) == (p.layout.num_experts, p.layout.hidden_size)]
     if not candidates or p.router_call is None or p.outputs.logits_at is None:

@@ -75,6 +75,7 @@ class Outputs:
 class Probed:
     """What one forward taught about one sparse layer."""
 
+    where: str  # "ModelClass: layer i (ExpertsClass)", for messages
     layer: int  # index in the decoder-layer list
     block: nn.Module  # the experts' parent (the MoE block, or the decoder layer itself: Gemma 4)
     experts: nn.Module
@@ -219,14 +220,19 @@ def _watched_forward(model, decoder, found, index_of) -> tuple[list[_Call], dict
     was_training = model.training
     try:
         model.eval()
-        ids = torch.tensor(PROBE_IDS, device=_device(model)) % _vocab_size(model)
-        mask = torch.ones_like(ids)
-        mask[0, 0] = 0
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            if _device(model).type == "meta":
+                _run_blocks_alone(decoder, found)
+            else:
+                ids = torch.tensor(PROBE_IDS, device=_device(model)) % _vocab_size(model)
+                mask = torch.ones_like(ids)
+                mask[0, 0] = 0
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
     except Exception as exc:  # the model's own failure, reported with what prescope was doing
-        raise UnsupportedModelError(f"{type(model).__name__}: a short forward over token ids failed while "
-                                    f"learning its MoE layers: {type(exc).__name__}: {exc}") from exc
+        what = ("running its MoE blocks alone on the meta device (sizes, no values) failed" if
+                _device(model).type == "meta" else "a short forward over token ids failed")
+        raise UnsupportedModelError(f"{type(model).__name__}: {what} while learning its MoE layers: "
+                                    f"{type(exc).__name__}: {exc}") from exc
     finally:
         model.train(was_training)
         for h in handles:
@@ -237,6 +243,16 @@ def _watched_forward(model, decoder, found, index_of) -> tuple[list[_Call], dict
             else:
                 experts.forward = previous[id(experts)]
     return calls, experts_calls
+
+
+def _run_blocks_alone(decoder: nn.ModuleList, found) -> None:
+    """A meta-device model has sizes but no values, so its forward stops at the first value it reads (the
+    padding mask); each MoE block runs alone on meta hidden states instead. What sits beside a block in its
+    decoder layer (shared experts there, a router the decoder layer calls) is then not seen."""
+    for experts, layout in found:
+        block = next(m for layer in decoder for m in layer.modules() if any(c is experts for c in m.children()))
+        rows, width = len(PROBE_IDS), len(PROBE_IDS[0])
+        block(torch.zeros(rows, width, layout.hidden_size, device="meta"))
 
 
 def _recording_forward(experts, layout, calls, experts_calls):
@@ -311,7 +327,7 @@ def _learn_layer(name, decoder_layer, layer, experts, layout, call, calls) -> Pr
         router_call, unroutable = None, (f"{where}: its block takes the top-k of the router's logits in a forward "
                                          "that needs more than the hidden states")
     shared = _shared(decoder_layer, experts, router, calls, hidden_size)
-    return Probed(layer, block, experts, layout, convention, _backend(experts), top_k, router, outputs,
+    return Probed(where, layer, block, experts, layout, convention, _backend(experts), top_k, router, outputs,
                   router_call, replay_at, replay_dims, unroutable, shared)
 
 
@@ -325,6 +341,9 @@ def _scaled_router(where, call, before, block, layout, calls):
         raise _Unrouted(f"{where}: its experts are called with {shapes}, neither (hidden, top_k_index, "
                                     f"top_k_weights) nor one router-scaled input [E·N, H={hidden_size}]")
     scaled = tensors[0]
+    if scaled.is_meta:
+        raise UnsupportedModelError(f"{where}: its experts run on router-scaled inputs, which a meta-device model "
+                                    "(sizes, no values) cannot show; describe a model with weights")
     tokens = scaled.shape[0] // num_experts
     block_call = next((c for c in calls if c.module is block), None)
     x = _first_hidden(block_call, hidden_size) if block_call is not None else None
@@ -430,9 +449,13 @@ def _flat(output) -> list:
 
 
 def _same(t, ref: torch.Tensor) -> bool:
-    """`t` is `ref` or a view of the same data (the router's output, reshaped by the block)."""
-    return isinstance(t, torch.Tensor) and t.numel() == ref.numel() and t.dtype == ref.dtype \
-        and t.data_ptr() == ref.data_ptr()
+    """`t` is `ref` or a view of the same data (the router's output, reshaped by the block); meta tensors have
+    no data, so there only the tensor itself or a view of the same base counts."""
+    if not isinstance(t, torch.Tensor) or t.numel() != ref.numel() or t.dtype != ref.dtype:
+        return False
+    if t.is_meta or ref.is_meta:
+        return t is ref or (t._base is not None and (t._base is ref._base or t._base is ref)) or ref._base is t
+    return t.data_ptr() == ref.data_ptr()
 
 
 def _is_logits(t, tokens: int | None, num_experts: int) -> bool:

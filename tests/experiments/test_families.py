@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from prescope import cli
 from prescope.experiments import families as sweep
-from prescope.models import families
+from prescope.models import adapter, families
 
 pytestmark = pytest.mark.families
 
@@ -58,3 +59,23 @@ def test_the_command_writes_the_table_and_rows(tmp_path, one_thread):
     assert [r["family"] for r in rows] == ["llama4_text", "mixtral", "nllb-moe"]
     assert all(sweep.passed(c) for r in rows for c in r["cells"].values())
     assert cli.main(["families", "--families", "llama", "--out", str(out)]) == 2  # not a MoE family: an error
+
+
+def test_gemma4_as_the_hub_loads_its_moe_checkpoints(one_thread):
+    """Gemma-4-26B-A4B loads through AutoModelForCausalLM as Gemma4ForConditionalGeneration (a vision tower
+    beside the decoder); its MoE text config shares keys and values and has no per-layer inputs."""
+    import transformers
+
+    text = families.tiny_config(families.family("gemma4_text")).to_dict()
+    text.update(attention_k_eq_v=True, hidden_size_per_layer_input=0)
+    vision = {k: v for k, v in families.SMALL.items() if k in transformers.Gemma4VisionConfig.__annotations__}
+    config = transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None)
+    torch.manual_seed(0)
+    stock = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert type(stock).__name__ == "Gemma4ForConditionalGeneration"
+    layout = adapter.describe(stock)
+    assert (layout.num_experts, layout.top_k, layout.moe_layers) == (6, 2, (0, 1, 2))
+    ids, mask = sweep.prompt(stock.config.get_text_config().vocab_size)
+    reference = sweep.generate(stock, ids, mask)
+    for cell in sweep.CELLS:
+        assert sweep.passed(sweep.run_cell(stock, layout, cell, ids, mask, reference)), cell.label

@@ -110,3 +110,17 @@ def test_the_probe_runs_once_per_model_and_leaves_it_as_it_was():
     assert probe(model) is first and model.training
     assert "forward" not in adapter.moe_layers(model)[0].experts.__dict__
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_a_meta_device_model_is_learned_block_by_block():
+    """Twins built on the meta device have sizes but no values: each MoE block runs alone there."""
+    for model_type in ("mixtral", "deepseek_v3", "jamba", "dbrx"):
+        family = families.family(model_type)
+        with torch.device("meta"):
+            meta = family.model_class(families.tiny_config(family))
+        assert adapter.describe(meta) == adapter.describe(families.tiny_model(family)), model_type
+    family = families.family("llama4_text")
+    with torch.device("meta"):
+        meta = family.model_class(families.tiny_config(family))
+    with pytest.raises(adapter.UnsupportedModelError, match="meta-device model .*describe a model with weights"):
+        adapter.describe(meta)
