@@ -28,7 +28,8 @@ from torch import nn
 
 from prescope.layout import ModelLayout, UnsupportedModelError
 from prescope.models import experts as layouts
-from prescope.models.probe import Probed, indexed_args, probe
+from prescope.models.experts import indexed_args
+from prescope.models.probe import Probed, probe
 
 BACKEND_NAME = "prescope"
 _REPLAYING = threading.local()  # experts whose block is being re-run by `route`: observers stay quiet

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prescope.layout import UnsupportedModelError
+
 FUSED_UP = ("gate_up_proj", "up_proj")
 FUSED_DOWN = "down_proj"
 SPLIT = ("w1", "v1", "w2")  # gate, up, down
@@ -150,3 +152,46 @@ def _split_forward(experts: nn.Module, x: torch.Tensor, params: dict[str, torch.
     gate = x @ params[names["w1"]].T  # [N, I]
     up = x @ params[names["v1"]].T  # [N, I]
     return (act(gate) * up) @ params[names["w2"]]  # [N, H]
+
+
+def check_math(where: str, experts: nn.Module, layout: ExpertsLayout, convention: str) -> None:
+    """The adapter computes one expert at a time (`expert_forward`): on two tokens, each routed to one
+    expert with weight 1, that must give what the experts module itself computes, else the layer is refused
+    rather than offloaded wrongly."""
+    weight = next(iter(experts.parameters()))
+    if weight.is_meta:
+        return
+    num_experts, size = layout.num_experts, layout.hidden_size
+    x = torch.randn(2, size, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)  # [2, H]
+    chosen = torch.tensor([0, num_experts - 1], device=weight.device)  # [2]
+    original = type(experts).forward
+    try:
+        with torch.no_grad():
+            if convention == "indexed":
+                ones = torch.ones(2, 1, device=weight.device, dtype=weight.dtype)
+                stock = original(experts, x, chosen.unsqueeze(1), ones).reshape(2, size)
+            else:
+                scores = nn.functional.one_hot(chosen, num_experts).to(weight.dtype)  # [2, E]
+                stock = original(experts, x.repeat(num_experts, 1) * scores.T.reshape(-1, 1))
+                stock = stock.reshape(num_experts, 2, size).sum(0)
+            mine = torch.cat([expert_forward(experts, x[n:n + 1], {name: per_expert(layout, t)[int(chosen[n])]
+                                                                   for name, t in stacked_tensors(experts, layout).items()})
+                              for n in range(2)])
+    except Exception as exc:  # the family's own code or an unknown layout, reported with the layer
+        raise UnsupportedModelError(f"{where}: computing one expert failed ({type(exc).__name__}: {exc})") from exc
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    if not torch.allclose(mine.float(), stock.float(), rtol=tolerance, atol=tolerance):
+        raise UnsupportedModelError(f"{where}: its experts compute something prescope's one-expert math "
+                                    f"(gated up projection, activation, down projection) does not reproduce "
+                                    f"(largest difference {float((mine - stock).abs().max()):.2e})")
+
+
+def indexed_args(args: tuple, kwargs: dict, hidden_size: int):
+    """(hidden, top_k_index, top_k_weights) of an experts call in the indexed convention, else None."""
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    index = [t for t in tensors if not t.is_floating_point() and t.dim() >= 2]
+    hidden = [t for t in tensors if t.is_floating_point() and t.shape[-1] == hidden_size]
+    if len(index) != 1 or not hidden:
+        return None
+    weights = [t for t in tensors if t.is_floating_point() and t is not hidden[0] and t.shape == index[0].shape]
+    return (hidden[0], index[0], weights[0]) if weights else None

@@ -12,6 +12,8 @@ a few tokens, with every module of the decoder layers that hold experts watched:
   that routing (the very index tensor, or the scores); where the block takes the top-k itself, the one
   whose output holds the logits `[N, E]` (Jamba, DBRX). How the block called it (the hidden states, plus
   constants or tensors the block holds) is how `adapter.route` calls it again;
+- one expert at a time (`experts.expert_forward`) must give what the experts module computes, on two tokens
+  routed to its first and last expert: a layer whose experts compute something else is refused;
 - shared experts are the always-on feed-forwards of the MoE layer: modules in the block or beside it in
   the decoder layer, called on the hidden states alone, holding two or more weight matrices and nothing
   of more than two dimensions (so neither a norm, a router, attention, nor a Mamba or convolution mixer).
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from prescope.layout import UnsupportedModelError
-from prescope.models.experts import ExpertsLayout, find_layout
+from prescope.models.experts import ExpertsLayout, check_math, find_layout, indexed_args
 
 PROBE_IDS = ((0, 1, 2, 3), (4, 5, 6, 7))  # two rows of four tokens; the first is left-padded by one
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -282,17 +284,6 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def indexed_args(args: tuple, kwargs: dict, hidden_size: int):
-    """(hidden, top_k_index, top_k_weights) of an experts call in the indexed convention, else None."""
-    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    index = [t for t in tensors if not t.is_floating_point() and t.dim() >= 2]
-    hidden = [t for t in tensors if t.is_floating_point() and t.shape[-1] == hidden_size]
-    if len(index) != 1 or not hidden:
-        return None
-    weights = [t for t in tensors if t.is_floating_point() and t is not hidden[0] and t.shape == index[0].shape]
-    return (hidden[0], index[0], weights[0]) if weights else None
-
-
 # ---- one layer ----------------------------------------------------------------------------------------------
 def _learn_layer(name, decoder_layer, layer, experts, layout, call, calls) -> Probed:
     where = f"{name}: layer {layer} ({type(experts).__name__})"
@@ -313,6 +304,7 @@ def _learn_layer(name, decoder_layer, layer, experts, layout, call, calls) -> Pr
         convention, index, weights = "scaled", None, None
         router, top_k, tokens = _scaled_router(where, call, before, block, layout, calls)
     _check_computed_experts(where, layout)
+    check_math(where, experts, layout, convention)
     outputs = Outputs()
     if router is None:
         router_call, unroutable = None, f"{where}: no module's output holds its routing (indices or logits [N, E])"

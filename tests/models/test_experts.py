@@ -75,3 +75,19 @@ def test_llama4_experts_run_on_router_scaled_inputs():
     torch.testing.assert_close(mine, stock, rtol=1e-5, atol=1e-6)
     assert torch.equal(adapter.scaled_inputs(hidden, out.weights).reshape(4, lay.top_k, 32)[:, 1],
                        hidden * out.weights[:, 1:])
+
+
+def test_experts_whose_math_is_not_reproduced_are_refused():
+    """A family whose experts compute something else than gated-up, activation, down (here: one added to every
+    output) must be refused when described, not offloaded with wrong outputs."""
+    model = families.tiny_model(families.family("mixtral"))
+    experts = model.model.layers[1].mlp.experts
+    stock = type(experts)
+
+    class Shifted(stock):
+        def forward(self, hidden, index, weights):
+            return stock.forward(self, hidden, index, weights) + 1.0
+
+    experts.__class__ = Shifted
+    with pytest.raises(adapter.UnsupportedModelError, match=r"layer 1 \(Shifted\): .*does not reproduce"):
+        adapter.describe(model)
