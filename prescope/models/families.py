@@ -73,6 +73,10 @@ QUIRKS: dict[str, tuple[dict[str, Any], str]] = {
     "glm4v_moe_text": (dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
                                                  mrope_section=[1, 1, 0])),
                        "its rotary sections must add up to half the rotary width of a head (2 here)"),
+    "glm5_next_text": (dict(qk_rope_head_dim=0, qk_nope_head_dim=16, layer_types=_LINEAR_HYBRID,
+                            mlp_layer_types=["dense", "sparse", "sparse"]),
+                       "its sparse-attention layers take no rotary part; its default 3 layers are dense and hold no "
+                       "attention layer"),
     "step3p5": (dict(sliding_window=16, mlp_layer_types=["dense", "sparse", "sparse"], swiglu_limits=[0.0, 0.0, 0.05]),
                 "no default window for its sliding layers, MoE from layer 3 on by default; a small SwiGLU limit "
                 "on the last layer makes its experts' own clamped gate matter"),
@@ -88,7 +92,6 @@ SKIP: dict[str, str] = {
     "qwen3_omni_moe_talker_text": "Qwen3-Omni's speech talker: it decodes codec tokens from the thinker's "
                                   "hidden states, not from token ids",
     "deepseek_ocr2_text": "DeepSeek-OCR-2's decoder: its wrapper needs an image and a SAM encoder to run",
-    "glm5_next_text": "its multimodal wrapper needs no-rotary sparse attention layers and vision settings",
     "qwen3_omni_moe_text": "its multimodal wrapper (the Omni thinker) needs audio and vision token settings",
 }
 
