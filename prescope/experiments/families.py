@@ -109,20 +109,20 @@ def check_routes(model) -> str:
     with adapter.observe_routing(model, lambda o, hidden, logits, weights, index: seen.setdefault(
             o, (hidden.clone(), weights.clone(), index.clone()))), torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    alone = []
-    for lay in adapter.moe_layers(model):
+    alone, layers = [], adapter.moe_layers(model)
+    for lay in layers:
         hidden, weights, index = seen[lay.ordinal]
         try:
             out = adapter.route(lay, hidden)
         except UnsupportedModelError as exc:
-            alone.append(f"layer {lay.layer}: {exc}")
+            alone.append(str(exc))
             continue
         same = torch.equal(out.indices.sort(-1).values, index.long().sort(-1).values)
         if not same or not torch.allclose(out.weights.sort(-1).values.float(), weights.sort(-1).values.float(),
                                           rtol=RTOL, atol=ATOL):
             raise AssertionError(f"{type(model).__name__} layer {lay.layer}: route() differs from the routing "
                                  "its experts received")
-    return "all layers" if not alone else f"{len(alone)} not alone: {alone[0]}"
+    return "all layers" if not alone else f"not on {len(alone)} of {len(layers)} layers: {alone[0]}"
 
 
 def check_family(family: families.Family, cells=CELLS, new_tokens: int = NEW_TOKENS) -> dict:
@@ -167,12 +167,12 @@ def table(rows: list[dict], cells=CELLS) -> str:
     head = ["family", "model class", "status", "E/K/MoE layers", "seam", "router alone"] + [c.label for c in cells]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        if r["status"] != "supported":
-            continue
-        shape = f"{r['experts']}/{r['top_k']}/{r['moe_layers']}"
-        results = [_cell_text(r["cells"][c.label]) for c in cells]
-        lines.append("| " + " | ".join([r["family"], r["model_class"], "supported", shape, r["seam"],
-                                        _short(r["route"])] + results) + " |")
+        if r["status"] == "supported":
+            shape = f"{r['experts']}/{r['top_k']}/{r['moe_layers']}"
+            rest = [shape, r["seam"], _short(r["route"], 60)] + [_cell_text(r["cells"][c.label]) for c in cells]
+        else:
+            rest = ["", "", _short(r["reason"], 60)] + ["—"] * len(cells)
+        lines.append("| " + " | ".join([r["family"], r["model_class"] or r["config"], r["status"], *rest]) + " |")
     return "\n".join(lines)
 
 
@@ -210,9 +210,11 @@ def report(rows: list[dict], seconds: float, cells=CELLS, new_tokens: int = NEW_
         "difference). The oracle replays the stock run's recorded routing. *Router alone*: each layer's router "
         "applied to the hidden states its layer saw (`adapter.route`) gives the routing its experts received.",
         "",
-        "## Supported",
-        "",
         table(rows, cells),
+        "",
+        "## Routers that cannot be applied alone (the engine does not need them; predictors that apply them do)",
+        "",
+        *[f"- **{r['family']}**: {r['route']}" for r in rows if r.get("route", "all layers") != "all layers"],
         "",
         "## Refused (the adapter's message)",
         "",

@@ -54,6 +54,7 @@ def test_the_command_writes_the_table_and_rows(tmp_path, one_thread):
     assert "Measured on the CPU, float32, with transformers" in text and "git revision" in text
     assert "| mixtral | MixtralForCausalLM | supported |" in text
     assert "block call, input-weighted" in text  # Llama 4
+    assert "| nllb-moe | NllbMoeForConditionalGeneration | refused |" in text
     assert "encoder-decoder models are not supported" in text
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["family"] for r in rows] == ["llama4_text", "mixtral", "nllb-moe"]
