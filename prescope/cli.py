@@ -37,6 +37,7 @@ COMMANDS: dict[str, Command] = {
     "calibrate": Command("prescope.experiments.calibrate", "measure this machine and write a profile"),
     "bench": Command("prescope.experiments.bench", "measure policies on a GPU (shape twins)"),
     "check-equivalence": Command("prescope.experiments.equivalence", "offloaded vs stock output on a device"),
+    "families": Command("prescope.experiments.families", "every MoE family of transformers: offloaded vs stock"),
     "fidelity": Command("prescope.experiments.fidelity", "simulated vs measured latency of a bench run"),
 }
 

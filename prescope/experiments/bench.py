@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
 import os
 import statistics
@@ -50,6 +49,16 @@ import pandas as pd
 from prescope.config import EngineConfig, check_types
 from prescope.experiments import bounds
 from prescope.experiments.benchfile import read_bench, write_bench
+from prescope.experiments.stock import (
+    ACCELERATE,
+    SEQUENCES,
+    STOCK,
+    STOCK_EAGER,
+    _decode_metrics,
+    _free,
+    measure_accelerate,
+    measure_stocks,
+)
 from prescope.files import check_output, git_revision, portable_values
 from prescope.policies import parse_policy
 from prescope.timeline import host_device, measured_profile
@@ -58,16 +67,11 @@ if TYPE_CHECKING:  # torch, the engine and the models load in the functions that
     import torch
 
     from prescope.engine.engine import Engine
-    from prescope.experiments.subjects import Subject
     from prescope.routing.replay import RoutingReplay
 
 RESIDENT = "resident"
-STOCK = "stock"  # transformers' fastest experts implementation on the device (`experts_implementation`)
-STOCK_EAGER = "stock-eager"  # transformers' eager loop over experts
-ACCELERATE = "accelerate"
 ALL_POLICIES = ("on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix", "prescope",
                 "oracle")
-SEQUENCES = "sequences"  # measure_stock's generated ids, kept out of the result rows
 
 
 @dataclass(frozen=True)
@@ -109,71 +113,6 @@ class BenchConfig:
                 raise ValueError(f"budgets are shares in (0, 1], got {b}")
         for name in self.policies:
             parse_policy(name)  # a clear error for an unknown policy or option
-
-
-def _sync(device: torch.device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_stocks(model, batch: int, cfg: BenchConfig, device: torch.device, prompts: np.ndarray | None) -> list[dict]:
-    """The stock rows of a batch: transformers' fastest experts implementation on this device (`stock`, naming
-    it) and its eager loop (`stock-eager`), each row with every implementation's decode median; the fastest's
-    generated ids under SEQUENCES. An implementation the device cannot run (out of memory) is named in
-    `stock_errors`."""
-    runs, errors = {}, {}
-    for impl in cfg.stock_implementations:
-        try:
-            model.set_experts_implementation(impl)
-            runs[impl] = measure_stock(model, batch, cfg, device, prompts)
-        except (RuntimeError, ValueError, KeyError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-            errors[impl] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        _free(device)
-    model.set_experts_implementation(cfg.stock_implementations[0])
-    if not runs:
-        raise RuntimeError(f"no experts implementation of transformers ran: {errors}")
-    by_impl = {impl: r["decode_ms_median"] for impl, r in runs.items()}
-    fastest = min(runs, key=by_impl.__getitem__)
-    common = {"stock_ms_by_impl": by_impl, "stock_errors": errors}
-    rows = [{"policy": STOCK, "experts_implementation": fastest, **common, **runs[fastest]}]
-    if "eager" in runs:
-        rows.append({"policy": STOCK_EAGER, "experts_implementation": "eager", **common, **runs["eager"]})
-        rows[-1].pop(SEQUENCES)
-    return rows
-
-
-def measure_stock(model, batch: int, cfg: BenchConfig, device: torch.device, prompts: np.ndarray | None = None,
-                  new_tokens: int | None = None) -> dict:
-    """Stock decode: per-step latency from host timestamps around synchronised forward calls."""
-    from prescope.experiments.subjects import generate
-
-    stamps = []
-
-    def stamp(kind: str):
-        def hook(*_):
-            _sync(device)
-            stamps.append([kind, time.perf_counter()])
-        return hook
-
-    hooks = [model.register_forward_pre_hook(stamp("s")), model.register_forward_hook(stamp("e"))]
-    try:
-        generate(model, batch, 16, cfg.warmup_tokens, cfg.seed + 1, device=device)
-        stamps.clear()
-        out = generate(model, batch, cfg.input_len, new_tokens or cfg.output_len, cfg.seed, prompts, device=device)
-    finally:
-        for h in hooks:
-            h.remove()
-    starts, ends = [t for k, t in stamps if k == "s"], [t for k, t in stamps if k == "e"]
-    latencies = [e - s for s, e in zip(starts, ends, strict=True)]
-    return {**_decode_metrics(latencies[0], latencies[1:], batch), SEQUENCES: out.cpu()}
-
-
-def _decode_metrics(ttft: float, decode: list[float], batch: int) -> dict:
-    return {"ttft_s": ttft, "decode_ms_median": 1e3 * statistics.median(decode),
-            "decode_ms_mean": 1e3 * statistics.fmean(decode), "decode_tok_s": batch * len(decode) / sum(decode),
-            "decode_ms_steps": [round(1e3 * x, 4) for x in decode]}
 
 
 def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: RoutingReplay | None = None,
@@ -373,6 +312,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             _free(device)
         if device.type == "cuda":
             for row in measure_accelerate(spec, subject, cfg, device, base):
+                print(_line(row), flush=True)
                 rows.append(row)
                 write_bench(out, meta, rows, routes, timelines)
         del model, subject
@@ -406,44 +346,6 @@ def median_round(rounds: list[tuple]) -> tuple:
     about, row, route, timeline = rounds[pick]
     spread = (max(ms) - min(ms)) / ms[pick] if ms[pick] > 0 else 0.0
     return about, {**row, "rounds": len(ms), "decode_ms_rounds": ms, "decode_ms_spread": spread}, route, timeline
-
-
-def _free(device: torch.device) -> None:
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def measure_accelerate(spec: str, subject: Subject, cfg: BenchConfig, device: torch.device, base: dict):
-    """accelerate's offload of a fresh copy of the model at each budget (native routing: it moves the same
-    offloaded weights at every forward whatever the routing), `accelerate_tokens` decode steps; yields each
-    row as it is measured."""
-    import torch
-
-    from prescope.experiments import hfoffload
-    from prescope.experiments.subjects import build_subject
-
-    for budget in cfg.budgets if cfg.accelerate_batches else ():
-        fresh = build_subject(spec.split("@")[0], device, cfg.seed).to("cpu")
-        _free(device)
-        try:
-            fresh, placement = hfoffload.accelerate_offload(fresh, cfg.device,
-                                                            hfoffload.offload_gpu_bytes(fresh, budget))
-        except (ImportError, ValueError) as exc:
-            print(f"accelerate offload of {spec} at budget {budget} not run: {exc}", flush=True)
-            continue
-        where = torch.device(placement.device)
-        for batch in cfg.accelerate_batches:
-            row = measure_stock(fresh, batch, cfg, where, subject.prompts, new_tokens=cfg.accelerate_tokens)
-            row.pop(SEQUENCES)
-            row = {**base, "policy": ACCELERATE, "budget": budget, "batch": batch, "routing": "native", **row,
-                   **{f"placement_{k}": v for k, v in placement.to_dict().items() if k != "device_map"}}
-            print(_line(row), flush=True)
-            yield row
-        del fresh
-        _free(device)
 
 
 def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, repeats: int = 50) -> dict:

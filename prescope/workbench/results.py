@@ -263,3 +263,14 @@ def pair_summary(measured: pd.DataFrame, simulated: pd.DataFrame) -> pd.DataFram
     table = pd.concat(parts, axis=1).swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
     table.index.name = "decode step"
     return table.round(3)
+
+
+def tables_profile(folder: str | Path) -> str:
+    """Where committed measured tables were made: the `hardware` their `summary.json` names, as the
+    "measured on" label (`timeline.measured_profile`)."""
+    from prescope.timeline import measured_profile
+
+    summary = Path(folder) / "summary.json"
+    if not summary.is_file():
+        raise FileNotFoundError(f"no summary.json in {folder}: these are not committed measured tables")
+    return measured_profile(str(json.loads(summary.read_text()).get("hardware") or "unknown"))

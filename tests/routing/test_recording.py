@@ -31,7 +31,7 @@ def _independent_routing(model, ids: list[int]):
     for h in hooks:
         h.remove()
     with torch.no_grad():
-        return {lay.ordinal: (seen[lay.ordinal], adapter.route(lay.router, seen[lay.ordinal])) for lay in layers}
+        return {lay.ordinal: (seen[lay.ordinal], adapter.route(lay, seen[lay.ordinal])) for lay in layers}
 
 
 def test_batch1_counts_phases_and_router_agreement(trace_model):

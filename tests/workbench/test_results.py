@@ -117,3 +117,11 @@ def test_timeline_pair_numbers_the_steps_alike_and_summarises_them():
     assert ((ratio > 0.5) & (ratio < 2)).all()  # the same cell, within a factor of two step by step
     with pytest.raises(WorkbenchError, match="decode_steps must be >= 1"):
         results.timeline_pair(COMPARISON, "mixtral4", ENGINE_PROFILE, **CELL, decode_steps=0)
+
+
+def test_committed_tables_say_where_they_were_measured(tmp_path):
+    from prescope.workbench.results import tables_profile
+
+    assert tables_profile(Path(__file__).resolve().parents[2] / "reports" / "llapor") == "host:cpu"
+    with pytest.raises(FileNotFoundError, match="not committed measured tables"):
+        tables_profile(tmp_path)
