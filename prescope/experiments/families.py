@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prescope.config import EngineConfig
-from prescope.files import source_revision, write_atomic
+from prescope.files import check_output, source_revision, write_atomic, write_json
 from prescope.layout import ModelLayout, UnsupportedModelError
 from prescope.policies import parse_policy
 
@@ -241,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
 
     from prescope.models import families
 
+    check_output(args.out, what="--out")
     torch.set_num_threads(1)  # tiny tensors: more intra-op threads only spin against the CPU experts' workers
     found = families.discover()
     if args.families:
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - began
     out = Path(args.out)
     write_atomic(out, report(rows, seconds, new_tokens=args.new_tokens))
-    write_atomic(out.with_suffix(".json"), json.dumps({"source": "measured", "device": "cpu", "rows": rows}, indent=1))
+    write_json(out.with_suffix(".json"), {"source": "measured", "device": "cpu", "rows": rows})
     failed = [r["family"] for r in rows if r["status"] == "supported" and not all(passed(c) for c in r["cells"].values())]
     print(json.dumps({"families": len(rows), "supported": sum(r["status"] == "supported" for r in rows),
                       "failed": failed, "seconds": round(seconds, 1), "out": str(out)}))
