@@ -117,6 +117,7 @@ class Engine(Executor):
                                {"device": _device_name(self.device), "policy": self.policy.name,
                                 "config": config.to_dict()})
         self._layer: _Running | None = None
+        self._stale = False  # a layer failed part-way: reset before the next step
         self._install()
 
     # ---- install: memory decided once ----------------------------------------------------------------
@@ -154,8 +155,13 @@ class Engine(Executor):
 
     def reset(self) -> None:
         """Empty the slot pool, then load what the policy wants resident (all experts if the budget allows)."""
+        self._stale = False
+        if self.io is not None and self.io.error is not None:  # the I/O worker died with a failed copy
+            self.io.close()
+            self.io = IOWorker(self.streams, self.config.io_chunk_bytes, self.config.io_depth)
         self.drain()
         self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)
+        self._ready = [None] * self.num_slots
         keys = preload(self.policy, self.cache, self.layout.num_experts, self.costs)
         fill(self.policy, self.cache, keys, lambda key, slot: self.load(key, slot, speculative=False))
         self.drain()
@@ -270,10 +276,15 @@ class Engine(Executor):
                          tuple(counts[e] for e in ranked), hidden=seen, future=future)
 
     def _run(self, layer: int, view: LayerView, running: _Running) -> None:
-        """The protocol: cut, plan, CPU experts, GPU experts in waves, prefetch (policies.protocol)."""
+        """The protocol: cut, plan, CPU experts, GPU experts in waves, prefetch (policies.protocol). A layer
+        that fails or is interrupted part-way (Ctrl-C in a notebook) leaves the engine to be reset before its
+        next step: copies may have been queued that the slot table cannot vouch for."""
         self._layer = running
         try:
             run = run_layer(view, self.policy, self.cache, self)
+        except BaseException:
+            self._stale = True
+            raise
         finally:
             self._layer = None
         self.records.plan_seconds[layer] += run.plan_s
@@ -323,8 +334,9 @@ class Engine(Executor):
             start += n
         run.cpu_positions = positions
 
-    def load(self, key: Key, slot: int, speculative: bool) -> None:
-        """Copy expert `key` into `slot` (assigned by the protocol), after the slot's last kernel."""
+    def load(self, key: Key, slot: int, speculative: bool) -> bool:
+        """Copy expert `key` into `slot`, after the slot's last kernel; resident at once, since every kernel
+        reading the slot waits for the copy's event."""
         layer, e = key
         pairs = [(self.slot_tensors[n][slot], host[e]) for n, host in self._host[layer].items()]
         if self.io is not None:
@@ -336,10 +348,10 @@ class Engine(Executor):
         else:
             start, done = self.streams.copy_many(pairs, after=self._released[slot])
         self._ready[slot] = done
-        self.cache.mark_ready(key)  # ordered before any use: kernels wait on `done`
         if self.step >= 0:
             self.records.row("pcie", layer, e, "prefetch" if speculative else "on_demand", 0,
                              self.layout.expert_bytes, start, done)
+        return True
 
     def compute(self, layer: int, wave: list[tuple[int, int]]) -> None:
         """The wave's experts as one grouped kernel over the slot pool (`adapter.grouped_rows`), on the compute
@@ -383,6 +395,8 @@ class Engine(Executor):
 
     # ---- steps and timing ----------------------------------------------------------------------------
     def begin_step(self, tokens: int, phase: str) -> None:
+        if self._stale:  # the last step failed part-way: start again from a clean slot pool
+            self.reset()
         self.records.begin_step(tokens, phase)
 
     def end_step(self) -> None:

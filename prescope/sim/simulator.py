@@ -208,13 +208,15 @@ class _Replay(Executor):
             c += d
         self.cpu_free = self.c = c
 
-    def load(self, key: Key, slot: int, speculative: bool) -> None:
-        """Issuing a transfer costs host time; the copy starts once the slot's last occupant is done."""
+    def load(self, key: Key, slot: int, speculative: bool) -> bool:
+        """Issuing a transfer costs host time; the copy starts once the slot's last occupant is done; the
+        expert is resident when it lands (`advance`, `ready_time`)."""
         self.h += self.per_transfer
         load = Load(next(self.ids), key, slot, "prefetch" if speculative else "on_demand", self.step,
                     self.times.nbytes, max(self.h, self.release[slot]))
         self.inflight[key] = load
         self.link.enqueue(load)
+        return False
 
     def compute(self, layer: int, wave: list[tuple[int, int]]) -> None:
         """Each expert when its load has landed and the GPU is free."""
@@ -308,7 +310,7 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
     times = SimTimes(layout, profile, default_dense_params(layout) if dense_params is None else dense_params)
     cache = ExpertCache(num_slots, L)
     costs = times.costs() if policy_profile is None else costs_for(layout, load_profile(policy_profile))
-    fill(policy, cache, preload(policy, cache, E, costs), lambda key, slot: cache.mark_ready(key))  # before time 0
+    fill(policy, cache, preload(policy, cache, E, costs), lambda key, slot: True)  # resident before time 0
     sim = _Replay(policy, cache, times, E, async_io, chunk_bytes)
     # decoder layers in order: (decoder index, MoE ordinal or -1 for a dense layer)
     decoder = sorted([(i, -1) for i in layout.dense_layers] + [(i, o) for o, i in enumerate(layout.moe_layers)])
