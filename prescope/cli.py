@@ -30,7 +30,7 @@ COMMANDS: dict[str, Command] = {
     "simulate-compare": Command("prescope.experiments.simcompare",
                                 "every policy on several hardware profiles, simulated"),
     "sweep": Command("prescope.workbench.sweep", "run a notebook over a parameter grid"),
-    "train-tiny": Command("prescope.models.tiny", "train prescope-tiny"),
+    "train-tiny": Command("prescope.experiments.routermodels", "train prescope-tiny, or with --like NAME a twin's routing model"),
     "tiny-card": Command("prescope.experiments.modelcard", "measure prescope-tiny's routing for its card"),
     "train-predictor": Command("prescope.predict.llapor", "train LLaPor on a routing trace",
                                options="prescope.predict.llaporconfig"),

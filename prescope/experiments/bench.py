@@ -278,7 +278,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
                 about = {**base, "policy": policy_name, "budget": budget, "batch": batch, "slots": engine.num_slots,
                          "async_io": engine.io is not None, "predictor": predictor,
-                         "routing": "replayed from prescope-tiny" if subject.source is not None
+                         "routing": f"replayed from {subject.name.partition('@')[2]}" if subject.source is not None
                          else "replayed (stock run)"}
                 try:
                     row, route, timeline = measure_engine(engine, model, batch, cfg, replays[batch], subject.prompts,

@@ -2,8 +2,9 @@
 predictor each policy gets.
 
 - a subject spec is `prescope-tiny`, a shape twin `name[:layers]`, `name-tiny[:layers]` (the twin's structure at
-  tiny widths, for CPU smoke runs), or `twin@prescope-tiny` (the twin driven by prescope-tiny's routing on
-  held-out text: same L, E, K; its predictors read prescope-tiny's hidden states);
+  tiny widths, for CPU smoke runs), `twin@prescope-tiny` (the twin driven by prescope-tiny's routing on
+  held-out text: same L, E, K; its predictors read prescope-tiny's hidden states) or `twin@router` (driven by the
+  routing model trained like the twin, `models.routers`: its routing, hidden states and routers);
 - `Subject.replay` records the routing every engine cell of a batch replays; `Subject.policy` builds a policy
   with the predictor the bench gives it (gate lookahead, LLaPor where its layout matches, the replayed future).
 """
@@ -28,12 +29,39 @@ def parse_model(spec: str) -> tuple[str, int | None]:
     return name, int(layers) if layers else None
 
 
+ROUTER = "router"  # `twin@router`: the routing model trained like the twin
+SOURCES = ("prescope-tiny", ROUTER)
+
+
 def routing_source(spec: str) -> str | None:
     """The model whose routing drives subject `spec` (`twin@source`), or None for its own."""
     _, _, source = spec.partition("@")
-    if source and source != "prescope-tiny":
-        raise ValueError(f"{spec}: only prescope-tiny's routing can drive another model, got {source!r}")
+    if source and source not in SOURCES:
+        raise ValueError(f"{spec}: only prescope-tiny's routing or the twin's routing model (@{ROUTER}) can drive "
+                         f"another model, got {source!r}")
     return source or None
+
+
+def build_source(spec: str, device: torch.device, seed: int) -> torch.nn.Module:
+    """The model whose routing drives `spec`: prescope-tiny, or the routing model of the twin `spec` names
+    (`name`, `name:layers` and `name-tiny` all name twin `name`)."""
+    source = routing_source(spec)
+    if source != ROUTER:
+        return build_subject(source, device, seed)
+    from prescope.models.routers import load_router
+
+    model, _ = load_router(parse_model(spec)[0].removesuffix("-tiny"),
+                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return model.to(device)
+
+
+def check_routing_fits(spec: str, model: torch.nn.Module, source: torch.nn.Module) -> None:
+    """ValueError unless the source routes as many MoE layers, experts and top-k as the driven model."""
+    ours, theirs = adapter.describe(model), adapter.describe(source)
+    shape = lambda lay: (lay.num_moe_layers, lay.num_experts, lay.top_k)  # noqa: E731
+    if shape(ours) != shape(theirs):
+        raise ValueError(f"{spec}: the routing source has (MoE layers, experts, top-k) = {shape(theirs)}, the model "
+                         f"{shape(ours)}; a twin cut to fewer layers cannot replay a full routing model")
 
 
 def build_subject(spec: str, device: torch.device, seed: int):
@@ -161,9 +189,10 @@ def build_bench_subject(spec: str, cfg: Workload, device: torch.device) -> Subje
     subject = Subject(name if source is None else f"{name}@{source}", model,
                       prompts=prompts if name == "prescope-tiny" else None)
     if source is not None:
-        subject.source, subject.source_prompts = build_subject(source, device, cfg.seed), prompts
         if prompts is None:
-            raise ValueError(f"{spec}: driving a twin with prescope-tiny's routing needs --prompts (held-out ids)")
+            raise ValueError(f"{spec}: driving a twin with {source}'s routing needs --prompts (held-out ids)")
+        subject.source, subject.source_prompts = build_source(spec, device, cfg.seed), prompts
+        check_routing_fits(spec, model, subject.source)
     if cfg.predictor:
         from prescope.predict import llapor
 

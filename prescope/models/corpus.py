@@ -261,12 +261,14 @@ def encode_documents(tokenizer, docs: Iterable[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.uint16)
 
 
-def prepare(spec: CorpusSpec, vocab_size: int, out_dir: Path, settings: dict) -> dict:
+def prepare(spec: CorpusSpec, vocab_size: int, out_dir: Path, settings: dict, tokenizer=None) -> dict:
     """Corpus → tokenizer → ids, written to `out_dir` (tokenizer files, train.npy = the domains'
     training ids concatenated in DOMAINS order, heldout_<domain>.npy, prepare.json). `settings` (the
-    caller's config) is recorded in prepare.json, which is returned."""
+    caller's config) is recorded in prepare.json, which is returned. With `tokenizer` given (the routing
+    models reuse prescope-tiny's, so held-out prompt ids are shared) none is trained."""
     splits = load_splits(spec)
-    tokenizer = build_tokenizer((d for s in splits.values() for d in s.train), vocab_size)
+    if tokenizer is None:
+        tokenizer = build_tokenizer((d for s in splits.values() for d in s.train), vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     train_parts, record = [], {"domains": {}, "python": python_version(), "config": settings}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,7 +143,7 @@ AUTOCAST_EXPERTS = "prescope_autocast_grouped_mm"
 
 
 def _autocast_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
-    """grouped_mm experts with their 3D weights cast to the autocast dtype.
+    """grouped_mm experts with their 3D weights (and per-expert biases) cast to the autocast dtype.
 
     torch's grouped_mm is not autocast-aware and runs bf16 only on CUDA; the model keeps fp32
     master weights, so under autocast the expert weights are cast (differentiably) per call.
@@ -158,7 +159,8 @@ def _autocast_experts_forward(experts, hidden_states, top_k_index, top_k_weights
 
 
 class _CastView:
-    """Read-through view of an experts module whose floating 3D tensors come back cast to `dtype`."""
+    """Read-through view of an experts module whose floating weights [E, ...] and biases [E, X] come back
+    cast to `dtype`."""
 
     def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
         self._module, self.dtype = module, dtype
@@ -167,7 +169,7 @@ class _CastView:
         import torch
 
         value = getattr(self._module, name)
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 3:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:  # weights, biases
             return value.to(self.dtype)
         return value
 
@@ -176,6 +178,42 @@ def _register_autocast_experts() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(AUTOCAST_EXPERTS, _autocast_experts_forward)
+
+
+# ---------------------------------------------------------------- load balancing where a family has none
+
+
+@contextmanager
+def balance(model, own_aux: bool):
+    """Collect every MoE layer's (router logits [N, E], chosen experts [N, K]) of one forward, with their
+    gradients, for `balance_loss`; a no-op (an empty list) where the family computes its own auxiliary loss."""
+    from prescope.models import adapter
+
+    routed: list = []
+    if own_aux:
+        yield routed
+        return
+    with adapter.observe_routing(model, lambda o, h, logits, w, idx: routed.append((logits, idx))):
+        yield routed
+
+
+def balance_loss(routed: list) -> torch.Tensor:
+    """Switch-style load-balancing loss summed over layers, as transformers' families compute it:
+    E · Σ_e (tokens routed to e / N) · mean_n softmax(logits)_ne (1·K where routing is uniform)."""
+    import torch
+
+    total = None
+    for logits, indices in routed:
+        if logits is None:
+            continue
+        num_experts = logits.shape[-1]
+        probs = logits.float().softmax(-1).mean(0)  # [E]
+        share = torch.bincount(indices.reshape(-1), minlength=num_experts)[:num_experts].float() / len(indices)
+        term = num_experts * (share * probs).sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no router logits observed: the generic load-balancing loss needs them")
+    return total / len(routed)
 
 
 # ---------------------------------------------------------------- training
@@ -233,6 +271,7 @@ def train(model, stream: np.ndarray, config: TinyConfig, device: str = "cpu", pr
     import torch
 
     use_autocast = device.startswith("cuda")
+    own_aux = hasattr(model.config, "output_router_logits")  # the family computes its load-balancing loss
     _register_autocast_experts()
     model.set_experts_implementation(experts_implementation)
     model.to(device).train()
@@ -254,15 +293,20 @@ def train(model, stream: np.ndarray, config: TinyConfig, device: str = "cpu", pr
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, config)
         batch = sample_batch(stream, rng, config.batch_size, config.seq_len).to(device)  # [B, T]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            out = model(input_ids=batch, labels=batch, output_router_logits=config.router_aux_loss_coef > 0)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast), balance(model, own_aux) as routed:
+            out = model(input_ids=batch, labels=batch,
+                        **({"output_router_logits": config.router_aux_loss_coef > 0} if own_aux else {}))
+        loss, aux = out.loss, getattr(out, "aux_loss", None)
+        if not own_aux and config.router_aux_loss_coef > 0:  # the family has no auxiliary loss: the generic one
+            aux = balance_loss(routed)
+            loss = loss + config.router_aux_loss_coef * aux
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
-        aux = out.aux_loss if out.aux_loss is not None else torch.zeros(())
-        ce = (out.loss - config.router_aux_loss_coef * aux.to(out.loss.device)).item()
+        aux = aux if aux is not None else torch.zeros(())
+        ce = (loss - config.router_aux_loss_coef * aux.to(loss.device)).item()
         losses.append(ce)
         step += 1
         bar.update(1)

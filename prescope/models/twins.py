@@ -134,10 +134,14 @@ def list_twins() -> list[str]:
     return list(TWINS)
 
 
-def _spec(name: str) -> TwinSpec:
+def twin_spec(name: str) -> TwinSpec:
+    """Twin `name`'s spec; UnknownTwinError naming the known twins otherwise."""
     if name not in TWINS:
         raise UnknownTwinError(f"unknown twin {name!r}; known twins: {list_twins()}")
     return TWINS[name]
+
+
+_spec = twin_spec
 
 
 def _make_config(spec: TwinSpec, fields: dict[str, Any], num_layers: int | None) -> PretrainedConfig:

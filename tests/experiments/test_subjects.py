@@ -15,7 +15,7 @@ def test_model_specs():
     assert parse_model("olmoe-1b-7b@prescope-tiny") == ("olmoe-1b-7b", None)
     assert routing_source("olmoe-1b-7b@prescope-tiny") == "prescope-tiny"
     assert routing_source("olmoe-1b-7b") is None
-    with pytest.raises(ValueError, match="only prescope-tiny"):
+    with pytest.raises(ValueError, match="only prescope-tiny.s routing or the twin.s routing model"):
         routing_source("olmoe-1b-7b@mixtral-8x7b")
 
 
