@@ -13,7 +13,8 @@ otherwise pick; fewer decode tokens, since it is slow).
 Routing: the stock run of each batch records its routing, and every engine cell of that batch replays it
 (`replay.RoutingReplay`), so all policies see the same experts and the oracle knows the step's future.
 A subject `twin@prescope-tiny` (e.g. `olmoe-1b-7b@prescope-tiny`) is the twin driven by prescope-tiny's
-routing on held-out text instead (same L, E, K): its predictors read prescope-tiny's hidden states.
+routing on held-out text instead (same L, E, K): its predictors read prescope-tiny's hidden states; `twin@router`
+likewise with the routing model trained like the twin (`models.routers`).
 
 Predictors: `lookahead_prefetch` and `hybrid` use gate lookahead (the routers of the model whose routing
 runs); `prescope` uses the LLaPor checkpoint given with `--predictor` where its layout matches that model,
@@ -445,8 +446,9 @@ def _line(r: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     parser.add_argument("--models", nargs="+", default=list(d.models),
-                        help="shape twins, each NAME or NAME:LAYERS, or TWIN@prescope-tiny (the twin driven by "
-                             "prescope-tiny's routing on held-out text) (default: %(default)s)")
+                        help="shape twins, each NAME or NAME:LAYERS, or TWIN@prescope-tiny / TWIN@router (the twin "
+                             "driven by prescope-tiny's or its routing model's routing on held-out text) "
+                             "(default: %(default)s)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(d.batch_sizes),
                         help="batch sizes to measure (default: %(default)s)")
     parser.add_argument("--policies", nargs="+", default=list(d.policies),

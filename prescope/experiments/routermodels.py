@@ -9,7 +9,10 @@ held-out prompts (lag-1 decode reuse against K/E, load entropy, cross-layer NMI,
 `modelcard.trace_statistics`) beside the real model's figures where the project ships them (the real llama.cpp
 traces of Qwen3-30B-A3B and gpt-oss-120b, OLMoE-1B-7B's and Mixtral-8x7B's published load aggregates).
 `--llapor` adds LLaPor against gate lookahead on the routing model's held-out text, by layer group and distance
-(`predict.accuracy.run_report`), into the card.
+(`predict.accuracy.run_report`: traces recorded and LLaPor trained on the CPU), into the card and
+`--out/NAME/llapor/`; with `--like all` it also measures the models already in `--out` that lack it.
+Everything a run writes is under `--out` (and its `data/` folder: the prepared corpus, the LLaPor cache), so a GPU
+run takes one folder back: `prescope train-tiny --like all --out DIR --device cuda [--llapor]`.
 
 `--like` trains shorter, smaller batches than prescope-tiny by default (`ROUTER_TRAINING`): a training flag left at
 prescope-tiny's default takes the routing-model default instead.
@@ -79,11 +82,12 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out) / name if args.like == ALL else Path(args.out)
         if args.like == ALL and (out / "model_card.json").is_file():
             print(f"train-tiny: {name}: already in {out}")
-            continue
-        card = train_router(name, out, config, device=args.device, data_dir=Path(data), corpus_dir=args.corpus_dir,
-                            hidden=args.router_hidden, expert=args.router_expert, eval_tokens=args.eval_tokens,
-                            valid_every=args.valid_every, progress=not args.no_progress)
-        if args.llapor:
+            card = read_json(out / "model_card.json", "model card")
+        else:
+            card = train_router(name, out, config, device=args.device, data_dir=Path(data), corpus_dir=args.corpus_dir,
+                                hidden=args.router_hidden, expert=args.router_expert, eval_tokens=args.eval_tokens,
+                                valid_every=args.valid_every, progress=not args.no_progress)
+        if args.llapor and "llapor_vs_gate_lookahead" not in card:
             card = add_llapor(out, cache_dir=Path(data) / "llapor" / name, progress=not args.no_progress)
         print(json.dumps({"routing_model": name, "out": str(out), "params": card["params"]["total"],
                           "bytes": card["bytes"], "wall_s": card["training"]["wall_s"],
@@ -138,8 +142,10 @@ def train_router(name: str, out: Path, config: TinyConfig, *, device: str | None
     random_model = routers.build_router_model(name, seed=config.seed, **build).to(device)
     table = trained.assign(random_loss=evaluate_domains(random_model, tokenizer, heldout, config.seq_len,
                                                         eval_tokens)["loss"].to_numpy())
-    routing = routing_card(name, model.cpu().float(), random_model.cpu().float(), tokenizer,
+    routing = routing_card(name, _for_card(model), _for_card(random_model), tokenizer,
                            config.corpus_spec(corpus_dir or corpus.default_corpus_dir()), **(card_prompts or CARD_PROMPTS))
+    routing["source"] = f"measured on {device} ({'bf16' if device.startswith('cuda') else 'fp32'})"
+    model.cpu()
     card = tiny.make_card(model, config, result, table, [], record, device, valid_every)
     card.update(name=f"{name} routing model", like=name, hub_id=twins.twin_spec(name).hub_id,
                 structure=routers.structure(model.config), twin_structure=routers.structure(twins.twin_config(name)),
@@ -155,6 +161,17 @@ def train_router(name: str, out: Path, config: TinyConfig, *, device: str | None
     card["config"] = {k: v for k, v in card["config"].items() if k not in SHAPE_FIELDS}  # the shape is the twin's
     save(model, tokenizer, out, card)
     return read_json(out / "model_card.json", "model card")
+
+
+def _for_card(model):
+    """The model to record the card's routing with: a bf16 copy on a GPU (the grouped expert kernel's dtype there),
+    the model itself (fp32) on the CPU."""
+    import copy
+
+    import torch
+
+    device = next(model.parameters()).device
+    return copy.deepcopy(model).to(torch.bfloat16) if device.type == "cuda" else model
 
 
 def routing_card(name: str, model, random_model, tokenizer, spec, prompts_per_domain: int, prompt_tokens: int,
@@ -179,8 +196,7 @@ def routing_card(name: str, model, random_model, tokenizer, spec, prompts_per_do
     keys = ("lag1_reuse", "load_entropy_norm", "nmi_next_layer")
     return {"traces": rows, "trained_vs_random": {k: [round(rows["trained"][k], 4), round(rows["random init"][k], 4)]
                                                   for k in keys},
-            "prompts": len(prompts), "prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens,
-            "source": "measured on the CPU"}
+            "prompts": len(prompts), "prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens}
 
 
 def save(model, tokenizer, out: Path, card: dict) -> None:
