@@ -230,7 +230,7 @@ def add_llapor(out: Path, cache_dir: Path, progress: bool = True, **report) -> d
         "source": summary["source"], "hardware": summary["hardware"], "git_revision": summary["git_revision"]}
     write_json(out / "model_card.json", card, indent=2)
     write_atomic(out / "README.md", render(card))
-    return card
+    return read_json(out / "model_card.json", "model card")
 
 
 def render(card: dict) -> str:

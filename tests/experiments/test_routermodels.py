@@ -71,3 +71,40 @@ def test_like_takes_the_routing_defaults_unless_a_flag_is_given():
 def test_an_unknown_twin_is_a_one_line_error(tmp_path, capsys):
     assert main(["train-tiny", "--like", "gpt-5", "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "unknown twin 'gpt-5'" in capsys.readouterr().err
+
+
+def test_like_all_trains_the_missing_ones_into_one_folder_and_measures_llapor_where_missing(tmp_path, monkeypatch):
+    from prescope.files import write_json
+    from prescope.models import twins
+
+    card = {"params": {"total": 1}, "bytes": 2, "training": {"wall_s": 3.0},
+            "routing": {"trained_vs_random": {"lag1_reuse": [0.5, 0.9]}}}
+    write_json(tmp_path / "mixtral-8x7b" / "model_card.json", {**card, "llapor_vs_gate_lookahead": {}})
+    trained, measured = [], []
+    monkeypatch.setattr(routermodels, "train_router", lambda name, out, config, **kw: trained.append(
+        (name, out, kw["data_dir"], config.steps)) or card)
+    monkeypatch.setattr(routermodels, "add_llapor", lambda out, cache_dir, progress: measured.append(out.name) or card)
+    argv = ["train-tiny", "--like", "all", "--out", str(tmp_path), "--device", "cpu", "--llapor"]
+    assert main(argv) == 0
+    assert [t[0] for t in trained] == [n for n in twins.list_twins() if n != "mixtral-8x7b"]
+    assert all(out == tmp_path / name and data == tmp_path / "data" and steps == 400 for name, out, data, steps in trained)
+    assert measured == [t[0] for t in trained]  # mixtral-8x7b's card already holds its LLaPor section
+
+
+def test_the_llapor_section_of_the_card_comes_from_the_report(tmp_path, monkeypatch):
+    from prescope.files import write_json
+
+    summary = {"gain_over_gate_lookahead_points": {"llapor": {1: 2.0, 2: 6.0}},
+               "group_effect_gain_points": {"middle": {"llapor": {1: 1.0}}}, "mean_recall_at_k": {"llapor": {1: 0.5}},
+               "boundaries": [2, 5], "target": {"llapor_gain_at_least_5_points_from_distance_2": True},
+               "traces": {"heldout": {"tokens": 99}}, "source": "measured", "hardware": "cpu", "git_revision": "abc"}
+    monkeypatch.setattr("prescope.predict.accuracy.run_report", lambda *a, **kw: summary)
+    card = {"name": "x routing model", "like": "x", "hub_id": "h", "structure": {"a": 1}, "twin_structure": {"a": 1},
+            "architecture": {}, "params": {"total": 1, "experts": 0}, "bytes": 0, "training": {}, "heldout": [],
+            "routing": {"traces": {"trained": {"lag1_reuse": 0.5}}, "prompts": 1, "prompt_tokens": 2,
+                        "max_new_tokens": 3}, "command": "c"}
+    write_json(tmp_path / "model_card.json", card)
+    out = routermodels.add_llapor(tmp_path, tmp_path / "cache", progress=False)
+    section = out["llapor_vs_gate_lookahead"]
+    assert section["gain_points_by_distance"] == {"1": 2.0, "2": 6.0} and section["target_5_points_from_distance_2"]
+    assert "≥ 5 points from distance 2: True" in (tmp_path / "README.md").read_text()
