@@ -11,7 +11,8 @@ the twin's query-to-key-value head ratio, dense and shared-expert widths in the 
 Where a routing model lives: committed ones (a few MB) in `prescope/assets/routers/<twin>/`, the others in a
 cache folder rebuilt by one command (`prescope train-tiny --like NAME`, or `--like all`):
 `$PRESCOPE_ROUTERS/<twin>/` when that variable is set, else `.cache/prescope/routers/<twin>/` under the
-working directory. Loading a missing one raises `MissingRouterError` naming that command.
+working directory; a model in the cache folder takes precedence over the committed one. Loading a missing one
+raises `MissingRouterError` naming that command.
 
 Letters: L decoder layers, E routed experts, K top-k, H hidden size, I expert width, V vocabulary.
 """
@@ -127,10 +128,13 @@ def build_router_model(name: str, hidden: int | None = None, expert: int | None 
 
 
 def router_dir(name: str) -> Path:
-    """Where twin `name`'s routing model is: the committed copy if there is one, else the cache folder."""
+    """Where twin `name`'s routing model is: the cache folder's copy if one was built there (a rebuilt model, e.g. the
+    GPU recipe, takes precedence), else the committed copy if there is one, else the cache folder."""
     twins.twin_spec(name)
-    committed = COMMITTED_DIR / name
-    return committed if (committed / "config.json").is_file() else cache_root() / name
+    cached, committed = cache_root() / name, COMMITTED_DIR / name
+    if (cached / "config.json").is_file() or not (committed / "config.json").is_file():
+        return cached
+    return committed
 
 
 def load_router(name: str, dtype=None):

@@ -50,5 +50,26 @@ def test_a_missing_routing_model_names_the_command_that_builds_it(tmp_path, monk
     committed.mkdir(parents=True)
     (committed / "config.json").write_text("{}")
     assert routers.router_dir("qwen3-30b-a3b") == committed
+    rebuilt = tmp_path / "cache" / "qwen3-30b-a3b"
+    rebuilt.mkdir(parents=True)
+    (rebuilt / "config.json").write_text("{}")
+    assert routers.router_dir("qwen3-30b-a3b") == rebuilt  # a rebuilt model takes precedence
     with pytest.raises(twins.UnknownTwinError, match="known twins"):
         routers.router_dir("gpt-5")
+
+
+def test_the_committed_mixtral_routing_model_loads_with_a_card_measured_from_it(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv(routers.CACHE_ENV, str(tmp_path))  # nothing rebuilt: the committed copy
+    model, tokenizer = routers.load_router("mixtral-8x7b")
+    path = routers.router_dir("mixtral-8x7b")
+    assert path == routers.COMMITTED_DIR / "mixtral-8x7b"
+    card = json.loads((path / "model_card.json").read_text())
+    assert card["structure"] == card["twin_structure"] == routers.structure(twins.twin_config("mixtral-8x7b"))
+    assert card["params"]["total"] == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert card["bytes"] == (path / "model.safetensors").stat().st_size
+    assert card["source"] == "measured" and tokenizer.vocab_size == routers.VOCAB
+    trained = card["routing"]["traces"]["trained"]
+    assert trained["random_reuse"] == 2 / 8 < trained["lag1_reuse"]  # experts are reused above chance ...
+    assert all(r["loss"] < r["random_loss"] - 1.0 for r in card["heldout"])  # ... and it learned the text
