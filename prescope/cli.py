@@ -13,6 +13,9 @@ import importlib
 import sys
 from typing import NamedTuple
 
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+
 
 class Command(NamedTuple):
     module: str  # holds run(args), and add_arguments(parser) unless `options` names another module
@@ -34,6 +37,7 @@ COMMANDS: dict[str, Command] = {
     "calibrate": Command("prescope.experiments.calibrate", "measure this machine and write a profile"),
     "bench": Command("prescope.experiments.bench", "measure policies on a GPU (shape twins)"),
     "check-equivalence": Command("prescope.experiments.equivalence", "offloaded vs stock output on a device"),
+    "families": Command("prescope.experiments.families", "every MoE family of transformers: offloaded vs stock"),
     "fidelity": Command("prescope.experiments.fidelity", "simulated vs measured latency of a bench run"),
 }
 
@@ -52,12 +56,17 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(selected).parse_args(argv)
     try:
+        args = build_parser(selected).parse_args(argv)
         return int(importlib.import_module(COMMANDS[args.command].module).run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"prescope {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    # Bad input and unusable files (every check raises ValueError; the OS's refusals are OSErrors) end in one
+    # line naming what to change; a stop with Ctrl-C ends without a traceback. Anything else is a bug: shown.
+    except (ValueError, OSError) as exc:
+        print(f"prescope {selected}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"prescope {selected}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The offloaded engine: experts in host memory, a fixed pool of GPU slots, policies' orders executed for real.
 
-`Engine(model, config)` installs itself into any model the adapter supports, through transformers' own
-experts-backend registry, so `model.generate()` runs unchanged (any batch size, KV cache, prefill and
-decode); `engine.generate()` decodes greedily at the device's pace (a static KV cache and the decode step
-replayed from CUDA graphs: `decode.py`). Memory is decided once, at install: every expert tensor stays in
+`Engine(model, config)` installs itself into any model the adapter supports, through the adapter's one
+dispatch (transformers' experts-backend registry, or the experts' call inside their block), so
+`model.generate()` runs unchanged (any batch size, KV cache, prefill and decode); `engine.generate()`
+decodes greedily at the device's pace (a static KV cache and the decode step replayed from CUDA graphs:
+`decode.py`, for models whose experts all go through the backend registry). Memory is decided once, at install: every expert tensor stays in
 (pinned) host memory, the non-expert weights, shared experts and dense layers move to the device, and S
 slots per expert tensor are allocated there. Inside the decode loop nothing is allocated beyond
 activations and nothing is pinned.
@@ -116,6 +117,7 @@ class Engine(Executor):
                                {"device": _device_name(self.device), "policy": self.policy.name,
                                 "config": config.to_dict()})
         self._layer: _Running | None = None
+        self._stale = False  # a layer failed part-way: reset before the next step
         self._install()
 
     # ---- install: memory decided once ----------------------------------------------------------------
@@ -132,31 +134,34 @@ class Engine(Executor):
         self._pinned_luts = self.device.type == "cuda"  # expert-to-slot tables cross to the device asynchronously
         for lay in self.layers:
             lay.experts._prescope = (self, lay.ordinal)
-        adapter.register_backend(_dispatch)
-        self._previous_backend = adapter.set_backend(self.model, adapter.BACKEND_NAME)
+        self._dispatch = adapter.install_dispatch(self.model, _dispatch)
         self._hooks = [self.model.register_forward_pre_hook(self._step_start, with_kwargs=True),
                        self.model.register_forward_hook(self._step_end)]
         self.reset()
 
     def _to_host(self, experts: nn.Module) -> dict[str, torch.Tensor]:
-        host = {}
-        for name in adapter.expert_param_names(experts):
-            p = getattr(experts, name)
-            data = p.data.to("cpu")
-            if self.device.type == "cuda" and self.config.pin_memory and not data.is_pinned():
-                try:
-                    data = data.pin_memory()
-                except RuntimeError as exc:
-                    warnings.warn(f"pinned host memory refused ({exc}); experts stay pageable and copies "
-                                  "will be slower", RuntimeWarning, stacklevel=3)
-            p.data = data
-            host[name] = data
-        return host
+        """name -> [E, ...] host tensor; the model's expert parameters now point at it."""
+        return adapter.relocate_experts(experts, self._host_copy)
+
+    def _host_copy(self, data: torch.Tensor) -> torch.Tensor:
+        data = data.to("cpu")
+        if self.device.type == "cuda" and self.config.pin_memory and not data.is_pinned():
+            try:
+                data = data.pin_memory()
+            except RuntimeError as exc:
+                warnings.warn(f"pinned host memory refused ({exc}); experts stay pageable and copies "
+                              "will be slower", RuntimeWarning, stacklevel=4)
+        return data
 
     def reset(self) -> None:
         """Empty the slot pool, then load what the policy wants resident (all experts if the budget allows)."""
+        self._stale = False
+        if self.io is not None and self.io.error is not None:  # the I/O worker died with a failed copy
+            self.io.close()
+            self.io = IOWorker(self.streams, self.config.io_chunk_bytes, self.config.io_depth)
         self.drain()
         self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)
+        self._ready = [None] * self.num_slots
         keys = preload(self.policy, self.cache, self.layout.num_experts, self.costs)
         fill(self.policy, self.cache, keys, lambda key, slot: self.load(key, slot, speculative=False))
         self.drain()
@@ -167,8 +172,7 @@ class Engine(Executor):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        adapter.set_backend(self.model, self._previous_backend if self._previous_backend != adapter.BACKEND_NAME
-                            else "eager")
+        self._dispatch.remove()
         self.pool.shutdown(wait=True)
         if self.io is not None:
             self.io.close()
@@ -200,6 +204,7 @@ class Engine(Executor):
         """Greedy decoding with a static KV cache, the decode step from CUDA graphs (`decode.generate`)."""
         from prescope.engine.decode import generate
 
+        graphs = graphs and all(lay.seam == "backend" for lay in self.layers)  # a block's own call is not captured
         return generate(self, input_ids, attention_mask, max_new_tokens, graphs=graphs, keep_logits=keep_logits)
 
     @property
@@ -223,9 +228,18 @@ class Engine(Executor):
         synced = time.perf_counter()
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.layout.num_experts + 1).tolist()
         self.records.synced(layer, time.perf_counter() - synced)
-        running = _Running(experts, hidden, top_k_index, counts)
+        # Llama 4 scales each (token, k) pair's input by its weight and sums the outputs: each pair is then a row
+        # of its own, weighted 1, and a token's K rows are summed after the combine
+        input_weighted = self.layers[layer].input_weighted
+        inputs, index = (adapter.scaled_inputs(hidden, top_k_weights), top_k_index.reshape(-1, 1)) \
+            if input_weighted else (hidden, top_k_index)  # [N*K, H], [N*K, 1] or [N, H], [N, K]
+        running = _Running(experts, inputs, index, counts)
         self._run(layer, self._view(layer, counts, seen, future), running)
-        out = self._combine(running, top_k_weights)
+        if input_weighted:
+            out = self._combine(running, torch.ones_like(index, dtype=top_k_weights.dtype))  # [N*K, H]
+            out = out.view(*top_k_index.shape, -1).sum(dim=1)  # [N, H]
+        else:
+            out = self._combine(running, top_k_weights)  # [N, H]
         self.records.layer_done(layer, began, entry)
         return out
 
@@ -262,10 +276,15 @@ class Engine(Executor):
                          tuple(counts[e] for e in ranked), hidden=seen, future=future)
 
     def _run(self, layer: int, view: LayerView, running: _Running) -> None:
-        """The protocol: cut, plan, CPU experts, GPU experts in waves, prefetch (policies.protocol)."""
+        """The protocol: cut, plan, CPU experts, GPU experts in waves, prefetch (policies.protocol). A layer
+        that fails or is interrupted part-way (Ctrl-C in a notebook) leaves the engine to be reset before its
+        next step: copies may have been queued that the slot table cannot vouch for."""
         self._layer = running
         try:
             run = run_layer(view, self.policy, self.cache, self)
+        except BaseException:
+            self._stale = True
+            raise
         finally:
             self._layer = None
         self.records.plan_seconds[layer] += run.plan_s
@@ -315,8 +334,9 @@ class Engine(Executor):
             start += n
         run.cpu_positions = positions
 
-    def load(self, key: Key, slot: int, speculative: bool) -> None:
-        """Copy expert `key` into `slot` (assigned by the protocol), after the slot's last kernel."""
+    def load(self, key: Key, slot: int, speculative: bool) -> bool:
+        """Copy expert `key` into `slot`, after the slot's last kernel; resident at once, since every kernel
+        reading the slot waits for the copy's event."""
         layer, e = key
         pairs = [(self.slot_tensors[n][slot], host[e]) for n, host in self._host[layer].items()]
         if self.io is not None:
@@ -328,10 +348,10 @@ class Engine(Executor):
         else:
             start, done = self.streams.copy_many(pairs, after=self._released[slot])
         self._ready[slot] = done
-        self.cache.mark_ready(key)  # ordered before any use: kernels wait on `done`
         if self.step >= 0:
             self.records.row("pcie", layer, e, "prefetch" if speculative else "on_demand", 0,
                              self.layout.expert_bytes, start, done)
+        return True
 
     def compute(self, layer: int, wave: list[tuple[int, int]]) -> None:
         """The wave's experts as one grouped kernel over the slot pool (`adapter.grouped_rows`), on the compute
@@ -375,6 +395,8 @@ class Engine(Executor):
 
     # ---- steps and timing ----------------------------------------------------------------------------
     def begin_step(self, tokens: int, phase: str) -> None:
+        if self._stale:  # the last step failed part-way: start again from a clean slot pool
+            self.reset()
         self.records.begin_step(tokens, phase)
 
     def end_step(self) -> None:

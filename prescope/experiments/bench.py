@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import os
 import statistics
@@ -49,8 +48,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from prescope.config import EngineConfig
+from prescope.config import EngineConfig, check_types
 from prescope.experiments import bounds
+from prescope.experiments.benchfile import read_bench, write_bench
 from prescope.experiments.stock import (
     ACCELERATE,
     SEQUENCES,
@@ -61,7 +61,7 @@ from prescope.experiments.stock import (
     measure_accelerate,
     measure_stocks,
 )
-from prescope.files import git_revision, portable_values, write_atomic
+from prescope.files import check_output, git_revision, portable_values
 from prescope.policies import LIMITS, current_name, parse_policy
 from prescope.timeline import host_device, measured_profile
 
@@ -104,8 +104,11 @@ class BenchConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if min(self.batch_sizes) < 1 or self.input_len < 1 or self.output_len < 2:
-            raise ValueError("batch sizes and input_len must be >= 1 and output_len >= 2")
+        check_types(self)
+        if not (self.models and self.policies and self.budgets and self.batch_sizes) or min(self.batch_sizes) < 1 \
+                or self.input_len < 1 or self.output_len < 2:
+            raise ValueError("models, policies, budgets and batch sizes need a value each; batch sizes and input_len "
+                             "must be >= 1 and output_len >= 2")
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1 round, got {self.repeats}")
         for b in self.budgets:
@@ -231,6 +234,7 @@ def require_device(device: str) -> None:
 
 def run_bench(cfg: BenchConfig) -> list[dict]:
     require_device(cfg.device)
+    out = check_output(cfg.out, folder=True, what="--out")
     import torch
 
     from prescope.engine.engine import Engine
@@ -238,7 +242,6 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     from prescope.models import adapter
 
     device = torch.device(cfg.device)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"config": portable_values(asdict(cfg)), "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(),
             "device": host_device(device),
@@ -261,7 +264,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                 route = replay_route(replays[batch], len(measured["decode_ms_steps"]))
                 rows.append({**base, "budget": 1.0, "batch": batch, "routing": "native", **measured,
                              "step_bytes": _mean_step_bytes(route, layout, sizes, batch, cfg)})
-            _flush(out, meta, rows, routes, timelines)
+            write_bench(out, meta, rows, routes, timelines)
         overhead = None
         if subject.llapor is not None and subject.source is None and device.type == "cuda":
             overhead = {"model": name, **predictor_overhead(subject.llapor, subject.router_inputs(cfg), device)}
@@ -306,7 +309,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     if len(timeline):
                         timelines.append(timeline.assign(model=name, policy=policy_name, budget=budget, batch=batch))
                     print(_line(rows[position[cell]]), flush=True)
-                _flush(out, meta, rows, routes, timelines)
+                write_bench(out, meta, rows, routes, timelines)
             engine.close()
             del engine, policy
             _free(device)
@@ -314,13 +317,13 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             for row in measure_accelerate(spec, subject, cfg, device, base):
                 print(_line(row), flush=True)
                 rows.append(row)
-                _flush(out, meta, rows, routes, timelines)
+                write_bench(out, meta, rows, routes, timelines)
         del model, subject
         _free(device)
     meta["predictor_overhead"] = [_overhead_shares(o, rows) for o in meta.get("predictor_overhead", [])]
     _add_ratios(rows)
     bounds.add_bounds(rows, meta["bandwidths"], RESIDENT, (STOCK, STOCK_EAGER))
-    _flush(out, meta, rows, routes, timelines)
+    write_bench(out, meta, rows, routes, timelines)
     return rows
 
 
@@ -427,7 +430,7 @@ def _add_ratios(rows: list[dict], link_gbps: float | None = None) -> None:
 def bench_table(path: str | Path) -> pd.DataFrame:
     """The cells of a bench.json with ratios and regimes, for reports and notebooks; policies named as today
     (`policies.current_name`: earlier runs' `oracle` is `belady`)."""
-    data = json.loads(Path(path).read_text())
+    data = read_bench(path)
     rows = [{**r, "policy": current_name(r["policy"])} for r in data["cells"]]
     _add_ratios(rows)
     table = pd.DataFrame(rows)
@@ -441,17 +444,6 @@ def _line(r: dict) -> str:
             f"{r['decode_tok_s']:9.1f} tok/s {r['decode_ms_median']:8.2f} ms/step loads/step="
             f"{r.get('loads_per_step', 0):6.1f} host/layer={r.get('host_ms_per_layer', 0):.3f} ms "
             f"h2d={r.get('h2d_GBps_median') or 0:.1f} GB/s idle={r.get('gpu_idle_share') or 0:.2f}")
-
-
-def _flush(out: Path, meta: dict, rows: list[dict], routes: dict, timelines: list[pd.DataFrame]) -> None:
-    write_atomic(out / "bench.json", json.dumps({**meta, "cells": rows}, indent=1, default=str))
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **{k.replace("|", "__"): v for k, v in routes.items()})
-    write_atomic(out / "routing.npz", buf.getvalue())
-    if timelines:
-        buf = io.BytesIO()
-        pd.concat(timelines, ignore_index=True).to_parquet(buf)
-        write_atomic(out / "timelines.parquet", buf.getvalue())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

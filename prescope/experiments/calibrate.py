@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from prescope.data import read_text, shipped
+from prescope.data import read_bytes, read_text, shipped
+from prescope.files import check_output, read_json_bytes
 from prescope.hardware import cost
 from prescope.hardware.profiles import (
     GB,
@@ -501,8 +502,9 @@ def summary_table(profile: HardwareProfile) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, what="--out")
     if args.from_measurements:
-        measured = json.loads(read_text(args.from_measurements))
+        measured = read_json_bytes(read_bytes(args.from_measurements), str(args.from_measurements), "measurement JSON")
         try:
             profile = _fit(measured, "h2d" not in measured, load_profile(args.base), args.name)
         except KeyError as exc:

@@ -3,10 +3,11 @@
 For each model, greedy `generate()` runs stock (every weight on the device, transformers' own experts)
 and through the engine for every policy at the smallest feasible, a middle and the full budget. It
 reports whether the generated tokens are identical, the largest logit difference, and whether the
-runs of one policy agree with each other bit for bit across budgets (a GPU-only policy computes the same
-per-expert kernels whatever the budget, so it must). In bf16 the stock grouped kernels and the engine's per-expert kernels
-round differently: logits then agree within bf16 tolerance and random-weight twins, whose logits are
-nearly flat, may break greedy ties differently; the report says which.
+runs of one policy agree with each other across budgets: the same tokens and logits within the dtype's
+tolerance (1e-5 in float32, 2e-2 in bf16, relative and absolute: the grouped expert kernel groups a layer's experts differently when the slots run
+short, which changes the order of floating-point sums, not the result beyond rounding). In bf16 the stock
+kernels and the engine's round differently: logits then agree within bf16 tolerance and random-weight
+twins, whose logits are nearly flat, may break greedy ties differently; the report says which.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 from typing import TYPE_CHECKING
 
 from prescope.config import EngineConfig
-from prescope.files import git_revision, write_atomic
+from prescope.files import check_output, git_revision, write_json
 from prescope.policies import POLICIES
 from prescope.timeline import host_device
 
@@ -58,13 +59,17 @@ def check_model(spec: str, device: torch.device, batch: int = 2, prompt_len: int
             with Engine(model, EngineConfig(policy=policy, device=str(device), **budget)) as engine:
                 out = _generate(model, ids, new_tokens)
             logits = torch.stack(out.logits)
-            first = logits if first is None else first
+            if first is None:
+                first, first_tokens = logits, out.sequences
+            tolerance = 1e-5 if logits.dtype == torch.float32 else 2e-2
             rows.append({"model": spec, "dtype": layout.dtype, "policy": policy, "budget": name,
                          "slots": engine.num_slots, "tokens_equal_stock": bool(torch.equal(out.sequences, ref.sequences)),
                          "token_match_share": float((out.sequences == ref.sequences).float().mean()),
                          "max_logit_diff_vs_stock": float((logits.float() - torch.stack(ref.logits).float()).abs().max()),
                          "logit_scale": float(torch.stack(ref.logits).float().abs().max()),
-                         "bitwise_equal_across_budgets": bool(torch.equal(logits, first)),
+                         "max_logit_diff_across_budgets": float((logits.float() - first.float()).abs().max()),
+                         "agree_across_budgets": bool(torch.equal(out.sequences, first_tokens) and torch.allclose(
+                             logits.float(), first.float(), rtol=tolerance, atol=tolerance)),
                          "loads": engine.cache.stats.loads})
             del model, engine
     return rows
@@ -87,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from prescope.experiments.bench import require_device
 
     require_device(args.device)
+    check_output(args.out, what="--out")
     device = torch.device(args.device)
     rows = []
     for spec in args.models:
@@ -96,10 +102,9 @@ def run(args: argparse.Namespace) -> int:
     result = {"source": "measured", "device": host_device(device),
               "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(), "torch": torch.__version__,
               "rows": rows}
-    write_atomic(args.out, json.dumps(result, indent=1))
-    # GPU-only policies run the same kernels whatever the budget, so their runs must agree bit for bit;
-    # CPU-placed experts round differently, so cpu_misses is held to the logit tolerance only.
-    ok = all(r["bitwise_equal_across_budgets"] for r in rows if r["policy"] == "on_demand_lru")
+    write_json(args.out, result)
+    # a GPU-only policy computes every expert on the device whatever the budget: its runs must agree
+    ok = all(r["agree_across_budgets"] for r in rows if r["policy"] == "on_demand_lru")
     print(json.dumps({"equivalence": args.out, "rows": len(rows), "engine_runs_agree": ok,
                       "tokens_equal_stock": sum(r["tokens_equal_stock"] for r in rows)}))
     return 0 if ok else 1

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from prescope.experiments.bench import RESIDENT
-from prescope.files import write_atomic
+from prescope.experiments.benchfile import read_bench
+from prescope.files import check_output, verify, write_with_sidecar
 from prescope.hardware.profiles import load_profile
 from prescope.layout import ModelLayout
 from prescope.policies import parse_policy
@@ -69,7 +69,11 @@ def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.D
             continue  # (the simulator builds policies by name, without constructor options)
         policy = spec.name
         layout, dense = layouts[cell["model"]]
-        trace = routing_trace(routing[key], layout, bench["config"]["input_len"])
+        route = routing[key]
+        if route.ndim != 4 or route.shape[1] != layout.num_moe_layers or route.shape[3] != layout.top_k:
+            raise ValueError(f"routing {key}: shape {route.shape}, expected [steps, L={layout.num_moe_layers}, "
+                             f"batch, K={layout.top_k}]")
+        trace = routing_trace(route, layout, bench["config"]["input_len"])
         # the link the cell ran on: AsyncIO's priority link where the engine had it (bench rows since rev
         # 461845e record it), else one FIFO copy stream
         sim = replay(trace, policy, profile, budget_share=cell["budget"], batch_size=cell["batch"],
@@ -96,14 +100,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    bench = json.loads(Path(args.bench).read_text())
+    if args.out:
+        check_output(args.out, what="--out")
+    bench = read_bench(args.bench)
+    verify(args.routing)
     with np.load(args.routing) as npz:
         routing = {k: npz[k] for k in npz.files}
     table = fidelity_table(bench, routing, load_profile(args.profile))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     within = float((table["error"].abs() <= TOLERANCE).mean()) if len(table) else 0.0
     if args.out:
-        write_atomic(args.out, table.to_csv(index=False))
+        write_with_sidecar(args.out, table.to_csv(index=False))
     print(json.dumps({"fidelity": args.bench, "profile": args.profile, "cells": len(table),
                       "within_15pct": within, "median_abs_error": float(table["error"].abs().median())}))
     return 0

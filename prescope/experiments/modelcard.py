@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from prescope.data import shipped
-from prescope.files import git_revision, write_atomic
+from prescope.files import git_revision, read_json, write_atomic, write_json
 from prescope.models.corpus import CorpusSpec
 from prescope.models.tiny import CARD_ROUTING_KEY, TINY_DIR, TinyConfig, build_model, load_tiny
 from prescope.routing import stats as rs
@@ -48,7 +48,7 @@ def card_statistics(data_dir: Path, prompts_per_domain: int = 4, prompt_tokens: 
 
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest on a small shared machine
     model, tokenizer = load_tiny()
-    card = json.loads((TINY_DIR / "model_card.json").read_text())
+    card = read_json(TINY_DIR / "model_card.json", "model card")
     spec = CorpusSpec(corpus_dir=str(data_dir / "corpus"))
     prompts, domains = heldout_prompts(tokenizer, spec, prompts_per_domain, prompt_tokens)
     record = dict(max_new_tokens=max_new_tokens, batch_size=4, domains=domains, progress=False)
@@ -75,9 +75,9 @@ def card_statistics(data_dir: Path, prompts_per_domain: int = 4, prompt_tokens: 
 
 def write_card(stats: dict, model_dir: Path = TINY_DIR) -> None:
     card_path = model_dir / "model_card.json"
-    card = json.loads(card_path.read_text())
+    card = read_json(card_path, "model card")
     card[CARD_ROUTING_KEY] = stats
-    write_atomic(card_path, json.dumps(card, indent=1))
+    write_json(card_path, card)
     table = pd.DataFrame(stats["traces"]).T.round(3)
     text = (f"{README_MARK}\n\nMeasured by `prescope tiny-card` (git {stats['git_revision'][:12]}) on "
             f"{stats['prompts']} held-out prompts ({stats['prompt_tokens']} tokens, {stats['max_new_tokens']} "

@@ -30,9 +30,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from prescope.config import check_types
 from prescope.experiments.bench import ALL_POLICIES, RESIDENT
+from prescope.experiments.benchfile import read_bench
 from prescope.experiments.fidelity import TOLERANCE
-from prescope.files import portable_values, source_revision, write_atomic
+from prescope.files import (
+    check_output,
+    portable_values,
+    source_revision,
+    write_atomic,
+    write_json,
+    write_with_sidecar,
+)
 from prescope.hardware.profiles import HardwareProfile, ProfileError, load_profile
 from prescope.policies import LIMITS, POLICIES, current_name, make_policy
 from prescope.policies.base import Policy, costs_for
@@ -90,6 +99,7 @@ class CompareConfig:
     out: str = "reports/simulated"
 
     def __post_init__(self) -> None:
+        check_types(self, CompareError)
         check_grid(self.policies, self.budgets, self.batch_sizes)
         resolve_profiles(self.profiles + ((self.host_of,) if self.host_of else ()))
         if self.prompts < 0 or (self.prompts > 0 and self.prompts % max(self.batch_sizes)):
@@ -306,7 +316,7 @@ def run_compare(cfg: CompareConfig) -> tuple[pd.DataFrame, dict]:
     import torch
     from tqdm.auto import tqdm
 
-    began, out = time.perf_counter(), Path(cfg.out)
+    began, out = time.perf_counter(), check_output(cfg.out, folder=True, what="--out")
     profiles = profile_set(cfg.profiles, cfg.host_of)  # read once: a profile file may change meanwhile
     revision, dirty = source_revision()  # the code as it is when the modules are imported
     threads = torch.get_num_threads()
@@ -321,7 +331,7 @@ def run_compare(cfg: CompareConfig) -> tuple[pd.DataFrame, dict]:
                                      batch_sizes=cfg.batch_sizes, layout=layout, dense_params=dense,
                                      max_steps=cfg.max_steps, gate=gate, llapor=llapor, lookahead=cfg.lookahead,
                                      progress=lambda _: bar.update()))
-                write_atomic(out / "comparison.csv", pd.concat(parts, ignore_index=True).to_csv(index=False))
+                write_with_sidecar(out / "comparison.csv", pd.concat(parts, ignore_index=True).to_csv(index=False))
     finally:
         torch.set_num_threads(threads)
     table = pd.concat(parts, ignore_index=True)
@@ -335,12 +345,12 @@ def run_compare(cfg: CompareConfig) -> tuple[pd.DataFrame, dict]:
             "profiles": [_provenance(p, arg, layout) for p, arg in profiles],
             "seconds": round(time.perf_counter() - began, 1)}
     if cfg.measured:
-        bench = json.loads(Path(cfg.measured).read_text())
+        bench = read_bench(cfg.measured)
         context = measured_context(table, bench, cfg.twin)
         meta["measured"] = {"path": cfg.measured, "git_revision": bench.get("git_revision", "unknown"),
                             "device": bench.get("device", ""), "profile": bench["config"]["profile"],
                             "cells": context.to_dict(orient="records")}
-    write_atomic(out / "comparison.json", json.dumps(meta, indent=1, default=str))
+    write_json(out / "comparison.json", meta)
     write_atomic(out / "README.md", render_readme(table, meta))
     return table, meta
 
@@ -497,7 +507,8 @@ revision. error = simulated / measured median step − 1; {within:.0%} of {len(c
 # ---- command line ---------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = CompareConfig()
+    # the defaults as declared, not checked: building the parser must not need the default files to exist
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(CompareConfig)})
     parser.add_argument("--trace", default=d.trace, help="routing trace with hidden states (.parquet) "
                                                          "(default: %(default)s)")
     parser.add_argument("--twin", default=d.twin, help="shape twin whose layout times the trace ('' = its own) "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from prescope.files import write_atomic
+from prescope.files import read_json, read_json_bytes, write_json
 
 SOURCES = ("measured", "published", "calibrated")
 BUILTIN_DIR = "assets/profiles"  # package data folder inside `prescope`
@@ -36,6 +35,17 @@ NEGLIGIBLE_RATE = 1e9
 
 class ProfileError(ValueError):
     """A hardware profile (or the file holding it) is missing fields or has invalid values."""
+
+
+def _is_number(value: Any) -> bool:
+    """A real number and not a boolean (JSON's `true` is no bandwidth) nor text (\"55\" is no bandwidth)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _number(what: str, value: Any) -> float:
+    if not _is_number(value):
+        raise ProfileError(f"{what} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,12 @@ class BandwidthCurve:
     points: tuple[tuple[float, float], ...]
 
     def __post_init__(self) -> None:
-        pts = tuple((float(b), float(g)) for b, g in self.points)
+        try:
+            pts = tuple((_number("bandwidth curve size", b), _number("bandwidth curve GB/s", g)) for b, g in self.points)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ProfileError):
+                raise
+            raise ProfileError(f"bandwidth curve points must be (bytes, GB/s) pairs, got {self.points!r}") from None
         if not pts:
             raise ProfileError("bandwidth curve needs at least one (bytes, GB/s) point")
         sizes = [b for b, _ in pts]
@@ -89,7 +104,7 @@ class ComputeModel:
     def __post_init__(self) -> None:
         for name in ("fixed_s", "mem_gbps", "tflops"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _is_number(value) or not math.isfinite(value):
                 raise ProfileError(f"compute model field {name!r} must be a finite number, got {value!r}")
         if self.fixed_s < 0 or self.mem_gbps <= 0 or self.tflops <= 0:
             raise ProfileError(
@@ -144,10 +159,24 @@ class HardwareProfile:
         for name in ("transfer_latency_s", "host_overhead_per_layer_s", "predict_overhead_s", "plan_overhead_s",
                      "host_per_transfer_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ProfileError(f"profile field {name!r} must be a finite number >= 0, got {value!r}")
-        if not self.cpu_expert:
+        if not isinstance(self.cpu_expert, dict) or not self.cpu_expert:
             raise ProfileError("profile field 'cpu_expert' needs at least one dtype entry, e.g. 'bfloat16'")
+        for name, kind in (("pinned_h2d", BandwidthCurve), ("pageable_h2d", BandwidthCurve),
+                           ("gpu_expert", ComputeModel), ("gpu_dense", ComputeModel)):
+            if not isinstance(getattr(self, name), kind):
+                raise ProfileError(f"profile field {name!r} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        bad = {k: v for k, v in self.cpu_expert.items() if not isinstance(k, str) or not isinstance(v, ComputeModel)}
+        if bad:
+            raise ProfileError(f"profile field 'cpu_expert' maps dtype names to ComputeModels, got {bad!r}")
+        for name in ("source_files", "notes"):
+            items = getattr(self, name)
+            if isinstance(items, str) or not all(isinstance(x, str) for x in items):
+                raise ProfileError(f"profile field {name!r} must be a list of strings, got {items!r}")
+        for name in ("fit", "measurements"):
+            if not isinstance(getattr(self, name), dict):
+                raise ProfileError(f"profile field {name!r} must be an object, got {getattr(self, name)!r}")
         object.__setattr__(self, "source_files", tuple(self.source_files))
         object.__setattr__(self, "notes", tuple(self.notes))
 
@@ -178,18 +207,22 @@ class HardwareProfile:
         unknown = sorted(set(data) - set(fields))
         if missing or unknown:
             raise ProfileError(f"{where}: missing field(s) {missing}, unknown field(s) {unknown}")
-        kwargs = dict(data)
+        kwargs, key = dict(data), ""
         try:
             for key in ("pinned_h2d", "pageable_h2d"):
                 kwargs[key] = BandwidthCurve(tuple(tuple(p) for p in data[key]))
             for key in ("gpu_expert", "gpu_dense"):
                 kwargs[key] = ComputeModel(**data[key])
-            kwargs["cpu_expert"] = {k: ComputeModel(**v) for k, v in data["cpu_expert"].items()}
+            key = "cpu_expert"
+            if not isinstance(data[key], dict):
+                raise ProfileError(f"field 'cpu_expert' must map dtype names to compute models, got {data[key]!r}")
+            kwargs[key] = {k: ComputeModel(**v) for k, v in data[key].items()}
+            key = ""
             return cls(**kwargs)
         except ProfileError as exc:
-            raise ProfileError(f"{where}: {exc}") from None
+            raise ProfileError(f"{where}: " + (f"field {key!r}: " if key else "") + str(exc)) from None
         except (TypeError, AttributeError, ValueError) as exc:
-            raise ProfileError(f"{where}: malformed field value ({exc})") from None
+            raise ProfileError(f"{where}: malformed field value" + (f" in {key!r}" if key else "") + f" ({exc})") from None
 
 
 def list_profiles() -> list[str]:
@@ -206,24 +239,29 @@ def load_profile(name_or_path: str | os.PathLike | HardwareProfile) -> HardwareP
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"no profile file at {path}")
-        text, where = path.read_text(), str(path)
-    elif str(name_or_path) in list_profiles():
-        resource = resources.files("prescope") / BUILTIN_DIR / f"{name_or_path}.json"
-        text, where = resource.read_text(), f"built-in profile {name_or_path!r}"
-    else:
+        try:
+            data = read_json(path, "profile JSON")
+        except ProfileError:
+            raise
+        except ValueError as exc:  # not JSON, not an object, or a checksum that does not match
+            raise ProfileError(str(exc)) from None
+        return HardwareProfile.from_dict(data, str(path))
+    if str(name_or_path) not in list_profiles():
         raise ProfileError(
             f"unknown profile {str(name_or_path)!r}: not a file, and not one of the built-ins {list_profiles()}"
         )
+    resource = resources.files("prescope") / BUILTIN_DIR / f"{name_or_path}.json"
+    where = f"built-in profile {name_or_path!r}"
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{where}: not valid JSON ({exc})") from None
+        data = read_json_bytes(resource.read_bytes(), where, "profile JSON")
+    except ValueError as exc:
+        raise ProfileError(str(exc)) from None
     return HardwareProfile.from_dict(data, where)
 
 
 def save_profile(profile: HardwareProfile, path: str | os.PathLike) -> Path:
-    """Write `profile` as JSON, atomically."""
-    return write_atomic(path, json.dumps(profile.to_dict(), indent=1) + "\n")
+    """Write `profile` as JSON, atomically and checksummed (`files.write_json`)."""
+    return write_json(path, profile.to_dict())
 
 
 def scale_profile(profile: HardwareProfile, *, name: str, link_gbps: float | None = None,

@@ -1,14 +1,17 @@
-"""The one module that knows transformers internals: find MoE layers, route, observe, compute one expert.
+"""The seam into transformers: find MoE layers, route, observe, compute one expert, plug in a dispatch.
 
-Contract a model must follow (transformers v5 MoE files; DESIGN.md §3): each sparse block holds a router
-and a fused experts module. The experts module carries 3-D parameters whose first dimension is E
-(`gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`, or their transposes, optional biases) and is
-dispatched through the experts-backend registry (`use_experts_implementation`), which is the seam the
-engine plugs into. The router is a sibling of the experts whose weight is `[E, H]` and which returns a
-3-tuple of logits `[N, E]`, weights `[N, K]` and integer indices `[N, K]` in any order. Nothing here reads
-a model-specific attribute path: experts are found by their parameter shapes, routers by their weight
-shape, decoder layers by the module list that holds the blocks; E comes from the expert tensors and K
-from the router's own output.
+With `probe` (which learns every sparse layer from one short real forward) and `experts` (expert weight
+layouts and one expert's math), the only code that knows transformers internals. Nothing here reads a
+model-specific attribute path: experts are found by their tensors, E from them, K and the router from
+the call the experts receive in a real forward (DESIGN.md §3).
+
+The engine sees one uniform dispatch, `fn(experts, hidden [N, H], top_k_index [N, K], top_k_weights
+[N, K]) -> [N, H]`, installed by `install_dispatch` through two seams:
+
+- transformers' experts-backend registry (`use_experts_implementation`), for experts dispatched through it;
+- the experts module's own call inside its MoE block, for experts that are not (DBRX, whose weights are
+  2-D `[E·I, H]`; Llama 4, whose block runs every expert on its input scaled by the router's score: such
+  layers are `input_weighted`, their weights scale each expert's input and the outputs are summed).
 
 Letters: L MoE layers, E experts, K top-k, N tokens, H hidden, I expert width.
 """
@@ -16,27 +19,37 @@ Letters: L MoE layers, E experts, K top-k, N tokens, H hidden, I expert width.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from prescope.layout import ModelLayout, UnsupportedModelError
+from prescope.models import experts as layouts
+from prescope.models.experts import indexed_args
+from prescope.models.probe import Probed, probe
 
 BACKEND_NAME = "prescope"
+_REPLAYING = threading.local()  # experts whose block is being re-run by `route`: observers stay quiet
 
 
 @dataclass(frozen=True)
 class MoELayer:
-    """One sparse block of a live model."""
+    """One sparse layer of a live model."""
 
     ordinal: int
     layer: int
     block: nn.Module
-    router: nn.Module
+    router: nn.Module | None
     experts: nn.Module
     shared: tuple[nn.Module, ...]
+    num_experts: int
+    top_k: int
+    input_weighted: bool  # routing weights scale each expert's input, outputs are summed (Llama 4)
+    seam: str  # "backend": transformers' experts-backend registry; "block": the experts' call in their block
+    probed: Probed = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -46,163 +59,182 @@ class RouterOutput:
     indices: torch.Tensor  # [N, K] int64
 
 
-def _expert_params(experts: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters stacked over experts: 2-D or 3-D tensors sharing the same leading dimension E."""
-    stacked = {n: p for n, p in experts.named_parameters(recurse=False) if p.dim() >= 2}
-    return stacked if len({p.shape[0] for p in stacked.values()}) == 1 else {}
-
-
-def _is_experts(module: nn.Module) -> bool:
-    params = _expert_params(module)
-    three_d = [p for p in params.values() if p.dim() == 3]
-    return len(three_d) >= 2 and hasattr(module, "has_gate") and "down_proj" in params
-
-
-def _find_router(block: nn.Module, experts: nn.Module, num_experts: int, hidden: int) -> nn.Module | None:
-    for child in block.children():
-        if child is experts:
-            continue
-        weight = getattr(child, "weight", None)
-        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden):
-            return child
-    return None
-
-
-def _decoder_layers(model: nn.Module, blocks: list[nn.Module]) -> nn.ModuleList:
-    """The module list whose entries contain the sparse blocks (the decoder stack)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    for candidate in sorted(lists, key=len, reverse=True):
-        owned = {id(b) for layer in candidate for b in layer.modules()}
-        if all(id(b) in owned for b in blocks):
-            return candidate
-    raise UnsupportedModelError(f"{type(model).__name__}: found MoE blocks but no decoder-layer list holding them")
-
-
-def _scan(model: nn.Module) -> tuple[list[MoELayer], nn.ModuleList]:
-    name = type(model).__name__
-    found = []  # (block, experts)
-    for block in model.modules():
-        for child in block.children():
-            if _is_experts(child):
-                found.append((block, child))
-    if not found:
-        hint = ("no experts module with stacked 3-D parameters [E, ...] including `down_proj` and dispatched "
-                "through transformers' experts-backend registry (use_experts_implementation)")
-        raise UnsupportedModelError(f"{name} is not a supported MoE model: {hint}")
-    decoder = _decoder_layers(model, [b for b, _ in found])
-    index_of = {}
-    for i, layer in enumerate(decoder):
-        for m in layer.modules():
-            index_of[id(m)] = i
-    layers = []
-    for ordinal, (block, experts) in enumerate(sorted(found, key=lambda be: index_of[id(be[0])])):
-        num_experts, hidden = _num_experts(experts), _hidden_size(experts)
-        router = _find_router(block, experts, num_experts, hidden)
-        if router is None:
-            raise UnsupportedModelError(
-                f"{name}: MoE block {type(block).__name__} at layer {index_of[id(block)]} has no router "
-                f"(a child with a weight of shape [E={num_experts}, H={hidden}])")
-        shared = tuple(c for c in block.children()
-                       if c is not experts and c is not router and any(True for _ in c.parameters()))
-        layers.append(MoELayer(ordinal, index_of[id(block)], block, router, experts, shared))
-    return layers, decoder
-
-
-def _num_experts(experts: nn.Module) -> int:
-    return int(experts.down_proj.shape[0])
-
-
-def _hidden_size(experts: nn.Module) -> int:
-    down = experts.down_proj  # [E, H, I], or [E, I, H] when transposed
-    return int(down.shape[2] if getattr(experts, "is_transposed", False) else down.shape[1])
-
-
-def _intermediate_size(experts: nn.Module) -> int:
-    down = experts.down_proj
-    return int(down.shape[1] if getattr(experts, "is_transposed", False) else down.shape[2])
-
-
 def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """Every sparse block of `model`, in decoder order; raises UnsupportedModelError otherwise."""
-    return _scan(model)[0]
+    """Every sparse layer of `model`, in decoder order; raises UnsupportedModelError otherwise."""
+    return [MoELayer(o, p.layer, p.block, p.router, p.experts, p.shared, p.layout.num_experts, p.top_k,
+                     p.convention == "scaled", "backend" if p.backend else "block", p)
+            for o, p in enumerate(probe(model).layers)]
 
 
 def describe(model: nn.Module) -> ModelLayout:
     """The layout of `model`: MoE and dense decoder layers, E, K, H, I, dtype and bytes per expert."""
-    layers, decoder = _scan(model)
-    first = layers[0]
-    num_experts, hidden = _num_experts(first.experts), _hidden_size(first.experts)
-    for lay in layers[1:]:
-        if (_num_experts(lay.experts), _hidden_size(lay.experts)) != (num_experts, hidden):
-            raise UnsupportedModelError(f"{type(model).__name__}: MoE layers differ in E or H; not supported")
-    probe = torch.zeros(1, hidden, dtype=first.router.weight.dtype, device=first.router.weight.device)
-    top_k = int(route(first.router, probe).indices.shape[-1])
-    expert_bytes = sum(p[0].numel() * p.element_size() for p in _expert_params(first.experts).values())
+    result = probe(model)
+    first = result.layers[0]
+    shape = (first.layout.num_experts, first.layout.hidden_size, first.top_k)
+    for p in result.layers[1:]:
+        if (p.layout.num_experts, p.layout.hidden_size, p.top_k) != shape:
+            raise UnsupportedModelError(
+                f"{result.model_class}: layer {p.layer} has E={p.layout.num_experts}, H={p.layout.hidden_size}, "
+                f"K={p.top_k} but layer {first.layer} has E, H, K = {shape}; layers must agree")
+    tensors = layouts.stacked_tensors(first.experts, first.layout)
+    expert_bytes = sum(layouts.per_expert(first.layout, t)[0].numel() * t.element_size() for t in tensors.values())
     shared_bytes = sum(p.numel() * p.element_size() for m in first.shared for p in m.parameters())
-    moe = tuple(lay.layer for lay in layers)
+    moe = tuple(p.layer for p in result.layers)
     return ModelLayout(
-        model_class=type(model).__name__,
+        model_class=result.model_class,
         model_type=str(getattr(getattr(model, "config", None), "model_type", "unknown")),
-        num_layers=len(decoder),
+        num_layers=len(result.decoder),
         moe_layers=moe,
-        dense_layers=tuple(i for i in range(len(decoder)) if i not in moe),
-        num_experts=num_experts,
-        top_k=top_k,
-        hidden_size=hidden,
-        intermediate_size=_intermediate_size(first.experts),
-        dtype=str(first.experts.down_proj.dtype).removeprefix("torch."),
+        dense_layers=tuple(i for i in range(len(result.decoder)) if i not in moe),
+        num_experts=shape[0],
+        top_k=shape[2],
+        hidden_size=shape[1],
+        intermediate_size=first.layout.intermediate_size,
+        dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
         expert_bytes=int(expert_bytes),
         shared_expert_bytes=int(shared_bytes),
     )
 
 
-def route(router: nn.Module, hidden: torch.Tensor) -> RouterOutput:
-    """Apply `router` to `hidden [N, H]` and name its outputs by dtype and shape, whatever their order."""
-    out = router(hidden)
-    if not isinstance(out, tuple) or len(out) < 2:
-        raise UnsupportedModelError(f"router {type(router).__name__} must return (logits, weights, indices)")
-    indices = [t for t in out if isinstance(t, torch.Tensor) and not t.is_floating_point()]
-    floats = [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if len(indices) != 1 or not floats:
-        raise UnsupportedModelError(f"router {type(router).__name__}: expected one integer index tensor "
-                                    f"and float weights, got {[getattr(t, 'dtype', type(t)) for t in out]}")
-    idx = indices[0]  # [N, K]
-    top_k, num_experts = idx.shape[-1], router.weight.shape[0]
-    weights = [t for t in floats if t.shape[-1] == top_k]
-    logits = [t for t in floats if t.shape[-1] == num_experts and t.shape[-1] != top_k]
-    if not weights:
-        raise UnsupportedModelError(f"router {type(router).__name__}: no weight tensor of width K={top_k}")
-    return RouterOutput(logits[0] if logits else None, weights[0], idx.long())
+# ---- routing -------------------------------------------------------------------------------------------------
+def route(layer: MoELayer, hidden: torch.Tensor) -> RouterOutput:
+    """Layer `layer`'s routing of `hidden [N, H]`, computed the way its block does: its router called with what
+    the block gives it, or (where the block takes the top-k) the block itself, stopped at its experts."""
+    p = layer.probed
+    if p.router_call is None:
+        raise UnsupportedModelError(f"{p.unroutable}; use a routing trace or a predictor fitted to one instead")
+    num_tokens = hidden.reshape(-1, hidden.shape[-1]).shape[0]
+    if p.convention == "indexed" and p.outputs.index_at is None:
+        return _route_by_block(layer, hidden)
+    out = _flat(p.router_call(hidden))
+    logits = _rows(out[p.outputs.logits_at], num_tokens) if p.outputs.logits_at is not None else None
+    if p.convention == "scaled":
+        weights, indices = _rows(out[p.outputs.scores_at], num_tokens).topk(layer.top_k, dim=-1)  # [N, K]
+        return RouterOutput(logits, weights, indices)
+    return RouterOutput(logits, _rows(out[p.outputs.weights_at], num_tokens),
+                        _rows(out[p.outputs.index_at], num_tokens).long())
+
+
+class _Routed(Exception):
+    """Raised by the experts while `route` re-runs a block: the routing is all it needs."""
+
+
+def _route_by_block(layer: MoELayer, hidden: torch.Tensor) -> RouterOutput:
+    p, seen = layer.probed, {}
+    size = p.layout.hidden_size
+
+    def grab(*args, **kwargs):
+        seen["routing"] = indexed_args(args, kwargs, size)
+        raise _Routed
+
+    def logits_of(module, args, output):
+        wide = [t for t in _flat(output) if torch.is_tensor(t) and t.is_floating_point() and t.shape[-1] == p.layout.num_experts]
+        seen["logits"] = wide[0] if wide else None
+
+    param = next(iter(p.block.parameters()))
+    x = hidden.reshape(1, -1, size) if p.replay_dims == 3 else hidden.reshape(-1, size)  # [1, N, H] or [N, H]
+    x = x.to(param.device, param.dtype)
+    kwargs = {p.replay_at: x} if isinstance(p.replay_at, str) else {}
+    args = (x,) if not kwargs else ()
+    hook = p.router.register_forward_hook(logits_of) if p.router is not None else None
+    with _swapped_forward(p.experts, grab), torch.no_grad():
+        try:
+            p.block(*args, **kwargs)
+        except _Routed:
+            pass
+        finally:
+            if hook is not None:
+                hook.remove()
+    if "routing" not in seen:
+        raise UnsupportedModelError(f"{p.where}: re-running its block {type(p.block).__name__} on hidden states "
+                                    "did not reach its experts")
+    _, index, weights = seen["routing"]
+    n = x.shape[-2]
+    logits = seen.get("logits")
+    return RouterOutput(None if logits is None else _rows(logits, n), _rows(weights, n), _rows(index, n).long())
+
+
+@contextlib.contextmanager
+def _swapped_forward(experts: nn.Module, forward: Callable) -> Iterator[None]:
+    """`experts` runs `forward` for a while (the engine's seam, if installed, comes back after)."""
+    previous = experts.__dict__.get("forward")
+    replaying = getattr(_REPLAYING, "ids", set())
+    _REPLAYING.ids = replaying | {id(experts)}
+    experts.forward = forward
+    try:
+        yield
+    finally:
+        _REPLAYING.ids = replaying
+        if previous is None:
+            del experts.forward
+        else:
+            experts.forward = previous
+
+
+def linear_router(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [E, H], bias [E] or None) when layer's router logits are a linear map of its input hidden
+    states (checked on a few random inputs), else UnsupportedModelError saying why."""
+    p = layer.probed
+    where = f"{p.where}, router {type(p.router).__name__ if p.router is not None else '(none found)'}"
+    candidates = [] if p.router is None else [m for m in p.router.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+                                              and tuple(m.weight.shape) == (p.layout.num_experts, p.layout.hidden_size)]
+    if not candidates or p.router_call is None or p.outputs.logits_at is None:
+        raise UnsupportedModelError(f"{where}: no linear router logits to copy; fit LinearRouters to a trace instead")
+    weight = candidates[0].weight
+    bias = getattr(candidates[0], "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) and bias.shape == weight.shape[:1] else None
+    x = torch.randn(4, p.layout.hidden_size, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        got = _rows(_flat(p.router_call(x))[p.outputs.logits_at], 4).float()
+        want = nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
+        raise UnsupportedModelError(f"{where}: its router output is not a linear map of the hidden states "
+                                    "(it normalises or scales them first); fit LinearRouters to a trace instead")
+    return weight, bias
+
+
+# ---- experts -------------------------------------------------------------------------------------------------
+def _layout(experts: nn.Module) -> layouts.ExpertsLayout:
+    layout = layouts.find_layout(experts)
+    if layout is None:
+        raise UnsupportedModelError(f"{type(experts).__name__} is not an experts module prescope knows")
+    return layout
+
+
+def expert_tensors(experts: nn.Module) -> dict[str, nn.Parameter]:
+    """The stacked expert parameters by (dotted) name; setting a parameter's `.data` moves those weights."""
+    return layouts.stacked_tensors(experts, _layout(experts))
+
+
+def relocate_experts(experts: nn.Module, move: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace each stacked tensor's data by `move(data)`; returns name -> [E, ...] views of the moved data."""
+    layout, views = _layout(experts), {}
+    for name, p in layouts.stacked_tensors(experts, layout).items():
+        p.data = move(p.data)
+        views[name] = layouts.per_expert(layout, p.data)
+    return views
 
 
 def expert_params(experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
-    """Views of expert `e`'s own tensors (gate_up_proj[e], down_proj[e], biases)."""
-    return {name: p[e] for name, p in _expert_params(experts).items()}
+    """Views of expert `e`'s own tensors (gate_up_proj[e], down_proj[e], biases; DBRX's rows of w1, v1, w2)."""
+    layout = _layout(experts)
+    return {n: layouts.per_expert(layout, p)[e] for n, p in layouts.stacked_tensors(experts, layout).items()}
 
 
 def expert_param_names(experts: nn.Module) -> dict[str, torch.Size]:
     """Names and per-expert shapes of the stacked expert tensors, for allocating host buffers and slots."""
-    return {name: p.shape[1:] for name, p in _expert_params(experts).items()}
+    layout = _layout(experts)
+    return {n: layouts.per_expert(layout, p).shape[1:] for n, p in layouts.stacked_tensors(experts, layout).items()}
 
 
 def expert_forward(experts: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One expert on `x [N, H]` with weights `params` (one expert's tensors): the unweighted output [N, H].
+    """One expert on `x [N, H]` with weights `params` (one expert's tensors): the unweighted output [N, H]."""
+    return layouts.expert_forward(experts, x, params)
 
-    Mirrors transformers' own per-expert loop: gate_up projection, the module's gating function, down
-    projection, honouring the `is_transposed`, `has_bias` and `has_gate` flags of the experts class.
-    """
-    transposed = getattr(experts, "is_transposed", False)
 
-    def project(inp: torch.Tensor, name: str) -> torch.Tensor:
-        w = params[name]
-        out = inp @ w if transposed else nn.functional.linear(inp, w)
-        bias = params.get(f"{name}_bias")
-        return out if bias is None else out + bias
-
-    up_name = "gate_up_proj" if "gate_up_proj" in params else "up_proj"
-    h = project(x, up_name)  # [N, 2I] or [N, I]
-    h = experts._apply_gate(h) if getattr(experts, "has_gate", True) else experts.act_fn(h)  # [N, I]
-    return project(h, "down_proj")  # [N, H]
+def scaled_inputs(hidden: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Input-weighted layers: each (token, k) pair's input, the token's hidden state times its weight [N·K, H]."""
+    return (hidden.unsqueeze(1) * top_k_weights.unsqueeze(-1).to(hidden.dtype)).reshape(-1, hidden.shape[-1])
 
 
 def grouped_rows(experts: nn.Module, hidden: torch.Tensor, slot_index: torch.Tensor,
@@ -218,6 +250,8 @@ def grouped_rows(experts: nn.Module, hidden: torch.Tensor, slot_index: torch.Ten
     backend's arithmetic), "triton" (`slotmm`, any number of slots: CUDA's, where grouped_mm stops at 1024
     groups), "auto" (triton on CUDA, else grouped_mm).
     """
+    if any(n.rsplit(".", 1)[-1] == layouts.SPLIT[0] for n in slots):  # DBRX's rows: no grouped kernel here
+        return _rows_one_by_one(experts, hidden, slot_index, slots)
     if kernel == "auto":
         kernel = "triton" if hidden.is_cuda else "grouped_mm"
     if kernel == "triton":
@@ -233,13 +267,12 @@ def grouped_rows(experts: nn.Module, hidden: torch.Tensor, slot_index: torch.Ten
     offsets = torch.cumsum(torch.histc(count_input, bins=num_slots, min=0, max=num_slots - 1), 0, dtype=torch.int32)
     outside = (sorted_slots >= num_slots).unsqueeze(-1)  # [N*K, 1]
     rows = sorted_slots.clamp(max=num_slots - 1)  # in range for the per-row bias gather
-    transposed, has_gate = getattr(experts, "is_transposed", False), getattr(experts, "has_gate", True)
-    up = "gate_up_proj" if has_gate else "up_proj"
+    transposed, up = layouts.is_transposed(experts), "gate_up_proj" if "gate_up_proj" in slots else "up_proj"
     bias = slots.get(f"{up}_bias")
     h = _grouped_linear(x.masked_fill(outside, 0.0), slots[up], offsets,
                         bias=None if bias is None else bias[rows], is_transposed=transposed)
     h = h.masked_fill(outside, 0.0)  # rows past the last offset are left unwritten by the kernel
-    h = experts._apply_gate(h) if has_gate else experts.act_fn(h)  # [N*K, I]
+    h = layouts.activate(experts, h, up)  # [N*K, I]
     bias = slots.get("down_proj_bias")
     out = _grouped_linear(h, slots["down_proj"], offsets, bias=None if bias is None else bias[rows],
                           is_transposed=transposed).masked_fill(outside, 0.0)  # [N*K, H], sorted by slot
@@ -258,13 +291,12 @@ def _slot_rows(experts: nn.Module, hidden: torch.Tensor, slot_index: torch.Tenso
     pair = plan.pair_of_row  # [Mp]
     live = (pair >= 0) & (slotmm.row_slots(plan) >= 0)  # [Mp] rows some block computes
     slot_of_row = slotmm.row_slots(plan).clamp(min=0)  # [Mp] for the bias gathers
-    transposed, has_gate = getattr(experts, "is_transposed", False), getattr(experts, "has_gate", True)
-    up = "gate_up_proj" if has_gate else "up_proj"
+    transposed, up = layouts.is_transposed(experts), "gate_up_proj" if "gate_up_proj" in slots else "up_proj"
     token = torch.where(pair >= 0, pair // top_k, -1)  # [Mp] the token each row reads
     h = slotmm.slot_matmul(hidden, token, slots[up], plan, transposed)  # [Mp, 2I]
     if f"{up}_bias" in slots:
         h = h + slots[f"{up}_bias"][slot_of_row]
-    h = experts._apply_gate(h) if has_gate else experts.act_fn(h)  # [Mp, I]
+    h = layouts.activate(experts, h, up)  # [Mp, I]
     rows = torch.where(live, torch.arange(len(pair), device=pair.device), -1)  # [Mp] each row reads itself
     out = slotmm.slot_matmul(h.contiguous(), rows, slots["down_proj"], plan, transposed)  # [Mp, H]
     if "down_proj_bias" in slots:
@@ -272,46 +304,125 @@ def _slot_rows(experts: nn.Module, hidden: torch.Tensor, slot_index: torch.Tenso
     return out.masked_fill(~live.unsqueeze(-1), 0.0)[plan.row_of_pair]  # [N*K, H]
 
 
-def register_backend(fn: Callable) -> None:
-    """Register `fn(experts, hidden [N, H], top_k_index [N, K], top_k_weights [N, K])` as the prescope backend."""
-    from transformers.integrations.moe import ExpertsInterface
+def _rows_one_by_one(experts: nn.Module, hidden: torch.Tensor, slot_index: torch.Tensor,
+                     slots: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`grouped_rows` one slot at a time (`expert_forward`), for layouts no grouped kernel reads (DBRX's 2-D
+    rows); it reads the routing on the host, so such layers do not run inside CUDA graphs."""
+    num_slots, top_k = next(iter(slots.values())).shape[0], slot_index.shape[-1]
+    flat = slot_index.reshape(-1)  # [N*K]
+    out = hidden.new_zeros((flat.numel(), hidden.shape[-1]))  # [N*K, H]
+    for slot in torch.unique(flat).tolist():
+        if slot < num_slots:
+            positions = torch.nonzero(flat == slot).squeeze(1)  # [n]
+            out[positions] = expert_forward(experts, hidden[positions // top_k], {n: t[slot] for n, t in slots.items()})
+    return out
 
-    ExpertsInterface.register(BACKEND_NAME, fn)
 
 
-def set_backend(model: nn.Module, name: str) -> str:
-    """Switch `model`'s experts implementation; returns the previous one."""
+# ---- the engine's seams --------------------------------------------------------------------------------------
+@dataclass
+class Dispatch:
+    """An installed dispatch; `remove()` puts the model back as it was."""
+
+    undo: list[Callable[[], None]]
+
+    def remove(self) -> None:
+        while self.undo:
+            self.undo.pop()()
+
+
+def install_dispatch(model: nn.Module, fn: Callable) -> Dispatch:
+    """Route every sparse layer's experts call to `fn(experts, hidden [N, H], top_k_index [N, K], top_k_weights
+    [N, K]) -> [N, H]`: through the experts-backend registry where the experts use it, else through the experts'
+    call inside their block. `fn` weights outputs, except for `input_weighted` layers (see `scaled_inputs`)."""
+    layers, dispatch = moe_layers(model), Dispatch([])
+    if any(lay.probed.backend for lay in layers):
+        from transformers.integrations.moe import ExpertsInterface
+
+        ExpertsInterface.register(BACKEND_NAME, fn)
+        previous = _set_backend(model, BACKEND_NAME)
+        dispatch.undo.append(lambda: _set_backend(model, previous if previous != BACKEND_NAME else "eager"))
+    for lay in layers:
+        if not lay.probed.backend:
+            _install_block_seam(lay, fn, dispatch)
+    return dispatch
+
+
+def _set_backend(model: nn.Module, name: str) -> str:
     previous = model.config._experts_implementation
     model.set_experts_implementation(name)
     return previous
 
 
-def _call_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    names = ("hidden_states", "top_k_index", "top_k_weights")
-    values = list(args) + [kwargs[n] for n in names[len(args):]]
-    return values[0], values[1], values[2]
+def _install_block_seam(lay: MoELayer, fn: Callable, dispatch: Dispatch) -> None:
+    p, experts = lay.probed, lay.experts
+    size, num_experts, top_k = p.layout.hidden_size, p.layout.num_experts, p.top_k
+    if p.convention == "indexed":
+        def forward(*args, **kwargs):
+            hidden, index, weights = indexed_args(args, kwargs, size)
+            k = index.shape[-1]
+            out = fn(experts, hidden.reshape(-1, size), index.reshape(-1, k), weights.reshape(-1, k))  # [N, H]
+            return out.reshape(hidden.shape).to(hidden.dtype)
+    else:
+        seen = {}
+        handles = [p.block.register_forward_pre_hook(
+                       lambda m, args, kwargs: seen.__setitem__("x", _block_input(p, args, kwargs)), with_kwargs=True),
+                   p.router.register_forward_hook(
+                       lambda m, args, out: seen.__setitem__("scores", _flat(out)[p.outputs.scores_at]))]
+        dispatch.undo.append(lambda: [h.remove() for h in handles])
+
+        def forward(scaled: torch.Tensor) -> torch.Tensor:
+            x = seen.pop("x").reshape(-1, size)  # [N, H]
+            weights, index = seen.pop("scores").reshape(-1, num_experts).topk(top_k, dim=-1)  # [N, K]
+            out = fn(experts, x, index, weights)  # [N, H], the weights applied to the inputs
+            per_expert = scaled.new_zeros(num_experts, x.shape[0], size)  # [E, N, H]: the block sums over E
+            per_expert[0] = out
+            return per_expert.reshape(-1, size)
+
+    experts.forward = forward
+    dispatch.undo.append(lambda: experts.__dict__.pop("forward", None))
 
 
+def _block_input(p: Probed, args: tuple, kwargs: dict) -> torch.Tensor:
+    return next(t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.shape[-1] == p.layout.hidden_size)
+
+
+# ---- observing ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def observe_routing(model: nn.Module, callback: Callable) -> Iterator[None]:
     """Call `callback(ordinal, hidden [N, H], logits [N, E] | None, weights [N, K], indices [N, K])` per MoE step.
 
-    Hooks sit on the routers (for the full logits) and on the experts modules (for the router input and
-    the routing the experts actually receive), so they work with any experts backend.
-    """
-    handles, last_logits = [], {}
+    `hidden` is the router's input (what `route` takes), `weights` and `indices` the routing the experts
+    receive; hooks sit on the routers and the experts modules, so they work with any experts backend."""
+    handles = []
     for lay in moe_layers(model):
-        def on_router(module, args, out, ordinal=lay.ordinal):
-            floats = [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()
-                      and t.shape[-1] == module.weight.shape[0]] if isinstance(out, tuple) else []
-            last_logits[ordinal] = floats[0].reshape(-1, floats[0].shape[-1]) if floats else None
+        p, last = lay.probed, {}
+        size, num_experts = p.layout.hidden_size, p.layout.num_experts
 
-        def on_experts(module, args, kwargs, ordinal=lay.ordinal):
-            hidden, index, weights = _call_args(args, kwargs)
-            callback(ordinal, hidden, last_logits.pop(ordinal, None), weights, index)
+        def on_router(module, args, kwargs, out, p=p, last=last):
+            outs = _flat(out)
+            last["hidden"] = _router_input(p, args, kwargs)
+            last["logits"] = outs[p.outputs.logits_at] if p.outputs.logits_at is not None else None
+            last["scores"] = outs[p.outputs.scores_at] if p.outputs.scores_at is not None else None
 
-        handles.append(lay.router.register_forward_hook(on_router))
-        handles.append(lay.experts.register_forward_pre_hook(on_experts, with_kwargs=True))
+        def on_experts(module, args, kwargs, lay=lay, p=p, last=last, size=size, num_experts=num_experts):
+            if id(module) in getattr(_REPLAYING, "ids", ()):
+                return
+            if p.convention == "scaled":
+                hidden = last.get("hidden")
+                weights, index = last.pop("scores").reshape(-1, num_experts).topk(lay.top_k, dim=-1)
+            else:
+                hidden_in, index, weights = indexed_args(args, kwargs, size)
+                hidden = last.get("hidden", hidden_in)
+            logits = last.pop("logits", None)
+            last.pop("hidden", None)
+            n = index.numel() // lay.top_k
+            callback(lay.ordinal, hidden.reshape(-1, size), None if logits is None else _rows(logits, n),
+                     weights.reshape(n, -1), index.reshape(n, -1))
+
+        if p.router is not None:
+            handles.append(p.router.register_forward_hook(on_router, with_kwargs=True))
+        handles.append(p.experts.register_forward_pre_hook(on_experts, with_kwargs=True))
     try:
         yield
     finally:
@@ -319,10 +430,34 @@ def observe_routing(model: nn.Module, callback: Callable) -> Iterator[None]:
             h.remove()
 
 
+def _router_input(p: Probed, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    at = p.router_call.hidden_at if p.router_call is not None else None
+    if isinstance(at, str) and at in kwargs:
+        return kwargs[at]
+    if isinstance(at, int) and at < len(args):
+        return args[at]
+    return next((t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.is_floating_point()
+                 and t.shape[-1] == p.layout.hidden_size), None)
+
+
+def _flat(output) -> list:
+    return [output] if torch.is_tensor(output) else list(output) if isinstance(output, (tuple, list)) else []
+
+
+def _rows(t: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    return t.reshape(num_tokens, -1)
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------
 def load_model(path_or_id: str, dtype: torch.dtype | str | None = None, device: str = "cpu", **kwargs) -> nn.Module:
     """Load a causal LM with `from_pretrained` (a local directory, or a hub id where there is network)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    config = AutoConfig.from_pretrained(path_or_id, **{k: v for k, v in kwargs.items() if k == "trust_remote_code"})
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{path_or_id}: {type(config).__name__} ({config.model_type}): encoder-decoder "
+                                    "models are not supported (prescope offloads the experts of decoder-only "
+                                    "causal LMs)")
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype or "auto", **kwargs).to(device)
     model.eval()
     describe(model)  # fail early, with the class name, if the model is not a supported MoE

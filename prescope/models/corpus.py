@@ -27,7 +27,7 @@ with an EOS after each (`encode_documents`), and `prepare` / `load_prepared` for
 
 from __future__ import annotations
 
-import json
+import io
 import sys
 import sysconfig
 from collections.abc import Iterable
@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from prescope import data
+from prescope.files import read_json, verify, write_json, write_with_sidecar
 
 SHARED_DOMAINS: tuple[str, ...] = ("arxiv", "c4", "github_oss_with_stack", "wikipedia")
 STDLIB_DOMAIN = "stdlib"
@@ -272,15 +273,27 @@ def prepare(spec: CorpusSpec, vocab_size: int, out_dir: Path, settings: dict) ->
     for domain, split in splits.items():
         train_ids, heldout_ids = encode_documents(tokenizer, split.train), encode_documents(tokenizer, split.heldout)
         train_parts.append(train_ids)
-        np.save(out_dir / f"heldout_{domain}.npy", heldout_ids)
+        _save_ids(out_dir / f"heldout_{domain}.npy", heldout_ids)
         record["domains"][domain] = {
             "train_docs": len(split.train), "heldout_docs": len(split.heldout),
             "train_chars": len(split.train_text()), "heldout_chars": len(split.heldout_text()),
             "train_tokens": int(train_ids.size), "heldout_tokens": int(heldout_ids.size),
         }
-    np.save(out_dir / "train.npy", np.concatenate(train_parts))
-    (out_dir / "prepare.json").write_text(json.dumps(record, indent=2))
+    _save_ids(out_dir / "train.npy", np.concatenate(train_parts))
+    write_json(out_dir / "prepare.json", record, indent=2)
     return record
+
+
+def _save_ids(path: Path, ids: np.ndarray) -> None:
+    """Token ids as .npy, atomically, checksummed beside it (`files.write_with_sidecar`)."""
+    buffer = io.BytesIO()
+    np.save(buffer, ids)
+    write_with_sidecar(path, buffer.getvalue())
+
+
+def _load_ids(path: Path) -> np.ndarray:
+    verify(path)
+    return np.load(path)
 
 
 def validation_split(stream: np.ndarray, record: dict, fraction: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -309,7 +322,7 @@ def load_prepared(data_dir: Path):
 
     if not (data_dir / "prepare.json").is_file():
         raise FileNotFoundError(f"{data_dir} is not a prepared folder (no prepare.json); run with --prepare-only first")
-    record = json.loads((data_dir / "prepare.json").read_text())
+    record = read_json(data_dir / "prepare.json", "prepare record")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(data_dir)
-    heldout = {d: np.load(data_dir / f"heldout_{d}.npy") for d in record["domains"]}
-    return tokenizer, np.load(data_dir / "train.npy"), heldout, record
+    heldout = {d: _load_ids(data_dir / f"heldout_{d}.npy") for d in record["domains"]}
+    return tokenizer, _load_ids(data_dir / "train.npy"), heldout, record

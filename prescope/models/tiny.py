@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import shlex
 import sys
@@ -30,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prescope.files import portable_path
+from prescope.config import check_device
+from prescope.files import check_output, portable_path, write_atomic, write_json
 from prescope.models import corpus
 from prescope.models.corpus import (
     EOS_ID,
@@ -103,8 +103,8 @@ def write_card(out_dir: Path, card: dict) -> None:
     """model_card.json and its rendering README.md; `bytes` is filled from the safetensors on disk."""
     weights = sum(p.stat().st_size for p in Path(out_dir).glob("*.safetensors"))
     card = {**card, "bytes": weights, CARD_ROUTING_KEY: card.get(CARD_ROUTING_KEY)}
-    (out_dir / "model_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "README.md").write_text(render_card(card))
+    write_json(Path(out_dir) / "model_card.json", card, indent=2)
+    write_atomic(Path(out_dir) / "README.md", render_card(card))
 
 
 def render_card(card: dict) -> str:
@@ -204,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     config = config_from_args(args)
+    check_output(args.out, folder=True, what="--out")
+    check_device(args.device)
     if args.prepare_only:
         record = prepare_data(config, args.corpus_dir, args.out)
         tokens = sum(d["train_tokens"] for d in record["domains"].values())

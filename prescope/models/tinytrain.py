@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from prescope.config import check_types
 from prescope.models import corpus
 from prescope.models.corpus import EOS_ID, PAD_ID, encode_documents
 
@@ -69,6 +70,7 @@ class TinyConfig:
     time_budget_s: float = 0.0  # 0 = no limit; else the step count is cut to fit, measured early
 
     def __post_init__(self) -> None:
+        check_types(self, TinyConfigError)
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                     "num_experts", "top_k", "max_position", "doc_chars", "stdlib_bytes", "seq_len",
                     "batch_size", "steps", "lr")

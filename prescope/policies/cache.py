@@ -187,6 +187,13 @@ class ExpertCache:
         self.stats.prefetches += int(speculative)
         return evicted
 
+    def vacate(self, slot: int) -> Key | None:
+        """Evict the expert in `slot`, if any (its bytes are about to be overwritten); returns it."""
+        key = self._owner[slot]
+        if key is not None:
+            self.evict(key)
+        return key
+
     def mark_ready(self, key: Key) -> None:
         self._state[self._slot_of[key]] = _RESIDENT
 

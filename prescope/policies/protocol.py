@@ -52,8 +52,10 @@ class Executor(ABC):
         """Start computing `experts` of `layer` on the CPU from host memory."""
 
     @abstractmethod
-    def load(self, key: Key, slot: int, speculative: bool) -> None:
-        """Copy `key` into `slot` (the cache has assigned it); an on-demand load goes before queued prefetches."""
+    def load(self, key: Key, slot: int, speculative: bool) -> bool:
+        """Copy `key` into the free `slot`; an on-demand load goes before queued prefetches. True when the
+        expert counts as resident at once (every later use is ordered after the copy), False when the executor
+        marks it resident itself once it landed."""
 
     @abstractmethod
     def compute(self, layer: int, wave: list[tuple[int, int]]) -> None:
@@ -95,8 +97,7 @@ def run_layer(view: LayerView, policy: Policy, cache: ExpertCache, executor: Exe
                 continue
             if (slot := _victim(policy, cache, key, run)) is None:
                 break
-            cache.assign(key, slot, speculative=True)
-            executor.load(key, slot, speculative=True)
+            place(key, slot, True, cache, executor)
     finally:
         # 6. a layer that raised part-way must not leave its pins behind
         cache.unpin_all()
@@ -118,8 +119,7 @@ def gpu_waves(layer: int, chosen: list[int], policy: Policy, cache: ExpertCache,
             key = (layer, deferred[0])
             if (slot := _victim(policy, cache, key, run)) is None:
                 break
-            cache.assign(key, slot, speculative=False)
-            executor.load(key, slot, speculative=False)
+            place(key, slot, False, cache, executor)
             cache.pin(key)
             wave.append(deferred.pop(0))
         if not wave:
@@ -141,14 +141,27 @@ def _victim(policy: Policy, cache: ExpertCache, key: Key, run: LayerRun) -> int 
     return slot
 
 
-def fill(policy: Policy, cache: ExpertCache, keys: list[Key], place: Callable[[Key, int], None]) -> None:
-    """Put `keys` (a run's preload) in the slots the policy gives them, before any step (`place` copies one
-    in), then count from zero."""
+def place(key: Key, slot: int, speculative: bool, cache: ExpertCache, executor: Executor) -> None:
+    """Load `key` into `slot`: the slot's expert leaves the cache first and `key` enters it only once its copy
+    was issued, so a copy that fails or is interrupted leaves no key claiming bytes that are not there."""
+    cache.vacate(slot)
+    landed = executor.load(key, slot, speculative)
+    cache.assign(key, slot, speculative=speculative)
+    if landed:
+        cache.mark_ready(key)
+
+
+def fill(policy: Policy, cache: ExpertCache, keys: list[Key], load: Callable[[Key, int], bool]) -> None:
+    """Put `keys` (a run's preload) in the slots the policy gives them, before any step (`load` copies one in
+    and says whether it counts as resident at once), then count from zero."""
     for key in keys:
         if cache.is_present(key) or (slot := policy.victim(cache, key)) is None:
             continue
+        cache.vacate(slot)
+        landed = load(key, slot)
         cache.assign(key, slot, speculative=False)
-        place(key, slot)
+        if landed:
+            cache.mark_ready(key)
     cache.reset_stats()
 
 

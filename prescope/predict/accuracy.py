@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -235,8 +236,11 @@ def cached_trace(model, tokenizer, spec, split: str, per_domain: int, prompt_tok
     key = json.dumps([model_id, split, per_domain, prompt_tokens, max_new_tokens, batch_size, str(spec)])
     path = Path(cache_dir) / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.trace.parquet"
     if path.is_file():
-        trace = load_trace(path)
-        return trace, float(trace.meta.get("record_seconds", float("nan")))
+        try:
+            trace = load_trace(path)
+            return trace, float(trace.meta.get("record_seconds", float("nan")))
+        except ValueError as exc:  # a damaged cache entry is recorded again, and said so
+            warnings.warn(f"cached trace unusable, recording it again: {exc}", stacklevel=2)
     prompts, domains = corpus_prompts(tokenizer, spec, split, per_domain, prompt_tokens)
     start = time.perf_counter()
     trace = record_trace(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -252,14 +256,14 @@ def run_report(out_dir: str | Path = "reports/llapor", cache_dir: str | Path = "
                prompt_tokens: int = 32, max_new_tokens: int = 32, batch_size: int = 8,
                config=None, variants: bool = True, progress: bool = True) -> dict:
     """The LLaPor experiment on prescope-tiny (module docstring); returns the JSON summary it writes."""
-    from prescope.files import git_revision, portable_path, write_atomic
+    from prescope.files import git_revision, portable_path, read_json, write_json, write_with_sidecar
     from prescope.models import corpus, tiny
     from prescope.predict import llapor, predictors
 
     config = config or llapor.LLaPorConfig()
     model_path = Path(model_dir) if model_dir else tiny.TINY_DIR
     model, tokenizer = tiny.load_tiny(model_path)
-    card = json.loads((model_path / "model_card.json").read_text()).get("config", {})
+    card = read_json(model_path / "model_card.json", "model card").get("config", {})
     spec = corpus.CorpusSpec(Path(corpus_dir) if corpus_dir else corpus.default_corpus_dir(),
                              **{k: card[k] for k in ("heldout_fraction", "doc_chars", "stdlib_bytes") if k in card})
     shape = dict(prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -280,10 +284,11 @@ def run_report(out_dir: str | Path = "reports/llapor", cache_dir: str | Path = "
     for name, cfg in runs.items():
         key = hashlib.sha256(json.dumps([trace_hash, asdict(cfg)], default=str).encode()).hexdigest()[:12]
         path = Path(cache_dir) / f"{name}-{key}.pt"
-        if not path.is_file():  # trained checkpoints are cached: re-running only re-evaluates
+        models[name] = _cached_llapor(path)  # trained checkpoints are cached: re-running only re-evaluates
+        if models[name] is None:
             routers = predictors.LinearRouters.from_model(model)
             llapor.train_llapor(train, cfg, routers=routers, progress=progress).save(path)
-        models[name] = llapor.load(path)
+            models[name] = llapor.load(path)
         timings[f"train_{name}_s"] = round(sum(h["seconds"] for h in models[name].history), 1)
     everyone = {**models, **fitted}
     table = evaluate(everyone, test, range(0, D + 1))
@@ -300,7 +305,7 @@ def run_report(out_dir: str | Path = "reports/llapor", cache_dir: str | Path = "
     out = Path(out_dir)
     for name, df in {"accuracy": table, "accuracy_all_tokens": table_all, "groups": groups,
                      "group_effect": effect, "overhead": cost, "training": training}.items():
-        write_atomic(out / f"{name}.csv", df.to_csv(index=False, float_format="%.6g"))
+        write_with_sidecar(out / f"{name}.csv", df.to_csv(index=False, float_format="%.6g"))
     gains = _gains(table)
     summary = {
         "source": "measured", "hardware": "cpu", "git_revision": git_revision(),
@@ -323,8 +328,21 @@ def run_report(out_dir: str | Path = "reports/llapor", cache_dir: str | Path = "
         "overhead_us_per_layer_step": dict(zip(cost["predictor"], cost["us_per_layer_step"].round(1), strict=True)),
         "timings": timings,
     }
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary, indent=2)
     return summary
+
+
+def _cached_llapor(path: Path):
+    """The cached checkpoint at `path`, or None when there is none or it is damaged (it is trained again)."""
+    from prescope.predict import llapor
+
+    if not path.is_file():
+        return None
+    try:
+        return llapor.load(path)
+    except ValueError as exc:
+        warnings.warn(f"cached LLaPor checkpoint unusable, training it again: {exc}", stacklevel=2)
+        return None
 
 
 def _gains(table: pd.DataFrame, reference: str = "gate_lookahead") -> dict:

@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from prescope.files import write_atomic_with
+from prescope.files import check_output, verify, write_archive_with
 from prescope.layout import ModelLayout
 from prescope.predict.llaporconfig import GROUPS, LLaPorConfig, LLaPorError
 from prescope.predict.predictors import LinearRouters, Predictor, check_target, multi_hot
@@ -248,26 +248,29 @@ class LLaPor(Predictor):
 
     # ---- checkpoint ---------------------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """torch checkpoint with config, layout, trace identity, PCA, routers and networks; written atomically."""
+        """torch checkpoint with config, layout, trace identity, PCA, routers and networks; written atomically,
+        checksummed in the archive's comment (`files.write_archive_with`)."""
         path = Path(path)
         blob = {"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(self.config),
                 "layout": self.layout.to_dict(), "boundaries": list(self.boundaries),
                 "trace": json.dumps(self.trace_info, default=str), "history": json.dumps(self.history),
                 "pca": [p.state_dict() for p in self.pcas], "nets": [n.state_dict() for n in self.nets],
                 "routers": None if self.routers is None else self.routers.state()}
-        return write_atomic_with(path, lambda tmp: torch.save(blob, tmp))
+        return write_archive_with(path, lambda tmp: torch.save(blob, tmp))
 
 
 def load(path, device: str = "cpu") -> LLaPor:
-    """Read a checkpoint written by `LLaPor.save`; LLaPorError for a corrupt, foreign or newer file."""
+    """Read a checkpoint written by `LLaPor.save`; LLaPorError for a corrupt, foreign or newer file,
+    `files.ChecksumError` for one whose bytes changed since it was written."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LLaPor checkpoint {path} does not exist")
+    verify(path)
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged zip/pickle
         raise LLaPorError(f"{path} is not a readable LLaPor checkpoint (corrupt or truncated?): "
-                          f"{type(exc).__name__}: {exc}") from None
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise LLaPorError(f"{path} is not a LLaPor checkpoint (format {FORMAT!r} missing)")
     if blob.get("version") != FORMAT_VERSION:
@@ -287,7 +290,8 @@ def load(path, device: str = "cpu") -> LLaPor:
             nets.append(net.to(device).eval())
         return LLaPor(config, layout, bounds, pcas, nets, routers, json.loads(blob["trace"]), json.loads(blob["history"]))
     except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
-        raise LLaPorError(f"{path}: corrupt LLaPor checkpoint: {type(exc).__name__}: {exc}") from None
+        reason = " ".join(str(exc).split())  # torch's messages span lines; ours is one
+        raise LLaPorError(f"{path}: corrupt LLaPor checkpoint: {type(exc).__name__}: {reason}") from None
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -410,6 +414,9 @@ def train_llapor(trace: Trace, config: LLaPorConfig | None = None, *, routers: L
         routers = LinearRouters.fit(train)
     if routers is not None and routers.num_layers != L:
         raise LLaPorError(f"routers cover {routers.num_layers} layers, the trace has {L}")
+    if config.group_boundaries and config.group_boundaries[1] > L:
+        raise LLaPorError(f"group_boundaries {config.group_boundaries} reach past the trace's {L} MoE layers; give "
+                          f"(first middle, first near-output) layers with a <= b <= {L}")
     bounds, table = (config.group_boundaries, None) if config.group_boundaries else derive_groups(train, config.min_group_layers)
     device = config.device
     pcas = [PCA.fit(torch.from_numpy(train.hidden[:, o]).to(device), config.pca_dim) for o in range(L)]
@@ -448,6 +455,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise LLaPorError(f"--group-boundaries must be 'A,B' with integers, got {raw!r}") from None
     config = LLaPorConfig(**values)
+    check_output(args.out, what="--out")
     trace = load_trace(args.trace)
     routers = None
     if args.model:

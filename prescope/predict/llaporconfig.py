@@ -11,6 +11,8 @@ import argparse
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from prescope.config import check_types
+
 GROUPS = ("near_input", "middle", "near_output")
 MONITORS = ("recall", "loss")
 FIELD_HELP = {
@@ -79,6 +81,7 @@ class LLaPorConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_types(self, LLaPorError)
         if self.group_boundaries is not None:
             object.__setattr__(self, "group_boundaries", tuple(int(b) for b in self.group_boundaries))
             if len(self.group_boundaries) != 2 or not 0 <= self.group_boundaries[0] <= self.group_boundaries[1]:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from prescope.layout import ModelLayout
-from prescope.models.adapter import describe, moe_layers, route
+from prescope.models.adapter import MoELayer, describe, linear_router, moe_layers, route
 from prescope.routing.trace import MISSING, Trace
 
 
@@ -168,9 +168,11 @@ class LinearRouters:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> LinearRouters:
-        layers = moe_layers(model)
-        bias = [getattr(lay.router, "bias", None) for lay in layers]
-        return cls(torch.stack([lay.router.weight.detach().float().cpu() for lay in layers]),
+        """The routers' weights, where each layer's router logits are a linear map of its hidden states
+        (adapter.linear_router says why not otherwise: then fit them to a trace)."""
+        pairs = [linear_router(lay) for lay in moe_layers(model)]
+        bias = [b for _, b in pairs]
+        return cls(torch.stack([w.detach().float().cpu() for w, _ in pairs]),
                    None if any(b is None for b in bias) else torch.stack([b.detach().float().cpu() for b in bias]))
 
     @classmethod
@@ -265,12 +267,13 @@ class GateLookahead(Predictor):
     imitates = "Pre-gated MoE, AdapMoE, HybriMoE (training-free lookahead routing)"
     needs_hidden = True
 
-    def __init__(self, routers: Sequence[nn.Module] | LinearRouters | None = None, layout: ModelLayout | None = None):
+    def __init__(self, routers: Sequence[MoELayer] | LinearRouters | None = None, layout: ModelLayout | None = None):
         self.routers, self.layout = routers, layout
 
     @classmethod
     def from_model(cls, model: nn.Module) -> GateLookahead:
-        return cls([lay.router for lay in moe_layers(model)], describe(model))
+        """The model's own routers, each applied the way its block applies it (adapter.route)."""
+        return cls(moe_layers(model), describe(model))
 
     def fit(self, trace: Trace) -> GateLookahead:
         if self.routers is None:
@@ -286,12 +289,12 @@ class GateLookahead(Predictor):
             raise PredictorError("gate_lookahead has no routers: build it with from_model(model) or fit(trace)")
         if isinstance(self.routers, LinearRouters):
             return self.routers.logits(layer, hidden)
-        router = self.routers[layer]
+        moe_layer = self.routers[layer]
         with torch.no_grad():
-            out = route(router, hidden.to(router.weight.device, router.weight.dtype))
+            out = route(moe_layer, hidden)
         if out.logits is not None:
-            return out.logits.float()
-        return multi_hot(out.indices, router.weight.shape[0], out.weights).log()
+            return out.logits.float().to(hidden.device)
+        return multi_hot(out.indices, moe_layer.num_experts, out.weights).log().to(hidden.device)
 
     def predict(self, layer, distance, *, hidden=None, history=None):
         target = self._target(layer, distance)

@@ -24,7 +24,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from prescope.config import check_device, check_types
 from prescope.routing.trace import Trace, TraceError, save_trace
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # the torch dtypes a model may be recorded in
 
 if TYPE_CHECKING:  # torch and the adapter load where a model runs, so `prescope trace --help` starts fast
     import torch
@@ -188,9 +191,15 @@ class TraceConfig:
     out_dir: str = "reports"
 
     def __post_init__(self) -> None:
+        check_types(self, TraceError)
         for name in ("prompts_per_domain", "prompt_tokens", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise TraceError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise TraceError(f"dtype {self.dtype!r} is not a torch floating-point dtype; use one of {DTYPES}")
+        # the name becomes file names inside out_dir: a path in it would write elsewhere
+        if self.name and (Path(self.name).name != self.name or self.name in (".", "..") or "\\" in self.name):
+            raise TraceError(f"name {self.name!r} must be a plain file name (no folders); the files go to out_dir")
 
 
 def heldout_prompts(tokenizer, spec, prompts_per_domain: int, prompt_tokens: int) -> tuple[list[list[int]], list[str]]:
@@ -242,17 +251,26 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from prescope.files import git_revision, portable_path, portable_values, write_atomic
+    from prescope.files import (
+        check_output,
+        git_revision,
+        portable_path,
+        portable_values,
+        read_json,
+        write_with_sidecar,
+    )
     from prescope.models import corpus, tiny
     from prescope.models.adapter import load_model
     from prescope.routing import stats as routing_stats
 
     config = TraceConfig(**{name: getattr(args, name) for name in TraceConfig.__dataclass_fields__})
+    check_device(config.device)
+    check_output(config.out_dir, folder=True, what="--out-dir")
     model_dir = Path(config.model) if config.model else tiny.TINY_DIR
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no model in {model_dir} (config.json missing); pass --model DIR")
     card_path = model_dir / "model_card.json"
-    card = json.loads(card_path.read_text()).get("config", {}) if card_path.is_file() else {}
+    card = read_json(card_path, "model card").get("config", {}) if card_path.is_file() else {}
     # Held-out prompts must come from the split the model was trained with, which its card records.
     spec = corpus.CorpusSpec(Path(config.corpus_dir) if config.corpus_dir else corpus.default_corpus_dir(),
                              **{k: card[k] for k in ("heldout_fraction", "doc_chars", "stdlib_bytes") if k in card})
@@ -270,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(config.out_dir)
     trace_path = save_trace(trace, out / f"{name}.trace.parquet")
     summary = routing_stats.routing_summary(trace)
-    csv_path = write_atomic(out / f"{name}.routing.csv", summary.to_csv(index=False))
+    csv_path = write_with_sidecar(out / f"{name}.routing.csv", summary.to_csv(index=False))
     print(summary.round(3).to_string(index=False))
     phases = trace.tokens["phase"].value_counts()
     reuse = routing_stats.reuse_by_lag(trace, lags=(1,))["reuse"].iloc[0]

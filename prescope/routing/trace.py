@@ -14,7 +14,9 @@ On-disk format (parquet, FORMAT_VERSION 1), one row per (token, MoE layer), toke
   experts fixed_size_list<int32>[K], weights fixed_size_list<float32>[K],
   hidden fixed_size_list<float16>[H] (optional), logits fixed_size_list<float32>[E] (optional).
 The schema metadata key `prescope.trace` holds JSON {"format", "version", "num_tokens", "layout"
-(ModelLayout.to_dict()), "meta"}. Files are written to a temporary sibling and moved into place.
+(ModelLayout.to_dict()), "meta"}; the key `prescope.checksum` holds the file's SHA-256 (`files.write_parquet`),
+checked before anything is read, so a flipped bit or an edited header is refused. Files are written to a
+temporary sibling and moved into place.
 
 Letters: T tokens, L MoE layers, E experts, K top-k, H hidden.
 """
@@ -32,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prescope.files import write_atomic_with
+from prescope.files import verify, write_parquet
 from prescope.layout import LayoutMismatchError, ModelLayout
 
 MISSING = -1  # expert id of a (token, layer) entry the source did not route
@@ -44,6 +46,7 @@ INT_COLUMNS = ("prompt", "row", "position", "step", "call")
 PHASES = ("prefill", "decode")
 # Tolerance for "weights are sorted highest first": float32 ties re-ordered by rounding.
 SORT_TOLERANCE = 1e-6
+CHECK_TOKENS = 4096  # tokens whose routing is checked at once (bounds the checks' temporary memory)
 # Names that moved to prescope.routing.recording and are still imported from here; see `__getattr__`.
 MOVED_TO_RECORDING = ("record_trace", "heldout_prompts")
 
@@ -59,6 +62,18 @@ def _check_array(name: str, arr, shape: tuple[int, ...], kind: str, dtype) -> np
     if arr.shape != shape:
         raise TraceError(f"trace {name} has shape {arr.shape}, expected {shape} (T, L, ...)")
     return arr.astype(dtype, copy=False)
+
+
+def _check_finite(name: str, arr: np.ndarray, allow_inf: bool = False) -> np.ndarray:
+    """Router inputs are finite numbers and logits no NaN (either would train or score a predictor on nothing)."""
+    for lo in range(0, len(arr), CHECK_TOKENS):
+        part = arr[lo:lo + CHECK_TOKENS]
+        bad = np.isnan(part) if allow_inf else ~np.isfinite(part)
+        if bad.any():
+            t, layer, _ = np.argwhere(bad)[0]
+            raise TraceError(f"trace token {lo + t} layer {layer}: {name} holds {part[t, layer][bad[t, layer]][0]}; "
+                             "expected " + ("numbers" if allow_inf else "finite numbers"))
+    return arr
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,10 +130,12 @@ class Trace:
         hidden = self.hidden
         if hidden is not None:
             width = lay.hidden_size or np.shape(hidden)[-1]
-            hidden = _check_array("hidden", hidden, (T, L, width), "f", np.float16)
+            hidden = _check_finite("hidden", _check_array("hidden", hidden, (T, L, width), "f", np.float16))
         logits = self.logits
         if logits is not None:
-            logits = _check_array("logits", logits, (T, L, lay.num_experts), "f", np.float32)
+            # a router may mask experts with -inf; NaN is never a score
+            logits = _check_finite("logits", _check_array("logits", logits, (T, L, lay.num_experts), "f", np.float32),
+                                   allow_inf=True)
         for name, value in (("tokens", tokens), ("experts", experts), ("weights", weights),
                             ("hidden", hidden), ("logits", logits), ("meta", dict(self.meta))):
             object.__setattr__(self, name, value)
@@ -178,26 +195,39 @@ class Trace:
 
 
 def _check_routing(experts: np.ndarray, weights: np.ndarray, num_experts: int) -> None:
+    """Every (token, layer): all routed or all MISSING, experts in [0, E) and distinct, weights finite, >= 0 and
+    highest first. Checked CHECK_TOKENS tokens at a time, so a large trace needs little memory beyond itself."""
+    for lo in range(0, len(experts), CHECK_TOKENS):
+        _check_routing_part(experts[lo:lo + CHECK_TOKENS], weights[lo:lo + CHECK_TOKENS], num_experts, lo)
+
+
+def _check_routing_part(experts: np.ndarray, weights: np.ndarray, num_experts: int, first: int) -> None:
     missing = experts == MISSING  # [T, L, K]
     partial = missing.any(-1) & ~missing.all(-1)
     if partial.any():
         t, layer = np.argwhere(partial)[0]
-        raise TraceError(f"trace token {t} layer {layer}: experts must be all routed or all MISSING, got {experts[t, layer]}")
+        raise TraceError(f"trace token {first + t} layer {layer}: experts must be all routed or all MISSING, "
+                         f"got {experts[t, layer].tolist()}")
     out = ~missing & ((experts < 0) | (experts >= num_experts))
     if out.any():
         t, layer, k = np.argwhere(out)[0]
-        raise TraceError(f"trace token {t} layer {layer}: expert {experts[t, layer, k]} outside [0, E={num_experts})")
+        raise TraceError(f"trace token {first + t} layer {layer}: expert {experts[t, layer, k]} outside [0, E={num_experts})")
     if experts.shape[-1] > 1:
         dup = (np.diff(np.sort(experts, axis=-1), axis=-1) == 0) & ~missing[..., 1:]
         if dup.any():
             t, layer, _ = np.argwhere(dup)[0]
-            raise TraceError(f"trace token {t} layer {layer}: repeated expert in {experts[t, layer]}")
+            raise TraceError(f"trace token {first + t} layer {layer}: repeated expert in {experts[t, layer].tolist()}")
         unsorted = (np.diff(weights, axis=-1) > SORT_TOLERANCE) & ~missing[..., 1:]
         if unsorted.any():
             t, layer, _ = np.argwhere(unsorted)[0]
-            raise TraceError(f"trace token {t} layer {layer}: weights {weights[t, layer]} not sorted highest first")
+            raise TraceError(f"trace token {first + t} layer {layer}: weights {weights[t, layer].tolist()} not sorted highest first")
     if not np.isfinite(weights).all():
         raise TraceError("trace weights must be finite")
+    negative = ~missing & (weights < 0)
+    if negative.any():
+        t, layer, k = np.argwhere(negative)[0]
+        raise TraceError(f"trace token {first + t} layer {layer}: weight {weights[t, layer, k]} is negative; router "
+                         "weights are probabilities or scores >= 0")
 
 
 def concat_traces(traces: Sequence[Trace]) -> Trace:
@@ -249,7 +279,7 @@ def _fixed_list(arr: np.ndarray, type_: pa.DataType) -> pa.FixedSizeListArray:
 
 
 def save_trace(trace: Trace, path) -> Path:
-    """Write `trace` as parquet (format in the module docstring), atomically (`files.write_atomic_with`)."""
+    """Write `trace` as parquet (format in the module docstring), atomically and checksummed."""
     path = Path(path)
     T, L = trace.num_tokens, trace.layout.num_moe_layers
     clash = _RESERVED.intersection(trace.tokens.columns)
@@ -266,12 +296,13 @@ def save_trace(trace: Trace, path) -> Path:
     header = {"format": FORMAT, "version": FORMAT_VERSION, "num_tokens": T,
               "layout": trace.layout.to_dict(), "meta": trace.meta}
     table = pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(header, default=str)})
-    return write_atomic_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return write_parquet(path, table, compression="zstd")
 
 
 def _read_header(path: Path) -> tuple[pq.ParquetFile, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"trace file {path} does not exist")
+    verify(path)
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
@@ -290,7 +321,8 @@ def _read_header(path: Path) -> tuple[pq.ParquetFile, dict]:
 
 
 def load_trace(path) -> Trace:
-    """Read a trace written by `save_trace`; clear errors for a missing, foreign, newer or corrupt file."""
+    """Read a trace written by `save_trace`; clear errors for a missing, foreign, newer or corrupt file (a
+    checksum that does not match: `files.ChecksumError`; a file without one loads, see `files`)."""
     path = Path(path)
     pf, header = _read_header(path)
     try:

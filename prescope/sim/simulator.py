@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from prescope.config import IO_CHUNK_BYTES, EngineConfig
+from prescope.files import check_output, write_parquet, write_with_sidecar
 from prescope.hardware import cost
 from prescope.hardware.profiles import HardwareProfile, load_profile
 from prescope.layout import ModelLayout
@@ -64,6 +65,7 @@ from prescope.sim.simcost import SimTimes, default_dense_params, model_dense_par
 from prescope.timeline import make_timeline, prefetch_precision, step_summary
 
 HOST_WORK = ("predict", "plan")
+TIMELINE_SUFFIXES = (".parquet", ".csv")
 STAT_FIELDS = tuple(CacheStats.__dataclass_fields__)
 
 
@@ -90,6 +92,8 @@ def replay_steps(trace: Trace, batch_size: int = 1, decode_only: bool = True,
     grouped `batch_size` at a time (by prompt id); their tokens of the same step form one call."""
     if batch_size < 1:
         raise SimulationError(f"batch_size must be >= 1, got {batch_size}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1):
+        raise SimulationError(f"max_steps must be a number of forward calls >= 1 (or None for all), got {max_steps!r}")
     tokens = trace.tokens
     keep = (tokens["phase"] == "decode").to_numpy() if decode_only else np.ones(len(tokens), bool)
     prompts = tokens["prompt"].to_numpy()
@@ -204,13 +208,15 @@ class _Replay(Executor):
             c += d
         self.cpu_free = self.c = c
 
-    def load(self, key: Key, slot: int, speculative: bool) -> None:
-        """Issuing a transfer costs host time; the copy starts once the slot's last occupant is done."""
+    def load(self, key: Key, slot: int, speculative: bool) -> bool:
+        """Issuing a transfer costs host time; the copy starts once the slot's last occupant is done; the
+        expert is resident when it lands (`advance`, `ready_time`)."""
         self.h += self.per_transfer
         load = Load(next(self.ids), key, slot, "prefetch" if speculative else "on_demand", self.step,
                     self.times.nbytes, max(self.h, self.release[slot]))
         self.inflight[key] = load
         self.link.enqueue(load)
+        return False
 
     def compute(self, layer: int, wave: list[tuple[int, int]]) -> None:
         """Each expert when its load has landed and the GPU is free."""
@@ -306,7 +312,7 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
     times = SimTimes(layout, profile, default_dense_params(layout) if dense_params is None else dense_params)
     cache = ExpertCache(num_slots, L)
     costs = times.costs() if policy_profile is None else costs_for(layout, load_profile(policy_profile))
-    fill(policy, cache, preload(policy, cache, E, costs), lambda key, slot: cache.mark_ready(key))  # before time 0
+    fill(policy, cache, preload(policy, cache, E, costs), lambda key, slot: True)  # resident before time 0
     sim = _Replay(policy, cache, times, E, async_io, chunk_bytes)
     # decoder layers in order: (decoder index, MoE ordinal or -1 for a dense layer)
     decoder = sorted([(i, -1) for i in layout.dense_layers] + [(i, o) for o, i in enumerate(layout.moe_layers)])
@@ -469,13 +475,14 @@ def totals_table(result: SimResult) -> str:
     return "\n".join([head, *(f"  {name:<{width}}  {value}" for name, value in rows)])
 
 
-def load_any_trace(path: str | Path) -> Trace:
-    """A prescope trace (.parquet) or a llama.cpp route trace (.csv, or .csv.xz as shipped in prescope/assets/data)."""
+def load_any_trace(path: str | Path, max_decode_steps: int | None = None) -> Trace:
+    """A prescope trace (.parquet) or a llama.cpp route trace (.csv, or .csv.xz as shipped in prescope/assets/data);
+    of the latter only what the first `max_decode_steps` decode steps need is read."""
     path = Path(path)
     if path.name.removesuffix(".xz").endswith(".csv"):
         from prescope.routing.llamacpp import load_llamacpp_trace
 
-        return load_llamacpp_trace(path)
+        return load_llamacpp_trace(path, max_decode_steps=max_decode_steps)
     from prescope.routing.trace import load_trace
 
     return load_trace(path)
@@ -483,12 +490,18 @@ def load_any_trace(path: str | Path) -> Trace:
 
 def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SimulationError(f"--max-steps {args.max_steps}: give a number of forward calls >= 1 (leave it out for all)")
+    if args.timeline:
+        if Path(args.timeline).suffix not in TIMELINE_SUFFIXES:
+            raise SimulationError(f"--timeline {args.timeline}: the file must end in one of {TIMELINE_SUFFIXES}")
+        check_output(args.timeline, what="--timeline")
     layout, dense = None, None
     if args.twin:
         from prescope.models.twins import twin_layout  # torch: only when a twin's sizes are asked for
 
         layout, dense = twin_layout(args.twin)
-    result = replay(load_any_trace(args.trace), args.policy, args.profile, budget_slots=args.budget_slots,
+    result = replay(load_any_trace(args.trace, args.max_steps), args.policy, args.profile, budget_slots=args.budget_slots,
                     budget_share=args.budget_share, batch_size=args.batch_size, decode_only=args.decode_only,
                     max_steps=args.max_steps, async_io=args.async_io, chunk_bytes=args.chunk_bytes,
                     layout=layout, dense_params=dense)
@@ -505,7 +518,10 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.timeline)
         frame = result.timeline.copy()
         frame.attrs = {}
-        frame.to_csv(out, index=False) if out.suffix == ".csv" else frame.to_parquet(out, index=False)
+        if out.suffix == ".csv":
+            write_with_sidecar(out, frame.to_csv(index=False))
+        else:
+            write_parquet(out, frame)
     config = {**result.config, "trace": str(args.trace), "twin": args.twin}
     print(json.dumps({"command": "simulate", "config": config, "totals": result.totals,
                       "seconds": round(time.perf_counter() - began, 3)}))

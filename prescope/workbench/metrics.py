@@ -9,7 +9,7 @@ profile and whether the numbers were measured on this host or simulated on a pro
 - written as JSON, atomically, to the file named by the environment variable `PRESCOPE_METRICS_PATH`
   when that is set (for runners other than `prescope.workbench.reports`).
 
-Files are written through `prescope.files.write_atomic`.
+Files are written through `prescope.files.write_json` (atomic, checksummed).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prescope.files import git_revision, write_atomic
+from prescope.files import git_revision, write_json
 from prescope.timeline import SOURCES, measured_profile
 
 METRICS_PATH_ENV = "PRESCOPE_METRICS_PATH"
@@ -108,7 +108,7 @@ def record_metrics(*, source: str, profile: str | None = None, config: Any = Non
                            recorded_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     target = os.environ.get(METRICS_PATH_ENV)
     if target:
-        write_atomic(target, json.dumps(record.to_dict(), indent=1))
+        write_json(target, record.to_dict())
     _display(record)
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from prescope.files import write_atomic
+from prescope.files import ChecksumError, verify_bytes, write_atomic
 from prescope.workbench.metrics import MetricsError, MetricsRecord
 from prescope.workbench.reports import NotebookResult, output_paths, run_notebook
 from prescope.workbench.sweep import DEFAULT_CELL_CPUS, CellJob
@@ -148,11 +148,12 @@ def unplaceable(jobs: Sequence[CellJob], nodes: Sequence[Mapping[str, float]]) -
     return [job for job in jobs if not any(fits(job, node) for node in nodes)]
 
 
-def run_cell(notebook: str, parameters: dict[str, Any], plotly_src: str | None = None
-             ) -> Iterator[Placement | CellOutput]:
+def run_cell(notebook: str, parameters: dict[str, Any], plotly_src: str | None = None,
+             cell_timeout_s: float | None = None) -> Iterator[Placement | CellOutput]:
     """The body of a cell's Ray task (a generator): first where it runs, then the files
     `reports.run_notebook` rendered in a scratch folder, as bytes, with the run's error or None; the page
-    loads plotly.js from `plotly_src`, the driver's shared copy relative to the cell's folder there."""
+    loads plotly.js from `plotly_src`, the driver's shared copy relative to the cell's folder there;
+    `cell_timeout_s` limits each notebook cell (None: no limit)."""
     import ray
 
     host = socket.gethostname()
@@ -163,7 +164,7 @@ def run_cell(notebook: str, parameters: dict[str, Any], plotly_src: str | None =
         return
     with tempfile.TemporaryDirectory(prefix="prescope-cell-") as scratch:
         try:
-            result = run_notebook(notebook, scratch, parameters, plotly_src=plotly_src)
+            result = run_notebook(notebook, scratch, parameters, plotly_src=plotly_src, cell_timeout_s=cell_timeout_s)
         # Whatever stops the run is this cell's result, reported on the driver, not a failed Ray task.
         except Exception as exc:  # noqa: BLE001
             yield CellOutput({}, f"{type(exc).__name__}: {exc}", None)
@@ -180,8 +181,9 @@ def write_cell(job: CellJob, output: CellOutput) -> NotebookResult:
     error, record = output.error, None
     if error is None:
         try:
+            verify_bytes(output.files["metrics"], "the metrics file sent back")  # checksummed where it ran
             record = MetricsRecord.from_dict(json.loads(output.files["metrics"]))
-        except (KeyError, json.JSONDecodeError, MetricsError) as exc:
+        except (KeyError, json.JSONDecodeError, MetricsError, ChecksumError) as exc:
             error = f"the cell ran but its metrics did not come back readable ({type(exc).__name__}: {exc})"
     written = {k: write_atomic(paths[k], output.files[k]) for k in ("executed", "html") if k in output.files}
     executed, html = written.get("executed"), written.get("html")
@@ -266,7 +268,8 @@ class RayExecutor:
                 needs = {"num_cpus": DEFAULT_CELL_CPUS, "num_gpus": 0, **job.resources}
                 ref = task.options(num_cpus=needs["num_cpus"], num_gpus=needs["num_gpus"],
                                    max_retries=self.max_retries, scheduling_strategy=SCHEDULING_STRATEGY
-                                   ).remote(str(job.notebook.resolve()), job.parameters, job.plotly_src)
+                                   ).remote(str(job.notebook.resolve()), job.parameters, job.plotly_src,
+                                            job.cell_timeout_s)
                 pending[ref] = job
             while pending:
                 (ref,), _ = ray.wait(list(pending), num_returns=1)

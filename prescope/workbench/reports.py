@@ -10,6 +10,10 @@ the run finished. A failing notebook yields a result carrying its error, not an 
 failure never stops the others; `report_all` runs every notebook on its defaults and writes
 `index.html`, and the command exits non-zero if any failed.
 
+Every notebook cell runs under a time limit (`cell_timeout_s`, DEFAULT_CELL_TIMEOUT_S unless told
+otherwise; `--cell-timeout-s`), so a cell that never ends fails its notebook instead of hanging the run.
+The metrics file carries a checksum (`files.write_json`); one that does not match is run again.
+
 Parameters are checked before anything runs against the notebook's cell tagged `parameters`, which must
 hold plain assignments of literals (`name = value  # help`).
 """
@@ -22,26 +26,34 @@ import contextlib
 import copy
 import html
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prescope.files import write_atomic
-from prescope.workbench.metrics import MetricsError, MetricsRecord, metrics_in_notebook
+from prescope.files import ChecksumError, check_output, read_json, write_atomic, write_json
+from prescope.workbench.metrics import MetricsRecord, metrics_in_notebook
 
 if TYPE_CHECKING:
     from nbformat import NotebookNode
 
 KERNEL_NAME = "python3"
+# A notebook cell running longer than this fails its notebook (the longest cell of the committed notebooks
+# at their defaults takes about a minute on a 2-core machine): a hung cell cannot hang a report or sweep.
+DEFAULT_CELL_TIMEOUT_S = 1800.0
 PARAMETERS_TAG = "parameters"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 # The kernel emits figures as plotly JSON only; the HTML renderer below turns them into divs.
 KERNEL_ENV = {"PLOTLY_RENDERER": "plotly_mimetype"}
+# The kernel's own log is not the reader's: stopping a timed-out cell makes it print a traceback of its
+# messaging; whatever fails in the notebook comes back in its result.
+KERNEL_ARGS = ["--log-level=CRITICAL"]
 # A figure div needs a definite height inside nbconvert's output area; plotly's own default is 450 px.
 FIGURE_HEIGHT_PX = 450
 REPORT_TEMPLATE = "prescope_report.html.j2"
@@ -98,8 +110,14 @@ def output_paths(notebook: str | Path, out_dir: str | Path) -> dict[str, Path]:
 def notebook_parameters(path: str | Path) -> dict[str, Any]:
     """Names and default values of the notebook's `parameters` cell, parsed with `ast` (never executed)."""
     path = Path(path)
-    cells = [c for c in json.loads(path.read_text(encoding="utf-8")).get("cells", [])
-             if PARAMETERS_TAG in c.get("metadata", {}).get("tags", [])]
+    try:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ParameterError(f"{path}: not a notebook (not JSON: {exc})") from None
+    if not isinstance(nb, dict):
+        raise ParameterError(f"{path}: not a notebook (a JSON {type(nb).__name__}, not an object)")
+    cells = [c for c in nb.get("cells", [])
+             if isinstance(c, dict) and PARAMETERS_TAG in c.get("metadata", {}).get("tags", [])]
     if len(cells) != 1:
         raise ParameterError(f"{path}: expected one cell tagged {PARAMETERS_TAG!r}, found {len(cells)}")
     source = cells[0]["source"]
@@ -189,7 +207,7 @@ def write_plotly_js(folder: str | Path) -> Path:
 
 
 def run_notebook(path: str | Path, out_dir: str | Path, parameters: Mapping[str, Any] | None = None, *,
-                 kernel_name: str = KERNEL_NAME, cell_timeout_s: float | None = None,
+                 kernel_name: str = KERNEL_NAME, cell_timeout_s: float | None = DEFAULT_CELL_TIMEOUT_S,
                  plotly_src: str | None = None) -> NotebookResult:
     """Execute `path` with papermill (cwd = its folder), render HTML, read back its metrics.
 
@@ -212,7 +230,8 @@ def run_notebook(path: str | Path, out_dir: str | Path, parameters: Mapping[str,
     with _environment(KERNEL_ENV):
         try:
             papermill.execute_notebook(str(path), str(partial), parameters=values, kernel_name=kernel_name,
-                                       cwd=str(path.parent), progress_bar=False, execution_timeout=cell_timeout_s)
+                                       cwd=str(path.parent), progress_bar=False, execution_timeout=cell_timeout_s,
+                                       extra_arguments=KERNEL_ARGS)
         # Any failure of the kernel or a cell is this notebook's result, reported, not raised.
         except Exception as exc:  # noqa: BLE001
             error = _describe_error(exc)
@@ -234,7 +253,7 @@ def run_notebook(path: str | Path, out_dir: str | Path, parameters: Mapping[str,
         error = "the notebook ran but recorded no metrics (it must end with record_metrics(...))"
     if error is not None:
         return NotebookResult(path, values, paths["executed"], html_path, error=error, seconds=seconds)
-    write_atomic(paths["metrics"], json.dumps(record.to_dict(), indent=1))
+    write_json(paths["metrics"], record.to_dict())
     return NotebookResult(path, values, paths["executed"], html_path, metrics=record, seconds=seconds)
 
 
@@ -247,13 +266,17 @@ def _describe_error(exc: Exception) -> str:
 
 def load_result(path: str | Path, out_dir: str | Path, parameters: Mapping[str, Any] | None = None
                 ) -> NotebookResult | None:
-    """The result of an earlier finished run in `out_dir` (its metrics file exists), else None."""
+    """The result of an earlier finished run in `out_dir` (its metrics file exists and reads back), else None
+    (a damaged metrics file is said so in a warning, and its notebook runs again)."""
     paths = output_paths(path, out_dir)
     if not paths["metrics"].exists():
         return None
     try:
-        record = MetricsRecord.from_dict(json.loads(paths["metrics"].read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, MetricsError):
+        record = MetricsRecord.from_dict(read_json(paths["metrics"], "metrics file"))
+    except ChecksumError as exc:
+        warnings.warn(f"{exc}; it runs again", stacklevel=2)
+        return None
+    except (ValueError, TypeError):  # not JSON or not a metrics record: an unfinished or foreign file
         return None
     return NotebookResult(Path(path), dict(parameters or {}), paths["executed"], paths["html"], metrics=record)
 
@@ -348,7 +371,7 @@ def list_notebooks(notebooks_dir: str | Path) -> list[Path]:
 
 
 def report_all(notebooks_dir: str | Path, reports_dir: str | Path, *, names: Iterable[str] | None = None,
-               progress: bool = True) -> list[NotebookResult]:
+               progress: bool = True, cell_timeout_s: float | None = DEFAULT_CELL_TIMEOUT_S) -> list[NotebookResult]:
     """Run every notebook of `notebooks_dir` (or those whose stem is in `names`) on its defaults into
     `reports_dir`, then write `reports_dir/index.html`."""
     from tqdm.auto import tqdm
@@ -365,7 +388,7 @@ def report_all(notebooks_dir: str | Path, reports_dir: str | Path, *, names: Ite
     results = []
     for nb in tqdm(notebooks, desc="notebooks", unit="nb", disable=not progress):
         try:
-            results.append(run_notebook(nb, reports_dir))
+            results.append(run_notebook(nb, reports_dir, cell_timeout_s=cell_timeout_s))
         except ParameterError as exc:  # a malformed parameters cell fails this notebook, not the report
             results.append(NotebookResult(nb, error=str(exc), seconds=0.0))
     render_index(results, Path(reports_dir) / "index.html")
@@ -376,10 +399,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--notebooks", default="notebooks", help="folder of notebooks to run (default: %(default)s)")
     parser.add_argument("--out", default="reports", help="folder for the reports (default: %(default)s)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these notebooks (file stems)")
+    add_limit_arguments(parser)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cell-timeout-s, shared by `prescope report` and `prescope sweep`."""
+    parser.add_argument("--cell-timeout-s", "--cell_timeout_s", dest="cell_timeout_s", type=float,
+                        default=DEFAULT_CELL_TIMEOUT_S,
+                        help="seconds one notebook cell may run before its notebook fails (0: no limit; "
+                             "default %(default)s)")
+
+
+def cell_timeout(seconds: float) -> float | None:
+    """The --cell-timeout-s value as run_notebook takes it: None for 0 (no limit)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"--cell-timeout-s {seconds}: give seconds > 0, or 0 for no limit")
+    return seconds or None
 
 
 def run(args: argparse.Namespace) -> int:
-    results = report_all(args.notebooks, args.out, names=args.only)
+    timeout = cell_timeout(args.cell_timeout_s)
+    check_output(args.out, folder=True, what="--out")
+    results = report_all(args.notebooks, args.out, names=args.only, cell_timeout_s=timeout)
     for r in results:
         print(f"{'ok    ' if r.ok else 'FAILED'} {r.name} ({r.seconds:.1f} s){'' if r.ok else ': ' + str(r.error)}")
     index = Path(args.out) / "index.html"

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from prescope import timeline as tl
-from prescope.files import PROJECT_DIR
+from prescope.files import PROJECT_DIR, read_csv, read_json
 from prescope.workbench.steps import MS_PER_S, WorkbenchError
 
 CELL_KEYS = ("model", "policy", "budget", "batch")  # a bench cell; the timeline and routing files are keyed by it
@@ -59,11 +59,11 @@ def h200_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     devices = sorted({t.attrs.get("profile", "") for t in tables})
     bench.attrs.update(source="measured", profile=", ".join(devices), left_out=left_out,
                        git_revisions=sorted({t.attrs.get("git_revision", "") for t in tables}))
-    fidelity = pd.concat([pd.read_csv(p).assign(run=p.stem) for p in sorted(folder.glob("fidelity-*.csv"))],
+    fidelity = pd.concat([read_csv(p).assign(run=p.stem) for p in sorted(folder.glob("fidelity-*.csv"))],
                          ignore_index=True)
     profile_file = next(iter(sorted(folder.glob("*calibrated*.json"))), None)
     fidelity.attrs.update(measured_on=", ".join(devices),
-                          profile=json.loads(profile_file.read_text()).get("name", profile_file.stem)
+                          profile=read_json(profile_file).get("name", profile_file.stem)
                           if profile_file else "?")
     return bench, fidelity
 

@@ -25,6 +25,14 @@ cell keeps its folder across reruns and edits of the grid. A cell whose metrics 
 (that file is written last, atomically) and is skipped on a rerun: an interrupted sweep resumes
 (delete a cell's folder, or the whole output folder, to run it again after changing the notebook).
 
+One sweep per folder at a time: a sweep holds the folder's lock (`files.FolderLock`) while it runs, and a
+second one stops at once with a clear error; the local executor also claims each cell (`files.Claim`)
+before running it and runs it only if it is still unfinished, so two runners never run one cell twice.
+The summary and index are rebuilt from the cell folders when a sweep starts and when it ends (also when
+it is stopped): status ok, failed (this run's error) or missing (not run). Every notebook cell has a
+time limit (`cell_timeout_s`, on by default), so a cell that never ends fails instead of hanging the
+sweep; a grid of more than LARGE_GRID cells runs from the command line only with `--yes`.
+
 Executors run cells: `LocalExecutor` runs them one after another here; `raysweep.RayExecutor` runs them
 as Ray tasks on a cluster (`--executor ray [--address ADDR]`, an optional extra). An executor implements
 `run(jobs)`, yielding `(job, None)` when a cell starts (optional, for the progress bar's running count)
@@ -38,7 +46,6 @@ import argparse
 import hashlib
 import importlib
 import inspect
-import io
 import itertools
 import json
 import math
@@ -50,10 +57,13 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from prescope.files import write_atomic
+from prescope.files import Claim, FolderLock, check_output, write_json, write_parquet, write_with_sidecar
 from prescope.workbench.reports import (
+    DEFAULT_CELL_TIMEOUT_S,
     NotebookResult,
     ParameterError,
+    add_limit_arguments,
+    cell_timeout,
     load_result,
     notebook_parameters,
     parameter_problems,
@@ -70,6 +80,10 @@ DEFAULT_CELL_CPUS = 1
 GPU_DEVICE_PARAMETER = "device"
 GPU_DEVICE_PREFIX = "cuda"
 SUMMARY_COLUMNS = ("cell", "status", "error", "seconds", "source", "profile", "git_revision")
+CLAIM_NAME = ".claim"  # in a cell's folder: held by the runner running it
+LARGE_GRID = 1000  # cells above which the command line asks for --yes
+NO_RESULT = "the executor returned no result for this cell"
+NOT_RUN = "not run: the sweep has not reached this cell or was stopped before it"
 
 
 class GridError(ValueError):
@@ -115,6 +129,11 @@ class Grid:
         if both:
             raise GridError(f"grid: {both} appear both in `parameters` and in `fixed`")
 
+    @property
+    def size(self) -> int:
+        """The number of cells, without expanding them."""
+        return math.prod(len(v) for v in self.parameters.values())
+
     def cells(self) -> list[dict[str, Any]]:
         """Every combination of the swept values (in file order, last name fastest), plus `fixed`."""
         names = list(self.parameters)
@@ -129,10 +148,27 @@ class Grid:
         problems = parameter_problems(notebook_parameters(self.notebook), pairs)
         if problems:
             raise ParameterError(f"grid for {self.notebook.name}: " + ". ".join(problems))
+        for name, values in self.parameters.items():
+            seen: dict[Any, Any] = {}
+            for value in values:
+                key = _frozen(value)
+                if key in seen:  # 1 and 1.0 are one value: the cell would run twice
+                    raise GridError(f"grid for {self.notebook.name}: parameter {name!r} lists {seen[key]!r} and "
+                                    f"{value!r}, the same value; list each value once")
+                seen[key] = value
         cells = self.cells()
         if len({cell_id(c) for c in cells}) != len(cells):
             raise GridError(f"grid for {self.notebook.name}: a parameter lists the same value twice")
         return cells
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in that is equal for equal values (lists as tuples, dicts as sorted pairs)."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    return value
 
 
 def load_grid(path: str | Path, notebook: str | Path | None = None) -> Grid:
@@ -140,12 +176,23 @@ def load_grid(path: str | Path, notebook: str | Path | None = None) -> Grid:
     import yaml
 
     path = Path(path)
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}  # YAML reads JSON too
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}  # YAML reads JSON too
+    except UnicodeDecodeError as exc:
+        raise GridError(f"{path}: not a text file ({exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise GridError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(data, Mapping) or set(data) - set(GRID_KEYS):
         extra = sorted(set(data) - set(GRID_KEYS)) if isinstance(data, Mapping) else data
         raise GridError(f"{path}: expected a mapping with keys {GRID_KEYS}, got extra {extra}")
     if notebook is None and not data.get("notebook"):
         raise GridError(f"{path}: no `notebook` in the grid and none given")
+    if notebook is None and not isinstance(data["notebook"], str):
+        raise GridError(f"{path}: `notebook` must be a path, got {data['notebook']!r}")
     nb = Path(notebook) if notebook is not None else path.parent / data["notebook"]
     return Grid(nb, data.get("parameters") or {}, data.get("fixed") or {}, data.get("resources") or {})
 
@@ -171,6 +218,7 @@ class CellJob:
     parameters: dict[str, Any]
     resources: dict[str, float] = field(default_factory=dict)
     plotly_src: str | None = None  # where the cell's page loads plotly.js (`reports.run_notebook`)
+    cell_timeout_s: float | None = DEFAULT_CELL_TIMEOUT_S  # per notebook cell; None: no limit
 
 
 class Executor(Protocol):
@@ -181,12 +229,23 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Runs cells one after another in this process's machine, through `reports.run_notebook`."""
+    """Runs cells one after another in this process's machine, through `reports.run_notebook`; each cell is
+    claimed first and run only when no other runner holds it and it is still unfinished."""
 
     def run(self, jobs: Sequence[CellJob]) -> Iterator[tuple[CellJob, NotebookResult | None]]:
         for job in jobs:
-            yield job, None
-            yield job, run_notebook(job.notebook, job.out_dir, job.parameters, plotly_src=job.plotly_src)
+            claim = Claim(job.out_dir / CLAIM_NAME)
+            if not claim.acquire():
+                yield job, NotebookResult(job.notebook, job.parameters, error=f"not run here: another runner "
+                                          f"({claim.holder()}) is running this cell")
+                continue
+            try:
+                finished = load_result(job.notebook, job.out_dir, job.parameters)  # by another runner meanwhile
+                yield job, None
+                yield job, finished or run_notebook(job.notebook, job.out_dir, job.parameters,
+                                                    cell_timeout_s=job.cell_timeout_s, plotly_src=job.plotly_src)
+            finally:
+                claim.release()
 
 
 # name -> executor class, or "module:Class" imported on use (optional dependencies stay optional)
@@ -260,45 +319,68 @@ class SweepResult:
     cell_ids: list[str]
     results: list[NotebookResult]
     ran: list[str]
+    missing: list[str] = field(default_factory=list)  # cells with no result: not run, or the sweep stopped
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.results)
+        return all(r.ok for r in self.results) and not self.missing
 
 
-def run_sweep(grid: Grid, out_dir: str | Path, executor: Executor | None = None,
-              progress: bool = True) -> SweepResult:
-    """Check the grid, run every unfinished cell, then write summary.csv/.parquet and index.html."""
+def run_sweep(grid: Grid, out_dir: str | Path, executor: Executor | None = None, progress: bool = True,
+              cell_timeout_s: float | None = DEFAULT_CELL_TIMEOUT_S) -> SweepResult:
+    """Check the grid, lock the folder, run every unfinished cell; the summary (summary.csv/.parquet) and
+    index.html are rebuilt from the cell folders before the first cell and after the last (see the module
+    docstring). `cell_timeout_s` limits each notebook cell (None: no limit)."""
     cells = {cell_id(c): c for c in grid.check()}
     defaults = notebook_parameters(grid.notebook)
-    out = Path(out_dir)
-    as_run = {"notebook": str(grid.notebook), "parameters": grid.parameters, "fixed": grid.fixed,
-              "resources": grid.resources, "cells": cells}
-    write_atomic(out / "grid.json", json.dumps(as_run, indent=1, default=str))
-    done = {i: load_result(grid.notebook, out / CELLS_DIR / i, c) for i, c in cells.items()}
-    shared = write_plotly_js(out)  # one copy of plotly.js for every cell's page
-    jobs = [CellJob(grid.notebook, out / CELLS_DIR / i, c, cell_resources(c, grid.resources, defaults),
-                    os.path.relpath(shared, out / CELLS_DIR / i).replace(os.sep, "/"))
-            for i, c in cells.items() if done[i] is None]
-    with SweepProgress(len(jobs), disable=not progress) as bar:
-        for job, result in (executor or LocalExecutor()).run(jobs):
-            if result is None:
-                bar.started()
-                continue
-            done[job.out_dir.name] = result  # a job's folder is named by its cell id
-            bar.finished(result.ok)
-    ids = list(cells)
+    out = check_output(out_dir, folder=True, what="sweep folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "sweep"):
+        done = {i: load_result(grid.notebook, out / CELLS_DIR / i, c) for i, c in cells.items()}
+        write_summary(out, grid, cells, done)  # first: grid.json never describes a grid the summary does not
+        as_run = {"notebook": str(grid.notebook), "parameters": grid.parameters, "fixed": grid.fixed,
+                  "resources": grid.resources, "cells": cells}
+        write_json(out / "grid.json", as_run)
+        shared = write_plotly_js(out)  # one copy of plotly.js for every cell's page
+        jobs = [CellJob(grid.notebook, out / CELLS_DIR / i, c, cell_resources(c, grid.resources, defaults),
+                        plotly_src=os.path.relpath(shared, out / CELLS_DIR / i).replace(os.sep, "/"),
+                        cell_timeout_s=cell_timeout_s) for i, c in cells.items() if done[i] is None]
+        try:
+            with SweepProgress(len(jobs), disable=not progress) as bar:
+                for job, result in (executor or LocalExecutor()).run(jobs):
+                    if result is None:
+                        bar.started()
+                        continue
+                    done[job.out_dir.name] = result  # a job's folder is named by its cell id
+                    bar.finished(result.ok)
+            for job in jobs:  # the executor ended without a word about these
+                if done[job.out_dir.name] is None:
+                    done[job.out_dir.name] = NotebookResult(grid.notebook, job.parameters, error=NO_RESULT)
+        finally:  # also when stopped: the summary says what is there, and what is missing
+            results, missing = write_summary(out, grid, cells, done)
+    return SweepResult(list(cells), results, [job.out_dir.name for job in jobs], missing)
+
+
+def write_summary(out: Path, grid: Grid, cells: Mapping[str, dict], results: Mapping[str, NotebookResult | None]
+                  ) -> tuple[list[NotebookResult], list[str]]:
+    """summary.csv, summary.parquet and index.html from what the cell folders hold: a finished cell's metrics
+    file, else the error `results` holds for it, else status "missing"; returns (every cell's result, the
+    missing cells)."""
+    ids, rows, missing = list(cells), [], []
     for i in ids:
-        if done[i] is None:
-            done[i] = NotebookResult(grid.notebook, cells[i], error="the executor returned no result for this cell")
-    results = [done[i] for i in ids]
-    table = summary_table(ids, results)
-    write_atomic(out / "summary.csv", table.to_csv(index=False))
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    write_atomic(out / "summary.parquet", buffer.getvalue())
-    render_index(results, out / "index.html", title=f"sweep of {grid.notebook.name}", labels=ids)
-    return SweepResult(ids, results, [job.out_dir.name for job in jobs])
+        ran, found = results.get(i), load_result(grid.notebook, out / CELLS_DIR / i, cells[i])
+        if ran is not None and (not ran.ok or found is not None):
+            found = ran  # this run's own result: its error, or its run time
+        if found is None:
+            missing.append(i)
+            found = NotebookResult(grid.notebook, cells[i], error=NOT_RUN)
+        rows.append(found)
+    table = summary_table(ids, rows, missing)
+    write_with_sidecar(out / "summary.csv", table.to_csv(index=False))
+    write_parquet(out / "summary.parquet", table)
+    title = f"sweep of {grid.notebook.name}" + (f" ({len(missing)} of {len(ids)} cells missing)" if missing else "")
+    render_index(rows, out / "index.html", title=title, labels=ids)
+    return rows, missing
 
 
 def _cell_value(value: Any) -> Any:
@@ -306,13 +388,16 @@ def _cell_value(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, list | dict | tuple) else value
 
 
-def summary_table(cell_ids: Sequence[str], results: Sequence[NotebookResult]) -> pd.DataFrame:
-    """One row per cell: SUMMARY_COLUMNS, then each parameter, then each metric. A metric named like a
-    parameter or a summary column is stored as `metric_<name>`."""
-    rows = []
+def summary_table(cell_ids: Sequence[str], results: Sequence[NotebookResult],
+                  missing: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per cell: SUMMARY_COLUMNS (status ok, failed, or missing for the cells in `missing`), then
+    each parameter, then each metric. A metric named like a parameter or a summary column is stored as
+    `metric_<name>`."""
+    rows, absent = [], set(missing)
     for cid, r in zip(cell_ids, results, strict=True):
         m = r.metrics
-        row = {"cell": cid, "status": "ok" if r.ok else "failed", "error": r.error, "seconds": r.seconds,
+        status = "ok" if r.ok else "missing" if cid in absent else "failed"
+        row = {"cell": cid, "status": status, "error": r.error, "seconds": r.seconds,
                "source": m.source if m else None, "profile": m.profile if m else None,
                "git_revision": m.git_revision if m else None}
         row.update({k: _cell_value(v) for k, v in r.parameters.items()})
@@ -330,16 +415,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how cells run: local (one after another here) or ray (Ray tasks, an optional extra)")
     parser.add_argument("--address", help="ray: the cluster to use (host:port, ray://host:port or auto; "
                                            "default $RAY_ADDRESS, else a local Ray instance started for the sweep)")
+    add_limit_arguments(parser)
+    parser.add_argument("--yes", action="store_true", help=f"run a grid of more than {LARGE_GRID} cells")
 
 
 def run(args: argparse.Namespace) -> int:
+    timeout = cell_timeout(args.cell_timeout_s)
     grid = load_grid(args.grid, args.notebook)
-    out = Path(args.out) if args.out else Path("reports") / "sweeps" / Path(args.grid).stem
-    result = run_sweep(grid, out, make_executor(args.executor, getattr(args, "address", None)))
-    table = summary_table(result.cell_ids, result.results)
+    out = check_output(args.out or Path("reports") / "sweeps" / Path(args.grid).stem, folder=True, what="--out")
+    executor = make_executor(args.executor, getattr(args, "address", None))
+    print(f"{args.grid}: {grid.size} cells of {grid.notebook.name}")
+    if grid.size > LARGE_GRID and not args.yes:
+        raise GridError(f"{args.grid} expands to {grid.size} cells (more than {LARGE_GRID}); check the grid, "
+                        "then run it again with --yes")
+    result = run_sweep(grid, out, executor, cell_timeout_s=timeout)
+    table = summary_table(result.cell_ids, result.results, result.missing)
     print(table[["cell", "status", *grid.parameters, "error"]].to_string(index=False))
-    failed = [i for i, r in zip(result.cell_ids, result.results, strict=True) if not r.ok]
-    print(f"{len(result.cell_ids)} cells, {len(result.ran)} run now, {len(failed)} failed; "
-          f"summary: {out / 'summary.csv'}, index: {out / 'index.html'}")
-    print(json.dumps({"sweep": str(out), "cells": len(result.cell_ids), "ran": result.ran, "failed": failed}))
-    return 0 if not failed else 1
+    failed = [i for i, r in zip(result.cell_ids, result.results, strict=True) if not r.ok and i not in result.missing]
+    print(f"{len(result.cell_ids)} cells, {len(result.ran)} run now, {len(failed)} failed, "
+          f"{len(result.missing)} missing; summary: {out / 'summary.csv'}, index: {out / 'index.html'}")
+    print(json.dumps({"sweep": str(out), "cells": len(result.cell_ids), "ran": result.ran, "failed": failed,
+                      "missing": result.missing}))
+    return 0 if result.ok else 1

@@ -255,3 +255,49 @@ def test_prefetches_no_layer_uses_are_cut_part_way_and_the_output_stays_stock():
         streams.advance()
     assert stopped["part_way"] > 0
     assert torch.equal(out.sequences, ref.sequences)
+
+
+class FailingStreams(CpuStreams):
+    """The CPU twin whose `at`-th expert copy writes its first tensor, then fails with `error` (a copy
+    interrupted half-way: Ctrl-C in a notebook, or a broken link)."""
+
+    def __init__(self, at: int, error: BaseException):
+        super().__init__(torch.device("cpu"))
+        self.calls, self.at, self.error = 0, at, error
+
+    def copy_many(self, pairs, after=None):
+        self.calls += 1
+        if self.calls == self.at:
+            pairs[0][0].copy_(pairs[0][1])
+            raise self.error
+        return super().copy_many(pairs, after)
+
+
+@pytest.mark.parametrize("error, every", [(KeyboardInterrupt(), 1), (OSError("link down"), 3)],
+                         ids=["interrupt", "failure"])
+def test_a_copy_failing_at_any_point_of_a_step_leaves_the_next_generate_stock(error, every):
+    """Every copy of the prefill and the first decode steps, in turn (every third for a failure), fails
+    half-way; the same engine's next generate gives the stock tokens and logits (the slot table names a key
+    only once its copy was issued; a failed layer resets the pool before the next step)."""
+    stock = tiny_model("olmoe", seed=4)
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+    ref = stock.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+    model = copy.deepcopy(stock)
+    layout = adapter.describe(stock)
+    config = EngineConfig(device="cpu", budget_bytes=layout.top_k * layout.expert_bytes, async_io=False)
+    with Engine(model, config) as engine:
+        counting = FailingStreams(at=0, error=error)
+        engine.streams = counting
+        first_steps = {**GEN, "max_new_tokens": 2}
+        model.generate(ids, attention_mask=torch.ones_like(ids), **first_steps)
+        copies = counting.calls
+        assert copies > 10
+        for at in range(1, copies + 1, every):
+            engine.streams = FailingStreams(at, error)
+            with pytest.raises(type(error)):
+                model.generate(ids, attention_mask=torch.ones_like(ids), **first_steps)
+            engine.streams = CpuStreams(torch.device("cpu"))
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **GEN)
+            assert torch.equal(out.sequences, ref.sequences), f"wrong tokens after a copy failed at {at}/{copies}"
+            for got, want in zip(out.logits, ref.logits, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from prescope.experiments import bench
+from prescope.experiments import bench, benchfile
 from prescope.experiments.bench import BenchConfig, run_bench
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
@@ -79,3 +82,19 @@ def test_a_round_that_fails_keeps_the_rounds_before_it(tmp_path, monkeypatch):
     by = {r["policy"]: r for r in data["cells"]}
     assert by["on_demand_lru"]["rounds"] == 1 and by[bench.RESIDENT]["rounds"] == 2
     assert [f["policy"] for f in data["failed"]] == ["on_demand_lru"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["cells"][0].pop("decode_ms_median"), "cell 0 needs 'decode_ms_median' as a number, got None"),
+    (lambda d: d["config"].pop("input_len"), "config needs 'input_len' as an int"),
+    (lambda d: d["cells"][1].__setitem__("budget", "half"), "cell 1 needs 'budget' as a number, got 'half'"),
+    (lambda d: d.__setitem__("cells", {"a": 1}), "`cells` must be a list"),
+])
+def test_a_bench_json_edited_by_hand_is_refused_naming_the_cell_and_key(tmp_path, edit, message):
+    committed = ROOT / "reports" / "h200" / "bench-olmoe.json"
+    benchfile.read_bench(committed)  # written before checksums: read under the rule, every key there
+    data = json.loads(committed.read_text())
+    edit(data)
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        bench.bench_table(tmp_path / "b.json")

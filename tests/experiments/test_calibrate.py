@@ -116,3 +116,12 @@ def test_cli_reports_a_bad_measurement_file(tmp_path, capsys):
     bad.write_text(json.dumps({"h2d": {}}))
     assert cli.main(["calibrate", "--out", str(tmp_path / "p.json"), "--from-measurements", str(bad)]) == 2
     assert "prescope calibrate: error" in capsys.readouterr().err
+
+
+def test_cli_names_a_measurement_file_that_is_not_json_and_checks_out_first(tmp_path, capsys):
+    (tmp_path / "m.json").write_text("{")
+    assert cli.main(["calibrate", "--out", str(tmp_path / "p.json"), "--from-measurements", str(tmp_path / "m.json")]) == 2
+    assert f"{tmp_path / 'm.json'}: not valid JSON" in capsys.readouterr().err
+    (tmp_path / "FILE").write_text("x")
+    assert cli.main(["calibrate", "--cpu-only", "--out", str(tmp_path / "FILE" / "p.json")]) == 2
+    assert "FILE is a file" in capsys.readouterr().err

@@ -171,3 +171,14 @@ def test_host_variants_keep_link_and_gpu_and_take_the_host_side():
     assert [p.name for p, _ in simcompare.profile_set(["v100-pcie3", "h200"])] == ["v100-pcie3", "h200"]
     chosen = simcompare.profile_set(["v100-pcie3", "h200"], host_of="h200")  # variants of published ones
     assert [p.name for p, _ in chosen] == ["v100-pcie3", "h200", "v100-pcie3+h200-host"]
+
+
+def test_the_command_line_builds_outside_the_repository(tmp_path, monkeypatch, capsys):
+    """The defaults name files of the repository: building the parser must not open them, and running with
+    them elsewhere is one line naming the missing file."""
+    from prescope import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["simulate-compare", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "h200-engine.json" in err and len(err.splitlines()) == 1

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,35 @@ def test_fit_linear_cost_recovers_synthetic_constants_and_drops_absent_terms():
     assert (model.fixed_s, model.mem_gbps, model.tflops) == pytest.approx((0.2e-3, 80.0, 4.0))
     model, _ = fit_linear_cost(nbytes, flops, [1e-3 + b / 80e9 for b in nbytes])
     assert model.tflops == 1e9  # the FLOP term was absent: negligible, not negative
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["pinned_h2d"][0].__setitem__(1, "55"), r"bandwidth curve GB/s must be a number, got '55' \(str\)"),
+    (lambda d: d["pinned_h2d"][0].__setitem__(1, True), r"bandwidth curve GB/s must be a number, got True"),
+    (lambda d: d["pageable_h2d"][0].__setitem__(0, "1MB"), r"bandwidth curve size must be a number"),
+    (lambda d: d["gpu_expert"].__setitem__("mem_gbps", True), r"'mem_gbps' must be a finite number, got True"),
+    (lambda d: d.__setitem__("transfer_latency_s", False), r"'transfer_latency_s' must be a finite number"),
+    (lambda d: d.__setitem__("cpu_expert", ["bfloat16"]), r"'cpu_expert' must map dtype names"),
+    (lambda d: d.__setitem__("notes", "one note"), r"'notes' must be a list of strings"),
+])
+def test_loose_values_in_a_profile_file_are_refused(tmp_path, edit, match):
+    data = load_profile("h200").to_dict()
+    edit(data)
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=rf"p.json: .*{match}"):
+        load_profile(tmp_path / "p.json")
+
+
+def test_saved_and_builtin_profiles_carry_a_checksum_that_is_checked(tmp_path):
+    from prescope import files
+
+    for name in list_profiles():
+        assert files.verify(Path(__file__).resolve().parents[2] / "prescope" / "assets" / "profiles" / f"{name}.json")
+    path = save_profile(load_profile("h200"), tmp_path / "mine.json")
+    assert load_profile(path) == load_profile("h200")
+    path.write_text(path.read_text().replace('"gpu": "NVIDIA H200"', '"gpu": "NVIDIA H100"'))
+    with pytest.raises(ProfileError, match=r"mine.json: checksum mismatch"):
+        load_profile(path)
+    by_hand = load_profile("h200").to_dict()  # a profile written by hand carries none: it loads
+    (tmp_path / "hand.json").write_text(json.dumps(by_hand))
+    assert load_profile(tmp_path / "hand.json").name == "h200"

@@ -49,7 +49,7 @@ def test_route_and_observe_match_experts_input(arch):
     for lay in layers:
         hidden, logits, weights, indices = seen[lay.ordinal]
         assert hidden.shape == (10, 32) and indices.shape == weights.shape == (10, model.config.num_experts_per_tok)
-        again = adapter.route(lay.router, hidden)
+        again = adapter.route(lay, hidden)
         assert torch.equal(again.indices, indices)
         torch.testing.assert_close(again.weights, weights)
         assert logits is not None and logits.shape[-1] == adapter.describe(model).num_experts
@@ -64,7 +64,7 @@ def test_expert_forward_reproduces_the_stock_experts(arch):
     model = tiny_model(arch)
     lay = adapter.moe_layers(model)[0]
     hidden = torch.randn(7, 32)
-    out = adapter.route(lay.router, hidden)
+    out = adapter.route(lay, hidden)
     with torch.no_grad():
         stock = lay.experts(hidden, out.indices, out.weights)
         mine = torch.zeros_like(hidden)

@@ -106,6 +106,6 @@ def test_run_report_end_to_end(tmp_path, shipped_data):
     assert summary["mean_recall_at_k"]["oracle"] == {0: 1.0, 1: 1.0, 2: 1.0}
     assert set(summary["mean_recall_at_k"]) >= {"llapor", "gate_lookahead", "previous_token", "popularity",
                                                  "activation_matrix"}
+    tables = {"accuracy.csv", "accuracy_all_tokens.csv", "groups.csv", "group_effect.csv", "overhead.csv", "training.csv"}
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
-        "accuracy.csv", "accuracy_all_tokens.csv", "groups.csv", "group_effect.csv", "overhead.csv",
-        "training.csv", "summary.json"}
+        "summary.json", *tables, *(f"{t}.sha256" for t in tables)}  # each table's checksum beside it

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import small_olmoe
 
-from prescope import cli
+from prescope import cli, files
 from prescope.layout import LayoutMismatchError
 from prescope.predict import llapor
 from prescope.predict import predictors as P
@@ -141,3 +141,32 @@ def test_cli_train_predictor(tmp_path, data, capsys):
     assert llapor.load(tmp_path / "p.pt").config.distance == 1
     assert cli.main(["train-predictor", "--trace", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "q.pt"),
                      "--group-boundaries", "x"]) == 2
+
+
+def test_flipped_bytes_in_a_checkpoint_are_refused(tmp_path, trained):
+    path = trained.save(tmp_path / "ck.pt")
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(data) - 200, size=64, replace=False):  # the archive's comment (the checksum) left out
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(files.ChecksumError, match="ck.pt: checksum mismatch"):
+        llapor.load(path)
+
+
+def test_group_boundaries_past_the_trace_are_refused(data):
+    _, train, _ = data
+    with pytest.raises(llapor.LLaPorError, match=r"group_boundaries \(50, 90\) reach past the trace's 5 MoE layers"):
+        llapor.train_llapor(train, replace(FAST, group_boundaries=(50, 90)), progress=False)
+    with pytest.raises(llapor.LLaPorError, match="group_boundaries must be"):
+        llapor.LLaPorConfig(group_boundaries=(1.5, 3))
+
+
+def test_cli_checks_the_output_path_before_training(tmp_path, data, capsys, monkeypatch):
+    _, train, _ = data
+    save_trace(train, tmp_path / "t.parquet")
+    (tmp_path / "FILE").write_text("x")
+    monkeypatch.setattr(llapor, "load_trace", lambda *_: pytest.fail("the trace was read before the --out check"))
+    assert cli.main(["train-predictor", "--trace", str(tmp_path / "t.parquet"),
+                     "--out", str(tmp_path / "FILE" / "ck.pt")]) == 2
+    assert "FILE is a file, so nothing can be written under it" in capsys.readouterr().err

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from prescope.routing.llamacpp import RouteCsvError, load_llamacpp_trace
+from prescope.routing import llamacpp
+from prescope.routing.llamacpp import COLUMNS, MAGIC, RouteCsvError, load_llamacpp_trace
 from prescope.routing.trace import MISSING
 
 # n_layer=2, n_expert=4, top-2; three tokens: two prefill (the first skips layer 1, as llama.cpp does), one decode
@@ -95,3 +99,74 @@ def test_malformed_input_names_line_and_expectation(tmp_path, text, pattern):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_llamacpp_trace(tmp_path / "none.route.csv")
+
+
+def _synthetic(path, tokens: int, layers: int = 8, experts: int = 16, top_k: int = 4, tail: str = "") -> Path:
+    """A well-formed route trace: one prefill token, then decode tokens, every layer routed; `tail` after."""
+    rng = np.random.default_rng(0)
+    lines = [MAGIC, f"# model=/m.gguf arch=toy n_layer={layers} n_expert={experts} n_expert_used={top_k}"]
+    lines += [f"# layer={i} expert_bytes=100 dense_bytes=10" for i in range(layers)]
+    lines.append(",".join(COLUMNS))
+    for step in range(tokens):
+        for layer in range(layers):
+            chosen = rng.choice(experts, top_k, replace=False)
+            weights = np.sort(rng.dirichlet(np.ones(top_k)))[::-1]
+            lines += [f"0,{int(step > 0)},{step},{layer},{k},{e},{w:.6f},0,100"
+                      for k, (e, w) in enumerate(zip(chosen, weights, strict=True))]
+    path.write_text("\n".join(lines) + "\n" + tail)
+    return path
+
+
+def _peak_bytes(path, **kwargs) -> int:
+    tracemalloc.start()
+    try:
+        load_llamacpp_trace(path, **kwargs)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_import_streams_memory_grows_with_what_is_kept_not_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(llamacpp, "BLOCK_LINES", 2048)  # both files span many blocks
+    small, large = _synthetic(tmp_path / "s.csv", 500), _synthetic(tmp_path / "l.csv", 1500)
+    extra_file = large.stat().st_size - small.stat().st_size
+    extra_peak = _peak_bytes(large) - _peak_bytes(small)
+    kept = 1000 * 8 * 4 * (8 + 4)  # the extra tokens' L·K experts (int64) and weights (float32)
+    # reading the whole file first cost 11x the extra bytes; streaming costs about what is kept
+    assert extra_peak < 1.5 * extra_file and extra_peak < 4 * kept
+
+
+def test_max_decode_steps_reads_only_what_it_needs(tmp_path):
+    path = _synthetic(tmp_path / "t.csv", 40, tail="0,1,40,0,0,x,garbage\n" + "\xff" * 10)
+    with pytest.raises(RouteCsvError, match="t.csv"):
+        load_llamacpp_trace(path)
+    tr = load_llamacpp_trace(path, max_decode_steps=3)
+    assert list(tr.tokens["phase"]) == ["prefill"] + ["decode"] * 3
+    full = load_llamacpp_trace(_synthetic(tmp_path / "u.csv", 40))
+    np.testing.assert_array_equal(tr.experts, full.experts[:4])
+    with pytest.raises(RouteCsvError, match="max_decode_steps must be >= 1"):
+        load_llamacpp_trace(path, max_decode_steps=0)
+
+
+def test_a_malformed_large_file_is_refused_at_its_line_before_the_rest_is_read(tmp_path):
+    # the bad line comes early; bytes that are not UTF-8 sit at the end and must never be reached
+    path = _synthetic(tmp_path / "t.csv", 3000, tail="\xff\xfe")
+    text = path.read_text(encoding="latin-1").splitlines()
+    bad = len(HEADER.splitlines()) + 8 * 4 * 2 + 5 + 1 + 6  # inside the third token, past the model's 8 layers
+    text[bad - 1] = "0,1,2,3,1,99,0.1,0,100"
+    path.write_bytes(("\n".join(text) + "\n").encode("latin-1"))
+    with pytest.raises(RouteCsvError, match=rf"t.csv:{bad}: expert=99 out of range"):
+        load_llamacpp_trace(path)
+
+
+@pytest.mark.parametrize("row, pattern", [
+    ("0,0,0,0,1,1,0.4,0,1\x0000", "expert_bytes must be an integer"),
+    (b"0,0,0,0,1,1,0.4,0,\xff".decode("latin-1"), "not UTF-8 text"),
+    ("0,0,0,0,1,1e0,0.4,0,100", "expert must be an integer, got '1e0'"),
+    ("0,0,0,0,1,1.,0.4,0,100", "expert must be an integer, got '1.'"),
+])
+def test_odd_bytes_are_named_with_their_line(tmp_path, row, pattern):
+    path = tmp_path / "toy.route.csv"
+    path.write_bytes(_replace_row(1, row).encode("latin-1"))
+    with pytest.raises(RouteCsvError, match=rf"toy.route.csv:{FIRST_ROW_LINE + 1}: {pattern}"):
+        load_llamacpp_trace(path)

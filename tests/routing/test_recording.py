@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from conftest import TRACE_NEW_TOKENS, TRACE_PROMPTS, tiny_model
 
@@ -14,6 +15,8 @@ from prescope import cli
 from prescope.data import read_text
 from prescope.models import adapter
 from prescope.routing import recording, trace
+from prescope.routing.recording import TraceConfig
+from prescope.routing.trace import TraceError
 
 PROMPTS, NEW = TRACE_PROMPTS, TRACE_NEW_TOKENS
 
@@ -28,7 +31,7 @@ def _independent_routing(model, ids: list[int]):
     for h in hooks:
         h.remove()
     with torch.no_grad():
-        return {lay.ordinal: (seen[lay.ordinal], adapter.route(lay.router, seen[lay.ordinal])) for lay in layers}
+        return {lay.ordinal: (seen[lay.ordinal], adapter.route(lay, seen[lay.ordinal])) for lay in layers}
 
 
 def test_batch1_counts_phases_and_router_agreement(trace_model):
@@ -111,3 +114,28 @@ def test_cli_records_and_summarises(tmp_path, shipped_data, capsys):
     summary = pd.read_csv(tmp_path / "reports" / "smoke.routing.csv")
     assert len(summary) == 3 and {"entropy_norm", "reuse_lag1", "nmi_next"} <= set(summary.columns)
     assert tr.meta["config"]["max_new_tokens"] == 3
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("name", "../../x", "name '../../x' must be a plain file name"),
+    ("name", "..", "must be a plain file name"),
+    ("dtype", "float99", "dtype 'float99' is not a torch floating-point dtype"),
+    ("dtype", "int8", "is not a torch floating-point dtype"),
+    ("batch_size", 2.0, "batch_size must be an int"),
+])
+def test_trace_config_refuses_what_would_write_elsewhere_or_fail_later(field, value, message):
+    with pytest.raises(TraceError, match=message):
+        TraceConfig(**{field: value})
+
+
+def test_cli_checks_device_and_out_dir_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(adapter, "load_model", lambda *a, **k: pytest.fail("the model loaded before the checks"))
+    (tmp_path / "FILE").write_text("x")
+    assert cli.main(["trace", "--out-dir", str(tmp_path / "FILE" / "sub")]) == 2
+    assert "FILE is a file, so nothing can be written under it" in capsys.readouterr().err
+    assert cli.main(["trace", "--name", "../../x", "--out-dir", str(tmp_path)]) == 2
+    assert "plain file name" in capsys.readouterr().err and not (tmp_path.parent.parent / "x.trace.parquet").exists()
+    if not torch.cuda.is_available():
+        assert cli.main(["trace", "--device", "cuda", "--out-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "device 'cuda'" in err and len(err.strip().splitlines()) == 1

@@ -13,7 +13,7 @@ from conftest import DATA, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prescope import cli, timeline
+from prescope import cli, files, timeline
 from prescope.hardware.cost import cpu_expert_time
 from prescope.hardware.profiles import (
     NEGLIGIBLE_RATE,
@@ -452,3 +452,24 @@ def test_issuing_a_transfer_costs_host_time_before_the_kernel_that_needs_it():
     # every load starts 0.5 ms later and its expert with it: steps load 2 and 1 experts
     assert r.summary["latency"].to_numpy() / MS == pytest.approx(base.summary["latency"].to_numpy() / MS + [1.0, 0.5])
     assert rows_of(r, 0)[2] == ("pcie", 0, 0, "on_demand", 0.85, 1.85)
+
+
+@pytest.mark.parametrize("steps", [-1, 0, 1.5, True])
+def test_max_steps_below_one_or_not_a_count_is_refused(steps):
+    tr = make_trace([[[[0], [1]], [[0], [2]]]], E=4)
+    with pytest.raises(SimulationError, match=rf"max_steps must be a number of forward calls >= 1 .* got {steps!r}"):
+        replay(tr, "on_demand_lru", "h200", budget_share=0.5, max_steps=steps)
+
+
+def test_cli_simulate_checks_steps_and_the_timeline_path_before_replaying(tmp_path, capsys):
+    path = save_trace(make_trace([[[[0], [1]], [[0], [2]]]], E=4), tmp_path / "t.trace.parquet")
+    (tmp_path / "FILE").write_text("x")
+    for extra, message in [(["--max-steps", "-1"], "--max-steps -1: give a number of forward calls >= 1"),
+                           (["--max-steps", "0"], "--max-steps 0: give a number of forward calls >= 1"),
+                           (["--timeline", str(tmp_path / "FILE" / "t.csv")], "FILE is a file"),
+                           (["--timeline", str(tmp_path / "t.txt")], "must end in one of")]:
+        assert cli.main(["simulate", "--trace", str(path), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert cli.main(["simulate", "--trace", str(path), "--timeline", str(tmp_path / "tl.parquet")]) == 0
+    assert files.verify(tmp_path / "tl.parquet")  # the timeline carries its checksum

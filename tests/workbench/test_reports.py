@@ -174,3 +174,38 @@ def test_render_index_relative_links(tmp_path):
     assert f'href="{os.path.join("cells", "abc", "nb.html")}">abc</a>' in page
     with pytest.raises(ValueError, match="1 labels for 2 results"):
         reports.render_index([result, result], tmp_path / "i.html", labels=["abc"])
+
+
+def test_report_checks_its_output_folder_and_passes_the_cell_timeout(tmp_path, monkeypatch, capsys):
+    from prescope import cli
+
+    write_notebook(tmp_path / "nbs" / "a.ipynb", PARAMS, FIGURE_AND_METRICS)
+    (tmp_path / "FILE").write_text("x")
+    assert cli.main(["report", "--notebooks", str(tmp_path / "nbs"), "--out", str(tmp_path / "FILE")]) == 2
+    assert "is a file; expected a folder" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(reports, "run_notebook", lambda nb, out, cell_timeout_s=None: seen.append(cell_timeout_s)
+                        or reports.NotebookResult(Path(nb), error="x", seconds=0.0))
+    cli.main(["report", "--notebooks", str(tmp_path / "nbs"), "--out", str(tmp_path / "out")])
+    cli.main(["report", "--notebooks", str(tmp_path / "nbs"), "--out", str(tmp_path / "out"), "--cell-timeout-s", "0"])
+    assert seen == [reports.DEFAULT_CELL_TIMEOUT_S, None]
+
+
+def test_a_damaged_metrics_file_is_said_and_its_notebook_runs_again(tmp_path):
+    from prescope.files import write_json
+
+    record = MetricsRecord({"work": 1.0}, "simulated", "p")
+    path = write_json(reports.output_paths("nb.ipynb", tmp_path)["metrics"], record.to_dict())
+    assert reports.load_result("nb.ipynb", tmp_path).metrics == record
+    path.write_text(path.read_text().replace('"work": 1.0', '"work": 9.0'))
+    with pytest.warns(UserWarning, match=r"nb.metrics.json: checksum mismatch .*; it runs again"):
+        assert reports.load_result("nb.ipynb", tmp_path) is None
+
+
+def test_a_notebook_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "nb.ipynb").write_text("not json")
+    with pytest.raises(ParameterError, match=r"nb.ipynb: not a notebook \(not JSON"):
+        notebook_parameters(tmp_path / "nb.ipynb")
+    (tmp_path / "nb.ipynb").write_text("[1, 2]")
+    with pytest.raises(ParameterError, match="not a notebook"):
+        notebook_parameters(tmp_path / "nb.ipynb")

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import time
 from pathlib import Path
 
 import nbformat
 import pandas as pd
 import pytest
 
+from prescope import cli, files
+from prescope.files import Claim, FolderLock, LockedError, write_json
 from prescope.workbench import reports, sweep
 from prescope.workbench.metrics import MetricsRecord
-from prescope.workbench.reports import NotebookResult, ParameterError
+from prescope.workbench.reports import NotebookResult, ParameterError, output_paths
 from prescope.workbench.sweep import CELLS_DIR, Grid, GridError, cell_id, load_grid, run_sweep
 
 PARAMS = "steps = 3  # decode steps\nrate = 0.5  # a float\npolicy = 'lru'  # a string"
@@ -48,8 +52,9 @@ class FakeExecutor:
             self.seen.append(job.parameters)
             if job.parameters["policy"] == "broken":
                 yield job, NotebookResult(Path("nb.ipynb"), job.parameters, error="RuntimeError: broken")
-            else:
+            else:  # a finished cell leaves its metrics file, as every executor's does
                 record = MetricsRecord({"work": 1.0}, "simulated", "p", job.parameters)
+                write_json(output_paths(job.notebook, job.out_dir)["metrics"], record.to_dict())
                 yield job, NotebookResult(Path("nb.ipynb"), job.parameters, metrics=record)
 
 
@@ -115,7 +120,7 @@ def test_invalid_grids_fail_before_anything_runs(tmp_path, parameters, fixed, me
 
 def test_duplicate_cells_are_refused(tmp_path):
     grid = Grid(write_notebook(tmp_path / "nb.ipynb"), {"steps": [1, 1]})
-    with pytest.raises(GridError, match="same value twice"):
+    with pytest.raises(GridError, match="same value"):
         run_sweep(grid, tmp_path / "out", executor=NeverRun(), progress=False)
 
 
@@ -144,7 +149,8 @@ def test_sweep_runs_cells_and_resumes_only_unfinished_ones(tmp_path, capsys):
     printed = capsys.readouterr().out
     ids = [cell_id({"policy": "lru", "steps": s}) for s in (1, 2)]
     assert "2 cells, 2 run now, 0 failed" in printed
-    assert json.loads(printed.splitlines()[-1]) == {"sweep": str(out), "cells": 2, "ran": ids, "failed": []}
+    assert json.loads(printed.splitlines()[-1]) == {"sweep": str(out), "cells": 2, "ran": ids, "failed": [],
+                                                    "missing": []}
     for i in ids:  # each page loads the one copy of plotly.js at the sweep's root
         assert {p.name for p in (out / CELLS_DIR / i).iterdir()} == {"nb.ipynb", "nb.html", "nb.metrics.json"}
         assert f'src="../../{reports.plotly_js_name()}"' in (out / CELLS_DIR / i / "nb.html").read_text()
@@ -217,7 +223,7 @@ def test_a_cell_without_a_result_is_reported_failed(tmp_path):
 def test_local_executor_reports_each_start_before_its_result(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(notebook, out_dir, parameters, plotly_src):
+    def fake_run(notebook, out_dir, parameters, plotly_src=None, cell_timeout_s=None):
         calls.append(parameters)
         return NotebookResult(Path(notebook), parameters, error="RuntimeError: x")
 
@@ -248,6 +254,105 @@ def test_executors_by_name_and_the_address_option():
     assert isinstance(sweep.make_executor("local"), sweep.LocalExecutor)
 
 
+def test_a_second_sweep_into_a_folder_in_use_is_refused(tmp_path):
+    grid = Grid(write_notebook(tmp_path / "nb.ipynb"), {"policy": ["a"]})
+    (tmp_path / "out").mkdir()
+    with FolderLock(tmp_path / "out", "sweep"):  # another sweep holds the folder
+        with pytest.raises(LockedError, match=r"out is in use by another sweep \(pid \d+ on .*\); wait for it"):
+            run_sweep(grid, tmp_path / "out", executor=NeverRun(), progress=False)
+    assert not (tmp_path / "out" / "grid.json").exists()  # the second one wrote nothing
+    run_sweep(grid, tmp_path / "out", executor=FakeExecutor(), progress=False)
+    assert not (tmp_path / "out" / ".lock").exists()
+
+
+def test_local_executor_skips_cells_another_runner_holds_or_has_finished(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(sweep, "run_notebook", lambda nb, out, params, **options: ran.append(params) or
+                        NotebookResult(Path(nb), params, error="x"))
+    nb = write_notebook(tmp_path / "nb.ipynb")
+    jobs = [sweep.CellJob(nb, tmp_path / str(i), {"steps": i}) for i in (1, 2, 3)]
+    held = Claim(jobs[0].out_dir / sweep.CLAIM_NAME)
+    assert held.acquire()  # a runner elsewhere is running cell 1
+    record = MetricsRecord({"work": 1.0}, "simulated", "p")
+    write_json(output_paths(nb, jobs[1].out_dir)["metrics"], record.to_dict())  # cell 2 finished meanwhile
+    results = {job.parameters["steps"]: r for job, r in sweep.LocalExecutor().run(jobs) if r is not None}
+    held.release()
+    assert ran == [{"steps": 3}]
+    assert "another runner (pid" in results[1].error and results[2].ok and results[3].error == "x"
+
+
+class StopsAfterOne(FakeExecutor):
+    """Finishes one cell, checking the summary on disk already names the new grid, then is interrupted."""
+
+    def __init__(self, out: Path):
+        super().__init__()
+        self.out = out
+
+    def run(self, jobs):
+        table = pd.read_csv(self.out / "summary.csv")
+        assert set(table["status"]) == {"missing"} and len(table) == len(jobs)
+        yield from super().run(jobs[:1])
+        raise KeyboardInterrupt
+
+
+def test_summary_is_rebuilt_from_the_cells_at_start_and_when_stopped(tmp_path):
+    out = tmp_path / "out"
+    old = Grid(write_notebook(tmp_path / "nb.ipynb"), {"policy": ["old"]})
+    run_sweep(old, out, executor=FakeExecutor(), progress=False)
+    grid = Grid(tmp_path / "nb.ipynb", {"policy": ["a", "b", "c"]})
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(grid, out, executor=StopsAfterOne(out), progress=False)
+    table = pd.read_csv(out / "summary.csv")
+    assert list(table["policy"]) == ["a", "b", "c"] and list(table["status"]) == ["ok", "missing", "missing"]
+    assert (table["error"].iloc[1:] == sweep.NOT_RUN).all()
+    assert "2 of 3 cells missing" in (out / "index.html").read_text()
+    assert files.verify(out / "summary.csv") and files.verify(out / "summary.parquet")
+    result = run_sweep(grid, out, executor=FakeExecutor(), progress=False)  # resumes: the two missing cells
+    assert result.ok and result.ran == [cell_id(c) for c in grid.cells()[1:]] and not result.missing
+
+
+def test_a_cell_that_never_ends_fails_at_the_timeout_and_the_sweep_goes_on(tmp_path, capfd):
+    body = "import time\nif steps == 1:\n    time.sleep(600)\n" + BODY
+    grid = Grid(write_notebook(tmp_path / "nb.ipynb", body=body), {"steps": [1, 2]})
+    start = time.perf_counter()
+    result = run_sweep(grid, tmp_path / "out", progress=False, cell_timeout_s=3)
+    assert time.perf_counter() - start < 120
+    assert "Timeout" in result.results[0].error and result.results[1].ok
+    assert "Traceback" not in capfd.readouterr().err  # the stopped kernel's own log stays quiet
+
+
+def test_cli_states_the_cell_count_and_asks_for_yes_above_the_threshold(tmp_path, capsys):
+    write_notebook(tmp_path / "nb.ipynb")
+    values = ", ".join(str(i) for i in range(sweep.LARGE_GRID + 1))
+    grid_file = _write(tmp_path / "big.yaml", f"notebook: nb.ipynb\nparameters:\n  steps: [{values}]\n")
+    assert cli.main(["sweep", str(grid_file), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert f"{sweep.LARGE_GRID + 1} cells" in captured.out
+    assert f"expands to {sweep.LARGE_GRID + 1} cells (more than {sweep.LARGE_GRID}); check the grid, then run it " \
+           "again with --yes" in captured.err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("notebook: nb.ipynb\nparameters: {steps: [1, 2}\n", r"not valid YAML at line 2, column \d+"),
+    ("notebook: nb.ipynb\nparameters:\n  rate: [1, 1.0]\n", r"parameter 'rate' lists 1 and 1.0, the same value"),
+    ("notebook: [nb.ipynb]\nparameters: {steps: [1]}\n", r"`notebook` must be a path"),
+])
+def test_cli_refuses_bad_grids_in_one_line(tmp_path, capsys, text, message):
+    write_notebook(tmp_path / "nb.ipynb")
+    assert cli.main(["sweep", str(_write(tmp_path / "g.yaml", text)), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(message, err) and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_checks_the_output_folder_and_timeout_first(tmp_path, capsys):
+    write_notebook(tmp_path / "nb.ipynb")
+    grid_file = _write(tmp_path / "g.yaml", "notebook: nb.ipynb\nparameters: {steps: [1]}\n")
+    (tmp_path / "FILE").write_text("x")
+    assert cli.main(["sweep", str(grid_file), "--out", str(tmp_path / "FILE" / "out")]) == 2
+    assert "FILE is a file" in capsys.readouterr().err
+    assert cli.main(["sweep", str(grid_file), "--cell-timeout-s", "-1"]) == 2
+    assert "--cell-timeout-s -1.0: give seconds > 0, or 0 for no limit" in capsys.readouterr().err
 def test_the_grid_example_in_the_module_docstring_fits_its_notebook(tmp_path):
     """The example a reader copies names parameters the notebook really has, with their types."""
     doc = sweep.__doc__.split("Grid file, YAML or JSON:\n\n", 1)[1]
