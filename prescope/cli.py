@@ -26,7 +26,7 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "trace": Command("prescope.routing.recording", "record and summarise a routing trace of a model"),
     "report": Command("prescope.workbench.reports", "run every notebook and render reports/"),
-    "simulate": Command("prescope.sim.simulator", "replay a routing trace through a policy on a hardware profile"),
+    "simulate": Command("prescope.sim.simulate", "replay a routing trace through a policy on a hardware profile"),
     "simulate-compare": Command("prescope.experiments.simcompare",
                                 "every policy on several hardware profiles, simulated"),
     "sweep": Command("prescope.workbench.sweep", "run a notebook over a parameter grid"),

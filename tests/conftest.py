@@ -111,3 +111,27 @@ def batched_trace(trace_model):
 
     return recording.record_trace(trace_model, None, TRACE_PROMPTS, max_new_tokens=TRACE_NEW_TOKENS, batch_size=3,
                                   keep_hidden=True, keep_logits=True, domains=["a", "b", "c"], progress=False)
+
+
+def write_route_csv(path, sizes, tokens: int = 6, experts: int = 8, top_k: int = 2, seed: int = 0,
+                    model: str = "toy") -> Path:
+    """A llama.cpp route trace (`route_trace v1`) with one expert size per layer (`sizes`; 0: a dense layer):
+    one prefill step of two tokens, then decode steps, random distinct experts, weights falling with the slot."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = ["# route_trace v1", f"# model=/m/{model}.gguf arch={model} n_layer={len(sizes)} n_expert={experts} "
+             f"n_expert_used={top_k}"]
+    lines += [f"# layer={i} expert_bytes={b} dense_bytes={1000 + i}" for i, b in enumerate(sizes)]
+    lines.append("turn,phase,step,layer,slot,expert,weight,residency,expert_bytes")
+    for step in range(tokens):
+        phase = 0 if step < 2 else 1
+        for layer, b in enumerate(sizes):
+            if b == 0:
+                continue
+            chosen = rng.choice(experts, top_k, replace=False)
+            weights = np.sort(rng.dirichlet(np.ones(top_k)))[::-1]
+            lines += [f"0,{phase},{step},{layer},{k},{e},{w:.6f},0,{b}" for k, (e, w) in enumerate(zip(chosen, weights, strict=True))]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path

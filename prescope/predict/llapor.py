@@ -50,7 +50,8 @@ from prescope.layout import ModelLayout
 from prescope.predict.llaporconfig import GROUPS, LLaPorConfig, LLaPorError
 from prescope.predict.predictors import LinearRouters, Predictor, check_target, multi_hot
 from prescope.routing import stats as routing_stats
-from prescope.routing.trace import Trace, load_trace
+from prescope.routing.reader import read_trace
+from prescope.routing.trace import Trace
 
 FORMAT, FORMAT_VERSION = "prescope.predict.llapor", 1
 
@@ -456,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
         raise LLaPorError(f"--group-boundaries must be 'A,B' with integers, got {raw!r}") from None
     config = LLaPorConfig(**values)
     check_output(args.out, what="--out")
-    trace = load_trace(args.trace)
+    trace = read_trace(args.trace)  # any trace file; one without hidden states is refused by train_llapor
     routers = None
     if args.model:
         from prescope.models.adapter import describe, load_model

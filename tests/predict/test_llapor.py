@@ -166,7 +166,7 @@ def test_cli_checks_the_output_path_before_training(tmp_path, data, capsys, monk
     _, train, _ = data
     save_trace(train, tmp_path / "t.parquet")
     (tmp_path / "FILE").write_text("x")
-    monkeypatch.setattr(llapor, "load_trace", lambda *_: pytest.fail("the trace was read before the --out check"))
+    monkeypatch.setattr(llapor, "read_trace", lambda *_: pytest.fail("the trace was read before the --out check"))
     assert cli.main(["train-predictor", "--trace", str(tmp_path / "t.parquet"),
                      "--out", str(tmp_path / "FILE" / "ck.pt")]) == 2
     assert "FILE is a file, so nothing can be written under it" in capsys.readouterr().err
