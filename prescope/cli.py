@@ -25,6 +25,7 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "trace": Command("prescope.routing.recording", "record and summarise a routing trace of a model"),
+    "trace-stats": Command("prescope.routing.tracestats", "a routing trace's shape and routing statistics"),
     "report": Command("prescope.workbench.reports", "run every notebook and render reports/"),
     "simulate": Command("prescope.sim.simulate", "replay a routing trace through a policy on a hardware profile"),
     "simulate-compare": Command("prescope.experiments.simcompare",
