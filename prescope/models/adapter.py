@@ -475,7 +475,8 @@ def load_model(path_or_id: str, dtype: torch.dtype | str | None = None, device: 
     """Load a causal LM with `from_pretrained` (a local directory, or a hub id where there is network)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path_or_id, **{k: v for k, v in kwargs.items() if k == "trust_remote_code"})
+    config = AutoConfig.from_pretrained(path_or_id, **{k: v for k, v in kwargs.items()
+                                                        if k in ("trust_remote_code", "local_files_only")})
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{path_or_id}: {type(config).__name__} ({config.model_type}): encoder-decoder "
                                     "models are not supported (prescope offloads the experts of decoder-only "
