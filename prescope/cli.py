@@ -37,6 +37,8 @@ COMMANDS: dict[str, Command] = {
                                options="prescope.predict.llaporconfig"),
     "calibrate": Command("prescope.experiments.calibrate", "measure this machine and write a profile"),
     "bench": Command("prescope.experiments.bench", "measure policies on a GPU (shape twins)"),
+    "gpu-inputs": Command("prescope.experiments.gpuinputs",
+                          "build what a GPU run reads (held-out prompts, LLaPor) into one folder"),
     "check-equivalence": Command("prescope.experiments.equivalence", "offloaded vs stock output on a device"),
     "families": Command("prescope.experiments.families", "every MoE family of transformers: offloaded vs stock"),
     "fidelity": Command("prescope.experiments.fidelity", "simulated vs measured latency of a bench run"),

@@ -468,6 +468,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictor", help="LLaPor checkpoint for `prescope` (used where its layout matches)")
     parser.add_argument("--prompts", help="prescope-tiny's prompts: 'heldout' (held-out corpus windows) or a .npy "
                         "[rows, >= input_len] of token ids (subjects.heldout_prompts, saved with np.save)")
+    parser.add_argument("--inputs", help="a `prescope gpu-inputs` folder: its held-out prompts and LLaPor checkpoint, "
+                        "checked against its manifest (instead of --prompts and --predictor)")
     parser.add_argument("--accelerate-batches", nargs="*", type=int, default=list(d.accelerate_batches),
                         help="batch sizes of the accelerate offload rows (none: skip them)")
     parser.add_argument("--accelerate-tokens", type=int, default=d.accelerate_tokens,
@@ -478,12 +480,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    extra = {}
+    if args.inputs:
+        from prescope.experiments.gpuinputs import read_inputs
+
+        if args.prompts or args.predictor:
+            raise ValueError("--inputs gives the prompts and the predictor: leave --prompts and --predictor out")
+        args.prompts, args.predictor, extra["inputs"] = read_inputs(args.inputs, args.input_len)
     cfg = BenchConfig(models=tuple(args.models), batch_sizes=tuple(args.batch_sizes), policies=tuple(args.policies),
                       budgets=tuple(args.budgets), input_len=args.input_len, output_len=args.output_len,
                       timeline_tokens=args.timeline_tokens, seed=args.seed, device=args.device,
                       profile=args.profile, out=args.out, predictor=args.predictor, prompts=args.prompts,
                       accelerate_batches=tuple(args.accelerate_batches), accelerate_tokens=args.accelerate_tokens,
-                      repeats=args.repeats)
+                      repeats=args.repeats, extra=extra)
     rows = run_bench(cfg)
     table = pd.DataFrame(rows)
     table = table[[c for c in ("model", "policy", "budget", "batch", "decode_tok_s", "decode_ms_median", "vs_resident",
