@@ -31,8 +31,8 @@ BENCH_FLAGS = (("models", "--models"), ("batch_sizes", "--batch-sizes"), ("polic
 
 
 def result_files(root: Path = ROOT) -> list[Path]:
-    """The committed JSON results: reports/h200/*.json, engine/*.json, comparison/*.json."""
-    return sorted([*root.glob("*.json"), *(root / "engine").glob("*.json"), *(root / "comparison").glob("*.json")])
+    """The committed JSON results: reports/h200/*.json and every JSON under engine/ and comparison/."""
+    return sorted([*root.glob("*.json"), *(root / "engine").rglob("*.json"), *(root / "comparison").rglob("*.json")])
 
 
 def _words(value) -> list[str]:
@@ -74,7 +74,8 @@ def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
     checkout = [f"git checkout {short}"] if short else []
     config = data.get("config")
     if isinstance(config, dict) and "models" in config:
-        stem, out = path.stem, f"$OUT/{path.stem}"
+        stem = path.stem
+        out = f"$OUT/{Path(name).with_suffix('').as_posix().replace('/', '-')}"  # one folder per result
         commands = [*checkout, f"PRESCOPE_GIT_REV={short} " + bench_command(config, out) if short
                     else bench_command(config, out), f"cp {out}/bench.json {root / name}"]
         for companion, made in ((f"{stem}.routing.npz", "routing.npz"), (f"{stem}.timelines.parquet", "timelines.parquet"),
@@ -85,6 +86,9 @@ def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
             notes.append("LLaPor retrained by `prescope gpu-inputs` (same recipe; training is not bit-reproducible)")
         what = f"`prescope bench`, {', '.join(config['models'])}, measured on {data.get('device', '?')}"
         return what, commands, notes
+    if isinstance(data.get("command"), str):  # a result that says how it was made
+        return (f"{data.get('what') or 'measured'}, on {data.get('device', '?')}",
+                [*checkout, f"PRESCOPE_GIT_REV={short} {data['command']}" if short else data["command"]], notes)
     if "rows" in data and path.stem.startswith("equivalence"):
         models = sorted({r["model"] for r in data["rows"]})
         command = shlex.join(["prescope", "check-equivalence", "--models", *models, "--out", str(root / name)])
