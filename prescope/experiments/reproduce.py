@@ -111,7 +111,7 @@ def render(root: Path = ROOT) -> str:
         "```bash",
         "git clone <this repository> prescope && cd prescope && pip install -e '.[gpu]'",
         f"prescope gpu-inputs --out {INPUTS} --device cuda   # once, at the current revision: prompts + LLaPor",
-        "export OUT=/tmp/h200-rerun",
+        "export OUT=$PWD/.cache/h200-rerun",
         "```",
         "",
         "`reports/h200/call.sh` is the same as one device call (inputs built if missing, then `bench --inputs`).",

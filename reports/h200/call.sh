@@ -1,6 +1,6 @@
 # One device call from a fresh clone: build the GPU inputs if they are missing (`prescope gpu-inputs`: held-out
 # prompts and prescope-tiny's LLaPor, with a manifest of checksums), then measure with them (`bench --inputs`).
-# Usage: OUT=/tmp/run bash reports/h200/call.sh [extra bench options]; MODELS and POLICIES may be overridden.
+# Usage: OUT=.cache/run bash reports/h200/call.sh [extra bench options]; MODELS and POLICIES may be overridden.
 set -eu
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 INPUTS=${INPUTS:-.cache/device/inputs}
