@@ -32,7 +32,10 @@ COMMANDS: dict[str, Command] = {
     "sweep": Command("prescope.workbench.sweep", "run a notebook over a parameter grid"),
     "train-tiny": Command("prescope.models.tiny", "train prescope-tiny"),
     "tiny-card": Command("prescope.experiments.modelcard", "measure prescope-tiny's routing for its card"),
-    "train-predictor": Command("prescope.predict.llapor", "train LLaPor on a routing trace",
+    "predictor-accuracy": Command("prescope.predict.traceaccuracy", "every predictor on a routing trace, held out "
+                                  "by position or prompt, by layer and distance"),
+    "train-predictor": Command("prescope.predict.routellapor",
+                               "train LLaPor (routing-only without hidden states) on a trace",
                                options="prescope.predict.llaporconfig"),
     "calibrate": Command("prescope.experiments.calibrate", "measure this machine and write a profile"),
     "bench": Command("prescope.experiments.bench", "measure policies on a GPU (shape twins)"),

@@ -470,16 +470,21 @@ def train_llapor(trace: Trace, config: LLaPorConfig | None = None, *, routers: L
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> LLaPorConfig:
+    """The LLaPorConfig that `train-predictor`'s options give (one option per field)."""
     values = {f.name: getattr(args, f.name) for f in fields(LLaPorConfig)}
     raw = values["group_boundaries"]
     try:
         values["group_boundaries"] = tuple(int(v) for v in raw.split(",")) if raw else None
     except ValueError:
         raise LLaPorError(f"--group-boundaries must be 'A,B' with integers, got {raw!r}") from None
-    config = LLaPorConfig(**values)
+    return LLaPorConfig(**values)
+
+
+def run(args: argparse.Namespace, trace: Trace | None = None) -> int:
+    config = config_from_args(args)
     check_output(args.out, what="--out")
-    trace = load_trace(args.trace)
+    trace = load_trace(args.trace) if trace is None else trace
     routers = None
     if args.model:
         from prescope.models.adapter import describe, load_model
