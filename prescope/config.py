@@ -121,7 +121,7 @@ class EngineConfig:
         pinning is refused).
     profile: hardware profile (built-in name or JSON path) whose cost model cost-aware policies weigh.
     async_io: issue copies through AsyncIO's I/O worker (prescope.engine.transfers: priority queue, chunks);
-        None lets the policy choose (`prescope` and `oracle` ask for it), False issues every copy at once
+        None lets the policy choose (`prescope`, `belady` and `ceiling` ask for it), False issues every copy at once
         on the copy stream, first come first served, as the peers' systems do.
     io_chunk_bytes: AsyncIO's largest single copy; an on-demand load overtakes queued prefetches at a
         chunk boundary.

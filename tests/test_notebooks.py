@@ -51,8 +51,8 @@ SMOKE = {
         dict(origin="trained here", predictors=5, distances=1, recall_at_k_d1_oracle=1.0),
     ),
     "03_presched": (
-        dict(FRESH_TRACE, policies=["on_demand_lru", "prescope", "oracle"], batch_sizes=[1, 2], max_steps=4,
-             mode="simulate", show_batch=2, host_bound_policies=["on_demand_lru", "oracle"]),
+        dict(FRESH_TRACE, policies=["on_demand_lru", "prescope", "ceiling"], batch_sizes=[1, 2], max_steps=4,
+             mode="simulate", show_batch=2, host_bound_policies=["on_demand_lru", "belady"]),
         dict(mode="simulate", policies=3, rows=6, show_batch=2),
     ),
     "04_whatif": (
@@ -68,7 +68,7 @@ SMOKE = {
     ),
     "06_comparison": (
         dict(runs=["mixtral4-5f83609"]),
-        # the Mixtral twin at 25 %, batch 1 and 4: the oracle wins batch 1, prescope batch 4 (1.59x LRU); the
+        # the Mixtral twin at 25 %, batch 1 and 4: belady (the run's `oracle`) wins batch 1, prescope batch 4 (1.59x LRU); the
         # timeline drawn is the committed H200 one of prescope at batch 4, every transfer and prefetch of it
         dict(runs=1, models=1, cells=2, prescope_best_cells=1, prescope_vs_lru_max=1.592,
              timeline_transfers_measured=int((TIMED_STEPS["lane"] == "pcie").sum()),

@@ -11,14 +11,16 @@ through Hugging Face accelerate's offload at the same GPU budget (`hfoffload`, w
 otherwise pick; fewer decode tokens, since it is slow).
 
 Routing: the stock run of each batch records its routing, and every engine cell of that batch replays it
-(`replay.RoutingReplay`), so all policies see the same experts and the oracle knows the step's future.
+(`replay.RoutingReplay`), so all policies see the same experts and the limits (`belady`, `ceiling`) know the
+step's future.
 A subject `twin@prescope-tiny` (e.g. `olmoe-1b-7b@prescope-tiny`) is the twin driven by prescope-tiny's
 routing on held-out text instead (same L, E, K): its predictors read prescope-tiny's hidden states.
 
 Predictors: `lookahead_prefetch` and `hybrid` use gate lookahead (the routers of the model whose routing
 runs); `prescope` uses the LLaPor checkpoint given with `--predictor` where its layout matches that model,
 else gate lookahead (stated in each row's `predictor`); `activation_matrix` uses its own activation
-statistics; `oracle` the replayed future. Variants (`prescope.policies.parse_policy`): `NAME[key=value,...]`
+statistics; `belady` and `ceiling` the replayed future (results before the rename call `belady`
+`oracle`: `bench_table` reads them as `belady`). Variants (`prescope.policies.parse_policy`): `NAME[key=value,...]`
 (the policy's typed options, e.g. `prescope[calibrate=True]`), `NAME+sync` (AsyncIO off). Each cell records whether its tokens equal the stock run's.
 Results carry the config, git revision and device; each file is written atomically; a table is printed,
 then one JSON line.
@@ -60,7 +62,7 @@ from prescope.experiments.stock import (
     measure_stocks,
 )
 from prescope.files import check_output, git_revision, portable_values
-from prescope.policies import parse_policy
+from prescope.policies import LIMITS, current_name, parse_policy
 from prescope.timeline import host_device, measured_profile
 
 if TYPE_CHECKING:  # torch, the engine and the models load in the functions that measure: `--help` starts fast
@@ -71,7 +73,8 @@ if TYPE_CHECKING:  # torch, the engine and the models load in the functions that
 
 RESIDENT = "resident"
 ALL_POLICIES = ("on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix", "prescope",
-                "oracle")
+                "belady", "ceiling")
+LIMIT_RATIOS = ("on_demand_lru", *LIMITS)  # every cell's throughput against these of its own budget and batch
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         if subject.llapor is not None and subject.source is None and device.type == "cuda":
             overhead = {"model": name, **predictor_overhead(subject.llapor, subject.router_inputs(cfg), device)}
             meta.setdefault("predictor_overhead", []).append(overhead)
-        cells = [(RESIDENT, 1.0)] + [(p, b) for b in cfg.budgets for p in cfg.policies]
+        cells = [(RESIDENT, 1.0)] + [(current_name(p), b) for b in cfg.budgets for p in cfg.policies]
         measured: dict[str, list] = {}  # cell -> (about, row, route, timeline) of each round so far
         position: dict[str, int] = {}  # cell -> its row in `rows` (the median of its rounds so far)
         for rnd, (policy_name, budget) in ((r, c) for r in range(cfg.repeats) for c in cells):
@@ -413,7 +416,7 @@ def _add_ratios(rows: list[dict], link_gbps: float | None = None) -> None:
         ref, base = resident.get((r["model"], r["batch"])), stock.get((r["model"], r["batch"]))
         if base is not None:
             r["vs_stock"] = r["decode_tok_s"] / base["decode_tok_s"]
-        for other in ("on_demand_lru", "oracle", ACCELERATE):
+        for other in (*LIMIT_RATIOS, ACCELERATE):
             peer = same.get((r["model"], other, r["budget"], r["batch"]))
             if peer is not None and r["policy"] not in (STOCK, RESIDENT):
                 r[f"vs_{other}"] = r["decode_tok_s"] / peer["decode_tok_s"]
@@ -425,9 +428,10 @@ def _add_ratios(rows: list[dict], link_gbps: float | None = None) -> None:
 
 
 def bench_table(path: str | Path) -> pd.DataFrame:
-    """The cells of a bench.json with ratios and regimes, for reports and notebooks."""
+    """The cells of a bench.json with ratios and regimes, for reports and notebooks; policies named as today
+    (`policies.current_name`: earlier runs' `oracle` is `belady`)."""
     data = read_bench(path)
-    rows = [dict(r) for r in data["cells"]]
+    rows = [{**r, "policy": current_name(r["policy"])} for r in data["cells"]]
     _add_ratios(rows)
     table = pd.DataFrame(rows)
     table.attrs.update(source=data.get("source", "measured"), profile=measured_profile(data.get("device", "?")),
@@ -487,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
     rows = run_bench(cfg)
     table = pd.DataFrame(rows)
     table = table[[c for c in ("model", "policy", "budget", "batch", "decode_tok_s", "decode_ms_median", "vs_resident",
-                               "vs_on_demand_lru", "vs_oracle", "regime") if c in table]]
+                               "vs_on_demand_lru", "vs_ceiling", "regime") if c in table]]
     print(table.to_string(index=False))
     print(json.dumps({"bench": asdict(cfg), "cells": len(rows)}))
     return 0

@@ -5,13 +5,13 @@ comparison for other hardware through the trace-replay simulator (`simulator.rep
 with hidden states (prescope-tiny on held-out text), timed as a shape twin that routes like it (default
 OLMoE-1B-7B: same L, E, K), on each profile, for every policy of the bench plus the everything-resident
 reference (budget 1.0, `on_demand_lru`), at each budget and batch size. Policies get what the bench gives
-them (`subjects.Subject.policy`; predictors read `LayerView.hidden`, the oracle `LayerView.future`, both
-filled by `replay`), AsyncIO's priority link where the policy asks for it (`prescope`, `oracle`: the
+them (`subjects.Subject.policy`; predictors read `LayerView.hidden`, the limits `LayerView.future`, both
+filled by `replay`), AsyncIO's priority link where the policy asks for it (`prescope` and the limits: the
 engine's rule when `EngineConfig.async_io` is None), and decide with the profile that times them.
 
 Per cell: median decode step (decode_ms), tok_s = tokens / Σ step latency, loads per step (on demand +
 prefetched), the simulator's lower bound on a step and over_bound = Σ latency / Σ bound, and tok_s ratios
-inside one profile and batch: vs_on_demand_lru, vs_oracle (same budget), vs_resident. Regime: link-bound
+inside one profile and batch: vs_on_demand_lru, vs_belady, vs_ceiling (same budget), vs_resident. Regime: link-bound
 when a step's bytes take longer at the profile's peak link bandwidth than the resident step. Every row is
 source="simulated". A replay is pure Python, so prompts are an evenly spaced subset, the same in every cell.
 """
@@ -43,7 +43,7 @@ from prescope.files import (
     write_with_sidecar,
 )
 from prescope.hardware.profiles import HardwareProfile, ProfileError, load_profile
-from prescope.policies import POLICIES, make_policy
+from prescope.policies import LIMITS, POLICIES, current_name, make_policy
 from prescope.policies.base import Policy, costs_for
 from prescope.routing.trace import Trace
 from prescope.sim.simulator import replay
@@ -53,13 +53,14 @@ DEFAULT_PREDICTOR = ".cache/llapor/llapor-a2863700bae5.pt"
 DEFAULT_PROFILES = ("v100-pcie3", "a100-pcie4", "h200", "reports/h200/h200-engine.json")
 DEFAULT_MEASURED = "reports/h200/comparison/olmoe-tiny-routing.json"  # the same twin measured on the H200
 DEFAULT_HOST = "reports/h200/h200-engine.json"  # the engine's measured host side, for the published profiles
-BASELINES = ("on_demand_lru", "oracle")  # the peers every row is compared with at its own budget
+BASELINES = ("on_demand_lru", "belady", "ceiling")  # every row is compared with these at its own budget
 ROUTERS = ("prescope-tiny", "fit")  # whose routers the gate lookahead applies (or least squares on the trace)
 PRESCOPE_LOOKAHEAD = 3  # the bench's default window for `prescope`
 MS = 1e3
 COLUMNS = ("profile", "profile_source", "policy", "budget", "batch", "slots", "async_io", "predictor", "steps",
            "tokens", "decode_ms", "decode_ms_mean", "tok_s", "loads_per_step", "on_demand_per_step", "hit_rate",
-           "gpu_idle_share", "prefetch_precision", "lower_bound_ms", "over_bound", "vs_on_demand_lru", "vs_oracle",
+           "gpu_idle_share", "prefetch_precision", "lower_bound_ms", "over_bound", "vs_on_demand_lru", "vs_belady",
+           "vs_ceiling",
            "vs_resident", "regime", "source")
 
 
@@ -116,7 +117,7 @@ class CompareConfig:
 
 def check_grid(policies: Sequence[str], budgets: Sequence[float], batch_sizes: Sequence[int]) -> None:
     """CompareError unless every policy is known, budgets are shares in (0, 1) and batch sizes >= 1."""
-    unknown = [p for p in policies if p not in POLICIES]
+    unknown = [p for p in policies if current_name(p) not in POLICIES]
     if unknown or not policies:
         raise CompareError(f"unknown or no policies {unknown or list(policies)}; choose from {sorted(POLICIES)}")
     if not budgets or any(not 0.0 < b < 1.0 for b in budgets):
@@ -170,6 +171,7 @@ def policy_for(name: str, gate=None, llapor=None, lookahead: int = PRESCOPE_LOOK
     name). Without `gate`, the gate-lookahead policies predict from the routing they have seen."""
     from prescope.experiments.subjects import GATE_POLICIES  # torch: imported when a comparison runs
 
+    name = current_name(name)
     if name in GATE_POLICIES:
         return make_policy(name, predictor=gate), "gate_lookahead" if gate is not None else "previous step"
     if name == "prescope":
@@ -177,7 +179,9 @@ def policy_for(name: str, gate=None, llapor=None, lookahead: int = PRESCOPE_LOOK
             return make_policy(name, predictor=llapor, lookahead=min(lookahead, llapor.config.distance)), "llapor"
         return (make_policy(name, predictor=gate, lookahead=lookahead),
                 "gate_lookahead" if gate is not None else "previous step")
-    if name == "oracle":
+    if name == "ceiling":
+        return make_policy(name, lookahead=lookahead), "replayed future"
+    if name in LIMITS:
         return make_policy(name), "replayed future"
     return make_policy(name), "own statistics" if name == "activation_matrix" else "none"
 
@@ -191,7 +195,7 @@ def compare(trace: Trace, profiles: Sequence[HardwareProfile | str], *, policies
     (`simulator.replay`); `progress` is called with each finished row."""
     check_grid(policies, budgets, batch_sizes)
     profiles = [p if isinstance(p, HardwareProfile) else resolve_profiles([p])[0] for p in profiles]
-    cells = [(RESIDENT, 1.0)] + [(p, b) for b in budgets for p in policies]
+    cells = [(RESIDENT, 1.0)] + [(current_name(p), b) for b in budgets for p in policies]
     rows = []
     for profile in profiles:
         for batch in batch_sizes:
@@ -225,7 +229,7 @@ def cell_row(sim, profile: HardwareProfile, policy: str, budget: float, batch: i
 
 
 def add_ratios(table: pd.DataFrame, peak_gbps: dict[str, float] | None = None) -> pd.DataFrame:
-    """Throughput ratios inside one profile and batch: vs_on_demand_lru and vs_oracle against the row of
+    """Throughput ratios inside one profile and batch: vs_on_demand_lru, vs_belady and vs_ceiling against the row of
     that policy at the same budget (NaN for the resident row or where the peer did not run), vs_resident
     against the resident row; and the regime where the profile's peak link bandwidth is given."""
     table = table.copy()
@@ -248,7 +252,7 @@ def add_ratios(table: pd.DataFrame, peak_gbps: dict[str, float] | None = None) -
 def main_ratios(table: pd.DataFrame, policy: str = "prescope") -> pd.DataFrame:
     """`policy`'s ratios per profile, budget and batch: the headline of the comparison."""
     rows = table[table["policy"] == policy]
-    return rows[["profile", "budget", "batch", "decode_ms", "tok_s", "vs_on_demand_lru", "vs_oracle",
+    return rows[["profile", "budget", "batch", "decode_ms", "tok_s", "vs_on_demand_lru", "vs_ceiling",
                  "vs_resident", "regime"]].reset_index(drop=True)
 
 
@@ -256,7 +260,7 @@ def best_policies(table: pd.DataFrame) -> pd.DataFrame:
     """The fastest offloaded policy per profile, budget and batch, and its ratio to `on_demand_lru`."""
     offloaded = table[table["policy"] != RESIDENT]
     best = offloaded.loc[offloaded.groupby(["profile", "budget", "batch"])["tok_s"].idxmax()]
-    columns = ["profile", "budget", "batch", "policy", "tok_s", "vs_on_demand_lru", "vs_oracle"]
+    columns = ["profile", "budget", "batch", "policy", "tok_s", "vs_on_demand_lru", "vs_ceiling"]
     return best[columns].reset_index(drop=True)
 
 
@@ -419,9 +423,9 @@ row per cell, all `source=simulated`; `comparison.json`: config, git revision, t
   `on_demand_lru`). Budgets {', '.join(f'{b:.0%}' for b in cfg['budgets'])} of all L·E experts; batch
   sizes {', '.join(map(str, cfg['batch_sizes']))}. Predictors as in `prescope bench`: gate lookahead
   ({cfg['routers']} routers) for `lookahead_prefetch` and `hybrid`; LLaPor `{cfg['predictor']}` for
-  `prescope` (lookahead {cfg['lookahead']}, capped at its trained distance); `oracle` the replayed future;
-  AsyncIO's priority link for the policies that ask for it (`prescope`, `oracle`). Each policy decides
-  with the profile that times it.
+  `prescope` (lookahead {cfg['lookahead']}, capped at its trained distance); `belady` and `ceiling` the
+  replayed future; AsyncIO's priority link for the policies that ask for it (`prescope` and those two). Each
+  policy decides with the profile that times it.
 - **Profiles**: one twin expert costs *load / GPU / CPU* ms (link; GPU and CPU for one token); host time
   per layer and per transfer, and prediction / planning per layer (charged only to `prescope`, the one
   policy declaring them) are profile constants. The built-in `h200` is the measured base the two
@@ -442,7 +446,7 @@ Command (git `{meta['git_revision']}`{uncommitted}, {meta['seconds']:.0f} s on a
 Columns: `decode_ms` median decode step; `tok_s` tokens over the summed step latencies; `loads_per_step`
 expert transfers per step (on demand + prefetched); `lower_bound_ms` the simulator's bound on a step (no
 policy of this engine can beat it), `over_bound` the run's latency over that bound; `vs_on_demand_lru`,
-`vs_oracle` throughput ratios to that policy at the same profile, budget and batch; `vs_resident` to the
+`vs_belady`, `vs_ceiling` throughput ratios to that policy at the same profile, budget and batch; `vs_resident` to the
 resident reference; `regime` link-bound when the bytes a step moves take longer at the profile's peak than
 the resident step.
 
@@ -467,13 +471,14 @@ the resident step.
 - The simulator charges no policy Python time beyond the profile's predict / plan constants (and the host
   time per transfer where the profile has it), and those only for the layers a policy plans. On the H200
   the engine measured `prescope` spending 0.5–2.5 ms per MoE layer where it plans (`../h200/comparison/`).
-- The simulator runs a layer's host work serially with the GPU. The engine overlaps a layer's loads and
-  kernels with the host's work on the next layer, and `prescope`'s gate counts on that: where it finds the
-  host the bottleneck it runs layers on demand, and the simulator then charges the loads the gate took as
-  hidden (so host-bound cells of profiles with a large host overhead, e.g. `h200-engine`, show `prescope`
-  near `on_demand_lru`; before the gate it planned there).
-- `oracle` is the project's prefetch oracle (it knows the running step's future, evicts by Belady, splits
-  only the running layer's misses with the CPU): not a bound, and other policies can beat it;
+- The simulator runs a layer's host work serially with the GPU; the engine overlaps a layer's loads and
+  kernels with the host's work on the next layer. `prescope`'s gate judges from the costs the executor
+  gives (`Costs.host_hides_device`): in a replay it plans where the misses of a layer, split between the
+  link and the CPU, end it later than all-resident experts would, and runs the others on demand with the
+  same split.
+- `belady` (named `oracle` before) knows the running step's future, evicts by Belady and splits only the
+  running layer's misses with the CPU: not a bound, and other policies can beat it. `ceiling` is PreScope
+  fed the true future (perfect prediction): what `prescope` would reach with a perfect predictor.
   `lower_bound_ms` is the bound.
 - Routing comes from prescope-tiny (a small model trained by the project), replayed on a twin's shapes.
 """
@@ -545,11 +550,11 @@ def run(args: argparse.Namespace) -> int:
                         measured=args.measured or None, host_of=args.host_of or None, out=args.out)
     table, meta = run_compare(cfg)
     shown = table[["profile", "policy", "budget", "batch", "decode_ms", "tok_s", "loads_per_step", "lower_bound_ms",
-                   "vs_on_demand_lru", "vs_oracle", "vs_resident", "regime"]]
+                   "vs_on_demand_lru", "vs_ceiling", "vs_resident", "regime"]]
     print(shown.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     headline = main_ratios(table)
     print(json.dumps({"command": "simulate-compare", "source": "simulated", "out": cfg.out,
                       "git_revision": meta["git_revision"], "cells": len(table), "seconds": meta["seconds"],
-                      "prescope": headline[["profile", "budget", "batch", "vs_on_demand_lru", "vs_oracle"]]
+                      "prescope": headline[["profile", "budget", "batch", "vs_on_demand_lru", "vs_ceiling"]]
                       .round(3).to_dict(orient="records")}))
     return 0

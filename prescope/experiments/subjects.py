@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from prescope.models import adapter, twins
-from prescope.policies import make_policy
+from prescope.policies import LIMITS, make_policy
 from prescope.routing.replay import RoutingReplay, record_replay
 
 GATE_POLICIES = ("lookahead_prefetch", "hybrid")  # given gate lookahead (the routers of the model that routes)
@@ -148,7 +148,9 @@ class Subject:
                 return make_policy(name, predictor=self.llapor, lookahead=depth, **options), "llapor"
             return make_policy(name, predictor=GateLookahead.from_model(router_model), lookahead=lookahead,
                                **options), "gate_lookahead"
-        if name == "oracle":
+        if name == "ceiling":
+            return make_policy(name, lookahead=lookahead, **options), "replayed future"
+        if name in LIMITS:
             return make_policy(name, **options), "replayed future"
         return make_policy(name, **options), "own statistics" if name == "activation_matrix" else "none"
 

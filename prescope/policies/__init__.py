@@ -4,11 +4,15 @@
   typed options (`PolicyOptions`) and the two prediction-free policies;
 - `cache`: the GPU slot bookkeeping a policy reads and the executors update;
 - `protocol`: one MoE layer's steps, written once for both executors (the engine, the simulator);
-- `peers`: the prediction-driven policies (the peers' systems, PreScope, the oracle), on `predictive`;
-- `presched`: PreSched, the cross-layer planner, a pure function; `reliability`: online calibration.
+- `peers`: the prediction-driven policies (the peers' systems, PreScope), on `predictive`;
+- `limits`: what knowing the step's future buys: `belady` (true future, Belady's eviction; results before it
+  was renamed call it `oracle`) and `ceiling` (PreScope with perfect prediction);
+- `presched`: PreSched, the cross-layer planner, a pure function; `objective`: J of any plan, the reference it is
+  tested against; `reliability`: online calibration.
 
 `POLICIES` names every policy; `make_policy(name, **options)` builds one; `parse_policy("name[k=v,...]+sync")`
-reads a policy as the command line and result files name it.
+reads a policy as the command line and result files name it; `current_name` reads a name of earlier results
+(`oracle` -> `belady`).
 """
 
 from __future__ import annotations
@@ -18,16 +22,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prescope.policies.base import CpuMisses, OnDemandLRU, Policy, PolicyError
-from prescope.policies.peers import ActivationMatrixPolicy, Hybrid, LookaheadPrefetch, OracleFuture, PreScope
+from prescope.policies.limits import LEGACY_NAMES, Belady, Ceiling
+from prescope.policies.peers import ActivationMatrixPolicy, Hybrid, LookaheadPrefetch, PreScope
 
 POLICIES: dict[str, Callable[..., Policy]] = {cls.name: cls for cls in (
-    OnDemandLRU, CpuMisses, Hybrid, LookaheadPrefetch, ActivationMatrixPolicy, PreScope, OracleFuture)}
+    OnDemandLRU, CpuMisses, Hybrid, LookaheadPrefetch, ActivationMatrixPolicy, PreScope, Belady, Ceiling)}
+LIMITS = (Belady.name, Ceiling.name)  # the policies that know the step's future (no system can run them)
 SYNC = "+sync"  # AsyncIO off: every copy issued at once, first come first served
 CALIBRATED = "+cal"  # the name results of earlier versions give `prescope[calibrate=True]`
 
 
+def current_name(text: str) -> str:
+    """A policy name as results of earlier versions wrote it, in today's words: `oracle` (and `oracle+sync`,
+    `oracle[...]`) -> `belady`; any other name unchanged."""
+    for old, new in LEGACY_NAMES.items():
+        if text == old or text.startswith((old + "[", old + "+")):
+            return new + text[len(old):]
+    return text
+
+
 def make_policy(name: str, **options) -> Policy:
-    """The policy registered as `name`, built with `options` (a predictor, and its `options_type` fields)."""
+    """The policy registered as `name` (or as an earlier name of it, `current_name`), built with `options` (a
+    predictor, and its `options_type` fields)."""
+    name = current_name(name)
     if name not in POLICIES:
         raise PolicyError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
     return POLICIES[name](**options)
@@ -57,8 +74,10 @@ class PolicySpec:
 
 def parse_policy(text: str) -> PolicySpec:
     """`prescope[window_reuse=False, lookahead=2]+sync` -> PolicySpec; options are Python literals, checked
-    against the policy's option types; a clear PolicyError for anything else."""
+    against the policy's option types; an earlier name reads as today's (`oracle` -> `belady`); a clear
+    PolicyError for anything else."""
     rest, sync = (text[: -len(SYNC)], True) if text.endswith(SYNC) else (text, False)
+    rest = current_name(rest.strip())
     calibrated = rest.endswith(CALIBRATED)
     rest = rest[: -len(CALIBRATED)] if calibrated else rest
     name, bracket, inside = rest.partition("[")

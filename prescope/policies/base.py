@@ -13,8 +13,9 @@ trace-replay simulator all run the very same objects:
 Each policy names the system it imitates and where it simplifies, and declares its options as a frozen
 dataclass (`Policy.options_type`, a `PolicyOptions`), typed and checked once: `make_policy(name, **options)`
 and the command line's `name[key=value,...]` (`prescope.policies.parse_policy`) both build it.
-Prediction-driven policies (lookahead, activation matrix, prescope, oracle) build on this interface in
-`peers.py`; the registry by name is `prescope.policies.POLICIES`.
+Prediction-driven policies (lookahead, activation matrix, prescope) build on this interface in `peers.py`,
+the limits that know the future (belady, ceiling) in `limits.py`; the registry by name is
+`prescope.policies.POLICIES`.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class LayerView:
     experts: tuple[int, ...]  # routed experts of this layer, most tokens first
     tokens: tuple[int, ...]  # tokens routed to each of them
     hidden: Any = None  # router input [N, H] when the executor has it (predictors use it)
-    future: Sequence[Sequence[int]] | None = None  # true routing of later layers, for the oracle only
+    future: Sequence[Sequence[int]] | None = None  # true routing of later layers, for the limits only
+    future_tokens: Sequence[Sequence[int]] | None = None  # tokens per expert of `future`, where known
 
 
 @dataclass
@@ -101,10 +103,15 @@ class Costs:
     host: float = 0.0  # the host's own time per MoE layer at decode (launches, Python), which device work hides behind
     launch: float = 0.0  # the fixed part of `gpu(n)`: launching one expert's kernels, which the host spends too
     plan: float = 0.0  # host time of one layer's prediction and planning by a predicting policy
+    transfer_host: float = 0.0  # host time to issue one transfer (the profile's host_per_transfer_s)
+    # whether the executor runs a layer's loads and kernels while the host already works on the next layer
+    # (the engine: one sync per layer, then launches run ahead), or after the host's work, serially (the simulator)
+    host_hides_device: bool = True
 
 
 def costs_for(layout, profile) -> Costs:
-    """Per-expert costs of `layout`'s experts on hardware `profile` (prescope.hardware.cost formulas).
+    """Per-expert costs of `layout`'s experts on hardware `profile` (prescope.hardware.cost formulas), as the
+    engine runs them (its host runs ahead of the device: `host_hides_device`).
 
     The layer gap is the profile's host overhead per layer plus the GPU's fixed cost of one layer's
     resident work: a floor, since the attention's own size is not part of the layout."""
@@ -118,7 +125,8 @@ def costs_for(layout, profile) -> Costs:
                  cpu=lambda n: cost.cpu_expert_time(n, *dims, profile),
                  layer_gap=profile.host_overhead_per_layer_s + profile.gpu_dense.fixed_s,
                  host=profile.host_overhead_per_layer_s, launch=profile.gpu_expert.fixed_s,
-                 plan=profile.predict_overhead_s + profile.plan_overhead_s)
+                 plan=profile.predict_overhead_s + profile.plan_overhead_s,
+                 transfer_host=profile.host_per_transfer_s)
 
 
 class Policy(ABC):

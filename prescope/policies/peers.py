@@ -1,4 +1,4 @@
-"""Prediction-driven offloading policies on the `policies.Policy` interface: the peers', PreScope's, the oracle's.
+"""Prediction-driven offloading policies on the `policies.Policy` interface: the peers' and PreScope's.
 
 - `hybrid` (HybriMoE; FreeToken's `hybrid`): each layer splits its misses between the link and the CPU by
   the cost model, and prefetches the next layer's predicted top-K.
@@ -10,11 +10,9 @@
 - `prescope` (the paper): a predictor (LLaPor) over a window of D layers, the PreSched planner
   (`presched.plan`) for the split, the prefetches and the victims, and AsyncIO's priority link (on-demand
   loads overtake queued prefetches) where one expert's transfer takes >= 1 ms (`uses_async_io`).
-- `oracle` (the limit): the true later routing of the step (`LayerView.future`), every later expert
-  prefetched in order of use while Belady's rule (evict the key used farthest ahead) finds a victim used
-  later than it, the same victims for misses.
 
-The common part (what a policy has seen, victims, `Predictive.forecast`) is in `predictive.py`.
+The common part (what a policy has seen, victims, `Predictive.forecast`) is in `predictive.py`; the limits that
+know the step's true routing instead of predicting it (`belady`, `ceiling`) in `limits.py`.
 Predictors follow `predictors.Predictor` (`predict_window(layer, distances, hidden=, history=)`); a policy
 takes one at construction, or a zero-argument factory called at `reset`. Without one (e.g. built by name
 from a config), a policy predicts from the routing it has seen: the previous step's experts at the target
@@ -26,13 +24,12 @@ Letters: L MoE layers, E experts, K top-k, N tokens, D lookahead distance, S slo
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 import prescope.policies.presched as presched
-from prescope.policies.base import Costs, LayerView, Orders, Policy, PolicyError, lru_victim
+from prescope.policies.base import Costs, LayerView, Orders, PolicyError, lru_victim
 from prescope.policies.cache import ExpertCache, Key
 from prescope.policies.predictive import (
     UNPLANNED,
@@ -169,8 +166,9 @@ class PreScopeOptions(PredictiveOptions):
     layer_gap_s: float | None = None
     max_prefetch: int | None = None  # a cap on prefetches per plan (None: the slots)
     # host time to issue one transfer, paid whether or not the expert is used: a candidate is offered only if
-    # p·(load + h) > h, i.e. p > h / (load + h); it matters for small experts, hardly for large ones
-    transfer_host_s: float = 1e-4
+    # p·(load + h) > h, i.e. p > h / (load + h); it matters for small experts, hardly for large ones (None:
+    # `costs.transfer_host`, the profile's host_per_transfer_s, what the executor charges)
+    transfer_host_s: float | None = None
     # replace the predictor's p by the frequency measured so far for that p and distance (reliability.py)
     calibrate: bool = False
     # a resident key of layers l+1 … l+D is kept with the larger of its prediction and the memory's chance
@@ -186,9 +184,7 @@ class PreScopeOptions(PredictiveOptions):
         super().check()
         if self.candidates is not None and self.candidates < 1:
             raise PolicyError(f"candidates must be >= 1 per layer, got {self.candidates}")
-        if self.transfer_host_s < 0:
-            raise PolicyError(f"transfer_host_s must be >= 0 s, got {self.transfer_host_s}")
-        for name in ("layer_gap_s", "plan_host_s", "max_prefetch"):
+        for name in ("layer_gap_s", "plan_host_s", "max_prefetch", "transfer_host_s"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise PolicyError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -202,9 +198,11 @@ class PreScope(Predictive):
                   "being needed; the candidates per layer are the `candidates` most likely absent experts; "
                   "AsyncIO only where one expert's transfer takes >= 1 ms (below that its thread costs more "
                   "host time than it saves: reports/h200/comparison); "
-                  "a gate (gate=True) skips prediction and planning at layers where the device's on-demand work "
-                  "exceeds the host's own time per layer by less than planning costs (host-bound: a prefetch could "
-                  "not shorten the step); "
+                  "a gate (gate=True) skips prediction and planning at layers where what they could save "
+                  "(device_slack, judged from the costs the executor gives) is less than planning costs the host; "
+                  "such a layer runs on demand, its misses split between the link and the CPU where the host does "
+                  "not hide the device (the simulator), all on the GPU where it does (the engine's host-bound "
+                  "layers, where a CPU expert would cost the host, the bottleneck); "
                   "optional (calibrate=True, off by default; reports/h200/comparison says why): the predictor's "
                   "probabilities calibrated online per distance (reliability.Reliability)")
     async_io = True
@@ -246,23 +244,46 @@ class PreScope(Predictive):
             forecast = self.reliability.apply(forecast)
         return forecast
 
+    def transfer_host(self) -> float:
+        """Host seconds to issue one transfer: the option, else what the executor's costs say."""
+        return self.transfer_host_s if self.transfer_host_s is not None else self.costs.transfer_host
+
     def worth(self) -> float:
         """The probability under which a transfer's host time costs more than it can save: h / (load + h)."""
-        return self.transfer_host_s / (self.costs.load + self.transfer_host_s)
+        h = self.transfer_host()
+        return h / (self.costs.load + h)
 
     def device_slack(self, view: LayerView, cache: ExpertCache) -> float:
-        """How much longer the device's work of this layer, run on demand, takes than the host's own time per
-        layer (seconds; <= 0: host-bound). On demand: the routed experts' GPU time plus a load for each one
-        that is absent or only there because a prefetch brought it (not used yet); host: `costs.host`, the
-        launch of each routed expert (`costs.launch`, the fixed part of its GPU time: at decode the engine
-        is launch-bound, so host and device both spend it) and the host time of issuing those loads. The
-        engine syncs with the device once per layer (the routing), so a layer's loads and kernels run while
-        the host launches the next layer: when they take less than that, a prefetch cannot make the step
-        shorter and only adds its own host time and the planning."""
-        costs, layer, warm = self.costs, view.layer, cache.is_warm
-        demand = sum(1 for e in view.experts if not warm((layer, e)))
-        device = sum(map(costs.gpu, view.tokens)) + demand * costs.load
-        return device - (costs.host + len(view.experts) * costs.launch + demand * self.transfer_host_s)
+        """What prediction and prefetching could at most save at this layer, run on demand (seconds; <= 0:
+        nothing). A routed expert counts as a miss when it is absent or only there because a prefetch brought
+        it (not used yet), with h = `transfer_host()` of host time to issue its load.
+
+        Where the host hides the device (`costs.host_hides_device`, the engine: it syncs with the device once
+        per layer, for the routing, and a layer's loads and kernels run while the host launches the next
+        layer), the device's on-demand work minus the host's own time per layer: the routed experts' GPU time
+        plus a load per miss, against `costs.host`, the launch of each routed expert (`costs.launch`, the
+        fixed part of its GPU time: at decode the engine is launch-bound, so host and device both spend it)
+        and h per miss. When the device takes less than that, a prefetch cannot make the step shorter.
+
+        Where the host does not hide the device (the simulator: a layer's loads and kernels follow its host
+        work), how much later the layer ends with its misses, split between the link and the CPU as fast as
+        they go (presched.split_finishes), than with every routed expert resident (what perfect prefetching
+        gives PreSched's split); h is not counted, since a prefetch costs the host as much as a load on demand.
+        When misses cost nothing, because their loads land before the GPU needs them or the CPU runs them
+        beside the GPU's work, there is nothing to prefetch for."""
+        costs, layer, warm, h = self.costs, view.layer, cache.is_warm, self.transfer_host()
+        misses = [e for e in view.experts if not warm((layer, e))]
+        if costs.host_hides_device:
+            device = sum(map(costs.gpu, view.tokens)) + len(misses) * costs.load
+            return device - (costs.host + len(view.experts) * costs.launch + len(misses) * h)
+        if not misses:
+            return 0.0
+        warm_keys = frozenset((layer, e) for e in view.experts if warm((layer, e)))
+        every_key = frozenset((layer, e) for e in view.experts)
+        finish = [min(presched.split_finishes(presched.Instance(
+            layer, view.experts, view.tokens, (), costs.load, costs.gpu, costs.cpu, resident=keys,
+            free_slots=len(misses), resident_on_cpu=True)).finishes) for keys in (warm_keys, every_key)]
+        return finish[0] - finish[1]
 
     def speculation_pays(self, view: LayerView, cache: ExpertCache) -> bool:
         """The gate: the running `device_slack` of this step's shape (restarted when the step's tokens
@@ -276,8 +297,9 @@ class PreScope(Predictive):
         return self.slack[1] > (self.plan_host_s if self.plan_host_s is not None else self.costs.plan)
 
     def nothing_to_plan(self, view: LayerView, cache: ExpertCache, forecast) -> bool:
-        """Every routed expert resident and no candidate in the window: PreSched's plan is then all routed
-        experts on the GPU in its order and nothing else, so it need not be built (exact, tested)."""
+        """Every routed expert resident and no candidate in the window: PreSched's plan is then the layer's
+        fastest split of its resident experts (`fastest_split`) and nothing else, so it need not be built
+        (exact, tested)."""
         layer, resident, present = view.layer, cache.is_resident, cache.is_present
         if not all(resident((layer, e)) for e in view.experts):
             return False
@@ -298,12 +320,23 @@ class PreScope(Predictive):
             absent.sort(key=p.__getitem__, reverse=True)  # stable: ties by expert
             predictions.append(tuple(presched.Candidate(e, p[e], max(1, round(n[e]))) for e in absent[:keep]))
             compute.append(self._expected_compute(p, n))
-        # victims: a key's chance of being needed is what the memory saw (frequency, at least the lag-1 reuse
-        # rate for the last run's experts); a window key's the larger of that and its prediction (window_reuse:
-        # the H200 showed prefetches evicting experts that reuse asked for again; else the prediction alone);
-        # a prefetch not used yet keeps its slot until its layer ran (no churn between plans); the plan takes
-        # at most one victim per routed expert and candidate
-        routed, chances, memory = {(layer, e) for e in view.experts}, [], self.memory
+        chances = self.victim_chances(view, cache, forecast)
+        need = len(view.experts) + sum(len(c) for c in predictions)
+        held = tuple(presched.Held(key, min(1.0, q)) for q, key in smallest(need, chances))
+        gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
+        return presched.Instance(
+            layer, view.experts, view.tokens, tuple(predictions), costs.load, costs.gpu, costs.cpu,
+            resident=resident, inflight=eta, free_slots=cache.free_count, evictable=held, link_free=link_free,
+            demand_free=0.0 if self.uses_async_io(costs) else None, gap=gap, max_prefetch=self.max_prefetch,
+            compute=tuple(compute), resident_on_cpu=not costs.host_hides_device)
+
+    def victim_chances(self, view: LayerView, cache: ExpertCache, forecast) -> list[tuple[float, Key]]:
+        """(chance of being needed, key) of every key the plan may evict. A key's chance is what the memory saw
+        (frequency, at least the lag-1 reuse rate for the last run's experts); a window key's the larger of
+        that and its prediction (window_reuse: the H200 showed prefetches evicting experts that reuse asked for
+        again; else the prediction alone); a prefetch not used yet keeps its slot until its layer ran (no churn
+        between plans); the running layer's routed experts are never offered."""
+        layer, routed, chances, memory = view.layer, {(view.layer, e) for e in view.experts}, [], self.memory
         for j in range(cache.num_layers):
             d, window = j - layer, 1 <= j - layer <= len(forecast)
             keys = cache.evictable_keys(j, keep_fresh=window)
@@ -317,14 +350,7 @@ class PreScope(Predictive):
                     row = forecast[d - 1][0]
                     seen = [max(row[e], q) for (_, e), q in zip(keys, seen, strict=True)]
             chances += zip(seen, keys, strict=True)
-        need = len(view.experts) + sum(len(c) for c in predictions)
-        held = tuple(presched.Held(key, min(1.0, q)) for q, key in smallest(need, chances))
-        gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
-        return presched.Instance(
-            layer, view.experts, view.tokens, tuple(predictions), costs.load, costs.gpu, costs.cpu,
-            resident=resident, inflight=eta, free_slots=cache.free_count, evictable=held, link_free=link_free,
-            demand_free=0.0 if self.uses_async_io(costs) else None, gap=gap, max_prefetch=self.max_prefetch,
-            compute=tuple(compute))
+        return chances
 
     def uses_async_io(self, costs: Costs | None) -> bool:
         return costs is None or costs.load >= self.ASYNC_MIN_LOAD_S
@@ -348,15 +374,18 @@ class PreScope(Predictive):
         routed = {(view.layer, e) for e in view.experts}
         self.on_demand = self.costs is not None and self.gate and not self.speculation_pays(view, cache)
         if self.costs is None or self.on_demand:
-            # nothing to weigh, or host-bound: every routed expert on the GPU on demand, nothing predicted or
-            # planned (a CPU expert would put its token copy, sync and hand-off on the host, the bottleneck)
+            # nothing to weigh, or speculation cannot pay: nothing predicted or planned; where the host hides the
+            # device (host-bound engine layers) every routed expert on the GPU on demand (a CPU expert would put
+            # its token copy, sync and hand-off on the host, the bottleneck), else the fastest split of misses
             self.lean += self.on_demand
-            return self._unplanned(cache, routed, list(view.experts))
+            if self.costs is None or self.costs.host_hides_device:
+                return self._unplanned(cache, routed, list(view.experts))
+            gpu, cpu = fastest_split(view, cache, self.costs)
+            return self._unplanned(cache, routed, gpu, cpu)
         forecast = self.window_forecast(view)
         if self.nothing_to_plan(view, cache, forecast):
             self.skipped += 1
-            order = sorted(zip(view.experts, view.tokens, strict=True), key=lambda r: (-r[1], r[0]))
-            return self._unplanned(cache, routed, [e for e, _ in order])
+            return self._unplanned(cache, routed, *fastest_split(view, cache, self.costs))
         inst = self.instance(view, cache, forecast)
         p = presched.plan(inst)
         keys = [(view.layer, e) for e in p.loads] + list(p.prefetch)
@@ -366,11 +395,11 @@ class PreScope(Predictive):
         self.issued = self._still_loading(cache) + keys
         return Orders(gpu=list(p.gpu), cpu=list(p.cpu), prefetch=list(p.prefetch))
 
-    def _unplanned(self, cache: ExpertCache, routed: set[Key], gpu: list[int]) -> Orders:
-        """Orders without PreSched: `gpu` in that order, no prefetch, no planned victims."""
+    def _unplanned(self, cache: ExpertCache, routed: set[Key], gpu: list[int], cpu: list[int] | None = None) -> Orders:
+        """Orders without PreSched: `gpu` in that order, `cpu` on the CPU, no prefetch, no planned victims."""
         self.planned, self.loss, self.protect = {}, {}, routed
         self.issued = self._still_loading(cache)
-        return Orders(gpu=gpu)
+        return Orders(gpu=gpu, cpu=cpu or [])
 
     def planned_work(self) -> tuple[str, ...]:
         return () if self.on_demand else self.host_work
@@ -385,81 +414,3 @@ class PreScope(Predictive):
             return lru_victim(cache, key, protect)
         slot = planned_slot(cache, self.planned.pop(key, UNPLANNED), protect)
         return slot if slot is not None else ranked_victim(cache, protect, lambda k: self.loss.get(k, 1.0))
-
-
-# ---- the oracle --------------------------------------------------------------------------------------------
-
-class OracleFuture(Policy):
-    name = "oracle"
-    imitates = "the limit: true future routing, Belady's eviction, full overlap"
-    simplifies = ("knows the rest of the running step (LayerView.future), not later steps: a key not used "
-                  "again this step is taken to be needed next step at its layer, so the farthest such layer "
-                  "goes first (then least recently used); the layer's misses split by the cost model; "
-                  "without LayerView.future (the live engine) it has nothing to know and plans on demand")
-    async_io = True
-    needs_future = True
-
-    def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
-        super().reset(cache, num_experts, costs)
-        self.next_use: dict[Key, int] = {}
-        self.planned: dict[Key, Key | None] = {}
-        self.protect: set[Key] = set()
-        self.layer, self.warned = -1, False
-        return []
-
-    def distance(self, key: Key, layer: int, num_layers: int) -> int:
-        """Layers from `layer` until `key` is next used: this step where the future says so, else at its own
-        layer in the next step (L − layer + key's layer)."""
-        return self.next_use.get(key, num_layers - layer + key[0])
-
-    def plan(self, view: LayerView, cache: ExpertCache) -> Orders:
-        routed, self.layer = {(view.layer, e) for e in view.experts}, view.layer
-        if view.future is None and not self.warned:
-            warnings.warn("oracle: this executor gives no LayerView.future; planning on demand", RuntimeWarning,
-                          stacklevel=2)
-            self.warned = True
-        future = view.future or ()
-        self.next_use = {k: 0 for k in routed}
-        for d, experts in enumerate(future, 1):
-            for e in experts:
-                self.next_use.setdefault((view.layer + d, e), d)
-        gpu, cpu = fastest_split(view, cache, self.costs) if view.future is not None else (list(view.experts), [])
-        # Belady admission: walk the later keys in order of use, each taking a free slot or the slot of the
-        # resident key used farthest ahead, as long as that key is used later than the one loaded
-        L = view.num_layers
-        held = {k: self.distance(k, view.layer, L) for k in cache.present_keys()}
-        misses = [(view.layer, e) for e in gpu if not cache.is_present((view.layer, e))]
-        free = cache.free_count
-        self.planned, prefetch = {}, []
-        for key in misses + [(view.layer + d, e) for d, experts in enumerate(future, 1) for e in experts]:
-            if key in held:
-                continue
-            use = self.next_use[key]
-            if free:
-                free -= 1
-                victim = None
-            else:
-                candidates = [k for k in held if k not in routed]
-                if not candidates:
-                    break
-                victim = max(candidates, key=lambda k: (held[k], k))
-                if held[victim] <= use:
-                    break
-                del held[victim]
-            held[key] = use
-            self.planned[key] = victim
-            if key[0] != view.layer:
-                prefetch.append(key)
-        self.protect = routed | set(prefetch)
-        return Orders(gpu=gpu, cpu=cpu, prefetch=prefetch)
-
-    def victim(self, cache: ExpertCache, key: Key) -> int | None:
-        protect = _guarded(self.protect, key, self.layer)
-        slot = planned_slot(cache, self.planned.pop(key, UNPLANNED), protect)
-        if slot is not None:
-            return slot
-        L = cache.num_layers
-        return ranked_victim(cache, protect, lambda k: -self.distance(k, self.layer, L))
-
-
-

@@ -302,14 +302,19 @@ def smallest(n: int, pairs: list[tuple[float, Key]]) -> list[tuple[float, Key]]:
 
 
 def fastest_split(view: LayerView, cache: ExpertCache, costs: Costs | None) -> tuple[list[int], list[int]]:
-    """(gpu, cpu): the split of this layer's misses that ends the layer first (presched.split_finishes),
-    loading at most as many as there are slots to take (free, or held by other layers' experts)."""
+    """(gpu, cpu): the split of this layer's experts that ends the layer first (presched.split_finishes: misses
+    loaded or on the CPU, present ones on the CPU too where that is sooner and the CPU costs no host time the
+    step waits for, `Costs.host_hides_device` False), loading at most as many as there are slots to take (free,
+    or held by other layers' experts)."""
     if costs is None:
         return list(view.experts), []
     routed = {(view.layer, e) for e in view.experts}
     takeable = cache.free_count + len(cache.evictable(None, routed))
     inst = presched.Instance(view.layer, view.experts, view.tokens, (), costs.load, costs.gpu, costs.cpu,
-                             resident=frozenset(k for k in routed if cache.is_present(k)), free_slots=takeable)
-    finishes, present, misses = presched.split_finishes(inst)
+                             resident=frozenset(k for k in routed if cache.is_present(k)), free_slots=takeable,
+                             resident_on_cpu=not costs.host_hides_device)
+    finishes, present, misses, offloaded = presched.split_finishes(inst)
     m = min(range(len(finishes)), key=lambda i: (finishes[i], i))
-    return [e for _, e, _ in present] + [e for e, _ in misses[:m]], [e for e, _ in misses[m:]]
+    moved = offloaded[m]  # present experts that the CPU, beside the GPU, ends sooner
+    gpu = [e for _, e, _ in present if e not in moved] + [e for e, _ in misses[:m]]
+    return gpu, [e for e, _ in misses[m:]] + list(moved)

@@ -3,11 +3,14 @@
 No tensors and no engine state: an `Instance` of plain numbers and tuples goes in, a `Plan` comes out.
 Time 0 is the moment layer l's orders are issued; τ = `load` is one expert's transfer.
 
-The model (what `expected_window_latency` computes, and what `plan` minimises)
-------------------------------------------------------------------------------
-Layer l (routing known). Routed experts that are resident (or in flight, ready at their ETA) run on the
-GPU. Each miss is either loaded on demand and run on the GPU, or run on the CPU from host memory. The m
-on-demand loads go first on the link, the j-th landing at demand_free + j·τ (demand_free = link_free for
+The model (what `objective.expected_window_latency` computes, and what `plan` minimises)
+----------------------------------------------------------------------------------------
+Layer l (routing known). Every routed expert may run on the CPU from host memory. One resident runs on the
+GPU unless the CPU, beside the GPU, ends the layer sooner (small experts, few tokens: the two lanes work in
+parallel; `resident_on_cpu` False keeps residents on the GPU). One in flight is either waited for (the GPU
+runs it at its ETA) or run on the CPU while its copy lands for later use (a late prefetch must not hold its
+layer up longer than the CPU would). Each miss is either loaded on demand and run on the GPU, or run on the
+CPU. The m on-demand loads go first on the link, the j-th landing at demand_free + j·τ (demand_free = link_free for
 a FIFO link; earlier for AsyncIO's priority queue, where on-demand loads overtake queued prefetches).
 The GPU runs its experts in the plan's order, each at max(GPU free, ready) for gpu(n); the CPU lane runs
 its experts one after another from cpu_free for cpu(n) each (cpu(n) is one expert on all the cores).
@@ -46,7 +49,11 @@ where an expert's GPU time is flat in tokens; otherwise the split is the best th
 1. Split. Misses sorted by tokens, most first; for each m (0 … min(misses, slots)) the m first are loaded
    (most tokens first) and the rest run on the CPU: with equal GPU times this minimises F0 for that m,
    since the CPU's time grows with tokens. The GPU runs earliest-ready first (optimal for one machine with
-   release times).
+   release times). For each m, the experts in flight that run on the CPU are the b that land last (ties:
+   fewest tokens first) and the resident ones the a with fewest tokens, (a, b) chosen to minimise F0(m)
+   (ties: fewer); exact among such choices. Residents are ready at 0, so they lead the GPU's queue and
+   the GPU ends at max(G_res − T_a + G_rest, late), G_res their GPU time, T_a that of the a moved, G_rest
+   and late the total and the release-bound end of the other jobs: each a costs O(1).
 2. Prefetch, for a given m. Positions are τ apart, so each layer d sees positions of full value
    (i ≤ c_d = ⌊r_d⌋), at most one partial position c_d + 1 of value f_d = r_d − c_d, and worthless ones.
    Within a layer values are w·β with a common β, so an optimal plan takes a prefix of the layer's
@@ -118,7 +125,9 @@ class Instance:
     given up (not pinned by layer l, not loading; a caller may pass only the cheapest). load, gpu, cpu: the
     cost model (τ; one expert for n tokens on the GPU, on the CPU). link_free: when the link ends what is
     queued; demand_free: when an on-demand load could start (None: link_free, a FIFO link); cpu_free: when
-    the CPU lane is free; gap: non-expert time between two MoE layers; max_prefetch: a cap (None: none).
+    the CPU lane is free; gap: non-expert time between two MoE layers; max_prefetch: a cap (None: none);
+    resident_on_cpu: whether a resident expert may run on the CPU (False where a CPU expert costs the host,
+    the bottleneck: the engine's host-bound layers).
     """
 
     layer: int
@@ -138,6 +147,7 @@ class Instance:
     gap: float = 0.0
     max_prefetch: int | None = None
     compute: tuple[float, ...] | None = None
+    resident_on_cpu: bool = True
 
     def __post_init__(self) -> None:
         if len(self.experts) != len(self.tokens) or len(set(self.experts)) != len(self.experts):
@@ -170,8 +180,9 @@ class Instance:
 
 @dataclass(frozen=True)
 class Plan:
-    """Orders for layer l and the window. gpu: present experts (by readiness) then `loads`; victims: one per
-    load, then one per prefetch (None: a free slot). objective: J of this plan (`expected_window_latency`)."""
+    """Orders for layer l and the window. gpu: present experts (by readiness) then `loads`; cpu: the misses not
+    loaded, then the present experts the CPU takes (in flight, then resident); victims: one per load, then one
+    per prefetch (None: a free slot). objective: J of this plan (`objective.expected_window_latency`)."""
 
     gpu: tuple[int, ...]
     cpu: tuple[int, ...]
@@ -191,7 +202,7 @@ class _Table(dict):
         return t
 
 
-class _Costs:
+class CostTables:
     """The instance's cost functions memoised for one planning call (few distinct token counts), looked up
     as gpu[n], cpu[n] and stall[n] = min(τ, max(0, cpu(n) − gpu(n))), what a miss of n tokens adds to its
     layer."""
@@ -207,10 +218,21 @@ class _Costs:
 
 # ---- layer l: the split ----------------------------------------------------------------------------------
 
-def split_finishes(inst: Instance, costs: _Costs | None = None) -> tuple[list[float], list, list]:
+class Split(NamedTuple):
+    """Layer l's split for every m: F0(m) (`finishes`); the present experts as (ready, expert, tokens) by
+    readiness; the misses as (expert, tokens), most tokens first (the m first are loaded); and, per m, the
+    present experts (in flight, then resident) that run on the CPU (`offloaded[m]`)."""
+
+    finishes: list[float]
+    present: list[tuple[float, int, float]]
+    misses: list[tuple[int, float]]
+    offloaded: list[tuple[int, ...]]
+
+
+def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
     """F0(m) for m = 0 … min(misses, slots): the m misses with most tokens loaded (most first), the rest on
-    the CPU. Returns (finishes, present as (ready, expert, tokens) by readiness, misses as (expert, tokens))."""
-    costs = costs or _Costs(inst)
+    the CPU, and the present experts that end the layer sooner on the CPU there (module docstring, step 1)."""
+    costs = costs or CostTables(inst)
     present, misses = [], []
     layer, resident, inflight = inst.layer, inst.resident, inst.inflight
     for e, n in zip(inst.experts, inst.tokens, strict=True):
@@ -224,28 +246,51 @@ def split_finishes(inst: Instance, costs: _Costs | None = None) -> tuple[list[fl
     present.sort(key=lambda r: (r[0], -r[2], r[1]))
     misses.sort(key=lambda r: (-r[1], r[0]))
     top = min(len(misses), inst.free_slots + len(inst.evictable))
-    # every job of the largest split by readiness (j = index of a load, -1 for a present expert); a smaller
-    # split keeps the same order without its later loads
     tau, start, gpu, cpu = inst.load, inst.demand_start, costs.gpu, costs.cpu
-    jobs = sorted([(r, -1, gpu[n]) for r, _, n in present]
-                  + [(start + j * tau, j, gpu[misses[j - 1][1]]) for j in range(1, top + 1)])
+    # the CPU may take: experts in flight, the last to land first (the b first), and resident ones, those with
+    # fewest tokens first (the a first)
+    late = sorted((i for i, (_, e, _) in enumerate(present) if (layer, e) in inflight),
+                  key=lambda i: (-present[i][0], present[i][2], present[i][1]))
+    held = sorted((i for i, (_, e, _) in enumerate(present) if (layer, e) in resident and inst.resident_on_cpu),
+                  key=lambda i: (present[i][2], present[i][1]))
+    gpu_fixed = sum(gpu[n] for (_, e, n) in present if (layer, e) in resident and not inst.resident_on_cpu)
+    rank = {i: b for b, i in enumerate(late, 1)}  # an expert in flight runs on the CPU when its rank <= b
+    gpu_held = sum(gpu[present[i][2]] for i in held)
+    gpu_moved = list(accumulate((gpu[present[i][2]] for i in held), initial=0.0))  # T_a
+    cpu_moved = list(accumulate((cpu[present[i][2]] for i in held), initial=0.0))
+    cpu_late = list(accumulate((cpu[present[i][2]] for i in late), initial=0.0))
+    # the GPU's other jobs by readiness (j = index of a load, -1 for an expert in flight of rank q)
+    jobs = sorted([(present[i][0], -1, gpu[present[i][2]], rank[i]) for i in late]
+                  + [(start + j * tau, j, gpu[misses[j - 1][1]], 0) for j in range(1, top + 1)])
     cpu_after = [0.0] * (len(misses) + 1)
     for j in range(len(misses) - 1, -1, -1):
         cpu_after[j] = cpu_after[j + 1] + cpu[misses[j][1]]
-    finishes = []
+    finishes, offloaded = [], []
     for m in range(top + 1):
-        g = 0.0
-        for r, j, t in jobs:
-            if j <= m:
-                g = (g if g > r else r) + t
-        finishes.append(max(g, inst.cpu_free + cpu_after[m]) if m < len(misses) else g)
-    return finishes, present, misses
+        best, chosen = None, (0, 0)
+        for b in range(len(late) + 1):
+            rest = bound = 0.0  # the other jobs' GPU time, and their end when started at 0 (release-bound)
+            for r, j, t, q in jobs:
+                if j <= m and not 0 < q <= b:
+                    bound = (bound if bound > r else r) + t
+                    rest += t
+            cpu_base = inst.cpu_free + cpu_after[m] + cpu_late[b]
+            for a in range(len(held) + 1):
+                g = gpu_fixed + gpu_held - gpu_moved[a] + rest
+                g = g if g > bound else bound
+                f = max(g, cpu_base + cpu_moved[a]) if m < len(misses) or a or b else g
+                if best is None or f < best:
+                    best, chosen = f, (a, b)
+        finishes.append(best)
+        a, b = chosen
+        offloaded.append(tuple(present[i][1] for i in late[:b] + held[:a]))
+    return Split(finishes, present, misses, offloaded)
 
 
-def layer_starts(inst: Instance, costs: _Costs | None = None, fastest: float | None = None) -> tuple[float, ...]:
+def layer_starts(inst: Instance, costs: CostTables | None = None, fastest: float | None = None) -> tuple[float, ...]:
     """S_d for d = 1 … D: S_1 = F* + gap, S_{d+1} = S_d + c_d + gap, with F* the fastest split's F0
     (computed unless given) and c_d = `compute` or Σ p·gpu(n) over layer l+d's candidates."""
-    costs = costs or _Costs(inst)
+    costs = costs or CostTables(inst)
     start = (min(split_finishes(inst, costs)[0]) if fastest is None else fastest) + inst.gap
     compute = inst.compute or [sum(c[1] * costs.gpu[c[2]] for c in layer) for layer in inst.predictions]
     starts = []
@@ -256,12 +301,6 @@ def layer_starts(inst: Instance, costs: _Costs | None = None, fastest: float | N
 
 
 # ---- the window -------------------------------------------------------------------------------------------
-
-def _frac(r: float, i: int) -> float:
-    """β = clip(r − (i − 1), 0, 1): share of the stall a prefetch at position i avoids."""
-    x = r - (i - 1)
-    return 1.0 if x >= 1.0 else (x if x > 0.0 else 0.0)
-
 
 def _merge(acc: list, lst: list, cap: int) -> list:
     """The `cap` largest of two descending lists, descending: one step of the greedy's layer-by-layer merge
@@ -445,8 +484,8 @@ def _best_split(window: _Window, splits: list[int], fixed: list[float], prune: b
 def plan(inst: Instance, prune: bool = True) -> Plan:
     """The plan minimising J (module docstring) for `inst`; among equal J, the faster split of layer l.
     `prune=False` enumerates every partial-position choice (the same optimum, slower; tests compare)."""
-    costs, tau = _Costs(inst), inst.load
-    finishes, present, misses = split_finishes(inst, costs)
+    costs, tau = CostTables(inst), inst.load
+    finishes, present, misses, offloaded = split_finishes(inst, costs)
     starts = layer_starts(inst, costs, min(finishes))
     stall, free = costs.stall, inst.free_slots
     # victims: free slots first, then evictable keys by loss; lam[j] is the (j+1)-th cheapest
@@ -491,81 +530,10 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
         prefetch.append((inst.layer + d + 1, ranked[d][rank]))
         x = r[d] - i
         saving.append(weights[d][rank] * (1.0 if x >= 1.0 else (x if x > 0.0 else 0.0)))
-    loads = tuple(e for e, _ in misses[:m])
-    ready = sorted([(t, i, e) for i, (t, e, _) in enumerate(present)]
+    loads, moved = tuple(e for e, _ in misses[:m]), offloaded[m]
+    ready = sorted([(t, i, e) for i, (t, e, _) in enumerate(present) if e not in moved]
                    + [(inst.demand_start + j * tau, len(present) + j, e) for j, e in enumerate(loads, 1)])
     used = m + len(prefetch)
-    return Plan(gpu=tuple(e for _, _, e in ready), cpu=tuple(e for e, _ in misses[m:]), loads=loads,
+    return Plan(gpu=tuple(e for _, _, e in ready), cpu=tuple(e for e, _ in misses[m:]) + moved, loads=loads,
                 prefetch=tuple(prefetch), victims=((None,) * min(used, free) + keys)[:used],
                 objective=finishes[m] + prefix[used] + base - sum(saving))
-
-
-# ---- the objective of any plan ---------------------------------------------------------------------------
-
-def expected_window_latency(inst: Instance, p: Plan) -> float:
-    """J of plan `p` on `inst` (module docstring), computed from the plan alone; PlanError for a plan that
-    does not place every routed expert once, loads a present expert, prefetches outside the window or a
-    present key, or names impossible victims."""
-    costs, tau = _Costs(inst), inst.load
-    routed = dict(zip(inst.experts, inst.tokens, strict=True))
-    if sorted(p.gpu + p.cpu) != sorted(routed):
-        raise PlanError(f"plan must place every routed expert once: routed {sorted(routed)}, gpu {p.gpu}, cpu {p.cpu}")
-    ready = {}
-    for e in p.gpu:
-        key = (inst.layer, e)
-        ready[e] = 0.0 if key in inst.resident else inst.inflight.get(key)
-    absent_gpu = {e for e, t in ready.items() if t is None}
-    if absent_gpu != set(p.loads) or len(p.loads) != len(set(p.loads)):
-        raise PlanError(f"loads {p.loads} must be exactly the absent experts on the GPU {sorted(absent_gpu)}")
-    for j, e in enumerate(p.loads, 1):
-        ready[e] = inst.demand_start + j * tau
-    g = 0.0
-    for e in p.gpu:
-        g = max(g, ready[e]) + costs.gpu[routed[e]]
-    cpu_end = inst.cpu_free + sum(costs.cpu[routed[e]] for e in p.cpu) if p.cpu else 0.0
-    f0 = max(g, cpu_end)
-    # victims
-    if len(p.victims) != len(p.loads) + len(p.prefetch):
-        raise PlanError(f"one victim per load and prefetch: {len(p.loads)} + {len(p.prefetch)}, got {len(p.victims)}")
-    named = [v for v in p.victims if v is not None]
-    loss_of = {h.key: h.prob * costs.stall[h.tokens] for h in inst.evictable}
-    if len(named) != len(set(named)) or any(v not in loss_of for v in named):
-        raise PlanError(f"victims must be distinct evictable keys, got {named}")
-    if len(p.victims) - len(named) > inst.free_slots:
-        raise PlanError(f"{len(p.victims) - len(named)} free slots used, {inst.free_slots} available")
-    # the window
-    starts = layer_starts(inst, costs)
-    cands = {}
-    base = 0.0
-    for d, layer in enumerate(inst.predictions, 1):
-        for cand in layer:
-            key = (inst.layer + d, cand.expert)
-            if key in inst.resident or key in inst.inflight:
-                continue
-            wt = cand.prob * costs.stall[cand.tokens]
-            cands[key] = (d, wt)
-            base += wt
-    if len(set(p.prefetch)) != len(p.prefetch):
-        raise PlanError(f"prefetches must be distinct, got {p.prefetch}")
-    L0 = inst.link_free + len(p.loads) * tau
-    saved = 0.0
-    for i, key in enumerate(p.prefetch, 1):
-        if not 1 <= key[0] - inst.layer <= len(inst.predictions) or key in inst.resident or key in inst.inflight:
-            raise PlanError(f"prefetch {key} is outside the window or already present")
-        if key in cands:
-            d, wt = cands[key]
-            saved += wt * _frac((starts[d - 1] - L0) / tau, i)
-    return f0 + base - saved + sum(loss_of[v] for v in named)
-
-
-def link_schedule(inst: Instance, p: Plan) -> list[tuple[Key, str, float, float]]:
-    """(key, kind, start, end) of the plan's transfers: on-demand loads from demand_start, then prefetches
-    from link_free + m·τ."""
-    tau, rows = inst.load, []
-    for j, e in enumerate(p.loads):
-        start = inst.demand_start + j * tau
-        rows.append(((inst.layer, e), "on_demand", start, start + tau))
-    L0 = inst.link_free + len(p.loads) * tau
-    for i, key in enumerate(p.prefetch):
-        rows.append((key, "prefetch", L0 + i * tau, L0 + (i + 1) * tau))
-    return rows

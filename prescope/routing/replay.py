@@ -3,11 +3,12 @@
 A `RoutingReplay` holds, for every batch row and position of one `generate()` call, each MoE layer's top-k
 experts and gate weights, and optionally the router input of the model it was recorded from. Installed
 in an engine (`Engine.set_replay`), the engine uses it instead of the model's own routing at every MoE
-layer, hands policies the step's true later routing (`LayerView.future`, which the oracle needs), and
-gives predictors the recorded router input instead of the running model's hidden state. Two uses:
+layer, hands policies the step's true later routing (`LayerView.future`, which the limits `belady` and
+`ceiling` need), and gives predictors the recorded router input instead of the running model's hidden
+state. Two uses:
 
 - every policy of a benchmark cell sees exactly the routing the resident run recorded (no divergence from
-  numerics of CPU-placed experts), and the oracle knows the future;
+  numerics of CPU-placed experts), and the limits know the future;
 - a model of the same topology (L, E, K) runs with another model's routing: the OLMoE-1B-7B twin, whose
   random weights route near-uniformly, driven by prescope-tiny's trained routing on held-out text, with
   the predictors trained on prescope-tiny reading prescope-tiny's hidden states.
@@ -111,7 +112,7 @@ class RoutingReplay:
         return self.hidden[:, self.positions(step, num_tokens), layer].reshape(num_tokens, -1)
 
     def future(self, step: int, layer: int, num_tokens: int) -> tuple[tuple[int, ...], ...]:
-        """The experts each later MoE layer routes in call `step` (most tokens first), for the oracle."""
+        """The experts each later MoE layer routes in call `step` (most tokens first), for the limits."""
         if step not in self._future:
             span = self.positions(step, num_tokens)
             rows = self.experts[:, span].reshape(-1, self.shape[2], self.shape[3]).transpose(0, 1)  # [L, N, K]

@@ -84,7 +84,11 @@ class SimTimes:
         return self.of("link", nbytes)
 
     def costs(self) -> Costs:
+        """The costs a policy weighs in this replay: the simulator's own prices, its host serial with the
+        device (a layer's loads and kernels start after the host's work of that layer)."""
+        p = self.profile
         return Costs(load=self.of("link", self.nbytes), gpu=self.gpu, cpu=self.cpu,
-                     layer_gap=self.formulas["attention"](1) + self.profile.host_overhead_per_layer_s,
-                     host=self.profile.host_overhead_per_layer_s, launch=self.profile.gpu_expert.fixed_s,
-                     plan=self.profile.predict_overhead_s + self.profile.plan_overhead_s)
+                     layer_gap=self.formulas["attention"](1) + p.host_overhead_per_layer_s,
+                     host=p.host_overhead_per_layer_s, launch=p.gpu_expert.fixed_s,
+                     plan=p.predict_overhead_s + p.plan_overhead_s, transfer_host=p.host_per_transfer_s,
+                     host_hides_device=False)

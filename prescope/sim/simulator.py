@@ -237,8 +237,9 @@ class _Replay(Executor):
 
     # ---- one layer ------------------------------------------------------------------------------------
     def layer(self, step: int, layer: int, t: float, num_tokens: int, experts: tuple[int, ...],
-              tokens: tuple[int, ...], future, hidden) -> float:
-        """One MoE layer from time `t` (GPU free, previous layer done); returns its end."""
+              tokens: tuple[int, ...], future, hidden, future_tokens=None) -> float:
+        """One MoE layer from time `t` (GPU free, previous layer done); returns its end. `future` and
+        `future_tokens`: the later layers' routed experts and their token counts."""
         rows = self.rows
         # attention and resident work on the GPU, then the host's own work of the MoE step
         h = t + self.times.of("attention", num_tokens)
@@ -247,7 +248,8 @@ class _Replay(Executor):
             rows.append(("cpu", step, layer, -1, kind, num_tokens, 0, h, h + d, -1, -1))
             h += d
         self.step, self.count, self.h, self.g, self.c = step, dict(zip(experts, tokens, strict=True)), h, h, h
-        view = LayerView(step, layer, self.cache.num_layers, self.num_experts, experts, tokens, hidden, future)
+        view = LayerView(step, layer, self.cache.num_layers, self.num_experts, experts, tokens, hidden, future,
+                         future_tokens)
         run_layer(view, self.policy, self.cache, self)
         # the layer ends with its last expert (and the host's last issue)
         return max(self.g, self.c, self.h)
@@ -330,8 +332,9 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
                 t, gpu_work, dense_work = t + d, gpu_work + d, dense_work + d
                 continue
             experts, counts = routed[layer]
-            future = tuple(r[0] for r in routed[layer + 1:])
-            t = sim.layer(step, layer, t, n, experts, counts, future, None if hidden is None else _tensor(hidden[layer]))
+            later = routed[layer + 1:]
+            t = sim.layer(step, layer, t, n, experts, counts, tuple(r[0] for r in later),
+                          None if hidden is None else _tensor(hidden[layer]), tuple(r[1] for r in later))
             gpu_work += times.of("attention", n) + sum(times.gpu(c) for c in counts)
             dense_work += times.of("attention", n)
         routed_total, hits = sum(len(r[0]) for r in routed), cache.stats.hits - before["hits"]

@@ -27,7 +27,7 @@ from prescope.workbench.steps import MS_PER_S, WorkbenchError
 
 CELL_KEYS = ("model", "policy", "budget", "batch")  # a bench cell; the timeline and routing files are keyed by it
 COMPARED = ("model", "policy", "budget", "batch", "decode_ms_median", "decode_tok_s", "loads_per_step",
-            "policy_ms_per_layer", "vs_on_demand_lru", "vs_oracle", "vs_resident", "regime")
+            "policy_ms_per_layer", "vs_on_demand_lru", "vs_belady", "vs_ceiling", "vs_resident", "regime")
 REFERENCES = ("stock", "stock-eager", "resident", "accelerate")  # a bench run's reference rows, no contenders
 STOCK_ROWS = ("stock", "stock-eager")  # transformers' own model, all on the GPU (bench names the implementation)
 STOCK_EXPERTS = "grouped_mm"  # transformers' default experts implementation: what runs that predate the naming ran
@@ -119,7 +119,8 @@ def fidelity_scaling(fidelity: pd.DataFrame, model: str) -> pd.DataFrame:
 
 def comparison_table(folder: str | Path, runs: Sequence[str]) -> pd.DataFrame:
     """The measured cells of the `prescope bench` runs `runs` (file stems in `folder`): one row per model,
-    policy, budget and batch with its ratios to on_demand_lru and the oracle of the same run, and `run` and
+    policy, budget and batch with its ratios to on_demand_lru and the limits (belady, ceiling) of the same run
+    where it measured them (policies named as today: earlier runs' `oracle` is `belady`), and `run` and
     `git_revision` columns; attrs say measured and on which device."""
     from prescope.experiments.bench import bench_table
 
@@ -176,11 +177,14 @@ def _project_file(name: str) -> str:
 
 
 def bench_cell(folder: str | Path, run: str, model: str, policy: str, budget: float, batch: int) -> tuple[dict, dict]:
-    """(the run's file: config, device, git revision; the row of one of its cells)."""
+    """(the run's file: config, device, git revision; the row of one of its cells). Policies are compared by
+    today's names (`policies.current_name`), so `belady` finds a cell an earlier run named `oracle`."""
+    from prescope.policies import current_name
+
     data = json.loads(_run_file(folder, run, ".json").read_text())
-    want = (model, policy, float(budget), int(batch))
+    want = (model, current_name(policy), float(budget), int(batch))
     for cell in data.get("cells", []):
-        if (cell["model"], cell["policy"], float(cell["budget"]), int(cell["batch"])) == want:
+        if (cell["model"], current_name(cell["policy"]), float(cell["budget"]), int(cell["batch"])) == want:
             return data, cell
     cells = sorted({f"{c['model']} {c['policy']}@{c['budget']:g} b{c['batch']}" for c in data.get("cells", [])})
     raise WorkbenchError(f"run {run!r} has no cell {model} {policy}@{budget:g} b{batch}; its cells: {', '.join(cells)}")
@@ -193,7 +197,7 @@ def measured_timeline(folder: str | Path, run: str, *, model: str, policy: str, 
     `prescope.timeline` table, attrs source "measured", profile = the device, meta = the cell and revision."""
     data, cell = bench_cell(folder, run, model, policy, budget, batch)
     frame = pd.read_parquet(_run_file(folder, run, ".timelines.parquet", "timed run"))
-    rows = frame[(frame["model"] == model) & (frame["policy"] == policy) & np.isclose(frame["budget"], budget)
+    rows = frame[(frame["model"] == model) & (frame["policy"] == cell["policy"]) & np.isclose(frame["budget"], budget)
                  & (frame["batch"] == batch)]
     if rows.empty:
         raise WorkbenchError(f"run {run!r} kept no timeline of {model} {policy}@{budget:g} b{batch}")

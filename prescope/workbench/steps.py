@@ -27,7 +27,7 @@ from prescope import timeline as tl
 from prescope.data import DATA_DIR, exists
 from prescope.hardware.profiles import HardwareProfile, load_profile, scale_profile
 from prescope.layout import ModelLayout
-from prescope.policies import POLICIES, make_policy
+from prescope.policies import POLICIES, current_name, make_policy
 from prescope.policies.base import Policy
 from prescope.routing.trace import Trace
 
@@ -139,6 +139,7 @@ def trace_label(trace: Trace) -> str:
 
 def takes_lookahead(policy: str) -> bool:
     """Whether the policy named `policy` has a lookahead distance (layers predicted ahead)."""
+    policy = current_name(policy)
     if policy not in POLICIES:
         raise WorkbenchError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
     return "lookahead" in POLICIES[policy].options_type.names()
@@ -147,7 +148,9 @@ def takes_lookahead(policy: str) -> bool:
 def named_policy(policy: str, lookahead: int | None = None, gate=None) -> Policy:
     """`make_policy(policy)`, with `lookahead` passed to the policies that have one (ignored by the others) and
     the predictor `gate` (a gate lookahead, `gate_lookahead`) to those `prescope bench` gives it (GATED);
-    without it, a predicting policy predicts from the routing it has seen (the previous step's experts)."""
+    without it, a predicting policy predicts from the routing it has seen (the previous step's experts). An
+    earlier name reads as today's (`oracle` -> `belady`)."""
+    policy = current_name(policy)
     if policy not in POLICIES:
         raise WorkbenchError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)}")
     options = {"lookahead": lookahead} if lookahead is not None and takes_lookahead(policy) else {}

@@ -331,7 +331,7 @@ def bubble_analysis_figure(timeline_df: pd.DataFrame, title: str | None = None) 
 
 SCALING_PANELS = (("tokens_per_s", "decode throughput (tokens/s)"), ("latency_ms", "per-token latency (ms)"))
 BOUND_COLUMNS = {"tokens_per_s": "bound_tokens_per_s", "latency_ms": "bound_latency_ms"}
-ORACLE = "oracle"
+LIMIT_COLOURS = {"belady": "black", "ceiling": "dimgrey", "oracle": "black"}  # the limits (`oracle`: belady's old name)
 LOG_TICKS = "D2"  # a log axis labels 1, 2 and 5 of each decade
 
 
@@ -342,7 +342,7 @@ def scaling_figure(df: pd.DataFrame, x: str = "batch_size", by: str = "policy", 
     Columns: `x`, `by`, tokens_per_s, latency_ms; optionally `source` ("measured" solid, "simulated"
     dashed, both on one figure for a fidelity view) and the lower bound of each x, bound_tokens_per_s and
     bound_latency_ms (drawn once per source as a grey dotted "lower bound" line; the best any policy can
-    do). The `oracle` policy is drawn in black. One row per (by, x, source); provenance in attrs or
+    do). The limits are drawn thick, `belady` in black, `ceiling` in dark grey. One row per (by, x, source); provenance in attrs or
     source/profile columns. A batch-size or bandwidth axis is logarithmic, and so are both y axes unless
     `log_y` is False: the bound may lie ten times above every policy, and on a linear axis it would squeeze
     them into its bottom tenth.
@@ -360,11 +360,11 @@ def scaling_figure(df: pd.DataFrame, x: str = "batch_size", by: str = "policy", 
         for key in sorted(groups, key=lambda k: (order[k[0]], str(k[1:]))):
             rows = groups[key]
             name, source = key if split else (key[0], None)
-            oracle = str(name) == ORACLE
+            limit = LIMIT_COLOURS.get(str(name))
             label = f"{name} ({source})" if split else str(name)
             fig.add_trace(go.Scatter(
                 name=label, x=rows[x], y=rows[metric], mode="lines+markers", legendgroup=label, showlegend=col == 1,
-                line=dict(color="black" if oracle else palette[name], width=3 if oracle else 2,
+                line=dict(color=limit or palette[name], width=3 if limit else 2,
                           dash="dash" if source == "simulated" else "solid")), 1, col)
         bound = BOUND_COLUMNS[metric]
         if bound in df.columns:
@@ -417,7 +417,7 @@ def layer_groups_figure(tables: Mapping[str, pd.DataFrame]) -> go.Figure:
 
 
 def ratio_figure(df: pd.DataFrame, ratio: str = "vs_on_demand_lru") -> go.Figure:
-    """Each policy's decode throughput as a ratio (`ratio`: vs_on_demand_lru, vs_oracle, vs_resident; ratios
+    """Each policy's decode throughput as a ratio (`ratio`: vs_on_demand_lru, vs_belady, vs_ceiling, vs_resident; ratios
     within one run), one group of bars per cell (model, budget, batch), and the line ratio = 1. Rows without
     the ratio (the reference rows) are left out; one row per (model, budget, batch, policy)."""
     where = provenance(df)

@@ -17,7 +17,7 @@ from prescope.policies import POLICIES, parse_policy
 from prescope.routing.replay import record_replay
 
 NEW_TOKENS = 5
-CELLS = [("on_demand_lru", "min"), ("cpu_misses", 0.3), ("prescope[gate=False]", 0.5), ("oracle", 0.25),
+CELLS = [("on_demand_lru", "min"), ("cpu_misses", 0.3), ("prescope[gate=False]", 0.5), ("belady", 0.25),
          ("on_demand_lru", 1.0)]
 
 

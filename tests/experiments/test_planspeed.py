@@ -7,7 +7,8 @@ import json
 import pytest
 
 from prescope.experiments.planspeed import bench_instances, planning_time
-from prescope.policies.presched import expected_window_latency, plan
+from prescope.policies.objective import expected_window_latency
+from prescope.policies.presched import plan
 
 REL = 1e-9
 

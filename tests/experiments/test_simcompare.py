@@ -42,12 +42,13 @@ def test_every_policy_on_every_profile_and_batch(table):
 def test_async_io_and_predictors_mirror_the_bench(table):
     rows = table.drop_duplicates("policy").set_index("policy")
     # the OLMoE twin's 12 MiB experts load in well under 1 ms on every profile: prescope leaves AsyncIO off
-    assert not rows.loc["prescope", "async_io"] and rows.loc["oracle", "async_io"]
+    assert not rows.loc["prescope", "async_io"] and rows.loc["belady", "async_io"]
+    assert not rows.loc["ceiling", "async_io"]  # prescope's own choice, with the same costs
     assert not rows.loc[["on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix",
                          RESIDENT], "async_io"].any()
     assert rows.loc["lookahead_prefetch", "predictor"] == "gate_lookahead"
     assert rows.loc["prescope", "predictor"] == "gate_lookahead"  # no LLaPor given
-    assert rows.loc["oracle", "predictor"] == "replayed future"
+    assert rows.loc["belady", "predictor"] == rows.loc["ceiling", "predictor"] == "replayed future"
 
 
 def test_ratios_use_the_same_profile_batch_and_budget(table):
@@ -56,12 +57,12 @@ def test_ratios_use_the_same_profile_batch_and_budget(table):
         resident = same.loc[same["policy"] == RESIDENT, "tok_s"].item()
         assert row.vs_resident == pytest.approx(row.tok_s / resident)
         if row.policy == RESIDENT:
-            assert math.isnan(row.vs_on_demand_lru) and math.isnan(row.vs_oracle)
+            assert math.isnan(row.vs_on_demand_lru) and math.isnan(row.vs_belady) and math.isnan(row.vs_ceiling)
             continue
-        for peer in ("on_demand_lru", "oracle"):
+        for peer in ("on_demand_lru", "belady", "ceiling"):
             ref = same.loc[(same["policy"] == peer) & (same["budget"] == row.budget), "tok_s"].item()
             assert getattr(row, f"vs_{peer}") == pytest.approx(row.tok_s / ref)
-    assert table.loc[table["policy"] == "oracle", "vs_oracle"].eq(1.0).all()
+    assert table.loc[table["policy"] == "ceiling", "vs_ceiling"].eq(1.0).all()
 
 
 def test_add_ratios_picks_rows_by_profile_batch_and_budget():
@@ -71,7 +72,7 @@ def test_add_ratios_picks_rows_by_profile_batch_and_budget():
             rows.append({"profile": profile, "policy": RESIDENT, "budget": 1.0, "batch": batch,
                          "tok_s": 100.0 * (p + 1) * batch, "decode_ms": 10.0, "bytes_per_step": 0.0})
             for budget in (0.25, 0.5):
-                for policy, speed in (("on_demand_lru", 10.0), ("oracle", 40.0), ("prescope", 20.0)):
+                for policy, speed in (("on_demand_lru", 10.0), ("belady", 40.0), ("prescope", 20.0)):
                     rows.append({"profile": profile, "policy": policy, "budget": budget, "batch": batch,
                                  "tok_s": speed * (p + 1) * batch * (1 + budget), "decode_ms": 20.0,
                                  "bytes_per_step": 1e9 * budget})
@@ -81,7 +82,7 @@ def test_add_ratios_picks_rows_by_profile_batch_and_budget():
             for budget in (0.25, 0.5):
                 r = out.loc[(profile, "prescope", budget, batch)]
                 assert r["vs_on_demand_lru"] == pytest.approx(2.0)
-                assert r["vs_oracle"] == pytest.approx(0.5)
+                assert r["vs_belady"] == pytest.approx(0.5) and math.isnan(r["vs_ceiling"])  # no ceiling ran
                 assert r["vs_resident"] == pytest.approx(0.2 * (1 + budget))
     # link ms per step = bytes / peak: 2.5 and 5 ms on profile a (resident step 10 ms), 25 and 50 on b
     offloaded = out.reset_index().query("policy != @RESIDENT")
@@ -128,7 +129,7 @@ def test_command_writes_marked_results(batched_trace, tmp_path, capsys, one_thre
     path = save_trace(batched_trace, tmp_path / "t.trace.parquet")
     out = tmp_path / "simulated"
     code = main(["simulate-compare", "--trace", str(path), "--twin", "", "--profiles", "v100-pcie3",
-                 "--policies", "on_demand_lru", "prescope", "oracle", "--budgets", str(BUDGET), "--batch-sizes", "1",
+                 "--policies", "on_demand_lru", "prescope", "ceiling", "--budgets", str(BUDGET), "--batch-sizes", "1",
                  "--prompts", "2", "--predictor", "", "--routers", "fit", "--measured", "", "--host-of", "", "--out", str(out)])
     assert code == 0
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -3,6 +3,7 @@ prefetches, on-demand loads never behind a prefetch, both search paths agree, ba
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -10,15 +11,14 @@ import random
 
 import pytest
 
+from prescope.policies.objective import expected_window_latency, link_schedule
 from prescope.policies.presched import (
     Candidate,
     Held,
     Instance,
     Plan,
     PlanError,
-    expected_window_latency,
     layer_starts,
-    link_schedule,
     plan,
     split_finishes,
 )
@@ -37,14 +37,35 @@ def linear(a: float, b: float):
 # ---- exhaustive search ----------------------------------------------------------------------------------------
 
 def exhaustive(inst: Instance, threshold_only: bool = False) -> tuple[float, Plan]:
-    """min J over the whole decision space: which misses to load and in which order (the GPU runs
-    earliest-ready first), any sequence of distinct absent window candidates to prefetch, any set of victims
-    of the right size among free slots and evictable keys. `threshold_only`: the loads are the m misses with
-    most tokens (any order)."""
+    """min J over the whole decision space: which experts in flight run on the CPU (the b that land last, any
+    b), which resident ones (any subset), which misses to load and in which order (the GPU runs earliest-ready
+    first), any sequence of distinct absent window candidates to prefetch, any set of victims of the right size
+    among free slots and evictable keys. `threshold_only`: the loads are the m misses with most tokens (any
+    order), the resident experts on the CPU the a with fewest tokens."""
+    best, arg = math.inf, None
+    count = dict(zip(inst.experts, inst.tokens, strict=True))
+    layer = inst.layer
+    # experts in flight: the b that land last (ties: fewest tokens) run on the CPU, any b; resident ones: any
+    # subset (`threshold_only`: the a with fewest tokens)
+    late = sorted((e for e in inst.experts if (layer, e) in inst.inflight),
+                  key=lambda e: (-inst.inflight[(layer, e)], count[e], e))
+    held = sorted((e for e in inst.experts if (layer, e) in inst.resident), key=lambda e: (count[e], e))
+    subsets = ([held[:a] for a in range(len(held) + 1)] if threshold_only else
+               [list(c) for a in range(len(held) + 1) for c in itertools.combinations(held, a)])
+    for b in range(len(late) + 1):
+        for moved in subsets:
+            j, p = _exhaustive(inst, threshold_only, set(late[:b]) | set(moved))
+            if j < best:
+                best, arg = j, p
+    return best, arg
+
+
+def _exhaustive(inst: Instance, threshold_only: bool, offloaded: set[int]) -> tuple[float, Plan]:
     layer = inst.layer
     present = {e: (0.0 if (layer, e) in inst.resident else inst.inflight[(layer, e)])
-               for e in inst.experts if (layer, e) in inst.resident or (layer, e) in inst.inflight}
-    misses = [e for e in inst.experts if e not in present]
+               for e in inst.experts if ((layer, e) in inst.resident or (layer, e) in inst.inflight)
+               and e not in offloaded}
+    misses = [e for e in inst.experts if e not in present and e not in offloaded]
     count = dict(zip(inst.experts, inst.tokens, strict=True))
     by_tokens = sorted(misses, key=lambda e: (-count[e], e))
     window = [(layer + d, c.expert) for d, cands in enumerate(inst.predictions, 1) for c in cands
@@ -57,7 +78,7 @@ def exhaustive(inst: Instance, threshold_only: bool = False) -> tuple[float, Pla
             ready = dict(present)
             ready.update({e: inst.demand_start + j * inst.load for j, e in enumerate(loads, 1)})
             gpu = tuple(sorted(ready, key=lambda e: ready[e]))
-            cpu = tuple(e for e in misses if e not in loads)
+            cpu = tuple(e for e in misses if e not in loads) + tuple(sorted(offloaded))
             top = len(slots) - m if inst.max_prefetch is None else min(len(slots) - m, inst.max_prefetch)
             for k in range(top + 1):
                 for pre in itertools.permutations(window, k):
@@ -72,20 +93,22 @@ def exhaustive(inst: Instance, threshold_only: bool = False) -> tuple[float, Pla
 def random_instance(rng: random.Random, gpu_slope: float = 0.0) -> Instance:
     """A small instance: up to 4 routed experts (some resident or in flight), D <= 2 layers of up to 3
     candidates (some resident, some of those evictable), up to 2 free slots and 2 other evictable keys,
-    random link, CPU and gap; GPU time flat in tokens unless `gpu_slope` > 0 (then CPU slope is larger)."""
+    random link, CPU (at times barely slower than the GPU) and gap; GPU time flat in tokens unless `gpu_slope` > 0
+    (then CPU slope is larger)."""
     E, tau = 6, rng.uniform(0.2, 2.0)
-    g0, c0 = rng.uniform(0.02, 0.5), rng.uniform(0.0, 1.5)
+    g0, fast = rng.uniform(0.02, 0.5), rng.random() < 0.3  # at times the CPU is about as fast as the GPU
+    c0 = rng.uniform(0.0, g0) if fast else rng.uniform(0.0, 1.5)
     gslope = rng.uniform(0.0, gpu_slope)
-    cslope = gslope + rng.uniform(0.05, 1.0)
+    cslope = gslope + (rng.uniform(0.001, 0.05) if fast else rng.uniform(0.05, 1.0))
     D = rng.choice([1, 2])
     experts = tuple(rng.sample(range(E), rng.randint(1, 4)))
     tokens = tuple(float(rng.randint(1, 4)) for _ in experts)
     resident, inflight, held = set(), {}, []
     for e in experts:
         u = rng.random()
-        if u < 0.3:
+        if u < 0.4:
             resident.add((0, e))
-        elif u < 0.4:
+        elif u < 0.5:
             inflight[(0, e)] = rng.uniform(0, 2 * tau)
     predictions = []
     for d in range(1, D + 1):
@@ -115,7 +138,8 @@ def test_plan_matches_exhaustive_search_on_random_instances():
     """Flat GPU times (decode): the plan's J equals the optimum over the whole decision space, and the
     plan's own `objective` is its J. Instances must exercise every part: prefetches, partial positions,
     evictions, splits with both paths, and splits the window moved away from the fastest one."""
-    rng, seen = random.Random(2026), dict(prefetch=0, partial=0, evict=0, split=0, window_moved_split=0)
+    rng, seen = random.Random(2026), dict(prefetch=0, partial=0, evict=0, split=0, window_moved_split=0,
+                                          in_flight_on_cpu=0, resident_on_cpu=0)
     for _ in range(300):
         inst = random_instance(rng)
         p = plan(inst)
@@ -131,6 +155,8 @@ def test_plan_matches_exhaustive_search_on_random_instances():
         seen["evict"] += any(v is not None for v in p.victims)
         seen["split"] += bool(p.loads and p.cpu)
         seen["window_moved_split"] += finishes[len(p.loads)] > min(finishes) + REL
+        seen["in_flight_on_cpu"] += any((0, e) in inst.inflight for e in p.cpu)
+        seen["resident_on_cpu"] += any((0, e) in inst.resident for e in p.cpu)
     print("instances exercising each part (of 300):", json.dumps(seen))
     assert min(seen.values()) >= 10, seen
 
@@ -193,8 +219,8 @@ def test_cpu_gpu_split_by_hand():
     m loads (most tokens first) end the GPU at m·1 + 0.5; the CPU takes the rest one after another:
     F0 = [max(0, 2.2+1.8+1+1), max(1.5, 1.8+1+1), max(2.5, 2.0), max(3.5, 1.0), 4.5] = [6, 3.8, 2.5, 3.5, 4.5]."""
     inst = Instance(0, (7, 3, 5, 1), (4.0, 3.0, 1.0, 1.0), (), 1.0, flat(0.5), linear(0.6, 0.4), free_slots=4)
-    finishes, present, misses = split_finishes(inst)
-    assert finishes == pytest.approx([6.0, 3.8, 2.5, 3.5, 4.5])
+    finishes, present, misses, offloaded = split_finishes(inst)
+    assert finishes == pytest.approx([6.0, 3.8, 2.5, 3.5, 4.5]) and offloaded == [()] * 5
     p = plan(inst)
     assert (p.loads, p.gpu, p.cpu, p.prefetch) == ((7, 3), (7, 3), (1, 5), ())
     assert p.objective == pytest.approx(2.5)
@@ -208,6 +234,29 @@ def test_resident_and_in_flight_experts_by_hand():
     p = plan(inst)
     assert (p.gpu, p.cpu, p.loads, p.victims) == ((2, 4, 6), (), (6,), (None,))
     assert p.objective == pytest.approx(1.8)
+
+
+def test_an_expert_in_flight_runs_on_the_cpu_when_waiting_for_it_takes_longer():
+    """Expert 4 is in flight and lands at 5.0; GPU 0.5, CPU 2.0 per expert. Waiting ends the GPU at 5.5; the CPU
+    ends at 2.0: it runs there (its copy still lands, for later use). Landing at 1.0 it is waited for (1.5)."""
+    for eta, cpu, finish in ((5.0, (4,), 2.0), (1.0, (), 1.5)):
+        inst = Instance(3, (2, 4), (1.0, 1.0), (), 1.0, flat(0.5), flat(2.0),
+                        resident=frozenset({(3, 2)}), inflight={(3, 4): eta})
+        p = plan(inst)
+        assert (p.cpu, p.loads) == (cpu, ()) and p.objective == pytest.approx(finish)
+        assert expected_window_latency(inst, p) == pytest.approx(finish)
+
+
+def test_resident_experts_run_on_the_cpu_beside_the_gpu_when_that_ends_the_layer_sooner():
+    """Four resident experts (1, 1, 2, 3 tokens), GPU 0.5 each, CPU 0.3 + 0.1·n: all on the GPU end at 2.0; the
+    CPU taking the two with fewest tokens (0.4 + 0.4) ends both lanes by 1.0. Where a CPU expert would cost the
+    host (resident_on_cpu=False) every resident stays on the GPU."""
+    inst = Instance(0, (4, 5, 6, 7), (3.0, 2.0, 1.0, 1.0), (), 1.0, flat(0.5), linear(0.3, 0.1),
+                    resident=frozenset((0, e) for e in (4, 5, 6, 7)))
+    p = plan(inst)
+    assert (p.gpu, sorted(p.cpu), p.loads) == ((4, 5), [6, 7], ()) and p.objective == pytest.approx(1.0)
+    kept = plan(dataclasses.replace(inst, resident_on_cpu=False))
+    assert (kept.gpu, kept.cpu) == ((4, 5, 6, 7), ()) and kept.objective == pytest.approx(2.0)
 
 
 def test_late_prefetch_keeps_its_share_and_window_beats_greedy_layer():
@@ -264,7 +313,7 @@ def test_on_demand_loads_never_wait_behind_prefetches():
 
 # ---- bad input ----------------------------------------------------------------------------------------------
 
-def test_bad_instances_and_plans_are_clear_errors():
+def test_bad_instances_are_clear_errors():
     ok = dict(layer=0, experts=(1,), tokens=(1.0,), predictions=(), load=1.0, gpu=flat(0.1), cpu=flat(1.0))
     with pytest.raises(PlanError, match="equally long"):
         Instance(**{**ok, "tokens": (1.0, 2.0)})
@@ -276,10 +325,3 @@ def test_bad_instances_and_plans_are_clear_errors():
         Instance(**{**ok, "link_free": 1.0, "demand_free": 2.0})
     with pytest.raises(PlanError, match="compute"):
         Instance(**{**ok, "compute": (1.0,)})
-    inst = Instance(**{**ok, "free_slots": 1})
-    with pytest.raises(PlanError, match="every routed expert once"):
-        expected_window_latency(inst, Plan((), (), (), (), (), 0.0))
-    with pytest.raises(PlanError, match="absent experts on the GPU"):
-        expected_window_latency(inst, Plan((1,), (), (), (), (), 0.0))
-    with pytest.raises(PlanError, match="victims must be distinct evictable"):
-        expected_window_latency(inst, Plan((1,), (), (1,), (), ((4, 4),), 0.0))

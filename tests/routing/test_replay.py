@@ -1,4 +1,4 @@
-"""Routing replay: recorded routing imposed inside the engine, the oracle's future, mismatches refused."""
+"""Routing replay: recorded routing imposed inside the engine, the limits' future, mismatches refused."""
 
 from __future__ import annotations
 
@@ -37,18 +37,18 @@ def test_recorded_routing_has_every_position_and_matches_the_model():
     replay.check(layout)
 
 
-def test_replaying_the_models_own_routing_keeps_its_output_and_tells_the_oracle_the_future():
+def test_replaying_the_models_own_routing_keeps_its_output_and_tells_the_limits_the_future():
     stock = tiny_model("mixtral", seed=2)
     ids = ids_for(2, 5, seed=3)
     ref = stock.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, **GEN)
     replay = recorded(stock, ids, new_tokens=4)
     layout = adapter.describe(stock)
-    for policy in ("on_demand_lru", "oracle"):
+    for policy in ("on_demand_lru", "belady", "ceiling"):
         model = copy.deepcopy(stock)
         with Engine(model, EngineConfig(policy=policy, device="cpu", budget_share=0.5)) as engine:
             engine.set_replay(replay)
             with warnings.catch_warnings():
-                warnings.simplefilter("error")  # the oracle warns when it gets no future
+                warnings.simplefilter("error")  # a limit warns when it gets no future
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, **GEN)
         assert torch.equal(out, ref), policy
         assert engine.cache.stats.hits + engine.cache.stats.misses >= layout.top_k

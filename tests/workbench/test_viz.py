@@ -206,18 +206,18 @@ def test_bubble_analysis_figure_by_step_layer_link_and_prefetch():
 
 
 def scaling_table() -> pd.DataFrame:
-    rows = [(p, b, tps, 1e3 * b / tps, 40.0 * b, 1e3 / 40.0) for p, scale in (("lru", 1.0), ("oracle", 2.0))
+    rows = [(p, b, tps, 1e3 * b / tps, 40.0 * b, 1e3 / 40.0) for p, scale in (("lru", 1.0), ("belady", 2.0))
             for b, tps in ((1, 10.0 * scale), (4, 30.0 * scale))]
     return pd.DataFrame(rows, columns=["policy", "batch_size", "tokens_per_s", "latency_ms", "bound_tokens_per_s",
                                        "bound_latency_ms"])
 
 
-def test_scaling_figure_throughput_latency_oracle_and_bound():
+def test_scaling_figure_throughput_latency_limit_and_bound():
     df = scaling_table()
     df.attrs.update(source="simulated", profile="h200")
     fig = viz.scaling_figure(df)
     names = [t.name for t in fig.data]
-    assert names == ["lru", "oracle", "lower bound", "lru", "oracle", "lower bound"]
+    assert names == ["lru", "belady", "lower bound", "lru", "belady", "lower bound"]
     assert fig.data[1].line.color == "black" and fig.data[2].line.dash == "dot"
     np.testing.assert_allclose(fig.data[2].y, [40.0, 160.0])
     np.testing.assert_allclose(fig.data[3].y, [100.0, 400.0 / 3])  # latency of lru, ms

@@ -66,8 +66,8 @@ def test_link_and_budget_sliders_change_the_replay(traces):
 def test_lookahead_reaches_the_policies_that_predict(traces):
     _, summary = widgets.dashboard_update(DashboardState(policy="prescope", lookahead=3, max_steps=4), traces)
     assert summary["value"]["lookahead"] == 3
-    _, oracle = widgets.dashboard_update(DashboardState(policy="oracle", max_steps=4), traces)
-    assert oracle["value"]["AsyncIO priority link"] is True  # the link the replay really used
+    _, belady = widgets.dashboard_update(DashboardState(policy="belady", max_steps=4), traces)
+    assert belady["value"]["AsyncIO priority link"] is True  # the link the replay really used
 
 
 def test_update_names_an_unknown_trace_or_a_batch_too_large(traces):
