@@ -29,6 +29,8 @@ COMMANDS: dict[str, Command] = {
     "simulate": Command("prescope.sim.simulator", "replay a routing trace through a policy on a hardware profile"),
     "simulate-compare": Command("prescope.experiments.simcompare",
                                 "every policy on several hardware profiles, simulated"),
+    "trace-compare": Command("prescope.experiments.tracecompare",
+                             "every policy on a real trace replayed on its shape twin, simulated"),
     "sweep": Command("prescope.workbench.sweep", "run a notebook over a parameter grid"),
     "train-tiny": Command("prescope.models.tiny", "train prescope-tiny"),
     "tiny-card": Command("prescope.experiments.modelcard", "measure prescope-tiny's routing for its card"),
