@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "predicts from the routing it has seen)")
     parser.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
                         help="decode steps replayed at most")
+    parser.add_argument("--heldout-fraction", "--heldout_fraction", dest="heldout_fraction", type=float, default=0.0,
+                        help="replay only the held-out part that `prescope predictor-accuracy` with the same share "
+                             "kept out of training (0 = the whole trace)")
     parser.add_argument("--out", required=True, help="folder for trace_compare.csv and trace_compare.json")
 
 
@@ -90,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_output(args.out, folder=True, what="--out")
     trace = load_routing_trace(args.trace)
+    if args.heldout_fraction:
+        from prescope.predict.routellapor import heldout_mask
+
+        trace = trace.select(heldout_mask(trace, args.heldout_fraction, 0))
     from prescope.experiments.tracesubject import TraceSubjectError
 
     predictor = load_predictor(args.predictor) if args.predictor else None
@@ -101,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     write_with_sidecar(Path(out) / "trace_compare.csv", table.to_csv(index=False, float_format="%.6g"))
     summary = {"source": "simulated", "git_revision": git_revision(), "trace": str(args.trace), "twin": args.twin,
                "layers": args.layers, "profiles": args.profiles, "predictor": args.predictor or None,
-               "trace_top_k": trace.layout.top_k, "rows": rows}
+               "trace_top_k": trace.layout.top_k,
+               "replayed": f"held-out {args.heldout_fraction:.0%}" if args.heldout_fraction else "whole trace",
+               "rows": rows}
     write_json(Path(out) / "trace_compare.json", summary, indent=1)
     print(table.drop(columns=["seconds"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(json.dumps({"command": "trace-compare", "out": str(out), "rows": len(rows)}))

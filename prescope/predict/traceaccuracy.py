@@ -31,7 +31,7 @@ HISTORY = ("previous_token", "popularity", "activation_matrix")
 
 def accuracy_report(trace, label: str, config: LLaPorConfig, *, heldout_fraction: float = 0.3,
                     distances=(1, 2, 3, 4), predictor_path: str | None = None, progress: bool = False):
-    """(long table, summary dict) of every predictor that can run on `trace` (module docstring)."""
+    """(long table, summary dict, the routing-only LLaPor scored) of every predictor that can run on `trace`."""
     import numpy as np
 
     from prescope.files import git_revision
@@ -86,7 +86,7 @@ def accuracy_report(trace, label: str, config: LLaPorConfig, *, heldout_fraction
         "llapor_routing_gain_points": gains,
     }
     summary["recall_at_k_by_layer_group"] = _thirds(table, lay.num_moe_layers, np)
-    return table, summary
+    return table, summary, preds["llapor_routing"]
 
 
 def _thirds(table, L: int, np) -> dict:
@@ -107,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "share of each prompt's positions (default: %(default)s)")
     parser.add_argument("--predictor", default="", help="a routing-only LLaPor checkpoint to score instead of "
                                                         "training one on the trace's training part")
+    parser.add_argument("--save-predictor", "--save_predictor", dest="save_predictor", default="",
+                        help="also write the routing-only LLaPor trained here (never on the held-out tokens) to "
+                             "this .pt, for `prescope trace-compare --heldout-fraction` and `bench`")
     llapor_arguments(parser)
     for action in parser._actions:  # the options LLaPor's training shares; --out names a folder here
         if action.dest == "out":
@@ -125,8 +128,12 @@ def run(args: argparse.Namespace) -> int:
         raise LLaPorError("predictor-accuracy fits the routers to the trace; leave --model out")
     out = check_output(args.out, folder=True, what="--out")
     trace = load_routing_trace(args.trace)
-    table, summary = accuracy_report(trace, str(args.trace), config, heldout_fraction=args.heldout_fraction,
-                                     predictor_path=args.predictor or None, progress=not args.no_progress)
+    if args.save_predictor:
+        check_output(args.save_predictor, what="--save-predictor")
+    table, summary, trained = accuracy_report(trace, str(args.trace), config, heldout_fraction=args.heldout_fraction,
+                                              predictor_path=args.predictor or None, progress=not args.no_progress)
+    if args.save_predictor:
+        trained.save(args.save_predictor)
     write_with_sidecar(Path(out) / "accuracy.csv", table.to_csv(index=False, float_format="%.6g"))
     write_json(Path(out) / "summary.json", summary, indent=2)
     print(json.dumps({"command": "predictor-accuracy", "out": str(out), "trace": summary["trace"],

@@ -30,3 +30,8 @@ def test_trace_compare_simulates_every_policy_on_the_twins_layout(csv, tmp_path,
     assert (table["ms_per_token"] > 0).all()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 2 * len(POLICIES)
     assert cli.main(["trace-compare", "--trace", str(csv), "--twin", "mixtral-8x7b", "--out", str(out)]) == 2
+    held = tmp_path / "held"
+    assert cli.main(["trace-compare", "--trace", str(csv), "--twin", "qwen3-30b-a3b", "--layers", "4", "--policies",
+                     "on_demand_lru", "--profiles", "h200", "--budgets", "0.5", "--batch-sizes", "1",
+                     "--heldout-fraction", "0.3", "--out", str(held)]) == 0
+    assert files.read_csv(held / "trace_compare.csv")["steps"].iloc[0] == round(0.3 * 45)

@@ -8,6 +8,7 @@ import pytest
 from conftest import write_route_csv
 
 from prescope import cli, files
+from prescope.predict import routellapor
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -15,7 +16,8 @@ def test_accuracy_of_every_predictor_on_a_llamacpp_trace(tmp_path, capsys):
     csv = write_route_csv(tmp_path / "m.route.csv", layers=5, experts=10, top_k=3, decode=80, arch="other")
     out = tmp_path / "acc"
     assert cli.main(["predictor-accuracy", "--trace", str(csv), "--out", str(out), "--distance", "3", "--width", "32",
-                     "--lr", "0.01", "--max-epochs", "30", "--calibrate-steps", "5", "--no-progress"]) == 0
+                     "--lr", "0.01", "--max-epochs", "30", "--calibrate-steps", "5", "--no-progress",
+                     "--save-predictor", str(tmp_path / "r.pt")]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = files.read_json(out / "summary.json")
     assert summary["source"] == "measured" and summary["git_revision"] and summary["trace"] == str(csv)
@@ -27,6 +29,7 @@ def test_accuracy_of_every_predictor_on_a_llamacpp_trace(tmp_path, capsys):
     assert set(recall["llapor_routing"]) == {"1", "2", "3"} or set(recall["llapor_routing"]) == {1, 2, 3}
     assert line["llapor_routing_gain_points"]["previous_token"]
     assert min(recall["llapor_routing"].values()) > max(recall["previous_token"].values())  # cross-layer structure
+    assert routellapor.load(tmp_path / "r.pt").trace_info["valid_tokens"] < summary["tokens"]
     table = files.read_csv(out / "accuracy.csv")
     assert set(table["layer"]) == {0, 1, 2, 3} and set(table["distance"]) == {1, 2, 3}
 
