@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from prescope.config import EngineConfig
 from prescope.files import check_output, source_revision, write_atomic, write_json
 from prescope.layout import ModelLayout, UnsupportedModelError
-from prescope.policies import parse_policy
+from prescope.policies import LIMITS, parse_policy
 
 if TYPE_CHECKING:  # torch, transformers and the models load where the check runs, so `--help` starts fast
     import torch
@@ -46,7 +46,7 @@ class Cell:
         return self.policy if self.budget == MIN_BUDGET else f"{self.policy}@{self.budget}"
 
 
-CELLS = (Cell("on_demand_lru"), Cell("prescope[gate=False]"), Cell("cpu_misses"), Cell("oracle"))
+CELLS = (Cell("on_demand_lru"), Cell("prescope[gate=False]"), Cell("cpu_misses"), Cell("belady"))
 
 
 def prompt(vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +71,8 @@ def budget(layout: ModelLayout, name: str) -> dict:
 
 
 def run_cell(stock, layout: ModelLayout, cell: Cell, ids, mask, reference, new_tokens: int = NEW_TOKENS) -> dict:
-    """The offloaded run of one cell against the stock `reference`; the oracle replays the stock routing."""
+    """The offloaded run of one cell against the stock `reference`; a limit (`belady`, `ceiling`) replays the stock
+    routing, whose future it needs."""
     import torch
 
     from prescope.engine.engine import Engine
@@ -80,7 +81,7 @@ def run_cell(stock, layout: ModelLayout, cell: Cell, ids, mask, reference, new_t
     spec = parse_policy(cell.policy)
     config = EngineConfig(policy=spec.name, device="cpu", async_io=spec.async_io, **budget(layout, cell.budget))
     with Engine(model, config, policy=spec.build()) as engine:
-        if spec.name == "oracle":
+        if spec.name in LIMITS:
             engine.set_replay(_stock_routing(stock, ids, mask, new_tokens))
         out = generate(model, ids, mask, new_tokens)
         loads = engine.cache.stats.loads
@@ -207,7 +208,7 @@ def report(rows: list[dict], seconds: float, cells=CELLS, new_tokens: int = NEW_
         f"of {new_tokens} tokens on a batch of {BATCH} (one row left-padded) runs stock and through the engine at "
         "the smallest budget (one layer's top-k, so every miss evicts). A cell is *equal* when the tokens are "
         f"identical and every logit is within rtol {RTOL}, atol {ATOL} (in brackets: the largest logit "
-        "difference). The oracle replays the stock run's recorded routing. *Router alone*: each layer's router "
+        "difference). `belady` (named `oracle` in runs before the rename) replays the stock run's recorded routing. *Router alone*: each layer's router "
         "applied to the hidden states its layer saw (`adapter.route`) gives the routing its experts received.",
         "",
         table(rows, cells),

@@ -176,8 +176,7 @@ def lru_victim(cache: ExpertCache, key: Key, protect: frozenset[Key] | set[Key] 
         return cache.first_free()
     if own:
         return cache.lru(own)
-    others = cache.evictable(None, protect)
-    return cache.lru(others) if others else None
+    return cache.lru_evictable(protect)
 
 
 class OnDemandLRU(Policy):

@@ -55,6 +55,9 @@ class ExpertCache:
         self._owner: list[Key | None] = [None] * num_slots
         self._state = [_FREE] * num_slots
         self._last_use = [-1] * num_slots
+        # every slot, least recently used first (never used: by index), so an LRU victim is found from the
+        # front without scanning the pool; `use` moves a slot to the end
+        self._order: dict[int, None] = dict.fromkeys(range(num_slots))
         self._fresh = [False] * num_slots  # loaded speculatively and not used yet
         self._pinned: set[int] = set()
         self._slot_of: dict[Key, int] = {}
@@ -167,6 +170,16 @@ class ExpertCache:
     def lru(self, slots: list[int]) -> int:
         return min(slots, key=self._last_use.__getitem__)
 
+    def lru_evictable(self, protect: frozenset[Key] | set[Key] = frozenset()) -> int | None:
+        """`lru(evictable(None, protect))` (the least recently used evictable slot of any layer, ties by slot)
+        or None, found from the front of the use order: O(1) when the oldest slots are evictable, as they are
+        when a layer routes more experts than its quota and takes slots from the others."""
+        owner, state, pinned = self._owner, self._state, self._pinned
+        for s in self._order:
+            if state[s] is _RESIDENT and s not in pinned and owner[s] not in protect:
+                return s
+        return None
+
     # ---- what executors report -----------------------------------------------------------------------
     def assign(self, key: Key, slot: int, *, speculative: bool) -> Key | None:
         """Start loading `key` into `slot`; returns the key it evicted, if any."""
@@ -202,6 +215,8 @@ class ExpertCache:
         slot = self._slot_of[key]
         self._clock += 1
         self._last_use[slot] = self._clock
+        del self._order[slot]
+        self._order[slot] = None
         self.stats.hits += int(hit)
         self.stats.misses += int(not hit)
         if self._fresh[slot]:

@@ -1,6 +1,6 @@
 """The family sweep: every MoE family of the installed transformers, discovered from its config classes, gives
 the stock output through the engine in every cell (on_demand_lru at the smallest budget, prescope[gate=False],
-cpu_misses, the oracle on the stock run's routing), or is refused with the adapter's message, or is skipped
+cpu_misses, belady on the stock run's routing), or is refused with the adapter's message, or is skipped
 for the reason `SKIP` gives. A family that appears in a new transformers must pass or be refused here."""
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from prescope.policies.cache import CacheError, ExpertCache, SlotState
@@ -61,3 +63,42 @@ def test_lru_picks_least_recent():
 def test_bad_sizes():
     with pytest.raises(ValueError, match="at least one slot"):
         ExpertCache(num_slots=0, num_layers=2)
+
+
+def test_lru_evictable_is_the_scan_it_replaces_under_random_operations():
+    """The use order kept for `lru_evictable` gives what scanning every slot gives (least recent use, ties by
+    slot), through random assigns, uses, pins, evictions and cancels."""
+    rng = random.Random(0)
+    cache = ExpertCache(12, 4)
+    for _ in range(3000):
+        keys = [(layer, e) for layer in range(4) for e in range(8)]
+        op = rng.random()
+        if op < 0.35:
+            key = rng.choice(keys)
+            if not cache.is_present(key):
+                slot = cache.first_free()
+                if slot is None:
+                    slot = cache.lru_evictable()
+                if slot is not None and not cache.is_pinned(slot):
+                    cache.assign(key, slot, speculative=rng.random() < 0.3)
+        elif op < 0.55:
+            present = [k for k in keys if cache.is_loading(k)]
+            if present:
+                cache.mark_ready(rng.choice(present))
+        elif op < 0.8:
+            resident = [k for k in keys if cache.is_resident(k)]
+            if resident:
+                cache.use(rng.choice(resident), hit=True)
+        elif op < 0.88:
+            resident = [k for k in keys if cache.is_resident(k)]
+            if resident:
+                cache.pin(rng.choice(resident))
+        elif op < 0.93:
+            cache.unpin_all()
+        else:
+            evictable = [k for k in keys if cache.is_evictable(k)]
+            if evictable:
+                cache.evict(rng.choice(evictable))
+        protect = set(rng.sample(keys, rng.randrange(0, 10)))
+        scan = cache.evictable(None, protect)
+        assert cache.lru_evictable(protect) == (cache.lru(scan) if scan else None)
