@@ -359,16 +359,22 @@ def seeded(seed: int, device: str = "cpu"):
     LLaPor was not reproducible: layer 0's network was built before any seeding, so its initial weights came
     from whatever global RNG state the process had reached (a loaded model, an earlier training), and its
     early stopping (23 epochs in one run, 17 in another) followed; later layers were built after the previous
-    layer's `torch.manual_seed`, so they happened to repeat. Deterministic algorithms are asked for too (on
-    the GPU, atomics in backward passes would otherwise reorder sums), without erroring where none exists."""
+    layer's `torch.manual_seed`, so they happened to repeat. Threads matter too: the CPU splits a float sum
+    over its intra-op threads, so one and two threads trained different weights (0.2-2 points of recall apart
+    on a real trace); inside, the CPU runs one thread (the networks are small; the caller's count is
+    restored). Deterministic algorithms are asked for (on the GPU, atomics in backward passes would otherwise
+    reorder sums), without erroring where none exists."""
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_num_threads(1)
         try:
             yield
         finally:
+            torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 

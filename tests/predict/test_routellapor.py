@@ -117,3 +117,18 @@ def test_the_prescope_policy_runs_on_it_in_the_simulator(trace, trained):
     assert result.totals["steps"] == 20 and result.totals["loads_prefetched"] >= 1
     with pytest.raises(LLaPorError):
         replace(FAST, routing_window=0)
+
+
+def test_training_runs_on_one_thread_whatever_the_caller_runs(trace, held, monkeypatch):
+    """The CPU splits float sums over its intra-op threads (one and two threads trained routing-only LLaPor on the
+    Qwen3 trace to recall 0.5616 and 0.5617 at d=1): training runs one thread, and the caller's count comes back."""
+    seen, train = [], routellapor._train_net
+    monkeypatch.setattr(routellapor, "_train_net", lambda *a, **k: seen.append(torch.get_num_threads()) or train(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        routellapor.train_routing_llapor(trace, replace(FAST, max_epochs=1), progress=False, exclude=held)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
