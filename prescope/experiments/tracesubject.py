@@ -25,7 +25,6 @@ Letters: B rows, T positions, L MoE layers, E experts, K top-k.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,26 +45,10 @@ def trace_path(spec: str) -> str | None:
     return source.removeprefix(TRACE) if source.startswith(TRACE) else None
 
 
-def cut_layers(trace, layers: int):
-    """The trace's first `layers` MoE layers (a twin cut to fewer layers replays those)."""
-    lay = trace.layout
-    if layers == lay.num_moe_layers:
-        return trace
-    keep = lay.moe_layers[:layers]
-    top = keep[-1] + 1
-    layout = dataclasses.replace(lay, num_layers=top, moe_layers=keep,
-                                 dense_layers=tuple(i for i in lay.dense_layers if i < top))
-    sizes = trace.meta.get("expert_bytes_per_layer")
-    meta = {**trace.meta, "layers_kept": layers, **({"expert_bytes_per_layer": sizes[:layers]} if sizes else {})}
-    return dataclasses.replace(trace, layout=layout, experts=np.ascontiguousarray(trace.experts[:, :layers]),
-                               weights=np.ascontiguousarray(trace.weights[:, :layers]),
-                               hidden=None if trace.hidden is None else trace.hidden[:, :layers],
-                               logits=None if trace.logits is None else trace.logits[:, :layers], meta=meta)
-
-
 def twin_config_for(twin: str, trace, layers: int | None = None, tiny: bool = False):
     """(twin configuration, trace cut to its MoE layers): E checked, the twin's top-k set to the trace's."""
     from prescope.models import twins
+    from prescope.predict.routellapor import cut_layers
 
     cfg = twins.tiny_twin_config(twin, layers or 2) if tiny else twins.twin_config(twin, layers)
     sizes = twins.config_sizes(cfg)

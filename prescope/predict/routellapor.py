@@ -26,6 +26,7 @@ Letters: L MoE layers, E experts, K top-k, N tokens, W routing window, D lookahe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict
@@ -255,6 +256,24 @@ def train_routing_llapor(trace: Trace, config: LLaPorConfig | None = None, *, pr
         model.history.append({"layer": o, "group": group_of(o, bounds), **record,
                               "seconds": time.perf_counter() - start})
     return model
+
+
+def cut_layers(trace: Trace, layers: int) -> Trace:
+    """The trace's first `layers` MoE layers (a twin cut to fewer layers replays those; a predictor for it trains
+    on them)."""
+    lay = trace.layout
+    if layers == lay.num_moe_layers:
+        return trace
+    keep = lay.moe_layers[:layers]
+    top = keep[-1] + 1
+    layout = dataclasses.replace(lay, num_layers=top, moe_layers=keep,
+                                 dense_layers=tuple(i for i in lay.dense_layers if i < top))
+    sizes = trace.meta.get("expert_bytes_per_layer")
+    meta = {**trace.meta, "layers_kept": layers, **({"expert_bytes_per_layer": sizes[:layers]} if sizes else {})}
+    return dataclasses.replace(trace, layout=layout, experts=np.ascontiguousarray(trace.experts[:, :layers]),
+                               weights=np.ascontiguousarray(trace.weights[:, :layers]),
+                               hidden=None if trace.hidden is None else trace.hidden[:, :layers],
+                               logits=None if trace.logits is None else trace.logits[:, :layers], meta=meta)
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -107,6 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "share of each prompt's positions (default: %(default)s)")
     parser.add_argument("--predictor", default="", help="a routing-only LLaPor checkpoint to score instead of "
                                                         "training one on the trace's training part")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="only the trace's first N MoE layers (the predictor of a twin cut to N layers)")
     parser.add_argument("--save-predictor", "--save_predictor", dest="save_predictor", default="",
                         help="also write the routing-only LLaPor trained here (never on the held-out tokens) to "
                              "this .pt, for `prescope trace-compare --heldout-fraction` and `bench`")
@@ -121,13 +123,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from prescope.files import check_output, write_json, write_with_sidecar
     from prescope.predict.llapor import config_from_args
-    from prescope.predict.routellapor import load_routing_trace
+    from prescope.predict.routellapor import cut_layers, load_routing_trace
 
     config = config_from_args(args)
     if args.model:
         raise LLaPorError("predictor-accuracy fits the routers to the trace; leave --model out")
     out = check_output(args.out, folder=True, what="--out")
     trace = load_routing_trace(args.trace)
+    if args.layers is not None:
+        if not 2 <= args.layers <= trace.layout.num_moe_layers:
+            raise LLaPorError(f"--layers must be in 2..{trace.layout.num_moe_layers}, got {args.layers}")
+        trace = cut_layers(trace, args.layers)
     if args.save_predictor:
         check_output(args.save_predictor, what="--save-predictor")
     table, summary, trained = accuracy_report(trace, str(args.trace), config, heldout_fraction=args.heldout_fraction,

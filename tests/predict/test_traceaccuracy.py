@@ -39,3 +39,5 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert cli.main(["predictor-accuracy", "--trace", str(csv), "--out", str(tmp_path / "a"), "--model", "x"]) == 2
     assert "leave --model out" in capsys.readouterr().err
     assert cli.main(["predictor-accuracy", "--trace", str(tmp_path / "none.csv"), "--out", str(tmp_path / "a")]) == 2
+    assert cli.main(["predictor-accuracy", "--trace", str(csv), "--out", str(tmp_path / "a"), "--layers", "9"]) == 2
+    assert "--layers must be in 2..4" in capsys.readouterr().err
