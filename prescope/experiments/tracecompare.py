@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from prescope.files import check_output, git_revision, write_json, write_with_sidecar
+    from prescope.files import check_output, git_revision, portable_path, write_json, write_with_sidecar
     from prescope.predict.routellapor import load_predictor, load_routing_trace
 
     out = check_output(args.out, folder=True, what="--out")
@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
                            layers=args.layers, predictor=predictor, max_steps=args.max_steps)
     table = pd.DataFrame(rows)
     write_with_sidecar(Path(out) / "trace_compare.csv", table.to_csv(index=False, float_format="%.6g"))
-    summary = {"source": "simulated", "git_revision": git_revision(), "trace": str(args.trace), "twin": args.twin,
-               "layers": args.layers, "profiles": args.profiles, "predictor": args.predictor or None,
+    summary = {"source": "simulated", "git_revision": git_revision(), "trace": portable_path(args.trace),
+               "twin": args.twin, "layers": args.layers, "profiles": args.profiles,
+               "predictor": portable_path(args.predictor) if args.predictor else None,
                "trace_top_k": trace.layout.top_k,
                "replayed": f"held-out {args.heldout_fraction:.0%}" if args.heldout_fraction else "whole trace",
                "rows": rows}

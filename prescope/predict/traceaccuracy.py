@@ -50,7 +50,7 @@ def accuracy_report(trace, label: str, config: LLaPorConfig, *, heldout_fraction
     if predictor_path:
         preds["llapor_routing"] = load(predictor_path)
         preds["llapor_routing"].check_model(trace.layout)
-        notes.append(f"llapor_routing read from {predictor_path}")
+        notes.append("llapor_routing read from a checkpoint (--predictor)")
     else:
         preds["llapor_routing"] = train_routing_llapor(trace, config, progress=progress, exclude=held)
     trained_s = time.perf_counter() - began
@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prescope.files import check_output, write_json, write_with_sidecar
+    from prescope.files import check_output, portable_path, write_json, write_with_sidecar
     from prescope.predict.llapor import config_from_args
     from prescope.predict.routellapor import cut_layers, load_routing_trace
 
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         trace = cut_layers(trace, args.layers)
     if args.save_predictor:
         check_output(args.save_predictor, what="--save-predictor")
-    table, summary, trained = accuracy_report(trace, str(args.trace), config, heldout_fraction=args.heldout_fraction,
+    table, summary, trained = accuracy_report(trace, portable_path(args.trace), config, heldout_fraction=args.heldout_fraction,
                                               predictor_path=args.predictor or None, progress=not args.no_progress)
     if args.save_predictor:
         trained.save(args.save_predictor)
