@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -135,3 +136,27 @@ def write_route_csv(path, sizes, tokens: int = 6, experts: int = 8, top_k: int =
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_structured_route_csv(path, layers: int = 4, experts: int = 8, top_k: int = 2, prefill: int = 12, decode: int = 150,
+                    seed: int = 0, arch: str = "toy") -> Path:
+    """A llama.cpp route trace (`route_trace v1`) with real-looking structure: layer 0 keeps one of the previous
+    token's experts and draws the other, each later layer routes to its predecessor's experts shifted by one;
+    per-layer expert sizes differ; the last layer is left out for prefill tokens, as llama.cpp does."""
+    rng = np.random.default_rng(seed)
+    lines = ["# route_trace v1",
+             f"# model=/m/{arch}.gguf arch={arch} n_layer={layers} n_expert={experts} n_expert_used={top_k}"]
+    lines += [f"# layer={i} expert_bytes={1000 + 100 * (i % 2)} dense_bytes=10" for i in range(layers)]
+    lines.append("turn,phase,step,layer,slot,expert,weight,residency,expert_bytes")
+    chosen = list(rng.choice(experts, top_k, replace=False))
+    weights = np.linspace(0.6, 0.4, top_k) / np.linspace(0.6, 0.4, top_k).sum()
+    for step in range(prefill + decode):
+        keep = chosen[:1]
+        fresh = [int(e) for e in rng.permutation(experts) if e not in keep][:top_k - 1]
+        chosen = keep + fresh
+        phase = 0 if step < prefill else 1
+        for layer in range(layers - (1 if phase == 0 else 0)):
+            for slot, e in enumerate((int(x) + layer) % experts for x in chosen):
+                lines.append(f"0,{phase},{step},{layer},{slot},{e},{weights[slot]:.6f},0,{1000 + 100 * (layer % 2)}")
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)

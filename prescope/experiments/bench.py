@@ -239,6 +239,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
 
     from prescope.engine.engine import Engine
     from prescope.experiments.subjects import build_bench_subject
+    from prescope.experiments.tracesubject import build_trace_subject, trace_path
     from prescope.models import adapter
 
     device = torch.device(cfg.device)
@@ -250,7 +251,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     meta["failed"] = failed
     meta["bandwidths"] = bounds.measure_bandwidths(device)  # what the bounds divide by, measured here
     for spec in cfg.models:
-        subject = build_bench_subject(spec, cfg, device)
+        subject = build_trace_subject(spec, cfg, device) if trace_path(spec) else build_bench_subject(spec, cfg, device)
         name, model = subject.name, subject.model
         layout = adapter.describe(model)
         base = {"model": name, "layers": layout.num_layers, "moe_layers": layout.num_moe_layers,
@@ -266,7 +267,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                              "step_bytes": _mean_step_bytes(route, layout, sizes, batch, cfg)})
             write_bench(out, meta, rows, routes, timelines)
         overhead = None
-        if subject.llapor is not None and subject.source is None and device.type == "cuda":
+        if subject.llapor is not None and subject.llapor.needs_hidden and subject.source is None \
+                and device.type == "cuda":
             overhead = {"model": name, **predictor_overhead(subject.llapor, subject.router_inputs(cfg), device)}
             meta.setdefault("predictor_overhead", []).append(overhead)
         cells = [(RESIDENT, 1.0)] + [(current_name(p), b) for b in cfg.budgets for p in cfg.policies]
@@ -281,8 +283,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
                 about = {**base, "policy": policy_name, "budget": budget, "batch": batch, "slots": engine.num_slots,
                          "async_io": engine.io is not None, "predictor": predictor,
-                         "routing": "replayed from prescope-tiny" if subject.source is not None
-                         else "replayed (stock run)"}
+                         "routing": getattr(subject, "routing", "") or ("replayed from prescope-tiny"
+                                    if subject.source is not None else "replayed (stock run)")}
                 try:
                     row, route, timeline = measure_engine(engine, model, batch, cfg, replays[batch], subject.prompts,
                                                           stock[batch])

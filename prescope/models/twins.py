@@ -8,6 +8,11 @@ model on a laptop; a test checks it against a meta-device instantiation, paramet
 Letters: L decoder layers, E routed experts, K top-k, H hidden size, I expert width, V vocabulary.
 Configurations follow each model's published `config.json` on the Hugging Face hub (named in
 `TWINS`); `tiny_twin_config` shrinks the widths of a family but keeps its structure, for tests.
+
+Twins hold every weight in bf16 (or the dtype asked for). Published checkpoints may store experts more
+compactly: gpt-oss-20b and gpt-oss-120b ship their experts in MXFP4 (4-bit values, one 8-bit scale per 32),
+so a twin's bf16 expert is about 3.8 times the checkpoint's. `twin_sizes` reports both
+(`bytes_per_expert` in the twin's dtype, `published_expert_format` and `published_bytes_per_expert`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,20 @@ class TwinSpec:
     model_type: str
     config: dict[str, Any]
     tiny: dict[str, Any]
+    expert_format: str = "bf16"  # how the published checkpoint stores its routed experts
 
+
+MXFP4_BYTES = (17, 32)  # bytes per weight as a fraction: 4-bit values plus one 8-bit scale per 32 (4.25 bits)
+# The fields gpt-oss-20b and gpt-oss-120b share (their hub configs differ in layers and experts only).
+GPT_OSS: dict[str, Any] = dict(
+    vocab_size=201088, hidden_size=2880, intermediate_size=2880, head_dim=64, num_attention_heads=64,
+    num_key_value_heads=8, num_experts_per_tok=4, sliding_window=128, attention_bias=True,
+    max_position_embeddings=131072, rms_norm_eps=1e-5, router_aux_loss_coef=0.9, tie_word_embeddings=False,
+    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                         truncate=False, original_max_position_embeddings=4096),
+    pad_token_id=199999, eos_token_id=200002)
+GPT_OSS_TINY: dict[str, Any] = dict(vocab_size=256, hidden_size=64, intermediate_size=32, head_dim=16,
+                                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
 
 TWINS: dict[str, TwinSpec] = {
     "mixtral-8x7b": TwinSpec(
@@ -94,6 +112,20 @@ TWINS: dict[str, TwinSpec] = {
              eos_token_id=151645),
         dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2),
+    ),
+    # gpt-oss: alternating sliding (128) / full attention from the config's default layer_types, attention
+    # biases and per-head sinks, router and expert biases, a clamped SwiGLU. The published checkpoints store
+    # the experts in MXFP4 (4.25 bits per parameter); twins are bf16, so their bytes per expert are the bf16
+    # figure (about 3.8 times the checkpoint's): say which when quoting expert sizes.
+    "gpt-oss-20b": TwinSpec(
+        "openai/gpt-oss-20b", "gpt_oss",
+        dict(GPT_OSS, num_hidden_layers=24, num_local_experts=32),
+        GPT_OSS_TINY, expert_format="mxfp4",
+    ),
+    "gpt-oss-120b": TwinSpec(
+        "openai/gpt-oss-120b", "gpt_oss",
+        dict(GPT_OSS, num_hidden_layers=36, num_local_experts=128),
+        GPT_OSS_TINY, expert_format="mxfp4",
     ),
 }
 
@@ -169,12 +201,18 @@ def _attention_params(cfg: PretrainedConfig) -> int:
         params += nh * hd + nkv * hd
     if cfg.model_type == "qwen3_moe":  # q_norm, k_norm per head
         params += 2 * hd
+    if cfg.model_type == "gpt_oss":  # q, k, v, o biases; one attention sink per head
+        params += (nh * hd + 2 * nkv * hd + h if cfg.attention_bias else 0) + nh
     return params
 
 
 def _moe_layout(cfg: PretrainedConfig) -> dict[str, Any]:
-    """E, K, expert width I, shared-expert parameters and the MoE predicate of one family."""
+    """E, K, expert width I, shared-expert parameters, the MoE predicate and the bias parameters of one family
+    (`router_bias` per router, `expert_bias` per expert: gpt-oss's)."""
     mt, h = cfg.model_type, cfg.hidden_size
+    if mt == "gpt_oss":  # biases: router [E]; per expert gate_up [2I] and down [H]
+        return dict(e=cfg.num_local_experts, k=cfg.num_experts_per_tok, i=cfg.intermediate_size, shared=0,
+                    is_moe=lambda idx: True, router_bias=cfg.num_local_experts, expert_bias=2 * cfg.intermediate_size + h)
     if mt == "mixtral":
         return dict(e=cfg.num_local_experts, k=cfg.num_experts_per_tok, i=cfg.intermediate_size, shared=0,
                     is_moe=lambda idx: True)
@@ -191,22 +229,27 @@ def _moe_layout(cfg: PretrainedConfig) -> dict[str, Any]:
                     shared=3 * h * cfg.moe_intermediate_size * cfg.n_shared_experts,
                     is_moe=lambda idx: idx >= cfg.first_k_dense_replace)
     raise UnknownTwinError(f"no size accounting for model_type {mt!r}; known: mixtral, olmoe, qwen2_moe, "
-                           "qwen3_moe, deepseek_v2")
+                           "qwen3_moe, deepseek_v2, gpt_oss")
+
+
+def _expert_params(cfg: PretrainedConfig, moe: dict[str, Any]) -> int:
+    """Parameters of one routed expert: 3·H·I (gate, up, down) plus its biases where the family has them."""
+    return 3 * cfg.hidden_size * moe["i"] + moe.get("expert_bias", 0)
 
 
 def config_layer_sizes(cfg: PretrainedConfig) -> pd.DataFrame:
     """Parameters per decoder layer, one row each: layer, kind ('moe'|'dense'), attention, norms,
     router, shared (shared experts), dense_mlp, experts (all E routed experts), non_expert."""
     moe, h = _moe_layout(cfg), cfg.hidden_size
-    attention = _attention_params(cfg)
+    attention, per_expert = _attention_params(cfg), _expert_params(cfg, moe)
     rows = []
     for idx in range(cfg.num_hidden_layers):
         is_moe = moe["is_moe"](idx)
         rows.append(dict(
             layer=idx, kind="moe" if is_moe else "dense", attention=attention, norms=2 * h,
-            router=moe["e"] * h if is_moe else 0, shared=moe["shared"] if is_moe else 0,
+            router=moe["e"] * h + moe.get("router_bias", 0) if is_moe else 0, shared=moe["shared"] if is_moe else 0,
             dense_mlp=0 if is_moe else 3 * h * cfg.intermediate_size,
-            experts=moe["e"] * 3 * h * moe["i"] if is_moe else 0,
+            experts=moe["e"] * per_expert if is_moe else 0,
         ))
     table = pd.DataFrame(rows)
     table["non_expert"] = table[["attention", "norms", "router", "shared", "dense_mlp"]].sum(axis=1)
@@ -221,7 +264,7 @@ def config_sizes(cfg: PretrainedConfig, dtype: torch.dtype = torch.bfloat16) -> 
     expert_params = int(layers["experts"].sum())
     non_expert = int(layers["non_expert"].sum()) + embeddings
     n_moe = int((layers["kind"] == "moe").sum())
-    per_expert = 3 * h * moe["i"]
+    per_expert = _expert_params(cfg, moe)
     return dict(
         model_type=cfg.model_type, num_layers=cfg.num_hidden_layers, num_moe_layers=n_moe,
         num_experts=moe["e"], top_k=moe["k"], hidden_size=h, expert_intermediate_size=moe["i"],
@@ -238,8 +281,14 @@ def config_sizes(cfg: PretrainedConfig, dtype: torch.dtype = torch.bfloat16) -> 
 
 def twin_sizes(name: str, num_layers: int | None = None, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """Parameters and bytes of twin `name` (experts, non-expert, per expert, per layer), without
-    allocating. Mixtral-8x7B: 3·4096·14336 = 176,160,768 parameters = 336 MiB per bf16 expert."""
-    return {"name": name, **config_sizes(twin_config(name, num_layers), dtype)}
+    allocating. Mixtral-8x7B: 3·4096·14336 = 176,160,768 parameters = 336 MiB per bf16 expert. The published
+    checkpoint's expert bytes: bf16, or MXFP4 (4.25 bits per weight, `MXFP4_BYTES`; biases bf16) for gpt-oss."""
+    sizes = config_sizes(twin_config(name, num_layers), dtype)
+    fmt = _spec(name).expert_format
+    weights = 3 * sizes["hidden_size"] * sizes["expert_intermediate_size"]
+    biases = sizes["params_per_expert"] - weights  # bf16 in every published checkpoint
+    published = weights * MXFP4_BYTES[0] // MXFP4_BYTES[1] + 2 * biases if fmt == "mxfp4" else sizes["params_per_expert"] * 2
+    return {"name": name, **sizes, "published_expert_format": fmt, "published_bytes_per_expert": published}
 
 
 def twin_layout(name: str, num_layers: int | None = None) -> tuple[ModelLayout, int]:

@@ -17,7 +17,7 @@ from prescope.engine.engine import Engine
 from prescope.engine.streams import CpuStreams
 from prescope.engine.transfers import IOWorker
 from prescope.layout import ModelLayout
-from prescope.models import adapter
+from prescope.models import adapter, twins
 from prescope.policies import POLICIES, parse_policy
 from prescope.policies.base import OnDemandLRU
 
@@ -301,3 +301,18 @@ def test_a_copy_failing_at_any_point_of_a_step_leaves_the_next_generate_stock(er
             assert torch.equal(out.sequences, ref.sequences), f"wrong tokens after a copy failed at {at}/{copies}"
             for got, want in zip(out.logits, ref.logits, strict=True):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", twins.list_twins())
+@pytest.mark.parametrize("policy", ["on_demand_lru", UNGATED])
+def test_each_tiny_twin_runs_offloaded_equal_to_stock(name, policy):
+    """Every twin's structure (gpt-oss's biases, sinks and clamped SwiGLU included) at tiny widths."""
+    stock = twins.build_twin(twins.tiny_twin_config(name, num_layers=2), dtype=torch.float32, seed=1)
+    ids = torch.randint(1, stock.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    ref = stock.generate(ids, attention_mask=mask, **GEN)
+    for budget_name, budget in budgets(adapter.describe(stock)).items():
+        out, _ = generate_offloaded(stock, ids, mask, policy, budget)
+        assert torch.equal(out.sequences, ref.sequences), f"{name}/{policy}/{budget_name}: tokens differ"
+        for got, want in zip(out.logits, ref.logits, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

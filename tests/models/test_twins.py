@@ -32,10 +32,17 @@ EXPECTED = {
     "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, moe_intermediate_size=768,
                           num_hidden_layers=48, num_experts=128, num_experts_per_tok=8, num_attention_heads=32,
                           num_key_value_heads=4, head_dim=128, vocab_size=151936),
+    "gpt-oss-20b": dict(model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+                        num_local_experts=32, num_experts_per_tok=4, num_attention_heads=64, num_key_value_heads=8,
+                        head_dim=64, vocab_size=201088, attention_bias=True, sliding_window=128),
+    "gpt-oss-120b": dict(model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+                         num_local_experts=128, num_experts_per_tok=4, num_attention_heads=64, num_key_value_heads=8,
+                         head_dim=64, vocab_size=201088, attention_bias=True, sliding_window=128),
 }
 # Published total parameter counts (billions, rounded as their model cards state them).
+# gpt-oss: OpenAI's model card gives 20.91 B / 3.61 B active and 116.83 B / 5.13 B active.
 PUBLISHED_TOTAL_B = {"mixtral-8x7b": 46.7, "olmoe-1b-7b": 6.9, "qwen1.5-moe-a2.7b": 14.3,
-                     "deepseek-v2-lite": 15.7, "qwen3-30b-a3b": 30.5}
+                     "deepseek-v2-lite": 15.7, "qwen3-30b-a3b": 30.5, "gpt-oss-20b": 20.9, "gpt-oss-120b": 116.8}
 
 
 def test_list_twins():
@@ -82,6 +89,23 @@ def test_mixtral_expert_is_336_mib():
     assert sizes["bytes_per_expert"] == 3 * 4096 * 14336 * 2 == 352_321_536 == 336 * 2**20
     assert sizes["num_moe_layers"] == 32 and sizes["top_k"] == 2
     assert twins.twin_sizes("mixtral-8x7b", dtype=torch.float32)["bytes_per_expert"] == 672 * 2**20
+
+
+@pytest.mark.parametrize("name, total_b, active_b", [("gpt-oss-20b", 20.91, 3.61), ("gpt-oss-120b", 116.83, 5.13)])
+def test_gpt_oss_matches_the_published_counts_and_reports_its_mxfp4_experts(name, total_b, active_b):
+    sizes = twins.twin_sizes(name)
+    assert round(sizes["total_params"] / 1e9, 2) == total_b
+    # the model card's active count leaves out the input embedding (a lookup, no compute)
+    active = sizes["active_params_per_token"] - sizes["hidden_size"] * twins.twin_config(name).vocab_size
+    assert round(active / 1e9, 2) == active_b
+    per_expert = 3 * 2880 * 2880 + 2 * 2880 + 2880  # gate, up, down + gate_up bias [2I] + down bias [H]
+    assert sizes["params_per_expert"] == per_expert and sizes["bytes_per_expert"] == 2 * per_expert
+    assert sizes["published_expert_format"] == "mxfp4"
+    assert sizes["published_bytes_per_expert"] == 3 * 2880 * 2880 * 17 // 32 + 2 * (3 * 2880)
+    layers = twins.twin_layer_sizes(name)
+    assert set(layers["kind"]) == {"moe"} and layers["router"][0] == EXPECTED[name]["num_local_experts"] * 2881
+    assert twins.twin_config(name).layer_types[:2] == ["sliding_attention", "full_attention"]
+    assert twins.twin_sizes("mixtral-8x7b")["published_expert_format"] == "bf16"
 
 
 def test_deepseek_first_layer_is_dense():
