@@ -266,7 +266,7 @@ def cut_layers(trace: Trace, layers: int) -> Trace:
         return trace
     keep = lay.moe_layers[:layers]
     top = keep[-1] + 1
-    layout = dataclasses.replace(lay, num_layers=top, moe_layers=keep,
+    layout = dataclasses.replace(lay, num_layers=top, moe_layers=keep, layer_expert_bytes=lay.layer_expert_bytes[:layers],
                                  dense_layers=tuple(i for i in lay.dense_layers if i < top))
     sizes = trace.meta.get("expert_bytes_per_layer")
     meta = {**trace.meta, "layers_kept": layers, **({"expert_bytes_per_layer": sizes[:layers]} if sizes else {})}

@@ -132,3 +132,12 @@ def test_training_runs_on_one_thread_whatever_the_caller_runs(trace, held, monke
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {1}
+
+
+def test_cut_layers_keeps_the_first_layers_and_their_own_expert_sizes(tmp_path):
+    trace = load_llamacpp_trace(write_structured_route_csv(tmp_path / "t.route.csv", layers=5, decode=10))
+    assert len(set(trace.layout.layer_expert_bytes)) == 2  # the CSV gives alternate layers different sizes
+    cut = routellapor.cut_layers(trace, 3)
+    assert cut.layout.num_moe_layers == 3 and cut.experts.shape[1] == 3
+    assert cut.layout.layer_expert_bytes == trace.layout.layer_expert_bytes[:3]
+    assert (cut.experts == trace.experts[:, :3]).all()
