@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -111,3 +112,51 @@ def batched_trace(trace_model):
 
     return recording.record_trace(trace_model, None, TRACE_PROMPTS, max_new_tokens=TRACE_NEW_TOKENS, batch_size=3,
                                   keep_hidden=True, keep_logits=True, domains=["a", "b", "c"], progress=False)
+
+
+def write_route_csv(path, sizes, tokens: int = 6, experts: int = 8, top_k: int = 2, seed: int = 0,
+                    model: str = "toy") -> Path:
+    """A llama.cpp route trace (`route_trace v1`) with one expert size per layer (`sizes`; 0: a dense layer):
+    one prefill step of two tokens, then decode steps, random distinct experts, weights falling with the slot."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = ["# route_trace v1", f"# model=/m/{model}.gguf arch={model} n_layer={len(sizes)} n_expert={experts} "
+             f"n_expert_used={top_k}"]
+    lines += [f"# layer={i} expert_bytes={b} dense_bytes={1000 + i}" for i, b in enumerate(sizes)]
+    lines.append("turn,phase,step,layer,slot,expert,weight,residency,expert_bytes")
+    for step in range(tokens):
+        phase = 0 if step < 2 else 1
+        for layer, b in enumerate(sizes):
+            if b == 0:
+                continue
+            chosen = rng.choice(experts, top_k, replace=False)
+            weights = np.sort(rng.dirichlet(np.ones(top_k)))[::-1]
+            lines += [f"0,{phase},{step},{layer},{k},{e},{w:.6f},0,{b}" for k, (e, w) in enumerate(zip(chosen, weights, strict=True))]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_structured_route_csv(path, layers: int = 4, experts: int = 8, top_k: int = 2, prefill: int = 12, decode: int = 150,
+                    seed: int = 0, arch: str = "toy") -> Path:
+    """A llama.cpp route trace (`route_trace v1`) with real-looking structure: layer 0 keeps one of the previous
+    token's experts and draws the other, each later layer routes to its predecessor's experts shifted by one;
+    per-layer expert sizes differ; the last layer is left out for prefill tokens, as llama.cpp does."""
+    rng = np.random.default_rng(seed)
+    lines = ["# route_trace v1",
+             f"# model=/m/{arch}.gguf arch={arch} n_layer={layers} n_expert={experts} n_expert_used={top_k}"]
+    lines += [f"# layer={i} expert_bytes={1000 + 100 * (i % 2)} dense_bytes=10" for i in range(layers)]
+    lines.append("turn,phase,step,layer,slot,expert,weight,residency,expert_bytes")
+    chosen = list(rng.choice(experts, top_k, replace=False))
+    weights = np.linspace(0.6, 0.4, top_k) / np.linspace(0.6, 0.4, top_k).sum()
+    for step in range(prefill + decode):
+        keep = chosen[:1]
+        fresh = [int(e) for e in rng.permutation(experts) if e not in keep][:top_k - 1]
+        chosen = keep + fresh
+        phase = 0 if step < prefill else 1
+        for layer in range(layers - (1 if phase == 0 else 0)):
+            for slot, e in enumerate((int(x) + layer) % experts for x in chosen):
+                lines.append(f"0,{phase},{step},{layer},{slot},{e},{weights[slot]:.6f},0,{1000 + 100 * (layer % 2)}")
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)

@@ -95,12 +95,12 @@ def test_files_the_system_refuses_are_one_line(tmp_path, capsys):
 
 
 def test_an_interrupted_command_ends_quietly_with_130(monkeypatch, capsys):
-    from prescope.sim import simulator
+    from prescope.sim import simulate
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(simulator, "run", interrupted)
+    monkeypatch.setattr(simulate, "run", interrupted)
     assert cli.main(["simulate", "--trace", "x.parquet"]) == cli.EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip() == "prescope simulate: interrupted"
 

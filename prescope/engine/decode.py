@@ -34,6 +34,7 @@ import torch
 
 from prescope.engine.streams import Segments
 from prescope.models import adapter
+from prescope.routing.replay import replayed_weights
 
 MODES = ("eager", "graph", "piecewise")
 
@@ -183,9 +184,10 @@ class StepGraphs:
         replay = engine.replay
         if replay is not None:  # the recorded routing of the position this step routes, gathered on the device
             N, K = top_k_index.shape
+            own_index = top_k_index
             top_k_index = replay.experts[:, :, layer].index_select(1, self.replay_position.view(1)).reshape(N, K)
-            top_k_weights = replay.weights[:, :, layer].index_select(1, self.replay_position.view(1)).reshape(
-                N, K).to(top_k_weights.dtype)
+            weights = replay.weights[:, :, layer].index_select(1, self.replay_position.view(1)).reshape(N, K)
+            top_k_weights = replayed_weights(own_index, top_k_weights, top_k_index, weights)
         counts = None
         if self.mode == "piecewise" and replay is None:
             flat = top_k_index.reshape(-1).clamp(0, E)  # [N*K]

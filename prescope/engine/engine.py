@@ -42,6 +42,7 @@ from prescope.policies import make_policy
 from prescope.policies.base import LayerView, Policy, costs_for
 from prescope.policies.cache import ExpertCache, Key
 from prescope.policies.protocol import Executor, fill, preload, run_layer, slots_for
+from prescope.routing.replay import replayed_weights
 from prescope.timeline import host_device, measured_profile
 
 
@@ -220,8 +221,9 @@ class Engine(Executor):
         num_tokens = top_k_index.shape[0]
         seen, future = hidden, None
         if self.replay is not None:
+            own_index = top_k_index
             top_k_index, weights, recorded = self.replay.at(self.step, layer, num_tokens)
-            top_k_weights = weights.to(top_k_weights.dtype)
+            top_k_weights = replayed_weights(own_index, top_k_weights, top_k_index, weights)
             seen = recorded if recorded is not None else hidden
             future = self.replay.future(self.step, layer, num_tokens) if self.policy.needs_future else None
         # route: tokens per expert, the one host synchronisation of the layer

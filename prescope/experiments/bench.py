@@ -240,6 +240,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
 
     from prescope.engine.engine import Engine
     from prescope.experiments.subjects import build_bench_subject
+    from prescope.experiments.tracesubject import build_trace_subject, trace_path
     from prescope.models import adapter
 
     device = torch.device(cfg.device)
@@ -251,7 +252,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     meta["failed"] = failed
     meta["bandwidths"] = bounds.measure_bandwidths(device)  # what the bounds divide by, measured here
     for spec in cfg.models:
-        subject = build_bench_subject(spec, cfg, device)
+        subject = build_trace_subject(spec, cfg, device) if trace_path(spec) else build_bench_subject(spec, cfg, device)
         name, model = subject.name, subject.model
         layout = adapter.describe(model)
         base = {"model": name, "layers": layout.num_layers, "moe_layers": layout.num_moe_layers,
@@ -267,7 +268,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                              "step_bytes": _mean_step_bytes(route, layout, sizes, batch, cfg)})
             write_bench(out, meta, rows, routes, timelines)
         overhead = None
-        if subject.llapor is not None and subject.source is None and device.type == "cuda":
+        if subject.llapor is not None and subject.llapor.needs_hidden and subject.source is None \
+                and device.type == "cuda":
             overhead = {"model": name, **predictor_overhead(subject.llapor, subject.router_inputs(cfg), device)}
             meta.setdefault("predictor_overhead", []).append(overhead)
         cells = [(RESIDENT, 1.0)] + [(current_name(p), b) for b in cfg.budgets for p in cfg.policies]
@@ -282,8 +284,9 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
                 about = {**base, "policy": policy_name, "budget": budget, "batch": batch, "slots": engine.num_slots,
                          "async_io": engine.io is not None, "predictor": predictor,
-                         "routing": f"replayed from {subject.name.partition('@')[2]}" if subject.source is not None
-                         else "replayed (stock run)"}
+                         "routing": getattr(subject, "routing", "") or (
+                             f"replayed from {subject.name.partition('@')[2]}" if subject.source is not None
+                             else "replayed (stock run)")}
                 try:
                     row, route, timeline = measure_engine(engine, model, batch, cfg, replays[batch], subject.prompts,
                                                           stock[batch])
@@ -474,6 +477,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictor", help="LLaPor checkpoint for `prescope` (used where its layout matches)")
     parser.add_argument("--prompts", help="prescope-tiny's prompts: 'heldout' (held-out corpus windows) or a .npy "
                         "[rows, >= input_len] of token ids (subjects.heldout_prompts, saved with np.save)")
+    parser.add_argument("--inputs", help="a `prescope gpu-inputs` folder: its held-out prompts and LLaPor checkpoint, "
+                        "checked against its manifest (instead of --prompts and --predictor)")
     parser.add_argument("--accelerate-batches", nargs="*", type=int, default=list(d.accelerate_batches),
                         help="batch sizes of the accelerate offload rows (none: skip them)")
     parser.add_argument("--accelerate-tokens", type=int, default=d.accelerate_tokens,
@@ -484,12 +489,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    extra = {}
+    if args.inputs:
+        from prescope.experiments.gpuinputs import read_inputs
+
+        if args.prompts or args.predictor:
+            raise ValueError("--inputs gives the prompts and the predictor: leave --prompts and --predictor out")
+        args.prompts, args.predictor, extra["inputs"] = read_inputs(args.inputs, args.input_len)
     cfg = BenchConfig(models=tuple(args.models), batch_sizes=tuple(args.batch_sizes), policies=tuple(args.policies),
                       budgets=tuple(args.budgets), input_len=args.input_len, output_len=args.output_len,
                       timeline_tokens=args.timeline_tokens, seed=args.seed, device=args.device,
                       profile=args.profile, out=args.out, predictor=args.predictor, prompts=args.prompts,
                       accelerate_batches=tuple(args.accelerate_batches), accelerate_tokens=args.accelerate_tokens,
-                      repeats=args.repeats)
+                      repeats=args.repeats, extra=extra)
     rows = run_bench(cfg)
     table = pd.DataFrame(rows)
     table = table[[c for c in ("model", "policy", "budget", "batch", "decode_tok_s", "decode_ms_median", "vs_resident",

@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prescope.config import EngineConfig
@@ -34,15 +35,50 @@ def _generate(model, ids, new_tokens):
                           do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
 
 
+def is_twin_spec(spec: str) -> bool:
+    """Whether `spec` names a model prescope builds: prescope-tiny, a twin `name[:layers]` or `name-tiny[:layers]`."""
+    from prescope.models.twins import list_twins
+
+    name = spec.partition(":")[0]
+    return name == "prescope-tiny" or name.removesuffix("-tiny") in list_twins()
+
+
+def load_subject(spec: str, device: torch.device, seed: int = 0):
+    """The stock model `spec` names: one prescope builds (`subjects.build_subject`), a checkpoint folder, or a
+    hub id already in the local Hugging Face cache (never downloaded: `local_files_only`). On the CPU in
+    float32, on a GPU in the checkpoint's own dtype."""
+    import torch
+
+    from prescope.experiments.subjects import build_subject
+    from prescope.models.adapter import load_model
+    from prescope.models.twins import list_twins
+
+    if is_twin_spec(spec):
+        return build_subject(spec, device, seed)
+    dtype = torch.float32 if device.type == "cpu" else None
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{spec}: a folder without config.json is no model checkpoint")
+        return load_model(str(path), dtype=dtype, device=str(device))
+    if spec.count("/") == 1 and not path.exists():
+        try:
+            return load_model(spec, dtype=dtype, device=str(device), local_files_only=True)
+        except OSError:
+            pass
+    raise ValueError(f"--models {spec}: not a model prescope builds (prescope-tiny, NAME[:LAYERS] or NAME-tiny[:LAYERS] "
+                     f"with NAME in {list_twins()}), not a checkpoint folder, and not a hub id in the local Hugging "
+                     "Face cache (nothing is downloaded)")
+
+
 def check_model(spec: str, device: torch.device, batch: int = 2, prompt_len: int = 16, new_tokens: int = 12,
                 seed: int = 0) -> list[dict]:
     import torch
 
     from prescope.engine.engine import Engine
-    from prescope.experiments.subjects import build_subject
     from prescope.models import adapter
 
-    stock = build_subject(spec, device, seed)
+    stock = load_subject(spec, device, seed)
     layout = adapter.describe(stock)
     ids = torch.randint(1, stock.config.vocab_size, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(seed)).to(device)
@@ -77,8 +113,8 @@ def check_model(spec: str, device: torch.device, batch: int = 2, prompt_len: int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["prescope-tiny", "olmoe-1b-7b:4", "qwen3-30b-a3b:4"],
-                        help="models to check: prescope-tiny or shape twins, each optionally NAME:LAYERS "
-                             "(default: %(default)s)")
+                        help="models to check: prescope-tiny, shape twins (each optionally NAME:LAYERS), checkpoint "
+                             "folders, or hub ids already in the local Hugging Face cache (default: %(default)s)")
     parser.add_argument("--device", default="cuda",
                         help="torch device the engine and the stock model run on (cuda, cuda:N or cpu; "
                              "default: %(default)s)")
@@ -96,8 +132,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     rows = []
     for spec in args.models:
-        rows += check_model(spec, device)
-        for r in rows[-6:]:
+        checked = check_model(spec, device)
+        rows += checked
+        for r in checked:
             print(r, flush=True)
     result = {"source": "measured", "device": host_device(device),
               "git_revision": os.environ.get("PRESCOPE_GIT_REV") or git_revision(), "torch": torch.__version__,

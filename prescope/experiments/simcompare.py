@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +47,7 @@ from prescope.hardware.profiles import HardwareProfile, ProfileError, load_profi
 from prescope.policies import LIMITS, POLICIES, current_name, make_policy
 from prescope.policies.base import Policy, costs_for
 from prescope.routing.trace import Trace
+from prescope.sim.simcost import experts_only
 from prescope.sim.simulator import replay
 
 DEFAULT_TRACE = ".cache/llapor/heldout-7be95c0f0c1b.trace.parquet"
@@ -283,30 +285,44 @@ def measured_context(table: pd.DataFrame, bench: dict, twin: str) -> pd.DataFram
 # ---- the run behind the command -------------------------------------------------------------------------
 
 def load_inputs(cfg: CompareConfig):
-    """(trace subset, layout, dense params, gate predictor, LLaPor or None) for `cfg`."""
+    """(trace subset, layout, dense params, gate predictor or None, LLaPor or None) for `cfg`. A trace without
+    hidden states (a llama.cpp trace) runs with the predictors that need none: the gate-lookahead policies
+    predict from the routing they have seen, and `prescope` too unless its LLaPor reads routing only."""
     from prescope.predict.predictors import GateLookahead
-    from prescope.routing.trace import load_trace
+    from prescope.routing.reader import read_trace
 
-    trace = prompt_subset(load_trace(cfg.trace), cfg.prompts)
-    if trace.hidden is None:
-        raise CompareError(f"{cfg.trace} has no hidden states: the predictors need them "
-                           f"(record_trace(..., keep_hidden=True))")
+    trace = prompt_subset(read_trace(cfg.trace), cfg.prompts)
+    prompts = int(trace.tokens["prompt"].nunique())
+    if max(cfg.batch_sizes) > prompts:
+        raise CompareError(f"{cfg.trace} holds {prompts} prompt(s): a batch of b decodes b prompts together, so "
+                           f"--batch-sizes must stay <= {prompts} (got {list(cfg.batch_sizes)})")
     layout, dense = trace.layout, None
     if cfg.twin:
-        from prescope.experiments.fidelity import twin_layout
+        from prescope.models.twins import twin_layout
 
         layout, dense = twin_layout(cfg.twin, cfg.twin_layers)
-    if cfg.routers == "prescope-tiny":
-        from prescope.models.tiny import load_tiny
-
-        gate = GateLookahead.from_model(load_tiny()[0])
-    else:
-        gate = GateLookahead().fit(trace)
+        routes = (trace.layout.num_moe_layers, trace.layout.num_experts, trace.layout.top_k)
+        if routes != (layout.num_moe_layers, layout.num_experts, layout.top_k):
+            raise CompareError(f"twin {cfg.twin!r} (L={layout.num_moe_layers}, E={layout.num_experts}, "
+                               f"K={layout.top_k}) does not route like {cfg.trace} (L={routes[0]}, E={routes[1]}, "
+                               f"K={routes[2]}): give --twin with a twin of that shape, or --twin '' for the "
+                               "trace's own layout")
     llapor = None
     if cfg.predictor:
-        from prescope.predict import llapor as llapor_module
+        from prescope.predict.checkpoints import load_for_trace
 
-        llapor = llapor_module.load(cfg.predictor)
+        llapor = load_for_trace(cfg.predictor, trace)
+    if trace.hidden is None:
+        return trace, layout, dense, None, llapor
+    if cfg.routers == "prescope-tiny":
+        from prescope.models.adapter import describe
+        from prescope.models.tiny import load_tiny
+
+        tiny = load_tiny()[0]
+        describe(tiny).check_compatible(trace.layout, "trace (for --routers prescope-tiny; try --routers fit)")
+        gate = GateLookahead.from_model(tiny)
+    else:
+        gate = GateLookahead().fit(trace)
     return trace, layout, dense, gate, llapor
 
 
@@ -323,6 +339,9 @@ def run_compare(cfg: CompareConfig) -> tuple[pd.DataFrame, dict]:
     torch.set_num_threads(cfg.threads)
     try:
         trace, layout, dense, gate, llapor = load_inputs(cfg)
+        warning = experts_only(layout, dense)
+        if warning:
+            print(f"prescope simulate-compare: warning: {warning}", file=sys.stderr, flush=True)
         parts = []
         total = len(profiles) * len(cfg.batch_sizes) * (1 + len(cfg.budgets) * len(cfg.policies))
         with tqdm(total=total, desc="simulate-compare", unit="cell") as bar:
@@ -340,7 +359,8 @@ def run_compare(cfg: CompareConfig) -> tuple[pd.DataFrame, dict]:
                       "split": trace.meta.get("split", ""), "prompts": int(trace.tokens["prompt"].nunique()),
                       "prompt_ids": sorted(int(p) for p in trace.tokens["prompt"].unique()),
                       "decode_tokens": int((trace.tokens["phase"] == "decode").sum())},
-            "layout": layout.to_dict(), "dense_params": dense,
+            "layout": layout.to_dict(), "dense_params": dense, "hidden_states": trace.hidden is not None,
+            "priced_on": "experts only" if experts_only(layout, dense) else "experts and resident work",
             "predictors": {"gate_lookahead": cfg.routers, "llapor": cfg.predictor},
             "profiles": [_provenance(p, arg, layout) for p, arg in profiles],
             "seconds": round(time.perf_counter() - began, 1)}
@@ -410,15 +430,15 @@ row per cell, all `source=simulated`; `comparison.json`: config, git revision, t
 
 ## What was simulated
 
-- **Routing**: `{tr['path']}`: {tr['model']} (prescope-tiny) on held-out text (split `{tr['split']}`,
-  recorded by `{tr['source']}`), with the router inputs (hidden states) the predictors read. Subset:
+- **Routing**: `{tr['path']}`: {tr['model']} (recorded by `{tr['source']}`; split `{tr['split'] or '-'}`),
+  {'with' if meta.get('hidden_states', True) else 'without'} the router inputs (hidden states) the predictors read. Subset:
   {tr['prompts']} prompts (evenly spaced ids {tr['prompt_ids'][0]} … {tr['prompt_ids'][-1]}), their
   {tr['decode_tokens']} decode tokens (prefill not replayed){steps}. Batch b runs b prompts' decode steps
   together; the cache carries over from one batch of prompts to the next.
 - **Timed as** the `{cfg['twin'] or lay['model_class']}` shape twin ({lay['model_class']}, L={len(lay['moe_layers'])},
   E={lay['num_experts']}, K={lay['top_k']}, H={lay['hidden_size']}, I={lay['intermediate_size']},
   {lay['expert_bytes'] / 2**20:.0f} MiB {lay['dtype']} experts, {meta['dense_params']} non-expert
-  parameters per layer), which routes like prescope-tiny (same L, E, K).
+  parameters per layer), which routes like the trace (same L, E, K).
 - **Policies**: {', '.join(cfg['policies'])}, plus `resident` (every expert in a GPU slot: budget 1.0,
   `on_demand_lru`). Budgets {', '.join(f'{b:.0%}' for b in cfg['budgets'])} of all L·E experts; batch
   sizes {', '.join(map(str, cfg['batch_sizes']))}. Predictors as in `prescope bench`: gate lookahead
@@ -480,7 +500,7 @@ the resident step.
   running layer's misses with the CPU: not a bound, and other policies can beat it. `ceiling` is PreScope
   fed the true future (perfect prediction): what `prescope` would reach with a perfect predictor.
   `lower_bound_ms` is the bound.
-- Routing comes from prescope-tiny (a small model trained by the project), replayed on a twin's shapes.
+- Routing comes from the trace named above, replayed on the layout named above.
 """
 
 

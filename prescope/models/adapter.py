@@ -334,8 +334,9 @@ class Dispatch:
 def install_dispatch(model: nn.Module, fn: Callable) -> Dispatch:
     """Route every sparse layer's experts call to `fn(experts, hidden [N, H], top_k_index [N, K], top_k_weights
     [N, K]) -> [N, H]`: through the experts-backend registry where the experts use it, else through the experts'
-    call inside their block. `fn` weights outputs, except for `input_weighted` layers (see `scaled_inputs`)."""
-    layers, dispatch = moe_layers(model), Dispatch([])
+    call inside their block. `fn` weights outputs, except for `input_weighted` layers (see `scaled_inputs`).
+    Router logits are off while it is installed (`router_logits_off`)."""
+    layers, dispatch = moe_layers(model), Dispatch([router_logits_off(model)])
     if any(lay.probed.backend for lay in layers):
         from transformers.integrations.moe import ExpertsInterface
 
@@ -387,6 +388,26 @@ def _block_input(p: Probed, args: tuple, kwargs: dict) -> torch.Tensor:
     return next(t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.shape[-1] == p.layout.hidden_size)
 
 
+def router_logits_off(model: nn.Module) -> Callable[[], None]:
+    """Set `output_router_logits` to False in every config of `model` that asks for it; returns the undo.
+
+    A checkpoint saved for training may ask for router logits: transformers then computes its load-balancing
+    loss in every forward, which fails at batch > 1 with padding (the loss's mask is the attention mask, the
+    logits are only the cached step's) and is wasted work for inference. Routing is observed on the routers."""
+    changed = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
+            if getattr(cfg, "output_router_logits", False) is True and all(c is not cfg for c in changed):
+                cfg.output_router_logits = False
+                changed.append(cfg)
+
+    def restore() -> None:
+        for cfg in changed:
+            cfg.output_router_logits = True
+    return restore
+
+
 # ---- observing ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def observe_routing(model: nn.Module, callback: Callable) -> Iterator[None]:
@@ -394,7 +415,7 @@ def observe_routing(model: nn.Module, callback: Callable) -> Iterator[None]:
 
     `hidden` is the router's input (what `route` takes), `weights` and `indices` the routing the experts
     receive; hooks sit on the routers and the experts modules, so they work with any experts backend."""
-    handles = []
+    handles, restore = [], router_logits_off(model)
     for lay in moe_layers(model):
         p, last = lay.probed, {}
         size, num_experts = p.layout.hidden_size, p.layout.num_experts
@@ -428,6 +449,7 @@ def observe_routing(model: nn.Module, callback: Callable) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+        restore()
 
 
 def _router_input(p: Probed, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -453,12 +475,14 @@ def load_model(path_or_id: str, dtype: torch.dtype | str | None = None, device: 
     """Load a causal LM with `from_pretrained` (a local directory, or a hub id where there is network)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path_or_id, **{k: v for k, v in kwargs.items() if k == "trust_remote_code"})
+    config = AutoConfig.from_pretrained(path_or_id, **{k: v for k, v in kwargs.items()
+                                                        if k in ("trust_remote_code", "local_files_only")})
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{path_or_id}: {type(config).__name__} ({config.model_type}): encoder-decoder "
                                     "models are not supported (prescope offloads the experts of decoder-only "
                                     "causal LMs)")
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype or "auto", **kwargs).to(device)
     model.eval()
+    router_logits_off(model)  # inference only: a training checkpoint's load-balancing loss stays off
     describe(model)  # fail early, with the class name, if the model is not a supported MoE
     return model

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prescope.models.adapter import router_logits_off
 from prescope.models.probe import EXPERT_COUNT_FIELDS
 
 EXPERTS, TOP_K, HIDDEN, LAYERS, VOCAB = 6, 2, 32, 3, 128
@@ -215,4 +216,5 @@ def tiny_model(family: Family, seed: int = 0, dtype: torch.dtype = torch.float32
                 if p.dim() >= 2 and torch.count_nonzero(p) == 0:
                     p.normal_(0.0, 0.2)
     model.generation_config.eos_token_id = None  # random weights: every row runs to max_new_tokens
+    router_logits_off(model)  # a family whose config defaults to router logits would add its training loss
     return model.eval()

@@ -103,11 +103,13 @@ def _distances_of(pred: Predictor, layer: int, distances: Sequence[int], L: int)
 
 
 def evaluate(predictors: Mapping[str, Predictor], trace: Trace, distances: Sequence[int] = (1, 2, 3, 4), *,
-             phase: str | None = "decode", batch_sizes: Sequence[int] = (1, 8), by_domain: bool = True) -> pd.DataFrame:
+             phase: str | None = "decode", batch_sizes: Sequence[int] = (1, 8), by_domain: bool = True,
+             tokens: np.ndarray | None = None) -> pd.DataFrame:
     """Long table (predictor, layer, distance, domain, metric, value, tokens) of every predictor on `trace`.
 
     phase "decode" (default) scores decode tokens, whose history (previous token, earlier tokens) is
-    causal; None scores every token. Count errors are computed on domain "all" only.
+    causal; None scores every token. `tokens` [T] bool scores only those (a held-out part of one long
+    trace, whose history still reads the earlier tokens). Count errors are computed on domain "all" only.
     """
     needs = [n for n, p in predictors.items() if p.needs_hidden]
     if needs and trace.hidden is None:
@@ -116,6 +118,8 @@ def evaluate(predictors: Mapping[str, Predictor], trace: Trace, distances: Seque
         if p.layout is not None:
             p.check_model(trace.layout)
     mask = np.ones(trace.num_tokens, bool) if phase is None else (trace.tokens["phase"] == phase).to_numpy()
+    if tokens is not None:
+        mask = mask & np.asarray(tokens, bool)
     index = np.flatnonzero(mask)
     if not len(index):
         raise PredictorError(f"the trace has no {phase} tokens to evaluate")

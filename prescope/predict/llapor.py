@@ -31,6 +31,7 @@ Letters: L MoE layers, E experts, K top-k, N tokens, H hidden, P PCA components,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -50,7 +51,8 @@ from prescope.layout import ModelLayout
 from prescope.predict.llaporconfig import GROUPS, LLaPorConfig, LLaPorError
 from prescope.predict.predictors import LinearRouters, Predictor, check_target, multi_hot
 from prescope.routing import stats as routing_stats
-from prescope.routing.trace import Trace, load_trace
+from prescope.routing.reader import read_trace
+from prescope.routing.trace import Trace
 
 FORMAT, FORMAT_VERSION = "prescope.predict.llapor", 1
 
@@ -351,9 +353,35 @@ def _calibrate(net: LayerNet, train, pos_weight: torch.Tensor, config: LLaPorCon
     opt.step(closure)
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: str = "cpu"):
+    """Every random draw inside (initial weights, dropout) from `seed`, and the caller's RNG state unchanged.
+
+    LLaPor was not reproducible: layer 0's network was built before any seeding, so its initial weights came
+    from whatever global RNG state the process had reached (a loaded model, an earlier training), and its
+    early stopping (23 epochs in one run, 17 in another) followed; later layers were built after the previous
+    layer's `torch.manual_seed`, so they happened to repeat. Threads matter too: the CPU splits a float sum
+    over its intra-op threads, so one and two threads trained different weights (0.2-2 points of recall apart
+    on a real trace); inside, the CPU runs one thread (the networks are small; the caller's count is
+    restored). Deterministic algorithms are asked for (on the GPU, atomics in backward passes would otherwise
+    reorder sums), without erroring where none exists."""
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def _train_net(net: LayerNet, train, valid, pos_weight, config: LLaPorConfig, k: int, seed: int) -> dict:
-    """AdamW on minibatches; keeps the best state on validation (the untrained start included)."""
-    torch.manual_seed(seed)
+    """AdamW on minibatches; keeps the best state on validation (the untrained start included). Call it inside
+    `seeded` (dropout draws from the global RNG); the minibatch order comes from its own generator."""
     gen = torch.Generator().manual_seed(seed)
     x, g, y = train
     xv, gv, yv = valid
@@ -427,15 +455,17 @@ def train_llapor(trace: Trace, config: LLaPorConfig | None = None, *, routers: L
     for o in tqdm(range(L), desc="llapor", unit="layer", disable=not progress):
         targets = model.targets(o)
         if targets == 0:  # the last layer has nothing ahead; an empty net keeps indices aligned
-            model.nets.append(LayerNet(1, 1, E, group_of(o, bounds), config).to(device).eval())
+            with seeded(config.seed + o, device):
+                model.nets.append(LayerNet(1, 1, E, group_of(o, bounds), config).to(device).eval())
             continue
         start = time.perf_counter()
         tr, va = _layer_data(model, train, o), _layer_data(model, valid, o)
-        net = LayerNet(tr[0].shape[1], targets, E, group_of(o, bounds), config).to(device)
-        net.shift.copy_(tr[0].mean(0))
-        net.spread.copy_(tr[0].std(0).clamp_min(1e-3))
-        freq = tr[2].mean(0).clamp(1 / len(tr[2]), 1 - 1 / len(tr[2]))  # [D', E]
-        record = _train_net(net, tr, va, ((1 - freq) / freq) ** config.freq_power, config, K, config.seed + o)
+        with seeded(config.seed + o, device):  # the net's initial weights too, not only its training
+            net = LayerNet(tr[0].shape[1], targets, E, group_of(o, bounds), config).to(device)
+            net.shift.copy_(tr[0].mean(0))
+            net.spread.copy_(tr[0].std(0).clamp_min(1e-3))
+            freq = tr[2].mean(0).clamp(1 / len(tr[2]), 1 - 1 / len(tr[2]))  # [D', E]
+            record = _train_net(net, tr, va, ((1 - freq) / freq) ** config.freq_power, config, K, config.seed + o)
         model.nets.append(net.eval())
         model.history.append({"layer": o, "group": group_of(o, bounds), **record,
                               "seconds": time.perf_counter() - start})
@@ -447,16 +477,21 @@ def train_llapor(trace: Trace, config: LLaPorConfig | None = None, *, routers: L
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> LLaPorConfig:
+    """The LLaPorConfig that `train-predictor`'s options give (one option per field)."""
     values = {f.name: getattr(args, f.name) for f in fields(LLaPorConfig)}
     raw = values["group_boundaries"]
     try:
         values["group_boundaries"] = tuple(int(v) for v in raw.split(",")) if raw else None
     except ValueError:
         raise LLaPorError(f"--group-boundaries must be 'A,B' with integers, got {raw!r}") from None
-    config = LLaPorConfig(**values)
+    return LLaPorConfig(**values)
+
+
+def run(args: argparse.Namespace, trace: Trace | None = None) -> int:
+    config = config_from_args(args)
     check_output(args.out, what="--out")
-    trace = load_trace(args.trace)
+    trace = read_trace(args.trace) if trace is None else trace  # any trace file
     routers = None
     if args.model:
         from prescope.models.adapter import describe, load_model

@@ -39,6 +39,8 @@ FIELD_HELP = {
     "monitor": f"early-stopping criterion on the validation split, one of {MONITORS}",
     "seed": "random seed (layer l trains with seed + l)",
     "device": "torch device that trains the networks",
+    "routing_window": "routing-only LLaPor (traces without hidden states): this token's routing at this many layers "
+                      "up to l is fed",
 }
 
 
@@ -79,6 +81,7 @@ class LLaPorConfig:
     monitor: str = "recall"
     seed: int = 0
     device: str = "cpu"
+    routing_window: int = 4
 
     def __post_init__(self) -> None:
         check_types(self, LLaPorError)
@@ -87,7 +90,8 @@ class LLaPorConfig:
             if len(self.group_boundaries) != 2 or not 0 <= self.group_boundaries[0] <= self.group_boundaries[1]:
                 raise LLaPorError(f"group_boundaries must be (first middle, first near-output) with 0 <= a <= b, "
                                   f"got {self.group_boundaries}")
-        for name in ("distance", "pca_dim", "width", "edge_depth", "batch_size", "max_epochs", "min_group_layers"):
+        for name in ("distance", "pca_dim", "width", "edge_depth", "batch_size", "max_epochs", "min_group_layers",
+                     "routing_window"):
             if getattr(self, name) < 1:
                 raise LLaPorError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "freq_power", "focal_gamma", "focal_weight", "patience", "calibrate_steps"):
@@ -104,11 +108,16 @@ class LLaPorConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--trace, --out, --model, then one option per LLaPorConfig field (--pca-dim or --pca_dim)."""
     parser.add_argument("--trace", type=Path, required=True,
-                        help="routing trace with hidden states (.parquet, as `prescope trace --keep-hidden` writes)")
+                        help="routing trace: a prescope .parquet (with hidden states for LLaPor, as `prescope trace "
+                             "--keep-hidden` writes) or a llama.cpp .csv / .csv.xz (routing-only LLaPor)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint path to write (.pt)")
     parser.add_argument("--model", default="", help="model directory to take the routers from (default: fit them "
                                                       "to the trace's router logits)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--routing-only", action="store_true",
+                        help="train routing-only LLaPor (this token's routing at earlier layers and the previous "
+                             "tokens' routing; no hidden states): chosen anyway for a trace without hidden states, "
+                             "such as an imported llama.cpp trace")
     for f in fields(LLaPorConfig):
         flags = sorted({"--" + f.name.replace("_", "-"), "--" + f.name})
         if f.name == "group_boundaries":

@@ -391,7 +391,8 @@ def _build(path: Path, model: dict, expert_bytes: list[int], moe: list[int], row
         model_class=f"llama.cpp:{model['arch']}", model_type=model["arch"], num_layers=model["n_layer"],
         moe_layers=tuple(moe), dense_layers=tuple(i for i in range(model["n_layer"]) if i not in moe),
         num_experts=model["n_expert"], top_k=model["n_expert_used"], hidden_size=0, intermediate_size=0,
-        dtype="gguf", expert_bytes=Counter(moe_bytes).most_common(1)[0][0])
+        dtype="gguf", expert_bytes=Counter(moe_bytes).most_common(1)[0][0],
+        layer_expert_bytes=tuple(moe_bytes) if len(set(moe_bytes)) > 1 else ())
     missing = int((experts[:, :, 0] == MISSING).sum())
     meta = {"source": "llama.cpp route_trace v1", "file": path.name, "model": model["model"],
             "expert_bytes_per_layer": moe_bytes, "missing_entries": missing}

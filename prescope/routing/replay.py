@@ -125,6 +125,20 @@ class RoutingReplay:
         return self._future[step][layer + 1:]
 
 
+def replayed_weights(own_index: torch.Tensor, own_weights: torch.Tensor, index: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """[N, K] the gate weights a replayed layer applies: the running model's own where its router chose exactly
+    the replayed experts in the same order, the recorded ones elsewhere.
+
+    Replaying a model's own routing used to move its logits (1.2e-3 was reported against stock under every
+    policy): the recording is a separate run (transformers' `generate`, its cache and kernels), whose hidden
+    states differ from the engine's by rounding, so its recorded weights, applied to the engine's hidden states,
+    mixed two numerical paths. Where the experts agree the model's own weights are the same routing without that
+    rounding; a fixed sequence of kernels, so a captured decode step keeps it."""
+    same = (own_index.to(index.dtype) == index).all(-1, keepdim=True)  # [N, 1]
+    return torch.where(same, own_weights, weights.to(own_weights.dtype))  # [N, K]
+
+
 def record_replay(model: torch.nn.Module, generate: Callable[[], object], with_hidden: bool = False) -> RoutingReplay:
     """Run `generate()` (one generate call of a fixed-length, unpadded batch) and keep its routing."""
     calls: list[list] = []

@@ -17,15 +17,17 @@ from prescope.layout import ModelLayout
 from prescope.policies.base import Costs
 
 
-def expert_dims(layout: ModelLayout) -> tuple[int, int, int]:
-    """(H, I, bytes per element) for the cost model. A layout without H and I (a llama.cpp trace) is timed
-    as a bfloat16 expert of the same bytes: its times depend on H and I only through 3·H·I·b = bytes."""
+def expert_dims(layout: ModelLayout, nbytes: int | None = None) -> tuple[int, int, int]:
+    """(H, I, bytes per element) for the cost model, of an expert of `nbytes` bytes (default: the layout's
+    `expert_bytes`). A layout without H and I (a llama.cpp trace) is timed as a bfloat16 expert of the same
+    bytes: its times depend on H and I only through 3·H·I·b = bytes."""
+    nbytes = layout.expert_bytes if nbytes is None else nbytes
     if layout.hidden_size > 0 and layout.intermediate_size > 0:
         h, i = layout.hidden_size, layout.intermediate_size
-        b = cost.DTYPE_BYTES.get(layout.dtype) or max(1, layout.expert_bytes // (3 * h * i))
+        b = cost.DTYPE_BYTES.get(layout.dtype) or max(1, nbytes // (3 * h * i))
         return h, i, b
     b = cost.DTYPE_BYTES["bfloat16"]
-    return max(1, layout.expert_bytes // (3 * b)), 1, b
+    return max(1, nbytes // (3 * b)), 1, b
 
 
 def default_dense_params(layout: ModelLayout) -> int:
@@ -36,6 +38,17 @@ def default_dense_params(layout: ModelLayout) -> int:
     _, _, b = expert_dims(layout)
     h = layout.hidden_size
     return 4 * h * h + layout.num_experts * h + 2 * h + layout.shared_expert_bytes // b
+
+
+def experts_only(layout: ModelLayout, dense_params: int | None) -> str | None:
+    """A one-line warning when `layout` cannot price a layer's resident work (no hidden size, as in a
+    llama.cpp trace, and no `dense_params`): attention and dense layers then cost only the GPU's launch
+    floor, so the replay is priced on its experts only. None when the layout prices everything."""
+    if layout.hidden_size > 0 or dense_params is not None:
+        return None
+    return (f"{layout.model_class} has no hidden size and no non-expert parameters: attention and dense layers "
+            "cost only the GPU's launch floor, so times are priced on the experts only; pass --twin NAME for a "
+            "model's layout (prescope.models.twins.list_twins())")
 
 
 def model_dense_params(model) -> int | None:
@@ -51,18 +64,21 @@ def model_dense_params(model) -> int | None:
 
 
 class SimTimes:
-    """Per-expert, per-layer and per-transfer times of one layout on one profile, memoised."""
+    """Per-expert, per-layer and per-transfer times of one layout on one profile, memoised. The experts are
+    those of MoE layer `layer` (None: the layout's `expert_bytes`); `per_layer` gives every layer's."""
 
-    def __init__(self, layout: ModelLayout, profile: HardwareProfile, dense_params: int):
-        h, i, b = expert_dims(layout)
-        # a dense decoder layer's MLP is taken as wide as the K experts a token activates
-        dense_layer = dense_params + layout.top_k * 3 * h * i
-        self.profile, self.nbytes, self.dense_params = profile, layout.expert_bytes, dense_params
+    def __init__(self, layout: ModelLayout, profile: HardwareProfile, dense_params: int, layer: int | None = None):
+        nbytes = layout.expert_bytes if layer is None else layout.bytes_of(layer)
+        h, i, b = expert_dims(layout, nbytes)
+        # a dense decoder layer's MLP is taken as wide as the K experts a token activates (at the common size)
+        common_h, common_i, common_b = expert_dims(layout)
+        dense_layer = dense_params + layout.top_k * 3 * common_h * common_i
+        self.layout, self.profile, self.nbytes, self.dense_params = layout, profile, nbytes, dense_params
         self.formulas = {  # what -> seconds for n tokens (n bytes for a transfer)
             "gpu": lambda n: cost.gpu_expert_time(n, h, i, b, profile),  # one expert
             "cpu": lambda n: cost.cpu_expert_time(n, h, i, b, profile),  # one expert
-            "attention": lambda n: cost.dense_time(n, dense_params, b, profile),  # a MoE layer's resident work
-            "dense": lambda n: cost.dense_time(n, dense_layer, b, profile),  # a dense decoder layer
+            "attention": lambda n: cost.dense_time(n, dense_params, common_b, profile),  # a MoE layer's resident work
+            "dense": lambda n: cost.dense_time(n, dense_layer, common_b, profile),  # a dense decoder layer
             "link": lambda n: cost.transfer_time(n, profile),  # one transfer
         }
         self.memo: dict[tuple[str, int], float] = {}
@@ -73,6 +89,14 @@ class SimTimes:
         except KeyError:
             value = self.memo[what, n] = self.formulas[what](n)
             return value
+
+    def per_layer(self) -> list[SimTimes]:
+        """[L] the times of each MoE layer's experts, each priced by its own bytes (this object where a layer's
+        experts have the layout's `expert_bytes`)."""
+        sizes = {self.layout.bytes_of(o) for o in range(self.layout.num_moe_layers)} - {self.nbytes}
+        by_size = {self.nbytes: self} | {n: SimTimes(self.layout, self.profile, self.dense_params,
+                                                     self.layout.expert_bytes_per_layer.index(n)) for n in sizes}
+        return [by_size[n] for n in self.layout.expert_bytes_per_layer]
 
     def gpu(self, n: int) -> float:
         return self.of("gpu", n)

@@ -29,27 +29,22 @@ Letters: L MoE layers, E experts, K top-k, N tokens in a step, H hidden, I exper
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import heapq
 import itertools
-import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from prescope.config import IO_CHUNK_BYTES, EngineConfig
-from prescope.files import check_output, write_parquet, write_with_sidecar
 from prescope.hardware import cost
 from prescope.hardware.profiles import HardwareProfile, load_profile
 from prescope.layout import ModelLayout
-from prescope.policies import POLICIES, make_policy
+from prescope.policies import make_policy
 from prescope.policies.base import LayerView, Policy, costs_for
 from prescope.policies.cache import CacheStats, ExpertCache, Key
 from prescope.policies.protocol import Executor, fill, preload, run_layer, slots_for
@@ -65,7 +60,6 @@ from prescope.sim.simcost import SimTimes, default_dense_params, model_dense_par
 from prescope.timeline import make_timeline, prefetch_precision, step_summary
 
 HOST_WORK = ("predict", "plan")
-TIMELINE_SUFFIXES = (".parquet", ".csv")
 STAT_FIELDS = tuple(CacheStats.__dataclass_fields__)
 
 
@@ -126,6 +120,7 @@ class _Replay(Executor):
     def __init__(self, policy: Policy, cache: ExpertCache, times: SimTimes, num_experts: int, async_io: bool,
                  chunk_bytes: int):
         self.policy, self.cache, self.times, self.num_experts = policy, cache, times, num_experts
+        self.by_layer = times.per_layer()  # [L] each MoE layer's experts priced by their own bytes
         self.rows: list[tuple] = []
         self.ids = itertools.count()
         self.link = (PriorityLink(times.link, self._emit, self._done, chunk_bytes) if async_io
@@ -240,7 +235,7 @@ class _Replay(Executor):
               tokens: tuple[int, ...], future, hidden, future_tokens=None) -> float:
         """One MoE layer from time `t` (GPU free, previous layer done); returns its end. `future` and
         `future_tokens`: the later layers' routed experts and their token counts."""
-        rows = self.rows
+        rows, self.times = self.rows, self.by_layer[layer]  # this layer's expert sizes
         # attention and resident work on the GPU, then the host's own work of the MoE step
         h = t + self.times.of("attention", num_tokens)
         rows.append(("gpu", step, layer, -1, "attention", num_tokens, 0, t, h, -1, -1))
@@ -263,14 +258,17 @@ def _lower_bounds(requests, request_tokens, stats, num_slots, layout, profile, t
     `cost.split_lower_bound`. No policy of this engine can beat the second."""
     forced = belady_misses(requests, num_slots)
     flags = belady_miss_flags(requests, num_slots, bypass=True)
-    gpu_only = [cost.step_lower_bound(float(w), 0.0, int(m) * layout.expert_bytes, profile)
+    # Belady minimises the count of misses, not their bytes: where expert sizes differ by layer, every miss is
+    # priced as the smallest expert (link and CPU), so the bounds stay bounds
+    small = min(times.per_layer(), key=lambda t: t.nbytes)
+    gpu_only = [cost.step_lower_bound(float(w), 0.0, int(m) * small.nbytes, profile)
                 for w, m in zip(stats["gpu_work"], forced, strict=True)]
-    load = times.link(layout.expert_bytes)
+    load = small.link(small.nbytes)
     any_placement, start = [], 0
     for group, dense in zip(requests, stats["dense_work"], strict=True):
         missed = [request_tokens[start + i] for i in range(len(group)) if flags[start + i]]
         start += len(group)
-        split = cost.split_lower_bound([load] * len(missed), [times.cpu(n) for n in missed])
+        split = cost.split_lower_bound([load] * len(missed), [small.cpu(n) for n in missed])
         any_placement.append(max(float(dense), split))
     return gpu_only, any_placement
 
@@ -335,7 +333,7 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
             later = routed[layer + 1:]
             t = sim.layer(step, layer, t, n, experts, counts, tuple(r[0] for r in later),
                           None if hidden is None else _tensor(hidden[layer]), tuple(r[1] for r in later))
-            gpu_work += times.of("attention", n) + sum(times.gpu(c) for c in counts)
+            gpu_work += times.of("attention", n) + sum(sim.by_layer[layer].gpu(c) for c in counts)
             dense_work += times.of("attention", n)
         routed_total, hits = sum(len(r[0]) for r in routed), cache.stats.hits - before["hits"]
         requests.append([layer * E + e for layer, (experts, _) in enumerate(routed) for e in experts])
@@ -346,10 +344,11 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
                         **{k: v - before[k] for k, v in _stats(cache).items() if k not in ("hits", "misses")}})
     sim.link.drain()
     config = {"policy": policy.name, "profile": profile.name, "budget_slots": num_slots,
-              "budget_share": num_slots / (L * E), "budget_bytes": num_slots * layout.expert_bytes,
+              "budget_share": num_slots / (L * E), "budget_bytes": num_slots * layout.max_expert_bytes,
               "batch_size": batch_size, "decode_only": decode_only, "max_steps": max_steps,
               "async_io": async_io, "chunk_bytes": chunk_bytes, "model_class": layout.model_class,
               "num_moe_layers": L, "num_experts": E, "top_k": layout.top_k, "expert_bytes": layout.expert_bytes,
+              "expert_bytes_per_layer": list(layout.layer_expert_bytes) or None,
               "dense_params": times.dense_params, "trace_source": str(trace.meta.get("source", ""))}
     timeline = make_timeline(sim.rows, source="simulated", profile=profile.name, meta=config)
     timeline = timeline.sort_values("start", kind="stable").reset_index(drop=True)
@@ -419,110 +418,3 @@ def simulate_generate(model, tokenizer, prompts: Sequence, policy: Policy | str,
     options.setdefault("dense_params", model_dense_params(model))
     result = replay(trace, policy, profile, batch_size=batch_size, **options)
     return SimResult(result.timeline, result.summary, result.totals, result.config, trace)
-
-
-# ---- command line --------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", required=True,
-                        help="routing trace: a prescope .parquet (`prescope trace`) or a llama.cpp .csv (or .csv.xz: "
-                             "two ship in prescope/assets/data/routing)")
-    parser.add_argument("--policy", default=EngineConfig().policy, choices=sorted(POLICIES),
-                        help="offloading policy to replay (default: %(default)s)")
-    parser.add_argument("--profile", default="h200", help="built-in profile name or a profile JSON path "
-                                                          "(default: %(default)s)")
-    parser.add_argument("--twin", default="", help="time the trace with this shape twin's expert sizes (same MoE "
-                        "layers, experts and top-k), e.g. olmoe-1b-7b for prescope-tiny's routing, as notebooks "
-                        "00, 03 and 04 do ('' = the trace's own model)")
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--budget-share", "--budget_share", dest="budget_share", type=float, default=None,
-                        help=f"share of all L·E experts the GPU holds (default {EngineConfig().budget_share})")
-    budget.add_argument("--budget-slots", "--budget_slots", dest="budget_slots", type=int, default=None,
-                        help="GPU expert slots, instead of --budget-share")
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
-                        help="prompts of the trace decoded together per step (default: %(default)s)")
-    parser.add_argument("--include-prefill", dest="decode_only", action="store_false",
-                        help="also replay the prefill steps")
-    parser.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None,
-                        help="forward calls to replay at most (default: all)")
-    parser.add_argument("--async-io", "--async_io", dest="async_io", action="store_true",
-                        help="priority link: on-demand loads overtake queued prefetches")
-    parser.add_argument("--chunk-bytes", "--chunk_bytes", dest="chunk_bytes", type=int, default=IO_CHUNK_BYTES,
-                        help="granularity at which --async-io lets an on-demand load overtake (default: "
-                             "%(default)s)")
-    parser.add_argument("--per-step", action="store_true", help="also print one row per replayed step")
-    parser.add_argument("--timeline", default="", help="write the timeline here (.parquet or .csv)")
-
-
-def totals_table(result: SimResult) -> str:
-    """The replay's totals for people: what ran (policy, profile, budget, link) and what it gave."""
-    c, t = result.config, result.totals
-    precision = "-" if t["prefetch_precision"] is None else f"{t['prefetch_precision']:.3f}"
-    rows = [("tokens per second", f"{t['tokens_per_s']:.2f}"),
-            ("mean token latency (ms)", f"{1e3 * t['mean_token_latency_s']:.3f}"),
-            ("lower bound per step (ms)", f"{1e3 * t['lower_bound_step_s']:.3f} ({t['lower_bound_share']:.1%} of "
-                                          "the time)"),
-            ("steps / tokens", f"{t['steps']} / {t['tokens']}"),
-            ("loads on demand / prefetched", f"{t['loads_on_demand']} / {t['loads_prefetched']}"),
-            ("MB moved over the link", f"{t['bytes_moved'] / 1e6:.1f}"),
-            ("hit rate", f"{t['hit_rate']:.3f}"), ("GPU idle share", f"{t['gpu_idle_share']:.3f}"),
-            ("prefetch precision", precision)]
-    head = (f"simulated: {c['policy']} on {c['profile']}, {c['budget_slots']} of {c['num_moe_layers']}x"
-            f"{c['num_experts']} experts on the GPU ({c['budget_share']:.0%}), {c['model_class']} "
-            f"({c['expert_bytes'] / 2**20:.1f} MiB per expert), batch {c['batch_size']}, "
-            f"{'priority' if c['async_io'] else 'FIFO'} link")
-    width = max(len(name) for name, _ in rows)
-    return "\n".join([head, *(f"  {name:<{width}}  {value}" for name, value in rows)])
-
-
-def load_any_trace(path: str | Path, max_decode_steps: int | None = None) -> Trace:
-    """A prescope trace (.parquet) or a llama.cpp route trace (.csv, or .csv.xz as shipped in prescope/assets/data);
-    of the latter only what the first `max_decode_steps` decode steps need is read."""
-    path = Path(path)
-    if path.name.removesuffix(".xz").endswith(".csv"):
-        from prescope.routing.llamacpp import load_llamacpp_trace
-
-        return load_llamacpp_trace(path, max_decode_steps=max_decode_steps)
-    from prescope.routing.trace import load_trace
-
-    return load_trace(path)
-
-
-def run(args: argparse.Namespace) -> int:
-    began = time.perf_counter()
-    if args.max_steps is not None and args.max_steps < 1:
-        raise SimulationError(f"--max-steps {args.max_steps}: give a number of forward calls >= 1 (leave it out for all)")
-    if args.timeline:
-        if Path(args.timeline).suffix not in TIMELINE_SUFFIXES:
-            raise SimulationError(f"--timeline {args.timeline}: the file must end in one of {TIMELINE_SUFFIXES}")
-        check_output(args.timeline, what="--timeline")
-    layout, dense = None, None
-    if args.twin:
-        from prescope.models.twins import twin_layout  # torch: only when a twin's sizes are asked for
-
-        layout, dense = twin_layout(args.twin)
-    result = replay(load_any_trace(args.trace, args.max_steps), args.policy, args.profile, budget_slots=args.budget_slots,
-                    budget_share=args.budget_share, batch_size=args.batch_size, decode_only=args.decode_only,
-                    max_steps=args.max_steps, async_io=args.async_io, chunk_bytes=args.chunk_bytes,
-                    layout=layout, dense_params=dense)
-    if args.per_step:
-        table = result.summary[["step", "tokens", "latency", "bytes", "loads_on_demand", "loads_prefetched", "hits",
-                                "misses", "gpu_idle", "link_busy", "lower_bound"]].copy()
-        for col in ("latency", "gpu_idle", "link_busy", "lower_bound"):
-            table[col] = (table[col] * 1e3).round(3)
-        table["bytes"] = (table["bytes"] / 1e6).round(2)
-        print(table.rename(columns={"latency": "latency_ms", "gpu_idle": "gpu_idle_ms", "link_busy": "link_ms",
-                                    "lower_bound": "bound_ms", "bytes": "MB"}).to_string(index=False))
-    print(totals_table(result))
-    if args.timeline:
-        out = Path(args.timeline)
-        frame = result.timeline.copy()
-        frame.attrs = {}
-        if out.suffix == ".csv":
-            write_with_sidecar(out, frame.to_csv(index=False))
-        else:
-            write_parquet(out, frame)
-    config = {**result.config, "trace": str(args.trace), "twin": args.twin}
-    print(json.dumps({"command": "simulate", "config": config, "totals": result.totals,
-                      "seconds": round(time.perf_counter() - began, 3)}))
-    return 0

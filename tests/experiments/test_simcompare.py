@@ -182,3 +182,28 @@ def test_the_command_line_builds_outside_the_repository(tmp_path, monkeypatch, c
     assert cli.main(["simulate-compare", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip()
     assert "h200-engine.json" in err and len(err.splitlines()) == 1
+
+
+def test_a_llamacpp_trace_compares_like_simulate_reads_it(tmp_path, capsys, one_thread):
+    """The reader `simulate` uses: a llama.cpp CSV (no hidden states) runs with the history predictors, per-layer
+    expert sizes and a one-line experts-only warning; a twin of another shape or too large a batch is refused."""
+    from conftest import write_route_csv
+
+    from prescope.cli import main
+
+    csv = write_route_csv(tmp_path / "t.route.csv", [300_000, 600_000, 300_000], tokens=8)
+    common = ["--profiles", "v100-pcie3", "--policies", "on_demand_lru", "prescope", "--budgets", "0.25",
+              "--prompts", "0", "--predictor", "", "--measured", "", "--host-of", "", "--out", str(tmp_path / "o")]
+    assert main(["simulate-compare", "--trace", str(csv), "--twin", "", "--batch-sizes", "1", *common]) == 0
+    out, err = capsys.readouterr()
+    assert "not a readable parquet" not in err and err.count("warning") == 1 and "experts only" in err
+    meta = json.loads((tmp_path / "o" / "comparison.json").read_text())
+    assert meta["hidden_states"] is False and meta["priced_on"] == "experts only"
+    assert meta["layout"]["layer_expert_bytes"] == [300_000, 600_000, 300_000]
+    csv_rows = pd.read_csv(tmp_path / "o" / "comparison.csv")
+    assert set(csv_rows["predictor"]) >= {"previous step"}
+    for extra, message in ((["--twin", "olmoe-1b-7b", "--batch-sizes", "1"], "does not route like"),
+                           (["--twin", "", "--batch-sizes", "4"], "holds 1 prompt")):
+        assert main(["simulate-compare", "--trace", str(csv), *extra, *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1

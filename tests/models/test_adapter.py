@@ -106,3 +106,14 @@ def test_load_model_from_local_directory(tmp_path):
 
 def test_tiny_config_families_are_real_classes(arch):
     assert type(tiny_config(arch)).__module__.startswith("transformers.models.")
+
+
+def test_router_logits_off_while_dispatch_installed_and_on_load(tmp_path):
+    model = tiny_model("mixtral")
+    model.config.output_router_logits = True
+    dispatch = adapter.install_dispatch(model, lambda experts, h, index, weights: torch.zeros_like(h))
+    assert model.config.output_router_logits is False
+    dispatch.remove()
+    assert model.config.output_router_logits is True
+    model.save_pretrained(tmp_path / "m")
+    assert adapter.load_model(str(tmp_path / "m")).config.output_router_logits is False

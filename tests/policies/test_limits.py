@@ -204,7 +204,8 @@ def test_on_real_traces_at_link_bound_sizes_no_policy_beats_the_ceiling(real_tra
     """The real routing of each trace with experts 20 times its own (61 and 252 MiB: link-bound at batch 4),
     the decode cut in 4 segments decoded together; on a PCIe 3 and an H200 profile, at 25 % and 50 %."""
     trace = decode_segments(real_traces[name], 4)
-    twice = dataclasses.replace(trace.layout, expert_bytes=20 * trace.layout.expert_bytes)
+    twice = dataclasses.replace(trace.layout, expert_bytes=20 * trace.layout.expert_bytes,  # every layer's experts
+                                layer_expert_bytes=tuple(20 * b for b in trace.layout.layer_expert_bytes))
     for profile in ("v100-pcie3", "h200"):
         for budget in (0.25, 0.5):
             times = latencies(trace, profile, budget, 4, layout=twice, max_steps=6)

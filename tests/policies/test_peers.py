@@ -488,7 +488,8 @@ def test_the_engines_host_bound_case_still_skips_planning():
         assert (orders.gpu, orders.cpu, orders.prefetch) == (routed, [], [])
     assert policy.lean == lay.num_moe_layers
     trace = load_llamacpp_trace(DATA / "routing" / "qwen3-30b-a3b.route.csv")
-    tiny = dataclasses.replace(trace.layout, expert_bytes=3 * 128 * 32 * 4)  # prescope-tiny's float32 experts
+    tiny = dataclasses.replace(trace.layout, expert_bytes=3 * 128 * 32 * 4,  # prescope-tiny's float32 experts
+                               layer_expert_bytes=())  # at every layer
     gated = make_policy("prescope")
     replay(trace, gated, "reports/h200/h200-engine.json", budget_share=0.25, max_steps=4, layout=tiny)
     assert gated.lean == 4 * trace.layout.num_moe_layers

@@ -166,7 +166,24 @@ def test_cli_checks_the_output_path_before_training(tmp_path, data, capsys, monk
     _, train, _ = data
     save_trace(train, tmp_path / "t.parquet")
     (tmp_path / "FILE").write_text("x")
-    monkeypatch.setattr(llapor, "load_trace", lambda *_: pytest.fail("the trace was read before the --out check"))
+    monkeypatch.setattr(llapor, "read_trace", lambda *_: pytest.fail("the trace was read before the --out check"))
     assert cli.main(["train-predictor", "--trace", str(tmp_path / "t.parquet"),
                      "--out", str(tmp_path / "FILE" / "ck.pt")]) == 2
     assert "FILE is a file, so nothing can be written under it" in capsys.readouterr().err
+
+
+def test_training_twice_with_one_seed_gives_identical_networks(data):
+    """Layer 0's network used to be built from whatever global RNG state the process had reached: the same seed
+    then trained different weights (and stopped after a different number of epochs)."""
+    _, train, _ = data
+    config = replace(FAST, max_epochs=3)
+    torch.manual_seed(1)
+    first = llapor.train_llapor(train, config, progress=False)
+    torch.rand(1000)  # another state of the global RNG, as after loading a model
+    state = torch.random.get_rng_state()
+    second = llapor.train_llapor(train, config, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state), "training leaves the caller's RNG as it was"
+    for a, b in zip(first.nets, second.nets, strict=True):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(x, y), name
+    assert [len(h["curve"]) for h in first.history] == [len(h["curve"]) for h in second.history]

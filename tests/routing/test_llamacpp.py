@@ -170,3 +170,26 @@ def test_odd_bytes_are_named_with_their_line(tmp_path, row, pattern):
     path.write_bytes(_replace_row(1, row).encode("latin-1"))
     with pytest.raises(RouteCsvError, match=rf"toy.route.csv:{FIRST_ROW_LINE + 1}: {pattern}"):
         load_llamacpp_trace(path)
+
+
+def test_per_layer_expert_sizes_are_kept(tmp_path):
+    """A model quantised per layer: every MoE layer keeps its own expert size (not the most common one), through
+    the layout's dict and a saved trace; a dense layer (expert_bytes=0) is no MoE layer."""
+    from conftest import write_route_csv
+
+    from prescope.layout import ModelLayout
+    from prescope.routing.trace import load_trace, save_trace
+
+    sizes = [300, 0, 300, 500, 300, 700]
+    tr = load_llamacpp_trace(write_route_csv(tmp_path / "mixed.route.csv", sizes))
+    lay = tr.layout
+    assert lay.moe_layers == (0, 2, 3, 4, 5) and lay.dense_layers == (1,)
+    assert lay.expert_bytes == 300 and lay.expert_bytes_per_layer == (300, 300, 500, 300, 700)
+    assert [lay.bytes_of(o) for o in range(5)] == [300, 300, 500, 300, 700] and lay.max_expert_bytes == 700
+    assert sum(lay.expert_bytes_per_layer) == sum(b for b in sizes if b)  # no byte lost to the common size
+    assert ModelLayout.from_dict(lay.to_dict()) == lay
+    assert load_trace(save_trace(tr, tmp_path / "mixed.trace.parquet")).layout == lay
+    uniform = load_llamacpp_trace(write_route_csv(tmp_path / "same.route.csv", [300, 300]))
+    assert uniform.layout.layer_expert_bytes == () and "layer_expert_bytes" not in uniform.layout.to_dict()
+    with pytest.raises(ValueError, match="one size >= 1 per MoE layer"):
+        ModelLayout(**{**lay.to_dict(), "layer_expert_bytes": [300, 300]})

@@ -139,3 +139,41 @@ def test_cli_checks_device_and_out_dir_before_loading_the_model(tmp_path, capsys
         assert cli.main(["trace", "--device", "cuda", "--out-dir", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert "device 'cuda'" in err and len(err.strip().splitlines()) == 1
+
+
+def _router_logits_checkpoint(path):
+    """An OLMoE checkpoint saved for training (`output_router_logits=True`) with prescope-tiny's tokenizer."""
+    import shutil
+
+    from prescope.models.tiny import TINY_DIR
+
+    model = tiny_model("olmoe")
+    model.config.vocab_size = 8192  # prescope-tiny's tokenizer
+    model.resize_token_embeddings(8192)
+    model.config.output_router_logits = True
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_DIR / name, path / name)
+    return path
+
+
+def test_router_logits_checkpoint_records_at_batch_above_one_with_padding(tmp_path):
+    """transformers' load-balancing loss fails at batch > 1 with padding; recording turns router logits off,
+    and gives the model back as it was."""
+    model = tiny_model("olmoe")
+    model.generation_config.eos_token_id = None
+    model.config.output_router_logits = True
+    tr = recording.record_trace(model, None, PROMPTS, max_new_tokens=NEW, batch_size=3, progress=False)
+    assert tr.num_tokens == sum(len(p) + NEW - 1 for p in PROMPTS)
+    assert model.config.output_router_logits is True
+
+
+def test_cli_traces_a_router_logits_checkpoint(tmp_path, shipped_data, capsys):
+    model_dir = _router_logits_checkpoint(tmp_path / "olmoe-router-logits")
+    code = cli.main(["trace", "--model", str(model_dir), "--prompts-per-domain", "2", "--prompt-tokens", "10",
+                     "--max-new-tokens", "3", "--batch-size", "3", "--corpus-dir", str(shipped_data / "corpus"),
+                     "--out-dir", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["decode_tokens"] > 0 and last["tokens"] == trace.load_trace(last["trace"]).num_tokens

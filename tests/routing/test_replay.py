@@ -84,3 +84,37 @@ def test_mismatches_are_refused():
                            **GEN)
     with pytest.raises(ReplayError, match=r"\[B, T, L, K\]"):
         RoutingReplay(torch.zeros(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, 4), 1)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_replaying_a_models_own_routing_gives_exactly_its_own_logits():
+    """The recording is a separate run (transformers' generate) whose hidden states differ from the engine's by
+    rounding; its weights used to be applied as recorded, which moved prescope-tiny's logits (6.7e-6 → 7.6e-6
+    from stock in float32). Where the replayed experts are the model's own choice, its own weights apply."""
+    from prescope.models.tiny import load_tiny
+
+    stock = load_tiny()[0]
+    ids = ids_for(2, 8)
+
+    def run(model):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, **GEN)
+
+    replay = record_replay(stock, lambda: run(stock))
+    for policy in ("on_demand_lru",):
+        logits = []
+        for rep in (None, replay):
+            model = copy.deepcopy(stock)
+            with Engine(model, EngineConfig(policy=policy, device="cpu", budget_share=0.25)) as engine:
+                engine.set_replay(rep)
+                logits.append(torch.stack(engine.generate(ids, max_new_tokens=4, keep_logits=True).logits))
+        assert torch.equal(logits[0], logits[1]), policy
+
+
+def test_replayed_weights_are_the_recorded_ones_where_the_experts_differ():
+    from prescope.routing.replay import replayed_weights
+
+    own_index, own = torch.tensor([[0, 1], [2, 3], [1, 0]]), torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.7, 0.3]])
+    index, recorded = torch.tensor([[0, 1], [3, 2], [1, 2]]), torch.tensor([[0.61, 0.39], [0.9, 0.1], [0.8, 0.2]])
+    out = replayed_weights(own_index, own.to(torch.bfloat16), index, recorded)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.float(), torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.8, 0.2]]).to(torch.bfloat16).float())

@@ -49,3 +49,21 @@ def test_times_bind_the_cost_formulas_and_memoise():
     assert times.of("dense", 3) == cost.dense_time(3, 304 + 2 * 3 * 8 * 4, 4, profile)
     assert times.link(384) == cost.transfer_time(384, profile) == times.costs().load
     assert set(times.memo) == {("gpu", 3), ("cpu", 3), ("attention", 3), ("dense", 3), ("link", 384)}
+
+
+def test_each_layer_is_priced_by_its_own_expert_bytes():
+    """A layout with per-layer sizes: transfers and expert times per layer at that layer's bytes; the resident
+    work at the common size; a layout of one size shares one object."""
+    import dataclasses
+
+    profile = load_profile("v100-pcie3")
+    lay = dataclasses.replace(layout(0, 0, "gguf", 600_000), moe_layers=(0, 1, 2), num_layers=3,
+                              layer_expert_bytes=(600_000, 2_400_000, 600_000))
+    times = SimTimes(lay, profile, dense_params=0)
+    per = times.per_layer()
+    assert [t.nbytes for t in per] == [600_000, 2_400_000, 600_000] and per[0] is times and per[2] is times
+    assert per[1].link(per[1].nbytes) == cost.transfer_time(2_400_000, profile)
+    assert per[1].cpu(1) == cost.cpu_expert_time(1, *expert_dims(lay, 2_400_000), profile) > per[0].cpu(1)
+    assert per[1].of("attention", 4) == times.of("attention", 4)
+    uniform = SimTimes(dataclasses.replace(lay, layer_expert_bytes=()), profile, dense_params=0)
+    assert all(t is uniform for t in uniform.per_layer())

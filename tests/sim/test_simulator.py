@@ -357,7 +357,10 @@ def test_replay_of_a_real_llamacpp_trace(shipped_data):
     tr = load_llamacpp_trace(shipped_data / "routing" / "qwen3-30b-a3b.route.csv")
     r = replay(tr, "on_demand_lru", "h200", budget_share=0.05, max_steps=8)
     assert r.totals["steps"] == 8 and 0.0 < r.totals["hit_rate"] < 1.0
-    assert r.totals["bytes_moved"] == r.totals["loads_on_demand"] * tr.layout.expert_bytes
+    loads = r.timeline[r.timeline["lane"] == "pcie"]
+    assert len(loads) == r.totals["loads_on_demand"] and len(set(tr.layout.expert_bytes_per_layer)) == 2
+    # each load moves one expert of its own layer's size (24 of the 48 layers hold larger experts)
+    assert r.totals["bytes_moved"] == sum(tr.layout.bytes_of(layer) for layer in loads["layer"])
     # a 3 MB expert on the H200: milliseconds per token, not seconds (no H: attention at the launch floor)
     assert 1e-3 < r.totals["mean_token_latency_s"] < 0.5
 

@@ -1,0 +1,154 @@
+"""reports/h200/REPRODUCE.md: for every committed H200 result, the commands that regenerate it from a fresh clone.
+
+Nothing is typed by hand: each command is rebuilt from the result file's own record (`config`, `git_revision`,
+the models of its rows), so the page cannot drift from the files; a test holds the committed page to `render()`.
+Run `python -m prescope.experiments.reproduce` after adding a result to rewrite it.
+
+What a result needs: a fresh clone at the revision that produced it (the engine and policies changed since),
+the GPU inputs (`prescope gpu-inputs`, built once at the current revision: plain data every revision reads
+through `--prompts` and `--predictor`), and the command. Two limits are stated where they apply: a revision
+marked `+` ran with uncommitted changes, and LLaPor's training is not bit-reproducible, so rows that used
+`--predictor` are reproduced with a checkpoint trained by the same recipe, not the same bytes.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from prescope.files import read_json, write_atomic
+
+ROOT = Path("reports/h200")
+PAGE = "REPRODUCE.md"
+INPUTS = ".cache/device/inputs"
+# (config key, bench flag), in the order `prescope bench --help` lists them; a key a result lacks is left out
+BENCH_FLAGS = (("models", "--models"), ("batch_sizes", "--batch-sizes"), ("policies", "--policies"),
+               ("budgets", "--budgets"), ("input_len", "--input-len"), ("output_len", "--output-len"),
+               ("timeline_tokens", "--timeline-tokens"), ("seed", "--seed"), ("profile", "--profile"),
+               ("accelerate_batches", "--accelerate-batches"), ("accelerate_tokens", "--accelerate-tokens"),
+               ("repeats", "--repeats"))
+
+
+def result_files(root: Path = ROOT) -> list[Path]:
+    """The committed JSON results: reports/h200/*.json and every JSON under engine/ and comparison/."""
+    return sorted([*root.glob("*.json"), *(root / "engine").rglob("*.json"), *(root / "comparison").rglob("*.json")])
+
+
+def _words(value) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def bench_command(config: dict, out: str) -> str:
+    """The `prescope bench` line that reruns a recorded `config`, into folder `out`; prompts and predictor from
+    the gpu-inputs folder where the run used them."""
+    parts = ["prescope", "bench"]
+    for key, flag in BENCH_FLAGS:
+        value = config.get(key)
+        if value is None:
+            continue
+        parts += [flag, *_words(value)]
+    if config.get("prompts"):
+        parts += ["--prompts", f"{INPUTS}/heldout-{config.get('input_len', 128)}.npy"]
+    if config.get("predictor"):
+        parts += ["--predictor", f"{INPUTS}/llapor.pt"]
+    return shlex.join(parts) + f' --out "{out}"'  # unquoted by shlex: $OUT must expand
+
+
+def _revision(data: dict) -> tuple[str, str]:
+    """(short revision to check out, note on how exactly it reproduces)."""
+    rev = str(data.get("git_revision") or "unknown")
+    if rev == "unknown":
+        return "", "the file records no revision"
+    short = rev.replace("+wip", "").rstrip("+")[:7]
+    dirty = rev.endswith("+") or "+wip" in rev
+    return short, (f"ran with uncommitted changes on top of `{short}`: the nearest reproduction" if dirty else "")
+
+
+def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
+    """(what the file is, its commands, notes) for one committed result."""
+    data = read_json(path, "result")
+    name = path.relative_to(root).as_posix()
+    short, note = _revision(data)
+    notes = [note] if note else []
+    checkout = [f"git checkout {short}"] if short else []
+    config = data.get("config")
+    if isinstance(config, dict) and "models" in config:
+        stem = path.stem
+        out = f"$OUT/{Path(name).with_suffix('').as_posix().replace('/', '-')}"  # one folder per result
+        commands = [*checkout, f"PRESCOPE_GIT_REV={short} " + bench_command(config, out) if short
+                    else bench_command(config, out), f"cp {out}/bench.json {root / name}"]
+        for companion, made in ((f"{stem}.routing.npz", "routing.npz"), (f"{stem}.timelines.parquet", "timelines.parquet"),
+                                ("routing.npz", "routing.npz"), ("timelines.parquet", "timelines.parquet")):
+            if (path.parent / companion).is_file() and (companion.startswith(stem) or path.name == "bench.json"):
+                commands.append(f"cp {out}/{made} {path.parent / companion}")
+        if config.get("predictor"):
+            notes.append("LLaPor retrained by `prescope gpu-inputs` (same recipe; training is not bit-reproducible)")
+        what = f"`prescope bench`, {', '.join(config['models'])}, measured on {data.get('device', '?')}"
+        return what, commands, notes
+    if isinstance(data.get("command"), str):  # a result that says how it was made
+        return (f"{data.get('what') or 'measured'}, on {data.get('device', '?')}",
+                [*checkout, f"PRESCOPE_GIT_REV={short} {data['command']}" if short else data["command"]], notes)
+    if "rows" in data and path.stem.startswith("equivalence"):
+        models = sorted({r["model"] for r in data["rows"]})
+        command = shlex.join(["prescope", "check-equivalence", "--models", *models, "--out", str(root / name)])
+        return f"`prescope check-equivalence`, measured on {data.get('device', '?')}", [*checkout, command], notes
+    if data.get("source") == "calibrated":
+        commands = [f"prescope calibrate --out {root / name}"]
+        commands += [f"# then by hand, as its notes say: {n.split(':')[0]}" for n in data.get("notes") or []]
+        return f"hardware profile ({data.get('citation', '').rstrip('.')}; no revision recorded)", commands, []
+    return "not a result this page knows how to rebuild", [], ["regenerate by hand"]
+
+
+def render(root: Path = ROOT) -> str:
+    lines = [
+        "# Reproducing the H200 results",
+        "",
+        "Written by `python -m prescope.experiments.reproduce` from each result file's own record (its `config`,",
+        "`git_revision`, device); `tests/experiments/test_reproduce.py` holds this page to the files. Every command",
+        "runs from the root of a fresh clone on a CUDA machine (torch 2.11, transformers 5.17, no network):",
+        "",
+        "```bash",
+        "git clone <this repository> prescope && cd prescope && pip install -e '.[gpu]'",
+        f"prescope gpu-inputs --out {INPUTS} --device cuda   # once, at the current revision: prompts + LLaPor",
+        "export OUT=$PWD/.cache/h200-rerun",
+        "```",
+        "",
+        "`reports/h200/call.sh` is the same as one device call (inputs built if missing, then `bench --inputs`).",
+        "Then, per result, check out the revision that produced it (the engine changed since) and run its commands",
+        f"(`{INPUTS}` is untracked, so it stays across checkouts). Timings vary from run to run (host-bound cells by",
+        "tens of percent); the tokens, loads and ratios are what a rerun should match.",
+        "",
+    ]
+    for path in result_files(root):
+        what, commands, notes = entry(path, root)
+        lines += [f"## `{path.relative_to(root).as_posix()}`", "", what + ("" if not notes else ". " + ". ".join(notes)),
+                  ""]
+        if commands:
+            lines += ["```bash", *commands, "```", ""]
+    fidelity = sorted([*root.glob("fidelity-*.csv"), *(root / "comparison").glob("fidelity-*.csv")])
+    if fidelity:
+        lines += ["## Fidelity tables", "", "Simulated against measured, from a bench result beside it. The CSVs do not "
+                  "record their inputs: the pairing is by name, the profile `h200-calibrated.json` for the top-level "
+                  "tables (as reports/h200/README.md says) and the bench's own for the comparison's; a routing file "
+                  "that is not committed comes from the bench rerun above:", "", "```bash"]
+        for csv in fidelity:
+            stem = csv.stem.removeprefix("fidelity-")
+            bench = next((p for p in (csv.parent / f"{stem}.json", csv.parent / f"bench-{stem}.json") if p.is_file()), None)
+            if bench is None:
+                lines.append(f"# {csv}: no bench result of that name beside it")
+                continue
+            routing = bench.with_name(f"{stem}.routing.npz")
+            # reports/h200/README.md names the calibrated profile for the top-level tables; the comparison's
+            # tables are taken to use the profile its bench decided with
+            profile = (root / "h200-calibrated.json" if csv.parent == root
+                       else read_json(bench, "bench JSON").get("config", {}).get("profile", "h200"))
+            lines.append(f"prescope fidelity --bench {bench} --routing {routing if routing.is_file() else '$OUT/' + stem + '/routing.npz'}"
+                         f" --profile {profile} --out {csv}")
+        lines += ["```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT
+    print(write_atomic(root / PAGE, render(root)))

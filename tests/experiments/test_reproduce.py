@@ -1,0 +1,50 @@
+"""reports/h200/REPRODUCE.md names, for every committed H200 result, commands rebuilt from the file's own record."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+import pytest
+
+from prescope.experiments import bench, reproduce
+from prescope.files import read_json
+
+ROOT = Path(__file__).resolve().parents[2]
+H200 = ROOT / "reports" / "h200"
+
+
+def test_the_committed_page_is_what_the_results_give(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the page names files relative to the repository's root
+    assert (H200 / reproduce.PAGE).read_text() == reproduce.render(Path("reports/h200")), \
+        "reports/h200/REPRODUCE.md is stale: run `python -m prescope.experiments.reproduce`"
+
+
+def test_every_committed_result_has_its_commands(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    page = (H200 / reproduce.PAGE).read_text()
+    files = reproduce.result_files(Path("reports/h200"))
+    assert len(files) >= 40 and any(f.parent.name == "engine" for f in files)
+    for path in files:
+        section = page.split(f"## `{path.relative_to('reports/h200').as_posix()}`", 1)
+        assert len(section) == 2, f"{path} has no section"
+        assert "```bash" in section[1].split("\n## ", 1)[0], f"{path} has no commands"
+
+
+@pytest.mark.parametrize("path", [p for p in reproduce.result_files(H200)
+                                  if "models" in (read_json(p).get("config") or {})], ids=lambda p: p.name)
+def test_each_bench_command_parses_back_into_its_recorded_config(path):
+    data = read_json(path)
+    config = data["config"]
+    line = reproduce.bench_command(config, "/tmp/out")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(shlex.split(line)[2:])
+    for key, _ in reproduce.BENCH_FLAGS:
+        if config.get(key) is not None:
+            value = getattr(args, key)
+            assert (list(value) if isinstance(value, (list, tuple)) else value) == config[key], key
+    assert bool(args.prompts) == bool(config.get("prompts")) and bool(args.predictor) == bool(config.get("predictor"))
+    if args.prompts:
+        assert args.prompts == f"{reproduce.INPUTS}/heldout-{config['input_len']}.npy"
