@@ -31,17 +31,30 @@ BENCH_FLAGS = (("models", "--models"), ("batch_sizes", "--batch-sizes"), ("polic
 
 
 def result_files(root: Path = ROOT) -> list[Path]:
-    """The committed JSON results: reports/h200/*.json and every JSON under engine/ and comparison/."""
-    return sorted([*root.glob("*.json"), *(root / "engine").rglob("*.json"), *(root / "comparison").rglob("*.json")])
+    """The committed JSON results: reports/h200/*.json and every JSON in its sub-folders."""
+    return sorted([*root.glob("*.json"), *(p for p in root.glob("*/**/*.json"))])
 
 
 def _words(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
-def bench_command(config: dict, out: str) -> str:
+def trace_predictor_commands(config: dict, out: str) -> tuple[list[str], str | None]:
+    """For a subject replaying a real trace (`twin[:layers]@trace:PATH`), the command that trains its routing-only
+    LLaPor on the trace (`prescope predictor-accuracy --save-predictor`) and the checkpoint's path; else ([], None)."""
+    for spec in config.get("models") or ():
+        twin, _, path = str(spec).partition("@trace:")
+        if path:
+            layers = twin.partition(":")[2]
+            checkpoint = f"{out}-routing-llapor.pt"
+            words = ["prescope", "predictor-accuracy", "--trace", path, *(["--layers", layers] if layers else [])]
+            return [shlex.join(words) + f' --out "{out}-accuracy" --save-predictor "{checkpoint}"'], checkpoint
+    return [], None
+
+
+def bench_command(config: dict, out: str, predictor: str | None = None) -> str:
     """The `prescope bench` line that reruns a recorded `config`, into folder `out`; prompts and predictor from
-    the gpu-inputs folder where the run used them."""
+    the gpu-inputs folder where the run used them (or `predictor`, a checkpoint made for this run)."""
     parts = ["prescope", "bench"]
     for key, flag in BENCH_FLAGS:
         value = config.get(key)
@@ -50,9 +63,10 @@ def bench_command(config: dict, out: str) -> str:
         parts += [flag, *_words(value)]
     if config.get("prompts"):
         parts += ["--prompts", f"{INPUTS}/heldout-{config.get('input_len', 128)}.npy"]
-    if config.get("predictor"):
+    if config.get("predictor") and predictor is None:
         parts += ["--predictor", f"{INPUTS}/llapor.pt"]
-    return shlex.join(parts) + f' --out "{out}"'  # unquoted by shlex: $OUT must expand
+    tail = f' --predictor "{predictor}"' if config.get("predictor") and predictor else ""
+    return shlex.join(parts) + tail + f' --out "{out}"'  # unquoted by shlex: $OUT must expand
 
 
 def _revision(data: dict) -> tuple[str, str]:
@@ -76,13 +90,18 @@ def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
     if isinstance(config, dict) and "models" in config:
         stem = path.stem
         out = f"$OUT/{Path(name).with_suffix('').as_posix().replace('/', '-')}"  # one folder per result
-        commands = [*checkout, f"PRESCOPE_GIT_REV={short} " + bench_command(config, out) if short
-                    else bench_command(config, out), f"cp {out}/bench.json {root / name}"]
+        train, predictor = trace_predictor_commands(config, out) if config.get("predictor") else ([], None)
+        bench = bench_command(config, out, predictor)
+        commands = [*checkout, *train, f"PRESCOPE_GIT_REV={short} " + bench if short else bench,
+                    f"cp {out}/bench.json {root / name}"]
         for companion, made in ((f"{stem}.routing.npz", "routing.npz"), (f"{stem}.timelines.parquet", "timelines.parquet"),
                                 ("routing.npz", "routing.npz"), ("timelines.parquet", "timelines.parquet")):
             if (path.parent / companion).is_file() and (companion.startswith(stem) or path.name == "bench.json"):
                 commands.append(f"cp {out}/{made} {path.parent / companion}")
-        if config.get("predictor"):
+        if predictor:
+            notes.append("routing-only LLaPor retrained on the trace (seeded: the same weights on one machine, "
+                         "float rounding may differ on another)")
+        elif config.get("predictor"):
             notes.append("LLaPor retrained by `prescope gpu-inputs` (same recipe; training is not bit-reproducible)")
         what = f"`prescope bench`, {', '.join(config['models'])}, measured on {data.get('device', '?')}"
         return what, commands, notes

@@ -48,3 +48,13 @@ def test_each_bench_command_parses_back_into_its_recorded_config(path):
     assert bool(args.prompts) == bool(config.get("prompts")) and bool(args.predictor) == bool(config.get("predictor"))
     if args.prompts:
         assert args.prompts == f"{reproduce.INPUTS}/heldout-{config['input_len']}.npy"
+
+
+def test_a_trace_subject_is_rebuilt_with_a_routing_only_llapor_trained_on_its_trace():
+    config = {"models": ["gpt-oss-120b:12@trace:T.route.csv.xz"], "batch_sizes": [1], "predictor": "/tmp/x.pt"}
+    train, checkpoint = reproduce.trace_predictor_commands(config, "$OUT/r")
+    assert train == ['prescope predictor-accuracy --trace T.route.csv.xz --layers 12 --out "$OUT/r-accuracy" '
+                     '--save-predictor "$OUT/r-routing-llapor.pt"']
+    bench = reproduce.bench_command(config, "$OUT/r", checkpoint)
+    assert '--predictor "$OUT/r-routing-llapor.pt"' in bench and "llapor.pt --" not in bench.replace(checkpoint, "")
+    assert reproduce.trace_predictor_commands({"models": ["olmoe-1b-7b"]}, "$OUT/r") == ([], None)
