@@ -18,6 +18,8 @@ from collections.abc import Iterable, KeysView
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
+
 Key = tuple[int, int]  # (MoE layer ordinal, expert)
 
 
@@ -64,6 +66,14 @@ class ExpertCache:
         self._free = set(range(num_slots))  # FREE slots, kept in step so lookups never scan the pool
         self._by_layer: dict[int, set[int]] = {layer: set() for layer in range(num_layers)}  # occupied slots
         self._clock = 0
+        # the same state as arrays over slots, for whole-pool questions without a Python scan (`evictable_arrays`):
+        # owner's layer and expert (-1: free), loading, resident, fresh, pinned
+        self._layer_of = np.full(num_slots, -1, dtype=np.int64)
+        self._expert_of = np.full(num_slots, -1, dtype=np.int64)
+        self._loading_at = np.zeros(num_slots, dtype=bool)
+        self._resident_at = np.zeros(num_slots, dtype=bool)
+        self._fresh_at = np.zeros(num_slots, dtype=bool)
+        self._pinned_at = np.zeros(num_slots, dtype=bool)
 
     # ---- questions about one key ---------------------------------------------------------------------
     def slot(self, key: Key) -> int | None:
@@ -141,7 +151,8 @@ class ExpertCache:
 
     def loading_keys(self) -> list[Key]:
         """Keys whose copy is in flight, in slot order."""
-        return [self._owner[s] for s, state in enumerate(self._state) if state is _LOADING]
+        owner = self._owner
+        return [owner[s] for s in np.flatnonzero(self._loading_at).tolist()]
 
     def resident_keys(self, layers: Iterable[int]) -> list[Key]:
         owner, state = self._owner, self._state
@@ -159,6 +170,12 @@ class ExpertCache:
         owner, state, pinned, fresh = self._owner, self._state, self._pinned, self._fresh
         return [owner[s] for s in self._by_layer[layer]
                 if state[s] is _RESIDENT and s not in pinned and not (keep_fresh and fresh[s])]
+
+    def evictable_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(layer, expert, fresh) [M] of every resident, unpinned key, in slot order: `evictable_keys` of every
+        layer at once (fresh: a prefetch not used yet, what `keep_fresh` leaves out)."""
+        slots = np.flatnonzero(self._resident_at & ~self._pinned_at)
+        return self._layer_of[slots], self._expert_of[slots], self._fresh_at[slots]
 
     def evictable_ranked(self, protect: frozenset[Key] | set[Key], rank) -> int | None:
         """The evictable slot (key not in `protect`) whose key ranks lowest by `rank(key)`, ties by least
@@ -196,6 +213,8 @@ class ExpertCache:
         self._free.discard(slot)
         self._by_layer[key[0]].add(slot)
         self._fresh[slot] = speculative
+        self._layer_of[slot], self._expert_of[slot] = key
+        self._loading_at[slot], self._resident_at[slot], self._fresh_at[slot] = True, False, speculative
         self.stats.loads += 1
         self.stats.prefetches += int(speculative)
         return evicted
@@ -208,7 +227,9 @@ class ExpertCache:
         return key
 
     def mark_ready(self, key: Key) -> None:
-        self._state[self._slot_of[key]] = _RESIDENT
+        slot = self._slot_of[key]
+        self._state[slot] = _RESIDENT
+        self._loading_at[slot], self._resident_at[slot] = False, True
 
     def use(self, key: Key, *, hit: bool) -> None:
         """Record that the running layer computes `key` from its slot."""
@@ -220,17 +241,22 @@ class ExpertCache:
         self.stats.hits += int(hit)
         self.stats.misses += int(not hit)
         if self._fresh[slot]:
-            self._fresh[slot] = False
+            self._fresh[slot] = self._fresh_at[slot] = False
             self.stats.prefetches_used += 1
 
     def pin(self, key: Key) -> None:
-        self._pinned.add(self._slot_of[key])
+        slot = self._slot_of[key]
+        self._pinned.add(slot)
+        self._pinned_at[slot] = True
 
     def unpin(self, key: Key) -> None:
-        self._pinned.discard(self._slot_of[key])
+        slot = self._slot_of[key]
+        self._pinned.discard(slot)
+        self._pinned_at[slot] = False
 
     def unpin_all(self) -> None:
         self._pinned.clear()
+        self._pinned_at[:] = False
 
     def evict(self, key: Key) -> int:
         slot = self._slot_of[key]
@@ -238,6 +264,8 @@ class ExpertCache:
             raise CacheError(f"{key} is pinned by the running layer")
         del self._slot_of[key]
         self._owner[slot], self._state[slot], self._fresh[slot] = None, _FREE, False
+        self._layer_of[slot] = self._expert_of[slot] = -1
+        self._loading_at[slot] = self._resident_at[slot] = self._fresh_at[slot] = False
         self._free.add(slot)
         self._by_layer[key[0]].discard(slot)
         self.stats.evictions += 1

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+
 from prescope.policies.base import Costs, LayerView, Orders, Policy
 from prescope.policies.cache import ExpertCache, Key
 from prescope.policies.peers import PreScope, _guarded
@@ -152,12 +154,15 @@ class Ceiling(PreScope):
             out.append((p, n))
         return out
 
-    def victim_chances(self, view: LayerView, cache: ExpertCache, forecast) -> list[tuple[float, Key]]:
+    def victim_arrays(self, view: LayerView, cache: ExpertCache, forecast) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Chances from the true future, as Belady ranks keys: 1 for a key a later layer of this step routes
         (beyond the window too); 0 for a later layer's key it does not route (next needed in the next step,
         after every key of the layers that already ran); the memory's chance for those (PreScope's)."""
-        chances = super().victim_chances(view, cache, forecast)
+        q, layers, experts = super().victim_arrays(view, cache, forecast)
         if view.future is None:
-            return chances
-        used = {(view.layer + d, e) for d, experts in enumerate(view.future, 1) for e in experts}
-        return [(1.0 if key in used else 0.0 if key[0] > view.layer else q, key) for q, key in chances]
+            return q, layers, experts
+        E = self.num_experts
+        used = np.zeros(cache.num_layers * E, dtype=bool)
+        used[[(view.layer + d) * E + e for d, row in enumerate(view.future, 1) for e in row if e >= 0]] = True
+        q = np.where(used[layers * E + experts], 1.0, np.where(layers > view.layer, 0.0, q))
+        return q, layers, experts

@@ -39,7 +39,6 @@ from prescope.policies.predictive import (
     link_state,
     planned_slot,
     ranked_victim,
-    smallest,
 )
 from prescope.policies.reliability import Reliability
 
@@ -320,9 +319,12 @@ class PreScope(Predictive):
             absent.sort(key=p.__getitem__, reverse=True)  # stable: ties by expert
             predictions.append(tuple(presched.Candidate(e, p[e], max(1, round(n[e]))) for e in absent[:keep]))
             compute.append(self._expected_compute(p, n))
-        chances = self.victim_chances(view, cache, forecast)
+        q, layers, experts = self.victim_arrays(view, cache, forecast)
         need = len(view.experts) + sum(len(c) for c in predictions)
-        held = tuple(presched.Held(key, min(1.0, q)) for q, key in smallest(need, chances))
+        # the `need` least likely to be needed, ties by key (as sorted (chance, key) pairs)
+        first = np.lexsort((experts, layers, q))[:need].tolist()
+        q, layers, experts = q.tolist(), layers.tolist(), experts.tolist()
+        held = tuple(presched.Held((layers[i], experts[i]), min(1.0, q[i])) for i in first)
         gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
         return presched.Instance(
             layer, view.experts, view.tokens, tuple(predictions), costs.load, costs.gpu, costs.cpu,
@@ -335,22 +337,28 @@ class PreScope(Predictive):
         (frequency, at least the lag-1 reuse rate for the last run's experts); a window key's the larger of
         that and its prediction (window_reuse: the H200 showed prefetches evicting experts that reuse asked for
         again; else the prediction alone); a prefetch not used yet keeps its slot until its layer ran (no churn
-        between plans); the running layer's routed experts are never offered."""
-        layer, routed, chances, memory = view.layer, {(view.layer, e) for e in view.experts}, [], self.memory
-        for j in range(cache.num_layers):
-            d, window = j - layer, 1 <= j - layer <= len(forecast)
-            keys = cache.evictable_keys(j, keep_fresh=window)
-            if d == 0:
-                keys = [key for key in keys if key not in routed]
-            if window and not self.window_reuse:
-                seen = [forecast[d - 1][0][e] for _, e in keys]
-            else:
-                seen = memory.chances(j, [e for _, e in keys], ran=d <= 0)
-                if window:
-                    row = forecast[d - 1][0]
-                    seen = [max(row[e], q) for (_, e), q in zip(keys, seen, strict=True)]
-            chances += zip(seen, keys, strict=True)
-        return chances
+        between plans); the running layer's routed experts are never offered. (`victim_arrays` as pairs.)"""
+        q, layers, experts = self.victim_arrays(view, cache, forecast)
+        return list(zip(q.tolist(), zip(layers.tolist(), experts.tolist(), strict=True), strict=True))
+
+    def victim_arrays(self, view: LayerView, cache: ExpertCache, forecast) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`victim_chances` as arrays [M] (chance, layer, expert), computed over the whole pool at once."""
+        layer, D = view.layer, len(forecast)
+        layers, experts, fresh = cache.evictable_arrays()
+        d = layers - layer
+        window = (d >= 1) & (d <= D)
+        keep = ~(window & fresh)
+        if view.experts:
+            routed = np.zeros(self.num_experts, dtype=bool)
+            routed[list(view.experts)] = True
+            keep &= ~((d == 0) & routed[experts])
+        layers, experts, d, window = layers[keep], experts[keep], d[keep], window[keep]
+        q = self.memory.chance_arrays(layers, experts, layer)
+        if D and window.any():
+            rows = np.array([p for p, _ in forecast], dtype=np.float64)  # [D, E]
+            predicted = rows[np.where(window, d - 1, 0), experts]
+            q = np.where(window, np.maximum(predicted, q) if self.window_reuse else predicted, q)
+        return q, layers, experts
 
     def uses_async_io(self, costs: Costs | None) -> bool:
         return costs is None or costs.load >= self.ASYNC_MIN_LOAD_S

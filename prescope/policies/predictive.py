@@ -17,6 +17,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 import prescope.policies.presched as presched
 from prescope.policies.base import Costs, LayerView, Policy, PolicyError, PolicyOptions
 from prescope.policies.cache import ExpertCache, Key
@@ -38,8 +40,11 @@ class Memory:
         self.step = None
         self.now: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self.prev: list[dict[int, int]] = [{} for _ in range(num_layers)]
-        self.freq = [[0.0] * num_experts for _ in range(num_layers)]  # decayed share of steps using each expert
+        self.freq = np.zeros((num_layers, num_experts))  # [L, E] decayed share of steps using each expert
         self.seen = [[0] * num_experts for _ in range(num_layers)]  # selections by earlier steps
+        # now/prev as [L, E] masks (expert used by the layer's run this step / previous), for `chance_arrays`
+        self.now_used = np.zeros((num_layers, num_experts), dtype=bool)
+        self.prev_used = np.zeros((num_layers, num_experts), dtype=bool)
         self.min_routed = None
         self.reuse = 0.0  # decayed share of a layer's experts that its previous step also used (lag-1 reuse)
 
@@ -48,17 +53,21 @@ class Memory:
             for layer in range(self.L):
                 for e, n in self.now[layer].items():
                     self.seen[layer][e] += n
+            ran = [bool(now) for now in self.now]
             self.prev = [now or prev for now, prev in zip(self.now, self.prev, strict=True)]
+            self.prev_used[ran] = self.now_used[ran]
             self.now = [{} for _ in range(self.L)]
+            self.now_used[:] = False
             self.step = view.step
         self.now[view.layer] = dict(zip(view.experts, view.tokens, strict=True))
+        self.now_used[view.layer] = False
+        self.now_used[view.layer, list(view.experts)] = True
         before = self.prev[view.layer]
         if before and view.experts:
             again = sum(1 for e in view.experts if e in before) / len(view.experts)
             self.reuse = self.decay * self.reuse + (1.0 - self.decay) * again
         row, keep = self.freq[view.layer], self.decay
-        for e in range(self.E):
-            row[e] *= keep
+        row *= keep
         for e in view.experts:
             row[e] += 1.0 - keep
         if view.experts:
@@ -72,13 +81,20 @@ class Memory:
         return p, n
 
     def frequency(self, layer: int) -> list[float]:
-        return self.freq[layer]
+        return self.freq[layer].tolist()
 
     def chances(self, layer: int, experts: Sequence[int], ran: bool) -> list[float]:
         """P(the next use of `layer` routes to each of `experts`) from what was seen: its decayed frequency, and
         at least the lag-1 reuse rate if the layer's last run (`ran`: this step, else the previous) used it."""
-        freq, last, reuse = self.freq[layer], self.now[layer] if ran else self.prev[layer], self.reuse
+        freq, last, reuse = self.freq[layer].tolist(), self.now[layer] if ran else self.prev[layer], self.reuse
         return [max(freq[e], reuse if e in last else 0.0) for e in experts]
+
+    def chance_arrays(self, layers: np.ndarray, experts: np.ndarray, running: int) -> np.ndarray:
+        """`chances` of many keys at once ([M] layers and experts; a layer ran this step when <= `running`):
+        max(frequency, the lag-1 reuse rate if the layer's last run used the expert, else 0)."""
+        used = np.where(layers <= running, self.now_used[layers, experts], self.prev_used[layers, experts])
+        freq = self.freq[layers, experts]
+        return np.where(used, np.maximum(freq, self.reuse), np.maximum(freq, 0.0))
 
     def current(self, view: LayerView):
         """[1, L, W] int64: this step's experts at layers <= view.layer, MISSING elsewhere (History.current)."""
