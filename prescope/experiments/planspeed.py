@@ -82,6 +82,42 @@ def planning_time(budget_shares: tuple[float, ...] = (0.25, 0.5), count: int = 3
     return result
 
 
+def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=False]", "ceiling[gate=False]"),
+                         batches: tuple[int, ...] = (1, 4), budget_share: float = 0.25, steps: int = 40,
+                         profile: str = "h200") -> list[dict]:
+    """The policies' host time per planned layer while the simulator replays `trace` (its decode cut in
+    `batch` segments decoded together), on this machine's CPU: per policy and batch, the median and p90 of
+    `policy.plan`'s wall time over the first `steps` forward calls, in µs, with the simulated ms per token."""
+    import time
+
+    from prescope.policies import make_policy, parse_policy
+    from prescope.routing.segments import decode_segments
+    from prescope.sim.simulator import replay
+
+    rows = []
+    for spec in policies:
+        for batch in batches:
+            parsed = parse_policy(spec)
+            policy, times = make_policy(parsed.name, **parsed.options), []
+            plan = policy.plan
+
+            def timed(view, cache, plan=plan, times=times):
+                start = time.perf_counter()
+                orders = plan(view, cache)
+                times.append(time.perf_counter() - start)
+                return orders
+
+            policy.plan = timed
+            cut = decode_segments(trace, batch) if batch > 1 else trace
+            result = replay(cut, policy, profile, budget_share=budget_share, batch_size=batch, max_steps=steps)
+            times.sort()
+            rows.append({"policy": spec, "batch": batch, "budget_share": budget_share, "profile": profile,
+                         "layers": len(times), "median_us": times[len(times) // 2] * 1e6,
+                         "p90_us": times[int(0.9 * len(times))] * 1e6,
+                         "simulated_ms_per_token": result.totals["mean_token_latency_s"] * 1e3})
+    return rows
+
+
 if __name__ == "__main__":
     import argparse
     import json
@@ -90,8 +126,19 @@ if __name__ == "__main__":
     parser.add_argument("--bench", action="store_true", help="print planning time per layer (E=64, K=8, D=3)")
     parser.add_argument("--count", type=int, default=300, help="instances per budget")
     parser.add_argument("--repeats", type=int, default=5, help="plans per instance (the best counts)")
+    parser.add_argument("--replay", action="store_true", help="print the prescope and ceiling policies' planning "
+                        "time per layer replaying the shipped Qwen3-30B-A3B trace (25 %% budget, batch 1 and 4)")
+    parser.add_argument("--steps", type=int, default=40, help="forward calls replayed per cell (--replay)")
     args = parser.parse_args()
-    if args.bench:
+    if args.replay:
+        from prescope.data import shipped
+        from prescope.routing.llamacpp import load_llamacpp_trace
+
+        qwen3 = load_llamacpp_trace(shipped("routing", "qwen3-30b-a3b.route.csv"))
+        for row in replay_planning_time(qwen3, steps=args.steps):
+            print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True, "measured_on": "this CPU",
+                              **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}}))
+    elif args.bench:
         for share, t in planning_time(count=args.count, repeats=args.repeats).items():
             print(json.dumps({"bench": "presched.plan", "E": 64, "K": 8, "D": 3, "budget_share": share,
                               **{k: round(v, 4) for k, v in t.items()}}))

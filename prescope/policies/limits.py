@@ -154,11 +154,12 @@ class Ceiling(PreScope):
             out.append((p, n))
         return out
 
-    def victim_arrays(self, view: LayerView, cache: ExpertCache, forecast) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def victim_arrays(self, view: LayerView, cache: ExpertCache, forecast,
+                      rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Chances from the true future, as Belady ranks keys: 1 for a key a later layer of this step routes
         (beyond the window too); 0 for a later layer's key it does not route (next needed in the next step,
         after every key of the layers that already ran); the memory's chance for those (PreScope's)."""
-        q, layers, experts = super().victim_arrays(view, cache, forecast)
+        q, layers, experts = super().victim_arrays(view, cache, forecast, rows)
         if view.future is None:
             return q, layers, experts
         E = self.num_experts

@@ -154,6 +154,16 @@ class ActivationMatrixPolicy(Predictive):
         return ranked_victim(cache, protect, lambda k: self.priority.get(k, 0.0))
 
 
+def _cheapest(n: int, q: np.ndarray, layers: np.ndarray, experts: np.ndarray) -> list[tuple[float, Key]]:
+    """The n smallest (chance, key) pairs of arrays [M], ascending, ties by key: `predictive.smallest` on the
+    pairs, with only those at or under the n-th smallest chance sorted."""
+    if len(q) > n > 0:
+        near = np.flatnonzero(q <= np.partition(q, n - 1)[n - 1])
+        q, layers, experts = q[near], layers[near], experts[near]
+    first = np.lexsort((experts, layers, q))[:n]
+    return list(zip(q[first].tolist(), zip(layers[first].tolist(), experts[first].tolist(), strict=True), strict=True))
+
+
 # ---- PreScope ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -314,17 +324,16 @@ class PreScope(Predictive):
         resident = frozenset(cache.resident_keys(range(layer, layer + len(forecast) + 1)))
         keep, worth, present = self.candidates or 2 * self.top_k(), self.worth(), cache.present_keys()
         predictions, compute = [], []
+        rows = np.array([p for p, _ in forecast], dtype=np.float64).reshape(len(forecast), E)  # [D, E]
+        counts = np.array([n for _, n in forecast], dtype=np.float64).reshape(len(forecast), E)
         for d, (p, n) in enumerate(forecast, 1):
-            absent = [e for e in range(E) if p[e] > worth and (layer + d, e) not in present]
+            absent = [e for e in np.flatnonzero(rows[d - 1] > worth).tolist() if (layer + d, e) not in present]
             absent.sort(key=p.__getitem__, reverse=True)  # stable: ties by expert
             predictions.append(tuple(presched.Candidate(e, p[e], max(1, round(n[e]))) for e in absent[:keep]))
-            compute.append(self._expected_compute(p, n))
-        q, layers, experts = self.victim_arrays(view, cache, forecast)
+            compute.append(self._expected_compute(rows[d - 1], counts[d - 1]))
+        q, layers, experts = self.victim_arrays(view, cache, forecast, rows)
         need = len(view.experts) + sum(len(c) for c in predictions)
-        # the `need` least likely to be needed, ties by key (as sorted (chance, key) pairs)
-        first = np.lexsort((experts, layers, q))[:need].tolist()
-        q, layers, experts = q.tolist(), layers.tolist(), experts.tolist()
-        held = tuple(presched.Held((layers[i], experts[i]), min(1.0, q[i])) for i in first)
+        held = tuple(presched.Held(key, min(1.0, chance)) for chance, key in _cheapest(need, q, layers, experts))
         gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
         return presched.Instance(
             layer, view.experts, view.tokens, tuple(predictions), costs.load, costs.gpu, costs.cpu,
@@ -341,8 +350,10 @@ class PreScope(Predictive):
         q, layers, experts = self.victim_arrays(view, cache, forecast)
         return list(zip(q.tolist(), zip(layers.tolist(), experts.tolist(), strict=True), strict=True))
 
-    def victim_arrays(self, view: LayerView, cache: ExpertCache, forecast) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`victim_chances` as arrays [M] (chance, layer, expert), computed over the whole pool at once."""
+    def victim_arrays(self, view: LayerView, cache: ExpertCache, forecast,
+                      rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`victim_chances` as arrays [M] (chance, layer, expert), computed over the whole pool at once (`rows`:
+        the forecast's p as an array [D, E], if the caller has it)."""
         layer, D = view.layer, len(forecast)
         layers, experts, fresh = cache.evictable_arrays()
         d = layers - layer
@@ -355,7 +366,7 @@ class PreScope(Predictive):
         layers, experts, d, window = layers[keep], experts[keep], d[keep], window[keep]
         q = self.memory.chance_arrays(layers, experts, layer)
         if D and window.any():
-            rows = np.array([p for p, _ in forecast], dtype=np.float64)  # [D, E]
+            rows = np.array([p for p, _ in forecast], dtype=np.float64) if rows is None else rows  # [D, E]
             predicted = rows[np.where(window, d - 1, 0), experts]
             q = np.where(window, np.maximum(predicted, q) if self.window_reuse else predicted, q)
         return q, layers, experts
@@ -363,7 +374,7 @@ class PreScope(Predictive):
     def uses_async_io(self, costs: Costs | None) -> bool:
         return costs is None or costs.load >= self.ASYNC_MIN_LOAD_S
 
-    def _expected_compute(self, p: list[float], n: list[float]) -> float:
+    def _expected_compute(self, p: np.ndarray, n: np.ndarray) -> float:
         """c_d = Σ_e p_e·gpu(round(n_e)) (n_e >= 1), from a table of gpu() by token count (n <= the step's
         tokens, so the table stays as small as the batch)."""
         tokens = np.maximum(np.rint(n), 1).astype(np.int64)  # [E]

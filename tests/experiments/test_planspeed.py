@@ -35,3 +35,19 @@ def test_planning_time_reports_median_and_p90_per_budget():
     print(json.dumps({"bench": "presched.plan", **{str(k): v for k, v in out.items()}}))
     assert set(out) == {0.25, 0.5}
     assert all(0 < t["median_ms"] <= t["p90_ms"] for t in out.values())
+
+
+def test_replay_planning_time_times_every_planned_layer_of_a_real_replay():
+    """`--replay`'s cells on the shipped Qwen3-30B-A3B trace (two forward calls): one timing per MoE layer
+    and call, the simulated latency beside it."""
+    from prescope.data import shipped
+    from prescope.experiments.planspeed import replay_planning_time
+    from prescope.routing.llamacpp import load_llamacpp_trace
+
+    trace = load_llamacpp_trace(shipped("routing", "qwen3-30b-a3b.route.csv"))
+    rows = replay_planning_time(trace, batches=(1, 2), steps=2)
+    assert [(r["policy"], r["batch"]) for r in rows] == [(p, b) for p in ("prescope[gate=False]", "ceiling[gate=False]")
+                                                          for b in (1, 2)]
+    for row in rows:
+        assert row["layers"] == 2 * trace.layout.num_moe_layers
+        assert 0 < row["median_us"] <= row["p90_us"] and row["simulated_ms_per_token"] > 0
