@@ -313,8 +313,8 @@ class PreScope(Predictive):
         if not all(resident((layer, e)) for e in view.experts):
             return False
         worth = self.worth()
-        return not any(q > worth and not present((layer + d, e))
-                       for d, (p, _) in enumerate(forecast, 1) for e, q in enumerate(p))
+        return not any(not present((layer + d, e))
+                       for d, (p, _) in enumerate(forecast, 1) for e, q in enumerate(p) if q > worth)
 
     def instance(self, view: LayerView, cache: ExpertCache, forecast=None) -> presched.Instance:
         """The planner's view of this layer (see presched.Instance)."""

@@ -102,3 +102,36 @@ def test_lru_evictable_is_the_scan_it_replaces_under_random_operations():
         protect = set(rng.sample(keys, rng.randrange(0, 10)))
         scan = cache.evictable(None, protect)
         assert cache.lru_evictable(protect) == (cache.lru(scan) if scan else None)
+
+
+def test_the_slot_arrays_follow_every_report():
+    """`evictable_arrays` and `loading_keys` (read from the arrays) equal their definitions from the slots
+    after every report of a random run: assign, mark_ready, use, pin, unpin, unpin_all, evict, cancel."""
+    rng, cache = random.Random(5), ExpertCache(12, 4)
+    for _ in range(600):
+        keys = [cache.owner(s) for s in range(12) if cache.owner(s) is not None]
+        op = rng.randrange(7)
+        if op == 0:
+            key, slot = (rng.randrange(4), rng.randrange(6)), rng.randrange(12)
+            if not cache.is_present(key) and not cache.is_pinned(slot) and cache.state(slot) is not SlotState.LOADING:
+                cache.assign(key, slot, speculative=rng.random() < 0.5)
+        elif keys and op == 1:
+            key = rng.choice(keys)
+            if cache.is_loading(key):
+                cache.mark_ready(key)
+        elif keys and op == 2:
+            cache.use(rng.choice(keys), hit=True)
+        elif keys and op == 3:
+            cache.pin(rng.choice(keys))
+        elif keys and op == 4:
+            cache.unpin(rng.choice(keys)) if rng.random() < 0.8 else cache.unpin_all()
+        elif keys and op == 5:
+            key = rng.choice(keys)
+            if not cache.is_pinned(cache.slot(key)):
+                cache.cancel(key) if cache.is_loading(key) and rng.random() < 0.5 else cache.evict(key)
+        layers, experts, fresh = cache.evictable_arrays()
+        got = sorted(zip(layers.tolist(), experts.tolist(), fresh.tolist(), strict=True))
+        want = sorted((j, e, (j, e) not in cache.evictable_keys(j, keep_fresh=True))
+                      for layer in range(4) for j, e in cache.evictable_keys(layer))
+        assert got == want
+        assert cache.loading_keys() == [cache.owner(s) for s in range(12) if cache.state(s) is SlotState.LOADING]
