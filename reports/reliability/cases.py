@@ -317,6 +317,18 @@ def refuse_api(category: str, name: str, code: Callable[[Fixtures, Path], str], 
     CASES.append(Case(f"{len(CASES) + 1:03d}", category, name, "", act, "refuse", names))
 
 
+def read_cli(category: str, name: str, args: Callable[[Fixtures, Path], list], shows: str,
+             timeout: float = CASE_TIMEOUT_S) -> None:
+    """A command line that must succeed on input prescope reads by its content whatever its name says (one trace
+    reader for every command), its output showing `shows` (what it read it as); else silently wrong."""
+    def act(fx, tmp):
+        return cli(*args(fx, tmp), cwd=tmp, timeout=timeout)
+
+    def check(fx, tmp, done):
+        return None if done.rc == 0 and shows in done.out else "silently wrong/accepted"
+    CASES.append(Case(f"{len(CASES) + 1:03d}", category, name, "", act, "handle", shows, check, timeout))
+
+
 def simulate(trace: Path, *extra) -> list:
     """A replay of the first two steps of a prescope trace, or of all of a (small) llama.cpp trace: with
     --max-steps the import stops reading after the steps it needs, before later rows."""
@@ -344,13 +356,15 @@ def _trace_cases() -> None:
         api(f"import pandas as pd; pd.DataFrame({{'a': [1]}}).to_parquet({str(tmp / 't.parquet')!r})", tmp),
         simulate(tmp / "t.parquet"))[1], "not a prescope trace")
     refuse_cli(cat, "trace path does not exist", lambda fx, tmp: simulate(tmp / "none.parquet"), "none.parquet")
-    refuse_cli(cat, "a llama.cpp CSV renamed .parquet", lambda fx, tmp: simulate(copy(fx.csv, tmp / "t.parquet")),
-               "t.parquet")
-    refuse_cli(cat, "a trace parquet renamed .csv", lambda fx, tmp: simulate(copy(fx.small, tmp / "t.csv")), "t.csv")
-    refuse_cli(cat, "train-predictor on a trace without hidden states", lambda fx, tmp: [
+    # read by content (one trace reader for every command): taken as what it is, whatever its name says
+    read_cli(cat, "a llama.cpp CSV renamed .parquet: read as llama.cpp", lambda fx, tmp: simulate(
+        copy(fx.csv, tmp / "t.parquet")), '"model_class": "llama.cpp:')
+    read_cli(cat, "a trace parquet renamed .csv: read as a prescope trace", lambda fx, tmp: simulate(
+        copy(fx.small, tmp / "t.csv")), '"model_class": "OlmoeForCausalLM"')
+    read_cli(cat, "train-predictor on a trace without hidden states: routing-only LLaPor", lambda fx, tmp: [
         "train-predictor", "--trace", rewrite(fx, tmp / "t.parquet", "table = table.drop(['hidden'])"),
-        "--out", tmp / "ck.pt"], "hidden states")
-    refuse_cli(cat, "trace path is a folder", lambda fx, tmp: simulate(tmp), "does not exist")
+        "--out", tmp / "ck.pt"], '"predictor": "llapor_routing"')
+    refuse_cli(cat, "trace path is a folder", lambda fx, tmp: simulate(tmp), "is a folder")
     refuse_cli(cat, "header says E=99 on 64-expert data (bytes edited in place)", lambda fx, tmp: simulate(
         edit_text(fx.trace, tmp / "t.parquet", '"num_experts": 64,', '"num_experts": 99,')), "t.parquet")
     refuse_cli(cat, "header says E=128 on 64-expert data (rewritten with pyarrow)", lambda fx, tmp: simulate(api(
@@ -390,7 +404,7 @@ def _csv_cases() -> None:
     cat = "structural llama.cpp CSV"
     row = "0,1,5,3,2,"  # the start of the decode row of step 5, layer 3, slot 2
     edits = [  # (name, field of that row to set, its new text) or (name, text to replace, its replacement)
-        ("wrong magic line", ("# route_trace v1", "# route_trace v2"), ":1:"),
+        ("wrong magic line", ("# route_trace v1", "# route_trace v2"), "route_trace v2"),
         ("model line lacks n_expert", (" n_expert=16", ""), ":2:"),
         ("n_expert_used above n_expert", ("n_expert_used=4", "n_expert_used=40"), ":2:"),
         ("a layer line missing", ("# layer=3 expert_bytes=1000000 dense_bytes=1000\n", ""), ":6:"),
@@ -451,7 +465,7 @@ def _csv_cases() -> None:
         (tmp / "t.route.csv").write_text(re.sub(r"(?m)^0,1,11,", "0,0,11,", fx.csv.read_text())),
         simulate(tmp / "t.route.csv"))[1], "prefill step after a decode step")
     refuse_cli(cat, "empty file", lambda fx, tmp: ((tmp / "t.route.csv").write_text(""),
-                                                   simulate(tmp / "t.route.csv"))[1], ":1:")
+                                                   simulate(tmp / "t.route.csv"))[1], "empty file")
 
     def late_big(fx, tmp):  # ~50 MB, bad line early, bytes that are not UTF-8 at the end
         path = tmp / "big.route.csv"
