@@ -110,7 +110,7 @@ def structure(cfg: PretrainedConfig) -> dict[str, Any]:
     return dict(model_type=cfg.model_type, num_layers=cfg.num_hidden_layers,
                 moe_layers=[int(i) for i in layers.loc[layers["kind"] == "moe", "layer"]],
                 num_experts=sizes["num_experts"], top_k=sizes["top_k"],
-                shared_experts=getattr(cfg, "n_shared_experts", None) or int(layers["shared"].max() > 0),
+                shared_experts=getattr(cfg, "n_shared_experts", None) or int(layers["shared_experts"].max() > 0),
                 dense_layers=[int(i) for i in layers.loc[layers["kind"] == "dense", "layer"]])
 
 

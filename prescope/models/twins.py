@@ -215,22 +215,22 @@ def _moe_layout(cfg: PretrainedConfig) -> dict[str, Any]:
     (`router_bias` per router, `expert_bias` per expert: gpt-oss's)."""
     mt, h = cfg.model_type, cfg.hidden_size
     if mt == "gpt_oss":  # biases: router [E]; per expert gate_up [2I] and down [H]
-        return dict(e=cfg.num_local_experts, k=cfg.num_experts_per_tok, i=cfg.intermediate_size, shared=0,
+        return dict(e=cfg.num_local_experts, k=cfg.num_experts_per_tok, i=cfg.intermediate_size, shared_experts=0,
                     is_moe=lambda idx: True, router_bias=cfg.num_local_experts, expert_bias=2 * cfg.intermediate_size + h)
     if mt == "mixtral":
-        return dict(e=cfg.num_local_experts, k=cfg.num_experts_per_tok, i=cfg.intermediate_size, shared=0,
+        return dict(e=cfg.num_local_experts, k=cfg.num_experts_per_tok, i=cfg.intermediate_size, shared_experts=0,
                     is_moe=lambda idx: True)
     if mt == "olmoe":
-        return dict(e=cfg.num_experts, k=cfg.num_experts_per_tok, i=cfg.intermediate_size, shared=0,
+        return dict(e=cfg.num_experts, k=cfg.num_experts_per_tok, i=cfg.intermediate_size, shared_experts=0,
                     is_moe=lambda idx: True)
     if mt in ("qwen2_moe", "qwen3_moe"):
         shared = 3 * h * cfg.shared_expert_intermediate_size + h if mt == "qwen2_moe" else 0  # + sigmoid gate
-        return dict(e=cfg.num_experts, k=cfg.num_experts_per_tok, i=cfg.moe_intermediate_size, shared=shared,
+        return dict(e=cfg.num_experts, k=cfg.num_experts_per_tok, i=cfg.moe_intermediate_size, shared_experts=shared,
                     is_moe=lambda idx: idx not in cfg.mlp_only_layers and cfg.num_experts > 0
                     and (idx + 1) % cfg.decoder_sparse_step == 0)
     if mt == "deepseek_v2":
         return dict(e=cfg.n_routed_experts, k=cfg.num_experts_per_tok, i=cfg.moe_intermediate_size,
-                    shared=3 * h * cfg.moe_intermediate_size * cfg.n_shared_experts,
+                    shared_experts=3 * h * cfg.moe_intermediate_size * cfg.n_shared_experts,
                     is_moe=lambda idx: idx >= cfg.first_k_dense_replace)
     raise UnknownTwinError(f"no size accounting for model_type {mt!r}; known: mixtral, olmoe, qwen2_moe, "
                            "qwen3_moe, deepseek_v2, gpt_oss")
@@ -243,7 +243,7 @@ def _expert_params(cfg: PretrainedConfig, moe: dict[str, Any]) -> int:
 
 def config_layer_sizes(cfg: PretrainedConfig) -> pd.DataFrame:
     """Parameters per decoder layer, one row each: layer, kind ('moe'|'dense'), attention, norms,
-    router, shared (shared experts), dense_mlp, experts (all E routed experts), non_expert."""
+    router, shared_experts, dense_mlp, experts (all E routed experts), non_expert."""
     moe, h = _moe_layout(cfg), cfg.hidden_size
     attention, per_expert = _attention_params(cfg), _expert_params(cfg, moe)
     rows = []
@@ -251,12 +251,12 @@ def config_layer_sizes(cfg: PretrainedConfig) -> pd.DataFrame:
         is_moe = moe["is_moe"](idx)
         rows.append(dict(
             layer=idx, kind="moe" if is_moe else "dense", attention=attention, norms=2 * h,
-            router=moe["e"] * h + moe.get("router_bias", 0) if is_moe else 0, shared=moe["shared"] if is_moe else 0,
+            router=moe["e"] * h + moe.get("router_bias", 0) if is_moe else 0, shared_experts=moe["shared_experts"] if is_moe else 0,
             dense_mlp=0 if is_moe else 3 * h * cfg.intermediate_size,
             experts=moe["e"] * per_expert if is_moe else 0,
         ))
     table = pd.DataFrame(rows)
-    table["non_expert"] = table[["attention", "norms", "router", "shared", "dense_mlp"]].sum(axis=1)
+    table["non_expert"] = table[["attention", "norms", "router", "shared_experts", "dense_mlp"]].sum(axis=1)
     return table
 
 

@@ -104,10 +104,10 @@ def _lag_pairs(trace: Trace, lag: int, phase: str | None) -> tuple[np.ndarray, n
 
 
 def temporal_reuse(trace: Trace, lags: Iterable[int] = DEFAULT_LAGS, decode_only: bool = True) -> pd.DataFrame:
-    """Per (layer, lag): pairs, shared experts, reuse = shared / (pairs * K), and the random baseline K/E.
+    """Per (layer, lag): pairs, common experts, reuse = common / (pairs * K), and the random baseline K/E.
 
     A pair is a token and the token `lag` positions before it in the same sequence, both routed at the
-    layer (and both decode tokens when `decode_only`). Pool layers with shared.sum() / (pairs.sum() * K).
+    layer (and both decode tokens when `decode_only`). Pool layers with common.sum() / (pairs.sum() * K).
     """
     K, L = trace.layout.top_k, trace.layout.num_moe_layers
     present = trace.present  # [T, L]
@@ -116,16 +116,16 @@ def temporal_reuse(trace: Trace, lags: Iterable[int] = DEFAULT_LAGS, decode_only
         if lag < 1:
             raise ValueError(f"lags must be >= 1, got {lag}")
         now, before = _lag_pairs(trace, lag, "decode" if decode_only else None)
-        shared, pairs = np.zeros(L, dtype=np.int64), np.zeros(L, dtype=np.int64)
+        common, pairs = np.zeros(L, dtype=np.int64), np.zeros(L, dtype=np.int64)
         for c in range(0, len(now), PAIR_CHUNK):
             a, b = now[c:c + PAIR_CHUNK], before[c:c + PAIR_CHUNK]
             valid = present[a] & present[b]  # [P, L]
             hits = (trace.experts[a][..., :, None] == trace.experts[b][..., None, :]).any(-1).sum(-1)  # [P, L]
-            shared += (hits * valid).sum(0)
+            common += (hits * valid).sum(0)
             pairs += valid.sum(0)
         for o in range(L):
-            reuse = shared[o] / (pairs[o] * K) if pairs[o] else float("nan")
-            rows.append({"layer": o, "lag": lag, "pairs": int(pairs[o]), "shared": int(shared[o]),
+            reuse = common[o] / (pairs[o] * K) if pairs[o] else float("nan")
+            rows.append({"layer": o, "lag": lag, "pairs": int(pairs[o]), "common": int(common[o]),
                          "reuse": reuse, "random": random_reuse(trace)})
     return _named(pd.DataFrame(rows), trace)
 
@@ -133,8 +133,8 @@ def temporal_reuse(trace: Trace, lags: Iterable[int] = DEFAULT_LAGS, decode_only
 def reuse_by_lag(trace: Trace, lags: Iterable[int] = DEFAULT_LAGS, decode_only: bool = True) -> pd.DataFrame:
     """Per lag, pooled over layers: pairs, reuse (share of a token's experts reused) and the random baseline."""
     per_layer = temporal_reuse(trace, lags, decode_only)
-    g = per_layer.groupby("lag", as_index=False)[["pairs", "shared"]].sum()
-    g["reuse"] = g["shared"] / (g["pairs"] * trace.layout.top_k)
+    g = per_layer.groupby("lag", as_index=False)[["pairs", "common"]].sum()
+    g["reuse"] = g["common"] / (g["pairs"] * trace.layout.top_k)
     g["random"] = random_reuse(trace)
     return g
 

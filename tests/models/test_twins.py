@@ -112,7 +112,7 @@ def test_deepseek_first_layer_is_dense():
     layers = twins.twin_layer_sizes("deepseek-v2-lite")
     assert list(layers["kind"][:2]) == ["dense", "moe"]
     assert layers["dense_mlp"][0] == 3 * 2048 * 10944 and layers["experts"][0] == 0
-    assert layers["shared"][1] == 3 * 2048 * 1408 * 2
+    assert layers["shared_experts"][1] == 3 * 2048 * 1408 * 2
     assert twins.twin_sizes("deepseek-v2-lite")["num_moe_layers"] == 26
     with pytest.raises(twins.UnknownTwinError, match="num_layers > 1"):
         twins.twin_config("deepseek-v2-lite", num_layers=1)
