@@ -261,18 +261,24 @@ class LLaPor(Predictor):
         return write_archive_with(path, lambda tmp: torch.save(blob, tmp))
 
 
+def read_checkpoint(path: Path, device: str, what: str):
+    """The object a predictor checkpoint holds, read safely (weights only) after its checksum: FileNotFoundError
+    when it is missing, LLaPorError when torch cannot read it (`what` names the kind in the messages)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} checkpoint {path} does not exist")
+    verify(path)
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged zip/pickle
+        raise LLaPorError(f"{path} is not a readable {what} checkpoint (corrupt or truncated?): "
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+
+
 def load(path, device: str = "cpu") -> LLaPor:
     """Read a checkpoint written by `LLaPor.save`; LLaPorError for a corrupt, foreign or newer file,
     `files.ChecksumError` for one whose bytes changed since it was written."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LLaPor checkpoint {path} does not exist")
-    verify(path)
-    try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged zip/pickle
-        raise LLaPorError(f"{path} is not a readable LLaPor checkpoint (corrupt or truncated?): "
-                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+    blob = read_checkpoint(path, device, "LLaPor")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise LLaPorError(f"{path} is not a LLaPor checkpoint (format {FORMAT!r} missing)")
     if blob.get("version") != FORMAT_VERSION:

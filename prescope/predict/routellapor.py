@@ -36,13 +36,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from prescope.files import verify, write_archive_with
+from prescope.files import write_archive_with
 from prescope.layout import ModelLayout
 from prescope.predict.llapor import (
     LayerNet,
     _train_net,
     derive_groups,
     group_of,
+    read_checkpoint,
     seeded,
     trace_fingerprint,
 )
@@ -150,14 +151,7 @@ class RoutingLLaPor(Predictor):
 
 
 def _read(path: Path, device: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"predictor checkpoint {path} does not exist")
-    verify(path)
-    try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged zip/pickle
-        raise LLaPorError(f"{path} is not a readable predictor checkpoint (corrupt or truncated?): "
-                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+    blob = read_checkpoint(path, device, "predictor")
     if not isinstance(blob, dict):
         raise LLaPorError(f"{path} is not a predictor checkpoint")
     return blob

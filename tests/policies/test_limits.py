@@ -7,11 +7,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
-import pandas as pd
 import pytest
 from conftest import DATA
-from test_peers import COSTS, MS, cache_with, hand_profile, layout, view
+from test_peers import COSTS, MS, cache_with, hand_profile, synthetic_trace, view
 
 from prescope.hardware.profiles import load_profile
 from prescope.policies import LIMITS, POLICIES, current_name, make_policy, parse_policy
@@ -149,20 +147,6 @@ def test_ceiling_plans_what_presched_plans_with_the_true_future_at_probability_o
 
 
 # ---- replays: the ceiling against every policy -------------------------------------------------------------
-
-def synthetic_trace(L=4, E=8, K=2, prompts=2, tokens=30, reuse=0.5, seed=0) -> Trace:
-    """Decode-only routing where each layer keeps the previous token's experts with probability `reuse`."""
-    rng = np.random.default_rng(seed)
-    rows, experts = [], []
-    for p in range(prompts):
-        prev = [rng.choice(E, K, replace=False) for _ in range(L)]
-        for t in range(tokens):
-            prev = [x if rng.random() < reuse else rng.choice(E, K, replace=False) for x in prev]
-            experts.append(np.stack(prev))
-            rows.append(dict(prompt=p, row=0, position=10 + t, step=t + 1, call=p, phase="decode", domain=""))
-    weights = np.broadcast_to(np.linspace(1.0, 0.5, K, dtype=np.float32), (len(rows), L, K)).copy()
-    return Trace(layout(L, E, K), pd.DataFrame(rows), np.asarray(experts, dtype=np.int64), weights)
-
 
 def own_async_io(policy, trace: Trace, profile, layout=None) -> bool:
     """The policy's own AsyncIO choice with the costs the replay gives it (as `simulate-compare` asks)."""
