@@ -15,7 +15,9 @@ Routing: the stock run of each batch records its routing, and every engine cell 
 step's future.
 A subject `twin@prescope-tiny` (e.g. `olmoe-1b-7b@prescope-tiny`) is the twin driven by prescope-tiny's
 routing on held-out text instead (same L, E, K): its predictors read prescope-tiny's hidden states; `twin@router`
-likewise with the routing model trained like the twin (`models.routers`).
+likewise with the routing model trained like the twin (`models.routers`), and `twin:LAYERS@router` with the first
+MoE layers of it (`routersubject`; `prescope` there takes the LLaPor `gpu-inputs --routers` trained for that twin
+and layer count, from the `--inputs` folder).
 
 Predictors: `lookahead_prefetch` and `hybrid` use gate lookahead (the routers of the model whose routing
 runs); `prescope` uses the LLaPor checkpoint given with `--predictor` where its layout matches that model,
@@ -239,7 +241,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     import torch
 
     from prescope.engine.engine import Engine
-    from prescope.experiments.subjects import build_bench_subject
+    from prescope.experiments.routersubject import build_router_subject
+    from prescope.experiments.subjects import ROUTER, build_bench_subject, routing_source
     from prescope.experiments.tracesubject import build_trace_subject, trace_path
     from prescope.models import adapter
 
@@ -252,7 +255,12 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
     meta["failed"] = failed
     meta["bandwidths"] = bounds.measure_bandwidths(device)  # what the bounds divide by, measured here
     for spec in cfg.models:
-        subject = build_trace_subject(spec, cfg, device) if trace_path(spec) else build_bench_subject(spec, cfg, device)
+        if trace_path(spec):
+            subject = build_trace_subject(spec, cfg, device)
+        elif routing_source(spec) == ROUTER:
+            subject = build_router_subject(spec, cfg, device, cfg.extra.get("inputs"))
+        else:
+            subject = build_bench_subject(spec, cfg, device)
         name, model = subject.name, subject.model
         layout = adapter.describe(model)
         base = {"model": name, "layers": layout.num_layers, "moe_layers": layout.num_moe_layers,

@@ -9,8 +9,12 @@ reads held-out prompts and a LLaPor checkpoint; before this command they were fi
   a trace of `train_per_domain` training prompts per domain of `prompt_tokens` tokens, `max_new_tokens` new
   tokens, hidden states and logits kept, `LLaPorConfig` defaults (`max_epochs` and `device` as given), gate
   lookahead from prescope-tiny's routers. The trace is cached in `cache_dir` (the key `run_report` uses);
+- with `--routers SPEC[,SPEC...]` (`NAME[:LAYERS]` or `all`): twins' routing models and a LLaPor per layer count
+  for the subjects `TWIN[:LAYERS]@router`, under `routers/` (`routerinputs`: trained here where none is committed
+  or cached, `--router-time-budget-s` seconds each; LLaPor's layers in `--llapor-processes` CPU processes);
 - `manifest.json` (checksummed): the format, the git revision, the command line that rebuilds the folder, the
-  config, the SHA-256 and size of every file, and of the routing model they belong to (prescope-tiny's weights).
+  config, the SHA-256 and size of every file, and of the routing model they belong to (prescope-tiny's weights;
+  each twin's routing model under `routers`).
 
 `prescope bench --inputs DIR` reads prompts and predictor from such a folder (`read_inputs`), after checking the
 manifest and every checksum, and that the prescope-tiny installed is the one the folder was built for: a
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -55,7 +60,9 @@ class InputsConfig:
     per corpus domain. The LLaPor recipe: train_per_domain training prompts per domain of prompt_tokens tokens,
     max_new_tokens generated, batch_size prompts recorded together, max_epochs (0 = LLaPorConfig's default),
     device (where the trace is recorded and LLaPor trained), cache_dir (the training trace's cache);
-    predictor=False builds the prompts only."""
+    predictor=False builds no LLaPor for prescope-tiny. routers: twins' routing models and their LLaPor
+    (`routerinputs`), each trained in router_time_budget_s seconds at most where one must be trained (0: the full
+    recipe); llapor_processes: CPU processes training their LLaPor's layers (0: one per core)."""
 
     out: str
     input_len: int = 128
@@ -68,6 +75,9 @@ class InputsConfig:
     device: str = "cpu"
     cache_dir: str = ".cache/llapor"
     predictor: bool = True
+    routers: str = ""
+    router_time_budget_s: float = 0.0
+    llapor_processes: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, InputsError)
@@ -77,6 +87,9 @@ class InputsConfig:
                 raise InputsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_epochs < 0:
             raise InputsError(f"max_epochs must be >= 0 (0: LLaPor's default), got {self.max_epochs}")
+        if self.router_time_budget_s < 0 or self.llapor_processes < 0:
+            raise InputsError("router_time_budget_s and llapor_processes must be >= 0 (0: no limit, one per core), "
+                              f"got {self.router_time_budget_s} and {self.llapor_processes}")
 
 
 def sha256(path: Path) -> str:
@@ -96,7 +109,7 @@ def command_line(cfg: InputsConfig) -> str:
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + flag[2:])
         else:
-            parts.append(f"{flag} {value}")
+            parts.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(parts)
 
 
@@ -108,11 +121,14 @@ def build_inputs(cfg: InputsConfig, progress: bool = True) -> dict:
     """Build `cfg.out` (module docstring); returns the manifest written there."""
     import numpy as np
 
+    from prescope.experiments import routerinputs
     from prescope.experiments.subjects import heldout_prompts
     from prescope.models import tiny
 
     out = check_output(cfg.out, folder=True, what="--out")
-    if cfg.predictor:
+    if cfg.routers:
+        routerinputs.parse_specs(cfg.routers)  # a clear error before anything is built
+    if cfg.predictor or cfg.routers:
         check_device(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -127,11 +143,13 @@ def build_inputs(cfg: InputsConfig, progress: bool = True) -> dict:
                            shape=list(prompts.shape), input_len=cfg.input_len)}
     if cfg.predictor:
         files[PREDICTOR] = _train_predictor(cfg, out / PREDICTOR, progress)
+    router_files, routers = routerinputs.build_routers(cfg, out, _record, progress) if cfg.routers else ({}, {})
+    files.update(router_files)
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "source": "built", "git_revision": git_revision(),
                 "command": command_line(cfg), "config": portable_values(asdict(cfg)),
                 "routing_model": {"name": "prescope-tiny", "path": "prescope/assets/prescope-tiny",
                                   TINY_WEIGHTS: sha256(tiny.TINY_DIR / TINY_WEIGHTS)},
-                "files": files, "seconds": round(time.perf_counter() - began, 1)}
+                "routers": routers, "files": files, "seconds": round(time.perf_counter() - began, 1)}
     write_json(out / MANIFEST, manifest, indent=2)
     return manifest
 
@@ -196,7 +214,8 @@ def read_inputs(folder: str | Path, input_len: int) -> tuple[str, str | None, di
                           f"the installed {tiny.TINY_DIR / TINY_WEIGHTS}); rebuild it here")
     predictor = str(folder / PREDICTOR) if PREDICTOR in files else None
     info = {"inputs": str(folder), "git_revision": manifest.get("git_revision"), "command": manifest.get("command"),
-            "sha256": {name: record["sha256"] for name, record in files.items()}}
+            "sha256": {name: record["sha256"] for name, record in files.items()},
+            "routers": manifest.get("routers") or {}}  # routing models and their LLaPor: routerinputs.lookup
     return str(folder / prompts), predictor, info
 
 
@@ -209,7 +228,11 @@ HELP = {"out": "folder for the inputs and manifest.json", "input_len": "prompt t
         "batch_size": "training prompts recorded together", "max_epochs": "LLaPor's epochs at most (0: its default)",
         "device": "torch device that records the training trace and trains LLaPor",
         "cache_dir": "where the training trace is cached (shared with reports/llapor)",
-        "predictor": "also train the LLaPor checkpoint (--no-predictor: prompts only)"}
+        "predictor": "also train prescope-tiny's LLaPor checkpoint (--no-predictor: none)",
+        "routers": "twins' routing models and their LLaPor for bench subjects TWIN[:LAYERS]@router: 'NAME[:LAYERS],...' "
+                   "(decoder layers, as in bench --models) or 'all' (each trained here unless committed or cached)",
+        "router_time_budget_s": "seconds each routing model trained here may take at most (0: the full recipe)",
+        "llapor_processes": "CPU processes training the routing models' LLaPor layers at once (0: one per core)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

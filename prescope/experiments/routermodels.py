@@ -9,7 +9,8 @@ held-out prompts (lag-1 decode reuse against K/E, load entropy, cross-layer NMI,
 `modelcard.trace_statistics`) beside the real model's figures where the project ships them (the real llama.cpp
 traces of Qwen3-30B-A3B and gpt-oss-120b, OLMoE-1B-7B's and Mixtral-8x7B's published load aggregates).
 `--llapor` adds LLaPor against gate lookahead on the routing model's held-out text, by layer group and distance
-(`predict.accuracy.run_report`: traces recorded and LLaPor trained on the CPU), into the card and
+(`predict.accuracy.run_report`: traces recorded on `--device`, LLaPor's layers trained on the CPU in parallel
+processes, one per core, each seeded and single-threaded, so the weights do not depend on the count), into the card and
 `--out/NAME/llapor/`; with `--like all` it also measures the models already in `--out` that lack it.
 Everything a run writes is under `--out` (and its `data/` folder: the prepared corpus, the LLaPor cache), so a GPU
 run takes one folder back: `prescope train-tiny --like all --out DIR --device cuda [--llapor]`.
@@ -88,11 +89,18 @@ def run(args: argparse.Namespace) -> int:
                                 hidden=args.router_hidden, expert=args.router_expert, eval_tokens=args.eval_tokens,
                                 valid_every=args.valid_every, progress=not args.no_progress)
         if args.llapor and "llapor_vs_gate_lookahead" not in card:
-            card = add_llapor(out, cache_dir=Path(data) / "llapor" / name, progress=not args.no_progress)
+            card = add_llapor(out, cache_dir=Path(data) / "llapor" / name, progress=not args.no_progress,
+                              device=args.device or _default_device())
         print(json.dumps({"routing_model": name, "out": str(out), "params": card["params"]["total"],
                           "bytes": card["bytes"], "wall_s": card["training"]["wall_s"],
                           "trained_vs_random": card["routing"]["trained_vs_random"]}))
     return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def router_training(args: argparse.Namespace) -> TinyConfig:
@@ -215,7 +223,8 @@ def save(model, tokenizer, out: Path, card: dict) -> None:
 
 def add_llapor(out: Path, cache_dir: Path, progress: bool = True, **report) -> dict:
     """LLaPor against gate lookahead on the routing model's held-out text (`accuracy.run_report` on the model
-    in `out`), by distance and layer group, into its card and README; returns the card."""
+    in `out`; `report` goes to it, e.g. `device` that records the traces, `processes` that train LLaPor), by
+    distance and layer group, into its card and README; returns the card."""
     from prescope.predict.accuracy import run_report
 
     start = time.perf_counter()
@@ -227,6 +236,7 @@ def add_llapor(out: Path, cache_dir: Path, progress: bool = True, **report) -> d
         "mean_recall_at_k": summary["mean_recall_at_k"], "boundaries": summary["boundaries"],
         "target_5_points_from_distance_2": summary["target"]["llapor_gain_at_least_5_points_from_distance_2"],
         "heldout_tokens": summary["traces"]["heldout"]["tokens"], "wall_s": round(time.perf_counter() - start, 1),
+        "timings": summary["timings"],
         "source": summary["source"], "hardware": summary["hardware"], "git_revision": summary["git_revision"]}
     write_json(out / "model_card.json", card, indent=2)
     write_atomic(out / "README.md", render(card))

@@ -43,16 +43,13 @@ def routing_source(spec: str) -> str | None:
 
 
 def build_source(spec: str, device: torch.device, seed: int) -> torch.nn.Module:
-    """The model whose routing drives `spec`: prescope-tiny, or the routing model of the twin `spec` names
-    (`name`, `name:layers` and `name-tiny` all name twin `name`)."""
+    """The model whose routing drives `spec` (`twin@prescope-tiny`): prescope-tiny. A routing model's subjects
+    (`twin[:layers]@router`) are built by `routersubject.build_router_subject`."""
     source = routing_source(spec)
-    if source != ROUTER:
-        return build_subject(source, device, seed)
-    from prescope.models.routers import load_router
-
-    model, _ = load_router(parse_model(spec)[0].removesuffix("-tiny"),
-                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return model.to(device)
+    if source == ROUTER:
+        raise ValueError(f"{spec}: a twin driven by its routing model is built by "
+                         "experiments.routersubject.build_router_subject")
+    return build_subject(source, device, seed)
 
 
 def check_routing_fits(spec: str, model: torch.nn.Module, source: torch.nn.Module) -> None:
@@ -160,22 +157,22 @@ class Subject:
                                with_hidden=True)
         return replay.hidden[0, replay.prompt_len - 1]
 
+    def gate_lookahead(self):
+        """Gate lookahead from the routers of the model whose routing runs."""
+        from prescope.predict.predictors import GateLookahead
+
+        return GateLookahead.from_model(self.source or self.model)
+
     def policy(self, name: str, lookahead: int = 3, **options):
         """The policy object with this subject's predictor; (policy, predictor name). `options` go to the
         policy's constructor."""
-        router_model = self.source or self.model
         if name in GATE_POLICIES:
-            from prescope.predict.predictors import GateLookahead
-
-            return make_policy(name, predictor=GateLookahead.from_model(router_model), **options), "gate_lookahead"
+            return make_policy(name, predictor=self.gate_lookahead(), **options), "gate_lookahead"
         if name == "prescope":
-            from prescope.predict.predictors import GateLookahead
-
             if self.llapor is not None:
                 depth = min(lookahead, self.llapor.config.distance)
                 return make_policy(name, predictor=self.llapor, lookahead=depth, **options), "llapor"
-            return make_policy(name, predictor=GateLookahead.from_model(router_model), lookahead=lookahead,
-                               **options), "gate_lookahead"
+            return make_policy(name, predictor=self.gate_lookahead(), lookahead=lookahead, **options), "gate_lookahead"
         if name == "ceiling":
             return make_policy(name, lookahead=lookahead, **options), "replayed future"
         if name in LIMITS:

@@ -137,13 +137,14 @@ def router_dir(name: str) -> Path:
     return committed
 
 
-def load_router(name: str, dtype=None):
-    """(model, tokenizer) of twin `name`'s routing model, eval mode, on the CPU, in `dtype` (None = float32);
-    MissingRouterError naming the command that builds it when it is neither committed nor cached."""
+def load_router(name: str, dtype=None, path: str | Path | None = None):
+    """(model, tokenizer) of twin `name`'s routing model, eval mode, on the CPU, in `dtype` (None = float32), from
+    `path` where given (a gpu-inputs folder's copy), else `router_dir(name)`; MissingRouterError naming the
+    command that builds it when it is neither committed nor cached."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = router_dir(name)
+    path = router_dir(name) if path is None else Path(path)
     if not (path / "config.json").is_file():
         raise MissingRouterError(f"no routing model for twin {name!r} (looked in {COMMITTED_DIR / name} and {path}); "
                                  f"build it with: {build_command(name)}")

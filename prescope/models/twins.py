@@ -153,6 +153,9 @@ def _make_config(spec: TwinSpec, fields: dict[str, Any], num_layers: int | None)
                 f"{spec.hub_id} needs num_layers > {first_moe} (its first {first_moe} layer(s) are dense), "
                 f"got {num_layers}"
             )
+        if num_layers > fields["num_hidden_layers"]:
+            raise UnknownTwinError(f"{spec.hub_id} has {fields['num_hidden_layers']} layers; a twin cut to its first "
+                                   f"layers takes at most that many, got {num_layers}")
         fields["num_hidden_layers"] = num_layers
     return AutoConfig.for_model(spec.model_type, **fields)
 

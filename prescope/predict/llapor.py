@@ -44,10 +44,10 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from prescope.files import check_output, verify, write_archive_with
 from prescope.layout import ModelLayout
+from prescope.predict.layerpool import default_processes, map_layers
 from prescope.predict.llaporconfig import GROUPS, LLaPorConfig, LLaPorError
 from prescope.predict.predictors import LinearRouters, Predictor, check_target, multi_hot
 from prescope.routing import stats as routing_stats
@@ -427,19 +427,41 @@ def _train_net(net: LayerNet, train, valid, pos_weight, config: LLaPorConfig, k:
             "best_valid_recall": max([rec0] + [c["valid_recall"] for c in curve])}
 
 
+def _train_layer(model: LLaPor, train: Trace, valid: Trace, o: int) -> tuple[LayerNet, dict | None]:
+    """Layer `o`'s network, trained, and its history record (None for the last layer, which has nothing ahead).
+    Everything inside runs seeded with `seed + o` on one thread, in this process or a worker: the result is the
+    same whichever process trains it."""
+    config, E, K = model.config, model.layout.num_experts, model.layout.top_k
+    group, device, targets = group_of(o, model.boundaries), config.device, model.targets(o)
+    with seeded(config.seed + o, device):  # the net's initial weights too, not only its training
+        if targets == 0:  # an empty net keeps indices aligned
+            return LayerNet(1, 1, E, group, config).to(device).eval(), None
+        start = time.perf_counter()
+        tr, va = _layer_data(model, train, o), _layer_data(model, valid, o)
+        net = LayerNet(tr[0].shape[1], targets, E, group, config).to(device)
+        net.shift.copy_(tr[0].mean(0))
+        net.spread.copy_(tr[0].std(0).clamp_min(1e-3))
+        freq = tr[2].mean(0).clamp(1 / len(tr[2]), 1 - 1 / len(tr[2]))  # [D', E]
+        record = _train_net(net, tr, va, ((1 - freq) / freq) ** config.freq_power, config, K, config.seed + o)
+    return net.eval(), {"layer": o, "group": group, **record, "seconds": time.perf_counter() - start}
+
+
 def train_llapor(trace: Trace, config: LLaPorConfig | None = None, *, routers: LinearRouters | None = None,
-                 progress: bool = True) -> LLaPor:
+                 progress: bool = True, processes: int | None = None) -> LLaPor:
     """Train LLaPor on `trace` (needs hidden states; router logits too unless `routers` are given) with
-    `config` (None = the defaults)."""
+    `config` (None = the defaults). `processes`: worker processes training layers at once (None:
+    `layerpool.default_processes`); each layer is seeded and single-threaded, so the weights do not depend on it."""
     config = LLaPorConfig() if config is None else config
     if trace.hidden is None:
         raise LLaPorError("LLaPor needs a trace with hidden states (record_trace(..., keep_hidden=True)); "
                           "imported llama.cpp traces have none")
-    L, E, K = trace.layout.num_moe_layers, trace.layout.num_experts, trace.layout.top_k
+    L = trace.layout.num_moe_layers
     if L < 2:
         raise LLaPorError(f"LLaPor predicts later layers; the trace has {L} MoE layer")
     if not trace.present.all():
         raise LLaPorError("LLaPor needs every (token, layer) routed; the trace has MISSING entries")
+    if processes is not None and processes < 1:
+        raise LLaPorError(f"processes must be >= 1 (or None: one per core), got {processes}")
     valid, train = trace.split_by_prompt(config.valid_fraction, config.seed)
     if config.use_lookahead and routers is None:
         if train.logits is None:
@@ -458,23 +480,11 @@ def train_llapor(trace: Trace, config: LLaPorConfig | None = None, *, routers: L
                    {"hash": trace_fingerprint(trace), "tokens": trace.num_tokens,
                     "prompts": int(trace.tokens["prompt"].nunique()),
                     "meta": {k: v for k, v in trace.meta.items() if k != "generated"}})
-    for o in tqdm(range(L), desc="llapor", unit="layer", disable=not progress):
-        targets = model.targets(o)
-        if targets == 0:  # the last layer has nothing ahead; an empty net keeps indices aligned
-            with seeded(config.seed + o, device):
-                model.nets.append(LayerNet(1, 1, E, group_of(o, bounds), config).to(device).eval())
-            continue
-        start = time.perf_counter()
-        tr, va = _layer_data(model, train, o), _layer_data(model, valid, o)
-        with seeded(config.seed + o, device):  # the net's initial weights too, not only its training
-            net = LayerNet(tr[0].shape[1], targets, E, group_of(o, bounds), config).to(device)
-            net.shift.copy_(tr[0].mean(0))
-            net.spread.copy_(tr[0].std(0).clamp_min(1e-3))
-            freq = tr[2].mean(0).clamp(1 / len(tr[2]), 1 - 1 / len(tr[2]))  # [D', E]
-            record = _train_net(net, tr, va, ((1 - freq) / freq) ** config.freq_power, config, K, config.seed + o)
-        model.nets.append(net.eval())
-        model.history.append({"layer": o, "group": group_of(o, bounds), **record,
-                              "seconds": time.perf_counter() - start})
+    count = default_processes(config.device, L) if processes is None else processes
+    for net, record in map_layers(_train_layer, (model, train, valid), L, count, progress, "llapor"):
+        model.nets.append(net)
+        if record is not None:
+            model.history.append(record)
     if table is not None:
         model.trace_info["group_table"] = table.to_dict(orient="list")
     return model

@@ -83,12 +83,13 @@ def test_like_all_trains_the_missing_ones_into_one_folder_and_measures_llapor_wh
     trained, measured = [], []
     monkeypatch.setattr(routermodels, "train_router", lambda name, out, config, **kw: trained.append(
         (name, out, kw["data_dir"], config.steps)) or card)
-    monkeypatch.setattr(routermodels, "add_llapor", lambda out, cache_dir, progress: measured.append(out.name) or card)
+    monkeypatch.setattr(routermodels, "add_llapor", lambda out, cache_dir, progress, device: measured.append(
+        (out.name, device)) or card)
     argv = ["train-tiny", "--like", "all", "--out", str(tmp_path), "--device", "cpu", "--llapor"]
     assert main(argv) == 0
     assert [t[0] for t in trained] == [n for n in twins.list_twins() if n != "mixtral-8x7b"]
     assert all(out == tmp_path / name and data == tmp_path / "data" and steps == 400 for name, out, data, steps in trained)
-    assert measured == [t[0] for t in trained]  # mixtral-8x7b's card already holds its LLaPor section
+    assert measured == [(t[0], "cpu") for t in trained]  # mixtral-8x7b's card already holds its LLaPor section
 
 
 def test_the_llapor_section_of_the_card_comes_from_the_report(tmp_path, monkeypatch):
@@ -97,7 +98,8 @@ def test_the_llapor_section_of_the_card_comes_from_the_report(tmp_path, monkeypa
     summary = {"gain_over_gate_lookahead_points": {"llapor": {1: 2.0, 2: 6.0}},
                "group_effect_gain_points": {"middle": {"llapor": {1: 1.0}}}, "mean_recall_at_k": {"llapor": {1: 0.5}},
                "boundaries": [2, 5], "target": {"llapor_gain_at_least_5_points_from_distance_2": True},
-               "traces": {"heldout": {"tokens": 99}}, "source": "measured", "hardware": "cpu", "git_revision": "abc"}
+               "traces": {"heldout": {"tokens": 99}}, "source": "measured", "hardware": "cpu", "git_revision": "abc",
+               "timings": {"train_llapor_s": 1.0}}
     monkeypatch.setattr("prescope.predict.accuracy.run_report", lambda *a, **kw: summary)
     card = {"name": "x routing model", "like": "x", "hub_id": "h", "structure": {"a": 1}, "twin_structure": {"a": 1},
             "architecture": {}, "params": {"total": 1, "experts": 0}, "bytes": 0, "training": {}, "heldout": [],

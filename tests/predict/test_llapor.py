@@ -187,3 +187,27 @@ def test_training_twice_with_one_seed_gives_identical_networks(data):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(x, y), name
     assert [len(h["curve"]) for h in first.history] == [len(h["curve"]) for h in second.history]
+
+
+def test_the_weights_do_not_depend_on_how_many_processes_train_the_layers(data):
+    """Layers train in forked workers when there are cores to spare; each is seeded and single-threaded, so one
+    process and three give the same networks, in layer order, and the same history."""
+    _, train, _ = data
+    config = replace(FAST, max_epochs=3)
+    alone = llapor.train_llapor(train, config, progress=False, processes=1)
+    pooled = llapor.train_llapor(train, config, progress=False, processes=3)
+    assert len(alone.nets) == len(pooled.nets) == train.layout.num_moe_layers
+    for a, b in zip(alone.nets, pooled.nets, strict=True):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(x, y), name
+    strip = lambda h: {k: v for k, v in h.items() if k != "seconds"}  # noqa: E731
+    assert [strip(h) for h in alone.history] == [strip(h) for h in pooled.history]
+    with pytest.raises(llapor.LLaPorError, match="processes must be >= 1"):
+        llapor.train_llapor(train, config, progress=False, processes=0)
+
+
+def test_layer_workers_return_results_in_layer_order():
+    from prescope.predict.layerpool import default_processes, map_layers
+
+    assert map_layers(pow, (2,), 5, processes=2) == [1, 2, 4, 8, 16] == map_layers(pow, (2,), 5)
+    assert default_processes("cuda", 40) == 1 and 1 <= default_processes("cpu", 3) <= 3
