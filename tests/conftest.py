@@ -160,3 +160,14 @@ def write_structured_route_csv(path, layers: int = 4, experts: int = 8, top_k: i
                 lines.append(f"0,{phase},{step},{layer},{slot},{e},{weights[slot]:.6f},0,{1000 + 100 * (layer % 2)}")
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
+
+
+def save_router(root, name, hidden=16, expert=8):
+    """An untrained routing model of twin `name` at tiny widths, saved in `root/name` (where `load_router` looks
+    when PRESCOPE_ROUTERS is `root`)."""
+    from prescope.models import routers
+    from prescope.models.tiny import load_tiny
+
+    model = routers.build_router_model(name, hidden=hidden, expert=expert)
+    model.save_pretrained(root / name)
+    load_tiny()[1].save_pretrained(root / name)

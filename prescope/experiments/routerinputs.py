@@ -110,7 +110,7 @@ def build_routers(cfg: InputsConfig, out: Path, record, progress: bool = True) -
         if location == "inputs":
             for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("llapor-")):
                 files[f"{ROUTERS_DIR}/{name}/{file.name}"] = record(file, f"{name} routing model ({file.name})")
-        card = read_json(path / "model_card.json", "routing model card")
+        card = read_json(path / "model_card.json", "routing model card") if (path / "model_card.json").is_file() else {}
         weights = sha256(path / WEIGHTS)
         model, tokenizer = routers.load_router(name, path=path)
         spec = corpus.CorpusSpec(corpus.default_corpus_dir(), **{k: card.get("config", {})[k] for k in (

@@ -1,0 +1,108 @@
+"""`prescope gpu-inputs --routers`: routing models and their LLaPor in the inputs folder; `bench --inputs` uses them."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from conftest import save_router
+
+from prescope import cli
+from prescope.experiments import gpuinputs, routerinputs
+from prescope.experiments.gpuinputs import InputsError
+
+SMALL = ["--input-len", "6", "--prompts-per-domain", "1", "--train-per-domain", "3", "--prompt-tokens", "8",
+         "--max-new-tokens", "3", "--max-epochs", "1", "--no-predictor", "--llapor-processes", "2"]
+
+
+def test_specs_name_twins_and_layer_counts():
+    assert routerinputs.parse_specs("mixtral-8x7b:16, qwen3-30b-a3b,mixtral-8x7b") == {
+        "mixtral-8x7b": [16, None], "qwen3-30b-a3b": [None]}
+    assert set(routerinputs.parse_specs("all")) >= {"mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b"}
+    with pytest.raises(routerinputs.RouterInputsError, match="mixtral-8x7b has 32 decoder layers; LAYERS must be 1..32"):
+        routerinputs.parse_specs("mixtral-8x7b:40")
+    with pytest.raises(routerinputs.RouterInputsError, match="whole number"):
+        routerinputs.parse_specs("mixtral-8x7b:x")
+    with pytest.raises(ValueError, match="nope"):
+        routerinputs.parse_specs("nope")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, one_thread):
+    """An inputs folder with the (cached, tiny) Mixtral routing model's LLaPor for 4 and all 32 MoE layers, and an
+    OLMoE routing model trained by the command (its training replaced by a tiny untrained model)."""
+    from prescope.experiments import routermodels
+
+    root = tmp_path_factory.mktemp("routers")
+    save_router(root / "cache", "mixtral-8x7b")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PRESCOPE_ROUTERS", str(root / "cache"))
+        trained = []
+
+        def train_router(name, out, config, **kw):
+            trained.append((name, config.time_budget_s, kw["device"]))
+            save_router(out.parent, name)
+
+        mp.setattr(routermodels, "train_router", train_router)
+        lines = []
+        mp.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+        out = root / "inputs"
+        argv = ["gpu-inputs", "--out", str(out), *SMALL, "--cache-dir", str(root / "c"),
+                "--routers", "mixtral-8x7b:4,mixtral-8x7b,olmoe-1b-7b:2", "--router-time-budget-s", "30"]
+        assert cli.main(argv) == 0
+    return root, out, json.loads(lines[-1]), trained
+
+
+def test_the_folder_records_each_routing_model_and_a_llapor_per_layer_count(built):
+    from prescope.predict import llapor
+
+    root, out, record, trained = built
+    assert trained == [("olmoe-1b-7b", 30.0, "cpu")]  # the Mixtral one was in the cache, so only OLMoE's trained
+    manifest = json.loads((out / "manifest.json").read_text())
+    mixtral, olmoe = manifest["routers"]["mixtral-8x7b"], manifest["routers"]["olmoe-1b-7b"]
+    assert mixtral["location"] == "cache" and not mixtral["trained_here"]
+    assert mixtral["weights_sha256"] == gpuinputs.sha256(root / "cache" / "mixtral-8x7b" / "model.safetensors")
+    assert mixtral["llapor"] == {"4": "routers/mixtral-8x7b/llapor-4.pt", "32": "routers/mixtral-8x7b/llapor-32.pt"}
+    assert olmoe["location"] == "inputs" and olmoe["path"] == "routers/olmoe-1b-7b"
+    assert "routers/olmoe-1b-7b/model.safetensors" in manifest["files"]  # trained here: its files are checksummed
+    assert set(record["files"]) == set(manifest["files"]) and "llapor.pt" not in manifest["files"]
+    for n, file in {**mixtral["llapor"], **olmoe["llapor"]}.items():
+        predictor = llapor.load(out / file)
+        assert predictor.layout.num_moe_layers == int(n) and predictor.layout.hidden_size == 16
+        assert manifest["files"][file]["trace_hash"] == predictor.trace_info["hash"]
+    assert "--routers mixtral-8x7b:4,mixtral-8x7b,olmoe-1b-7b:2" in manifest["command"]
+
+
+def test_bench_finds_the_routing_model_and_its_llapor_and_refuses_a_changed_one(built, monkeypatch, tmp_path):
+    from prescope.experiments.bench import BenchConfig, run_bench
+
+    root, out, _, _ = built
+    monkeypatch.setenv("PRESCOPE_ROUTERS", str(root / "cache"))
+    prompts, predictor, info = gpuinputs.read_inputs(out, 6)
+    assert predictor is None and set(info["routers"]) == {"mixtral-8x7b", "olmoe-1b-7b"}
+    found = routerinputs.lookup(info, "mixtral-8x7b")
+    assert found.path == root / "cache" / "mixtral-8x7b" and set(found.llapor) == {4, 32}
+    assert routerinputs.lookup(info, "qwen3-30b-a3b") is None and routerinputs.lookup(None, "mixtral-8x7b") is None
+    cfg = BenchConfig(models=("mixtral-8x7b-tiny:4@router",), batch_sizes=(2,), policies=("on_demand_lru", "prescope"),
+                      budgets=(0.5,), input_len=6, output_len=3, timeline_tokens=0, warmup_tokens=1, device="cpu",
+                      out=str(tmp_path / "b"), prompts=prompts, accelerate_batches=(), extra={"inputs": info})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = run_bench(cfg)
+    by = {r["policy"]: r for r in rows}
+    assert by["prescope"]["predictor"] == "llapor" and by["prescope"]["moe_layers"] == 4
+    assert by["prescope"]["routing"] == "replayed from router"
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())["config"]["extra"]["inputs"]["routers"]
+    assert saved["mixtral-8x7b"]["llapor"]["4"] == "routers/mixtral-8x7b/llapor-4.pt"
+    save_router(root / "other", "mixtral-8x7b", hidden=32)  # another model where the recorded one was
+    monkeypatch.setenv("PRESCOPE_ROUTERS", str(root / "other"))
+    with pytest.raises(routerinputs.RouterInputsError, match="another mixtral-8x7b routing model"):
+        routerinputs.lookup(info, "mixtral-8x7b")
+
+
+def test_bad_router_options_are_refused_before_anything_is_built(tmp_path, capsys):
+    assert cli.main(["gpu-inputs", "--out", str(tmp_path / "i"), "--routers", "mixtral-8x7b:99"]) == 2
+    assert "LAYERS must be 1..32" in capsys.readouterr().err and not (tmp_path / "i").exists()
+    with pytest.raises(InputsError, match="router_time_budget_s and llapor_processes must be >= 0"):
+        gpuinputs.InputsConfig(out="x", llapor_processes=-1)
