@@ -104,6 +104,7 @@ class BenchConfig:
     repeats: int = 1  # rounds over every engine cell, interleaved (round 1 of every cell, then round 2, ...)
     graphs: bool = True  # engine cells decode with engine.generate (static cache, CUDA graphs), not model.generate
     stock_implementations: tuple[str, ...] = ("grouped_mm", "batched_mm", "eager")  # transformers' to compare
+    deadline_s: float = 0.0  # no cell starts this many seconds after the run began (0: none); see `run_bench`
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,6 +115,8 @@ class BenchConfig:
                              "must be >= 1 and output_len >= 2")
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1 round, got {self.repeats}")
+        if self.deadline_s < 0 or not self.stock_implementations:
+            raise ValueError("deadline_s must be >= 0 (0: none) and stock_implementations must name at least one")
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ValueError(f"budgets are shares in (0, 1], got {b}")
@@ -253,8 +256,14 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             "torch": torch.__version__, "source": "measured"}
     rows, routes, timelines, failed = [], {}, [], []
     meta["failed"] = failed
+    began, skipped = time.monotonic(), []
+    past = lambda: cfg.deadline_s > 0 and time.monotonic() - began > cfg.deadline_s  # noqa: E731
+    meta["deadline"] = {"deadline_s": cfg.deadline_s, "not_started": skipped}  # cells the deadline left out
     meta["bandwidths"] = bounds.measure_bandwidths(device)  # what the bounds divide by, measured here
     for spec in cfg.models:
+        if past():
+            skipped.append(f"{spec}|*")
+            continue
         if trace_path(spec):
             subject = build_trace_subject(spec, cfg, device)
         elif routing_source(spec) == ROUTER:
@@ -290,6 +299,9 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                                                 profile=cfg.profile, async_io=spec.async_io), policy=policy)
             for batch in cfg.batch_sizes:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
+                if past():
+                    skipped.append(f"{cell}|round {rnd + 1}")
+                    continue
                 about = {**base, "policy": policy_name, "budget": budget, "batch": batch, "slots": engine.num_slots,
                          "async_io": engine.io is not None, "predictor": predictor,
                          "routing": getattr(subject, "routing", "") or (
@@ -325,7 +337,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             engine.close()
             del engine, policy
             _free(device)
-        if device.type == "cuda":
+        if device.type == "cuda" and not past():
             for row in measure_accelerate(spec, subject, cfg, device, base):
                 print(_line(row), flush=True)
                 rows.append(row)
@@ -491,6 +503,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes of the accelerate offload rows (none: skip them)")
     parser.add_argument("--accelerate-tokens", type=int, default=d.accelerate_tokens,
                         help="decode tokens of each accelerate offload row (it is slow) (default: %(default)s)")
+    parser.add_argument("--stock-implementations", nargs="+", default=list(d.stock_implementations),
+                        help="transformers' experts implementations of the stock rows (eager is slow at large batches) "
+                             "(default: %(default)s)")
+    parser.add_argument("--deadline-s", type=float, default=d.deadline_s,
+                        help="start no cell this many seconds after the run began (0: none); the cells left out are "
+                             "listed in bench.json's `deadline` (a device call with a time limit keeps what finished)")
     parser.add_argument("--repeats", type=int, default=d.repeats,
                         help="rounds over every engine cell, interleaved; each row is the median round's, with "
                              "every round's decode median and their spread")
@@ -509,7 +527,8 @@ def run(args: argparse.Namespace) -> int:
                       timeline_tokens=args.timeline_tokens, seed=args.seed, device=args.device,
                       profile=args.profile, out=args.out, predictor=args.predictor, prompts=args.prompts,
                       accelerate_batches=tuple(args.accelerate_batches), accelerate_tokens=args.accelerate_tokens,
-                      repeats=args.repeats, extra=extra)
+                      repeats=args.repeats, stock_implementations=tuple(args.stock_implementations),
+                      deadline_s=args.deadline_s, extra=extra)
     rows = run_bench(cfg)
     table = pd.DataFrame(rows)
     table = table[[c for c in ("model", "policy", "budget", "batch", "decode_tok_s", "decode_ms_median", "vs_resident",

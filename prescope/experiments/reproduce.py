@@ -28,6 +28,8 @@ BENCH_FLAGS = (("models", "--models"), ("batch_sizes", "--batch-sizes"), ("polic
                ("timeline_tokens", "--timeline-tokens"), ("seed", "--seed"), ("profile", "--profile"),
                ("accelerate_batches", "--accelerate-batches"), ("accelerate_tokens", "--accelerate-tokens"),
                ("repeats", "--repeats"))
+# flags newer than most results: written only where the run changed their default, so older revisions' commands parse
+NEW_FLAGS = (("stock_implementations", "--stock-implementations"), ("deadline_s", "--deadline-s"))
 
 
 def result_files(root: Path = ROOT) -> list[Path]:
@@ -52,15 +54,43 @@ def trace_predictor_commands(config: dict, out: str) -> tuple[list[str], str | N
     return [], None
 
 
+def router_inputs(config: dict) -> dict:
+    """The record of a gpu-inputs folder with routing models (`gpu-inputs --routers`) the run read, else {}."""
+    info = (config.get("extra") or {}).get("inputs") or {}
+    return info if info.get("routers") and info.get("command") and info.get("inputs") else {}
+
+
+def inputs_command(config: dict) -> list[str]:
+    """The `prescope gpu-inputs` line that rebuilds the routing models' folder the run read (its recorded command),
+    or [] when it read none."""
+    info = router_inputs(config)
+    if not info:
+        return []
+    words = shlex.split(info["command"])
+    if "--out" in words:
+        words[words.index("--out") + 1] = info["inputs"]
+    return [shlex.join(words)]
+
+
 def bench_command(config: dict, out: str, predictor: str | None = None) -> str:
     """The `prescope bench` line that reruns a recorded `config`, into folder `out`; prompts and predictor from
     the gpu-inputs folder where the run used them (or `predictor`, a checkpoint made for this run)."""
+    from prescope.experiments.bench import BenchConfig
+
     parts = ["prescope", "bench"]
     for key, flag in BENCH_FLAGS:
         value = config.get(key)
         if value is None:
             continue
         parts += [flag, *_words(value)]
+    defaults = BenchConfig()
+    for key, flag in NEW_FLAGS:
+        value = config.get(key)
+        if value is not None and _words(value) != _words(getattr(defaults, key)):
+            parts += [flag, *_words(value)]
+    if router_inputs(config):  # routing models and their LLaPor: the whole folder
+        parts += ["--inputs", router_inputs(config)["inputs"]]
+        return shlex.join(parts) + f' --out "{out}"'
     if config.get("prompts"):
         parts += ["--prompts", f"{INPUTS}/heldout-{config.get('input_len', 128)}.npy"]
     if config.get("predictor") and predictor is None:
@@ -92,12 +122,20 @@ def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
         out = f"$OUT/{Path(name).with_suffix('').as_posix().replace('/', '-')}"  # one folder per result
         train, predictor = trace_predictor_commands(config, out) if config.get("predictor") else ([], None)
         bench = bench_command(config, out, predictor)
-        commands = [*checkout, *train, f"PRESCOPE_GIT_REV={short} " + bench if short else bench,
+        commands = [*checkout, *train, *inputs_command(config), f"PRESCOPE_GIT_REV={short} " + bench if short else bench,
                     f"cp {out}/bench.json {root / name}"]
         for companion, made in ((f"{stem}.routing.npz", "routing.npz"), (f"{stem}.timelines.parquet", "timelines.parquet"),
                                 ("routing.npz", "routing.npz"), ("timelines.parquet", "timelines.parquet")):
             if (path.parent / companion).is_file() and (companion.startswith(stem) or path.name == "bench.json"):
                 commands.append(f"cp {out}/{made} {path.parent / companion}")
+        newer = [flag for key, flag in NEW_FLAGS if flag in bench]
+        if newer:
+            notes.append(f"{', '.join(f'`{f}`' for f in newer)} came after some revisions: at one without it, give the "
+                         "value to `BenchConfig` and call `bench.run_bench`")
+        if router_inputs(config):
+            notes.append("routing models and their LLaPor rebuilt by `prescope gpu-inputs --routers` (a routing model "
+                         "trained in the run, and LLaPor, are not bit-reproducible: the manifest's checksums say which "
+                         "the run used)")
         if predictor:
             notes.append("routing-only LLaPor retrained on the trace (seeded: the same weights on one machine, "
                          "float rounding may differ on another)")
@@ -119,6 +157,17 @@ def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
     return "not a result this page knows how to rebuild", [], ["regenerate by hand"]
 
 
+def _scripts(root: Path) -> list[str]:
+    """A line per device-call script in `root` (but call.sh) saying what it runs: its first comment line."""
+    lines = []
+    for script in sorted(root.glob("*.sh")):
+        if script.name == "call.sh":
+            continue
+        first = next((ln.lstrip("# ").strip() for ln in script.read_text().splitlines() if ln.startswith("#")), "")
+        lines.append(f"`{script.relative_to(root.parent.parent).as_posix() if root.is_absolute() else script.as_posix()}`: {first}")
+    return lines
+
+
 def render(root: Path = ROOT) -> str:
     lines = [
         "# Reproducing the H200 results",
@@ -134,6 +183,7 @@ def render(root: Path = ROOT) -> str:
         "```",
         "",
         "`reports/h200/call.sh` is the same as one device call (inputs built if missing, then `bench --inputs`).",
+        *_scripts(root),
         "Then, per result, check out the revision that produced it (the engine changed since) and run its commands",
         f"(`{INPUTS}` is untracked, so it stays across checkouts). Timings vary from run to run (host-bound cells by",
         "tens of percent); the tokens, loads and ratios are what a rerun should match.",

@@ -98,3 +98,29 @@ def test_a_bench_json_edited_by_hand_is_refused_naming_the_cell_and_key(tmp_path
     (tmp_path / "b.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=message):
         bench.bench_table(tmp_path / "b.json")
+
+
+def test_no_cell_starts_after_the_deadline_and_the_file_says_which_were_left_out(tmp_path, monkeypatch):
+    """A device call has a time limit: past `deadline_s` no cell starts, the finished ones are kept, the others
+    are listed; the clock here moves 10 s per measured cell."""
+    real, clock = bench.measure_engine, {"now": 0.0}
+
+    def slow(*args, **kwargs):
+        clock["now"] += 10.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_engine", slow)
+    monkeypatch.setattr(bench.time, "monotonic", lambda: clock["now"])
+    cfg = BenchConfig(models=("olmoe-1b-7b-tiny:2", "mixtral-8x7b-tiny:2"), batch_sizes=(1, 2),
+                      policies=("on_demand_lru",), budgets=(0.5,), input_len=4, output_len=2, timeline_tokens=0,
+                      warmup_tokens=1, device="cpu", out=str(tmp_path), accelerate_batches=(), deadline_s=25.0,
+                      stock_implementations=("eager",))
+    run_bench(cfg)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    engine_cells = [(r["policy"], r["batch"]) for r in data["cells"] if r["policy"] not in (bench.STOCK, bench.STOCK_EAGER)]
+    assert engine_cells == [(bench.RESIDENT, 1), (bench.RESIDENT, 2), ("on_demand_lru", 1)]
+    assert data["deadline"] == {"deadline_s": 25.0, "not_started": [
+        "olmoe-1b-7b-tiny|on_demand_lru|0.5|2|round 1", "mixtral-8x7b-tiny:2|*"]}
+    assert {r["experts_implementation"] for r in data["cells"] if r["policy"] == bench.STOCK} == {"eager"}
+    with pytest.raises(ValueError, match="deadline_s must be >= 0"):
+        BenchConfig(deadline_s=-1)

@@ -58,3 +58,28 @@ def test_a_trace_subject_is_rebuilt_with_a_routing_only_llapor_trained_on_its_tr
     bench = reproduce.bench_command(config, "$OUT/r", checkpoint)
     assert '--predictor "$OUT/r-routing-llapor.pt"' in bench and "llapor.pt --" not in bench.replace(checkpoint, "")
     assert reproduce.trace_predictor_commands({"models": ["olmoe-1b-7b"]}, "$OUT/r") == ([], None)
+
+
+def test_a_run_on_routing_models_is_rebuilt_from_its_inputs_folder():
+    """A bench with `--inputs` of `gpu-inputs --routers`: the recorded gpu-inputs command (into the recorded folder),
+    then bench reading that folder; newer flags only where the run changed their default."""
+    inputs = {"inputs": ".cache/device/inputs-routers-qwen3", "routers": {"qwen3-30b-a3b": {"llapor": {"48": "x"}}},
+              "command": "prescope gpu-inputs --out /abs/elsewhere --routers qwen3-30b-a3b --routers-time-budget-s 90"}
+    config = {"models": ["qwen3-30b-a3b@router"], "batch_sizes": [1, 4], "prompts": "/abs/heldout-128.npy",
+              "input_len": 128, "stock_implementations": ["grouped_mm"], "deadline_s": 400.0, "extra": {"inputs": inputs}}
+    assert reproduce.inputs_command(config) == [
+        "prescope gpu-inputs --out .cache/device/inputs-routers-qwen3 --routers qwen3-30b-a3b --routers-time-budget-s 90"]
+    line = reproduce.bench_command(config, "$OUT/r")
+    assert "--inputs .cache/device/inputs-routers-qwen3" in line and "--prompts" not in line
+    assert "--stock-implementations grouped_mm" in line and "--deadline-s 400.0" in line
+    plain = reproduce.bench_command({"models": ["x"], "stock_implementations": list(bench.BenchConfig().stock_implementations),
+                                     "deadline_s": 0.0}, "$OUT/r")
+    assert "--stock-implementations" not in plain and "--deadline-s" not in plain
+    assert reproduce.inputs_command({"models": ["x"]}) == []
+
+
+def test_the_page_names_every_device_call_script(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    page = (H200 / reproduce.PAGE).read_text()
+    for script in H200.glob("*.sh"):
+        assert f"reports/h200/{script.name}" in page

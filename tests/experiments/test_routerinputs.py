@@ -106,3 +106,54 @@ def test_bad_router_options_are_refused_before_anything_is_built(tmp_path, capsy
     assert "LAYERS must be 1..32" in capsys.readouterr().err and not (tmp_path / "i").exists()
     with pytest.raises(InputsError, match="router_time_budget_s and llapor_processes must be >= 0"):
         gpuinputs.InputsConfig(out="x", llapor_processes=-1)
+
+
+@pytest.mark.parametrize("subject, model, routers", [("mixtral", "mixtral-8x7b:16@router", "mixtral-8x7b:16"),
+                                                     ("qwen3", "qwen3-30b-a3b@router", "qwen3-30b-a3b")])
+def test_the_comparison_script_runs_gpu_inputs_then_bench_with_options_the_commands_take(subject, model, routers,
+                                                                                         tmp_path):
+    """reports/h200/comparison-routers.sh with a stand-in python3 that records its arguments: both command lines parse
+    with prescope's own parsers, name this subject, and the call's files land in $OUT."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from prescope.experiments.bench import BenchConfig
+    from prescope.policies import parse_policy
+
+    root = Path(__file__).resolve().parents[2]
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\n" + """import json, os, sys
+from pathlib import Path
+argv = sys.argv[3:]  # after -m prescope.cli
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(argv) + "\\n")
+out = Path(argv[argv.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+(out / ("manifest.json" if argv[0] == "gpu-inputs" else "bench.json")).write_text("{}")
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "log"),
+           "OUT": str(tmp_path / "out"), "INPUTS": str(tmp_path / "inputs")}
+    done = subprocess.run(["bash", str(root / "reports/h200/comparison-routers.sh"), subject], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
+    assert [c[0] for c in calls] == ["gpu-inputs", "bench"]
+    inputs = cli.build_parser("gpu-inputs").parse_args(calls[0])
+    assert inputs.routers == routers and inputs.device == "cuda" and not inputs.predictor
+    routerinputs.parse_specs(inputs.routers)
+    args = cli.build_parser("bench").parse_args(calls[1])
+    assert args.models == [model] and args.inputs == str(tmp_path / "inputs") and 0 < args.deadline_s < 540
+    assert args.batch_sizes == [1, 4, 16] and args.budgets == [0.25] and args.stock_implementations == [
+        "grouped_mm", "batched_mm"] and args.accelerate_batches == []
+    assert "prescope[gate=False]" in args.policies and len(args.policies) == 9
+    for name in args.policies:
+        parse_policy(name)
+    BenchConfig(models=tuple(args.models), policies=tuple(args.policies), deadline_s=args.deadline_s)
+    assert (tmp_path / "out" / f"routers-{subject}" / "inputs-manifest.json").is_file()
+    bad = subprocess.run(["bash", str(root / "reports/h200/comparison-routers.sh"), "olmoe"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
