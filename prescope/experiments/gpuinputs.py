@@ -26,7 +26,6 @@ the manifest's checksums say which checkpoint a run used.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import time
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from prescope.config import check_device, check_types
+from prescope.experiments.routerinputs import sha256
 from prescope.files import (
     check_output,
     git_revision,
@@ -90,14 +90,6 @@ class InputsConfig:
         if self.router_time_budget_s < 0 or self.llapor_processes < 0:
             raise InputsError("router_time_budget_s and llapor_processes must be >= 0 (0: no limit, one per core), "
                               f"got {self.router_time_budget_s} and {self.llapor_processes}")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def command_line(cfg: InputsConfig) -> str:

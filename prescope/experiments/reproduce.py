@@ -111,7 +111,10 @@ def _revision(data: dict) -> tuple[str, str]:
 
 def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
     """(what the file is, its commands, notes) for one committed result."""
-    data = read_json(path, "result")
+    try:
+        data = read_json(path, "result")
+    except ValueError:  # not a record (a list of measurements): only its folder can say how it was made
+        data = {}
     name = path.relative_to(root).as_posix()
     short, note = _revision(data)
     notes = [note] if note else []
@@ -154,6 +157,9 @@ def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
         commands = [f"prescope calibrate --out {root / name}"]
         commands += [f"# then by hand, as its notes say: {n.split(':')[0]}" for n in data.get("notes") or []]
         return f"hardware profile ({data.get('citation', '').rstrip('.')}; no revision recorded)", commands, []
+    readme = path.parent / "README.md"
+    if readme.is_file():  # a measurement made by a script its folder's README names
+        return "a measurement this page cannot rebuild from its record", [f"# as {readme} says"], []
     return "not a result this page knows how to rebuild", [], ["regenerate by hand"]
 
 

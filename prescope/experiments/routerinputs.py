@@ -23,17 +23,23 @@ summary, the LLaPor checkpoint of each layer count) and lists every file it wrot
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from prescope.experiments.gpuinputs import InputsConfig
 
 ROUTERS_DIR = "routers"
 WEIGHTS = "model.safetensors"
 LOCATIONS = ("inputs", "committed", "cache")  # where a recorded routing model lives
+
+
+def sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (the manifest's checksums)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class RouterInputsError(ValueError):
@@ -86,11 +92,11 @@ def _locate(name: str, out: Path) -> tuple[Path, str]:
     return out / ROUTERS_DIR / name, "inputs"
 
 
-def build_routers(cfg: InputsConfig, out: Path, record, progress: bool = True) -> tuple[dict, dict]:
-    """Build every routing model and LLaPor `cfg.routers` names into `out` (module docstring); (files, routers):
+def build_routers(cfg, out: Path, record, progress: bool = True) -> tuple[dict, dict]:
+    """Build every routing model and LLaPor `cfg.routers` (a `gpuinputs.InputsConfig`) names into `out` (module
+    docstring); (files, routers):
     the manifest's file records (`record(path, what, **extra)` makes one) and its `routers` section."""
     from prescope.experiments import routermodels
-    from prescope.experiments.gpuinputs import sha256
     from prescope.files import read_json
     from prescope.models import corpus, routers, tinytrain
     from prescope.models.adapter import UnsupportedModelError
@@ -166,7 +172,6 @@ class FoundRouter:
 def lookup(inputs: dict | None, twin: str) -> FoundRouter | None:
     """Twin `twin`'s routing model in the record `gpuinputs.read_inputs` made of an inputs folder (None: no folder
     or none recorded for it), its weights checked against the manifest's SHA-256."""
-    from prescope.experiments.gpuinputs import sha256
     from prescope.models import routers
 
     entry = (inputs or {}).get("routers", {}).get(twin)
