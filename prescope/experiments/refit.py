@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         for out in (args.profile_out, args.table_out):
-            if out:
+            if out and not Path(out).is_file():  # (an existing file is replaced)
                 check_output(out, what="output")
         benches = [read_bench_run(p) for p in args.bench]
         base = load_profile(args.base)
