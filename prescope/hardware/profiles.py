@@ -284,7 +284,8 @@ def list_profiles() -> list[str]:
 
 
 def load_profile(name_or_path: str | os.PathLike | HardwareProfile) -> HardwareProfile:
-    """A built-in profile by name (`h200`, `a100-pcie4`, `v100-pcie3`) or a profile JSON file by path."""
+    """A built-in profile by name (`h200`, `h200-graphs`, `a100-pcie4`, `v100-pcie3`) or a profile JSON file by
+    path. `h200-graphs` is `h200` refitted to the fast engine's bench runs (`experiments.refit`)."""
     if isinstance(name_or_path, HardwareProfile):
         return name_or_path
     path = Path(name_or_path)

@@ -10,8 +10,11 @@ protocol, whose orders this executor times (`_Replay`): the cache catches up wit
 plan; the plan costs the profile's prediction and planning times for what the policy did
 (`Policy.planned_work`: prescope's gate skips both); issuing each transfer costs `host_per_transfer_s`;
 CPU experts run one after another on the CPU lane, overlapping GPU work; a GPU expert starts when its
-load has landed and the GPU is free; when every slot is still loading, the GPU waits for the first
-transfer to land. The layer ends when its GPU and CPU experts are done.
+load has landed and the GPU is free (or, where the profile has `gpu_grouped`, as the fast engine does: a
+wave's experts run as one grouped kernel once the last of its loads has landed, `cost.gpu_wave_time`); when
+every slot is still loading, the GPU waits for the first transfer to land. The layer ends when its GPU and
+CPU experts are done. When the budget holds every expert, the host's time per layer is the profile's
+device-driven one (`HardwareProfile.host_per_layer`: the engine runs such a step as one CUDA graph).
 
 The link (`link.py`): one FIFO queue (`async_io=False`: a queued prefetch delays a later on-demand load),
 or a priority queue (`async_io=True`: on-demand loads overtake queued prefetches at `chunk_bytes`
