@@ -25,7 +25,7 @@ and per-expert models and fits, from the resident and host-driven cells of `pres
 `fidelity_compare` replays every engine cell of the bench files (their routing.npz) through the simulator on
 two profiles (`fidelity.fidelity_table`) and puts measured and simulated decode ms side by side.
 
-Command (rewrites the built-in profile and the table; both written atomically):
+Command (rewrites the built-in profile and the table; both written atomically; `prescope refit` is the same):
 `python -m prescope.experiments.refit --bench reports/h200/engine/bench.json reports/h200/engine/b64/bench.json
 --date 2026-12-02 --profile-out prescope/assets/profiles/h200-graphs.json --table-out reports/h200/engine/fidelity.csv`
 """
@@ -76,13 +76,14 @@ class Bench:
 def read_bench_run(path: str | Path) -> Bench:
     """bench.json and the routing.npz beside it (checked against their checksums)."""
     path = Path(path)
+    data = read_bench(path)
     routing_path = path.with_name("routing.npz")
     if not routing_path.is_file():
         raise RefitError(f"{path}: no routing.npz beside it (the bench keeps each cell's decode routing there)")
     verify(routing_path)
     with np.load(routing_path) as npz:
         routing = {k: npz[k] for k in npz.files}
-    return Bench(portable_path(path), read_bench(path), routing)
+    return Bench(portable_path(path), data, routing)
 
 
 def cell_key(cell: dict) -> str:
@@ -261,28 +262,26 @@ def table_csv(table: pd.DataFrame, old: str, new: str) -> str:
     return head + table.to_csv(index=False, float_format="%.4g")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prescope.experiments.refit", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench", nargs="+", default=list(DEFAULT_BENCHES), help="bench.json files (routing.npz beside)")
     parser.add_argument("--base", default="h200", help="profile whose link, CPU and dense models are kept")
     parser.add_argument("--name", default="h200-graphs", help="name of the refitted profile")
     parser.add_argument("--date", default=None, help="day of the measurements (default today)")
     parser.add_argument("--profile-out", default="", help="where to write the refitted profile JSON")
     parser.add_argument("--table-out", default="", help="CSV of measured vs simulated per cell, base vs refit")
-    args = parser.parse_args(argv)
-    try:
-        for out in (args.profile_out, args.table_out):
-            if out and not Path(out).is_file():  # (an existing file is replaced)
-                check_output(out, what="output")
-        benches = [read_bench_run(p) for p in args.bench]
-        base = load_profile(args.base)
-        profile = refit_profile(benches, base, args.name, args.date)
-        if args.profile_out:
-            save_profile(profile, args.profile_out)
-        table = fidelity_compare(benches, base, profile)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Refit, write what was asked for, print the table and one JSON line; bad input raises ValueError."""
+    for out in (args.profile_out, args.table_out):
+        if out and not Path(out).is_file():  # (an existing file is replaced)
+            check_output(out, what="output")
+    benches = [read_bench_run(p) for p in args.bench]
+    base = load_profile(args.base)
+    profile = refit_profile(benches, base, args.name, args.date)
+    table = fidelity_compare(benches, base, profile)
+    if args.profile_out:
+        save_profile(profile, args.profile_out)
     if args.table_out:
         write_with_sidecar(args.table_out, table_csv(table, base.name, profile.name))
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -293,6 +292,18 @@ def main(argv: list[str] | None = None) -> int:
                       "host_device_driven_us": 1e6 * profile.host_device_driven_per_layer_s,
                       "fit_rms_log_error": profile.fit["gpu_grouped_rms_log_error"]}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m prescope.experiments.refit` (the same as `prescope refit`)."""
+    parser = argparse.ArgumentParser(prog="python -m prescope.experiments.refit", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
