@@ -53,7 +53,8 @@ where an expert's GPU time is flat in tokens; otherwise the split is the best th
    fewest tokens first) and the resident ones the a with fewest tokens, (a, b) chosen to minimise F0(m)
    (ties: fewer); exact among such choices. Residents are ready at 0, so they lead the GPU's queue and
    the GPU ends at max(G_res − T_a + G_rest, late), G_res their GPU time, T_a that of the a moved, G_rest
-   and late the total and the release-bound end of the other jobs: each a costs O(1).
+   and late the total and the release-bound end of the other jobs. F0 is the larger of a GPU end that
+   falls with a and a CPU end that rises with it: a bisection finds the first best a for each (m, b).
 2. Prefetch, for a given m. Positions are τ apart, so each layer d sees positions of full value
    (i ≤ c_d = ⌊r_d⌋), at most one partial position c_d + 1 of value f_d = r_d − c_d, and worthless ones.
    Within a layer values are w·β with a common β, so an optimal plan takes a prefix of the layer's
@@ -76,120 +77,20 @@ where an expert's GPU time is flat in tokens; otherwise the split is the best th
    bounds cannot beat the best J.
 
 Inputs a caller estimates (ETAs, link_free, gap, predictions, victims' probabilities) are taken as given.
-Speed: plain Python for windows this small (E = 64, K = 8, D = 3); per call the cost functions are
-memoised, π = 0's merges are shared by the relaxation and every other choice, and partial marginals are
-computed only for layers that may use them. `planspeed.planning_time` (`python -m prescope.experiments.planspeed
---bench`) measures it on `planspeed.bench_instances`.
+Speed: plain Python, memoised cost functions, shared merges (`python -m prescope.experiments.planspeed`).
 Letters: D lookahead distance, E experts, K top-k, S slots, τ transfer time of one expert.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from itertools import accumulate
 from operator import neg
 from typing import NamedTuple
 
-Key = tuple[int, int]  # (MoE layer ordinal, expert)
+from prescope.policies.instance import Candidate, Held, Instance, Key, Plan, PlanError
 
-
-class PlanError(ValueError):
-    """An instance the planner cannot take (inconsistent or out-of-range inputs); says what was expected."""
-
-
-class Candidate(NamedTuple):
-    """An expert a later layer may use: probability of being used, and tokens routed to it if used."""
-
-    expert: int
-    prob: float
-    tokens: float = 1.0
-
-
-class Held(NamedTuple):
-    """A resident key the plan may evict: its probability of being needed before it could come back."""
-
-    key: Key
-    prob: float
-    tokens: float = 1.0
-
-
-@dataclass(frozen=True)
-class Instance:
-    """Everything layer `layer` knows when it plans (times in seconds from now; see the module docstring).
-
-    experts, tokens: layer l's routed experts and their token counts. predictions[d-1]: candidates of layer
-    l+d (present ones are skipped; a caller may leave out candidates it will not consider). compute[d-1]:
-    layer l+d's expected expert compute (None: Σ p·gpu(n) over its candidates). resident: keys resident on
-    the GPU (those of layers l … l+D are enough); inflight: keys on the link -> ETA. free_slots: empty slots; evictable: resident keys that may be
-    given up (not pinned by layer l, not loading; a caller may pass only the cheapest). load, gpu, cpu: the
-    cost model (τ; one expert for n tokens on the GPU, on the CPU). link_free: when the link ends what is
-    queued; demand_free: when an on-demand load could start (None: link_free, a FIFO link); cpu_free: when
-    the CPU lane is free; gap: non-expert time between two MoE layers; max_prefetch: a cap (None: none);
-    resident_on_cpu: whether a resident expert may run on the CPU (False where a CPU expert costs the host,
-    the bottleneck: the engine's host-bound layers).
-    """
-
-    layer: int
-    experts: tuple[int, ...]
-    tokens: tuple[float, ...]
-    predictions: tuple[tuple[Candidate, ...], ...]
-    load: float
-    gpu: Callable[[float], float]
-    cpu: Callable[[float], float]
-    resident: frozenset = frozenset()
-    inflight: Mapping[Key, float] = field(default_factory=dict)
-    free_slots: int = 0
-    evictable: tuple[Held, ...] = ()
-    link_free: float = 0.0
-    demand_free: float | None = None
-    cpu_free: float = 0.0
-    gap: float = 0.0
-    max_prefetch: int | None = None
-    compute: tuple[float, ...] | None = None
-    resident_on_cpu: bool = True
-
-    def __post_init__(self) -> None:
-        if len(self.experts) != len(self.tokens) or len(set(self.experts)) != len(self.experts):
-            raise PlanError(f"experts and tokens must be equally long with distinct experts, got {self.experts} "
-                            f"and {self.tokens}")
-        if not self.load > 0:
-            raise PlanError(f"load (one expert's transfer time) must be > 0 s, got {self.load}")
-        if self.free_slots < 0 or (self.max_prefetch is not None and self.max_prefetch < 0):
-            raise PlanError(f"free_slots and max_prefetch must be >= 0, got {self.free_slots}, {self.max_prefetch}")
-        if min(self.link_free, self.cpu_free, self.gap) < 0:
-            raise PlanError(f"link_free, cpu_free and gap must be >= 0 s, got {self.link_free}, {self.cpu_free}, "
-                            f"{self.gap}")
-        if self.demand_free is not None and not 0 <= self.demand_free <= self.link_free:
-            raise PlanError(f"demand_free must be in [0, link_free={self.link_free}], got {self.demand_free}")
-        if self.compute is not None and len(self.compute) != len(self.predictions):
-            raise PlanError(f"compute needs one value per predicted layer ({len(self.predictions)}), "
-                            f"got {len(self.compute)}")
-        for d, layer in enumerate(self.predictions, 1):
-            for c in layer:
-                if not (0.0 <= c[1] <= 1.0 and c[2] > 0):
-                    raise PlanError(f"layer l+{d}: candidate {c} needs prob in [0, 1] and tokens > 0")
-        for h in self.evictable:
-            if not (0.0 <= h[1] <= 1.0 and h[2] > 0) or h[0] in self.inflight:
-                raise PlanError(f"evictable {h} needs prob in [0, 1], tokens > 0, and must not be in flight")
-
-    @property
-    def demand_start(self) -> float:
-        return self.link_free if self.demand_free is None else self.demand_free
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Orders for layer l and the window. gpu: present experts (by readiness) then `loads`; cpu: the misses not
-    loaded, then the present experts the CPU takes (in flight, then resident); victims: one per load, then one
-    per prefetch (None: a free slot). objective: J of this plan (`objective.expected_window_latency`)."""
-
-    gpu: tuple[int, ...]
-    cpu: tuple[int, ...]
-    loads: tuple[int, ...]
-    prefetch: tuple[Key, ...]
-    victims: tuple[Key | None, ...]
-    objective: float
+__all__ = ["Candidate", "CostTables", "Held", "Instance", "Key", "Plan", "PlanError", "Split", "layer_starts", "plan",
+           "split_finishes"]
 
 
 class _Table(dict):
@@ -231,7 +132,9 @@ class Split(NamedTuple):
 
 def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
     """F0(m) for m = 0 … min(misses, slots): the m misses with most tokens loaded (most first), the rest on
-    the CPU, and the present experts that end the layer sooner on the CPU there (module docstring, step 1)."""
+    the CPU, and the present experts that end the layer sooner on the CPU there (module docstring, step 1).
+    Per b, one pass over the jobs by readiness gives the state after each load; the jobs in flight after it
+    are folded on (the additions of a full scan, in its order: the same floats)."""
     costs = costs or CostTables(inst)
     present, misses = [], []
     layer, resident, inflight = inst.layer, inst.resident, inst.inflight
@@ -265,26 +168,80 @@ def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
     cpu_after = [0.0] * (len(misses) + 1)
     for j in range(len(misses) - 1, -1, -1):
         cpu_after[j] = cpu_after[j + 1] + cpu[misses[j][1]]
+    gpu_base, last, free = gpu_fixed + gpu_held, len(held), inst.cpu_free
+    best = [None] * (top + 1)  # per m: (F0, a, b), the first minimum over b, then a
+    for b in range(len(late) + 1):
+        # the jobs of this b: every load, and the experts in flight the GPU keeps; per m, the state after the
+        # m-th load (end, busy time) and the jobs in flight after it
+        prefix, tails = [(0.0, 0.0)], [[]]
+        bound = rest = 0.0
+        for r, j, t, q in jobs:
+            if 0 < q <= b:
+                continue
+            bound = (bound if bound > r else r) + t
+            rest += t
+            if j > 0:
+                prefix.append((bound, rest))
+                tails.append([])
+            else:
+                for tail in tails:
+                    tail.append((r, t))
+        for m in range(top + 1):
+            bound, rest = prefix[m]
+            for r, t in tails[m]:
+                bound = (bound if bound > r else r) + t
+                rest += t
+            cpu_base = free + cpu_after[m] + cpu_late[b]
+            if m == len(misses) and not b:  # nothing on the CPU at a = 0: the GPU alone ends the layer
+                g = gpu_base - gpu_moved[0] + rest
+                f, a = (g if g > bound else bound), 0
+                for x in range(1, last + 1):
+                    g = gpu_base - gpu_moved[x] + rest
+                    g = g if g > bound else bound
+                    y = max(g, cpu_base + cpu_moved[x])
+                    if y < f:
+                        f, a = y, x
+            else:
+                f, a = _first_minimum(gpu_base, gpu_moved, rest, bound, cpu_base, cpu_moved)
+            if best[m] is None or f < best[m][0]:
+                best[m] = (f, a, b)
     finishes, offloaded = [], []
-    for m in range(top + 1):
-        best, chosen = None, (0, 0)
-        for b in range(len(late) + 1):
-            rest = bound = 0.0  # the other jobs' GPU time, and their end when started at 0 (release-bound)
-            for r, j, t, q in jobs:
-                if j <= m and not 0 < q <= b:
-                    bound = (bound if bound > r else r) + t
-                    rest += t
-            cpu_base = inst.cpu_free + cpu_after[m] + cpu_late[b]
-            for a in range(len(held) + 1):
-                g = gpu_fixed + gpu_held - gpu_moved[a] + rest
-                g = g if g > bound else bound
-                f = max(g, cpu_base + cpu_moved[a]) if m < len(misses) or a or b else g
-                if best is None or f < best:
-                    best, chosen = f, (a, b)
-        finishes.append(best)
-        a, b = chosen
+    for f, a, b in best:
+        finishes.append(f)
         offloaded.append(tuple(present[i][1] for i in late[:b] + held[:a]))
     return Split(finishes, present, misses, offloaded)
+
+
+def _first_minimum(gpu_base: float, gpu_moved: list[float], rest: float, bound: float, cpu_base: float,
+                   cpu_moved: list[float]) -> tuple[float, int]:
+    """(min, first a reaching it) of max(G(a), C(a)) over a = 0 … len(gpu_moved) − 1, where
+    G(a) = max(gpu_base − gpu_moved[a] + rest, bound) never rises with a and C(a) = cpu_base + cpu_moved[a]
+    never falls (floating-point rounding is monotone, so this holds for the computed values too)."""
+    def G(a: int) -> float:
+        g = gpu_base - gpu_moved[a] + rest
+        return g if g > bound else bound
+
+    n = len(gpu_moved)
+    lo, hi = 0, n  # the first a with C(a) >= G(a) (n: none)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cpu_base + cpu_moved[mid] >= G(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo == 0:
+        return cpu_base + cpu_moved[0], 0
+    value = G(lo - 1)
+    if lo < n and cpu_base + cpu_moved[lo] < value:
+        return cpu_base + cpu_moved[lo], lo
+    hi, lo = lo - 1, 0  # the first a with G(a) == value (G never rises, so G(a) <= value from there)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if G(mid) <= value:
+            hi = mid
+        else:
+            lo = mid + 1
+    return value, lo
 
 
 def layer_starts(inst: Instance, costs: CostTables | None = None, fastest: float | None = None) -> tuple[float, ...]:
@@ -513,7 +470,8 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
         w, e = zip(*rows, strict=True) if rows else ((), ())
         weights.append(list(w))
         ranked.append(list(map(neg, e)))
-    prefix = list(accumulate(lam, initial=0.0))
+    # J's victims' losses for up to every load and prefetch (free slots may be many more)
+    prefix = list(accumulate(lam[:len(finishes) + sum(map(len, weights))], initial=0.0))
     splits = sorted(range(len(finishes)), key=finishes.__getitem__)  # stable: ties by m
     if any(weights):
         window = _Window(weights, [(s - inst.link_free) / tau for s in starts], lam,
