@@ -158,6 +158,8 @@ def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
         commands += [f"# then by hand, as its notes say: {n.split(':')[0]}" for n in data.get("notes") or []]
         return f"hardware profile ({data.get('citation', '').rstrip('.')}; no revision recorded)", commands, []
     readme = path.parent / "README.md"
+    if data.get("citation"):  # a profile that says how it was made
+        return "a measurement this page cannot rebuild from its record", [f"# {data['citation'][:200]}"], []
     if readme.is_file():  # a measurement made by a script its folder's README names
         return "a measurement this page cannot rebuild from its record", [f"# as {readme} says"], []
     return "not a result this page knows how to rebuild", [], ["regenerate by hand"]
