@@ -87,33 +87,51 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
                          profile: str = "h200") -> list[dict]:
     """The policies' host time per planned layer while the simulator replays `trace` (its decode cut in
     `batch` segments decoded together), on this machine's CPU: per policy and batch, the median and p90 of
-    `policy.plan`'s wall time over the first `steps` forward calls, in µs, with the simulated ms per token."""
+    `policy.plan`'s wall time over the first `steps` forward calls, in µs, of PreSched's share of it
+    (`presched.plan`) and of the rest (`own`: the policy's forecast, instance, victims and bookkeeping), with
+    the simulated ms per token."""
     import time
 
+    import prescope.policies.presched as presched
     from prescope.policies import make_policy, parse_policy
     from prescope.routing.segments import decode_segments
     from prescope.sim.simulator import replay
 
-    rows = []
+    def quantiles(times: list[float], name: str) -> dict[str, float]:
+        times = sorted(times)
+        return {f"{name}median_us": times[len(times) // 2] * 1e6, f"{name}p90_us": times[int(0.9 * len(times))] * 1e6}
+
+    rows, planner = [], presched.plan
     for spec in policies:
         for batch in batches:
             parsed = parse_policy(spec)
-            policy, times = make_policy(parsed.name, **parsed.options), []
+            policy, times, inside = make_policy(parsed.name, **parsed.options), [], []
             plan = policy.plan
 
-            def timed(view, cache, plan=plan, times=times):
+            def timed(view, cache, plan=plan, times=times, inside=inside):
+                inside.append(0.0)
                 start = time.perf_counter()
                 orders = plan(view, cache)
                 times.append(time.perf_counter() - start)
                 return orders
 
+            def timed_planner(inst, inside=inside):
+                start = time.perf_counter()
+                out = planner(inst)
+                inside[-1] += time.perf_counter() - start
+                return out
+
             policy.plan = timed
             cut = decode_segments(trace, batch) if batch > 1 else trace
-            result = replay(cut, policy, profile, budget_share=budget_share, batch_size=batch, max_steps=steps)
-            times.sort()
+            presched.plan = timed_planner  # the policies call it through the module
+            try:
+                result = replay(cut, policy, profile, budget_share=budget_share, batch_size=batch, max_steps=steps)
+            finally:
+                presched.plan = planner
+            own = [t - p for t, p in zip(times, inside, strict=True)]
             rows.append({"policy": spec, "batch": batch, "budget_share": budget_share, "profile": profile,
-                         "layers": len(times), "median_us": times[len(times) // 2] * 1e6,
-                         "p90_us": times[int(0.9 * len(times))] * 1e6,
+                         "layers": len(times), **quantiles(times, ""), **quantiles(own, "own_"),
+                         **quantiles(inside, "presched_"),
                          "simulated_ms_per_token": result.totals["mean_token_latency_s"] * 1e3})
     return rows
 
@@ -129,13 +147,21 @@ if __name__ == "__main__":
     parser.add_argument("--replay", action="store_true", help="print the prescope and ceiling policies' planning "
                         "time per layer replaying the shipped Qwen3-30B-A3B trace (25 %% budget, batch 1 and 4)")
     parser.add_argument("--steps", type=int, default=40, help="forward calls replayed per cell (--replay)")
+    parser.add_argument("--batches", default="1,4", help="batch sizes replayed, comma-separated (--replay; "
+                        "e.g. 1,4,16,64)")
     args = parser.parse_args()
     if args.replay:
         from prescope.data import shipped
         from prescope.routing.llamacpp import load_llamacpp_trace
 
         qwen3 = load_llamacpp_trace(shipped("routing", "qwen3-30b-a3b.route.csv"))
-        for row in replay_planning_time(qwen3, steps=args.steps):
+        try:
+            batches = tuple(int(b) for b in args.batches.split(","))
+        except ValueError:
+            parser.error(f"--batches takes comma-separated integers, got {args.batches!r}")
+        if not batches or min(batches) < 1:
+            parser.error(f"--batches must be >= 1, got {args.batches!r}")
+        for row in replay_planning_time(qwen3, batches=batches, steps=args.steps):
             print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True, "measured_on": "this CPU",
                               **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}}))
     elif args.bench:

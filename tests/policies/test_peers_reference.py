@@ -56,8 +56,8 @@ def test_planning_inputs_equal_the_reference_at_every_planned_layer(qwen3, name,
     built = policy.instance
     checked = []
 
-    def instance(view, cache, forecast=None):
-        inst = built(view, cache, forecast)
+    def instance(view, cache, forecast=None, offered=None):
+        inst = built(view, cache, forecast, offered)
         chances = policy.victim_chances(view, cache, forecast)
         reference = reference_chances(policy, view, cache, forecast)
         assert sorted(chances) == sorted(reference)
