@@ -167,7 +167,7 @@ class Ceiling(PreScope):
         for d in range(depth):
             experts = list(view.future[d])
             p[d, experts] = 1.0
-            n[d, experts] = [float(c) for c in counts[d]] if counts is not None else mean
+            n[d, experts] = counts[d] if counts is not None else mean
         return Window(p, n)
 
     def chance_grid(self, view: LayerView, window: Window) -> tuple[np.ndarray, np.ndarray]:
