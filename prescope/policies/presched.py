@@ -53,7 +53,8 @@ where an expert's GPU time is flat in tokens; otherwise the split is the best th
    fewest tokens first) and the resident ones the a with fewest tokens, (a, b) chosen to minimise F0(m)
    (ties: fewer); exact among such choices. Residents are ready at 0, so they lead the GPU's queue and
    the GPU ends at max(G_res − T_a + G_rest, late), G_res their GPU time, T_a that of the a moved, G_rest
-   and late the total and the release-bound end of the other jobs: each a costs O(1).
+   and late the total and the release-bound end of the other jobs. F0 is the larger of a GPU end that
+   falls with a and a CPU end that rises with it: a bisection finds the first best a for each (m, b).
 2. Prefetch, for a given m. Positions are τ apart, so each layer d sees positions of full value
    (i ≤ c_d = ⌊r_d⌋), at most one partial position c_d + 1 of value f_d = r_d − c_d, and worthless ones.
    Within a layer values are w·β with a common β, so an optimal plan takes a prefix of the layer's
@@ -76,10 +77,7 @@ where an expert's GPU time is flat in tokens; otherwise the split is the best th
    bounds cannot beat the best J.
 
 Inputs a caller estimates (ETAs, link_free, gap, predictions, victims' probabilities) are taken as given.
-Speed: plain Python for windows this small (E = 64, K = 8, D = 3); per call the cost functions are
-memoised, π = 0's merges are shared by the relaxation and every other choice, and partial marginals are
-computed only for layers that may use them. `planspeed.planning_time` (`python -m prescope.experiments.planspeed
---bench`) measures it on `planspeed.bench_instances`.
+Speed: plain Python, memoised cost functions, shared merges (`python -m prescope.experiments.planspeed`).
 Letters: D lookahead distance, E experts, K top-k, S slots, τ transfer time of one expert.
 """
 
@@ -231,7 +229,9 @@ class Split(NamedTuple):
 
 def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
     """F0(m) for m = 0 … min(misses, slots): the m misses with most tokens loaded (most first), the rest on
-    the CPU, and the present experts that end the layer sooner on the CPU there (module docstring, step 1)."""
+    the CPU, and the present experts that end the layer sooner on the CPU there (module docstring, step 1).
+    Per b, one pass over the jobs by readiness gives the state after each load; the jobs in flight after it
+    are folded on (the additions of a full scan, in its order: the same floats)."""
     costs = costs or CostTables(inst)
     present, misses = [], []
     layer, resident, inflight = inst.layer, inst.resident, inst.inflight
@@ -265,26 +265,80 @@ def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
     cpu_after = [0.0] * (len(misses) + 1)
     for j in range(len(misses) - 1, -1, -1):
         cpu_after[j] = cpu_after[j + 1] + cpu[misses[j][1]]
+    gpu_base, last, free = gpu_fixed + gpu_held, len(held), inst.cpu_free
+    best = [None] * (top + 1)  # per m: (F0, a, b), the first minimum over b, then a
+    for b in range(len(late) + 1):
+        # the jobs of this b: every load, and the experts in flight the GPU keeps; per m, the state after the
+        # m-th load (end, busy time) and the jobs in flight after it
+        prefix, tails = [(0.0, 0.0)], [[]]
+        bound = rest = 0.0
+        for r, j, t, q in jobs:
+            if 0 < q <= b:
+                continue
+            bound = (bound if bound > r else r) + t
+            rest += t
+            if j > 0:
+                prefix.append((bound, rest))
+                tails.append([])
+            else:
+                for tail in tails:
+                    tail.append((r, t))
+        for m in range(top + 1):
+            bound, rest = prefix[m]
+            for r, t in tails[m]:
+                bound = (bound if bound > r else r) + t
+                rest += t
+            cpu_base = free + cpu_after[m] + cpu_late[b]
+            if m == len(misses) and not b:  # nothing on the CPU at a = 0: the GPU alone ends the layer
+                g = gpu_base - gpu_moved[0] + rest
+                f, a = (g if g > bound else bound), 0
+                for x in range(1, last + 1):
+                    g = gpu_base - gpu_moved[x] + rest
+                    g = g if g > bound else bound
+                    y = max(g, cpu_base + cpu_moved[x])
+                    if y < f:
+                        f, a = y, x
+            else:
+                f, a = _first_minimum(gpu_base, gpu_moved, rest, bound, cpu_base, cpu_moved)
+            if best[m] is None or f < best[m][0]:
+                best[m] = (f, a, b)
     finishes, offloaded = [], []
-    for m in range(top + 1):
-        best, chosen = None, (0, 0)
-        for b in range(len(late) + 1):
-            rest = bound = 0.0  # the other jobs' GPU time, and their end when started at 0 (release-bound)
-            for r, j, t, q in jobs:
-                if j <= m and not 0 < q <= b:
-                    bound = (bound if bound > r else r) + t
-                    rest += t
-            cpu_base = inst.cpu_free + cpu_after[m] + cpu_late[b]
-            for a in range(len(held) + 1):
-                g = gpu_fixed + gpu_held - gpu_moved[a] + rest
-                g = g if g > bound else bound
-                f = max(g, cpu_base + cpu_moved[a]) if m < len(misses) or a or b else g
-                if best is None or f < best:
-                    best, chosen = f, (a, b)
-        finishes.append(best)
-        a, b = chosen
+    for f, a, b in best:
+        finishes.append(f)
         offloaded.append(tuple(present[i][1] for i in late[:b] + held[:a]))
     return Split(finishes, present, misses, offloaded)
+
+
+def _first_minimum(gpu_base: float, gpu_moved: list[float], rest: float, bound: float, cpu_base: float,
+                   cpu_moved: list[float]) -> tuple[float, int]:
+    """(min, first a reaching it) of max(G(a), C(a)) over a = 0 … len(gpu_moved) − 1, where
+    G(a) = max(gpu_base − gpu_moved[a] + rest, bound) never rises with a and C(a) = cpu_base + cpu_moved[a]
+    never falls (floating-point rounding is monotone, so this holds for the computed values too)."""
+    def G(a: int) -> float:
+        g = gpu_base - gpu_moved[a] + rest
+        return g if g > bound else bound
+
+    n = len(gpu_moved)
+    lo, hi = 0, n  # the first a with C(a) >= G(a) (n: none)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cpu_base + cpu_moved[mid] >= G(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo == 0:
+        return cpu_base + cpu_moved[0], 0
+    value = G(lo - 1)
+    if lo < n and cpu_base + cpu_moved[lo] < value:
+        return cpu_base + cpu_moved[lo], lo
+    hi, lo = lo - 1, 0  # the first a with G(a) == value (G never rises, so G(a) <= value from there)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if G(mid) <= value:
+            hi = mid
+        else:
+            lo = mid + 1
+    return value, lo
 
 
 def layer_starts(inst: Instance, costs: CostTables | None = None, fastest: float | None = None) -> tuple[float, ...]:
@@ -513,7 +567,8 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
         w, e = zip(*rows, strict=True) if rows else ((), ())
         weights.append(list(w))
         ranked.append(list(map(neg, e)))
-    prefix = list(accumulate(lam, initial=0.0))
+    # J's victims' losses for up to every load and prefetch (free slots may be many more)
+    prefix = list(accumulate(lam[:len(finishes) + sum(map(len, weights))], initial=0.0))
     splits = sorted(range(len(finishes)), key=finishes.__getitem__)  # stable: ties by m
     if any(weights):
         window = _Window(weights, [(s - inst.link_free) / tau for s in starts], lam,

@@ -14,6 +14,7 @@ import pytest
 from prescope.policies.objective import expected_window_latency, link_schedule
 from prescope.policies.presched import (
     Candidate,
+    CostTables,
     Held,
     Instance,
     Plan,
@@ -213,6 +214,67 @@ def test_pruned_search_equals_full_enumeration_on_larger_instances():
 
 
 # ---- hand-checked cases -------------------------------------------------------------------------------------
+
+def reference_split(inst: Instance) -> tuple[list[float], list[tuple[int, ...]]]:
+    """F0(m) and the experts moved to the CPU per m, as first written: every (m, b, a) with the GPU's other
+    jobs scanned in full for each (the same expressions, so `split_finishes` must give the same floats)."""
+    costs, layer = CostTables(inst), inst.layer
+    gpu, cpu, tau, start = costs.gpu, costs.cpu, inst.load, inst.demand_start
+    present = sorted(((0.0 if (layer, e) in inst.resident else inst.inflight[(layer, e)]), e, n)
+                     for e, n in zip(inst.experts, inst.tokens, strict=True)
+                     if (layer, e) in inst.resident or (layer, e) in inst.inflight)
+    present.sort(key=lambda r: (r[0], -r[2], r[1]))
+    misses = sorted(((e, n) for e, n in zip(inst.experts, inst.tokens, strict=True)
+                     if (layer, e) not in inst.resident and (layer, e) not in inst.inflight), key=lambda r: (-r[1], r[0]))
+    top = min(len(misses), inst.free_slots + len(inst.evictable))
+    late = sorted((i for i, (_, e, _) in enumerate(present) if (layer, e) in inst.inflight),
+                  key=lambda i: (-present[i][0], present[i][2], present[i][1]))
+    held = sorted((i for i, (_, e, _) in enumerate(present) if (layer, e) in inst.resident and inst.resident_on_cpu),
+                  key=lambda i: (present[i][2], present[i][1]))
+    gpu_fixed = sum(gpu[n] for (_, e, n) in present if (layer, e) in inst.resident and not inst.resident_on_cpu)
+    rank = {i: b for b, i in enumerate(late, 1)}
+    gpu_held = sum(gpu[present[i][2]] for i in held)
+    gpu_moved = list(itertools.accumulate((gpu[present[i][2]] for i in held), initial=0.0))
+    cpu_moved = list(itertools.accumulate((cpu[present[i][2]] for i in held), initial=0.0))
+    cpu_late = list(itertools.accumulate((cpu[present[i][2]] for i in late), initial=0.0))
+    jobs = sorted([(present[i][0], -1, gpu[present[i][2]], rank[i]) for i in late]
+                  + [(start + j * tau, j, gpu[misses[j - 1][1]], 0) for j in range(1, top + 1)])
+    cpu_after = [0.0] * (len(misses) + 1)
+    for j in range(len(misses) - 1, -1, -1):
+        cpu_after[j] = cpu_after[j + 1] + cpu[misses[j][1]]
+    finishes, offloaded = [], []
+    for m in range(top + 1):
+        best, chosen = None, (0, 0)
+        for b in range(len(late) + 1):
+            rest = bound = 0.0
+            for r, j, t, q in jobs:
+                if j <= m and not 0 < q <= b:
+                    bound = max(bound, r) + t
+                    rest += t
+            for a in range(len(held) + 1):
+                g = max(gpu_fixed + gpu_held - gpu_moved[a] + rest, bound)
+                c = inst.cpu_free + cpu_after[m] + cpu_late[b] + cpu_moved[a]
+                f = max(g, c) if m < len(misses) or a or b else g
+                if best is None or f < best:
+                    best, chosen = f, (a, b)
+        finishes.append(best)
+        offloaded.append(tuple(present[i][1] for i in late[:chosen[1]] + held[:chosen[0]]))
+    return finishes, offloaded
+
+
+def test_split_equals_the_full_scan_exactly():
+    """The split's per-b pass and bisection over a give exactly the full scan's F0(m) and choices, with
+    experts in flight, residents on or off the CPU, and every size of instance."""
+    rng, moved = random.Random(5), 0
+    for i in range(1500):
+        inst = random_instance(rng) if i % 2 else big_instance(rng)
+        for on_cpu in (True, False):
+            inst = dataclasses.replace(inst, resident_on_cpu=on_cpu)
+            split = split_finishes(inst)
+            assert (split.finishes, split.offloaded) == reference_split(inst)
+            moved += any(split.offloaded)
+    assert moved > 200, moved  # instances that move experts to the CPU (of 3,000)
+
 
 def test_cpu_gpu_split_by_hand():
     """τ = 1, GPU 0.5 per expert, CPU 0.6 + 0.4·n; four misses with 4, 3, 1, 1 tokens and nothing else.
