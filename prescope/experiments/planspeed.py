@@ -1,6 +1,14 @@
 """How fast PreSched plans: decode instances shaped as the prescope policy builds them, and the planning time
 per layer on this machine's CPU (`python -m prescope.experiments.planspeed --bench`; the issue's target: median under
-0.2 ms for E = 64, K = 8, D = 3)."""
+0.2 ms for E = 64, K = 8, D = 3), and the policies' whole host time per planned layer replaying a real trace, split
+into PreSched's share and the policy's own (`--replay --batches 1,4,16`).
+
+Measured with `--replay --steps 40 --batches 1,4,16` on the 2-core development CPU (not the H200 host), median µs
+per planned layer of the policy's own work (all of `plan` but `presched.plan`), before and after PreScope's
+planning inputs went over arrays (policies/window.py, commit 1d772ac; presched.py unchanged between the two):
+prescope[gate=False] 141 -> 94 (b1), 169 -> 117 (b4), 205 -> 154 (b16); ceiling[gate=False] 181 -> 135 (b1),
+244 -> 183 (b4), 321 -> 251 (b16). Whole `plan`: prescope 196 -> 147, 250 -> 199, 361 -> 309; ceiling 237 -> 192,
+314 -> 253, 420 -> 361. Single runs on a shared machine: differences under ~10 % are noise."""
 
 from __future__ import annotations
 
