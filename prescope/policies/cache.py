@@ -75,6 +75,7 @@ class ExpertCache:
         self._resident_at = np.zeros(num_slots, dtype=bool)
         self._fresh_at = np.zeros(num_slots, dtype=bool)
         self._pinned_at = np.zeros(num_slots, dtype=bool)
+        self._id_width, self._id_at = 0, self._layer_of  # key ids layer·width + expert per slot, once asked for
 
     # ---- questions about one key ---------------------------------------------------------------------
     def slot(self, key: Key) -> int | None:
@@ -185,8 +186,18 @@ class ExpertCache:
 
     def offered_arrays(self, keep_fresh: range, exclude: Iterable[Key] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(layer, expert) [M] of every resident, unpinned key, in slot order, except the keys in `exclude` and,
-        in the layers of `keep_fresh`, the prefetches not used yet: `evictable_keys(j, keep_fresh=j in
-        keep_fresh)` of every layer j less `exclude`, without a Python scan of the pool."""
+        in the layers of `keep_fresh` (consecutive), the prefetches not used yet: `evictable_keys(j,
+        keep_fresh=j in keep_fresh)` of every layer j less `exclude`, without a Python scan of the pool."""
+        slots = self._offered_slots(keep_fresh, exclude)
+        return self._layer_of.take(slots), self._expert_of.take(slots)
+
+    def offered_ids(self, keep_fresh: range, exclude: Iterable[Key], width: int) -> np.ndarray:
+        """`offered_arrays` as key ids layer·width + expert [M] (width: above every expert), kept per slot."""
+        if width != self._id_width:
+            self._id_at, self._id_width = self._layer_of * width + self._expert_of, width
+        return self._id_at.take(self._offered_slots(keep_fresh, exclude))
+
+    def _offered_slots(self, keep_fresh: range, exclude: Iterable[Key]) -> np.ndarray:
         offered, slot_of = self._resident_at & ~self._pinned_at, self._slot_of
         if len(keep_fresh):
             window = (self._layer_of - keep_fresh.start).view(np.uint64) < len(keep_fresh)  # free slots (-1) too big
@@ -195,8 +206,7 @@ class ExpertCache:
             s = slot_of.get(key)
             if s is not None:
                 offered[s] = False
-        slots = np.flatnonzero(offered)
-        return self._layer_of.take(slots), self._expert_of.take(slots)
+        return np.flatnonzero(offered)
 
     def evictable_ranked(self, protect: frozenset[Key] | set[Key], rank) -> int | None:
         """The evictable slot (key not in `protect`) whose key ranks lowest by `rank(key)`, ties by least
@@ -236,6 +246,8 @@ class ExpertCache:
         self._by_layer[key[0]].add(slot)
         self._fresh[slot] = speculative
         self._layer_of[slot], self._expert_of[slot] = key
+        if self._id_width:
+            self._id_at[slot] = key[0] * self._id_width + key[1]
         self._loading_at[slot], self._resident_at[slot], self._fresh_at[slot] = True, False, speculative
         self.stats.loads += 1
         self.stats.prefetches += int(speculative)

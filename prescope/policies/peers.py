@@ -319,8 +319,8 @@ class PreScope(Predictive):
         link_free, eta = link_state(cache, self.issued, costs.load)
         resident = cache.resident_keys(range(layer, layer + len(window) + 1))
         predictions = candidates(window, offered, self.candidates or 2 * self.top_k())
-        q, layers, experts = self.victim_arrays(view, cache, window)
-        held = cheapest_held(len(view.experts) + sum(map(len, predictions)), q, layers, experts)
+        q, ids = self.victim_ids(view, cache, window)
+        held = cheapest_held(len(view.experts) + sum(map(len, predictions)), q, ids, self.num_experts)
         gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
         return presched.Instance(
             layer, view.experts, view.tokens, predictions, costs.load, costs.gpu, costs.cpu,
@@ -339,15 +339,18 @@ class PreScope(Predictive):
 
     def victim_arrays(self, view: LayerView, cache: ExpertCache,
                       forecast) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`victim_chances` as arrays [M] (chance, layer, expert): the pool's offered keys (`offered_arrays`)
-        and each one's chance read from the grids of `chance_grid`."""
+        """`victim_chances` as arrays [M] (chance, layer, expert)."""
+        q, ids = self.victim_ids(view, cache, forecast)
+        return q, ids // self.num_experts, ids % self.num_experts
+
+    def victim_ids(self, view: LayerView, cache: ExpertCache, forecast) -> tuple[np.ndarray, np.ndarray]:
+        """`victim_chances` as arrays [M] (chance, key id layer·E + expert): the pool's offered keys
+        (`offered_arrays`), each one's chance read from the grids of `chance_grid`."""
         layer, E = view.layer, self.num_experts
         window = Window.of(forecast, E)
-        layers, experts = cache.offered_arrays(range(layer + 1, layer + 1 + len(window)),
-                                               [(layer, e) for e in view.experts])
+        ids = cache.offered_ids(range(layer + 1, layer + 1 + len(window)), [(layer, e) for e in view.experts], E)
         floor, used = self.chance_grid(view, window)
-        at = layers * E + experts  # [M]
-        return np.maximum(floor.take(at), np.where(used.take(at), self.memory.reuse, 0.0)), layers, experts
+        return np.maximum(floor.take(ids), np.where(used.take(ids), self.memory.reuse, 0.0)), ids
 
     def chance_grid(self, view: LayerView, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """(floor, used), both [L·E] by key: a key's chance of being needed is max(floor, the lag-1 reuse rate

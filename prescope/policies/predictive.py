@@ -65,7 +65,7 @@ class Memory:
             self.now_used[:] = False
             self.step = view.step
         self.now[view.layer] = dict(zip(view.experts, view.tokens, strict=True))
-        routed = list(view.experts)
+        routed = np.array(view.experts, dtype=np.intp)  # [K]
         used = self.now_used[view.layer]  # [E]
         used[:] = False
         used[routed] = True

@@ -50,21 +50,24 @@ class Window:
 
 def absent(window: Window, layer: int, present: Container[Key], worth: float) -> list[list[int]]:
     """Per distance d = 1 … D, the experts of layer l+d (ascending) with p > worth whose key is not present."""
-    return [[e for e in np.flatnonzero(p > worth).tolist() if (layer + d, e) not in present]
-            for d, p in enumerate(window.p, 1)]
+    out: list[list[int]] = [[] for _ in range(len(window))]
+    rows, experts = np.nonzero(window.p > worth)  # row-major: experts ascending within a row
+    for d, e in zip(rows.tolist(), experts.tolist(), strict=True):
+        if (layer + 1 + d, e) not in present:
+            out[d].append(e)
+    return out
 
 
 def candidates(window: Window, offered: Sequence[list[int]], keep: int) -> tuple[tuple[Candidate, ...], ...]:
     """Per distance, the `keep` likeliest of `offered` (ties by expert) as Candidates (tokens rounded, >= 1)."""
-    out = []
-    for p, n, experts in zip(window.p, window.n, offered, strict=True):
-        if not experts:
-            out.append(())
-            continue
-        prob = dict(zip(experts, p.take(experts).tolist(), strict=True))
-        ranked = sorted(experts, key=prob.__getitem__, reverse=True)[:keep]  # stable: ties by expert
-        tokens = n.take(ranked).tolist()
-        out.append(tuple(Candidate(e, prob[e], max(1, round(t))) for e, t in zip(ranked, tokens, strict=True)))
+    E = window.p.shape[1]
+    at = [d * E + e for d, experts in enumerate(offered) for e in experts]
+    probs, tokens = window.p.take(at).tolist(), window.n.take(at).tolist()  # one read of each for every row
+    out, i = [], 0
+    for experts in offered:
+        row = sorted(range(i, i + len(experts)), key=probs.__getitem__, reverse=True)[:keep]  # stable: by expert
+        out.append(tuple(Candidate(experts[j - i], probs[j], max(1, round(tokens[j]))) for j in row))
+        i += len(experts)
     return tuple(out)
 
 
@@ -78,25 +81,36 @@ class ComputeTable:
     def expected(self, window: Window) -> tuple[float, ...]:
         if not len(window):
             return ()
-        tokens = np.maximum(np.rint(window.n), 1).astype(np.int64)  # [D, E]
-        top = int(tokens.max())
+        tokens = np.rint(window.n)  # [D, E]
+        at = np.maximum(tokens, 1, out=tokens).astype(np.intp)
+        top = int(at.max())
         if len(self.table) <= top:
             self.table = np.array([0.0] + [self.gpu(c) for c in range(1, top + 1)])
-        times, p = self.table[tokens], np.maximum(window.p, 0.0)  # [D, E]
+        times, p = self.table.take(at), np.maximum(window.p, 0.0)  # [D, E]
         return tuple(float(np.dot(p[d], times[d])) for d in range(len(p)))
+
+
+def smallest_ids(n: int, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions of the n smallest (q, id) pairs of arrays [M] (distinct ids), ascending; only those at or
+    under the n-th smallest q are sorted."""
+    if not len(q) > n > 0:
+        return np.lexsort((ids, q))[:n]
+    near = np.flatnonzero(q <= np.partition(q, n - 1)[n - 1])
+    return near.take(np.lexsort((ids.take(near), q.take(near)))[:n])
 
 
 def cheapest(n: int, q: np.ndarray, layers: np.ndarray, experts: np.ndarray) -> list[tuple[float, Key]]:
     """The n smallest (chance, key) pairs of arrays [M] (distinct keys), ascending, ties by key:
-    `predictive.smallest` on the pairs, with only those at or under the n-th smallest chance sorted."""
-    if len(q) > n > 0:
-        near = np.flatnonzero(q <= np.partition(q, n - 1)[n - 1])
-        q, layers, experts = q.take(near), layers.take(near), experts.take(near)
-    first = np.lexsort((experts, layers, q))[:n]
+    `predictive.smallest` on the pairs (`smallest_ids` with ids layer·W + expert, W above every expert)."""
+    width = int(experts.max()) + 1 if len(experts) else 1
+    first = smallest_ids(n, q, layers * width + experts)
     return list(zip(q.take(first).tolist(), zip(layers.take(first).tolist(), experts.take(first).tolist(),
                                                  strict=True), strict=True))
 
 
-def cheapest_held(n: int, q: np.ndarray, layers: np.ndarray, experts: np.ndarray) -> tuple[Held, ...]:
-    """`cheapest` as PreSched's Held victims, chances capped at 1."""
-    return tuple(Held(key, min(1.0, chance)) for chance, key in cheapest(n, q, layers, experts))
+def cheapest_held(n: int, q: np.ndarray, ids: np.ndarray, width: int) -> tuple[Held, ...]:
+    """The n cheapest victims as PreSched's Held, chances capped at 1, from chances q [M] and key ids [M]
+    (layer·width + expert)."""
+    first = smallest_ids(n, q, ids)
+    return tuple(Held(divmod(i, width), min(1.0, c))
+                 for c, i in zip(q.take(first).tolist(), ids.take(first).tolist(), strict=True))

@@ -141,6 +141,7 @@ def test_the_slot_arrays_follow_every_report():
         want = [key for layer in range(4) for key in cache.evictable_keys(layer, keep_fresh=layer in window)
                 if key not in exclude]
         assert sorted(zip(layers.tolist(), experts.tolist(), strict=True)) == sorted(want)
+        assert cache.offered_ids(window, exclude, 7).tolist() == (layers * 7 + experts).tolist()
         assert cache.evictable_count(exclude) == len(cache.evictable(None, exclude))
         assert cache.resident_keys(window) == {cache.owner(s) for s in range(12) if cache.state(s) is
                                                SlotState.RESIDENT and cache.owner(s)[0] in window}

@@ -45,5 +45,5 @@ def test_cheapest_equals_the_smallest_pairs_with_ties_by_key():
         pairs = [(float(x), (int(j), int(e))) for x, (j, e) in zip(q, keys, strict=True)]
         got = cheapest(n, q, keys[:, 0].copy(), keys[:, 1].copy())
         assert got == smallest(n, pairs)
-        assert [(h.key, h.prob) for h in cheapest_held(n, q, keys[:, 0].copy(), keys[:, 1].copy())] == [
+        assert [(h.key, h.prob) for h in cheapest_held(n, q, keys[:, 0] * 8 + keys[:, 1], 8)] == [
             (k, min(1.0, x)) for x, k in got]
