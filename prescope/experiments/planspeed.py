@@ -4,11 +4,12 @@ per layer on this machine's CPU (`python -m prescope.experiments.planspeed --ben
 into PreSched's share and the policy's own (`--replay --batches 1,4,16`).
 
 Measured with `--replay --steps 40 --batches 1,4,16` on the 2-core development CPU (not the H200 host), median µs
-per planned layer of the policy's own work (all of `plan` but `presched.plan`), before and after PreScope's
-planning inputs went over arrays (policies/window.py, commit 1d772ac; presched.py unchanged between the two):
-prescope[gate=False] 141 -> 94 (b1), 169 -> 117 (b4), 205 -> 154 (b16); ceiling[gate=False] 181 -> 135 (b1),
-244 -> 183 (b4), 321 -> 251 (b16). Whole `plan`: prescope 196 -> 147, 250 -> 199, 361 -> 309; ceiling 237 -> 192,
-314 -> 253, 420 -> 361. Single runs on a shared machine: differences under ~10 % are noise."""
+per planned layer of the policy's own work (all of `plan` but `presched.plan`), before (d1657cf's policies) and
+after PreScope's planning inputs went over arrays (policies/window.py, 8f5dd50; the decisions are the same):
+prescope[gate=False] 141 -> 85 (b1), 169 -> 107 (b4), 205 -> 139 (b16); ceiling[gate=False] 181 -> 113 (b1),
+244 -> 152 (b4), 321 -> 202 (b16). Whole `plan` (PreSched included, sped up on main meanwhile): prescope 196 -> 135,
+250 -> 182, 361 -> 255; ceiling 237 -> 164, 314 -> 220, 420 -> 299. Single runs on a shared machine: differences
+under ~10 % are noise."""
 
 from __future__ import annotations
 
