@@ -154,7 +154,7 @@ if __name__ == "__main__":
     parser.add_argument("--count", type=int, default=300, help="instances per budget")
     parser.add_argument("--repeats", type=int, default=5, help="plans per instance (the best counts)")
     parser.add_argument("--replay", action="store_true", help="print the prescope and ceiling policies' planning "
-                        "time per layer replaying the shipped Qwen3-30B-A3B trace (25 %% budget, batch 1 and 4)")
+                        "time per layer replaying the shipped Qwen3-30B-A3B trace (25 %% budget, at --batches)")
     parser.add_argument("--steps", type=int, default=40, help="forward calls replayed per cell (--replay)")
     parser.add_argument("--batches", default="1,4", help="batch sizes replayed, comma-separated (--replay; "
                         "e.g. 1,4,16,64)")
