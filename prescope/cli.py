@@ -47,6 +47,8 @@ COMMANDS: dict[str, Command] = {
     "check-equivalence": Command("prescope.experiments.equivalence", "offloaded vs stock output on a device"),
     "families": Command("prescope.experiments.families", "every MoE family of transformers: offloaded vs stock"),
     "fidelity": Command("prescope.experiments.fidelity", "simulated vs measured latency of a bench run"),
+    "refit": Command("prescope.experiments.refit",
+                     "refit a profile's GPU expert and host terms to bench runs; measured vs simulated per cell"),
 }
 
 

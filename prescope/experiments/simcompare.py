@@ -147,6 +147,7 @@ def with_host(profile: HardwareProfile, host: HardwareProfile) -> HardwareProfil
         profile, name=f"{profile.name}+{host.name}-host", cpu_expert=dict(host.cpu_expert),
         description=f"{profile.description} Host side and CPU experts of {host.name}.",
         host_overhead_per_layer_s=host.host_overhead_per_layer_s, host_per_transfer_s=host.host_per_transfer_s,
+        host_device_driven_per_layer_s=host.host_device_driven_per_layer_s,
         predict_overhead_s=host.predict_overhead_s, plan_overhead_s=host.plan_overhead_s)
 
 

@@ -12,6 +12,7 @@ Units: bytes, seconds; profile bandwidths in GB/s (1e9 B/s), FLOP rates in TFLOP
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from prescope.hardware.profiles import GB, TERA, ComputeModel, HardwareProfile
 
@@ -87,6 +88,42 @@ def gpu_expert_time(tokens: int, hidden: int, intermediate: int, dtype_bytes: in
         return 0.0
     return gpu_time(expert_bytes(hidden, intermediate, dtype_bytes, gated),
                     expert_flops(tokens, hidden, intermediate, gated), profile.gpu_expert)
+
+
+def grouped_expert_time(tokens: int, hidden: int, intermediate: int, dtype_bytes: int,
+                        profile: HardwareProfile, gated: bool = True) -> float:
+    """What one more expert of N tokens adds to a wave's grouped kernel (`profile.gpu_grouped`):
+    expert_fixed + max(3·H·I·b / bandwidth, 2·N·3·H·I / rate); without a grouped model, `gpu_expert_time`.
+    0 when N = 0."""
+    model = profile.gpu_grouped
+    if model is None or tokens == 0:
+        return gpu_expert_time(tokens, hidden, intermediate, dtype_bytes, profile, gated)
+    return model.expert_fixed_s + max(expert_bytes(hidden, intermediate, dtype_bytes, gated) / (model.mem_gbps * GB),
+                                      expert_flops(tokens, hidden, intermediate, gated) / (model.tflops * TERA))
+
+
+def gpu_wave_time(tokens: Sequence[int], hidden: int, intermediate: int, dtype_bytes: int,
+                  profile: HardwareProfile, gated: bool = True) -> float:
+    """Seconds for one wave of resident experts of one layer, N_e tokens each (experts with none are left out).
+
+    Without `profile.gpu_grouped` (one kernel pair per expert, run one after another): Σ_e gpu_expert_time(N_e).
+    With it (one grouped kernel over the wave's slots): wave_fixed + k·expert_fixed
+    + max(k·3·H·I·b / bandwidth, Σ_e 2·N_e·3·H·I / rate), k the experts with tokens; 0 for an empty wave.
+    Example (grouped, wave_fixed 100 µs, expert_fixed 2 µs, 2,000 GB/s): 8 OLMoE experts (12 MiB each) of one
+    token: 100 + 16 + 8·12.58e6 / 2e12 s = 166 µs.
+    """
+    counts = [int(n) for n in tokens if n]
+    for n in counts:
+        _check_nonneg(tokens=n)
+    model = profile.gpu_grouped
+    if model is None:
+        return sum(gpu_expert_time(n, hidden, intermediate, dtype_bytes, profile, gated) for n in counts)
+    if not counts:
+        return 0.0
+    nbytes = len(counts) * expert_bytes(hidden, intermediate, dtype_bytes, gated)
+    flops = expert_flops(sum(counts), hidden, intermediate, gated)
+    return (model.wave_fixed_s + len(counts) * model.expert_fixed_s
+            + max(nbytes / (model.mem_gbps * GB), flops / (model.tflops * TERA)))
 
 
 def cpu_dtype_for(dtype_bytes: int, dtype: str | None = None) -> str:

@@ -31,6 +31,8 @@ GB = 1e9
 TERA = 1e12
 # Stands for "this term costs nothing" (a bandwidth or FLOP rate), since JSON has no infinity.
 NEGLIGIBLE_RATE = 1e9
+# Fields a profile may leave out (null): the older behaviour holds without them.
+OPTIONAL_FIELDS = ("gpu_grouped", "host_device_driven_per_layer_s")
 
 
 class ProfileError(ValueError):
@@ -113,6 +115,27 @@ class ComputeModel:
 
 
 @dataclass(frozen=True)
+class GroupedKernelModel:
+    """Constants of an engine that runs one grouped expert kernel per wave (all of a wave's experts in one
+    launch over the slot pool) instead of one kernel pair per expert: a fixed cost per wave (the launch and
+    the routing, gating and combine kernels around it), a fixed cost per expert in the wave (its tiles'
+    start-up), and a roofline over the wave's bytes and FLOPs (`cost.gpu_wave_time`)."""
+
+    wave_fixed_s: float
+    expert_fixed_s: float
+    mem_gbps: float
+    tflops: float
+
+    def __post_init__(self) -> None:
+        for name in ("wave_fixed_s", "expert_fixed_s", "mem_gbps", "tflops"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise ProfileError(f"grouped kernel field {name!r} must be a finite number, got {value!r}")
+        if self.wave_fixed_s < 0 or self.expert_fixed_s < 0 or self.mem_gbps <= 0 or self.tflops <= 0:
+            raise ProfileError(f"grouped kernel model needs fixed costs >= 0, mem_gbps > 0, tflops > 0; got {self}")
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     """Everything the cost model needs to know about one machine.
 
@@ -124,6 +147,10 @@ class HardwareProfile:
     plan_overhead_s: one predictor call and one planner call; host_per_transfer_s: host time to issue one
     expert transfer (the engine's Python, stream and event calls; 0 where not measured). fit: the fits' RMS log errors;
     measurements: the raw points the fits came from.
+    gpu_grouped (optional): the engine runs one grouped expert kernel per wave (`GroupedKernelModel`); absent,
+    each expert is its own kernel (`gpu_expert`). host_device_driven_per_layer_s (optional): the host's time per
+    MoE layer when every expert is resident and the step runs without the host between layers (one CUDA
+    graph); absent, host_overhead_per_layer_s holds there too.
     """
 
     name: str
@@ -143,6 +170,8 @@ class HardwareProfile:
     predict_overhead_s: float
     plan_overhead_s: float
     host_per_transfer_s: float = 0.0
+    gpu_grouped: GroupedKernelModel | None = None
+    host_device_driven_per_layer_s: float | None = None
     source_files: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     fit: dict[str, Any] = field(default_factory=dict)
@@ -161,6 +190,13 @@ class HardwareProfile:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ProfileError(f"profile field {name!r} must be a finite number >= 0, got {value!r}")
+        value = self.host_device_driven_per_layer_s
+        if value is not None and (not _is_number(value) or not math.isfinite(value) or value < 0):
+            raise ProfileError(f"profile field 'host_device_driven_per_layer_s' must be a finite number >= 0 or "
+                               f"null, got {value!r}")
+        if self.gpu_grouped is not None and not isinstance(self.gpu_grouped, GroupedKernelModel):
+            raise ProfileError(f"profile field 'gpu_grouped' must be a GroupedKernelModel or null, got "
+                               f"{self.gpu_grouped!r}")
         if not isinstance(self.cpu_expert, dict) or not self.cpu_expert:
             raise ProfileError("profile field 'cpu_expert' needs at least one dtype entry, e.g. 'bfloat16'")
         for name, kind in (("pinned_h2d", BandwidthCurve), ("pageable_h2d", BandwidthCurve),
@@ -180,6 +216,13 @@ class HardwareProfile:
         object.__setattr__(self, "source_files", tuple(self.source_files))
         object.__setattr__(self, "notes", tuple(self.notes))
 
+    def host_per_layer(self, device_driven: bool = False) -> float:
+        """The host's time per MoE layer: `host_device_driven_per_layer_s` where every expert is resident
+        and the profile has it, else `host_overhead_per_layer_s`."""
+        if device_driven and self.host_device_driven_per_layer_s is not None:
+            return self.host_device_driven_per_layer_s
+        return self.host_overhead_per_layer_s
+
     def cpu_model(self, dtype: str) -> ComputeModel:
         if dtype not in self.cpu_expert:
             raise ProfileError(
@@ -194,6 +237,9 @@ class HardwareProfile:
         out["pageable_h2d"] = [list(p) for p in self.pageable_h2d.points]
         out["source_files"] = list(self.source_files)
         out["notes"] = list(self.notes)
+        for name in OPTIONAL_FIELDS:  # absent where unset, so that older files and readers see what they knew
+            if out[name] is None:
+                del out[name]
         return out
 
     @classmethod
@@ -213,6 +259,12 @@ class HardwareProfile:
                 kwargs[key] = BandwidthCurve(tuple(tuple(p) for p in data[key]))
             for key in ("gpu_expert", "gpu_dense"):
                 kwargs[key] = ComputeModel(**data[key])
+            key = "gpu_grouped"
+            if data.get(key) is not None:
+                if not isinstance(data[key], dict):
+                    raise ProfileError(f"must be an object of {[f.name for f in dataclasses.fields(GroupedKernelModel)]}"
+                                       f" or null, got {data[key]!r}")
+                kwargs[key] = GroupedKernelModel(**data[key])
             key = "cpu_expert"
             if not isinstance(data[key], dict):
                 raise ProfileError(f"field 'cpu_expert' must map dtype names to compute models, got {data[key]!r}")
@@ -232,7 +284,8 @@ def list_profiles() -> list[str]:
 
 
 def load_profile(name_or_path: str | os.PathLike | HardwareProfile) -> HardwareProfile:
-    """A built-in profile by name (`h200`, `a100-pcie4`, `v100-pcie3`) or a profile JSON file by path."""
+    """A built-in profile by name (`h200`, `h200-graphs`, `a100-pcie4`, `v100-pcie3`) or a profile JSON file by
+    path. `h200-graphs` is `h200` refitted to the fast engine's bench runs (`experiments.refit`)."""
     if isinstance(name_or_path, HardwareProfile):
         return name_or_path
     path = Path(name_or_path)
@@ -279,9 +332,13 @@ def scale_profile(profile: HardwareProfile, *, name: str, link_gbps: float | Non
     def gpu(m: ComputeModel) -> ComputeModel:
         return ComputeModel(m.fixed_s, m.mem_gbps * gpu_mem_ratio, m.tflops * gpu_flops_ratio)
 
+    grouped = profile.gpu_grouped
+    if grouped is not None:
+        grouped = dataclasses.replace(grouped, mem_gbps=grouped.mem_gbps * gpu_mem_ratio,
+                                      tflops=grouped.tflops * gpu_flops_ratio)
     base = dict(name=name, pinned_h2d=profile.pinned_h2d.scaled(link),
                 pageable_h2d=profile.pageable_h2d.scaled(link), gpu_expert=gpu(profile.gpu_expert),
-                gpu_dense=gpu(profile.gpu_dense), measurements={}, fit={})
+                gpu_dense=gpu(profile.gpu_dense), gpu_grouped=grouped, measurements={}, fit={})
     return dataclasses.replace(profile, **{**base, **changes})
 
 
@@ -374,4 +431,45 @@ def fit_linear_cost(nbytes: list[float], flops: list[float],
     with np.errstate(divide="ignore"):
         mem_gbps, tflops = 1.0 / best[1] / GB, 1.0 / best[2] / TERA
     model = ComputeModel(float(best[0]), float(min(mem_gbps, NEGLIGIBLE_RATE)), float(min(tflops, NEGLIGIBLE_RATE)))
+    return model, _log_rms(design @ best, t)
+
+
+def fit_grouped_kernel(waves: list[float], experts: list[float], nbytes: list[float], seconds: list[float],
+                       tflops: float) -> tuple[GroupedKernelModel, float]:
+    """Fit t = waves·wave_fixed + experts·expert_fixed + bytes / bandwidth to measurements (each point may sum
+    many waves: a decode step's L layers); returns (model with the given FLOP rate, RMS log error).
+
+    Non-negative least squares on relative error (rows weighted by 1/t), solved exactly by trying every
+    subset of the three terms, as `fit_linear_cost`; a bandwidth whose coefficient is 0 gets NEGLIGIBLE_RATE.
+    The FLOP rate is not fitted (it never binds where only the memory-bound decode is measured).
+    """
+    w, k, b, t = (np.asarray(x, dtype=float) for x in (waves, experts, nbytes, seconds))
+    if not (len(w) == len(k) == len(b) == len(t)) or len(t) == 0:
+        raise ProfileError(f"grouped-kernel fit needs matching, non-empty inputs, got {len(w)}, {len(k)}, {len(b)}, "
+                           f"{len(t)}")
+    if (t <= 0).any() or (w < 0).any() or (k < 0).any() or (b < 0).any():
+        raise ProfileError("grouped-kernel fit needs positive times and non-negative counts and bytes (a time <= 0: "
+                           "the work outside the experts already explains the whole measurement)")
+    design = np.stack([w, k, b], axis=1)  # [points, 3]
+    best_loss, best = math.inf, None
+    for mask in itertools.product((False, True), repeat=3):
+        cols = [c for c in range(3) if mask[c]]
+        if not cols:
+            continue
+        coef, *_ = np.linalg.lstsq(design[:, cols] / t[:, None], np.ones_like(t), rcond=None)
+        if (coef < 0).any():
+            continue
+        full = np.zeros(3)
+        full[cols] = coef
+        pred = design @ full
+        if (pred <= 0).any():
+            continue
+        loss = float(((np.log(pred) - np.log(t)) ** 2).sum())
+        if loss < best_loss:
+            best_loss, best = loss, full
+    if best is None:
+        raise ProfileError("grouped-kernel fit: no non-negative combination of the terms explains the times")
+    with np.errstate(divide="ignore"):
+        mem_gbps = 1.0 / best[2] / GB
+    model = GroupedKernelModel(float(best[0]), float(best[1]), float(min(mem_gbps, NEGLIGIBLE_RATE)), float(tflops))
     return model, _log_rms(design @ best, t)

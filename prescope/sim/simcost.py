@@ -75,13 +75,16 @@ class SimTimes:
         dense_layer = dense_params + layout.top_k * 3 * common_h * common_i
         self.layout, self.profile, self.nbytes, self.dense_params = layout, profile, nbytes, dense_params
         self.formulas = {  # what -> seconds for n tokens (n bytes for a transfer)
-            "gpu": lambda n: cost.gpu_expert_time(n, h, i, b, profile),  # one expert
+            # one expert (with a grouped kernel: what it adds to its wave)
+            "gpu": lambda n: cost.grouped_expert_time(n, h, i, b, profile),
             "cpu": lambda n: cost.cpu_expert_time(n, h, i, b, profile),  # one expert
             "attention": lambda n: cost.dense_time(n, dense_params, common_b, profile),  # a MoE layer's resident work
             "dense": lambda n: cost.dense_time(n, dense_layer, common_b, profile),  # a dense decoder layer
             "link": lambda n: cost.transfer_time(n, profile),  # one transfer
         }
+        self.wave_formula = lambda counts: cost.gpu_wave_time(counts, h, i, b, profile)  # one wave of experts
         self.memo: dict[tuple[str, int], float] = {}
+        self.wave_memo: dict[tuple[int, ...], float] = {}
 
     def of(self, what: str, n: int) -> float:
         try:
@@ -104,15 +107,27 @@ class SimTimes:
     def cpu(self, n: int) -> float:
         return self.of("cpu", n)
 
+    def wave(self, counts: tuple[int, ...]) -> float:
+        """One wave of this layer's experts, `counts` tokens each (`cost.gpu_wave_time`: one grouped kernel where
+        the profile has `gpu_grouped`, else one kernel per expert in turn)."""
+        key = tuple(sorted(counts))
+        try:
+            return self.wave_memo[key]
+        except KeyError:
+            value = self.wave_memo[key] = self.wave_formula(key)
+            return value
+
     def link(self, nbytes: int) -> float:
         return self.of("link", nbytes)
 
-    def costs(self) -> Costs:
+    def costs(self, device_driven: bool = False) -> Costs:
         """The costs a policy weighs in this replay: the simulator's own prices, its host serial with the
-        device (a layer's loads and kernels start after the host's work of that layer)."""
+        device (a layer's loads and kernels start after the host's work of that layer). `device_driven`: every
+        expert is resident (the profile's host time of such a step, `HardwareProfile.host_per_layer`)."""
         p = self.profile
+        host = p.host_per_layer(device_driven)
+        launch = p.gpu_expert.fixed_s if p.gpu_grouped is None else p.gpu_grouped.wave_fixed_s
         return Costs(load=self.of("link", self.nbytes), gpu=self.gpu, cpu=self.cpu,
-                     layer_gap=self.formulas["attention"](1) + p.host_overhead_per_layer_s,
-                     host=p.host_overhead_per_layer_s, launch=p.gpu_expert.fixed_s,
+                     layer_gap=self.formulas["attention"](1) + host, host=host, launch=launch,
                      plan=p.predict_overhead_s + p.plan_overhead_s, transfer_host=p.host_per_transfer_s,
                      host_hides_device=False)

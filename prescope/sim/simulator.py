@@ -10,8 +10,11 @@ protocol, whose orders this executor times (`_Replay`): the cache catches up wit
 plan; the plan costs the profile's prediction and planning times for what the policy did
 (`Policy.planned_work`: prescope's gate skips both); issuing each transfer costs `host_per_transfer_s`;
 CPU experts run one after another on the CPU lane, overlapping GPU work; a GPU expert starts when its
-load has landed and the GPU is free; when every slot is still loading, the GPU waits for the first
-transfer to land. The layer ends when its GPU and CPU experts are done.
+load has landed and the GPU is free (or, where the profile has `gpu_grouped`, as the fast engine does: a
+wave's experts run as one grouped kernel once the last of its loads has landed, `cost.gpu_wave_time`); when
+every slot is still loading, the GPU waits for the first transfer to land. The layer ends when its GPU and
+CPU experts are done. When the budget holds every expert, the host's time per layer is the profile's
+device-driven one (`HardwareProfile.host_per_layer`: the engine runs such a step as one CUDA graph).
 
 The link (`link.py`): one FIFO queue (`async_io=False`: a queued prefetch delays a later on-demand load),
 or a priority queue (`async_io=True`: on-demand loads overtake queued prefetches at `chunk_bytes`
@@ -118,7 +121,7 @@ class _Replay(Executor):
     through the layer protocol (`policies.protocol.run_layer`), carrying out its orders on the clock."""
 
     def __init__(self, policy: Policy, cache: ExpertCache, times: SimTimes, num_experts: int, async_io: bool,
-                 chunk_bytes: int):
+                 chunk_bytes: int, device_driven: bool = False):
         self.policy, self.cache, self.times, self.num_experts = policy, cache, times, num_experts
         self.by_layer = times.per_layer()  # [L] each MoE layer's experts priced by their own bytes
         self.rows: list[tuple] = []
@@ -134,7 +137,9 @@ class _Replay(Executor):
             raise SimulationError(f"policy {policy.name!r} declares host_work {work}; allowed: {HOST_WORK}")
         p = times.profile
         self.per_transfer = p.host_per_transfer_s  # host time to issue one transfer
-        self.host = [("host", p.host_overhead_per_layer_s)] if p.host_overhead_per_layer_s > 0 else []
+        host = p.host_per_layer(device_driven)  # one graph per step where every expert is resident
+        self.host = [("host", host)] if host > 0 else []
+        self.grouped = p.gpu_grouped is not None
         self.planning = [(kind, d) for kind, d in (("predict", p.predict_overhead_s if "predict" in work else 0.0),
                                                    ("plan", p.plan_overhead_s if "plan" in work else 0.0)) if d > 0]
         # the running layer: its step, token count per routed expert, and the host, GPU and CPU clocks
@@ -214,8 +219,17 @@ class _Replay(Executor):
         return False
 
     def compute(self, layer: int, wave: list[tuple[int, int]]) -> None:
-        """Each expert when its load has landed and the GPU is free."""
+        """Each expert when its load has landed and the GPU is free; with a grouped kernel (the profile's
+        `gpu_grouped`) the whole wave at once, when the last of its loads has landed."""
         g = self.g
+        if self.grouped and wave:
+            start = max([g] + [self.ready_time((layer, e), self.h) for e, _ in wave])
+            g = start + self.times.wave(tuple(self.count[e] for e, _ in wave))
+            for e, slot in wave:
+                self.rows.append(("gpu", self.step, layer, e, "gpu_expert", self.count[e], 0, start, g, slot, -1))
+                self.release[slot] = g
+            self.g = g
+            return
         for e, slot in wave:
             start = max(g, self.ready_time((layer, e), self.h))
             g = start + self.times.gpu(self.count[e])
@@ -309,9 +323,11 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
     num_slots = slots_for(layout, share=budget_share, slots=budget_slots)
     times = SimTimes(layout, profile, default_dense_params(layout) if dense_params is None else dense_params)
     cache = ExpertCache(num_slots, L)
-    costs = times.costs() if policy_profile is None else costs_for(layout, load_profile(policy_profile))
+    device_driven = num_slots >= L * E  # every expert resident: the engine runs the step as one graph
+    costs = (times.costs(device_driven) if policy_profile is None
+             else costs_for(layout, load_profile(policy_profile)))
     fill(policy, cache, preload(policy, cache, E, costs), lambda key, slot: True)  # resident before time 0
-    sim = _Replay(policy, cache, times, E, async_io, chunk_bytes)
+    sim = _Replay(policy, cache, times, E, async_io, chunk_bytes, device_driven)
     # decoder layers in order: (decoder index, MoE ordinal or -1 for a dense layer)
     decoder = sorted([(i, -1) for i in layout.dense_layers] + [(i, o) for o, i in enumerate(layout.moe_layers)])
     calls = replay_steps(trace, batch_size, decode_only, max_steps)
@@ -333,7 +349,7 @@ def _replay(trace, policy, profile, budget_slots, budget_share, batch_size, deco
             later = routed[layer + 1:]
             t = sim.layer(step, layer, t, n, experts, counts, tuple(r[0] for r in later),
                           None if hidden is None else _tensor(hidden[layer]), tuple(r[1] for r in later))
-            gpu_work += times.of("attention", n) + sum(sim.by_layer[layer].gpu(c) for c in counts)
+            gpu_work += times.of("attention", n) + sim.by_layer[layer].wave(counts)  # all in one wave
             dense_work += times.of("attention", n)
         routed_total, hits = sum(len(r[0]) for r in routed), cache.stats.hits - before["hits"]
         requests.append([layer * E + e for layer, (experts, _) in enumerate(routed) for e in experts])

@@ -116,3 +116,45 @@ def test_split_lower_bound_by_hand():
     assert split_lower_bound([1.0, 1.0], [9.0, 9.0]) == pytest.approx(1.8)
     with pytest.raises(cost.CostInputError):
         split_lower_bound([1.0], [])
+
+
+def grouped_profile(**changes) -> HardwareProfile:
+    """flat_profile with one grouped kernel per wave: 100 µs per wave, 2 µs per expert, 2,000 GB/s, 500 TFLOP/s."""
+    import dataclasses
+
+    from prescope.hardware.profiles import GroupedKernelModel
+
+    grouped = GroupedKernelModel(wave_fixed_s=0.1 * MS, expert_fixed_s=0.002 * MS, mem_gbps=2000.0, tflops=500.0)
+    return dataclasses.replace(flat_profile(), gpu_grouped=grouped, **changes)
+
+
+def test_a_wave_without_a_grouped_model_is_its_experts_one_after_another():
+    p = flat_profile()
+    counts = [1, 5, 0, 300]
+    assert cost.gpu_wave_time(counts, **OLMOE, dtype_bytes=2, profile=p) == pytest.approx(
+        sum(cost.gpu_expert_time(n, **OLMOE, dtype_bytes=2, profile=p) for n in counts))
+    assert cost.grouped_expert_time(3, **OLMOE, dtype_bytes=2, profile=p) == cost.gpu_expert_time(
+        3, **OLMOE, dtype_bytes=2, profile=p)
+    assert cost.gpu_wave_time([], **OLMOE, dtype_bytes=2, profile=p) == 0.0
+
+
+def test_a_grouped_wave_pays_its_fixed_cost_once_then_bytes_or_flops():
+    p = grouped_profile()
+    one = cost.expert_bytes(**OLMOE, dtype_bytes=2)  # 12 MiB
+    # 8 experts of one token: memory-bound, 100 + 8·2 µs + 8·12.58 MB / 2,000 GB/s (the docstring's example)
+    assert cost.gpu_wave_time([1] * 8, **OLMOE, dtype_bytes=2, profile=p) == pytest.approx(
+        0.1 * MS + 8 * 0.002 * MS + 8 * one / 2000e9)
+    assert cost.gpu_wave_time([1] * 8, **OLMOE, dtype_bytes=2, profile=p) == pytest.approx(166.3e-6, rel=1e-3)
+    # experts without tokens cost nothing; an empty wave nothing at all
+    assert cost.gpu_wave_time([1, 0, 0], **OLMOE, dtype_bytes=2, profile=p) == cost.gpu_wave_time(
+        [1], **OLMOE, dtype_bytes=2, profile=p)
+    assert cost.gpu_wave_time([0, 0], **OLMOE, dtype_bytes=2, profile=p) == 0.0
+    # many tokens: the wave's FLOPs bind
+    flops = cost.expert_flops(2 * 100_000, **OLMOE)
+    assert cost.gpu_wave_time([100_000, 100_000], **OLMOE, dtype_bytes=2, profile=p) == pytest.approx(
+        0.1 * MS + 2 * 0.002 * MS + flops / 500e12)
+    # one expert's share of a wave: its fixed cost and its bytes, not the wave's
+    assert cost.grouped_expert_time(1, **OLMOE, dtype_bytes=2, profile=p) == pytest.approx(
+        0.002 * MS + one / 2000e9)
+    with pytest.raises(cost.CostInputError):
+        cost.gpu_wave_time([-1], **OLMOE, dtype_bytes=2, profile=p)

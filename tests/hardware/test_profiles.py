@@ -84,7 +84,7 @@ def test_bad_profile_files_get_errors_naming_the_problem(tmp_path):
 
 
 def test_builtins_are_listed_and_say_where_they_come_from():
-    assert list_profiles() == ["a100-pcie4", "h200", "v100-pcie3"]
+    assert list_profiles() == ["a100-pcie4", "h200", "h200-graphs", "v100-pcie3"]
     h200 = load_profile("h200")
     assert h200.source == "measured" and h200.date == "2026-11-28"
     assert "h200-measured-2026-11-28.json" in h200.source_files
@@ -202,3 +202,54 @@ def test_saved_and_builtin_profiles_carry_a_checksum_that_is_checked(tmp_path):
     by_hand = load_profile("h200").to_dict()  # a profile written by hand carries none: it loads
     (tmp_path / "hand.json").write_text(json.dumps(by_hand))
     assert load_profile(tmp_path / "hand.json").name == "h200"
+
+
+def test_grouped_kernel_fit_recovers_known_constants():
+    from prescope.hardware.profiles import fit_grouped_kernel
+
+    rng = np.random.default_rng(0)
+    waves = rng.integers(1, 64, 12).astype(float)  # layers of a step
+    experts = waves * rng.uniform(1, 100, 12)
+    nbytes = experts * rng.choice([9 * MIB, 12 * MIB, 336 * MIB], 12)
+    truth = (120e-6, 2e-6, 3000.0)
+    seconds = waves * truth[0] + experts * truth[1] + nbytes / (truth[2] * 1e9)
+    model, err = fit_grouped_kernel(waves.tolist(), experts.tolist(), nbytes.tolist(), seconds.tolist(), tflops=500.0)
+    assert (model.wave_fixed_s, model.expert_fixed_s, model.mem_gbps) == pytest.approx(truth, rel=1e-6)
+    assert model.tflops == 500.0 and err < 1e-9
+    noisy = seconds * rng.uniform(0.95, 1.05, 12)  # 5 % noise: the constants within a few per cent
+    model, err = fit_grouped_kernel(waves.tolist(), experts.tolist(), nbytes.tolist(), noisy.tolist(), tflops=500.0)
+    assert model.mem_gbps == pytest.approx(truth[2], rel=0.1) and model.wave_fixed_s == pytest.approx(truth[0], rel=0.2)
+    assert 0 < err < 0.05
+    with pytest.raises(ProfileError, match="positive times"):
+        fit_grouped_kernel([1.0], [1.0], [1.0], [-1e-3], tflops=1.0)
+
+
+def test_profiles_without_the_grouped_fields_load_as_before_and_with_them_round_trip(tmp_path):
+    from prescope.hardware.profiles import OPTIONAL_FIELDS, GroupedKernelModel
+
+    old = load_profile("h200")  # written before the fields existed
+    assert old.gpu_grouped is None and old.host_device_driven_per_layer_s is None
+    assert old.host_per_layer(device_driven=True) == old.host_per_layer() == old.host_overhead_per_layer_s
+    assert not set(OPTIONAL_FIELDS) & set(old.to_dict())  # unset: left out of the file, as before
+    data = old.to_dict()
+    data.pop("checksum", None)
+    data |= {"gpu_grouped": None, "host_device_driven_per_layer_s": None}  # null: the same as absent
+    (tmp_path / "null.json").write_text(json.dumps(data))
+    assert load_profile(tmp_path / "null.json") == old
+    new = load_profile("h200-graphs")
+    assert isinstance(new.gpu_grouped, GroupedKernelModel)
+    assert new.host_per_layer(device_driven=True) == new.host_device_driven_per_layer_s
+    assert load_profile(save_profile(new, tmp_path / "g.json")) == new
+    data = new.to_dict()
+    data.pop("checksum", None)
+    data["gpu_grouped"] = {"wave_fixed_s": 1e-4, "expert_fixed_s": -1.0, "mem_gbps": 1.0, "tflops": 1.0}
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="bad.json: field 'gpu_grouped': .*fixed costs >= 0"):
+        load_profile(tmp_path / "bad.json")
+    data["gpu_grouped"] = [1, 2]
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="bad.json: field 'gpu_grouped': must be an object"):
+        load_profile(tmp_path / "bad.json")
+    scaled = scale_profile(new, name="half", gpu_mem_ratio=0.5)
+    assert scaled.gpu_grouped.mem_gbps == pytest.approx(new.gpu_grouped.mem_gbps / 2)
+    assert scaled.gpu_grouped.wave_fixed_s == new.gpu_grouped.wave_fixed_s

@@ -18,7 +18,6 @@ from prescope.policies.presched import (
     Held,
     Instance,
     Plan,
-    PlanError,
     layer_starts,
     plan,
     split_finishes,
@@ -374,16 +373,3 @@ def test_on_demand_loads_never_wait_behind_prefetches():
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
-
-def test_bad_instances_are_clear_errors():
-    ok = dict(layer=0, experts=(1,), tokens=(1.0,), predictions=(), load=1.0, gpu=flat(0.1), cpu=flat(1.0))
-    with pytest.raises(PlanError, match="equally long"):
-        Instance(**{**ok, "tokens": (1.0, 2.0)})
-    with pytest.raises(PlanError, match="load"):
-        Instance(**{**ok, "load": 0.0})
-    with pytest.raises(PlanError, match="prob in"):
-        Instance(**{**ok, "predictions": ((Candidate(2, 1.5),),)})
-    with pytest.raises(PlanError, match="demand_free"):
-        Instance(**{**ok, "link_free": 1.0, "demand_free": 2.0})
-    with pytest.raises(PlanError, match="compute"):
-        Instance(**{**ok, "compute": (1.0,)})

@@ -476,3 +476,44 @@ def test_cli_simulate_checks_steps_and_the_timeline_path_before_replaying(tmp_pa
         assert message in err and len(err.splitlines()) == 1
     assert cli.main(["simulate", "--trace", str(path), "--timeline", str(tmp_path / "tl.parquet")]) == 0
     assert files.verify(tmp_path / "tl.parquet")  # the timeline carries its checksum
+
+
+# ---- one grouped kernel per wave (the profile's gpu_grouped) -----------------------------------------------
+
+def grouped_hand_profile(device_driven_host_s: float | None = 0.05 * MS) -> HardwareProfile:
+    """hand_profile with one grouped kernel per wave: 0.3 ms per wave, 0.1 ms per expert (bytes and FLOPs
+    negligible), and 0.05 ms of host time per layer where every expert is resident."""
+    import dataclasses
+
+    from prescope.hardware.profiles import GroupedKernelModel
+
+    grouped = GroupedKernelModel(0.3 * MS, 0.1 * MS, NEGLIGIBLE_RATE, NEGLIGIBLE_RATE)
+    return dataclasses.replace(hand_profile(), gpu_grouped=grouped,
+                               host_device_driven_per_layer_s=device_driven_host_s)
+
+
+PAIRS = make_trace([[[[0, 1], [2, 3]]]], E=4)  # one step; two experts in each of two layers
+
+
+def test_a_grouped_wave_runs_its_experts_together_and_a_resident_step_takes_the_device_driven_host_time():
+    old = replay(PAIRS, "on_demand_lru", hand_profile(), budget_share=1.0)
+    # per layer: attention 0.1 + host 0.25 + two experts of 0.5 one after another
+    assert old.summary["latency"].iloc[0] / MS == pytest.approx(2 * (0.1 + 0.25 + 1.0))
+    new = replay(PAIRS, "on_demand_lru", grouped_hand_profile(), budget_share=1.0)
+    # per layer: attention 0.1 + device-driven host 0.05 + one wave of 0.3 + 2 x 0.1
+    assert new.summary["latency"].iloc[0] / MS == pytest.approx(2 * (0.1 + 0.05 + 0.5))
+    gpu = new.timeline[new.timeline["kind"] == "gpu_expert"]
+    assert gpu.groupby("layer")[["start", "end"]].nunique().eq(1).all().all()  # one kernel per layer
+    assert new.summary["lower_bound_gpu_only"].iloc[0] / MS == pytest.approx(2 * (0.1 + 0.5))
+    fallback = replay(PAIRS, "on_demand_lru", grouped_hand_profile(None), budget_share=1.0)
+    assert fallback.summary["latency"].iloc[0] / MS == pytest.approx(2 * (0.1 + 0.25 + 0.5))
+
+
+def test_a_grouped_wave_starts_when_the_last_of_its_loads_has_landed():
+    r = replay(PAIRS, "on_demand_lru", grouped_hand_profile(), budget_slots=4)  # offloaded: the host's full time
+    rows = r.timeline[r.timeline["layer"] == 0]
+    loads = rows[rows["lane"] == "pcie"].sort_values("start")
+    assert loads["start"].tolist() == pytest.approx([0.35 * MS, 1.35 * MS])  # after attention and host, FIFO
+    gpu = rows[rows["kind"] == "gpu_expert"]
+    assert gpu["start"].tolist() == pytest.approx([2.35 * MS] * 2)
+    assert gpu["end"].tolist() == pytest.approx([2.85 * MS] * 2)
