@@ -14,7 +14,7 @@ from collections.abc import Callable, Container, Sequence
 
 import numpy as np
 
-from prescope.policies.presched import Candidate, Held
+from prescope.policies.instance import Candidate, Held
 
 Key = tuple[int, int]
 

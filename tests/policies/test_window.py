@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from prescope.policies.instance import Candidate
 from prescope.policies.predictive import smallest
-from prescope.policies.presched import Candidate
 from prescope.policies.window import ComputeTable, Window, absent, candidates, cheapest, cheapest_held
 
 
