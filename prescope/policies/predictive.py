@@ -43,7 +43,7 @@ class Memory:
         self.prev: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self.freq = np.zeros((num_layers, num_experts))  # [L, E] decayed share of steps using each expert
         self.seen = [[0] * num_experts for _ in range(num_layers)]  # selections by earlier steps
-        # now/prev as [L, E] masks (expert used by the layer's run this step / previous), for `chance_arrays`
+        # now/prev as [L, E] masks (expert used by the layer's run this step / previous), for `PreScope.chance_grid`
         self.now_used = np.zeros((num_layers, num_experts), dtype=bool)
         self.prev_used = np.zeros((num_layers, num_experts), dtype=bool)
         # tokens per expert of those runs ([L, E], read only where the mask is set), for `previous_step_arrays`
@@ -101,13 +101,6 @@ class Memory:
         at least the lag-1 reuse rate if the layer's last run (`ran`: this step, else the previous) used it."""
         freq, last, reuse = self.freq[layer].tolist(), self.now[layer] if ran else self.prev[layer], self.reuse
         return [max(freq[e], reuse if e in last else 0.0) for e in experts]
-
-    def chance_arrays(self, layers: np.ndarray, experts: np.ndarray, running: int) -> np.ndarray:
-        """`chances` of many keys at once ([M] layers and experts; a layer ran this step when <= `running`):
-        max(frequency, the lag-1 reuse rate if the layer's last run used the expert, else 0)."""
-        used = np.where(layers <= running, self.now_used[layers, experts], self.prev_used[layers, experts])
-        freq = self.freq[layers, experts]
-        return np.where(used, np.maximum(freq, self.reuse), np.maximum(freq, 0.0))
 
     def current(self, view: LayerView):
         """[1, L, W] int64: this step's experts at layers <= view.layer, MISSING elsewhere (History.current)."""
