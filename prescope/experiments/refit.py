@@ -212,7 +212,7 @@ def refit_profile(benches: list[Bench], base: HardwareProfile | str = "h200", na
                f"layer in those cells was {', '.join(f'{1e6 * v:.0f}' for v in hosts['host_own_s'])} µs, most of it "
                "overlapping the device (routing replayed: no synchronisation per layer).",
                f"gpu_expert, gpu_dense, link and CPU models: unchanged from `{base.name}`; policies deciding with "
-               "policies.base.costs_for still weigh gpu_expert (one kernel per expert).",
+               "policies.base.costs_for weigh gpu_grouped (an expert's share of its wave's kernel).",
                "The fit's residual per cell, and every cell simulated on this and the base profile: "
                "reports/h200/engine/fidelity.csv."),
         fit={"gpu_grouped_rms_log_error": round(err, 4),
@@ -262,6 +262,22 @@ def table_csv(table: pd.DataFrame, old: str, new: str) -> str:
     return head + table.to_csv(index=False, float_format="%.4g")
 
 
+ENGINE_TERMS = ("cpu_expert", "host_per_transfer_s", "predict_overhead_s", "plan_overhead_s")
+
+
+def with_engine_terms(profile: HardwareProfile, source: HardwareProfile | str) -> HardwareProfile:
+    """`profile` with the terms measured inside the engine rather than by microbenchmarks (`ENGINE_TERMS`: the
+    CPU expert model of the engine's own CPU experts, the host time to issue one transfer, and the prediction
+    and planning overheads) taken from `source`, and a note saying so."""
+    source = load_profile(source)
+    return dataclasses.replace(
+        profile, **{name: getattr(source, name) for name in ENGINE_TERMS},
+        notes=tuple(profile.notes) + (f"{', '.join(ENGINE_TERMS)}: from `{source.name}` ({source.date}), measured "
+                                      "inside the engine; its notes: " + " ".join(source.notes),),
+        source_files=tuple(profile.source_files) + tuple(f for f in source.source_files
+                                                         if f not in profile.source_files))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench", nargs="+", default=list(DEFAULT_BENCHES), help="bench.json files (routing.npz beside)")
     parser.add_argument("--base", default="h200", help="profile whose link, CPU and dense models are kept")
@@ -269,6 +285,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--date", default=None, help="day of the measurements (default today)")
     parser.add_argument("--profile-out", default="", help="where to write the refitted profile JSON")
     parser.add_argument("--table-out", default="", help="CSV of measured vs simulated per cell, base vs refit")
+    parser.add_argument("--engine-terms-from", default=None,
+                        help="profile whose terms measured inside the engine (CPU experts, host per transfer, "
+                             "prediction and planning overheads) replace the base's in the written profile")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -279,6 +298,8 @@ def run(args: argparse.Namespace) -> int:
     benches = [read_bench_run(p) for p in args.bench]
     base = load_profile(args.base)
     profile = refit_profile(benches, base, args.name, args.date)
+    if args.engine_terms_from:
+        profile = with_engine_terms(profile, args.engine_terms_from)
     table = fidelity_compare(benches, base, profile)
     if args.profile_out:
         save_profile(profile, args.profile_out)

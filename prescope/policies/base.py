@@ -114,17 +114,24 @@ def costs_for(layout, profile) -> Costs:
     engine runs them (its host runs ahead of the device: `host_hides_device`).
 
     The layer gap is the profile's host overhead per layer plus the GPU's fixed cost of one layer's
-    resident work: a floor, since the attention's own size is not part of the layout."""
+    resident work: a floor, since the attention's own size is not part of the layout. Where the profile
+    has a grouped expert kernel (`gpu_grouped`: one kernel per wave over the slot pool, as the fast engine
+    runs it), an expert's GPU time is what it adds to its wave, the wave's fixed cost is part of the gap,
+    and the host launches no kernel per expert (one replay per wave, in its host time)."""
     from prescope.hardware import cost
 
     denominator = 3 * layout.hidden_size * layout.intermediate_size
     dtype_bytes = layout.expert_bytes // denominator if denominator else 2
     dims = (layout.hidden_size, layout.intermediate_size, dtype_bytes)
+    grouped = profile.gpu_grouped
+    gpu_time = cost.gpu_expert_time if grouped is None else cost.grouped_expert_time
     return Costs(load=cost.transfer_time(layout.expert_bytes, profile),
-                 gpu=lambda n: cost.gpu_expert_time(n, *dims, profile),
+                 gpu=lambda n: gpu_time(n, *dims, profile),
                  cpu=lambda n: cost.cpu_expert_time(n, *dims, profile),
-                 layer_gap=profile.host_overhead_per_layer_s + profile.gpu_dense.fixed_s,
-                 host=profile.host_overhead_per_layer_s, launch=profile.gpu_expert.fixed_s,
+                 layer_gap=profile.host_overhead_per_layer_s + profile.gpu_dense.fixed_s
+                 + (grouped.wave_fixed_s if grouped is not None else 0.0),
+                 host=profile.host_overhead_per_layer_s,
+                 launch=profile.gpu_expert.fixed_s if grouped is None else 0.0,
                  plan=profile.predict_overhead_s + profile.plan_overhead_s,
                  transfer_host=profile.host_per_transfer_s)
 

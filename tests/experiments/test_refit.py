@@ -127,3 +127,18 @@ def test_bench_without_routing_or_resident_cells_gets_a_clear_error(tmp_path, ca
 def test_distinct_experts_per_layer_ignores_missing_entries():
     route = np.array([[[[0, 1], [1, 2]], [[3, 3], [-1, 3]]]])  # [steps 1, L 2, B 2, K 2]
     assert refit.distinct_experts(route).tolist() == [3.0, 1.0]
+
+
+def test_the_fast_engine_profile_is_the_refit_with_the_engines_own_host_terms(benches):
+    """reports/h200/h200-fast-engine.json (what the H200 call scripts decide with) is `h200-graphs` with the CPU
+    expert model, host time per transfer and planning overheads measured inside the engine (h200-engine)."""
+    committed = load_profile(str(ENGINE.parent / "h200-fast-engine.json"))
+    engine = load_profile(str(ENGINE.parent / "h200-engine.json"))
+    rebuilt = refit.with_engine_terms(refit.refit_profile(benches, "h200", "h200-fast-engine", "2026-12-02"), engine)
+    close(committed.to_dict(), rebuilt.to_dict(), "h200-fast-engine")
+    for name in refit.ENGINE_TERMS:
+        assert getattr(committed, name) == getattr(engine, name), name
+    graphs = load_profile("h200-graphs")
+    assert (committed.gpu_grouped, committed.host_overhead_per_layer_s) == (graphs.gpu_grouped,
+                                                                            graphs.host_overhead_per_layer_s)
+    assert "measured inside the engine" in committed.notes[-1]

@@ -73,3 +73,25 @@ def test_preload_follows_popularity():
 def test_unknown_policy_lists_the_known_ones():
     with pytest.raises(ValueError, match="choose one of .*on_demand_lru"):
         make_policy("fastest")
+
+
+def test_costs_follow_the_profiles_gpu_model():
+    """Without a grouped kernel an expert's GPU time is its own kernels' (fixed cost per expert, launched by
+    the host); with one (the fast engine's profile) it is what the expert adds to its wave, the wave's fixed
+    cost moves into the gap between layers and the host launches nothing per expert."""
+    from prescope.hardware import cost
+    from prescope.hardware.profiles import load_profile
+    from prescope.layout import ModelLayout
+    from prescope.policies.base import costs_for
+
+    lay = ModelLayout("OlmoeForCausalLM", "olmoe", 16, tuple(range(16)), (), 64, 8, 2048, 1024, "bfloat16",
+                      3 * 2048 * 1024 * 2, 0)
+    old, fast = load_profile("h200"), load_profile("h200-graphs")
+    assert old.gpu_grouped is None and fast.gpu_grouped is not None
+    a, b = costs_for(lay, old), costs_for(lay, fast)
+    assert a.gpu(1) == cost.gpu_expert_time(1, 2048, 1024, 2, old) and a.launch == old.gpu_expert.fixed_s
+    assert b.gpu(1) == cost.grouped_expert_time(1, 2048, 1024, 2, fast) and b.launch == 0.0
+    assert b.gpu(1) < a.gpu(1) / 5  # 8 experts in one kernel, not 8 kernels of 97 µs
+    assert b.layer_gap == pytest.approx(fast.host_overhead_per_layer_s + fast.gpu_dense.fixed_s
+                                        + fast.gpu_grouped.wave_fixed_s)
+    assert a.layer_gap == pytest.approx(old.host_overhead_per_layer_s + old.gpu_dense.fixed_s)
