@@ -1,6 +1,15 @@
 """How fast PreSched plans: decode instances shaped as the prescope policy builds them, and the planning time
 per layer on this machine's CPU (`python -m prescope.experiments.planspeed --bench`; the issue's target: median under
-0.2 ms for E = 64, K = 8, D = 3)."""
+0.2 ms for E = 64, K = 8, D = 3), and the policies' whole host time per planned layer replaying a real trace, split
+into PreSched's share and the policy's own (`--replay --batches 1,4,16`).
+
+Measured with `--replay --steps 40 --batches 1,4,16` on the 2-core development CPU (not the H200 host), median µs
+per planned layer of the policy's own work (all of `plan` but `presched.plan`), before (d1657cf's policies) and
+after PreScope's planning inputs went over arrays (policies/window.py, 8f5dd50; the decisions are the same):
+prescope[gate=False] 141 -> 85 (b1), 169 -> 107 (b4), 205 -> 139 (b16); ceiling[gate=False] 181 -> 113 (b1),
+244 -> 152 (b4), 321 -> 202 (b16). Whole `plan` (PreSched included, sped up on main meanwhile): prescope 196 -> 135,
+250 -> 182, 361 -> 255; ceiling 237 -> 164, 314 -> 220, 420 -> 299. Single runs on a shared machine: differences
+under ~10 % are noise."""
 
 from __future__ import annotations
 
@@ -87,33 +96,51 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
                          profile: str = "h200") -> list[dict]:
     """The policies' host time per planned layer while the simulator replays `trace` (its decode cut in
     `batch` segments decoded together), on this machine's CPU: per policy and batch, the median and p90 of
-    `policy.plan`'s wall time over the first `steps` forward calls, in µs, with the simulated ms per token."""
+    `policy.plan`'s wall time over the first `steps` forward calls, in µs, of PreSched's share of it
+    (`presched.plan`) and of the rest (`own`: the policy's forecast, instance, victims and bookkeeping), with
+    the simulated ms per token."""
     import time
 
+    import prescope.policies.presched as presched
     from prescope.policies import make_policy, parse_policy
     from prescope.routing.segments import decode_segments
     from prescope.sim.simulator import replay
 
-    rows = []
+    def quantiles(times: list[float], name: str) -> dict[str, float]:
+        times = sorted(times)
+        return {f"{name}median_us": times[len(times) // 2] * 1e6, f"{name}p90_us": times[int(0.9 * len(times))] * 1e6}
+
+    rows, planner = [], presched.plan
     for spec in policies:
         for batch in batches:
             parsed = parse_policy(spec)
-            policy, times = make_policy(parsed.name, **parsed.options), []
+            policy, times, inside = make_policy(parsed.name, **parsed.options), [], []
             plan = policy.plan
 
-            def timed(view, cache, plan=plan, times=times):
+            def timed(view, cache, plan=plan, times=times, inside=inside):
+                inside.append(0.0)
                 start = time.perf_counter()
                 orders = plan(view, cache)
                 times.append(time.perf_counter() - start)
                 return orders
 
+            def timed_planner(inst, inside=inside):
+                start = time.perf_counter()
+                out = planner(inst)
+                inside[-1] += time.perf_counter() - start
+                return out
+
             policy.plan = timed
             cut = decode_segments(trace, batch) if batch > 1 else trace
-            result = replay(cut, policy, profile, budget_share=budget_share, batch_size=batch, max_steps=steps)
-            times.sort()
+            presched.plan = timed_planner  # the policies call it through the module
+            try:
+                result = replay(cut, policy, profile, budget_share=budget_share, batch_size=batch, max_steps=steps)
+            finally:
+                presched.plan = planner
+            own = [t - p for t, p in zip(times, inside, strict=True)]
             rows.append({"policy": spec, "batch": batch, "budget_share": budget_share, "profile": profile,
-                         "layers": len(times), "median_us": times[len(times) // 2] * 1e6,
-                         "p90_us": times[int(0.9 * len(times))] * 1e6,
+                         "layers": len(times), **quantiles(times, ""), **quantiles(own, "own_"),
+                         **quantiles(inside, "presched_"),
                          "simulated_ms_per_token": result.totals["mean_token_latency_s"] * 1e3})
     return rows
 
@@ -127,15 +154,23 @@ if __name__ == "__main__":
     parser.add_argument("--count", type=int, default=300, help="instances per budget")
     parser.add_argument("--repeats", type=int, default=5, help="plans per instance (the best counts)")
     parser.add_argument("--replay", action="store_true", help="print the prescope and ceiling policies' planning "
-                        "time per layer replaying the shipped Qwen3-30B-A3B trace (25 %% budget, batch 1 and 4)")
+                        "time per layer replaying the shipped Qwen3-30B-A3B trace (25 %% budget, at --batches)")
     parser.add_argument("--steps", type=int, default=40, help="forward calls replayed per cell (--replay)")
+    parser.add_argument("--batches", default="1,4", help="batch sizes replayed, comma-separated (--replay; "
+                        "e.g. 1,4,16,64)")
     args = parser.parse_args()
     if args.replay:
         from prescope.data import shipped
         from prescope.routing.llamacpp import load_llamacpp_trace
 
         qwen3 = load_llamacpp_trace(shipped("routing", "qwen3-30b-a3b.route.csv"))
-        for row in replay_planning_time(qwen3, steps=args.steps):
+        try:
+            batches = tuple(int(b) for b in args.batches.split(","))
+        except ValueError:
+            parser.error(f"--batches takes comma-separated integers, got {args.batches!r}")
+        if not batches or min(batches) < 1:
+            parser.error(f"--batches must be >= 1, got {args.batches!r}")
+        for row in replay_planning_time(qwen3, batches=batches, steps=args.steps):
             print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True, "measured_on": "this CPU",
                               **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}}))
     elif args.bench:

@@ -65,6 +65,7 @@ class ExpertCache:
         self._slot_of: dict[Key, int] = {}
         self._free = set(range(num_slots))  # FREE slots, kept in step so lookups never scan the pool
         self._by_layer: dict[int, set[int]] = {layer: set() for layer in range(num_layers)}  # occupied slots
+        self._resident_of: list[set[Key]] = [set() for _ in range(num_layers)]  # resident keys per layer
         self._clock = 0
         # the same state as arrays over slots, for whole-pool questions without a Python scan (`evictable_arrays`):
         # owner's layer and expert (-1: free), loading, resident, fresh, pinned
@@ -74,6 +75,7 @@ class ExpertCache:
         self._resident_at = np.zeros(num_slots, dtype=bool)
         self._fresh_at = np.zeros(num_slots, dtype=bool)
         self._pinned_at = np.zeros(num_slots, dtype=bool)
+        self._id_width, self._id_at = 0, self._layer_of  # key ids layer·width + expert per slot, once asked for
 
     # ---- questions about one key ---------------------------------------------------------------------
     def slot(self, key: Key) -> int | None:
@@ -154,9 +156,9 @@ class ExpertCache:
         owner = self._owner
         return [owner[s] for s in np.flatnonzero(self._loading_at).tolist()]
 
-    def resident_keys(self, layers: Iterable[int]) -> list[Key]:
-        owner, state = self._owner, self._state
-        return [owner[s] for j in layers for s in self._by_layer[j] if state[s] is _RESIDENT]
+    def resident_keys(self, layers: Iterable[int]) -> frozenset[Key]:
+        """The keys of `layers` that are resident (not loading)."""
+        return frozenset().union(*(self._resident_of[j] for j in layers))
 
     def evictable(self, layer: int | None = None, protect: frozenset[Key] | set[Key] = frozenset()) -> list[int]:
         """Slots (of `layer`, or all) that are resident, not pinned and whose key is not in `protect`."""
@@ -176,6 +178,35 @@ class ExpertCache:
         layer at once (fresh: a prefetch not used yet, what `keep_fresh` leaves out)."""
         slots = np.flatnonzero(self._resident_at & ~self._pinned_at)
         return self._layer_of[slots], self._expert_of[slots], self._fresh_at[slots]
+
+    def evictable_count(self, protect: frozenset[Key] | set[Key] = frozenset()) -> int:
+        """len(evictable(None, protect)), counted over the slot arrays (protect: distinct keys)."""
+        held = int(np.count_nonzero(self._resident_at & ~self._pinned_at))
+        return held - sum(1 for key in protect if self.is_evictable(key))
+
+    def offered_arrays(self, keep_fresh: range, exclude: Iterable[Key] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(layer, expert) [M] of every resident, unpinned key, in slot order, except the keys in `exclude` and,
+        in the layers of `keep_fresh` (consecutive), the prefetches not used yet: `evictable_keys(j,
+        keep_fresh=j in keep_fresh)` of every layer j less `exclude`, without a Python scan of the pool."""
+        slots = self._offered_slots(keep_fresh, exclude)
+        return self._layer_of.take(slots), self._expert_of.take(slots)
+
+    def offered_ids(self, keep_fresh: range, exclude: Iterable[Key], width: int) -> np.ndarray:
+        """`offered_arrays` as key ids layer·width + expert [M] (width: above every expert), kept per slot."""
+        if width != self._id_width:
+            self._id_at, self._id_width = self._layer_of * width + self._expert_of, width
+        return self._id_at.take(self._offered_slots(keep_fresh, exclude))
+
+    def _offered_slots(self, keep_fresh: range, exclude: Iterable[Key]) -> np.ndarray:
+        offered, slot_of = self._resident_at & ~self._pinned_at, self._slot_of
+        if len(keep_fresh):
+            window = (self._layer_of - keep_fresh.start).view(np.uint64) < len(keep_fresh)  # free slots (-1) too big
+            offered &= ~(window & self._fresh_at)
+        for key in exclude:
+            s = slot_of.get(key)
+            if s is not None:
+                offered[s] = False
+        return np.flatnonzero(offered)
 
     def evictable_ranked(self, protect: frozenset[Key] | set[Key], rank) -> int | None:
         """The evictable slot (key not in `protect`) whose key ranks lowest by `rank(key)`, ties by least
@@ -206,6 +237,7 @@ class ExpertCache:
             raise CacheError(f"slot {slot} holds {self._owner[slot]}, which is in use or loading")
         evicted = self._owner[slot]
         if evicted is not None:
+            self._resident_of[evicted[0]].discard(evicted)
             del self._slot_of[evicted]
             self._by_layer[evicted[0]].discard(slot)
             self.stats.evictions += 1
@@ -214,6 +246,8 @@ class ExpertCache:
         self._by_layer[key[0]].add(slot)
         self._fresh[slot] = speculative
         self._layer_of[slot], self._expert_of[slot] = key
+        if self._id_width:
+            self._id_at[slot] = key[0] * self._id_width + key[1]
         self._loading_at[slot], self._resident_at[slot], self._fresh_at[slot] = True, False, speculative
         self.stats.loads += 1
         self.stats.prefetches += int(speculative)
@@ -229,6 +263,7 @@ class ExpertCache:
     def mark_ready(self, key: Key) -> None:
         slot = self._slot_of[key]
         self._state[slot] = _RESIDENT
+        self._resident_of[key[0]].add(key)
         self._loading_at[slot], self._resident_at[slot] = False, True
 
     def use(self, key: Key, *, hit: bool) -> None:
@@ -263,6 +298,7 @@ class ExpertCache:
         if slot in self._pinned:
             raise CacheError(f"{key} is pinned by the running layer")
         del self._slot_of[key]
+        self._resident_of[key[0]].discard(key)
         self._owner[slot], self._state[slot], self._fresh[slot] = None, _FREE, False
         self._layer_of[slot] = self._expert_of[slot] = -1
         self._loading_at[slot] = self._resident_at[slot] = self._fresh_at[slot] = False

@@ -23,6 +23,7 @@ Neither is a bound on every policy: a lower bound is the simulator's (`sim.link.
 from __future__ import annotations
 
 import warnings
+from itertools import chain
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from prescope.policies.base import Costs, LayerView, Orders, Policy
 from prescope.policies.cache import ExpertCache, Key
 from prescope.policies.peers import PreScope, _guarded
 from prescope.policies.predictive import UNPLANNED, fastest_split, planned_slot, ranked_victim
+from prescope.policies.window import Window
 
 LEGACY_NAMES = {"oracle": "belady"}  # names committed results give policies that were renamed since
 
@@ -154,16 +156,31 @@ class Ceiling(PreScope):
             out.append((p, n))
         return out
 
-    def victim_arrays(self, view: LayerView, cache: ExpertCache, forecast,
-                      rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def forecast_arrays(self, view: LayerView, depth: int) -> Window:
+        """`forecast` as arrays (`window.Window`), set from the true routing without per-expert lists."""
+        depth = min(depth, view.num_layers - 1 - view.layer)
+        if depth <= 0 or view.future is None:
+            return Window.of(self.forecast(view, depth), self.num_experts)
+        E, counts = self.num_experts, view.future_tokens
+        p, n = np.zeros((depth, E)), np.ones((depth, E))  # [D', E]
+        mean = float(sum(view.tokens)) / len(view.experts) if view.experts else 1.0
+        for d in range(depth):
+            experts = list(view.future[d])
+            p[d, experts] = 1.0
+            n[d, experts] = counts[d] if counts is not None else mean
+        return Window(p, n)
+
+    def chance_grid(self, view: LayerView, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Chances from the true future, as Belady ranks keys: 1 for a key a later layer of this step routes
         (beyond the window too); 0 for a later layer's key it does not route (next needed in the next step,
         after every key of the layers that already ran); the memory's chance for those (PreScope's)."""
-        q, layers, experts = super().victim_arrays(view, cache, forecast, rows)
+        floor, used = super().chance_grid(view, window)
         if view.future is None:
-            return q, layers, experts
-        E = self.num_experts
-        used = np.zeros(cache.num_layers * E, dtype=bool)
-        used[[(view.layer + d) * E + e for d, row in enumerate(view.future, 1) for e in row if e >= 0]] = True
-        q = np.where(used[layers * E + experts], 1.0, np.where(layers > view.layer, 0.0, q))
-        return q, layers, experts
+            return floor, used
+        rows, later = view.future, (view.layer + 1) * self.num_experts
+        sizes = list(map(len, rows))
+        experts = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=sum(sizes))
+        at = np.repeat(np.arange(later, later + len(rows) * self.num_experts, self.num_experts), sizes) + experts
+        floor[later:], used[later:] = 0.0, False
+        floor[at[experts >= 0]] = 1.0
+        return floor, used

@@ -41,6 +41,7 @@ from prescope.policies.predictive import (
     ranked_victim,
 )
 from prescope.policies.reliability import Reliability
+from prescope.policies.window import ComputeTable, Window, absent, candidates, cheapest_held
 
 # ---- the peers ---------------------------------------------------------------------------------------------
 
@@ -154,16 +155,6 @@ class ActivationMatrixPolicy(Predictive):
         return ranked_victim(cache, protect, lambda k: self.priority.get(k, 0.0))
 
 
-def _cheapest(n: int, q: np.ndarray, layers: np.ndarray, experts: np.ndarray) -> list[tuple[float, Key]]:
-    """The n smallest (chance, key) pairs of arrays [M], ascending, ties by key: `predictive.smallest` on the
-    pairs, with only those at or under the n-th smallest chance sorted."""
-    if len(q) > n > 0:
-        near = np.flatnonzero(q <= np.partition(q, n - 1)[n - 1])
-        q, layers, experts = q[near], layers[near], experts[near]
-    first = np.lexsort((experts, layers, q))[:n]
-    return list(zip(q[first].tolist(), zip(layers[first].tolist(), experts[first].tolist(), strict=True), strict=True))
-
-
 # ---- PreScope ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -241,17 +232,18 @@ class PreScope(Predictive):
         self.lookahead = min(self.lookahead, max(1, cache.num_layers - 1)) if cache.num_layers > 1 else 1
         self.planned, self.loss, self.issued, self.skipped, self.lean, self.slack = {}, {}, [], 0, 0, None
         self.on_demand = False
-        self._gpu_table = np.zeros(1)  # gpu(n) by token count n, grown to the largest count seen
         self.reliability = Reliability(self.lookahead) if self.calibrate else None
-        return super().reset(cache, num_experts, costs)
+        out = super().reset(cache, num_experts, costs)
+        self.compute_table = ComputeTable(self.costs.gpu) if costs is not None else None  # c_d of the window
+        return out
 
-    def window_forecast(self, view: LayerView) -> list[tuple[list[float], list[float]]]:
-        """The forecast of layers l+1 … l+D the planner sees (calibrated if `calibrate`)."""
+    def window_forecast(self, view: LayerView) -> Window:
+        """The forecast of layers l+1 … l+D the planner sees (calibrated if `calibrate`), as arrays [D, E]."""
+        if self.reliability is None:
+            return self.forecast_arrays(view, self.lookahead)
         forecast = self.forecast(view, self.lookahead)
-        if self.reliability is not None:
-            self.reliability.record(view.layer, forecast)
-            forecast = self.reliability.apply(forecast)
-        return forecast
+        self.reliability.record(view.layer, forecast)
+        return Window.of(self.reliability.apply(forecast), self.num_experts)
 
     def transfer_host(self) -> float:
         """Host seconds to issue one transfer: the option, else what the executor's costs say."""
@@ -305,41 +297,36 @@ class PreScope(Predictive):
             self.slack = (shape, self.slack[1] + self.GATE_WEIGHT * (x - self.slack[1]))
         return self.slack[1] > (self.plan_host_s if self.plan_host_s is not None else self.costs.plan)
 
-    def nothing_to_plan(self, view: LayerView, cache: ExpertCache, forecast) -> bool:
+    def offered(self, view: LayerView, cache: ExpertCache, forecast) -> list[list[int]]:
+        """Per window layer l+d, the absent experts (ascending) worth a transfer (p > `worth()`)."""
+        return absent(Window.of(forecast, self.num_experts), view.layer, cache.present_keys(), self.worth())
+
+    def nothing_to_plan(self, view: LayerView, cache: ExpertCache, forecast, offered=None) -> bool:
         """Every routed expert resident and no candidate in the window: PreSched's plan is then the layer's
         fastest split of its resident experts (`fastest_split`) and nothing else, so it need not be built
-        (exact, tested)."""
-        layer, resident, present = view.layer, cache.is_resident, cache.is_present
+        (exact, tested). `offered`: `offered(view, cache, forecast)`, if the caller has it."""
+        layer, resident = view.layer, cache.is_resident
         if not all(resident((layer, e)) for e in view.experts):
             return False
-        worth = self.worth()
-        return not any(not present((layer + d, e))
-                       for d, (p, _) in enumerate(forecast, 1) for e, q in enumerate(p) if q > worth)
+        return not any(offered if offered is not None else self.offered(view, cache, forecast))
 
-    def instance(self, view: LayerView, cache: ExpertCache, forecast=None) -> presched.Instance:
-        """The planner's view of this layer (see presched.Instance)."""
-        costs, layer, E = self.costs, view.layer, self.num_experts
-        forecast = self.window_forecast(view) if forecast is None else forecast
+    def instance(self, view: LayerView, cache: ExpertCache, forecast=None, offered=None) -> presched.Instance:
+        """The planner's view of this layer (see presched.Instance); `offered`: `offered(view, cache, forecast)`,
+        if the caller has it."""
+        costs, layer = self.costs, view.layer
+        window = self.window_forecast(view) if forecast is None else Window.of(forecast, self.num_experts)
+        offered = self.offered(view, cache, window) if offered is None else offered
         link_free, eta = link_state(cache, self.issued, costs.load)
-        resident = frozenset(cache.resident_keys(range(layer, layer + len(forecast) + 1)))
-        keep, worth, present = self.candidates or 2 * self.top_k(), self.worth(), cache.present_keys()
-        predictions, compute = [], []
-        rows = np.array([p for p, _ in forecast], dtype=np.float64).reshape(len(forecast), E)  # [D, E]
-        counts = np.array([n for _, n in forecast], dtype=np.float64).reshape(len(forecast), E)
-        for d, (p, n) in enumerate(forecast, 1):
-            absent = [e for e in np.flatnonzero(rows[d - 1] > worth).tolist() if (layer + d, e) not in present]
-            absent.sort(key=p.__getitem__, reverse=True)  # stable: ties by expert
-            predictions.append(tuple(presched.Candidate(e, p[e], max(1, round(n[e]))) for e in absent[:keep]))
-            compute.append(self._expected_compute(rows[d - 1], counts[d - 1]))
-        q, layers, experts = self.victim_arrays(view, cache, forecast, rows)
-        need = len(view.experts) + sum(len(c) for c in predictions)
-        held = tuple(presched.Held(key, min(1.0, chance)) for chance, key in _cheapest(need, q, layers, experts))
+        resident = cache.resident_keys(range(layer, layer + len(window) + 1))
+        predictions = candidates(window, offered, self.candidates or 2 * self.top_k())
+        q, ids = self.victim_ids(view, cache, window)
+        held = cheapest_held(len(view.experts) + sum(map(len, predictions)), q, ids, self.num_experts)
         gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
         return presched.Instance(
-            layer, view.experts, view.tokens, tuple(predictions), costs.load, costs.gpu, costs.cpu,
+            layer, view.experts, view.tokens, predictions, costs.load, costs.gpu, costs.cpu,
             resident=resident, inflight=eta, free_slots=cache.free_count, evictable=held, link_free=link_free,
             demand_free=0.0 if self.uses_async_io(costs) else None, gap=gap, max_prefetch=self.max_prefetch,
-            compute=tuple(compute), resident_on_cpu=not costs.host_hides_device)
+            compute=self.compute_table.expected(window), resident_on_cpu=not costs.host_hides_device)
 
     def victim_chances(self, view: LayerView, cache: ExpertCache, forecast) -> list[tuple[float, Key]]:
         """(chance of being needed, key) of every key the plan may evict. A key's chance is what the memory saw
@@ -350,38 +337,37 @@ class PreScope(Predictive):
         q, layers, experts = self.victim_arrays(view, cache, forecast)
         return list(zip(q.tolist(), zip(layers.tolist(), experts.tolist(), strict=True), strict=True))
 
-    def victim_arrays(self, view: LayerView, cache: ExpertCache, forecast,
-                      rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`victim_chances` as arrays [M] (chance, layer, expert), computed over the whole pool at once (`rows`:
-        the forecast's p as an array [D, E], if the caller has it)."""
-        layer, D = view.layer, len(forecast)
-        layers, experts, fresh = cache.evictable_arrays()
-        d = layers - layer
-        window = (d >= 1) & (d <= D)
-        keep = ~(window & fresh)
-        if view.experts:
-            routed = np.zeros(self.num_experts, dtype=bool)
-            routed[list(view.experts)] = True
-            keep &= ~((d == 0) & routed[experts])
-        layers, experts, d, window = layers[keep], experts[keep], d[keep], window[keep]
-        q = self.memory.chance_arrays(layers, experts, layer)
-        if D and window.any():
-            rows = np.array([p for p, _ in forecast], dtype=np.float64) if rows is None else rows  # [D, E]
-            predicted = rows[np.where(window, d - 1, 0), experts]
-            q = np.where(window, np.maximum(predicted, q) if self.window_reuse else predicted, q)
-        return q, layers, experts
+    def victim_arrays(self, view: LayerView, cache: ExpertCache,
+                      forecast) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`victim_chances` as arrays [M] (chance, layer, expert)."""
+        q, ids = self.victim_ids(view, cache, forecast)
+        return q, ids // self.num_experts, ids % self.num_experts
+
+    def victim_ids(self, view: LayerView, cache: ExpertCache, forecast) -> tuple[np.ndarray, np.ndarray]:
+        """`victim_chances` as arrays [M] (chance, key id layer·E + expert): the pool's offered keys
+        (`offered_arrays`), each one's chance read from the grids of `chance_grid`."""
+        layer, E = view.layer, self.num_experts
+        window = Window.of(forecast, E)
+        ids = cache.offered_ids(range(layer + 1, layer + 1 + len(window)), [(layer, e) for e in view.experts], E)
+        floor, used = self.chance_grid(view, window)
+        return np.maximum(floor.take(ids), np.where(used.take(ids), self.memory.reuse, 0.0)), ids
+
+    def chance_grid(self, view: LayerView, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """(floor, used), both [L·E] by key: a key's chance of being needed is max(floor, the lag-1 reuse rate
+        if used else 0), floor its decayed frequency (`Memory.chances`), in the window the larger of that and
+        its prediction (window_reuse), else its prediction alone, with `used` cleared there."""
+        memory, layer = self.memory, view.layer
+        floor = memory.freq.copy()  # [L, E]
+        used = np.concatenate((memory.now_used[:layer + 1], memory.prev_used[layer + 1:]))  # [L, E]: the last run
+        rows = slice(layer + 1, layer + 1 + len(window))
+        if self.window_reuse:
+            floor[rows] = np.maximum(window.p, floor[rows])
+        else:
+            floor[rows], used[rows] = window.p, False
+        return floor.ravel(), used.ravel()
 
     def uses_async_io(self, costs: Costs | None) -> bool:
         return costs is None or costs.load >= self.ASYNC_MIN_LOAD_S
-
-    def _expected_compute(self, p: np.ndarray, n: np.ndarray) -> float:
-        """c_d = Σ_e p_e·gpu(round(n_e)) (n_e >= 1), from a table of gpu() by token count (n <= the step's
-        tokens, so the table stays as small as the batch)."""
-        tokens = np.maximum(np.rint(n), 1).astype(np.int64)  # [E]
-        top = int(tokens.max())
-        if len(self._gpu_table) <= top:
-            self._gpu_table = np.array([0.0] + [self.costs.gpu(c) for c in range(1, top + 1)])
-        return float(np.dot(np.maximum(p, 0.0), self._gpu_table[tokens]))
 
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders:
         if self.reliability is not None:
@@ -402,10 +388,11 @@ class PreScope(Predictive):
             gpu, cpu = fastest_split(view, cache, self.costs)
             return self._unplanned(cache, routed, gpu, cpu)
         forecast = self.window_forecast(view)
-        if self.nothing_to_plan(view, cache, forecast):
+        offered = self.offered(view, cache, forecast)
+        if self.nothing_to_plan(view, cache, forecast, offered):
             self.skipped += 1
             return self._unplanned(cache, routed, *fastest_split(view, cache, self.costs))
-        inst = self.instance(view, cache, forecast)
+        inst = self.instance(view, cache, forecast, offered)
         p = presched.plan(inst)
         keys = [(view.layer, e) for e in p.loads] + list(p.prefetch)
         self.planned = dict(zip(keys, p.victims, strict=True))

@@ -22,6 +22,7 @@ import numpy as np
 import prescope.policies.presched as presched
 from prescope.policies.base import Costs, LayerView, Policy, PolicyError, PolicyOptions
 from prescope.policies.cache import ExpertCache, Key
+from prescope.policies.window import Window
 
 MISSING = -1  # the trace's padding expert id (prescope.routing.trace.MISSING), kept here to avoid importing pandas
 UNPLANNED = object()  # a load the last plan did not foresee
@@ -42,9 +43,12 @@ class Memory:
         self.prev: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self.freq = np.zeros((num_layers, num_experts))  # [L, E] decayed share of steps using each expert
         self.seen = [[0] * num_experts for _ in range(num_layers)]  # selections by earlier steps
-        # now/prev as [L, E] masks (expert used by the layer's run this step / previous), for `chance_arrays`
+        # now/prev as [L, E] masks (expert used by the layer's run this step / previous), for `PreScope.chance_grid`
         self.now_used = np.zeros((num_layers, num_experts), dtype=bool)
         self.prev_used = np.zeros((num_layers, num_experts), dtype=bool)
+        # tokens per expert of those runs ([L, E], read only where the mask is set), for `previous_step_arrays`
+        self.now_tokens = np.ones((num_layers, num_experts))
+        self.prev_tokens = np.ones((num_layers, num_experts))
         self.min_routed = None
         self.reuse = 0.0  # decayed share of a layer's experts that its previous step also used (lag-1 reuse)
 
@@ -56,20 +60,23 @@ class Memory:
             ran = [bool(now) for now in self.now]
             self.prev = [now or prev for now, prev in zip(self.now, self.prev, strict=True)]
             self.prev_used[ran] = self.now_used[ran]
+            self.prev_tokens[ran] = self.now_tokens[ran]
             self.now = [{} for _ in range(self.L)]
             self.now_used[:] = False
             self.step = view.step
         self.now[view.layer] = dict(zip(view.experts, view.tokens, strict=True))
-        self.now_used[view.layer] = False
-        self.now_used[view.layer, list(view.experts)] = True
+        routed = np.array(view.experts, dtype=np.intp)  # [K]
+        used = self.now_used[view.layer]  # [E]
+        used[:] = False
+        used[routed] = True
+        self.now_tokens[view.layer, routed] = view.tokens
         before = self.prev[view.layer]
         if before and view.experts:
             again = sum(1 for e in view.experts if e in before) / len(view.experts)
             self.reuse = self.decay * self.reuse + (1.0 - self.decay) * again
         row, keep = self.freq[view.layer], self.decay
         row *= keep
-        for e in view.experts:
-            row[e] += 1.0 - keep
+        row[routed] += 1.0 - keep  # the routed experts are distinct: one addition each
         if view.experts:
             self.min_routed = min(self.min_routed or len(view.experts), len(view.experts))
 
@@ -80,6 +87,12 @@ class Memory:
             p[e], n[e] = 1.0, float(count)
         return p, n
 
+    def previous_step_arrays(self, layer: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """`previous_step` of layers layer+1 … layer+depth as arrays (p [D, E], tokens [D, E])."""
+        rows = slice(layer + 1, layer + 1 + depth)
+        used = self.prev_used[rows]
+        return used.astype(np.float64), np.where(used, self.prev_tokens[rows], 1.0)
+
     def frequency(self, layer: int) -> list[float]:
         return self.freq[layer].tolist()
 
@@ -88,13 +101,6 @@ class Memory:
         at least the lag-1 reuse rate if the layer's last run (`ran`: this step, else the previous) used it."""
         freq, last, reuse = self.freq[layer].tolist(), self.now[layer] if ran else self.prev[layer], self.reuse
         return [max(freq[e], reuse if e in last else 0.0) for e in experts]
-
-    def chance_arrays(self, layers: np.ndarray, experts: np.ndarray, running: int) -> np.ndarray:
-        """`chances` of many keys at once ([M] layers and experts; a layer ran this step when <= `running`):
-        max(frequency, the lag-1 reuse rate if the layer's last run used the expert, else 0)."""
-        used = np.where(layers <= running, self.now_used[layers, experts], self.prev_used[layers, experts])
-        freq = self.freq[layers, experts]
-        return np.where(used, np.maximum(freq, self.reuse), np.maximum(freq, 0.0))
 
     def current(self, view: LayerView):
         """[1, L, W] int64: this step's experts at layers <= view.layer, MISSING elsewhere (History.current)."""
@@ -212,6 +218,26 @@ class Predictive(Policy):
             return []
         if self.predictor is None:
             return [self.memory.previous_step(view.layer, d) for d in range(1, depth + 1)]
+        return _as_lists(self._predicted(view, depth))
+
+    def forecast_arrays(self, view: LayerView, depth: int) -> Window:
+        """`forecast` as arrays [D', E] (`window.Window`), built without per-expert lists where the forecast
+        comes from the memory or a predictor (a subclass's own `forecast` is read and converted)."""
+        if type(self).forecast is not Predictive.forecast:
+            return Window.of(self.forecast(view, depth), self.num_experts)
+        depth = min(depth, view.num_layers - 1 - view.layer)
+        if depth <= 0:
+            return Window.of([], self.num_experts)
+        if self.predictor is None:
+            return Window(*self.memory.previous_step_arrays(view.layer, depth))
+        import torch
+
+        used = self._predicted(view, depth).detach()  # [2, D', E]; a CUDA graph's output is overwritten next call
+        p, n = used.to(device="cpu", dtype=torch.float64, copy=True).numpy()
+        return Window(p, n)
+
+    def _predicted(self, view: LayerView, depth: int):
+        """The predictor's forecast of layers l+1 … l+depth: [2, depth, E] (p, tokens), see `forecast`."""
         import torch
 
         from prescope.predict.predictors import History
@@ -222,7 +248,7 @@ class Predictive(Policy):
             history = self.memory.history(view, with_truth=True)
             scores = pred.predict_window(view.layer, distances, hidden=hidden, history=history)
             k = self.top_k() if hidden is not None and rows == 1 else max(1, len(view.experts))
-            return _as_lists(_used(torch.stack([scores[d] for d in distances]), min(k, self.num_experts)))
+            return _used(torch.stack([scores[d] for d in distances]), min(k, self.num_experts))
         # hidden-state predictors read layer l's routing only if they ask for it (LLaPor's use_routing), and
         # only when it is exact (one token; with more, LLaPor routes with its own routers); the whole window
         # then runs as one CUDA graph on the GPU (its ~40 kernels cost their launches, not their arithmetic)
@@ -245,7 +271,7 @@ class Predictive(Policy):
 
             self.graphs = GraphCache(self.use_graphs)
         key = (view.layer, depth, *(tuple(x.shape) for x in inputs))
-        return _as_lists(self.graphs(key, window, *inputs))
+        return self.graphs(key, window, *inputs)
 
     def _predictor_input(self, hidden):
         """The router input on the predictor's device (LLaPor's parameters live where it was loaded)."""
@@ -325,7 +351,7 @@ def fastest_split(view: LayerView, cache: ExpertCache, costs: Costs | None) -> t
     if costs is None:
         return list(view.experts), []
     routed = {(view.layer, e) for e in view.experts}
-    takeable = cache.free_count + len(cache.evictable(None, routed))
+    takeable = cache.free_count + cache.evictable_count(routed)
     inst = presched.Instance(view.layer, view.experts, view.tokens, (), costs.load, costs.gpu, costs.cpu,
                              resident=frozenset(k for k in routed if cache.is_present(k)), free_slots=takeable,
                              resident_on_cpu=not costs.host_hides_device)

@@ -51,3 +51,9 @@ def test_replay_planning_time_times_every_planned_layer_of_a_real_replay():
     for row in rows:
         assert row["layers"] == 2 * trace.layout.num_moe_layers
         assert 0 < row["median_us"] <= row["p90_us"] and row["simulated_ms_per_token"] > 0
+        # each layer's time splits into PreSched's and the policy's own, so each median is at most the whole's
+        assert 0 < row["own_median_us"] <= row["median_us"] and 0 <= row["presched_median_us"] <= row["median_us"]
+        assert row["presched_p90_us"] > 0  # PreSched ran at some layers
+    from prescope.policies import presched
+
+    assert presched.plan.__module__ == "prescope.policies.presched"  # the timed stand-in was taken back

@@ -105,7 +105,8 @@ def test_lru_evictable_is_the_scan_it_replaces_under_random_operations():
 
 
 def test_the_slot_arrays_follow_every_report():
-    """`evictable_arrays` and `loading_keys` (read from the arrays) equal their definitions from the slots
+    """`evictable_arrays`, `offered_arrays`, `evictable_count`, `resident_keys` and `loading_keys` (read from the
+    arrays and per-layer sets) equal their definitions from the slots
     after every report of a random run: assign, mark_ready, use, pin, unpin, unpin_all, evict, cancel."""
     rng, cache = random.Random(5), ExpertCache(12, 4)
     for _ in range(600):
@@ -135,3 +136,12 @@ def test_the_slot_arrays_follow_every_report():
                       for layer in range(4) for j, e in cache.evictable_keys(layer))
         assert got == want
         assert cache.loading_keys() == [cache.owner(s) for s in range(12) if cache.state(s) is SlotState.LOADING]
+        window, exclude = range(rng.randrange(4), rng.randrange(5)), set(rng.sample(keys, min(len(keys), 3)))
+        layers, experts = cache.offered_arrays(window, exclude)
+        want = [key for layer in range(4) for key in cache.evictable_keys(layer, keep_fresh=layer in window)
+                if key not in exclude]
+        assert sorted(zip(layers.tolist(), experts.tolist(), strict=True)) == sorted(want)
+        assert cache.offered_ids(window, exclude, 7).tolist() == (layers * 7 + experts).tolist()
+        assert cache.evictable_count(exclude) == len(cache.evictable(None, exclude))
+        assert cache.resident_keys(window) == {cache.owner(s) for s in range(12) if cache.state(s) is
+                                               SlotState.RESIDENT and cache.owner(s)[0] in window}

@@ -41,3 +41,26 @@ def test_smallest_equals_heapq_nsmallest_on_pairs_with_distinct_keys():
         pairs = [(rng.choice([0.0, 0.25, 0.5, rng.random()]), (rng.randrange(4), e)) for e in range(rng.randint(0, 40))]
         n = rng.randint(0, 45)
         assert smallest(n, pairs) == heapq.nsmallest(n, pairs)
+
+
+def test_forecast_arrays_equal_the_forecast_lists_from_a_predictor_and_from_the_memory():
+    """`Predictive.forecast_arrays` (what PreScope plans from) holds exactly `forecast`'s values, whether a
+    predictor's tensor or the memory's previous step gives them, and a Window of no layers past the last."""
+    import numpy as np
+    from test_peers import COSTS, Fixed, cache_with, layout, view
+
+    from prescope.policies import make_policy
+
+    scores = {(0, 1): [0.9, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.8], (0, 2): [0.0, 0.7, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0]}
+    for predictor in (Fixed(layout(4, 8, 2), scores), None):
+        policy = make_policy("prescope", predictor=predictor, lookahead=2)
+        policy.reset(cache_with(4, 4, [(0, 1)]), 8, COSTS)
+        for step, layers in enumerate(([0, 1, 2, 3], [0, 1, 2, 3], [0])):
+            for layer in layers:
+                v = view(layer, [layer, layer + 2], step=step, tokens=[2, 1])
+                policy.memory.observe(v)
+                lists, arrays = policy.forecast(v, 2), policy.forecast_arrays(v, 2)
+                assert len(arrays) == len(lists) == min(2, 3 - layer)
+                assert [(p.tolist(), n.tolist()) for p, n in arrays] == [(list(p), list(n)) for p, n in lists]
+                assert arrays.p.dtype == np.float64 and arrays.p.shape == (len(lists), 8)
+        assert any(p.any() for p, _ in arrays)
