@@ -8,5 +8,5 @@ MODELS=${MODELS:-"prescope-tiny olmoe-1b-7b@prescope-tiny mixtral-8x7b:4 qwen3-3
 POLICIES=${POLICIES:-"on_demand_lru cpu_misses hybrid lookahead_prefetch activation_matrix prescope"}
 [ -f "$INPUTS/manifest.json" ] || python3 -m prescope.cli gpu-inputs --out "$INPUTS" --device cuda
 # shellcheck disable=SC2086  # MODELS and POLICIES are lists of words
-python3 -m prescope.cli bench --inputs "$INPUTS" --profile reports/h200/h200-engine.json --input-len 128 \
+python3 -m prescope.cli bench --inputs "$INPUTS" --profile reports/h200/h200-fast-engine.json --input-len 128 \
     --output-len 32 --models $MODELS --policies $POLICIES --out "$OUT/bench" "$@"

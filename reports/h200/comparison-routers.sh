@@ -35,7 +35,7 @@ RUN="$OUT/routers-$WHICH"
 set -f  # policy variants such as prescope[gate=False] are words, not file patterns
 # shellcheck disable=SC2086  # BATCHES, BUDGETS, POLICIES and ACCELERATE_BATCHES are lists of words
 python3 -m prescope.cli bench --inputs "$INPUTS" --models "$MODEL" --batch-sizes $BATCHES --budgets $BUDGETS \
-    --policies $POLICIES --profile reports/h200/h200-engine.json --input-len 128 --output-len "$OUTPUT_LEN" \
+    --policies $POLICIES --profile reports/h200/h200-fast-engine.json --input-len 128 --output-len "$OUTPUT_LEN" \
     --timeline-tokens 0 --repeats "$REPEATS" --stock-implementations grouped_mm batched_mm \
     --accelerate-batches ${ACCELERATE_BATCHES:-} --accelerate-tokens 2 --deadline-s "$LEFT" --out "$RUN"
 set +f
