@@ -32,6 +32,9 @@ def default_processes(device: str, layers: int) -> int:
 
 def _run(layer: int):
     torch.set_num_threads(1)
+    # a worker forked from a process that used CUDA cannot touch it; the optimizers' check for CUDA graph
+    # capture does (torch.optim.Optimizer, on every step): workers train on the CPU, where nothing is captured
+    torch.optim.Optimizer._accelerator_graph_capture_health_check = lambda self: None
     fn, shared = _SHARED
     return layer, fn(*shared, layer)
 

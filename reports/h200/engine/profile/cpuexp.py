@@ -1,7 +1,7 @@
 """CPU expert speed on this host: one SwiGLU expert (H x I, bf16 and fp32) for n tokens, alone and 8 at once
 in a thread pool, at several torch thread counts."""
 import concurrent.futures as cf, json, os, time, torch
-out = os.environ.get("OUT", "/tmp/out")
+out = os.environ.get("OUT", ".")
 res = []
 for H, I in ((2048, 1024), (2048, 768), (4096, 14336)):
     for dtype in (torch.bfloat16, torch.float32):

@@ -7,7 +7,7 @@ from prescope.engine.engine import Engine
 from prescope.models.twins import build_twin, tiny_twin_config
 from prescope.policies import make_policy, parse_policy
 
-out = os.environ.get("OUT", "/tmp/out")
+out = os.environ.get("OUT", ".")
 dev = os.environ.get("DEV", "cuda")
 name, layers = os.environ.get("TWIN", "olmoe-1b-7b"), int(os.environ.get("LAYERS", 16))
 cfg = tiny_twin_config(name, layers) if dev == "cpu" else name
