@@ -22,8 +22,9 @@ summary, the LLaPor checkpoint of each layer count) and lists every file it wrot
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +93,25 @@ def _locate(name: str, out: Path) -> tuple[Path, str]:
     return out / ROUTERS_DIR / name, "inputs"
 
 
+def train_in_child(name: str, path: Path, cfg, progress: bool) -> None:
+    """Train routing model `name` into `path` (`prescope train-tiny --like NAME`, its short recipe, within
+    `cfg.router_time_budget_s`) in a child interpreter: this process then never runs autograd, whose threads a
+    forked worker cannot use (LLaPor's layers train in forked workers right after; measured failing on the H200
+    when the router was trained here)."""
+    command = [sys.executable, "-m", "prescope.cli", "train-tiny", "--like", name, "--out", str(path),
+               "--device", cfg.device, "--time-budget-s", str(cfg.router_time_budget_s)]
+    done = subprocess.run(command + ([] if progress else ["--no-progress"]), check=False)
+    if done.returncode != 0 or not (path / "config.json").is_file():
+        raise RouterInputsError(f"training {name}'s routing model failed (exit {done.returncode}): "
+                                f"{' '.join(command)}")
+
+
 def build_routers(cfg, out: Path, record, progress: bool = True) -> tuple[dict, dict]:
     """Build every routing model and LLaPor `cfg.routers` (a `gpuinputs.InputsConfig`) names into `out` (module
     docstring); (files, routers):
     the manifest's file records (`record(path, what, **extra)` makes one) and its `routers` section."""
-    from prescope.experiments import routermodels
     from prescope.files import read_json
-    from prescope.models import corpus, routers, tinytrain
+    from prescope.models import corpus, routers
     from prescope.models.adapter import UnsupportedModelError
     from prescope.predict import llapor, predictors
     from prescope.predict.accuracy import cached_trace
@@ -109,10 +122,7 @@ def build_routers(cfg, out: Path, record, progress: bool = True) -> tuple[dict, 
         path, location = _locate(name, out)
         began = time.perf_counter()
         if location == "inputs" and not (path / "config.json").is_file():
-            recipe = dataclasses.replace(tinytrain.TinyConfig(), **routermodels.ROUTER_TRAINING,
-                                         time_budget_s=cfg.router_time_budget_s)
-            routermodels.train_router(name, path, recipe, device=cfg.device, data_dir=Path(cfg.cache_dir) / "routers-data",
-                                      progress=progress)
+            train_in_child(name, path, cfg, progress)
         if location == "inputs":
             for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("llapor-")):
                 files[f"{ROUTERS_DIR}/{name}/{file.name}"] = record(file, f"{name} routing model ({file.name})")

@@ -32,19 +32,17 @@ def test_specs_name_twins_and_layer_counts():
 def built(tmp_path_factory, one_thread):
     """An inputs folder with the (cached, tiny) Mixtral routing model's LLaPor for 4 and all 32 MoE layers, and an
     OLMoE routing model trained by the command (its training replaced by a tiny untrained model)."""
-    from prescope.experiments import routermodels
-
     root = tmp_path_factory.mktemp("routers")
     save_router(root / "cache", "mixtral-8x7b")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PRESCOPE_ROUTERS", str(root / "cache"))
         trained = []
 
-        def train_router(name, out, config, **kw):
-            trained.append((name, config.time_budget_s, kw["device"]))
-            save_router(out.parent, name)
+        def train_in_child(name, path, cfg, progress):
+            trained.append((name, cfg.router_time_budget_s, cfg.device))
+            save_router(path.parent, name)
 
-        mp.setattr(routermodels, "train_router", train_router)
+        mp.setattr(routerinputs, "train_in_child", train_in_child)
         lines = []
         mp.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
         out = root / "inputs"
@@ -157,3 +155,23 @@ out.mkdir(parents=True, exist_ok=True)
     bad = subprocess.run(["bash", str(root / "reports/h200/comparison-routers.sh"), "olmoe"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_a_routing_model_trains_in_a_child_interpreter_and_its_failure_is_a_clear_error(tmp_path, monkeypatch):
+    """The parent never runs autograd (LLaPor's forked workers could not use it after): the routing model is
+    trained by `prescope train-tiny --like` in a child; a child that fails or writes no model is an error."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def run(command, check):
+        calls.append(command)
+        return SimpleNamespace(returncode=calls[-1][-1] == "--no-progress" and 0 or 1)
+
+    monkeypatch.setattr(routerinputs.subprocess, "run", run)
+    cfg = SimpleNamespace(device="cuda", router_time_budget_s=75.0, cache_dir=str(tmp_path))
+    with pytest.raises(routerinputs.RouterInputsError, match="olmoe-1b-7b's routing model failed"):
+        routerinputs.train_in_child("olmoe-1b-7b", tmp_path / "olmoe-1b-7b", cfg, progress=False)  # no model written
+    assert calls[0][1:] == ["-m", "prescope.cli", "train-tiny", "--like", "olmoe-1b-7b", "--out",
+                            str(tmp_path / "olmoe-1b-7b"), "--device", "cuda", "--time-budget-s", "75.0",
+                            "--no-progress"]
