@@ -369,7 +369,10 @@ class FolderLock(Claim):
 
 
 def git_revision(where: str | Path | None = None) -> str:
-    """`git rev-parse HEAD` of the repository holding `where` (default: this package), else "unknown"."""
+    """`git rev-parse HEAD` of the repository holding `where` (default: this package), else "unknown". For this
+    package, PRESCOPE_GIT_REV where set: a copy of the tree (a device machine's) may carry stale git metadata."""
+    if where is None and os.environ.get("PRESCOPE_GIT_REV"):
+        return os.environ["PRESCOPE_GIT_REV"]
     cwd = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,

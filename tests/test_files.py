@@ -259,3 +259,13 @@ def test_claim_is_exclusive_in_one_process_and_released(tmp_path):
     second.release()
     start = time.perf_counter()
     assert Claim(tmp_path / "c").acquire() and time.perf_counter() - start < 1
+
+
+def test_the_packages_revision_is_the_one_a_run_names(monkeypatch):
+    """A device machine's copy of the tree may carry stale git metadata: PRESCOPE_GIT_REV names the revision."""
+    from prescope.files import git_revision
+
+    monkeypatch.setenv("PRESCOPE_GIT_REV", "abc1234")
+    assert git_revision() == "abc1234"
+    monkeypatch.delenv("PRESCOPE_GIT_REV")
+    assert git_revision() != "abc1234"

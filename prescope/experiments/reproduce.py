@@ -147,7 +147,9 @@ def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
         what = f"`prescope bench`, {', '.join(config['models'])}, measured on {data.get('device', '?')}"
         return what, commands, notes
     if isinstance(data.get("command"), str):  # a result that says how it was made
-        return (f"{data.get('what') or 'measured'}, on {data.get('device', '?')}",
+        where = data.get("device") or data.get("training", {}).get("hardware") if isinstance(data.get("training"), dict) \
+            else data.get("device")
+        return (f"{data.get('what') or data.get('source') or 'measured'}" + (f", on {where}" if where else ""),
                 [*checkout, f"PRESCOPE_GIT_REV={short} {data['command']}" if short else data["command"]], notes)
     if "rows" in data and path.stem.startswith("equivalence"):
         models = sorted({r["model"] for r in data["rows"]})

@@ -52,6 +52,9 @@ def test_each_bench_command_parses_back_into_its_recorded_config(path):
         if config.get(key) is not None:
             value = getattr(args, key)
             assert (list(value) if isinstance(value, (list, tuple)) else value) == config[key], key
+    if reproduce.router_inputs(config):  # a run on routing models reads its prompts and LLaPor from the folder
+        assert args.inputs == reproduce.router_inputs(config)["inputs"] and not (args.prompts or args.predictor)
+        return
     assert bool(args.prompts) == bool(config.get("prompts")) and bool(args.predictor) == bool(config.get("predictor"))
     if args.prompts:
         assert args.prompts == f"{reproduce.INPUTS}/heldout-{config['input_len']}.npy"
