@@ -261,28 +261,40 @@ class LLaPor(Predictor):
         return write_archive_with(path, lambda tmp: torch.save(blob, tmp))
 
 
-def read_checkpoint(path: Path, device: str, what: str):
+def read_checkpoint(path: Path, device: str, what: str, fmt: str | None = None, version: int | None = None):
     """The object a predictor checkpoint holds, read safely (weights only) after its checksum: FileNotFoundError
-    when it is missing, LLaPorError when torch cannot read it (`what` names the kind in the messages)."""
+    when it is missing, LLaPorError when torch cannot read it (`what` names the kind in the messages) or, with
+    `fmt`, when it is not a dict of that format and `version`."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} checkpoint {path} does not exist")
     verify(path)
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        blob = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged zip/pickle
         raise LLaPorError(f"{path} is not a readable {what} checkpoint (corrupt or truncated?): "
                           f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+    if fmt is not None:
+        check_header(path, blob, what, fmt, version)
+    return blob
+
+
+def check_header(path: Path, blob, what: str, fmt: str, version: int | None) -> None:
+    """LLaPorError unless `blob` is a checkpoint dict of format `fmt` and `version`."""
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise LLaPorError(f"{path} is not a {what} checkpoint (format {fmt!r} missing)")
+    if blob.get("version") != version:
+        raise LLaPorError(f"{path}: checkpoint version {blob.get('version')!r}; this prescope reads {version}")
 
 
 def load(path, device: str = "cpu") -> LLaPor:
     """Read a checkpoint written by `LLaPor.save`; LLaPorError for a corrupt, foreign or newer file,
     `files.ChecksumError` for one whose bytes changed since it was written."""
     path = Path(path)
-    blob = read_checkpoint(path, device, "LLaPor")
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise LLaPorError(f"{path} is not a LLaPor checkpoint (format {FORMAT!r} missing)")
-    if blob.get("version") != FORMAT_VERSION:
-        raise LLaPorError(f"{path}: checkpoint version {blob.get('version')!r}; this prescope reads {FORMAT_VERSION}")
+    return from_checkpoint(path, read_checkpoint(path, device, "LLaPor", FORMAT, FORMAT_VERSION), device)
+
+
+def from_checkpoint(path: Path, blob: dict, device: str = "cpu") -> LLaPor:
+    """The LLaPor in `blob`, a checkpoint read from `path` whose header `check_header` passed."""
     try:
         config = LLaPorConfig(**{**blob["config"], "device": device})
         layout = ModelLayout.from_dict(blob["layout"])

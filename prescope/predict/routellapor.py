@@ -38,16 +38,19 @@ from tqdm.auto import tqdm
 
 from prescope.files import write_archive_with
 from prescope.layout import ModelLayout
+from prescope.predict.llapor import FORMAT as LLAPOR_FORMAT
+from prescope.predict.llapor import FORMAT_VERSION as LLAPOR_VERSION
 from prescope.predict.llapor import (
     LayerNet,
     _train_net,
+    check_header,
     derive_groups,
+    from_checkpoint,
     group_of,
     read_checkpoint,
     seeded,
     trace_fingerprint,
 )
-from prescope.predict.llapor import load as load_llapor
 from prescope.predict.llaporconfig import LLaPorConfig, LLaPorError
 from prescope.predict.predictors import History, Predictor, TraceHistory, check_target, multi_hot
 from prescope.routing.trace import MISSING, Trace
@@ -150,22 +153,15 @@ class RoutingLLaPor(Predictor):
         return write_archive_with(Path(path), lambda tmp: torch.save(blob, tmp))
 
 
-def _read(path: Path, device: str) -> dict:
-    blob = read_checkpoint(path, device, "predictor")
-    if not isinstance(blob, dict):
-        raise LLaPorError(f"{path} is not a predictor checkpoint")
-    return blob
-
-
 def load(path, device: str = "cpu") -> RoutingLLaPor:
     """Read a checkpoint written by `RoutingLLaPor.save`; LLaPorError for a corrupt, foreign or newer file,
     `files.ChecksumError` for one whose bytes changed since it was written."""
     path = Path(path)
-    blob = _read(path, device)
-    if blob.get("format") != FORMAT:
-        raise LLaPorError(f"{path} is not a routing-only LLaPor checkpoint (format {FORMAT!r} missing)")
-    if blob.get("version") != FORMAT_VERSION:
-        raise LLaPorError(f"{path}: checkpoint version {blob.get('version')!r}; this prescope reads {FORMAT_VERSION}")
+    return _from_checkpoint(path, read_checkpoint(path, device, "routing-only LLaPor", FORMAT, FORMAT_VERSION),
+                            device)
+
+
+def _from_checkpoint(path: Path, blob: dict, device: str) -> RoutingLLaPor:
     try:
         config = LLaPorConfig(**{**blob["config"], "device": device})
         layout = ModelLayout.from_dict(blob["layout"])
@@ -187,8 +183,12 @@ def load(path, device: str = "cpu") -> RoutingLLaPor:
 def load_predictor(path, device: str = "cpu"):
     """A LLaPor or routing-only LLaPor checkpoint, whichever `path` holds."""
     path = Path(path)
-    fmt = _read(path, device).get("format")
-    return load(path, device) if fmt == FORMAT else load_llapor(path, device)
+    blob = read_checkpoint(path, device, "predictor")  # read and checksummed once, whichever kind it is
+    if isinstance(blob, dict) and blob.get("format") == FORMAT:
+        check_header(path, blob, "routing-only LLaPor", FORMAT, FORMAT_VERSION)
+        return _from_checkpoint(path, blob, device)
+    check_header(path, blob, "LLaPor", LLAPOR_FORMAT, LLAPOR_VERSION)
+    return from_checkpoint(path, blob, device)
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -141,3 +141,17 @@ def test_cut_layers_keeps_the_first_layers_and_their_own_expert_sizes(tmp_path):
     assert cut.layout.num_moe_layers == 3 and cut.experts.shape[1] == 3
     assert cut.layout.layer_expert_bytes == trace.layout.layer_expert_bytes[:3]
     assert (cut.experts == trace.experts[:, :3]).all()
+
+
+def test_load_predictor_refuses_a_foreign_or_newer_checkpoint_by_its_header(tmp_path, trained):
+    torch.save({"format": "other"}, tmp_path / "o.pt")
+    with pytest.raises(LLaPorError, match="not a LLaPor checkpoint"):
+        routellapor.load_predictor(tmp_path / "o.pt")
+    torch.save([1, 2], tmp_path / "l.pt")
+    with pytest.raises(LLaPorError, match="not a LLaPor checkpoint"):
+        routellapor.load_predictor(tmp_path / "l.pt")
+    torch.save({"format": routellapor.FORMAT, "version": routellapor.FORMAT_VERSION + 1}, tmp_path / "n.pt")
+    with pytest.raises(LLaPorError, match="checkpoint version"):
+        routellapor.load_predictor(tmp_path / "n.pt")
+    with pytest.raises(LLaPorError, match="checkpoint version"):
+        routellapor.load(tmp_path / "n.pt")
