@@ -9,7 +9,7 @@ the cut twin sees the routing those first layers really had, not that of a trunc
 
 - `cut_count(spec, model, source)`: how many MoE layers of the source drive the twin (checked: the twin's MoE
   layers are the first of the source's, with the same E and K);
-- `cut_replay`, `cut_layout`: a replay and a layout reduced to their first n MoE layers;
+- `cut_replay`: a replay reduced to its first n MoE layers (`routellapor.cut_layout` cuts the layout);
 - `RouterSubject`: replays the cut routing, builds gate lookahead from the source's first n routers, and takes a
   LLaPor of n MoE layers: the one `prescope gpu-inputs --routers` trained for this twin and layer count
   (`routerinputs.lookup`, with `bench --inputs`), else `--predictor` where its layout matches, else none (`prescope`
@@ -20,7 +20,6 @@ Letters: B rows, T positions, L MoE layers, K top-k, H hidden.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,21 +27,12 @@ import torch
 from prescope.experiments.subjects import Subject, Workload, build_subject, load_prompts, parse_model
 from prescope.layout import ModelLayout
 from prescope.models import adapter
+from prescope.predict.routellapor import cut_layout
 from prescope.routing.replay import RoutingReplay
 
 
 class RouterSubjectError(ValueError):
     """A twin its routing model cannot drive (layers, experts, top-k), or a predictor that does not fit it."""
-
-
-def cut_layout(layout: ModelLayout, n: int) -> ModelLayout:
-    """`layout` reduced to its first `n` MoE layers (and the decoder layers up to the last of them)."""
-    if n == layout.num_moe_layers:
-        return layout
-    keep = layout.moe_layers[:n]
-    top = keep[-1] + 1
-    return dataclasses.replace(layout, num_layers=top, moe_layers=keep, layer_expert_bytes=layout.layer_expert_bytes[:n],
-                               dense_layers=tuple(i for i in layout.dense_layers if i < top))
 
 
 def cut_replay(replay: RoutingReplay, n: int) -> RoutingReplay:

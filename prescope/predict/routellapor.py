@@ -252,16 +252,22 @@ def train_routing_llapor(trace: Trace, config: LLaPorConfig | None = None, *, pr
     return model
 
 
+def cut_layout(layout: ModelLayout, n: int) -> ModelLayout:
+    """`layout` reduced to its first `n` MoE layers (and the decoder layers up to the last of them)."""
+    if n == layout.num_moe_layers:
+        return layout
+    keep = layout.moe_layers[:n]
+    top = keep[-1] + 1
+    return dataclasses.replace(layout, num_layers=top, moe_layers=keep, layer_expert_bytes=layout.layer_expert_bytes[:n],
+                               dense_layers=tuple(i for i in layout.dense_layers if i < top))
+
+
 def cut_layers(trace: Trace, layers: int) -> Trace:
     """The trace's first `layers` MoE layers (a twin cut to fewer layers replays those; a predictor for it trains
     on them)."""
-    lay = trace.layout
-    if layers == lay.num_moe_layers:
+    if layers == trace.layout.num_moe_layers:
         return trace
-    keep = lay.moe_layers[:layers]
-    top = keep[-1] + 1
-    layout = dataclasses.replace(lay, num_layers=top, moe_layers=keep, layer_expert_bytes=lay.layer_expert_bytes[:layers],
-                                 dense_layers=tuple(i for i in lay.dense_layers if i < top))
+    layout = cut_layout(trace.layout, layers)
     sizes = trace.meta.get("expert_bytes_per_layer")
     meta = {**trace.meta, "layers_kept": layers, **({"expert_bytes_per_layer": sizes[:layers]} if sizes else {})}
     return dataclasses.replace(trace, layout=layout, experts=np.ascontiguousarray(trace.experts[:, :layers]),
