@@ -89,13 +89,12 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from prescope.files import check_output, git_revision, portable_path, write_json, write_with_sidecar
-    from prescope.predict.routellapor import load_predictor, load_routing_trace
+    from prescope.predict.routellapor import heldout_mask, load_predictor
+    from prescope.routing.reader import read_trace
 
     out = check_output(args.out, folder=True, what="--out")
-    trace = load_routing_trace(args.trace)
+    trace = read_trace(args.trace)
     if args.heldout_fraction:
-        from prescope.predict.routellapor import heldout_mask
-
         trace = trace.select(heldout_mask(trace, args.heldout_fraction, 0))
     from prescope.experiments.tracesubject import TraceSubjectError
 

@@ -122,13 +122,14 @@ def build_trace_subject(spec: str, cfg: Workload, device) -> TraceSubject:
 
     from prescope.experiments.subjects import parse_model
     from prescope.models import twins
-    from prescope.predict.routellapor import load_predictor, load_routing_trace
+    from prescope.predict.routellapor import load_predictor
+    from prescope.routing.reader import read_trace
     from prescope.routing.trace import check_trace_matches
 
     path = trace_path(spec)
     name, layers = parse_model(spec)
     tiny = name.endswith("-tiny")
-    config, trace = twin_config_for(name.removesuffix("-tiny"), load_routing_trace(path), layers, tiny)
+    config, trace = twin_config_for(name.removesuffix("-tiny"), read_trace(path), layers, tiny)
     model = twins.build_twin(config, device=device, seed=cfg.seed,
                              dtype=torch.float32 if tiny or device.type != "cuda" else torch.bfloat16)
     check_trace_matches(trace, model)

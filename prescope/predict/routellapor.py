@@ -279,22 +279,16 @@ def cut_layers(trace: Trace, layers: int) -> Trace:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def load_routing_trace(path) -> Trace:
-    """Any trace file (`routing.reader.read_trace`: parquet or llama.cpp, plain or .xz), one clear error else."""
-    from prescope.routing.reader import read_trace
-
-    return read_trace(path)
-
-
 def run(args) -> int:
     """`prescope train-predictor`: LLaPor where the trace has hidden states, routing-only LLaPor where it has
     none or `--routing-only` asks for it."""
     from prescope.files import check_output
     from prescope.predict import llapor
+    from prescope.routing.reader import read_trace
 
     config = llapor.config_from_args(args)
     check_output(args.out, what="--out")
-    trace = load_routing_trace(args.trace)
+    trace = read_trace(args.trace)
     if not (args.routing_only or trace.hidden is None):
         return llapor.run(args, trace)
     if args.model:

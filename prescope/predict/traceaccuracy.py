@@ -123,13 +123,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from prescope.files import check_output, portable_path, write_json, write_with_sidecar
     from prescope.predict.llapor import config_from_args
-    from prescope.predict.routellapor import cut_layers, load_routing_trace
+    from prescope.predict.routellapor import cut_layers
+    from prescope.routing.reader import read_trace
 
     config = config_from_args(args)
     if args.model:
         raise LLaPorError("predictor-accuracy fits the routers to the trace; leave --model out")
     out = check_output(args.out, folder=True, what="--out")
-    trace = load_routing_trace(args.trace)
+    trace = read_trace(args.trace)
     if args.layers is not None:
         if not 2 <= args.layers <= trace.layout.num_moe_layers:
             raise LLaPorError(f"--layers must be in 2..{trace.layout.num_moe_layers}, got {args.layers}")

@@ -14,7 +14,8 @@ from prescope.engine.engine import Engine
 from prescope.experiments import tracesubject as ts
 from prescope.policies import POLICIES
 from prescope.predict.llaporconfig import LLaPorConfig
-from prescope.predict.routellapor import cut_layers, load_routing_trace, train_routing_llapor
+from prescope.predict.routellapor import cut_layers, train_routing_llapor
+from prescope.routing.reader import read_trace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORK = SimpleNamespace(input_len=6, output_len=3, seed=0, prompts=None, predictor=None)
@@ -49,7 +50,7 @@ def test_the_twin_runs_exactly_the_traces_experts(csv):
 
 
 def test_every_policy_runs_on_the_trace_subject_and_prescope_reads_routing_only_llapor(csv, tmp_path):
-    trace = cut_layers(load_routing_trace(csv), 4)
+    trace = cut_layers(read_trace(csv), 4)
     predictor = train_routing_llapor(trace, LLaPorConfig(distance=2, width=16, max_epochs=2, min_group_layers=1),
                                      progress=False)
     path = predictor.save(tmp_path / "r.pt")
