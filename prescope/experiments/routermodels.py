@@ -135,11 +135,9 @@ def train_router(name: str, out: Path, config: TinyConfig, *, device: str | None
                  eval_tokens: int = 65536, valid_every: int = 25, progress: bool = True,
                  card_prompts: dict | None = None) -> dict:
     """Train twin `name`'s routing model, write it and its card to `out`; returns the card."""
-    import torch
-
     from prescope.models import routers, twins
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or _default_device()
     tokenizer, stream, heldout, record = prepared(data_dir, corpus_dir, config)
     build = dict(hidden=hidden, expert=expert, aux_loss_coef=config.router_aux_loss_coef)
     model = routers.build_router_model(name, seed=config.seed, **build)
