@@ -335,6 +335,13 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor
     return weighted + config.focal_weight * ((1 - p_t) ** config.focal_gamma * plain).mean()
 
 
+def positive_weight(target: torch.Tensor, config: LLaPorConfig) -> torch.Tensor:
+    """[D', E] BCE weight of a positive, ((1 - f) / f) ** freq_power by each expert's frequency f in `target`
+    [N, D', E] (f kept inside [1/N, 1 - 1/N])."""
+    freq = target.mean(0).clamp(1 / len(target), 1 - 1 / len(target))
+    return ((1 - freq) / freq) ** config.freq_power
+
+
 def _recall(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
     top = logits.topk(k, dim=-1).indices  # [N, D', k]
     return float(target.gather(-1, top).sum() / target.sum().clamp_min(1))
@@ -453,8 +460,7 @@ def _train_layer(model: LLaPor, train: Trace, valid: Trace, o: int) -> tuple[Lay
         net = LayerNet(tr[0].shape[1], targets, E, group, config).to(device)
         net.shift.copy_(tr[0].mean(0))
         net.spread.copy_(tr[0].std(0).clamp_min(1e-3))
-        freq = tr[2].mean(0).clamp(1 / len(tr[2]), 1 - 1 / len(tr[2]))  # [D', E]
-        record = _train_net(net, tr, va, ((1 - freq) / freq) ** config.freq_power, config, K, config.seed + o)
+        record = _train_net(net, tr, va, positive_weight(tr[2], config), config, K, config.seed + o)
     return net.eval(), {"layer": o, "group": group, **record, "seconds": time.perf_counter() - start}
 
 

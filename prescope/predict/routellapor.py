@@ -47,6 +47,7 @@ from prescope.predict.llapor import (
     derive_groups,
     from_checkpoint,
     group_of,
+    positive_weight,
     read_checkpoint,
     seeded,
     trace_fingerprint,
@@ -112,7 +113,7 @@ class RoutingLLaPor(Predictor):
         else:
             previous = torch.full((N, L, 1), MISSING, dtype=torch.long, device=device)
         span = range(layer + 1, layer + 1 + self.targets(layer))
-        window = [j for j in range(layer - self.config.routing_window + 1, layer + 1)]
+        window = range(layer - self.config.routing_window + 1, layer + 1)
         zero = torch.zeros(N, E, device=device)
         parts = [_scaled_hot(current[:, j], E, K) if j >= 0 else zero for j in window]
         parts.append(_scaled_hot(previous[:, layer], E, K))
@@ -244,8 +245,7 @@ def train_routing_llapor(trace: Trace, config: LLaPorConfig | None = None, *, pr
                 model.nets.append(LayerNet(width, max(targets, 1), E, group_of(o, bounds), config).to(config.device).eval())
                 continue
             net = LayerNet(tr[0].shape[1], targets, E, group_of(o, bounds), config).to(config.device)
-            freq = tr[2].mean(0).clamp(1 / len(tr[2]), 1 - 1 / len(tr[2]))  # [D', E]
-            record = _train_net(net, tr, va, ((1 - freq) / freq) ** config.freq_power, config, K, config.seed + o)
+            record = _train_net(net, tr, va, positive_weight(tr[2], config), config, K, config.seed + o)
         model.nets.append(net.eval())
         model.history.append({"layer": o, "group": group_of(o, bounds), **record,
                               "seconds": time.perf_counter() - start})
