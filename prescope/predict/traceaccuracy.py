@@ -32,8 +32,6 @@ HISTORY = ("previous_token", "popularity", "activation_matrix")
 def accuracy_report(trace, label: str, config: LLaPorConfig, *, heldout_fraction: float = 0.3,
                     distances=(1, 2, 3, 4), predictor_path: str | None = None, progress: bool = False):
     """(long table, summary dict, the routing-only LLaPor scored) of every predictor that can run on `trace`."""
-    import numpy as np
-
     from prescope.files import git_revision
     from prescope.predict import predictors as P
     from prescope.predict.accuracy import METRICS, evaluate, mean_by_distance
@@ -85,12 +83,14 @@ def accuracy_report(trace, label: str, config: LLaPorConfig, *, heldout_fraction
            for m in METRICS},
         "llapor_routing_gain_points": gains,
     }
-    summary["recall_at_k_by_layer_group"] = _thirds(table, lay.num_moe_layers, np)
+    summary["recall_at_k_by_layer_group"] = _thirds(table, lay.num_moe_layers)
     return table, summary, preds["llapor_routing"]
 
 
-def _thirds(table, L: int, np) -> dict:
+def _thirds(table, L: int) -> dict:
     """recall@K by predictor, distance and third of the source layers (first, middle, last)."""
+    import numpy as np
+
     sel = table[(table["metric"] == "recall_at_k") & (table["domain"] == "all")].copy()
     sel["third"] = np.minimum(3 * sel["layer"].to_numpy() // max(L, 1), 2)
     out = {}
