@@ -7,13 +7,14 @@ reuse), and the same layers skipped (`nothing_to_plan`)."""
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import pytest
 from conftest import DATA
 
 from prescope.policies import limits, make_policy, peers, presched
 from prescope.policies.cache import SlotState
-from prescope.policies.predictive import smallest
 from prescope.routing.llamacpp import load_llamacpp_trace
 from prescope.routing.segments import decode_segments
 from prescope.sim.simulator import replay
@@ -49,7 +50,7 @@ def reference_chances(policy, view, cache, forecast) -> list[tuple[float, tuple[
 
 
 def reference_held(policy, view, cache, forecast, need: int) -> tuple[presched.Held, ...]:
-    return tuple(presched.Held(key, min(1.0, q)) for q, key in smallest(need, reference_chances(policy, view, cache,
+    return tuple(presched.Held(key, min(1.0, q)) for q, key in heapq.nsmallest(need, reference_chances(policy, view, cache,
                                                                                                   forecast)))
 
 
