@@ -401,6 +401,30 @@ def fit_gpu_roofline(nbytes: list[float], flops: list[float],
     return model, _log_rms(pred, t)
 
 
+def _nonnegative_relative_fit(design: np.ndarray, t: np.ndarray) -> np.ndarray | None:
+    """Non-negative coefficients c minimising Σ (log(design·c) − log t)² among the least-squares fits on relative
+    error (rows weighted by 1/t) of every subset of the columns (exact for these few terms); None if no subset gives
+    non-negative coefficients and positive predictions."""
+    width = design.shape[1]
+    best_loss, best = math.inf, None
+    for mask in itertools.product((False, True), repeat=width):
+        cols = [c for c in range(width) if mask[c]]
+        if not cols:
+            continue
+        coef, *_ = np.linalg.lstsq(design[:, cols] / t[:, None], np.ones_like(t), rcond=None)
+        if (coef < 0).any():
+            continue
+        full = np.zeros(width)
+        full[cols] = coef
+        pred = design @ full
+        if (pred <= 0).any():
+            continue
+        loss = float(((np.log(pred) - np.log(t)) ** 2).sum())
+        if loss < best_loss:
+            best_loss, best = loss, full
+    return best
+
+
 def fit_linear_cost(nbytes: list[float], flops: list[float],
                     seconds: list[float]) -> tuple[ComputeModel, float]:
     """Fit t = fixed + bytes / bandwidth + flops / rate (linear in tokens); returns (model, RMS log error).
@@ -412,22 +436,8 @@ def fit_linear_cost(nbytes: list[float], flops: list[float],
     if not (len(b) == len(f) == len(t)) or len(t) == 0 or (t <= 0).any():
         raise ProfileError("CPU fit needs matching, non-empty inputs and positive times")
     design = np.stack([np.ones_like(t), b, f], axis=1)  # [points, 3]
-    best_loss, best = math.inf, np.zeros(3)
-    for mask in itertools.product((False, True), repeat=3):
-        cols = [k for k in range(3) if mask[k]]
-        if not cols:
-            continue
-        coef, *_ = np.linalg.lstsq(design[:, cols] / t[:, None], np.ones_like(t), rcond=None)
-        if (coef < 0).any():
-            continue
-        full = np.zeros(3)
-        full[cols] = coef
-        pred = design @ full
-        if (pred <= 0).any():
-            continue
-        loss = float(((np.log(pred) - np.log(t)) ** 2).sum())
-        if loss < best_loss:
-            best_loss, best = loss, full
+    best = _nonnegative_relative_fit(design, t)
+    best = np.zeros(3) if best is None else best
     with np.errstate(divide="ignore"):
         mem_gbps, tflops = 1.0 / best[1] / GB, 1.0 / best[2] / TERA
     model = ComputeModel(float(best[0]), float(min(mem_gbps, NEGLIGIBLE_RATE)), float(min(tflops, NEGLIGIBLE_RATE)))
@@ -451,22 +461,7 @@ def fit_grouped_kernel(waves: list[float], experts: list[float], nbytes: list[fl
         raise ProfileError("grouped-kernel fit needs positive times and non-negative counts and bytes (a time <= 0: "
                            "the work outside the experts already explains the whole measurement)")
     design = np.stack([w, k, b], axis=1)  # [points, 3]
-    best_loss, best = math.inf, None
-    for mask in itertools.product((False, True), repeat=3):
-        cols = [c for c in range(3) if mask[c]]
-        if not cols:
-            continue
-        coef, *_ = np.linalg.lstsq(design[:, cols] / t[:, None], np.ones_like(t), rcond=None)
-        if (coef < 0).any():
-            continue
-        full = np.zeros(3)
-        full[cols] = coef
-        pred = design @ full
-        if (pred <= 0).any():
-            continue
-        loss = float(((np.log(pred) - np.log(t)) ** 2).sum())
-        if loss < best_loss:
-            best_loss, best = loss, full
+    best = _nonnegative_relative_fit(design, t)
     if best is None:
         raise ProfileError("grouped-kernel fit: no non-negative combination of the terms explains the times")
     with np.errstate(divide="ignore"):

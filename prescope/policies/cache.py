@@ -67,7 +67,7 @@ class ExpertCache:
         self._by_layer: dict[int, set[int]] = {layer: set() for layer in range(num_layers)}  # occupied slots
         self._resident_of: list[set[Key]] = [set() for _ in range(num_layers)]  # resident keys per layer
         self._clock = 0
-        # the same state as arrays over slots, for whole-pool questions without a Python scan (`evictable_arrays`):
+        # the same state as arrays over slots, for whole-pool questions without a Python scan (`offered_ids`):
         # owner's layer and expert (-1: free), loading, resident, fresh, pinned
         self._layer_of = np.full(num_slots, -1, dtype=np.int64)
         self._expert_of = np.full(num_slots, -1, dtype=np.int64)
@@ -172,12 +172,6 @@ class ExpertCache:
         owner, state, pinned, fresh = self._owner, self._state, self._pinned, self._fresh
         return [owner[s] for s in self._by_layer[layer]
                 if state[s] is _RESIDENT and s not in pinned and not (keep_fresh and fresh[s])]
-
-    def evictable_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(layer, expert, fresh) [M] of every resident, unpinned key, in slot order: `evictable_keys` of every
-        layer at once (fresh: a prefetch not used yet, what `keep_fresh` leaves out)."""
-        slots = np.flatnonzero(self._resident_at & ~self._pinned_at)
-        return self._layer_of[slots], self._expert_of[slots], self._fresh_at[slots]
 
     def evictable_count(self, protect: frozenset[Key] | set[Key] = frozenset()) -> int:
         """len(evictable(None, protect)), counted over the slot arrays (protect: distinct keys)."""

@@ -328,24 +328,13 @@ class PreScope(Predictive):
             demand_free=0.0 if self.uses_async_io(costs) else None, gap=gap, max_prefetch=self.max_prefetch,
             compute=self.compute_table.expected(window), resident_on_cpu=not costs.host_hides_device)
 
-    def victim_chances(self, view: LayerView, cache: ExpertCache, forecast) -> list[tuple[float, Key]]:
-        """(chance of being needed, key) of every key the plan may evict. A key's chance is what the memory saw
-        (frequency, at least the lag-1 reuse rate for the last run's experts); a window key's the larger of
-        that and its prediction (window_reuse: the H200 showed prefetches evicting experts that reuse asked for
-        again; else the prediction alone); a prefetch not used yet keeps its slot until its layer ran (no churn
-        between plans); the running layer's routed experts are never offered. (`victim_arrays` as pairs.)"""
-        q, layers, experts = self.victim_arrays(view, cache, forecast)
-        return list(zip(q.tolist(), zip(layers.tolist(), experts.tolist(), strict=True), strict=True))
-
-    def victim_arrays(self, view: LayerView, cache: ExpertCache,
-                      forecast) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`victim_chances` as arrays [M] (chance, layer, expert)."""
-        q, ids = self.victim_ids(view, cache, forecast)
-        return q, ids // self.num_experts, ids % self.num_experts
-
     def victim_ids(self, view: LayerView, cache: ExpertCache, forecast) -> tuple[np.ndarray, np.ndarray]:
-        """`victim_chances` as arrays [M] (chance, key id layer·E + expert): the pool's offered keys
-        (`offered_arrays`), each one's chance read from the grids of `chance_grid`."""
+        """(chance of being needed, key id layer·E + expert) [M] of every key the plan may evict: the pool's
+        offered keys (`ExpertCache.offered_ids`; a prefetch not used yet keeps its slot until its layer ran, no
+        churn between plans; the running layer's routed experts are never offered), each one's chance read
+        from the grids of `chance_grid`: what the memory saw (frequency, at least the lag-1 reuse rate for the
+        last run's experts), a window key's the larger of that and its prediction (window_reuse: the H200
+        showed prefetches evicting experts that reuse asked for again; else the prediction alone)."""
         layer, E = view.layer, self.num_experts
         window = Window.of(forecast, E)
         ids = cache.offered_ids(range(layer + 1, layer + 1 + len(window)), [(layer, e) for e in view.experts], E)

@@ -334,15 +334,6 @@ def link_state(cache: ExpertCache, issued: Sequence[Key], load: float) -> tuple[
     return load * len(loading), {k: load * (i + 1) for i, k in enumerate(loading)}
 
 
-def smallest(n: int, pairs: list[tuple[float, Key]]) -> list[tuple[float, Key]]:
-    """heapq.nsmallest(n, pairs) for (value, key) pairs with distinct keys, faster on a few hundred pairs: only
-    the pairs at or under the n-th smallest value are sorted as tuples."""
-    if len(pairs) > n > 0:
-        cut = sorted([q for q, _ in pairs])[n - 1]
-        pairs = [pair for pair in pairs if pair[0] <= cut]
-    return sorted(pairs)[:n]
-
-
 def fastest_split(view: LayerView, cache: ExpertCache, costs: Costs | None) -> tuple[list[int], list[int]]:
     """(gpu, cpu): the split of this layer's experts that ends the layer first (presched.split_finishes: misses
     loaded or on the CPU, present ones on the CPU too where that is sooner and the CPU costs no host time the

@@ -99,15 +99,6 @@ def smallest_ids(n: int, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return near.take(np.lexsort((ids.take(near), q.take(near)))[:n])
 
 
-def cheapest(n: int, q: np.ndarray, layers: np.ndarray, experts: np.ndarray) -> list[tuple[float, Key]]:
-    """The n smallest (chance, key) pairs of arrays [M] (distinct keys), ascending, ties by key:
-    `predictive.smallest` on the pairs (`smallest_ids` with ids layer·W + expert, W above every expert)."""
-    width = int(experts.max()) + 1 if len(experts) else 1
-    first = smallest_ids(n, q, layers * width + experts)
-    return list(zip(q.take(first).tolist(), zip(layers.take(first).tolist(), experts.take(first).tolist(),
-                                                 strict=True), strict=True))
-
-
 def cheapest_held(n: int, q: np.ndarray, ids: np.ndarray, width: int) -> tuple[Held, ...]:
     """The n cheapest victims as PreSched's Held, chances capped at 1, from chances q [M] and key ids [M]
     (layer·width + expert)."""

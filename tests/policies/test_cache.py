@@ -105,7 +105,7 @@ def test_lru_evictable_is_the_scan_it_replaces_under_random_operations():
 
 
 def test_the_slot_arrays_follow_every_report():
-    """`evictable_arrays`, `offered_arrays`, `evictable_count`, `resident_keys` and `loading_keys` (read from the
+    """`offered_arrays`, `evictable_count`, `resident_keys` and `loading_keys` (read from the
     arrays and per-layer sets) equal their definitions from the slots
     after every report of a random run: assign, mark_ready, use, pin, unpin, unpin_all, evict, cancel."""
     rng, cache = random.Random(5), ExpertCache(12, 4)
@@ -130,11 +130,6 @@ def test_the_slot_arrays_follow_every_report():
             key = rng.choice(keys)
             if not cache.is_pinned(cache.slot(key)):
                 cache.cancel(key) if cache.is_loading(key) and rng.random() < 0.5 else cache.evict(key)
-        layers, experts, fresh = cache.evictable_arrays()
-        got = sorted(zip(layers.tolist(), experts.tolist(), fresh.tolist(), strict=True))
-        want = sorted((j, e, (j, e) not in cache.evictable_keys(j, keep_fresh=True))
-                      for layer in range(4) for j, e in cache.evictable_keys(layer))
-        assert got == want
         assert cache.loading_keys() == [cache.owner(s) for s in range(12) if cache.state(s) is SlotState.LOADING]
         window, exclude = range(rng.randrange(4), rng.randrange(5)), set(rng.sample(keys, min(len(keys), 3)))
         layers, experts = cache.offered_arrays(window, exclude)

@@ -10,6 +10,7 @@ import math
 import pytest
 from conftest import DATA
 from test_peers import COSTS, MS, cache_with, hand_profile, synthetic_trace, view
+from test_peers_reference import victim_chances
 
 from prescope.hardware.profiles import load_profile
 from prescope.policies import LIMITS, POLICIES, current_name, make_policy, parse_policy
@@ -99,7 +100,7 @@ def test_ceiling_keeps_a_key_a_later_layer_of_the_step_uses():
     cache = cache_with(3, 4, [(3, 6), (3, 4), (0, 0)])
     policy.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5, cpu=lambda n: 2.0, layer_gap=5.0))
     v = view(0, [0], future=((2,), (1,), (6,)))
-    chances = {key: q for q, key in policy.victim_chances(v, cache, policy.forecast(v, 1))}
+    chances = {key: q for q, key in victim_chances(policy, v, cache, policy.forecast(v, 1))}
     assert chances[(3, 6)] == 1.0 and chances[(3, 4)] < 1.0
     orders = policy.plan(v, cache)
     assert orders.prefetch == [(1, 2)] and cache.owner(policy.victim(cache, (1, 2))) == (3, 4)

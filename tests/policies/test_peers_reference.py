@@ -1,4 +1,4 @@
-"""PreScope's planning inputs, computed over arrays (`PreScope.window_forecast`, `offered`, `victim_arrays`,
+"""PreScope's planning inputs, computed over arrays (`PreScope.window_forecast`, `offered`, `victim_ids`,
 `chance_grid`, `window.py`, `ExpertCache.offered_arrays` and `resident_keys`), equal their straightforward
 definitions, kept here as the reference: the same forecast, candidates, expected compute, resident keys and
 victims offered with the same chances, so the same instance and the same plan, at every planned layer of real
@@ -7,20 +7,27 @@ reuse), and the same layers skipped (`nothing_to_plan`)."""
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 import pytest
 from conftest import DATA
 
 from prescope.policies import limits, make_policy, peers, presched
 from prescope.policies.cache import SlotState
-from prescope.policies.predictive import smallest
 from prescope.routing.llamacpp import load_llamacpp_trace
 from prescope.routing.segments import decode_segments
 from prescope.sim.simulator import replay
 
 
+def victim_chances(policy, view, cache, forecast) -> list[tuple[float, tuple[int, int]]]:
+    """`PreScope.victim_ids` as (chance, key) pairs."""
+    q, ids = policy.victim_ids(view, cache, forecast)
+    return [(c, divmod(i, policy.num_experts)) for c, i in zip(q.tolist(), ids.tolist(), strict=True)]
+
+
 def reference_chances(policy, view, cache, forecast) -> list[tuple[float, tuple[int, int]]]:
-    """PreScope's victim chances as first written: layer by layer, key by key (`PreScope.victim_chances`'
+    """PreScope's victim chances as first written: layer by layer, key by key (`PreScope.victim_ids`'
     docstring); ceiling's override on top where the policy is a ceiling and the step's future is known."""
     layer, routed, chances, memory = view.layer, {(view.layer, e) for e in view.experts}, [], policy.memory
     for j in range(cache.num_layers):
@@ -43,7 +50,7 @@ def reference_chances(policy, view, cache, forecast) -> list[tuple[float, tuple[
 
 
 def reference_held(policy, view, cache, forecast, need: int) -> tuple[presched.Held, ...]:
-    return tuple(presched.Held(key, min(1.0, q)) for q, key in smallest(need, reference_chances(policy, view, cache,
+    return tuple(presched.Held(key, min(1.0, q)) for q, key in heapq.nsmallest(need, reference_chances(policy, view, cache,
                                                                                                   forecast)))
 
 
@@ -100,7 +107,7 @@ def test_planning_inputs_equal_the_reference_at_every_planned_layer(qwen3, name,
         assert inst.predictions == reference_predictions(policy, view, cache, forecast)
         assert inst.compute == reference_compute(policy, forecast)
         assert inst.resident == reference_resident(cache, range(view.layer, view.layer + len(forecast) + 1))
-        chances = policy.victim_chances(view, cache, forecast)
+        chances = victim_chances(policy, view, cache, forecast)
         reference = reference_chances(policy, view, cache, forecast)
         assert sorted(chances) == sorted(reference)
         need = len(view.experts) + sum(len(c) for c in inst.predictions)

@@ -3,14 +3,11 @@ probabilities, and the pair selection the victims use."""
 
 from __future__ import annotations
 
-import heapq
-import random
-
 import pytest
 import torch
 
 from prescope.policies.base import LayerView
-from prescope.policies.predictive import Memory, _used, smallest
+from prescope.policies.predictive import Memory, _used
 
 
 def test_memory_estimates_lag1_reuse_and_keeps_last_runs_experts_likely():
@@ -33,14 +30,6 @@ def test_used_probabilities_stay_exact_for_unlikely_experts():
     batch = torch.rand(2, 5, 64)  # [D=2, N=5, E]
     _, n = _used(batch, 8)
     assert (n >= 1).all() and (n <= 5).all()
-
-
-def test_smallest_equals_heapq_nsmallest_on_pairs_with_distinct_keys():
-    rng = random.Random(5)
-    for _ in range(200):
-        pairs = [(rng.choice([0.0, 0.25, 0.5, rng.random()]), (rng.randrange(4), e)) for e in range(rng.randint(0, 40))]
-        n = rng.randint(0, 45)
-        assert smallest(n, pairs) == heapq.nsmallest(n, pairs)
 
 
 def test_forecast_arrays_equal_the_forecast_lists_from_a_predictor_and_from_the_memory():
