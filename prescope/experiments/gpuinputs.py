@@ -149,14 +149,14 @@ def build_inputs(cfg: InputsConfig, progress: bool = True) -> dict:
 def _train_predictor(cfg: InputsConfig, path: Path, progress: bool) -> dict:
     """LLaPor for prescope-tiny by the recipe of reports/llapor, saved at `path`; its manifest record."""
     from prescope.files import read_json as read_card
-    from prescope.models import tiny
+    from prescope.models import corpus, tiny
     from prescope.predict import llapor, predictors
-    from prescope.predict.accuracy import cached_trace, card_corpus
+    from prescope.predict.accuracy import cached_trace
 
     model, tokenizer = tiny.load_tiny()
     model = model.to(cfg.device)
     card = read_card(tiny.TINY_DIR / "model_card.json", "model card").get("config", {})
-    spec = card_corpus(card)
+    spec = corpus.card_spec(card)
     train, _ = cached_trace(model, tokenizer, spec, "train", cfg.train_per_domain, cfg.prompt_tokens,
                             cfg.max_new_tokens, cfg.batch_size, Path(cfg.cache_dir), str(tiny.TINY_DIR))
     config = llapor.LLaPorConfig(device=cfg.device,

@@ -111,10 +111,10 @@ def build_routers(cfg, out: Path, record, progress: bool = True) -> tuple[dict, 
     docstring); (files, routers):
     the manifest's file records (`record(path, what, **extra)` makes one) and its `routers` section."""
     from prescope.files import read_json
-    from prescope.models import routers
+    from prescope.models import corpus, routers
     from prescope.models.adapter import UnsupportedModelError
     from prescope.predict import llapor, predictors
-    from prescope.predict.accuracy import cached_trace, card_corpus
+    from prescope.predict.accuracy import cached_trace
     from prescope.predict.routellapor import cut_layers
 
     files, section = {}, {}
@@ -129,7 +129,7 @@ def build_routers(cfg, out: Path, record, progress: bool = True) -> tuple[dict, 
         card = read_json(path / "model_card.json", "routing model card") if (path / "model_card.json").is_file() else {}
         weights = sha256(path / WEIGHTS)
         model, tokenizer = routers.load_router(name, path=path)
-        spec = card_corpus(card.get("config", {}))
+        spec = corpus.card_spec(card.get("config", {}))
         model.to(cfg.device)
         trace, record_s = cached_trace(model, tokenizer, spec, "train", cfg.train_per_domain, cfg.prompt_tokens,
                                        cfg.max_new_tokens, cfg.batch_size, Path(cfg.cache_dir) / "routers" / name,

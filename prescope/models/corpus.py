@@ -328,3 +328,10 @@ def load_prepared(data_dir: Path):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(data_dir)
     heldout = {d: _load_ids(data_dir / f"heldout_{d}.npy") for d in record["domains"]}
     return tokenizer, _load_ids(data_dir / "train.npy"), heldout, record
+
+
+def card_spec(card_config: dict, corpus_dir: str | Path | None = None) -> CorpusSpec:
+    """The corpus split a model was trained with, as its card's `config` records it (over `corpus_dir`, default
+    the shipped corpus), so held-out prompts stay held out."""
+    return CorpusSpec(Path(corpus_dir) if corpus_dir else default_corpus_dir(),
+                      **{k: card_config[k] for k in ("heldout_fraction", "doc_chars", "stdlib_bytes") if k in card_config})

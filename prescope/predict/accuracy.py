@@ -232,16 +232,6 @@ def corpus_prompts(tokenizer, spec, split: str, per_domain: int, prompt_tokens: 
     return prompts, domains
 
 
-def card_corpus(card_config: dict, corpus_dir: str | Path | None = None):
-    """The corpus split a model was trained with, as its card's `config` records it (`models.corpus.CorpusSpec`
-    over `corpus_dir`, default the shipped corpus), so held-out prompts stay held out."""
-    from prescope.models import corpus
-
-    return corpus.CorpusSpec(Path(corpus_dir) if corpus_dir else corpus.default_corpus_dir(),
-                             **{k: card_config[k] for k in ("heldout_fraction", "doc_chars", "stdlib_bytes")
-                                if k in card_config})
-
-
 def cached_trace(model, tokenizer, spec, split: str, per_domain: int, prompt_tokens: int, max_new_tokens: int,
                  batch_size: int, cache_dir: Path, model_id: str) -> tuple[Trace, float]:
     """Record (or reload from `cache_dir`) a trace with hidden states and logits; (trace, recording seconds)."""
@@ -274,14 +264,14 @@ def run_report(out_dir: str | Path = "reports/llapor", cache_dir: str | Path = "
     records the traces (the model runs there in float32; evaluation runs on the CPU); `processes`: workers that
     train LLaPor's layers at once on the CPU (None: one per core; the weights do not depend on it)."""
     from prescope.files import git_revision, portable_path, read_json, write_json, write_with_sidecar
-    from prescope.models import tiny
+    from prescope.models import corpus, tiny
     from prescope.predict import llapor, predictors
 
     config = config or llapor.LLaPorConfig()
     model_path = Path(model_dir) if model_dir else tiny.TINY_DIR
     model, tokenizer = tiny.load_tiny(model_path)
     card = read_json(model_path / "model_card.json", "model card").get("config", {})
-    spec = card_corpus(card, corpus_dir)
+    spec = corpus.card_spec(card, corpus_dir)
     shape = dict(prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, batch_size=batch_size,
                  cache_dir=Path(cache_dir), model_id=str(model_path))
     model.to(device)

@@ -272,8 +272,7 @@ def run(args: argparse.Namespace) -> int:
     card_path = model_dir / "model_card.json"
     card = read_json(card_path, "model card").get("config", {}) if card_path.is_file() else {}
     # Held-out prompts must come from the split the model was trained with, which its card records.
-    spec = corpus.CorpusSpec(Path(config.corpus_dir) if config.corpus_dir else corpus.default_corpus_dir(),
-                             **{k: card[k] for k in ("heldout_fraction", "doc_chars", "stdlib_bytes") if k in card})
+    spec = corpus.card_spec(card, config.corpus_dir)
     start = time.perf_counter()
     model = load_model(str(model_dir), dtype=getattr(torch, config.dtype), device=config.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

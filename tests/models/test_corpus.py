@@ -101,3 +101,10 @@ def test_a_folder_of_plain_files_reads_like_the_shipped_copy(tmp_path):
         (tmp_path / f"{domain}.txt").write_text(read_text(CORPUS_DIR / f"{domain}.txt"))
     assert corpus.shared_documents(tmp_path, "c4", 2000) == corpus.shared_documents(CORPUS_DIR, "c4", 2000)
     corpus.check_corpus_dir(tmp_path)
+
+
+def test_a_cards_spec_keeps_the_split_the_card_records(tmp_path):
+    spec = corpus.card_spec({"heldout_fraction": 0.2, "doc_chars": 500, "vocab_size": 99})
+    assert (spec.corpus_dir, spec.heldout_fraction, spec.doc_chars) == (corpus.default_corpus_dir(), 0.2, 500)
+    assert spec.stdlib_bytes == corpus.CorpusSpec(tmp_path).stdlib_bytes  # not in the card: the default
+    assert corpus.card_spec({}, tmp_path).corpus_dir == tmp_path

@@ -109,12 +109,3 @@ def test_run_report_end_to_end(tmp_path, shipped_data):
     tables = {"accuracy.csv", "accuracy_all_tokens.csv", "groups.csv", "group_effect.csv", "overhead.csv", "training.csv"}
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
         "summary.json", *tables, *(f"{t}.sha256" for t in tables)}  # each table's checksum beside it
-
-
-def test_card_corpus_keeps_the_split_the_card_records(tmp_path):
-    from prescope.models import corpus
-
-    spec = A.card_corpus({"heldout_fraction": 0.2, "doc_chars": 500, "vocab_size": 99})
-    assert (spec.corpus_dir, spec.heldout_fraction, spec.doc_chars) == (corpus.default_corpus_dir(), 0.2, 500)
-    assert spec.stdlib_bytes == corpus.CorpusSpec(tmp_path).stdlib_bytes  # not in the card: the default
-    assert A.card_corpus({}, tmp_path).corpus_dir == tmp_path
