@@ -296,10 +296,10 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         measured: dict[str, list] = {}  # cell -> (about, row, route, timeline) of each round so far
         position: dict[str, int] = {}  # cell -> its row in `rows` (the median of its rounds so far)
         for rnd, (policy_name, budget) in ((r, c) for r in range(cfg.repeats) for c in cells):
-            spec = parse_policy("on_demand_lru" if policy_name == RESIDENT else policy_name)
-            policy, predictor = subject.policy(spec.name, **spec.options)
+            chosen = parse_policy("on_demand_lru" if policy_name == RESIDENT else policy_name)
+            policy, predictor = subject.policy(chosen.name, **chosen.options)
             engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
-                                                profile=cfg.profile, async_io=spec.async_io), policy=policy)
+                                                profile=cfg.profile, async_io=chosen.async_io), policy=policy)
             for batch in cfg.batch_sizes:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
                 if past():
@@ -318,7 +318,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     failed.append({**about, "error": f"{type(exc).__name__}: {exc}"})
                     engine.close()
                     engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
-                                                        profile=cfg.profile, async_io=spec.async_io), policy=policy)
+                                                        profile=cfg.profile, async_io=chosen.async_io), policy=policy)
                     continue
                 row["step_bytes"] = _mean_step_bytes(route, layout, sizes, batch, cfg)
                 measured.setdefault(cell, []).append((about, row, route, timeline))
