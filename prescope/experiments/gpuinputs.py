@@ -11,7 +11,9 @@ reads held-out prompts and a LLaPor checkpoint; before this command they were fi
   lookahead from prescope-tiny's routers. The trace is cached in `cache_dir` (the key `run_report` uses);
 - with `--routers SPEC[,SPEC...]` (`NAME[:LAYERS]` or `all`): twins' routing models and a LLaPor per layer count
   for the subjects `TWIN[:LAYERS]@router`, under `routers/` (`routerinputs`: trained here where none is committed
-  or cached, `--router-time-budget-s` seconds each; LLaPor's layers in `--llapor-processes` CPU processes);
+  or cached, `--router-time-budget-s` seconds each; LLaPor's layers in `--llapor-processes` CPU processes), and the
+  deepest LLaPor of each scored against gate lookahead on the routing model's held-out text
+  (`routers/NAME/llapor-vs-gate-N.json`, `routerscores`; `--no-router-scores` skips it);
 - `manifest.json` (checksummed): the format, the git revision, the command line that rebuilds the folder, the
   config, the SHA-256 and size of every file, and of the routing model they belong to (prescope-tiny's weights;
   each twin's routing model under `routers`).
@@ -62,7 +64,9 @@ class InputsConfig:
     device (where the trace is recorded and LLaPor trained), cache_dir (the training trace's cache);
     predictor=False builds no LLaPor for prescope-tiny. routers: twins' routing models and their LLaPor
     (`routerinputs`), each trained in router_time_budget_s seconds at most where one must be trained (0: the full
-    recipe); llapor_processes: CPU processes training their LLaPor's layers (0: one per core)."""
+    recipe); llapor_processes: CPU processes training their LLaPor's layers (0: one per core). router_scores: score
+    each routing model's deepest LLaPor against gate lookahead on heldout_per_domain held-out prompts per domain
+    (`routerscores`; the trace's shape as the training trace's)."""
 
     out: str
     input_len: int = 128
@@ -78,11 +82,13 @@ class InputsConfig:
     routers: str = ""
     router_time_budget_s: float = 0.0
     llapor_processes: int = 0
+    router_scores: bool = True
+    heldout_per_domain: int = 20
 
     def __post_init__(self) -> None:
         check_types(self, InputsError)
         for name in ("input_len", "prompts_per_domain", "train_per_domain", "prompt_tokens", "max_new_tokens",
-                     "batch_size"):
+                     "batch_size", "heldout_per_domain"):
             if getattr(self, name) < 1:
                 raise InputsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_epochs < 0:
@@ -223,7 +229,10 @@ HELP = {"out": "folder for the inputs and manifest.json", "input_len": "prompt t
         "routers": "twins' routing models and their LLaPor for bench subjects TWIN[:LAYERS]@router: 'NAME[:LAYERS],...' "
                    "(decoder layers, as in bench --models) or 'all' (each trained here unless committed or cached)",
         "router_time_budget_s": "seconds each routing model trained here may take at most (0: the full recipe)",
-        "llapor_processes": "CPU processes training the routing models' LLaPor layers at once (0: one per core)"}
+        "llapor_processes": "CPU processes training the routing models' LLaPor layers at once (0: one per core)",
+        "router_scores": "score each routing model's deepest LLaPor against gate lookahead on its held-out text, "
+                         "routers/NAME/llapor-vs-gate-N.json (--no-router-scores: none)",
+        "heldout_per_domain": "held-out prompts per corpus domain the routing models' LLaPor is scored on"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -240,11 +249,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from prescope.experiments.routerscores import summary_line
+
     cfg = InputsConfig(**{f.name: getattr(args, f.name) for f in fields(InputsConfig)})
     manifest = build_inputs(cfg)
     width = max(len(name) for name in manifest["files"])
     for name, record in manifest["files"].items():
         print(f"{name:<{width}}  {record['bytes'] / 1e6:8.2f} MB  sha256 {record['sha256'][:16]}…  {record['what']}")
+    for name, entry in manifest["routers"].items():
+        if "llapor_vs_gate_lookahead" in entry:
+            print(summary_line(name, entry["llapor_vs_gate_lookahead"]))
     print(json.dumps({"command": "gpu-inputs", "out": cfg.out, "manifest": str(Path(cfg.out) / MANIFEST),
                       "rebuild": manifest["command"], "git_revision": manifest["git_revision"],
                       "files": {n: r["sha256"] for n, r in manifest["files"].items()}, "seconds": manifest["seconds"]}))

@@ -13,7 +13,10 @@ layers. For each SPEC (`NAME` or `NAME:LAYERS`, decoder layers as in `bench --mo
   `device` in float32: training text, so the bench's held-out prompts stay unseen;
 - `routers/NAME/llapor-{n}.pt`: LLaPor (`LLaPorConfig` defaults, `max_epochs` where given, trained on the CPU in
   parallel processes, `llapor_processes`) on the trace cut to its first n MoE layers, n = the MoE layers among the
-  first LAYERS decoder layers, gate lookahead from the routing model's first n routers.
+  first LAYERS decoder layers, gate lookahead from the routing model's first n routers;
+- `routers/NAME/llapor-vs-gate-N.json` (`router_scores`, default on): the deepest of those LLaPor (all MoE layers
+  where asked) against gate lookahead on a held-out trace of the routing model (`routerscores`), recorded on
+  `device` like the training trace, `heldout_per_domain` prompts per domain; the gains go into the manifest too.
 
 The manifest records each routing model (`routers`: where it is, the SHA-256 of its weights, its card's training
 summary, the LLaPor checkpoint of each layer count) and lists every file it wrote with its checksum (`files`).
@@ -131,16 +134,19 @@ def build_routers(cfg, out: Path, record, progress: bool = True) -> tuple[dict, 
         model, tokenizer = routers.load_router(name, path=path)
         spec = corpus.card_spec(card.get("config", {}))
         model.to(cfg.device)
-        trace, record_s = cached_trace(model, tokenizer, spec, "train", cfg.train_per_domain, cfg.prompt_tokens,
-                                       cfg.max_new_tokens, cfg.batch_size, Path(cfg.cache_dir) / "routers" / name,
-                                       f"{name}:{weights}")
+        shape = dict(prompt_tokens=cfg.prompt_tokens, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                     cache_dir=Path(cfg.cache_dir) / "routers" / name, model_id=f"{name}:{weights}")
+        trace, record_s = cached_trace(model, tokenizer, spec, "train", cfg.train_per_domain, **shape)
+        if cfg.router_scores:  # recorded where the training trace is; scored on the CPU below
+            heldout, heldout_s = cached_trace(model, tokenizer, spec, "heldout", cfg.heldout_per_domain, **shape)
         model.to("cpu")
         try:
             linear = predictors.LinearRouters.from_model(model)
         except UnsupportedModelError:  # a router that normalises its input: least squares on the trace's logits
             linear = predictors.LinearRouters.fit(trace)
         config = llapor.LLaPorConfig(**({"max_epochs": cfg.max_epochs} if cfg.max_epochs else {}))
-        checkpoints = {}
+        checkpoints, scored = {}, {}
+        deepest = max(moe_layers_within(model, layers) for layers in counts)  # all MoE layers where asked
         for layers in counts:
             n = moe_layers_within(model, layers)
             cut = cut_layers(trace, n)
@@ -156,12 +162,31 @@ def build_routers(cfg, out: Path, record, progress: bool = True) -> tuple[dict, 
                                  trace_hash=predictor.trace_info["hash"], trace_tokens=cut.num_tokens, moe_layers=n,
                                  train_s=round(time.perf_counter() - start, 1))
             checkpoints[str(n)] = file
+            if cfg.router_scores and n == deepest and not scored:
+                scored = _score(out, name, n, predictor, cut_routers, heldout, file, weights, heldout_s, cfg, files,
+                                record)
         section[name] = {"location": location, "path": _portable(path, out, location), "weights_sha256": weights,
                          "trained_here": location == "inputs", "training": card.get("training", {}),
                          "trained_vs_random": card.get("routing", {}).get("trained_vs_random"),
                          "trace_tokens": trace.num_tokens, "trace_record_s": round(record_s, 1),
-                         "llapor": checkpoints, "seconds": round(time.perf_counter() - began, 1)}
+                         "llapor": checkpoints, **({"llapor_vs_gate_lookahead": scored} if scored else {}),
+                         "seconds": round(time.perf_counter() - began, 1)}
     return files, section
+
+
+def _score(out: Path, name: str, n: int, predictor, routers, heldout, checkpoint: str, weights: str,
+           record_s: float, cfg, files: dict, record) -> dict:
+    """`routerscores.score` of the LLaPor just trained into `routers/NAME/`, its file recorded in `files`; the
+    manifest's `llapor_vs_gate_lookahead` entry."""
+    from prescope.experiments import routerscores
+
+    file = f"{ROUTERS_DIR}/{name}/" + routerscores.SCORE_FILE.format(n=n)
+    result = routerscores.score(out / file, name, n, predictor, routers, heldout, checkpoint=checkpoint,
+                                weights_sha256=weights, record_s=record_s, cfg=cfg)
+    files[file] = record(out / file, f"LLaPor vs gate lookahead for {name}'s routing model on its held-out text, "
+                                     f"its first {n} MoE layers (measured)", moe_layers=n,
+                         heldout_tokens=result["heldout"]["tokens"], score_s=result["score_s"])
+    return routerscores.manifest_entry(file, result)
 
 
 def _portable(path: Path, out: Path, location: str) -> str:

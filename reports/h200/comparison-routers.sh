@@ -5,6 +5,8 @@
 # where none is committed, and LLaPor for the subject's MoE layers, its layers in parallel CPU processes), then runs
 # `bench --inputs` with a deadline (`--deadline-s`): no cell starts past LIMIT_S seconds of the call (less a margin
 # for the last cell), the cells left out are listed in bench.json's `deadline`, and what finished comes back.
+# The inputs manifest, the card of a routing model trained in the call and its LLaPor-vs-gate-lookahead score on held-out
+# text (`routers/NAME/llapor-vs-gate-N.json`, copied as NAME-llapor-vs-gate-N.json) come back with the run.
 # Overrides: BUDGETS, BATCHES, POLICIES, OUTPUT_LEN, REPEATS, LIMIT_S, ROUTER_S, INPUTS, ACCELERATE_BATCHES (accelerate's
 # offload rows, none by default: at these depths one takes minutes and would run past the deadline). The grid does not fit one
 # call per subject; the calls that cover it, and their estimates, are in reports/h200/comparison-routers.md.
@@ -42,5 +44,8 @@ set +f
 cp "$INPUTS/manifest.json" "$RUN/inputs-manifest.json"
 for card in "$INPUTS"/routers/*/model_card.json; do  # the card of a routing model trained in this call
     if [ -f "$card" ]; then cp "$card" "$RUN/router-card-$(basename "$(dirname "$card")").json"; fi
+done
+for score in "$INPUTS"/routers/*/llapor-vs-gate-*.json; do  # LLaPor vs gate lookahead on held-out text
+    if [ -f "$score" ]; then cp "$score" "$RUN/$(basename "$(dirname "$score")")-$(basename "$score")"; fi
 done
 echo "comparison-routers: $WHICH done in $(($(date +%s) - START)) s; files in $RUN"

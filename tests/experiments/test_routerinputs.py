@@ -13,7 +13,8 @@ from prescope.experiments import gpuinputs, routerinputs
 from prescope.experiments.gpuinputs import InputsError
 
 SMALL = ["--input-len", "6", "--prompts-per-domain", "1", "--train-per-domain", "3", "--prompt-tokens", "8",
-         "--max-new-tokens", "3", "--max-epochs", "1", "--no-predictor", "--llapor-processes", "2"]
+         "--max-new-tokens", "3", "--max-epochs", "1", "--no-predictor", "--llapor-processes", "2",
+         "--heldout-per-domain", "1"]
 
 
 def test_specs_name_twins_and_layer_counts():
@@ -70,6 +71,13 @@ def test_the_folder_records_each_routing_model_and_a_llapor_per_layer_count(buil
         assert predictor.layout.num_moe_layers == int(n) and predictor.layout.hidden_size == 16
         assert manifest["files"][file]["trace_hash"] == predictor.trace_info["hash"]
     assert "--routers mixtral-8x7b:4,mixtral-8x7b,olmoe-1b-7b:2" in manifest["command"]
+    # each routing model's deepest LLaPor scored against gate lookahead: Mixtral's whole depth, OLMoE's only cut
+    assert mixtral["llapor_vs_gate_lookahead"]["file"] == "routers/mixtral-8x7b/llapor-vs-gate-32.json"
+    assert olmoe["llapor_vs_gate_lookahead"]["file"] == "routers/olmoe-1b-7b/llapor-vs-gate-2.json"
+    assert set(olmoe["llapor_vs_gate_lookahead"]["gain_points_by_distance"]) == {"1"}  # 2 layers: distance 1 only
+    assert olmoe["llapor_vs_gate_lookahead"]["llapor_gain_at_least_5_points_from_distance_2"] is None
+    assert {"routers/mixtral-8x7b/llapor-vs-gate-32.json", "routers/olmoe-1b-7b/llapor-vs-gate-2.json"} <= set(
+        manifest["files"]) and not (out / "routers/mixtral-8x7b/llapor-vs-gate-4.json").exists()
 
 
 def test_bench_finds_the_routing_model_and_its_llapor_and_refuses_a_changed_one(built, monkeypatch, tmp_path):
@@ -131,6 +139,9 @@ with open(os.environ["FAKE_LOG"], "a") as f:
 out = Path(argv[argv.index("--out") + 1])
 out.mkdir(parents=True, exist_ok=True)
 (out / ("manifest.json" if argv[0] == "gpu-inputs" else "bench.json")).write_text("{}")
+if argv[0] == "gpu-inputs":
+    (out / "routers" / "twin").mkdir(parents=True)
+    (out / "routers" / "twin" / "llapor-vs-gate-4.json").write_text("{}")
 """)
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "log"),
@@ -152,6 +163,7 @@ out.mkdir(parents=True, exist_ok=True)
         parse_policy(name)
     BenchConfig(models=tuple(args.models), policies=tuple(args.policies), deadline_s=args.deadline_s)
     assert (tmp_path / "out" / f"routers-{subject}" / "inputs-manifest.json").is_file()
+    assert (tmp_path / "out" / f"routers-{subject}" / "twin-llapor-vs-gate-4.json").is_file()  # the router's score
     bad = subprocess.run(["bash", str(root / "reports/h200/comparison-routers.sh"), "olmoe"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr

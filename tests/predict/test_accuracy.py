@@ -83,6 +83,28 @@ def test_group_effect_by_hand():
     assert effect.loc[("near_output", "gate_lookahead"), "gain_points"] == 0
 
 
+def test_versus_lookahead_by_hand():
+    """Gains in points by distance (source layers weigh the same), the 5-point target from distance 2, and no
+    verdict where the table holds no distance >= 2."""
+    values = {("gate_lookahead", 1): (0.5, 0.5), ("llapor", 1): (0.6, 0.5), ("gate_lookahead", 2): (0.4, 0.2),
+              ("llapor", 2): (0.5, 0.2), ("popularity", 1): (0.1, 0.1)}  # (layer 0, layer 1)
+    df = pd.DataFrame([{"predictor": p, "layer": layer, "distance": d, "domain": "all", "metric": "recall_at_k",
+                        "value": v[layer], "tokens": 10} for (p, d), v in values.items() for layer in (0, 1)])
+    versus = A.versus_lookahead(df, (1, 2))
+    assert versus["gain_points_by_distance"] == {"llapor": {1: 5.0, 2: 5.0}}  # popularity is not a learned predictor
+    assert versus["mean_recall_at_k"]["gate_lookahead"] == {1: 0.5, 2: 0.3}
+    assert versus["target"] == {"llapor_beats_gate_lookahead_at_every_distance": True,
+                                "llapor_gain_at_least_5_points_from_distance_2": True}
+    assert versus["gain_points_by_group"]["near_input"]["llapor"] == {1: 10.0, 2: 10.0}  # layer 0 only
+    near = A.versus_lookahead(df[df["distance"] == 1], (1, 2))["target"]
+    assert near == {"llapor_beats_gate_lookahead_at_every_distance": True,
+                    "llapor_gain_at_least_5_points_from_distance_2": None}
+    cell = (df["predictor"] == "llapor") & (df["distance"] == 2) & (df["layer"] == 0)
+    below = A.versus_lookahead(df.assign(value=np.where(cell, 0.44, df["value"])), (1, 2))  # 2 points at d2
+    assert below["gain_points_by_distance"]["llapor"][2] == 2.0
+    assert below["target"]["llapor_gain_at_least_5_points_from_distance_2"] is False
+
+
 def test_overhead_is_measured(toy):
     cost = A.overhead({"popularity": P.Popularity().fit(toy)}, toy, (1,), repeats=3)
     assert cost.loc[0, "us_per_layer_step"] > 0 and cost.loc[0, "layers"] == 2
