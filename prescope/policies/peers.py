@@ -25,6 +25,7 @@ Letters: L MoE layers, E experts, K top-k, N tokens, D lookahead distance, S slo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 
@@ -385,7 +386,7 @@ class PreScope(Predictive):
         p = presched.plan(inst)
         keys = [(view.layer, e) for e in p.loads] + list(p.prefetch)
         self.planned = dict(zip(keys, p.victims, strict=True))
-        self.loss = {h.key: h.prob for h in inst.evictable}
+        self.loss = dict(map(itemgetter(0, 1), inst.evictable))  # key -> prob
         self.protect = routed | set(p.prefetch)
         self.issued = self._still_loading(cache) + keys
         return Orders(gpu=list(p.gpu), cpu=list(p.cpu), prefetch=list(p.prefetch))

@@ -22,6 +22,7 @@ import numpy as np
 import prescope.policies.presched as presched
 from prescope.policies.base import Costs, LayerView, Policy, PolicyError, PolicyOptions
 from prescope.policies.cache import ExpertCache, Key
+from prescope.policies.split import Memo
 from prescope.policies.window import Window
 
 MISSING = -1  # the trace's padding expert id (prescope.routing.trace.MISSING), kept here to avoid importing pandas
@@ -202,7 +203,8 @@ class Predictive(Policy):
         if self.graphs_for is not self.predictor:  # the graphs replay one predictor's calls: kept across resets
             self.graphs, self.graphs_for = None, self.predictor
         if costs is not None:
-            self.costs = dataclasses.replace(costs, gpu=_memo(costs.gpu), cpu=_memo(costs.cpu))
+            # remembered by token count (few distinct counts), as tables PreSched keeps across plans
+            self.costs = dataclasses.replace(costs, gpu=Memo(costs.gpu), cpu=Memo(costs.cpu))
             self.costs_gap = costs.layer_gap
         return []
 
@@ -277,18 +279,6 @@ class Predictive(Policy):
         """The router input on the predictor's device (LLaPor's parameters live where it was loaded)."""
         where = self.predictor.device
         return hidden if where is None else hidden.to(where, non_blocking=True)
-
-
-def _memo(fn: Callable[[float], float]) -> Callable[[float], float]:
-    """A cost function remembered by token count (the policies ask for few distinct counts)."""
-    seen: dict[float, float] = {}
-
-    def cached(n: float) -> float:
-        if n not in seen:
-            seen[n] = fn(n)
-        return seen[n]
-
-    return cached
 
 
 def _used(scores, k: int):

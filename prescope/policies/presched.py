@@ -85,7 +85,7 @@ Letters: D lookahead distance, E experts, K top-k, S slots, τ transfer time of 
 from __future__ import annotations
 
 from itertools import accumulate
-from operator import neg
+from operator import mul, neg
 
 from prescope.policies.instance import Candidate, Held, Instance, Key, Plan, PlanError
 from prescope.policies.split import CostTables, Split, split_finishes
@@ -298,8 +298,11 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
     starts = layer_starts(inst, costs, min(finishes))
     stall, free = costs.stall, inst.free_slots
     # victims: free slots first, then evictable keys by loss; lam[j] is the (j+1)-th cheapest
-    held = sorted([(p * stall[n], key) for key, p, n in inst.evictable])
-    losses, keys = zip(*held, strict=True) if held else ((), ())
+    if inst.evictable:
+        keys, probs, tokens = zip(*inst.evictable)
+        losses, keys = zip(*sorted(zip(map(mul, probs, map(stall.__getitem__, tokens)), keys)))
+    else:
+        losses = keys = ()
     lam = [0.0] * free + list(losses)
     floor = lam[0] if lam else 0.0
     # the window's absent candidates by weight w = p·stall(n), best first, per layer; one at or below the

@@ -13,34 +13,50 @@ Letters: K routed experts of layer l, m on-demand loads, a residents and b exper
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
 from typing import NamedTuple
 
 from prescope.policies.instance import Instance
 
 
-class _Table(dict):
-    """A cost function `fn` memoised by token count: table[n] computes fn(n) on first use."""
+class Memo(dict):
+    """A cost function `fn` memoised by token count: memo[n] and memo(n) compute fn(n) on first use. A policy
+    hands its costs to PreSched as Memos, so their tables last across planning calls (`CostTables`), and the
+    GPU's keeps the stall table last built with it (`stall`: (cpu, load, table))."""
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "stall")
+
+    def __init__(self, fn: Callable[[float], float]):
+        super().__init__()
+        self.fn, self.stall = fn, None
 
     def __missing__(self, n: float) -> float:
         t = self[n] = self.fn(n)
         return t
 
+    def __call__(self, n: float) -> float:
+        return self[n]
+
 
 class CostTables:
-    """The instance's cost functions memoised for one planning call (few distinct token counts), looked up
-    as gpu[n], cpu[n] and stall[n] = min(τ, max(0, cpu(n) − gpu(n))), what a miss of n tokens adds to its
-    layer."""
+    """The instance's cost functions memoised by token count (few distinct counts), looked up as gpu[n],
+    cpu[n] and stall[n] = min(τ, max(0, cpu(n) − gpu(n))), what a miss of n tokens adds to its layer: the
+    instance's own tables where its costs are `Memo`s (the policies' costs: kept across planning calls, the
+    stall table too while the costs and τ are the same), else new ones for this call."""
 
     __slots__ = ("gpu", "cpu", "stall")
 
     def __init__(self, inst: Instance):
-        self.gpu, self.cpu, self.stall = gpu, cpu, stall = _Table(), _Table(), _Table()
         load = inst.load
-        gpu.fn, cpu.fn = inst.gpu, inst.cpu
-        stall.fn = lambda n: min(load, max(0.0, cpu[n] - gpu[n]))
+        self.gpu = gpu = inst.gpu if isinstance(inst.gpu, Memo) else Memo(inst.gpu)
+        self.cpu = cpu = inst.cpu if isinstance(inst.cpu, Memo) else Memo(inst.cpu)
+        kept = gpu.stall
+        if kept is not None and kept[0] is cpu and kept[1] == load:
+            self.stall = kept[2]
+        else:
+            self.stall = Memo(lambda n: min(load, max(0.0, cpu[n] - gpu[n])))
+            gpu.stall = (cpu, load, self.stall)
 
 
 class Split(NamedTuple):
@@ -108,6 +124,7 @@ def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
     for j in range(len(misses) - 1, -1, -1):
         cpu_after[j] = cpu_after[j + 1] + cpu[misses[j][1]]
     gpu_base, last, free, count = gpu_fixed + gpu_held, len(held), inst.cpu_free, len(gpu_moved)
+    late_e, held_e = [r[1] for r in late], [r[1] for r in held]
     best = [None] * (top + 1)  # per m: (F0, a, b), the first minimum over b, then a
     for b in range(len(late) + 1):
         # the jobs of this b: every load, and the experts in flight the GPU keeps; per m, the state after the
@@ -168,6 +185,5 @@ def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
                         f, a = value, lo
             if best[m] is None or f < best[m][0]:
                 best[m] = (f, a, b)
-    late_e, held_e = [r[1] for r in late], [r[1] for r in held]
     return Split([f for f, _, _ in best], present, misses,
                  [tuple(late_e[:b] + held_e[:a]) for _, a, b in best])

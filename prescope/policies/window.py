@@ -11,6 +11,7 @@ Letters: L MoE layers, E experts, D lookahead distance, M evictable keys.
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Sequence
+from itertools import repeat
 
 import numpy as np
 
@@ -103,5 +104,6 @@ def cheapest_held(n: int, q: np.ndarray, ids: np.ndarray, width: int) -> tuple[H
     """The n cheapest victims as PreSched's Held, chances capped at 1, from chances q [M] and key ids [M]
     (layer·width + expert)."""
     first = smallest_ids(n, q, ids)
-    return tuple(Held(divmod(i, width), min(1.0, c))
-                 for c, i in zip(q.take(first).tolist(), ids.take(first).tolist(), strict=True))
+    probs = np.fmin(q.take(first), 1.0).tolist()  # min(1.0, c), NaN included
+    keys = map(divmod, ids.take(first).tolist(), repeat(width))
+    return tuple(map(tuple.__new__, repeat(Held), zip(keys, probs, repeat(1.0))))  # Held(key, prob), no call each
