@@ -299,8 +299,8 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
     stall, free = costs.stall, inst.free_slots
     # victims: free slots first, then evictable keys by loss; lam[j] is the (j+1)-th cheapest
     if inst.evictable:
-        keys, probs, tokens = zip(*inst.evictable)
-        losses, keys = zip(*sorted(zip(map(mul, probs, map(stall.__getitem__, tokens)), keys)))
+        keys, probs, tokens = zip(*inst.evictable, strict=True)
+        losses, keys = zip(*sorted(zip(map(mul, probs, map(stall.__getitem__, tokens)), keys, strict=True)), strict=True)
     else:
         losses = keys = ()
     lam = [0.0] * free + list(losses)
