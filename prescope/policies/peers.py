@@ -320,8 +320,12 @@ class PreScope(Predictive):
         link_free, eta = link_state(cache, self.issued, costs.load)
         resident = cache.resident_keys(range(layer, layer + len(window) + 1))
         predictions = candidates(window, offered, self.candidates or 2 * self.top_k())
-        q, ids = self.victim_ids(view, cache, window)
-        held = cheapest_held(len(view.experts) + sum(map(len, predictions)), q, ids, self.num_experts)
+        need = len(view.experts) + sum(map(len, predictions))  # loads and prefetches this plan may order
+        if cache.free_count >= need + len(window):  # each takes a free slot: PreSched reads no victim (presched.plan)
+            held = ()
+        else:
+            q, ids = self.victim_ids(view, cache, window)
+            held = cheapest_held(need, q, ids, self.num_experts)
         gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
         return presched.Instance(
             layer, view.experts, view.tokens, predictions, costs.load, costs.gpu, costs.cpu,

@@ -292,7 +292,10 @@ def _best_split(window: _Window, splits: list[int], fixed: list[float], prune: b
 
 def plan(inst: Instance, prune: bool = True) -> Plan:
     """The plan minimising J (module docstring) for `inst`; among equal J, the faster split of layer l.
-    `prune=False` enumerates every partial-position choice (the same optimum, slower; tests compare)."""
+    `prune=False` enumerates every partial-position choice (the same optimum, slower; tests compare).
+
+    With free_slots >= K + Σ_d |predictions[d]| + D, every load and prefetch takes a free slot and no victim
+    is read: the pruned plan is the same with or without `evictable` (a caller may leave it out; tested)."""
     costs, tau = CostTables(inst), inst.load
     finishes, present, misses, offloaded = split_finishes(inst, costs)
     starts = layer_starts(inst, costs, min(finishes))
