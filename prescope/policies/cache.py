@@ -76,6 +76,7 @@ class ExpertCache:
         self._fresh_at = np.zeros(num_slots, dtype=bool)
         self._pinned_at = np.zeros(num_slots, dtype=bool)
         self._id_width, self._id_at = 0, self._layer_of  # key ids layer·width + expert per slot, once asked for
+        self._grid_width, self._grid = 0, np.zeros((0, 0), dtype=bool)  # `present_grid`, once asked for
 
     # ---- questions about one key ---------------------------------------------------------------------
     def slot(self, key: Key) -> int | None:
@@ -147,6 +148,15 @@ class ExpertCache:
     def present_keys(self) -> KeysView[Key]:
         """Every key resident or loading (a live view: do not assign while iterating)."""
         return self._slot_of.keys()
+
+    def present_grid(self, width: int) -> np.ndarray:
+        """[L, width] bool: key (layer, expert) resident or loading (width: above every expert); kept in step
+        with every report once asked for, and returned as it is: read it, never write it."""
+        if width != self._grid_width:
+            self._grid, self._grid_width = np.zeros((self.num_layers, width), dtype=bool), width
+            for key in self._slot_of:
+                self._grid[key] = True
+        return self._grid
 
     def keys(self, layer: int | None = None) -> list[Key]:
         return [k for k in self._owner if k is not None and (layer is None or k[0] == layer)]
@@ -235,6 +245,10 @@ class ExpertCache:
             del self._slot_of[evicted]
             self._by_layer[evicted[0]].discard(slot)
             self.stats.evictions += 1
+            if self._grid_width:
+                self._grid[evicted] = False
+        if self._grid_width:
+            self._grid[key] = True
         self._owner[slot], self._state[slot], self._slot_of[key] = key, _LOADING, slot
         self._free.discard(slot)
         self._by_layer[key[0]].add(slot)
@@ -293,6 +307,8 @@ class ExpertCache:
             raise CacheError(f"{key} is pinned by the running layer")
         del self._slot_of[key]
         self._resident_of[key[0]].discard(key)
+        if self._grid_width:
+            self._grid[key] = False
         self._owner[slot], self._state[slot], self._fresh[slot] = None, _FREE, False
         self._layer_of[slot] = self._expert_of[slot] = -1
         self._loading_at[slot] = self._resident_at[slot] = self._fresh_at[slot] = False

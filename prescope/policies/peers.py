@@ -300,16 +300,17 @@ class PreScope(Predictive):
 
     def offered(self, view: LayerView, cache: ExpertCache, forecast) -> list[list[int]]:
         """Per window layer l+d, the absent experts (ascending) worth a transfer (p > `worth()`)."""
-        return absent(Window.of(forecast, self.num_experts), view.layer, cache.present_keys(), self.worth())
+        window, start = Window.of(forecast, self.num_experts), view.layer + 1
+        return absent(window, cache.present_grid(self.num_experts)[start:start + len(window)], self.worth())
 
     def nothing_to_plan(self, view: LayerView, cache: ExpertCache, forecast, offered=None) -> bool:
         """Every routed expert resident and no candidate in the window: PreSched's plan is then the layer's
         fastest split of its resident experts (`fastest_split`) and nothing else, so it need not be built
         (exact, tested). `offered`: `offered(view, cache, forecast)`, if the caller has it."""
-        layer, resident = view.layer, cache.is_resident
-        if not all(resident((layer, e)) for e in view.experts):
+        if any(offered if offered is not None else self.offered(view, cache, forecast)):
             return False
-        return not any(offered if offered is not None else self.offered(view, cache, forecast))
+        layer, resident = view.layer, cache.is_resident
+        return all(resident((layer, e)) for e in view.experts)
 
     def instance(self, view: LayerView, cache: ExpertCache, forecast=None, offered=None) -> presched.Instance:
         """The planner's view of this layer (see presched.Instance); `offered`: `offered(view, cache, forecast)`,

@@ -10,7 +10,7 @@ Letters: L MoE layers, E experts, D lookahead distance, M evictable keys.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
 from itertools import repeat
 
 import numpy as np
@@ -49,13 +49,13 @@ class Window:
         return zip(self.p, self.n, strict=True)
 
 
-def absent(window: Window, layer: int, present: Container[Key], worth: float) -> list[list[int]]:
-    """Per distance d = 1 … D, the experts of layer l+d (ascending) with p > worth whose key is not present."""
+def absent(window: Window, present: np.ndarray, worth: float) -> list[list[int]]:
+    """Per distance d = 1 … D, the experts of layer l+d (ascending) with p > worth that are not present
+    (`present` [D, E]: layers l+1 … l+D's keys resident or loading, rows of `ExpertCache.present_grid`)."""
     out: list[list[int]] = [[] for _ in range(len(window))]
-    rows, experts = np.nonzero(window.p > worth)  # row-major: experts ascending within a row
+    rows, experts = np.nonzero((window.p > worth) & ~present)  # row-major: experts ascending within a row
     for d, e in zip(rows.tolist(), experts.tolist(), strict=True):
-        if (layer + 1 + d, e) not in present:
-            out[d].append(e)
+        out[d].append(e)
     return out
 
 
