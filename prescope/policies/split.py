@@ -124,7 +124,7 @@ def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
     for j in range(len(misses) - 1, -1, -1):
         cpu_after[j] = cpu_after[j + 1] + cpu[misses[j][1]]
     gpu_base, last, free, count = gpu_fixed + gpu_held, len(held), inst.cpu_free, len(gpu_moved)
-    late_e, held_e = [r[1] for r in late], [r[1] for r in held]
+    late_e, held_e = tuple(r[1] for r in late), tuple(r[1] for r in held)
     best = [None] * (top + 1)  # per m: (F0, a, b), the first minimum over b, then a
     for b in range(len(late) + 1):
         # the jobs of this b: every load, and the experts in flight the GPU keeps; per m, the state after the
@@ -186,4 +186,4 @@ def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
             if best[m] is None or f < best[m][0]:
                 best[m] = (f, a, b)
     return Split([f for f, _, _ in best], present, misses,
-                 [tuple(late_e[:b] + held_e[:a]) for _, a, b in best])
+                 [late_e[:b] + held_e[:a] for _, a, b in best])

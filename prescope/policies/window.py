@@ -66,8 +66,11 @@ def candidates(window: Window, offered: Sequence[list[int]], keep: int) -> tuple
     probs, tokens = window.p.take(at).tolist(), window.n.take(at).tolist()  # one read of each for every row
     out, i = [], 0
     for experts in offered:
-        row = sorted(range(i, i + len(experts)), key=probs.__getitem__, reverse=True)[:keep]  # stable: by expert
-        out.append(tuple(Candidate(experts[j - i], probs[j], max(1, round(tokens[j]))) for j in row))
+        p, n = probs[i:i + len(experts)], tokens[i:i + len(experts)]
+        row = sorted(range(len(experts)), key=p.__getitem__, reverse=True)[:keep]  # stable: by expert
+        fields = zip(map(experts.__getitem__, row), map(p.__getitem__, row),
+                     map(max, repeat(1), map(round, map(n.__getitem__, row))), strict=True)
+        out.append(tuple(map(tuple.__new__, repeat(Candidate), fields)))  # Candidate(e, p, n), no call each
         i += len(experts)
     return tuple(out)
 
