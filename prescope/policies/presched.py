@@ -346,10 +346,10 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
         prefetch.append((inst.layer + d + 1, ranked[d][rank]))
         x = r[d] - i
         saving.append(weights[d][rank] * (1.0 if x >= 1.0 else (x if x > 0.0 else 0.0)))
-    loads, moved = tuple(e for e, _ in misses[:m]), offloaded[m]
+    loads, moved = tuple([e for e, _ in misses[:m]]), offloaded[m]
     ready = sorted([(t, i, e) for i, (t, e, _) in enumerate(present) if e not in moved]
                    + [(inst.demand_start + j * tau, len(present) + j, e) for j, e in enumerate(loads, 1)])
     used = m + len(prefetch)
-    return Plan(gpu=tuple(e for _, _, e in ready), cpu=tuple(e for e, _ in misses[m:]) + moved, loads=loads,
+    return Plan(gpu=tuple([e for _, _, e in ready]), cpu=tuple([e for e, _ in misses[m:]]) + moved, loads=loads,
                 prefetch=tuple(prefetch), victims=((None,) * min(used, free) + keys)[:used],
                 objective=finishes[m] + prefix[used] + base - sum(saving))

@@ -4,7 +4,7 @@ every m; and the instance's cost functions memoised for one planning call.
 
 One planned layer calls `split_finishes` once (and the policies' on-demand paths do too), so it is written
 for few Python objects per expert: one pass sorts the present experts into those in flight and resident,
-the bisection over the residents moved to the CPU is inlined, and the experts moved per (a, b) are sliced
+the search over the residents moved to the CPU is inlined, and the experts moved per (a, b) are sliced
 from two lists. `tests/policies/test_presched.py` compares it, float for float, with the full scan as first
 written.
 
@@ -75,8 +75,10 @@ def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
     the CPU, and the present experts that end the layer sooner on the CPU there (`presched`'s docstring,
     step 1). Per b, one pass over the jobs by readiness gives the state after each load; the jobs in flight
     after it are folded on (the additions of a full scan, in its order: the same floats). Per (m, b), the
-    first best a is found by bisection: the GPU's end G(a) never rises with a and the CPU's C(a) never falls
-    (floating-point rounding is monotone, so this holds for the computed values too)."""
+    GPU's end G(a) never rises with a and the CPU's C(a) never falls (costs are times, >= 0, and
+    floating-point rounding is monotone, so this holds for the computed values too): the first a with
+    C(a) >= G(a) is walked on from the last m's (one more load only raises G and lowers C), and the first a
+    reaching the minimum found by bisection below it."""
     costs = costs or CostTables(inst)
     present, misses = [], []
     layer, resident, inflight = inst.layer, inst.resident, inst.inflight
@@ -142,6 +144,7 @@ def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
             else:
                 for tail in tails:
                     tail.append((r, t))
+        cross = 0  # the first a with C(a) >= G(a): with more loads G only rises and C only falls, so it never falls
         for m in range(top + 1):
             bound, rest = prefix[m]
             for r, t in tails[m]:
@@ -157,15 +160,13 @@ def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
                     y = max(g, cpu_base + cpu_moved[x])
                     if y < f:
                         f, a = y, x
-            else:  # the first a with C(a) >= G(a), then the first a reaching the minimum
-                lo, hi = 0, count
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    g = gpu_base - gpu_moved[mid] + rest
-                    if cpu_base + cpu_moved[mid] >= (g if g > bound else bound):
-                        hi = mid
-                    else:
-                        lo = mid + 1
+            else:  # the first a with C(a) >= G(a), walked on from the last m's, then the first a reaching the minimum
+                while cross < count:
+                    g = gpu_base - gpu_moved[cross] + rest
+                    if cpu_base + cpu_moved[cross] >= (g if g > bound else bound):
+                        break
+                    cross += 1
+                lo = cross
                 if lo == 0:
                     f, a = cpu_base + cpu_moved[0], 0
                 else:

@@ -66,11 +66,8 @@ def candidates(window: Window, offered: Sequence[list[int]], keep: int) -> tuple
     probs, tokens = window.p.take(at).tolist(), window.n.take(at).tolist()  # one read of each for every row
     out, i = [], 0
     for experts in offered:
-        p, n = probs[i:i + len(experts)], tokens[i:i + len(experts)]
-        row = sorted(range(len(experts)), key=p.__getitem__, reverse=True)[:keep]  # stable: by expert
-        fields = zip(map(experts.__getitem__, row), map(p.__getitem__, row),
-                     map(max, repeat(1), map(round, map(n.__getitem__, row))), strict=True)
-        out.append(tuple(map(tuple.__new__, repeat(Candidate), fields)))  # Candidate(e, p, n), no call each
+        row = sorted(range(i, i + len(experts)), key=probs.__getitem__, reverse=True)[:keep]  # stable: by expert
+        out.append(tuple(Candidate(experts[j - i], probs[j], max(1, round(tokens[j]))) for j in row))
         i += len(experts)
     return tuple(out)
 
@@ -86,12 +83,12 @@ class ComputeTable:
         if not len(window):
             return ()
         tokens = np.rint(window.n)  # [D, E]
-        at = np.maximum(tokens, 1, out=tokens).astype(np.intp)
+        at = np.maximum(tokens, 1.0, out=tokens).astype(np.intp)
         top = int(at.max())
         if len(self.table) <= top:
             self.table = np.array([0.0] + [self.gpu(c) for c in range(1, top + 1)])
         times, p = self.table.take(at), np.maximum(window.p, 0.0)  # [D, E]
-        return tuple(float(np.dot(p[d], times[d])) for d in range(len(p)))
+        return tuple([float(np.dot(p[d], times[d])) for d in range(len(p))])
 
 
 def smallest_ids(n: int, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
