@@ -164,7 +164,7 @@ class ExpertCache:
     def loading_keys(self) -> list[Key]:
         """Keys whose copy is in flight, in slot order."""
         owner = self._owner
-        return [owner[s] for s in np.flatnonzero(self._loading_at).tolist()]
+        return [owner[s] for s in self._loading_at.nonzero()[0].tolist()]
 
     def resident_keys(self, layers: Iterable[int]) -> frozenset[Key]:
         """The keys of `layers` that are resident (not loading)."""
@@ -210,7 +210,7 @@ class ExpertCache:
             s = slot_of.get(key)
             if s is not None:
                 offered[s] = False
-        return np.flatnonzero(offered)
+        return offered.nonzero()[0]
 
     def evictable_ranked(self, protect: frozenset[Key] | set[Key], rank) -> int | None:
         """The evictable slot (key not in `protect`) whose key ranks lowest by `rank(key)`, ties by least

@@ -53,7 +53,7 @@ def absent(window: Window, present: np.ndarray, worth: float) -> list[list[int]]
     """Per distance d = 1 … D, the experts of layer l+d (ascending) with p > worth that are not present
     (`present` [D, E]: layers l+1 … l+D's keys resident or loading, rows of `ExpertCache.present_grid`)."""
     out: list[list[int]] = [[] for _ in range(len(window))]
-    rows, experts = np.nonzero((window.p > worth) & ~present)  # row-major: experts ascending within a row
+    rows, experts = ((window.p > worth) & ~present).nonzero()  # row-major: experts ascending within a row
     for d, e in zip(rows.tolist(), experts.tolist(), strict=True):
         out[d].append(e)
     return out
@@ -96,7 +96,7 @@ def smallest_ids(n: int, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
     under the n-th smallest q are sorted."""
     if not len(q) > n > 0:
         return np.lexsort((ids, q))[:n]
-    near = np.flatnonzero(q <= np.partition(q, n - 1)[n - 1])
+    near = (q <= np.partition(q, n - 1)[n - 1]).nonzero()[0]
     return near.take(np.lexsort((ids.take(near), q.take(near)))[:n])
 
 
