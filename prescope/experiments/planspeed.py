@@ -9,7 +9,14 @@ after PreScope's planning inputs went over arrays (policies/window.py, 8f5dd50; 
 prescope[gate=False] 141 -> 85 (b1), 169 -> 107 (b4), 205 -> 139 (b16); ceiling[gate=False] 181 -> 113 (b1),
 244 -> 152 (b4), 321 -> 202 (b16). Whole `plan` (PreSched included, sped up on main meanwhile): prescope 196 -> 135,
 250 -> 182, 361 -> 255; ceiling 237 -> 164, 314 -> 220, 420 -> 299. Single runs on a shared machine: differences
-under ~10 % are noise."""
+under ~10 % are noise.
+
+Then (b77dc95 -> policies/split.py's speed-ups: the split's search walked, cost tables kept across plans, victims
+left out while free slots take every load, the window's absent experts from the cache's present grid; the same
+decisions, `--decisions` and tests/experiments/test_planspeed.py), median of 3 interleaved runs of the same
+command on the same 2-core CPU, whole `plan` per planned layer: prescope 134 -> 102 µs (b1), 183 -> 155 (b4),
+258 -> 211 (b16); ceiling 164 -> 99, 219 -> 193, 302 -> 255. Part of b1's gain (victims left out) holds only
+while the pool has free slots, as in these 40 steps' warm-up; with a full pool that layer's victims are built."""
 
 from __future__ import annotations
 
