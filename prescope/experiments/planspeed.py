@@ -9,7 +9,15 @@ after PreScope's planning inputs went over arrays (policies/window.py, 8f5dd50; 
 prescope[gate=False] 141 -> 85 (b1), 169 -> 107 (b4), 205 -> 139 (b16); ceiling[gate=False] 181 -> 113 (b1),
 244 -> 152 (b4), 321 -> 202 (b16). Whole `plan` (PreSched included, sped up on main meanwhile): prescope 196 -> 135,
 250 -> 182, 361 -> 255; ceiling 237 -> 164, 314 -> 220, 420 -> 299. Single runs on a shared machine: differences
-under ~10 % are noise."""
+under ~10 % are noise.
+
+Then (b77dc95 -> policies/split.py's speed-ups: the split's search walked, cost tables kept across plans, victims
+left out while free slots take every load, the window's absent experts from the cache's present grid; the same
+decisions, `--decisions` and tests/experiments/test_planspeed.py), median of 3 interleaved runs of the same
+command on the same 2-core CPU, whole `plan` per planned layer: prescope 134 -> 102 µs (b1), 183 -> 155 (b4),
+258 -> 211 (b16); ceiling 164 -> 99, 219 -> 193, 302 -> 255. Part of b1's gain (victims left out) holds only
+while the pool has free slots, as in these 40 steps' warm-up; with a full pool that layer's victims are built
+(`--steps 120`, b1, the pool full for most of the run: prescope 129 -> 109 µs, ceiling 172 -> 161)."""
 
 from __future__ import annotations
 
@@ -145,6 +153,43 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
     return rows
 
 
+def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]", "ceiling[gate=False]"),
+                     batches: tuple[int, ...] = (1, 4, 16), budget_shares: tuple[float, ...] = (0.25,),
+                     steps: int = 3, profile: str = "h200") -> list[dict]:
+    """What the policies decide while the simulator replays `trace` (as `replay_planning_time` replays it), to
+    check that a faster planner decides the same: per policy, batch and budget, every `plan` call's orders
+    (step, layer, GPU experts, CPU experts, prefetches) and the victims it named for its loads (`planned`, where
+    the policy keeps them), with their SHA-256 (`digest`) and count."""
+    import hashlib
+    import json
+
+    from prescope.policies import make_policy, parse_policy
+    from prescope.routing.segments import decode_segments
+    from prescope.sim.simulator import replay
+
+    rows = []
+    for spec in policies:
+        for batch in batches:
+            for share in budget_shares:
+                parsed = parse_policy(spec)
+                policy, decisions = make_policy(parsed.name, **parsed.options), []
+                plan = policy.plan
+
+                def recorded(view, cache, plan=plan, decisions=decisions, policy=policy):
+                    orders = plan(view, cache)
+                    decisions.append([view.step, view.layer, orders.gpu, orders.cpu, orders.prefetch,
+                                      sorted(getattr(policy, "planned", {}).items())])
+                    return orders
+
+                policy.plan = recorded
+                cut = decode_segments(trace, batch) if batch > 1 else trace
+                replay(cut, policy, profile, budget_share=share, batch_size=batch, max_steps=steps)
+                digest = hashlib.sha256(json.dumps(decisions).encode()).hexdigest()
+                rows.append({"policy": spec, "batch": batch, "budget_share": share, "steps": steps,
+                             "plans": len(decisions), "digest": digest, "decisions": decisions})
+    return rows
+
+
 if __name__ == "__main__":
     import argparse
     import json
@@ -158,8 +203,11 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=40, help="forward calls replayed per cell (--replay)")
     parser.add_argument("--batches", default="1,4", help="batch sizes replayed, comma-separated (--replay; "
                         "e.g. 1,4,16,64)")
+    parser.add_argument("--decisions", action="store_true", help="print the digest of every decision the policies "
+                        "make replaying the shipped Qwen3-30B-A3B trace (--steps, --batches; budgets 25 %% and 10 %%), "
+                        "to compare planners")
     args = parser.parse_args()
-    if args.replay:
+    if args.replay or args.decisions:
         from prescope.data import shipped
         from prescope.routing.llamacpp import load_llamacpp_trace
 
@@ -170,9 +218,14 @@ if __name__ == "__main__":
             parser.error(f"--batches takes comma-separated integers, got {args.batches!r}")
         if not batches or min(batches) < 1:
             parser.error(f"--batches must be >= 1, got {args.batches!r}")
-        for row in replay_planning_time(qwen3, batches=batches, steps=args.steps):
-            print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True, "measured_on": "this CPU",
-                              **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}}))
+        if args.decisions:
+            for row in replay_decisions(qwen3, batches=batches, budget_shares=(0.25, 0.1), steps=args.steps):
+                print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True,
+                                  **{k: v for k, v in row.items() if k != "decisions"}}))
+        else:
+            for row in replay_planning_time(qwen3, batches=batches, steps=args.steps):
+                print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True, "measured_on": "this CPU",
+                                  **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}}))
     elif args.bench:
         for share, t in planning_time(count=args.count, repeats=args.repeats).items():
             print(json.dumps({"bench": "presched.plan", "E": 64, "K": 8, "D": 3, "budget_share": share,

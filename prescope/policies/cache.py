@@ -76,6 +76,7 @@ class ExpertCache:
         self._fresh_at = np.zeros(num_slots, dtype=bool)
         self._pinned_at = np.zeros(num_slots, dtype=bool)
         self._id_width, self._id_at = 0, self._layer_of  # key ids layer·width + expert per slot, once asked for
+        self._grid_width, self._grid = 0, np.zeros((0, 0), dtype=bool)  # `present_grid`, once asked for
 
     # ---- questions about one key ---------------------------------------------------------------------
     def slot(self, key: Key) -> int | None:
@@ -148,13 +149,22 @@ class ExpertCache:
         """Every key resident or loading (a live view: do not assign while iterating)."""
         return self._slot_of.keys()
 
+    def present_grid(self, width: int) -> np.ndarray:
+        """[L, width] bool: key (layer, expert) resident or loading (width: above every expert); kept in step
+        with every report once asked for, and returned as it is: read it, never write it."""
+        if width != self._grid_width:
+            self._grid, self._grid_width = np.zeros((self.num_layers, width), dtype=bool), width
+            for key in self._slot_of:
+                self._grid[key] = True
+        return self._grid
+
     def keys(self, layer: int | None = None) -> list[Key]:
         return [k for k in self._owner if k is not None and (layer is None or k[0] == layer)]
 
     def loading_keys(self) -> list[Key]:
         """Keys whose copy is in flight, in slot order."""
         owner = self._owner
-        return [owner[s] for s in np.flatnonzero(self._loading_at).tolist()]
+        return [owner[s] for s in self._loading_at.nonzero()[0].tolist()]
 
     def resident_keys(self, layers: Iterable[int]) -> frozenset[Key]:
         """The keys of `layers` that are resident (not loading)."""
@@ -200,7 +210,7 @@ class ExpertCache:
             s = slot_of.get(key)
             if s is not None:
                 offered[s] = False
-        return np.flatnonzero(offered)
+        return offered.nonzero()[0]
 
     def evictable_ranked(self, protect: frozenset[Key] | set[Key], rank) -> int | None:
         """The evictable slot (key not in `protect`) whose key ranks lowest by `rank(key)`, ties by least
@@ -235,6 +245,10 @@ class ExpertCache:
             del self._slot_of[evicted]
             self._by_layer[evicted[0]].discard(slot)
             self.stats.evictions += 1
+            if self._grid_width:
+                self._grid[evicted] = False
+        if self._grid_width:
+            self._grid[key] = True
         self._owner[slot], self._state[slot], self._slot_of[key] = key, _LOADING, slot
         self._free.discard(slot)
         self._by_layer[key[0]].add(slot)
@@ -293,6 +307,8 @@ class ExpertCache:
             raise CacheError(f"{key} is pinned by the running layer")
         del self._slot_of[key]
         self._resident_of[key[0]].discard(key)
+        if self._grid_width:
+            self._grid[key] = False
         self._owner[slot], self._state[slot], self._fresh[slot] = None, _FREE, False
         self._layer_of[slot] = self._expert_of[slot] = -1
         self._loading_at[slot] = self._resident_at[slot] = self._fresh_at[slot] = False

@@ -25,6 +25,7 @@ Letters: L MoE layers, E experts, K top-k, N tokens, D lookahead distance, S slo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 
@@ -299,16 +300,17 @@ class PreScope(Predictive):
 
     def offered(self, view: LayerView, cache: ExpertCache, forecast) -> list[list[int]]:
         """Per window layer l+d, the absent experts (ascending) worth a transfer (p > `worth()`)."""
-        return absent(Window.of(forecast, self.num_experts), view.layer, cache.present_keys(), self.worth())
+        window, start = Window.of(forecast, self.num_experts), view.layer + 1
+        return absent(window, cache.present_grid(self.num_experts)[start:start + len(window)], self.worth())
 
     def nothing_to_plan(self, view: LayerView, cache: ExpertCache, forecast, offered=None) -> bool:
         """Every routed expert resident and no candidate in the window: PreSched's plan is then the layer's
         fastest split of its resident experts (`fastest_split`) and nothing else, so it need not be built
         (exact, tested). `offered`: `offered(view, cache, forecast)`, if the caller has it."""
-        layer, resident = view.layer, cache.is_resident
-        if not all(resident((layer, e)) for e in view.experts):
+        if any(offered if offered is not None else self.offered(view, cache, forecast)):
             return False
-        return not any(offered if offered is not None else self.offered(view, cache, forecast))
+        layer, resident = view.layer, cache.is_resident
+        return all(resident((layer, e)) for e in view.experts)
 
     def instance(self, view: LayerView, cache: ExpertCache, forecast=None, offered=None) -> presched.Instance:
         """The planner's view of this layer (see presched.Instance); `offered`: `offered(view, cache, forecast)`,
@@ -319,8 +321,12 @@ class PreScope(Predictive):
         link_free, eta = link_state(cache, self.issued, costs.load)
         resident = cache.resident_keys(range(layer, layer + len(window) + 1))
         predictions = candidates(window, offered, self.candidates or 2 * self.top_k())
-        q, ids = self.victim_ids(view, cache, window)
-        held = cheapest_held(len(view.experts) + sum(map(len, predictions)), q, ids, self.num_experts)
+        need = len(view.experts) + sum(map(len, predictions))  # loads and prefetches this plan may order
+        if cache.free_count >= need + len(window):  # each takes a free slot: PreSched reads no victim (presched.plan)
+            held = ()
+        else:
+            q, ids = self.victim_ids(view, cache, window)
+            held = cheapest_held(need, q, ids, self.num_experts)
         gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
         return presched.Instance(
             layer, view.experts, view.tokens, predictions, costs.load, costs.gpu, costs.cpu,
@@ -385,7 +391,7 @@ class PreScope(Predictive):
         p = presched.plan(inst)
         keys = [(view.layer, e) for e in p.loads] + list(p.prefetch)
         self.planned = dict(zip(keys, p.victims, strict=True))
-        self.loss = {h.key: h.prob for h in inst.evictable}
+        self.loss = dict(map(itemgetter(0, 1), inst.evictable))  # key -> prob
         self.protect = routed | set(p.prefetch)
         self.issued = self._still_loading(cache) + keys
         return Orders(gpu=list(p.gpu), cpu=list(p.cpu), prefetch=list(p.prefetch))

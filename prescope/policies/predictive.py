@@ -22,6 +22,7 @@ import numpy as np
 import prescope.policies.presched as presched
 from prescope.policies.base import Costs, LayerView, Policy, PolicyError, PolicyOptions
 from prescope.policies.cache import ExpertCache, Key
+from prescope.policies.split import Memo
 from prescope.policies.window import Window
 
 MISSING = -1  # the trace's padding expert id (prescope.routing.trace.MISSING), kept here to avoid importing pandas
@@ -42,7 +43,7 @@ class Memory:
         self.now: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self.prev: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self.freq = np.zeros((num_layers, num_experts))  # [L, E] decayed share of steps using each expert
-        self.seen = [[0] * num_experts for _ in range(num_layers)]  # selections by earlier steps
+        self.seen = np.zeros((num_layers, num_experts))  # [L, E] tokens routed to each expert by earlier steps
         # now/prev as [L, E] masks (expert used by the layer's run this step / previous), for `PreScope.chance_grid`
         self.now_used = np.zeros((num_layers, num_experts), dtype=bool)
         self.prev_used = np.zeros((num_layers, num_experts), dtype=bool)
@@ -54,9 +55,7 @@ class Memory:
 
     def observe(self, view: LayerView) -> None:
         if view.step != self.step:
-            for layer in range(self.L):
-                for e, n in self.now[layer].items():
-                    self.seen[layer][e] += n
+            self.seen += np.where(self.now_used, self.now_tokens, 0.0)  # this step's tokens per expert
             ran = [bool(now) for now in self.now]
             self.prev = [now or prev for now, prev in zip(self.now, self.prev, strict=True)]
             self.prev_used[ran] = self.now_used[ran]
@@ -72,7 +71,7 @@ class Memory:
         self.now_tokens[view.layer, routed] = view.tokens
         before = self.prev[view.layer]
         if before and view.experts:
-            again = sum(1 for e in view.experts if e in before) / len(view.experts)
+            again = sum(map(before.__contains__, view.experts)) / len(view.experts)
             self.reuse = self.decay * self.reuse + (1.0 - self.decay) * again
         row, keep = self.freq[view.layer], self.decay
         row *= keep
@@ -121,7 +120,7 @@ class Memory:
             truth = now[:view.layer + 1] + [list(f) for f in view.future]
             truth += [[] for _ in range(self.L - len(truth))]
         width = max([1] + [len(r) for rows in (now, prev, truth or []) for r in rows])
-        seq = torch.tensor([self.seen], dtype=torch.float32)  # [1, L, E]
+        seq = torch.tensor(self.seen[None], dtype=torch.float32)  # [1, L, E]
         return History(_padded(now, width), _padded(prev, width), seq, None if truth is None else _padded(truth, width))
 
 
@@ -202,7 +201,8 @@ class Predictive(Policy):
         if self.graphs_for is not self.predictor:  # the graphs replay one predictor's calls: kept across resets
             self.graphs, self.graphs_for = None, self.predictor
         if costs is not None:
-            self.costs = dataclasses.replace(costs, gpu=_memo(costs.gpu), cpu=_memo(costs.cpu))
+            # remembered by token count (few distinct counts), as tables PreSched keeps across plans
+            self.costs = dataclasses.replace(costs, gpu=Memo(costs.gpu), cpu=Memo(costs.cpu))
             self.costs_gap = costs.layer_gap
         return []
 
@@ -277,18 +277,6 @@ class Predictive(Policy):
         """The router input on the predictor's device (LLaPor's parameters live where it was loaded)."""
         where = self.predictor.device
         return hidden if where is None else hidden.to(where, non_blocking=True)
-
-
-def _memo(fn: Callable[[float], float]) -> Callable[[float], float]:
-    """A cost function remembered by token count (the policies ask for few distinct counts)."""
-    seen: dict[float, float] = {}
-
-    def cached(n: float) -> float:
-        if n not in seen:
-            seen[n] = fn(n)
-        return seen[n]
-
-    return cached
 
 
 def _used(scores, k: int):

@@ -77,172 +77,24 @@ where an expert's GPU time is flat in tokens; otherwise the split is the best th
    bounds cannot beat the best J.
 
 Inputs a caller estimates (ETAs, link_free, gap, predictions, victims' probabilities) are taken as given.
-Speed: plain Python, memoised cost functions, shared merges (`python -m prescope.experiments.planspeed`).
+Step 1 lives in `split.py`. Speed: plain Python, memoised cost functions, shared merges (`python -m
+prescope.experiments.planspeed`).
 Letters: D lookahead distance, E experts, K top-k, S slots, τ transfer time of one expert.
 """
 
 from __future__ import annotations
 
 from itertools import accumulate
-from operator import neg
-from typing import NamedTuple
+from operator import mul, neg
 
 from prescope.policies.instance import Candidate, Held, Instance, Key, Plan, PlanError
+from prescope.policies.split import CostTables, Split, split_finishes
 
 __all__ = ["Candidate", "CostTables", "Held", "Instance", "Key", "Plan", "PlanError", "Split", "layer_starts", "plan",
            "split_finishes"]
 
 
-class _Table(dict):
-    """A cost function `fn` memoised by token count: table[n] computes fn(n) on first use."""
-
-    __slots__ = ("fn",)
-
-    def __missing__(self, n: float) -> float:
-        t = self[n] = self.fn(n)
-        return t
-
-
-class CostTables:
-    """The instance's cost functions memoised for one planning call (few distinct token counts), looked up
-    as gpu[n], cpu[n] and stall[n] = min(τ, max(0, cpu(n) − gpu(n))), what a miss of n tokens adds to its
-    layer."""
-
-    __slots__ = ("gpu", "cpu", "stall")
-
-    def __init__(self, inst: Instance):
-        self.gpu, self.cpu, self.stall = gpu, cpu, stall = _Table(), _Table(), _Table()
-        load = inst.load
-        gpu.fn, cpu.fn = inst.gpu, inst.cpu
-        stall.fn = lambda n: min(load, max(0.0, cpu[n] - gpu[n]))
-
-
-# ---- layer l: the split ----------------------------------------------------------------------------------
-
-class Split(NamedTuple):
-    """Layer l's split for every m: F0(m) (`finishes`); the present experts as (ready, expert, tokens) by
-    readiness; the misses as (expert, tokens), most tokens first (the m first are loaded); and, per m, the
-    present experts (in flight, then resident) that run on the CPU (`offloaded[m]`)."""
-
-    finishes: list[float]
-    present: list[tuple[float, int, float]]
-    misses: list[tuple[int, float]]
-    offloaded: list[tuple[int, ...]]
-
-
-def split_finishes(inst: Instance, costs: CostTables | None = None) -> Split:
-    """F0(m) for m = 0 … min(misses, slots): the m misses with most tokens loaded (most first), the rest on
-    the CPU, and the present experts that end the layer sooner on the CPU there (module docstring, step 1).
-    Per b, one pass over the jobs by readiness gives the state after each load; the jobs in flight after it
-    are folded on (the additions of a full scan, in its order: the same floats)."""
-    costs = costs or CostTables(inst)
-    present, misses = [], []
-    layer, resident, inflight = inst.layer, inst.resident, inst.inflight
-    for e, n in zip(inst.experts, inst.tokens, strict=True):
-        key = (layer, e)
-        if key in resident:
-            present.append((0.0, e, n))
-        elif key in inflight:
-            present.append((inflight[key], e, n))
-        else:
-            misses.append((e, n))
-    present.sort(key=lambda r: (r[0], -r[2], r[1]))
-    misses.sort(key=lambda r: (-r[1], r[0]))
-    top = min(len(misses), inst.free_slots + len(inst.evictable))
-    tau, start, gpu, cpu = inst.load, inst.demand_start, costs.gpu, costs.cpu
-    # the CPU may take: experts in flight, the last to land first (the b first), and resident ones, those with
-    # fewest tokens first (the a first)
-    late = sorted((i for i, (_, e, _) in enumerate(present) if (layer, e) in inflight),
-                  key=lambda i: (-present[i][0], present[i][2], present[i][1]))
-    held = sorted((i for i, (_, e, _) in enumerate(present) if (layer, e) in resident and inst.resident_on_cpu),
-                  key=lambda i: (present[i][2], present[i][1]))
-    gpu_fixed = sum(gpu[n] for (_, e, n) in present if (layer, e) in resident and not inst.resident_on_cpu)
-    rank = {i: b for b, i in enumerate(late, 1)}  # an expert in flight runs on the CPU when its rank <= b
-    gpu_held = sum(gpu[present[i][2]] for i in held)
-    gpu_moved = list(accumulate((gpu[present[i][2]] for i in held), initial=0.0))  # T_a
-    cpu_moved = list(accumulate((cpu[present[i][2]] for i in held), initial=0.0))
-    cpu_late = list(accumulate((cpu[present[i][2]] for i in late), initial=0.0))
-    # the GPU's other jobs by readiness (j = index of a load, -1 for an expert in flight of rank q)
-    jobs = sorted([(present[i][0], -1, gpu[present[i][2]], rank[i]) for i in late]
-                  + [(start + j * tau, j, gpu[misses[j - 1][1]], 0) for j in range(1, top + 1)])
-    cpu_after = [0.0] * (len(misses) + 1)
-    for j in range(len(misses) - 1, -1, -1):
-        cpu_after[j] = cpu_after[j + 1] + cpu[misses[j][1]]
-    gpu_base, last, free = gpu_fixed + gpu_held, len(held), inst.cpu_free
-    best = [None] * (top + 1)  # per m: (F0, a, b), the first minimum over b, then a
-    for b in range(len(late) + 1):
-        # the jobs of this b: every load, and the experts in flight the GPU keeps; per m, the state after the
-        # m-th load (end, busy time) and the jobs in flight after it
-        prefix, tails = [(0.0, 0.0)], [[]]
-        bound = rest = 0.0
-        for r, j, t, q in jobs:
-            if 0 < q <= b:
-                continue
-            bound = (bound if bound > r else r) + t
-            rest += t
-            if j > 0:
-                prefix.append((bound, rest))
-                tails.append([])
-            else:
-                for tail in tails:
-                    tail.append((r, t))
-        for m in range(top + 1):
-            bound, rest = prefix[m]
-            for r, t in tails[m]:
-                bound = (bound if bound > r else r) + t
-                rest += t
-            cpu_base = free + cpu_after[m] + cpu_late[b]
-            if m == len(misses) and not b:  # nothing on the CPU at a = 0: the GPU alone ends the layer
-                g = gpu_base - gpu_moved[0] + rest
-                f, a = (g if g > bound else bound), 0
-                for x in range(1, last + 1):
-                    g = gpu_base - gpu_moved[x] + rest
-                    g = g if g > bound else bound
-                    y = max(g, cpu_base + cpu_moved[x])
-                    if y < f:
-                        f, a = y, x
-            else:
-                f, a = _first_minimum(gpu_base, gpu_moved, rest, bound, cpu_base, cpu_moved)
-            if best[m] is None or f < best[m][0]:
-                best[m] = (f, a, b)
-    finishes, offloaded = [], []
-    for f, a, b in best:
-        finishes.append(f)
-        offloaded.append(tuple(present[i][1] for i in late[:b] + held[:a]))
-    return Split(finishes, present, misses, offloaded)
-
-
-def _first_minimum(gpu_base: float, gpu_moved: list[float], rest: float, bound: float, cpu_base: float,
-                   cpu_moved: list[float]) -> tuple[float, int]:
-    """(min, first a reaching it) of max(G(a), C(a)) over a = 0 … len(gpu_moved) − 1, where
-    G(a) = max(gpu_base − gpu_moved[a] + rest, bound) never rises with a and C(a) = cpu_base + cpu_moved[a]
-    never falls (floating-point rounding is monotone, so this holds for the computed values too)."""
-    def G(a: int) -> float:
-        g = gpu_base - gpu_moved[a] + rest
-        return g if g > bound else bound
-
-    n = len(gpu_moved)
-    lo, hi = 0, n  # the first a with C(a) >= G(a) (n: none)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cpu_base + cpu_moved[mid] >= G(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo == 0:
-        return cpu_base + cpu_moved[0], 0
-    value = G(lo - 1)
-    if lo < n and cpu_base + cpu_moved[lo] < value:
-        return cpu_base + cpu_moved[lo], lo
-    hi, lo = lo - 1, 0  # the first a with G(a) == value (G never rises, so G(a) <= value from there)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if G(mid) <= value:
-            hi = mid
-        else:
-            lo = mid + 1
-    return value, lo
-
+# ---- layer l: the split (split.py) and the layers' starts ----------------------------------------------------
 
 def layer_starts(inst: Instance, costs: CostTables | None = None, fastest: float | None = None) -> tuple[float, ...]:
     """S_d for d = 1 … D: S_1 = F* + gap, S_{d+1} = S_d + c_d + gap, with F* the fastest split's F0
@@ -440,14 +292,20 @@ def _best_split(window: _Window, splits: list[int], fixed: list[float], prune: b
 
 def plan(inst: Instance, prune: bool = True) -> Plan:
     """The plan minimising J (module docstring) for `inst`; among equal J, the faster split of layer l.
-    `prune=False` enumerates every partial-position choice (the same optimum, slower; tests compare)."""
+    `prune=False` enumerates every partial-position choice (the same optimum, slower; tests compare).
+
+    With free_slots >= K + Σ_d |predictions[d]| + D, every load and prefetch takes a free slot and no victim
+    is read: the pruned plan is the same with or without `evictable` (a caller may leave it out; tested)."""
     costs, tau = CostTables(inst), inst.load
     finishes, present, misses, offloaded = split_finishes(inst, costs)
     starts = layer_starts(inst, costs, min(finishes))
     stall, free = costs.stall, inst.free_slots
     # victims: free slots first, then evictable keys by loss; lam[j] is the (j+1)-th cheapest
-    held = sorted([(p * stall[n], key) for key, p, n in inst.evictable])
-    losses, keys = zip(*held, strict=True) if held else ((), ())
+    if inst.evictable:
+        keys, probs, tokens = zip(*inst.evictable, strict=True)
+        losses, keys = zip(*sorted(zip(map(mul, probs, map(stall.__getitem__, tokens)), keys, strict=True)), strict=True)
+    else:
+        losses = keys = ()
     lam = [0.0] * free + list(losses)
     floor = lam[0] if lam else 0.0
     # the window's absent candidates by weight w = p·stall(n), best first, per layer; one at or below the
@@ -488,10 +346,10 @@ def plan(inst: Instance, prune: bool = True) -> Plan:
         prefetch.append((inst.layer + d + 1, ranked[d][rank]))
         x = r[d] - i
         saving.append(weights[d][rank] * (1.0 if x >= 1.0 else (x if x > 0.0 else 0.0)))
-    loads, moved = tuple(e for e, _ in misses[:m]), offloaded[m]
+    loads, moved = tuple([e for e, _ in misses[:m]]), offloaded[m]
     ready = sorted([(t, i, e) for i, (t, e, _) in enumerate(present) if e not in moved]
                    + [(inst.demand_start + j * tau, len(present) + j, e) for j, e in enumerate(loads, 1)])
     used = m + len(prefetch)
-    return Plan(gpu=tuple(e for _, _, e in ready), cpu=tuple(e for e, _ in misses[m:]) + moved, loads=loads,
+    return Plan(gpu=tuple([e for _, _, e in ready]), cpu=tuple([e for e, _ in misses[m:]]) + moved, loads=loads,
                 prefetch=tuple(prefetch), victims=((None,) * min(used, free) + keys)[:used],
                 objective=finishes[m] + prefix[used] + base - sum(saving))

@@ -10,7 +10,8 @@ Letters: L MoE layers, E experts, D lookahead distance, M evictable keys.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
+from itertools import repeat
 
 import numpy as np
 
@@ -48,13 +49,13 @@ class Window:
         return zip(self.p, self.n, strict=True)
 
 
-def absent(window: Window, layer: int, present: Container[Key], worth: float) -> list[list[int]]:
-    """Per distance d = 1 … D, the experts of layer l+d (ascending) with p > worth whose key is not present."""
+def absent(window: Window, present: np.ndarray, worth: float) -> list[list[int]]:
+    """Per distance d = 1 … D, the experts of layer l+d (ascending) with p > worth that are not present
+    (`present` [D, E]: layers l+1 … l+D's keys resident or loading, rows of `ExpertCache.present_grid`)."""
     out: list[list[int]] = [[] for _ in range(len(window))]
-    rows, experts = np.nonzero(window.p > worth)  # row-major: experts ascending within a row
+    rows, experts = ((window.p > worth) & ~present).nonzero()  # row-major: experts ascending within a row
     for d, e in zip(rows.tolist(), experts.tolist(), strict=True):
-        if (layer + 1 + d, e) not in present:
-            out[d].append(e)
+        out[d].append(e)
     return out
 
 
@@ -82,12 +83,12 @@ class ComputeTable:
         if not len(window):
             return ()
         tokens = np.rint(window.n)  # [D, E]
-        at = np.maximum(tokens, 1, out=tokens).astype(np.intp)
+        at = np.maximum(tokens, 1.0, out=tokens).astype(np.intp)
         top = int(at.max())
         if len(self.table) <= top:
             self.table = np.array([0.0] + [self.gpu(c) for c in range(1, top + 1)])
         times, p = self.table.take(at), np.maximum(window.p, 0.0)  # [D, E]
-        return tuple(float(np.dot(p[d], times[d])) for d in range(len(p)))
+        return tuple([float(np.dot(p[d], times[d])) for d in range(len(p))])
 
 
 def smallest_ids(n: int, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -95,7 +96,7 @@ def smallest_ids(n: int, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
     under the n-th smallest q are sorted."""
     if not len(q) > n > 0:
         return np.lexsort((ids, q))[:n]
-    near = np.flatnonzero(q <= np.partition(q, n - 1)[n - 1])
+    near = (q <= np.partition(q, n - 1)[n - 1]).nonzero()[0]
     return near.take(np.lexsort((ids.take(near), q.take(near)))[:n])
 
 
@@ -103,5 +104,6 @@ def cheapest_held(n: int, q: np.ndarray, ids: np.ndarray, width: int) -> tuple[H
     """The n cheapest victims as PreSched's Held, chances capped at 1, from chances q [M] and key ids [M]
     (layer·width + expert)."""
     first = smallest_ids(n, q, ids)
-    return tuple(Held(divmod(i, width), min(1.0, c))
-                 for c, i in zip(q.take(first).tolist(), ids.take(first).tolist(), strict=True))
+    probs = np.fmin(q.take(first), 1.0).tolist()  # min(1.0, c), NaN included
+    keys = map(divmod, ids.take(first).tolist(), repeat(width))
+    return tuple(map(tuple.__new__, repeat(Held), zip(keys, probs, repeat(1.0))))  # Held(key, prob), no call each

@@ -57,3 +57,23 @@ def test_replay_planning_time_times_every_planned_layer_of_a_real_replay():
     from prescope.policies import presched
 
     assert presched.plan.__module__ == "prescope.policies.presched"  # the timed stand-in was taken back
+
+
+def test_the_policies_decide_as_before_the_planning_speed_ups():
+    """Every decision of prescope and ceiling replaying the shipped Qwen3-30B-A3B trace (4 forward calls, batch
+    1, 4 and 16, 25 % and 10 % budgets: pools with room and full ones) has the digest recorded with the
+    policies as they were before the planning speed-ups (planspeed_decisions.json says the revision and the
+    command). A change meant to alter decisions re-records it with that command."""
+    from pathlib import Path
+
+    from prescope.data import shipped
+    from prescope.experiments.planspeed import replay_decisions
+    from prescope.routing.llamacpp import load_llamacpp_trace
+
+    recorded = json.loads((Path(__file__).parent / "planspeed_decisions.json").read_text())
+    trace = load_llamacpp_trace(shipped("routing", "qwen3-30b-a3b.route.csv"))
+    rows = replay_decisions(trace, batches=(1, 4, 16), budget_shares=(0.25, 0.1), steps=4)
+    assert [{k: r[k] for k in recorded["rows"][0]} for r in rows] == recorded["rows"]
+    full = [r for r in rows if r["budget_share"] == 0.1]
+    assert all(any(victim for d in r["decisions"] for _, victim in d[5]) for r in full)  # victims were named
+    assert all(any(d[4] for d in r["decisions"]) for r in rows)  # and prefetches issued

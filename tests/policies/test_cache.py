@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from prescope.policies.cache import CacheError, ExpertCache, SlotState
@@ -105,7 +106,7 @@ def test_lru_evictable_is_the_scan_it_replaces_under_random_operations():
 
 
 def test_the_slot_arrays_follow_every_report():
-    """`offered_arrays`, `evictable_count`, `resident_keys` and `loading_keys` (read from the
+    """`offered_arrays`, `evictable_count`, `resident_keys`, `present_grid` and `loading_keys` (read from the
     arrays and per-layer sets) equal their definitions from the slots
     after every report of a random run: assign, mark_ready, use, pin, unpin, unpin_all, evict, cancel."""
     rng, cache = random.Random(5), ExpertCache(12, 4)
@@ -138,5 +139,9 @@ def test_the_slot_arrays_follow_every_report():
         assert sorted(zip(layers.tolist(), experts.tolist(), strict=True)) == sorted(want)
         assert cache.offered_ids(window, exclude, 7).tolist() == (layers * 7 + experts).tolist()
         assert cache.evictable_count(exclude) == len(cache.evictable(None, exclude))
+        grid = np.zeros((4, 7), dtype=bool)  # asked for from the first report on: kept in step since
+        for key in cache.present_keys():
+            grid[key] = True
+        np.testing.assert_array_equal(cache.present_grid(7), grid)
         assert cache.resident_keys(window) == {cache.owner(s) for s in range(12) if cache.state(s) is
                                                SlotState.RESIDENT and cache.owner(s)[0] in window}

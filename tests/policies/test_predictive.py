@@ -53,3 +53,30 @@ def test_forecast_arrays_equal_the_forecast_lists_from_a_predictor_and_from_the_
                 assert [(p.tolist(), n.tolist()) for p, n in arrays] == [(list(p), list(n)) for p, n in lists]
                 assert arrays.p.dtype == np.float64 and arrays.p.shape == (len(lists), 8)
         assert any(p.any() for p, _ in arrays)
+
+
+def test_memory_counts_earlier_steps_tokens_and_reuse_as_first_written():
+    """`Memory.seen` (tokens per expert of earlier steps, over arrays) and the lag-1 reuse equal the per-expert
+    loops they replaced, over random runs where some layers skip steps (history's sequence is `seen`)."""
+    import random
+
+    rng = random.Random(2)
+    L, E, memory = 4, 16, Memory(num_layers=4, num_experts=16, decay=0.7)
+    seen, now, prev, reuse = [[0] * E for _ in range(L)], [{} for _ in range(L)], [{} for _ in range(L)], 0.0
+    for step in range(40):
+        for layer in sorted(rng.sample(range(L), rng.randint(1, L))):
+            experts = tuple(rng.sample(range(E), rng.randint(0, 6)))
+            tokens = tuple(rng.randint(1, 9) for _ in experts)
+            if step != memory.step:
+                for j in range(L):
+                    for e, n in now[j].items():
+                        seen[j][e] += n
+                prev = [a or b for a, b in zip(now, prev, strict=True)]
+                now = [{} for _ in range(L)]
+            now[layer] = dict(zip(experts, tokens, strict=True))
+            if prev[layer] and experts:
+                reuse = 0.7 * reuse + (1.0 - 0.7) * (sum(1 for e in experts if e in prev[layer]) / len(experts))
+            memory.observe(LayerView(step, layer, L, E, experts, tokens))
+            assert memory.seen.tolist() == seen and memory.reuse == reuse
+    history = memory.history(LayerView(40, 0, L, E, (), ()), with_truth=False)
+    assert history.sequence.tolist() == [seen]

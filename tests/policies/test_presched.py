@@ -373,3 +373,17 @@ def test_on_demand_loads_never_wait_behind_prefetches():
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
+
+
+def test_victims_are_not_read_while_free_slots_take_every_load():
+    """With free_slots >= K + every candidate + D, the plan is the same with no evictable keys (the policy then
+    leaves them out): every load and prefetch takes a free slot."""
+    rng, changed = random.Random(23), 0
+    for i in range(600):
+        inst = random_instance(rng) if i % 2 else big_instance(rng)
+        room = len(inst.experts) + sum(map(len, inst.predictions)) + len(inst.predictions)
+        roomy = dataclasses.replace(inst, free_slots=room + rng.choice([0, 0, 1, 50]))
+        assert plan(dataclasses.replace(roomy, evictable=())) == plan(roomy)
+        tight = dataclasses.replace(inst, free_slots=0)  # without the room, the victims matter (the test can fail)
+        changed += plan(dataclasses.replace(tight, evictable=())) != plan(tight)
+    assert changed > 100, changed

@@ -22,10 +22,10 @@ def test_a_window_reads_like_the_lists_it_was_made_of():
 
 def test_candidates_are_the_likeliest_absent_experts_worth_a_transfer_ties_by_expert():
     w = Window.of([([0.5, 0.9, 0.5, 0.05], [1.4, 2.6, 1.0, 1.0]), ([0.0, 0.0, 0.0, 0.0], [1.0] * 4)], 4)
-    offered = absent(w, 10, {(11, 1)}, worth=0.1)
+    offered = absent(w, np.array([[False, True, False, False], [False] * 4]), worth=0.1)
     assert offered == [[0, 2], []]
     assert candidates(w, offered, keep=1) == ((Candidate(0, 0.5, 1),), ())
-    assert candidates(w, absent(w, 10, set(), 0.1), keep=3) == ((Candidate(1, 0.9, 3), Candidate(0, 0.5, 1),
+    assert candidates(w, absent(w, np.zeros((2, 4), dtype=bool), 0.1), keep=3) == ((Candidate(1, 0.9, 3), Candidate(0, 0.5, 1),
                                                                  Candidate(2, 0.5, 1)), ())
 
 
