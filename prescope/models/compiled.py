@@ -54,7 +54,13 @@ def graphs_compiled() -> int:
 
 def unavailable(device: torch.device, backend: str = "inductor") -> str:
     """Why `backend` cannot compile for `device` here ("" when it can): a trivial function is compiled and
-    run, so a missing C++ compiler (CPU) or Triton (CUDA) shows before any layer is touched."""
+    run, so a missing C++ compiler (CPU) or Triton (CUDA) shows before any layer is touched. Asked once per
+    device type and backend in a process."""
+    return _unavailable(torch.device(device).type, backend)
+
+
+@functools.cache
+def _unavailable(device: str, backend: str) -> str:
     if backend not in BACKENDS:
         return f"unknown compile backend {backend!r} (one of {', '.join(BACKENDS)})"
     try:
