@@ -43,6 +43,9 @@ from prescope.models.probe import probe
 
 BACKENDS = ("inductor", "aot_eager")  # inductor: fused kernels; aot_eager: the same graphs, unfused (tests)
 RECOMPILE_LIMIT = 64  # per code object: batch sizes x cache lengths x layer classes of one process
+# dynamo resumes inside the frame of a nested graph break (newer torch); without it the attention's frame is
+# compiled on its own, reads `layer_idx` and compiles once per layer (still correct, up to RECOMPILE_LIMIT)
+NESTED = hasattr(torch._dynamo.config, "nested_graph_breaks")
 
 
 def graphs_compiled() -> int:
@@ -103,9 +106,10 @@ class CompiledLayers:
         if cache is not None:
             cache.update = types.MethodType(_uncompiled(type(cache).update), cache)
         before, began = graphs_compiled(), time.perf_counter()
-        limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+        settings = {"recompile_limit": max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit),
+                    "suppress_errors": True, **({"nested_graph_breaks": True} if NESTED else {})}
         try:
-            with torch._dynamo.config.patch(recompile_limit=limit, nested_graph_breaks=True, suppress_errors=True):
+            with torch._dynamo.config.patch(**settings):
                 yield
         finally:
             for module in (*self.layers, cache):
@@ -119,7 +123,8 @@ class CompiledLayers:
     def summary(self) -> dict:
         """What a result row records: compiled or not (and why), the backend, graphs compiled, seconds."""
         return {"compiled_segments": self.enabled, "compile_reason": self.reason or None,
-                "compile_backend": self.backend, "compiles": self.compiles, "compile_s": self.compile_s}
+                "compile_backend": self.backend, "compiles": self.compiles, "compile_s": self.compile_s,
+                "nested_graph_breaks": NESTED}
 
 
 def compile_layers(model: nn.Module, device: torch.device, backend: str = "inductor") -> CompiledLayers:
