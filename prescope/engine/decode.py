@@ -16,8 +16,9 @@ runs in one of three modes (`Generation.mode`):
   the layer's table and lets the expert segment wait only for the copies it needs.
 
 Routing replay (`Engine.set_replay`) is captured too: the recorded experts and weights of the running
-position are gathered on the device, and their counts are read from the replay's host copy, so a replayed
-layer needs no synchronisation at all. The first decode step runs eagerly (it warms up the kernels the
+position are gathered on the device, and their counts are read from the replay's host copy (no copy from
+the device), once the device has reached the layer's router, as with the model's own routing: a host that
+read the replay layers ahead of the device would plan, and load for, routing no real run knows yet. The first decode step runs eagerly (it warms up the kernels the
 graphs capture); capture needs a CUDA device and falls back to eager, with a warning, where it fails.
 
 Letters: B rows, P prompt tokens, T cache positions, L MoE layers, E experts, K top-k, N = B tokens of a
@@ -227,13 +228,17 @@ class StepGraphs:
         return self.logits
 
     def counts(self, layer: int) -> list[int]:
-        """Tokens per expert of `layer` in this step (E + 1 entries, the last for a sentinel index): from the
-        replay's host copy, else one small copy of what the graph counted."""
+        """Tokens per expert of `layer` in this step (E + 1 entries, the last for a sentinel index): one small
+        copy of what the graph counted, or the replay's host copy. Either way the host waits until the device
+        has routed the layer: a replayed step learns its routing when a real one would, so no policy plans a
+        layer (or issues its loads) while the device is still layers behind, which would hand every policy the
+        future for free."""
         engine = self.engine
+        if engine.replay is None:
+            self.counts_host[layer].copy_(self.layers[layer].counts, non_blocking=True)
+        engine.streams.wait_host(engine.streams.record(timed=False))
         if engine.replay is not None:
             return engine.replay.host_counts(engine.step, layer, engine.layout.num_experts)
-        self.counts_host[layer].copy_(self.layers[layer].counts, non_blocking=True)
-        engine.streams.record().synchronize()
         return self.counts_host[layer].tolist()
 
     def expert_segment(self, layer: int, wave: list[tuple[int, int]]) -> None:

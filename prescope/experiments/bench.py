@@ -182,6 +182,9 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
         row["plans_skipped_share"] = engine.policy.skipped / max(1, len(steps) * L)
     if hasattr(engine.policy, "lean"):  # prescope: layers its gate ran on demand (host-bound, no prediction)
         row["plans_lean_share"] = engine.policy.lean / max(1, len(steps) * L)
+    graphs = getattr(engine.policy, "graphs", None)
+    if graphs is not None:  # the forecast's CUDA graphs: keys replayed from a graph, keys left eager
+        row["forecast_graphs"] = {"captured": graphs.captured, "refused": graphs.refused}
     if stock is not None and stock.shape == out.shape:  # bf16 kernels may round differently from stock's
         row |= {"tokens_equal_stock": bool(torch.equal(out, stock)),
                 "token_match_share": float((out == stock).float().mean())}

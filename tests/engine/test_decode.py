@@ -4,6 +4,7 @@ architecture, policy and budget; on a CUDA device the decode step replays from C
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -114,6 +115,26 @@ def test_graph_and_piecewise_steps_equal_stock_on_cuda(arch):
         assert torch.equal(out.sequences, ref.sequences), f"{arch}/{policy}/{share}: tokens differ"
         for got, want in zip(out.logits, ref.logits, strict=True):
             torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_replayed_piecewise_step_learns_each_layers_routing_when_the_device_reaches_it():
+    stock = tiny_model("qwen3_moe", seed=5, dtype=torch.bfloat16).cuda()
+    ids, mask = (t.cuda() for t in padded_batch())
+    replay = record_replay(stock, lambda: stock.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                                         pad_token_id=0))
+    with Engine(copy.deepcopy(stock), EngineConfig(policy="on_demand_lru", budget_share=0.4, device="cuda")) as engine:
+        engine.set_replay(replay)
+        waits, wait_host = [], engine.streams.wait_host
+        host = threading.get_ident()  # the decode loop's thread (AsyncIO's worker waits for its own copies)
+        engine.streams.wait_host = lambda event: (threading.get_ident() == host and waits.append(engine.step),
+                                                  wait_host(event))[1]
+        out = engine.generate(ids, mask, max_new_tokens=6)
+    assert out.mode == "piecewise"
+    L = engine.layout.num_moe_layers
+    for step in range(2, 6):  # the graph steps (the first decode step runs eagerly, its sync in moe_step)
+        assert waits.count(step) >= L, f"step {step}: the host waited for the device at {waits.count(step)} of {L} layers"
 
 
 @pytest.fixture
