@@ -192,3 +192,28 @@ def test_compiling_where_it_cannot_run_decodes_uncompiled_and_says_why(monkeypat
         summary = engine.compiled.summary()
     assert torch.equal(out.sequences, ref)
     assert summary["compiled_segments"] is False and summary["compile_reason"].endswith("cannot run on cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["olmoe", "qwen3_moe", "deepseek_v2"])
+def test_compiled_segments_are_captured_in_the_step_graphs_on_cuda(name):
+    """Inductor's Triton kernels inside the engine's own CUDA graphs: compiled in the eager first decode step,
+    captured after it (no recompile), the stock model's first token and logits (bf16: fused kernels may round
+    differently, so later tokens may part ways)."""
+    stock = tiny_model(name, seed=1, dtype=torch.bfloat16).cuda()
+    ids, mask = (t.cuda() for t in padded_batch())
+    ref = stock.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    for share, mode in ((1.0, "graph"), (0.4, "piecewise")):
+        config = EngineConfig(policy="on_demand_lru", budget_share=share, device="cuda", compile_segments=True)
+        with Engine(copy.deepcopy(stock), config) as engine:
+            out = engine.generate(ids, mask, max_new_tokens=8, keep_logits=True)
+            first = engine.compiled.compiles
+            engine.generate(ids, mask, max_new_tokens=8)
+            summary = engine.compiled.summary()
+        assert summary["compiled_segments"], summary["compile_reason"]
+        assert out.mode == mode and summary["compiles"] == first, (out.mode, first, summary)
+        assert torch.equal(out.sequences[:, :ids.shape[1] + 2], ref.sequences[:, :ids.shape[1] + 2])
+        for got, want in zip(out.logits[:2], ref.logits[:2], strict=True):
+            torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)

@@ -5,7 +5,7 @@ wall time and the number of graphs dynamo compiled, for the OLMoE twin (16 layer
 
 Run from the repository root:  OUT=/some/dir PYTHONPATH=$PWD python3 reports/h200/engine/compile/compile_probe.py
 Writes $OUT/compile_probe.json (checksummed; rewritten after every cell, so a cut run keeps what finished) and
-prints a table. DEADLINE_S (default 240) stops starting cells after that many seconds; DEV=cpu runs the same
+prints a table. DEADLINE_S (default 200) stops starting cells after that many seconds; DEV=cpu runs the same
 cells on tiny twins of the same families (a smoke test of the script, not a timing).
 
 Per cell: a warm-up generate of the measured length (its first decode step runs eagerly and compiles; the
@@ -33,7 +33,7 @@ from prescope.models.twins import build_twin, tiny_twin_config
 
 OUT = Path(os.environ.get("OUT", "."))
 DEV = os.environ.get("DEV", "cuda")
-DEADLINE_S = float(os.environ.get("DEADLINE_S", 240))
+DEADLINE_S = float(os.environ.get("DEADLINE_S", 200))
 INPUT_LEN, NEW_TOKENS = (128, 16) if DEV == "cuda" else (8, 4)
 MODELS = (("olmoe-1b-7b", 16), ("qwen3-30b-a3b", 48))
 CELLS = (("on_demand_lru", 1.0), ("on_demand_lru", 0.25))
@@ -89,9 +89,9 @@ def main() -> int:
         model = build_twin(cfg, layers if DEV == "cuda" else None, device=DEV)
         print(f"{name}:{layers} built in {time.perf_counter() - built:.1f} s", flush=True)
         uncompiled = {}
-        for compile_segments in (False, True):
-            for policy, share in CELLS:
-                for batch in BATCHES:
+        for policy, share in CELLS:  # each cell uncompiled, then compiled: a cut run keeps whole pairs
+            for batch in BATCHES:
+                for compile_segments in (False, True):
                     key = (policy, share, batch)
                     if time.perf_counter() - start > DEADLINE_S:
                         skipped.append(f"{name}|{policy}|{share}|b{batch}|compile={compile_segments}")
