@@ -24,7 +24,7 @@ tell layers apart is state the guards read, kept out of the compiled code here:
 Per class, the decode step compiles a few graphs (Qwen3-MoE, OLMoE: three — up to the cache update, from it
 to the experts' call, after it; a family with dense layers one more), whatever the number of layers; a new
 cache length recompiles the two after the update, a new batch all three. Measured here (torch 2.13 CPU,
-aot_eager): 2, 4 and 8 Qwen3-MoE layers all compile 3 graphs; without nested graph breaks 8, 10 and 14 (6 + L:
+inductor): 2, 4 and 8 Qwen3-MoE layers all compile 3 graphs; without nested graph breaks 8, 10 and 14 (6 + L:
 the attention's resume frame once per layer).
 
 Letters: B rows, T cache positions.
