@@ -127,6 +127,9 @@ class EngineConfig:
         chunk boundary.
     io_depth: AsyncIO's chunks issued ahead of the copy engine (more keeps the link busier while the host
         is busy; fewer lets an on-demand load overtake sooner).
+    compile_segments: run the decode steps of `engine.generate` with every decoder layer's non-expert part
+        compiled by `torch.compile` (inductor; the experts' call a graph break, `models.compiled`), before the
+        step's CUDA graphs are captured; where compiling cannot run here the run stays uncompiled and says why.
     """
 
     policy: str = "on_demand_lru"
@@ -140,6 +143,7 @@ class EngineConfig:
     async_io: bool | None = None
     io_chunk_bytes: int = IO_CHUNK_BYTES
     io_depth: int = 3
+    compile_segments: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -42,15 +42,16 @@ TINY_CONFIGS = {
 ARCHITECTURES = tuple(TINY_CONFIGS)
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, layers: int | None = None):
     class_name, extra = TINY_CONFIGS[arch]
-    return getattr(transformers, class_name)(**{**_COMMON, **extra})
+    return getattr(transformers, class_name)(**{**_COMMON, **extra, **({"num_hidden_layers": layers} if layers else {})})
 
 
-def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A random-weight instance of `arch`; routers get non-trivial weights so routing varies by token."""
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int | None = None):
+    """A random-weight instance of `arch` (`layers` decoder layers, default 3); routers get non-trivial weights
+    so routing varies by token."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, layers), dtype=dtype)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2 and torch.count_nonzero(p) == 0:

@@ -19,7 +19,9 @@ Routing replay (`Engine.set_replay`) is captured too: the recorded experts and w
 position are gathered on the device, and their counts are read from the replay's host copy (no copy from
 the device), once the device has reached the layer's router, as with the model's own routing: a host that
 read the replay layers ahead of the device would plan, and load for, routing no real run knows yet. The first decode step runs eagerly (it warms up the kernels the
-graphs capture); capture needs a CUDA device and falls back to eager, with a warning, where it fails.
+graphs capture); capture needs a CUDA device and falls back to eager, with a warning, where it fails. With
+`EngineConfig.compile_segments` every decode step runs the decoder layers' compiled forwards
+(`models.compiled`): the first step compiles them, so the graphs capture inductor's fused kernels.
 
 Letters: B rows, P prompt tokens, T cache positions, L MoE layers, E experts, K top-k, N = B tokens of a
 decode step, H hidden, S slots.
@@ -27,6 +29,7 @@ decode step, H hidden, S slots.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -95,15 +98,17 @@ def generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=inputs.mask, position_ids=inputs.prefill_positions,
                        past_key_values=cache, use_cache=True).logits[:, -1]  # [B, V]
-        for step in range(1, max_new_tokens + 1):
-            kept += [logits.float().clone()] if keep_logits else []
-            tokens.append(logits.argmax(-1, keepdim=True))  # [B, 1]
-            if step == max_new_tokens:
-                break
-            inputs.advance(tokens[-1], step)
-            if stepper is None or stepper.mode == "eager" and step == 2 and graphs:
-                stepper = _stepper(engine, cache, inputs, graphs and step >= 2)
-            logits = stepper.step()
+        compiled = getattr(engine, "compiled", None)  # the decode steps' compiled layers, after the prefill
+        with compiled.active(cache) if compiled is not None else contextlib.nullcontext():
+            for step in range(1, max_new_tokens + 1):
+                kept += [logits.float().clone()] if keep_logits else []
+                tokens.append(logits.argmax(-1, keepdim=True))  # [B, 1]
+                if step == max_new_tokens:
+                    break
+                inputs.advance(tokens[-1], step)
+                if stepper is None or stepper.mode == "eager" and step == 2 and graphs:
+                    stepper = _stepper(engine, cache, inputs, graphs and step >= 2)
+                logits = stepper.step()
     mode = "eager" if stepper is None else stepper.mode
     return Generation(torch.cat([ids, *tokens], dim=1), mode, kept)
 

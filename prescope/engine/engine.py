@@ -38,6 +38,7 @@ from prescope.engine.transfers import IOWorker, Transfer
 from prescope.hardware.profiles import load_profile
 from prescope.layout import ModelLayout
 from prescope.models import adapter
+from prescope.models.compiled import compile_layers
 from prescope.policies import make_policy
 from prescope.policies.base import LayerView, Policy, costs_for
 from prescope.policies.cache import ExpertCache, Key
@@ -135,7 +136,10 @@ class Engine(Executor):
         self._pinned_luts = self.device.type == "cuda"  # expert-to-slot tables cross to the device asynchronously
         for lay in self.layers:
             lay.experts._prescope = (self, lay.ordinal)
-        self._dispatch = adapter.install_dispatch(self.model, _dispatch)
+        # compiled layers break their graph at the dispatch: the layer protocol stays Python, run as it is
+        self._dispatch = adapter.install_dispatch(self.model, _uncompiled_dispatch if self.config.compile_segments
+                                                  else _dispatch)
+        self.compiled = compile_layers(self.model, self.device) if self.config.compile_segments else None
         self._hooks = [self.model.register_forward_pre_hook(self._step_start, with_kwargs=True),
                        self.model.register_forward_hook(self._step_end)]
         self.reset()
@@ -458,3 +462,6 @@ def _dispatch(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torc
         raise RuntimeError(f"{type(experts).__name__} uses the prescope backend but no engine is installed in it")
     engine, layer = owner
     return engine.moe_step(layer, experts, hidden_states, top_k_index, top_k_weights)
+
+
+_uncompiled_dispatch = torch.compiler.disable(_dispatch)  # one object: dynamo guards on the backend it calls

@@ -103,6 +103,7 @@ class BenchConfig:
     accelerate_tokens: int = 6
     repeats: int = 1  # rounds over every engine cell, interleaved (round 1 of every cell, then round 2, ...)
     graphs: bool = True  # engine cells decode with engine.generate (static cache, CUDA graphs), not model.generate
+    compile_segments: bool = False  # engine.generate's decode steps with compiled decoder layers (EngineConfig)
     stock_implementations: tuple[str, ...] = ("grouped_mm", "batched_mm", "eager")  # transformers' to compare
     deadline_s: float = 0.0  # no cell starts this many seconds after the run began (0: none); see `run_bench`
     extra: dict = field(default_factory=dict)
@@ -176,6 +177,7 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
            "policy_ms_per_layer": 1e3 * sum(engine.records.plan_seconds) / max(1, len(steps) * L),
            "victim_ms_per_layer": 1e3 * sum(engine.records.victim_seconds) / max(1, len(steps) * L),
            "prefetches_stopped": dict(engine.records.stopped)}
+    row |= _compiled_metrics(engine, cfg)
     if hasattr(engine.policy, "skipped"):  # prescope: layers with nothing to plan (PreSched not run)
         row["plans_skipped_share"] = engine.policy.skipped / max(1, len(steps) * L)
     if hasattr(engine.policy, "lean"):  # prescope: layers its gate ran on demand (host-bound, no prediction)
@@ -209,6 +211,17 @@ def _engine_generate(engine: Engine, model, batch: int, cfg: BenchConfig, new_to
     ids = prompt_ids(model, batch, cfg.input_len, seed, prompts)
     out = engine.generate(ids, max_new_tokens=new_tokens)
     return out.sequences.cpu(), out.mode
+
+
+def _compiled_metrics(engine: Engine, cfg: BenchConfig) -> dict:
+    """compiled_segments true/false (with the reason where it was asked for and did not run), and the graphs
+    dynamo compiled for this engine's runs so far, with their wall time (`models.compiled.CompiledLayers`)."""
+    compiled = engine.compiled
+    if compiled is None:
+        return {"compiled_segments": False}
+    if not cfg.graphs:
+        return {"compiled_segments": False, "compile_reason": "model.generate decodes (graphs off): not compiled"}
+    return compiled.summary()
 
 
 def _timeline_metrics(timeline: pd.DataFrame, steps: pd.DataFrame, expert_bytes: int) -> dict:
@@ -299,7 +312,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             chosen = parse_policy("on_demand_lru" if policy_name == RESIDENT else policy_name)
             policy, predictor = subject.policy(chosen.name, **chosen.options)
             engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
-                                                profile=cfg.profile, async_io=chosen.async_io), policy=policy)
+                                                profile=cfg.profile, async_io=chosen.async_io,
+                                                compile_segments=cfg.compile_segments), policy=policy)
             for batch in cfg.batch_sizes:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
                 if past():
@@ -318,7 +332,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     failed.append({**about, "error": f"{type(exc).__name__}: {exc}"})
                     engine.close()
                     engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
-                                                        profile=cfg.profile, async_io=chosen.async_io), policy=policy)
+                                                        profile=cfg.profile, async_io=chosen.async_io,
+                                                        compile_segments=cfg.compile_segments), policy=policy)
                     continue
                 row["step_bytes"] = _mean_step_bytes(route, layout, sizes, batch, cfg)
                 measured.setdefault(cell, []).append((about, row, route, timeline))
@@ -512,6 +527,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline-s", type=float, default=d.deadline_s,
                         help="start no cell this many seconds after the run began (0: none); the cells left out are "
                              "listed in bench.json's `deadline` (a device call with a time limit keeps what finished)")
+    parser.add_argument("--compile-segments", action="store_true",
+                        help="compile every decoder layer's non-expert part (torch.compile, inductor) before the "
+                             "decode step's CUDA graphs are captured; rows say compiled_segments and why not")
     parser.add_argument("--repeats", type=int, default=d.repeats,
                         help="rounds over every engine cell, interleaved; each row is the median round's, with "
                              "every round's decode median and their spread")
@@ -531,7 +549,7 @@ def run(args: argparse.Namespace) -> int:
                       profile=args.profile, out=args.out, predictor=args.predictor, prompts=args.prompts,
                       accelerate_batches=tuple(args.accelerate_batches), accelerate_tokens=args.accelerate_tokens,
                       repeats=args.repeats, stock_implementations=tuple(args.stock_implementations),
-                      deadline_s=args.deadline_s, extra=extra)
+                      deadline_s=args.deadline_s, compile_segments=args.compile_segments, extra=extra)
     rows = run_bench(cfg)
     table = pd.DataFrame(rows)
     table = table[[c for c in ("model", "policy", "budget", "batch", "decode_tok_s", "decode_ms_median", "vs_resident",

@@ -13,7 +13,8 @@ from conftest import ARCHITECTURES, tiny_model
 from prescope.config import EngineConfig
 from prescope.engine.decode import StaticInputs
 from prescope.engine.engine import Engine
-from prescope.models import adapter
+from prescope.models import adapter, compiled
+from prescope.models.compiled import compile_layers
 from prescope.policies import POLICIES, parse_policy
 from prescope.routing.replay import record_replay
 
@@ -134,3 +135,85 @@ def test_a_replayed_piecewise_step_learns_each_layers_routing_when_the_device_re
     L = engine.layout.num_moe_layers
     for step in range(2, 6):  # the graph steps (the first decode step runs eagerly, its sync in moe_step)
         assert waits.count(step) >= L, f"step {step}: the host waited for the device at {waits.count(step)} of {L} layers"
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's compiled code is the process's: a test that counts compiles starts, and leaves, with none."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["olmoe", "deepseek_v2"])  # deepseek_v2: a dense first layer, shared experts
+def test_compiled_segments_generate_the_stock_tokens(name, fresh_dynamo):
+    """The decode steps through inductor's (CPU) kernels: the stock tokens, fp32 logits within tolerance."""
+    stock = tiny_model(name, seed=1)
+    ids, mask = padded_batch()
+    ref = stock.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    model = copy.deepcopy(stock)
+    config = EngineConfig(policy="on_demand_lru", budget_share=0.5, device="cpu", compile_segments=True)
+    with Engine(model, config) as engine:
+        out = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, keep_logits=True)
+        summary = engine.compiled.summary()
+        assert engine.cache.stats.misses > 0  # the offloaded layers really loaded experts between the graphs
+    assert summary["compiled_segments"] and summary["compile_backend"] == "inductor" and summary["compiles"] > 0
+    assert torch.equal(out.sequences, ref.sequences), f"{name}: tokens differ with compiled segments"
+    for got, want in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_compile_count_does_not_grow_with_the_number_of_layers(fresh_dynamo):
+    """One compile per layer class and shape: 2 and 4 layers compile the same graphs, and a second run of the same
+    shapes compiles nothing (no recompile between the warm-up step and the captured ones)."""
+    torch.manual_seed(7)
+    ids = torch.randint(1, 96, (2, 5))
+    counts = {}
+    for layers in (2, 4):
+        torch._dynamo.reset()
+        model = tiny_model("qwen3_moe", layers=layers)
+        with Engine(model, EngineConfig(budget_share=0.5, device="cpu", compile_segments=True)) as engine:
+            engine.compiled = compile_layers(model, engine.device, backend="aot_eager")  # dynamo's count, faster
+            engine.generate(ids, max_new_tokens=4)
+            first = engine.compiled.compiles
+            engine.generate(ids, max_new_tokens=4)
+            counts[layers] = (first, engine.compiled.compiles)
+    assert counts[2] == counts[4] and counts[2][0] == counts[2][1] > 0, counts
+
+
+def test_compiling_where_it_cannot_run_decodes_uncompiled_and_says_why(monkeypatch):
+    monkeypatch.setattr(compiled, "unavailable", lambda device, backend: "torch.compile(inductor) cannot run on cpu")
+    stock = tiny_model("qwen2_moe", seed=2)
+    ids, mask = padded_batch()
+    ref = stock.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with Engine(copy.deepcopy(stock), EngineConfig(device="cpu", compile_segments=True)) as engine:
+        out = engine.generate(ids, mask, max_new_tokens=3)
+        summary = engine.compiled.summary()
+    assert torch.equal(out.sequences, ref)
+    assert summary["compiled_segments"] is False and summary["compile_reason"].endswith("cannot run on cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["olmoe", "qwen3_moe", "deepseek_v2"])
+def test_compiled_segments_are_captured_in_the_step_graphs_on_cuda(name):
+    """Inductor's Triton kernels inside the engine's own CUDA graphs: compiled in the eager first decode step,
+    captured after it (no recompile), the stock model's first token and logits (bf16: fused kernels may round
+    differently, so later tokens may part ways)."""
+    stock = tiny_model(name, seed=1, dtype=torch.bfloat16).cuda()
+    ids, mask = (t.cuda() for t in padded_batch())
+    ref = stock.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    for share, mode in ((1.0, "graph"), (0.4, "piecewise")):
+        config = EngineConfig(policy="on_demand_lru", budget_share=share, device="cuda", compile_segments=True)
+        with Engine(copy.deepcopy(stock), config) as engine:
+            out = engine.generate(ids, mask, max_new_tokens=8, keep_logits=True)
+            first = engine.compiled.compiles
+            engine.generate(ids, mask, max_new_tokens=8)
+            summary = engine.compiled.summary()
+        assert summary["compiled_segments"], summary["compile_reason"]
+        assert out.mode == mode and summary["compiles"] == first, (out.mode, first, summary)
+        assert torch.equal(out.sequences[:, :ids.shape[1] + 2], ref.sequences[:, :ids.shape[1] + 2])
+        for got, want in zip(out.logits[:2], ref.logits[:2], strict=True):
+            torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)

@@ -124,3 +124,23 @@ def test_no_cell_starts_after_the_deadline_and_the_file_says_which_were_left_out
     assert {r["experts_implementation"] for r in data["cells"] if r["policy"] == bench.STOCK} == {"eager"}
     with pytest.raises(ValueError, match="deadline_s must be >= 0"):
         BenchConfig(deadline_s=-1)
+
+
+def test_compiled_segments_are_asked_for_on_the_command_line_and_said_in_every_engine_row(tmp_path):
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert parser.parse_args(["--compile-segments"]).compile_segments and not parser.parse_args([]).compile_segments
+    torch._dynamo.reset()  # the count starts from no compiled code
+    cfg = BenchConfig(models=("olmoe-1b-7b-tiny:2",), batch_sizes=(1,), policies=("on_demand_lru",), budgets=(0.5,),
+                      input_len=4, output_len=3, timeline_tokens=0, warmup_tokens=2, device="cpu",
+                      out=str(tmp_path), accelerate_batches=(), stock_implementations=("grouped_mm",),
+                      compile_segments=True)
+    rows = [r for r in run_bench(cfg) if r["policy"] not in (bench.STOCK, bench.STOCK_EAGER)]
+    assert {r["policy"] for r in rows} == {bench.RESIDENT, "on_demand_lru"}
+    assert all(r["compiled_segments"] is True and r["compile_reason"] is None for r in rows)
+    assert rows[0]["compiles"] > 0  # the first engine compiled; later ones of the same shapes reuse its code
+    torch._dynamo.reset()
