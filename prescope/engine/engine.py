@@ -293,8 +293,7 @@ class Engine(Executor):
             raise
         finally:
             self._layer = None
-        self.records.plan_seconds[layer] += run.plan_s
-        self.records.victim_seconds[layer] += run.victim_s
+        self.records.planned(layer, run.plan_s, run.victim_s)
 
     def _combine(self, run: _Running, weights: torch.Tensor) -> torch.Tensor:
         """Join the CPU experts into the (token, k) rows, weight each token's K rows and sum them in the
@@ -309,7 +308,10 @@ class Engine(Executor):
         return weighted.sum(dim=1).to(run.hidden.dtype)  # [N, H]
 
     def _cpu_results(self, run: _Running, like: torch.Tensor) -> torch.Tensor:
-        return torch.cat([job.result() for job in run.cpu_jobs]).to(like.device, like.dtype)  # [m, H]
+        waited = time.perf_counter()
+        rows = [job.result() for job in run.cpu_jobs]
+        self.records.cpu_waited(time.perf_counter() - waited)
+        return torch.cat(rows).to(like.device, like.dtype)  # [m, H]
 
     # ---- the protocol's orders, carried out ----------------------------------------------------------
     def cut_stale(self, view: LayerView) -> None:
@@ -339,6 +341,7 @@ class Engine(Executor):
             run.cpu_jobs.append(self.pool.submit(self._cpu_expert, layer, run.experts, e, x, params))
             start += n
         run.cpu_positions = positions
+        self.records.cpu_started(len(chosen))
 
     def load(self, key: Key, slot: int, speculative: bool) -> bool:
         """Copy expert `key` into `slot`, after the slot's last kernel; resident at once, since every kernel

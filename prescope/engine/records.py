@@ -43,6 +43,11 @@ class Records:
         # the wall time of issuing the whole step where it is replayed from CUDA graphs
         self.own_seconds: dict[int, float] = {}
         self.issue_seconds: dict[int, float] = {}
+        # per step: the policy's time (prediction, planning, victims), CPU experts started, and the host's wait
+        # for their results (the layer's combine needs them)
+        self.plan_by_step: dict[int, float] = {}
+        self.cpu_runs: dict[int, int] = {}
+        self.cpu_wait_by_step: dict[int, float] = {}
 
     # ---- steps ---------------------------------------------------------------------------------------
     def begin_step(self, tokens: int, phase: str) -> None:
@@ -82,6 +87,17 @@ class Records:
         """`seconds` of the running layer's host time went into waiting for the device."""
         self.sync_seconds[layer] += seconds
         self.own_seconds[self.step] = self.own_seconds.get(self.step, 0.0) - seconds
+
+    def planned(self, layer: int, plan_s: float, victim_s: float) -> None:
+        self.plan_seconds[layer] += plan_s
+        self.victim_seconds[layer] += victim_s
+        self.plan_by_step[self.step] = self.plan_by_step.get(self.step, 0.0) + plan_s + victim_s
+
+    def cpu_started(self, count: int) -> None:
+        self.cpu_runs[self.step] = self.cpu_runs.get(self.step, 0) + count
+
+    def cpu_waited(self, seconds: float) -> None:
+        self.cpu_wait_by_step[self.step] = self.cpu_wait_by_step.get(self.step, 0.0) + seconds
 
     def layer_done(self, layer: int, began: float, entry) -> None:
         """Host time in the engine's own code; the GPU span since the last MoE layer is attention and dense work."""

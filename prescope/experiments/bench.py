@@ -125,6 +125,11 @@ class BenchConfig:
             parse_policy(name)  # a clear error for an unknown policy or option
 
 
+def _over(per_step: dict, steps: set) -> float:
+    """The sum of a per-step record over `steps`."""
+    return sum(v for k, v in per_step.items() if k in steps)
+
+
 def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: RoutingReplay | None = None,
                    prompts: np.ndarray | None = None, stock: torch.Tensor | None = None) -> tuple[dict, np.ndarray, pd.DataFrame]:
     """One cell: warm up, then a step-timed run (throughput, the engine's host time, routing, and its tokens
@@ -176,7 +181,11 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
            "sync_ms_per_layer": 1e3 * sum(engine.records.sync_seconds) / max(1, len(steps) * L),
            "policy_ms_per_layer": 1e3 * sum(engine.records.plan_seconds) / max(1, len(steps) * L),
            "victim_ms_per_layer": 1e3 * sum(engine.records.victim_seconds) / max(1, len(steps) * L),
-           "prefetches_stopped": dict(engine.records.stopped)}
+           "prefetches_stopped": dict(engine.records.stopped),
+           # over the measured decode steps only (the rows above: every call, prefill and graph capture included)
+           "policy_ms_per_layer_decode": 1e3 * _over(engine.records.plan_by_step, measured_steps) / calls,
+           "cpu_experts_per_step": _over(engine.records.cpu_runs, measured_steps) / max(1, len(decode)),
+           "cpu_wait_ms_per_layer": 1e3 * _over(engine.records.cpu_wait_by_step, measured_steps) / calls}
     row |= _compiled_metrics(engine, cfg)
     if hasattr(engine.policy, "skipped"):  # prescope: layers with nothing to plan (PreSched not run)
         row["plans_skipped_share"] = engine.policy.skipped / max(1, len(steps) * L)

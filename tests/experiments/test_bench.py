@@ -47,6 +47,22 @@ def test_bench_runs_every_policy_on_the_same_replayed_routing(tmp_path):
     assert routing["olmoe-1b-7b-tiny@prescope-tiny__prescope__0.25__2"].shape[1:] == (16, 2, 8)
 
 
+def test_rows_count_the_cpu_experts_and_the_policys_time_over_the_measured_steps(tmp_path):
+    prompts = tmp_path / "prompts.npy"
+    np.save(prompts, np.random.default_rng(0).integers(1, 8000, (3, 10)))
+    cfg = BenchConfig(models=("olmoe-1b-7b-tiny:16@prescope-tiny",), batch_sizes=(2,),
+                      policies=("on_demand_lru", "cpu_misses", "prescope[gate=False]"), budgets=(0.25,), input_len=6,
+                      output_len=4, timeline_tokens=0, warmup_tokens=2, device="cpu", out=str(tmp_path / "out"),
+                      prompts=str(prompts), accelerate_batches=())
+    by = {r["policy"]: r for r in run_bench(cfg) if r["policy"] not in (bench.STOCK, bench.STOCK_EAGER)}
+    assert by["on_demand_lru"]["cpu_experts_per_step"] == 0 and by["on_demand_lru"]["cpu_wait_ms_per_layer"] == 0
+    # cpu_misses runs every miss on the CPU: as many CPU experts per step as LRU loads
+    assert by["cpu_misses"]["cpu_experts_per_step"] > 0 and by["cpu_misses"]["cpu_wait_ms_per_layer"] > 0
+    assert by["cpu_misses"]["loads_per_step"] == 0
+    planned = by["prescope[gate=False]"]
+    assert 0 < planned["policy_ms_per_layer_decode"] and by["on_demand_lru"]["policy_ms_per_layer_decode"] < 1
+
+
 def test_unknown_policies_are_refused_before_anything_runs():
     with pytest.raises(ValueError, match="unknown policy 'lru'"):
         BenchConfig(policies=("lru",))
