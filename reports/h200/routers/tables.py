@@ -1,0 +1,51 @@
+"""The learned-routing comparison's tables (README.md) from the bench files beside this script.
+
+Usage: python reports/h200/routers/tables.py SUBJECT_DIR [SUBJECT_DIR ...] (folders holding a bench.json each;
+their engine cells are pooled, the first file's resident and stock rows win). Per policy and batch: the median
+decode ms per step (per-token latency) and the decode throughput against on_demand_lru's in the same file
+(`decode_tok_s`, tokens over the mean step), then loads per step."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+POLICIES = ["resident", "stock", "on_demand_lru", "prescope", "prescope[gate=False]", "ceiling", "belady", "hybrid",
+            "activation_matrix", "cpu_misses", "lookahead_prefetch"]
+REFERENCE = ("resident", "stock")
+
+
+def main(folders: list[str]) -> None:
+    cells = []
+    for folder in folders:
+        data = json.loads((Path(folder) / "bench.json").read_text())
+        print(f"<!-- {folder}: revision {data['git_revision']}, {data['bandwidths']} -->")
+        cells += [c for c in data["cells"] if not any(c["policy"] == d["policy"] and c["batch"] == d["batch"]
+                                                     and c["policy"] in REFERENCE for d in cells)]
+    batches = sorted({c["batch"] for c in cells})
+    for budget in sorted({c["budget"] for c in cells if c["policy"] not in REFERENCE}):
+        print(f"\n{budget:.0%} of the experts on the GPU: decode ms per step (median), × LRU (throughput)\n")
+        print("| policy | " + " | ".join(f"b{b} ms | × LRU" for b in batches) + " | loads/step "
+              + " / ".join(f"b{b}" for b in batches) + " |")
+        print("|---|" + "---|---|" * len(batches) + "---|")
+        lru = {c["batch"]: c["decode_tok_s"] for c in cells if c["policy"] == "on_demand_lru" and c["budget"] == budget}
+        for policy in POLICIES:
+            row, loads = [], []
+            for b in batches:
+                found = [c for c in cells if c["policy"] == policy and c["batch"] == b
+                         and (policy in REFERENCE or c["budget"] == budget)]
+                if not found:
+                    row += ["", ""]
+                    loads.append("")
+                    continue
+                c, ref = found[0], policy in REFERENCE
+                ms = c["decode_ms_median"]
+                row += [f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}", "" if ref else f"{c['decode_tok_s'] / lru[b]:.2f}"]
+                loads.append("" if ref else f"{c.get('loads_per_step', 0):.1f}")
+            if any(row):
+                print(f"| {policy} | " + " | ".join(row) + " | " + " / ".join(loads) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
