@@ -190,22 +190,6 @@ class PreScopeOptions(PredictiveOptions):
                 raise PolicyError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-def misses_time(tokens: list[int], costs: Costs) -> float:
-    """The fastest time to run missed experts (their token counts) over the link and the CPU side by side: the
-    m with most tokens loaded one after another, the others one after another on the CPU, best m."""
-    ranked = sorted(tokens, reverse=True)
-    cpu = [costs.cpu(n) for n in ranked]
-    return min(max(m * costs.load, sum(cpu[m:])) for m in range(len(ranked) + 1))
-
-
-def engine_slack(host_bound: float, work: float, link: float, split: float) -> float:
-    """What prediction and prefetching could at most save on a layer run on demand where the host hides the
-    device (`PreScope.device_terms`): the device's excess over the host, and at most the device time a perfect
-    plan takes off, from work + link on demand to the larger of the work and the misses' best split between
-    the link and the CPU (the link's own time does not shrink, it only hides behind the work)."""
-    return min(host_bound, work + link - max(work, split))
-
-
 class PreScope(Predictive):
     name = "prescope"
     imitates = "PreScope (Yu et al. 2025): LLaPor + PreSched + AsyncIO"
@@ -288,16 +272,12 @@ class PreScope(Predictive):
         they go (presched.split_finishes), than with every routed expert resident (what perfect prefetching
         gives PreSched's split); h is not counted, since a prefetch costs the host as much as a load on demand.
         When misses cost nothing, because their loads land before the GPU needs them or the CPU runs them
-        beside the GPU's work, there is nothing to prefetch for.
-
-        Where the host hides the device, the slack is also at most what prefetching can take off the device
-        (`engine_slack` of `device_terms`): the link's own time stays, so the misses' transfers hide at most
-        behind the device's other work, and the CPU, beside the link, takes some of them. Where the link is the
-        bottleneck (experts of hundreds of MB, few tokens), that is far less than a load per miss."""
-        costs, layer, warm = self.costs, view.layer, cache.is_warm
-        if costs.host_hides_device:
-            return engine_slack(*self.device_terms(view, cache))
+        beside the GPU's work, there is nothing to prefetch for."""
+        costs, layer, warm, h = self.costs, view.layer, cache.is_warm, self.transfer_host()
         misses = [e for e in view.experts if not warm((layer, e))]
+        if costs.host_hides_device:
+            device = sum(map(costs.gpu, view.tokens)) + len(misses) * costs.load
+            return device - (costs.host + len(view.experts) * costs.launch + len(misses) * h)
         if not misses:
             return 0.0
         warm_keys = frozenset((layer, e) for e in view.experts if warm((layer, e)))
@@ -307,33 +287,16 @@ class PreScope(Predictive):
             free_slots=len(misses), resident_on_cpu=True)).finishes) for keys in (warm_keys, every_key)]
         return finish[0] - finish[1]
 
-    def device_terms(self, view: LayerView, cache: ExpertCache) -> tuple[float, float, float, float]:
-        """This layer run on demand, where the host hides the device: (host_bound, work, link, split).
-        host_bound: the routed experts' GPU time plus a load per miss (absent, or only there because a
-        prefetch brought it, not used yet), less the host's own time per layer (`costs.host`, a launch per
-        routed expert, `transfer_host()` per miss); work: the device's work a prefetched load can hide behind
-        (the experts' GPU time and the gap to the next layer); link: a load per miss; split: the misses over the
-        link and the CPU side by side, as fast as they go (`misses_time`)."""
-        costs, layer, warm, h = self.costs, view.layer, cache.is_warm, self.transfer_host()
-        missed = [n for e, n in zip(view.experts, view.tokens, strict=True) if not warm((layer, e))]
-        gpu, link = sum(map(costs.gpu, view.tokens)), len(missed) * costs.load
-        host_bound = gpu + link - (costs.host + len(view.experts) * costs.launch + len(missed) * h)
-        return host_bound, gpu + costs.layer_gap, link, misses_time(missed, costs)
-
     def speculation_pays(self, view: LayerView, cache: ExpertCache) -> bool:
         """The gate: the running `device_slack` of this step's shape (restarted when the step's tokens
         change, e.g. from prefill to decode) exceeds `plan_host_s`: the device, not the host, is the
-        bottleneck, by more than predicting and planning cost the host. Where the host hides the device, the
-        running means of `device_terms` are weighed (`engine_slack`): one layer's misses may hide behind the
-        work of layers around it that miss nothing."""
-        hides, shape = self.costs.host_hides_device, sum(view.tokens)
-        x = np.array(self.device_terms(view, cache) if hides else (self.device_slack(view, cache),))
+        bottleneck, by more than predicting and planning cost the host."""
+        x, shape = self.device_slack(view, cache), sum(view.tokens)
         if self.slack is None or self.slack[0] != shape:
             self.slack = (shape, x)
         else:
             self.slack = (shape, self.slack[1] + self.GATE_WEIGHT * (x - self.slack[1]))
-        slack = engine_slack(*self.slack[1]) if hides else float(self.slack[1][0])
-        return slack > (self.plan_host_s if self.plan_host_s is not None else self.costs.plan)
+        return self.slack[1] > (self.plan_host_s if self.plan_host_s is not None else self.costs.plan)
 
     def offered(self, view: LayerView, cache: ExpertCache, forecast) -> list[list[int]]:
         """Per window layer l+d, the absent experts (ascending) worth a transfer (p > `worth()`)."""

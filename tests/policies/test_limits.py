@@ -95,9 +95,8 @@ def test_ceiling_predicts_the_true_future_with_its_token_counts():
 
 def test_ceiling_keeps_a_key_a_later_layer_of_the_step_uses():
     """Beyond the window the memory knows nothing of (3, 6); the true future says layer 3 routes it, so its
-    chance of being needed is 1, and the plan evicts the unused (3, 4) instead (ungated: this layer misses
-    nothing, so the gate would not plan it)."""
-    policy = make_policy("ceiling", lookahead=1, gate=False)
+    chance of being needed is 1, and the plan evicts the unused (3, 4) instead."""
+    policy = make_policy("ceiling", lookahead=1)
     cache = cache_with(3, 4, [(3, 6), (3, 4), (0, 0)])
     policy.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5, cpu=lambda n: 2.0, layer_gap=5.0))
     v = view(0, [0], future=((2,), (1,), (6,)))
