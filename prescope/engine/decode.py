@@ -3,7 +3,10 @@ decode step replayed from CUDA graphs.
 
 `generate(engine, input_ids, attention_mask, max_new_tokens)` decodes greedily (the same tokens as
 `model.generate(do_sample=False)`): the prefill runs through transformers' forward; each decode step then
-runs in one of three modes (`Generation.mode`):
+runs in one of three modes (`Generation.mode`), or, for a model whose layers keep more than attention keys and
+values (Mamba, linear-attention or other recurrent layers, `adapter.kv_cache_only`), which a static KV cache
+does not hold, transformers' own `generate` runs the whole decode ("transformers"; the engine still runs
+every MoE layer):
 
 - "eager": transformers' forward every step (the CPU, or `graphs=False`); each MoE layer runs the engine's
   `moe_step` (one host synchronisation, the policy, one grouped expert kernel per wave);
@@ -40,7 +43,7 @@ from prescope.engine.streams import Segments
 from prescope.models import adapter
 from prescope.routing.replay import replayed_weights
 
-MODES = ("eager", "graph", "piecewise")
+MODES = ("eager", "graph", "piecewise", "transformers")
 
 
 @dataclass
@@ -89,6 +92,8 @@ def generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     model, device = engine.model, engine.device
     ids = input_ids.to(device)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
+    if adapter.kv_cache_only(model):  # recurrent or linear-attention layers: transformers' own cache and loop
+        return _transformers_generate(model, ids, mask, max_new_tokens, keep_logits)
     attention = getattr(model.config, "_attn_implementation", "sdpa")
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"engine.generate supports sdpa and eager attention, not {attention!r}; use model.generate")
@@ -111,6 +116,18 @@ def generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
                 logits = stepper.step()
     mode = "eager" if stepper is None else stepper.mode
     return Generation(torch.cat([ids, *tokens], dim=1), mode, kept)
+
+
+def _transformers_generate(model, ids, mask, max_new_tokens: int, keep_logits: bool) -> Generation:
+    """Greedy decoding by transformers' `generate` (the engine still runs every MoE layer) for a model whose layers
+    keep state a static KV cache does not hold (`adapter.kv_cache_only`): its own cache, no CUDA graphs."""
+    with torch.no_grad():
+        pad = model.generation_config.pad_token_id
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=0 if pad is None else pad, output_logits=keep_logits,
+                             return_dict_in_generate=True)
+    kept = [x.float() for x in out.logits] if keep_logits else []
+    return Generation(out.sequences, "transformers", kept)
 
 
 def _stepper(engine, cache, inputs: StaticInputs, capture: bool):

@@ -171,6 +171,21 @@ def _swapped_forward(experts: nn.Module, forward: Callable) -> Iterator[None]:
             experts.forward = previous
 
 
+# decoder layer kinds whose whole state is a key/value cache a static KV cache holds (config.layer_types)
+KV_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention"})
+
+
+def kv_cache_only(model: nn.Module) -> str:
+    """"" if every decoder layer keeps only attention keys and values (a static KV cache serves the model),
+    else why not: a stateful model (recurrent, Mamba or linear-attention layers, `_is_stateful`) or a layer kind
+    outside KV_LAYER_TYPES in `config.layer_types`."""
+    kinds = set(getattr(model.config, "layer_types", None) or ()) - KV_LAYER_TYPES
+    if getattr(model, "_is_stateful", False) or kinds:
+        what = f"layer kinds {sorted(kinds)}" if kinds else "recurrent state (transformers marks it stateful)"
+        return f"{type(model).__name__} keeps {what} beside attention keys and values"
+    return ""
+
+
 def linear_router(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [E, H], bias [E] or None) when layer's router logits are a linear map of its input hidden
     states (checked on a few random inputs), else UnsupportedModelError saying why."""

@@ -217,3 +217,23 @@ def test_compiled_segments_are_captured_in_the_step_graphs_on_cuda(name):
         assert torch.equal(out.sequences[:, :ids.shape[1] + 2], ref.sequences[:, :ids.shape[1] + 2])
         for got, want in zip(out.logits[:2], ref.logits[:2], strict=True):
             torch.testing.assert_close(got, want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("model_type", ["granitemoehybrid", "qwen3_next"])
+def test_a_model_with_recurrent_layers_decodes_through_transformers_cache(model_type):
+    """Layers that keep state beside keys and values (Mamba, linear attention) are not held by a static KV cache:
+    the engine decodes such a model with transformers' own cache and loop, and gives the stock tokens."""
+    from prescope.models import families
+
+    stock = families.tiny_model(families.family(model_type), seed=1)
+    assert adapter.kv_cache_only(stock)
+    ids, mask = padded_batch()
+    ref = stock.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    with Engine(copy.deepcopy(stock), EngineConfig(policy="on_demand_lru", budget_share=0.5, device="cpu")) as engine:
+        out = engine.generate(ids, mask, max_new_tokens=NEW_TOKENS, keep_logits=True)
+    assert out.mode == "transformers" and torch.equal(out.sequences, ref) and len(out.logits) == NEW_TOKENS
+
+
+def test_attention_only_models_keep_the_static_cache_path():
+    for arch in ARCHITECTURES:
+        assert adapter.kv_cache_only(tiny_model(arch, seed=0)) == "", arch
