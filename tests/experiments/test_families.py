@@ -80,3 +80,27 @@ def test_gemma4_as_the_hub_loads_its_moe_checkpoints(one_thread):
     reference = sweep.generate(stock, ids, mask)
     for cell in sweep.CELLS:
         assert sweep.passed(sweep.run_cell(stock, layout, cell, ids, mask, reference)), cell.label
+
+
+DECODERS = [f for f in FAMILIES if not f.skip and not f.encoder_decoder and f.model_type not in REFUSED]
+
+
+@pytest.mark.parametrize("family", DECODERS, ids=[f.model_type for f in DECODERS])
+def test_the_engines_own_decode_loop_gives_the_stock_tokens(family, one_thread):
+    """`engine.generate` (the static-KV-cache loop that bench and the CUDA graphs run; transformers' loop for
+    models with recurrent layers) on a left-padded batch of 2, half the experts on the GPU: stock's greedy tokens."""
+    import copy
+
+    from prescope.config import EngineConfig
+    from prescope.engine.engine import Engine
+
+    stock = families.tiny_model(family, seed=1)
+    torch.manual_seed(0)
+    ids = torch.randint(1, 60, (2, 6))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0
+    ref = stock.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with Engine(copy.deepcopy(stock), EngineConfig(policy="on_demand_lru", budget_share=0.5, device="cpu")) as engine:
+        out = engine.generate(ids, mask, max_new_tokens=4)
+    assert torch.equal(out.sequences, ref), f"{family.model_type} ({out.mode}): tokens differ from stock"
+    assert (out.mode == "transformers") == bool(adapter.kv_cache_only(stock))
