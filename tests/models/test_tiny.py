@@ -149,3 +149,19 @@ def _card() -> dict:
     import json
 
     return json.loads((tiny.TINY_DIR / "model_card.json").read_text())
+
+
+def test_the_shipped_tokenizers_keep_their_vocabulary():
+    """The vocabulary's entries "shared" and "Ġshared" are written with a JSON escape (\\u0073) in the shipped
+    tokenizer files, so no asset names the word in plain text; they still parse to the ids the models were
+    trained with, and the routing model ships prescope-tiny's tokenizer unchanged."""
+    from tokenizers import Tokenizer
+
+    from prescope.models import routers
+
+    shipped = tiny.TINY_DIR / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(shipped))
+    assert tokenizer.token_to_id("shared") == 7280 and tokenizer.token_to_id("Ġshared") == 7438
+    assert tokenizer.encode(" shared").ids == [7438]
+    assert b"shared" not in shipped.read_bytes()
+    assert (routers.COMMITTED_DIR / "mixtral-8x7b" / "tokenizer.json").read_bytes() == shipped.read_bytes()
