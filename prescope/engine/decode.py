@@ -21,8 +21,8 @@ every MoE layer):
 Routing replay (`Engine.set_replay`) is captured too: the recorded experts and weights of the running
 position are gathered on the device, and their counts are read from the replay's host copy (no copy from
 the device), once the device has reached the layer's router, as with the model's own routing: a host that
-read the replay layers ahead of the device would plan, and load for, routing no real run knows yet. The first decode step runs eagerly (it warms up the kernels the
-graphs capture); capture needs a CUDA device and falls back to eager, with a warning, where it fails. With
+read the replay layers ahead of the device would plan, and load for, routing no real run knows yet. The
+first decode step runs eagerly (it warms up the kernels the graphs capture); capture needs a CUDA device and falls back to eager, with a warning, where it fails. With
 `EngineConfig.compile_segments` every decode step runs the decoder layers' compiled forwards
 (`models.compiled`): the first step compiles them, so the graphs capture inductor's fused kernels.
 
@@ -103,7 +103,7 @@ def generate(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=inputs.mask, position_ids=inputs.prefill_positions,
                        past_key_values=cache, use_cache=True).logits[:, -1]  # [B, V]
-        compiled = getattr(engine, "compiled", None)  # the decode steps' compiled layers, after the prefill
+        compiled = engine.compiled  # the decode steps' compiled layers, after the prefill
         with compiled.active(cache) if compiled is not None else contextlib.nullcontext():
             for step in range(1, max_new_tokens + 1):
                 kept += [logits.float().clone()] if keep_logits else []

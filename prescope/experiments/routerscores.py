@@ -24,12 +24,11 @@ TARGET = "llapor_gain_at_least_5_points_from_distance_2"
 
 
 def hardware(device: str) -> str:
-    """Where the score was measured: the CPU, or the device that recorded the held-out trace and the CPU."""
-    import torch
+    """Where the score was measured: the held-out trace recorded on `device` (`timeline.host_device`'s name), the
+    evaluation on this machine's CPU."""
+    from prescope.timeline import host_device
 
-    if torch.device(device).type == "cuda":
-        return f"held-out trace on {torch.cuda.get_device_name(torch.device(device))}, evaluation on cpu"
-    return "cpu" if torch.device(device).type == "cpu" else f"held-out trace on {device}, evaluation on cpu"
+    return f"held-out trace on {host_device(device)}, evaluation on {host_device('cpu')}"
 
 
 def score(path: Path, name: str, n: int, predictor, routers, heldout, *, checkpoint: str, weights_sha256: str,

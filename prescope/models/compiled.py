@@ -136,7 +136,6 @@ def compile_layers(model: nn.Module, device: torch.device, backend: str = "induc
     return CompiledLayers(tuple(probe(model).decoder), backend, unavailable(device, backend))
 
 
-
 @functools.cache
 def _compiled_forward(kind: type, backend: str):
     """One compiled `kind.forward` per layer class and backend in the process: dynamo's cache of compiled code

@@ -10,6 +10,9 @@ from conftest import save_router
 
 from prescope import cli
 from prescope.experiments import gpuinputs, routerscores
+from prescope.timeline import host_device
+
+CPU = host_device("cpu")
 
 SMALL = ["--input-len", "6", "--prompts-per-domain", "1", "--train-per-domain", "3", "--prompt-tokens", "8",
          "--max-new-tokens", "4", "--max-epochs", "1", "--no-predictor", "--llapor-processes", "2",
@@ -43,7 +46,7 @@ def test_the_deepest_llapor_is_scored_into_a_file_the_manifest_records(scored):
     file = "routers/mixtral-8x7b/llapor-vs-gate-8.json"
     assert not (out / "routers/mixtral-8x7b/llapor-vs-gate-4.json").exists()
     score = json.loads((out / file).read_text())
-    assert score["source"] == "measured" and score["hardware"] == "cpu" and score["git_revision"]
+    assert score["source"] == "measured" and score["hardware"] == f"held-out trace on {CPU}, evaluation on {CPU}" and score["git_revision"]
     assert score["moe_layers"] == 8 and score["llapor_checkpoint"] == "routers/mixtral-8x7b/llapor-8.pt"
     assert score["config"]["heldout_per_domain"] == 2 and score["config"]["routers"] == "mixtral-8x7b:4,mixtral-8x7b:8"
     held = score["heldout"]
