@@ -177,7 +177,7 @@ class PreScopeOptions(PredictiveOptions):
     window_reuse: bool = True
     # predict and plan only where speculation can shorten a step (`PreScope.speculation_pays`)
     gate: bool = True
-    # host time of predicting and planning one layer, which the device's excess over the host must cover
+    # host time of predicting and planning one layer, which what planning saves must cover (`plan_gain`)
     # (None: `costs.plan`, the profile's predict_overhead_s + plan_overhead_s)
     plan_host_s: float | None = None
 
@@ -200,7 +200,9 @@ class PreScope(Predictive):
                   "AsyncIO only where one expert's transfer takes >= 1 ms (below that its thread costs more "
                   "host time than it saves: reports/h200/comparison); "
                   "a gate (gate=True) skips prediction and planning at layers where what they could save "
-                  "(device_slack, judged from the costs the executor gives) is less than planning costs the host; "
+                  "(plan_gain: the layer's lanes on demand against planned, prefetches hiding loads behind at "
+                  "most D layers' work, judged from the costs the executor gives) is less than planning costs "
+                  "the host; "
                   "such a layer runs on demand, its misses split between the link and the CPU where the host does "
                   "not hide the device (the simulator), all on the GPU where it does (the engine's host-bound "
                   "layers, where a CPU expert would cost the host, the bottleneck); "
@@ -211,7 +213,7 @@ class PreScope(Predictive):
     # AsyncIO where a transfer is long enough for an on-demand load to suffer behind queued prefetches (one
     # expert's load >= 1 ms); for shorter ones the I/O thread's host time outweighs what the priority saves
     ASYNC_MIN_LOAD_S = 1e-3
-    GATE_WEIGHT = 0.2  # weight of the newest layer in the running slack (about the last 5 layers)
+    GATE_WEIGHT = 0.2  # weight of the newest layer in the running plan_gain (about the last 5 layers)
     options_type = PreScopeOptions
 
     def __init__(self, predictor=None, **options):
@@ -226,7 +228,7 @@ class PreScope(Predictive):
         self.issued: list[Key] = []
         self.skipped = 0  # plans not built because there was nothing to plan (nothing_to_plan)
         self.lean = 0  # layers run on demand because speculation could not pay there (gate)
-        self.slack: tuple[int, float] | None = None  # (tokens·K of the step, running device_slack)
+        self.slack: tuple[int, float] | None = None  # (tokens·K of the step, running plan_gain)
         self.on_demand = False  # this layer runs on demand (the gate): victims by per-layer LRU
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
@@ -287,16 +289,45 @@ class PreScope(Predictive):
             free_slots=len(misses), resident_on_cpu=True)).finishes) for keys in (warm_keys, every_key)]
         return finish[0] - finish[1]
 
+    def plan_gain(self, view: LayerView, cache: ExpertCache) -> float:
+        """What predicting and planning are expected to save at this layer, net of their host time P
+        (`plan_host_s`, else `costs.plan`), in seconds (<= 0: running it on demand is as fast).
+
+        Where the host hides the device (the engine), per layer, with m the routed experts absent or only
+        prefetched (as `device_slack` counts them) and h = `transfer_host()`: host = `costs.host` +
+        K·`costs.launch` + m·h; device = the layer's own device work (the part of `costs.layer_gap` that is not
+        the host's: attention, dense, a wave's fixed cost) + the routed experts' GPU time; link = m·`costs.load`.
+        On demand the layer takes max(host, device + link) (the host syncs on the next layer's routing);
+        planned, the host also spends P, and a load prefetched up to D = `lookahead` layers ahead runs beside
+        those layers' work. The gain is the least of: device + link − (host + P), what the layer's device
+        time on demand exceeds the planned host time by (negative where the host is the bottleneck); link,
+        what prefetches could hide at all (none without misses: a layer without misses costs P, less what
+        its device work hides of it); D·max(host + P, device), what D layers of the planned step can hide of
+        a load. Planning at a layer pays at the next D (its prefetches), so a layer's misses count as what
+        the plans before it could hide, and the device's own work per layer as the room that hides P.
+
+        Where the host does not hide the device (the simulator), `device_slack` − P."""
+        p = self.plan_host_s if self.plan_host_s is not None else self.costs.plan
+        costs = self.costs
+        if not costs.host_hides_device:
+            return self.device_slack(view, cache) - p
+        warm = cache.is_warm
+        misses = sum(not warm((view.layer, e)) for e in view.experts)
+        host = costs.host + len(view.experts) * costs.launch + misses * self.transfer_host() + p
+        device = max(0.0, costs.layer_gap - costs.host) + sum(map(costs.gpu, view.tokens))
+        link = misses * costs.load
+        return min(device + link - host, link, self.lookahead * max(host, device))
+
     def speculation_pays(self, view: LayerView, cache: ExpertCache) -> bool:
-        """The gate: the running `device_slack` of this step's shape (restarted when the step's tokens
-        change, e.g. from prefill to decode) exceeds `plan_host_s`: the device, not the host, is the
-        bottleneck, by more than predicting and planning cost the host."""
-        x, shape = self.device_slack(view, cache), sum(view.tokens)
+        """The gate: the running `plan_gain` of this step's shape (restarted when the step's tokens change,
+        e.g. from prefill to decode; the newest layer weighs GATE_WEIGHT) is positive: over the last few
+        layers, planning saves more than it costs the host."""
+        x, shape = self.plan_gain(view, cache), sum(view.tokens)
         if self.slack is None or self.slack[0] != shape:
             self.slack = (shape, x)
         else:
             self.slack = (shape, self.slack[1] + self.GATE_WEIGHT * (x - self.slack[1]))
-        return self.slack[1] > (self.plan_host_s if self.plan_host_s is not None else self.costs.plan)
+        return self.slack[1] > 0.0
 
     def offered(self, view: LayerView, cache: ExpertCache, forecast) -> list[list[int]]:
         """Per window layer l+d, the absent experts (ascending) worth a transfer (p > `worth()`)."""
