@@ -170,7 +170,8 @@ def report(table: pd.DataFrame, command: str) -> str:
         f"routing, not the engine's, and say nothing about speed. `plan_gain`: the gate at this revision; "
         f"`layer_slack`: the gate before it (a layer's own device_slack against the planning cost). Lean: share "
         f"of layers run on demand over all replayed steps / over their second half. Measured columns: the bench "
-        f"cells (one round each; rounds of one cell differed by up to ~10-15 % there).",
+        f"cells (most of one round; rounds of one cell differed by up to ~10-15 % there; runs before bec855b "
+        f"decided with earlier gates, so their measured lean is those gates'; an empty ms column: no such cell).",
         "",
         f"Code revision {rev}{' (uncommitted changes: ' + ', '.join(dirty) + ')' if dirty else ''}; command: "
         f"`{command}`.",
