@@ -198,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="decode steps replayed per cell (default: all)")
     parser.add_argument("--out", default="", help="markdown file for the table")
     args = parser.parse_args(argv)
-    if args.out:
-        check_output(args.out, what="--out")
     try:
+        if args.out and not Path(args.out).is_file():  # an existing file is rewritten
+            check_output(args.out, what="--out")
         table = gate_table(args.bench, max_steps=args.steps)
     except (GateReplayError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
