@@ -4,8 +4,8 @@ A bench run (`prescope bench`) keeps each cell's decode routing (routing.npz, [s
 `prescope` cell's routing through the simulator (`sim.simulator.replay`, the cell's budget, batch and link) with
 the policy deciding on the costs the engine decided with (`policy_profile`: the bench's profile, where the host
 hides the device: `Costs.host_hides_device`), and counts the layers the gate ran on demand (`PreScope.lean`), for
-the gate as it is (`plan_gain`) and as it was (`LayerSlackGate`: a layer's own `device_slack` against the
-planning cost), beside the share the engine measured (`plans_lean_share`).
+the gate as it is (`plan_gain`) and as it was (`prescope[layer_gate=True]`: a layer's own `device_slack` against
+the planning cost), beside the share the engine measured (`plans_lean_share`).
 
 It is a replay of decisions, not a timing: the cache evolves on the simulator's clock, which is not the engine's,
 and the forecast is the memory's (no predictor: LLaPor needs the hidden states the bench did not keep), so the
@@ -48,17 +48,9 @@ class GateReplayError(ValueError):
     """A bench folder that cannot be replayed (no routing for a cell, an unknown subject)."""
 
 
-class LayerSlackGate(PreScope):
-    """PreScope with the gate before `plan_gain` (revision e06fbff and earlier): a layer plans where the running
-    `device_slack` exceeds the planning cost P (the device's on-demand expert work and loads over the host's
-    time per layer), judging each layer by its own misses; kept to compare decisions."""
-
-    def plan_gain(self, view: LayerView, cache: ExpertCache) -> float:
-        p = self.plan_host_s if self.plan_host_s is not None else self.costs.plan
-        return self.device_slack(view, cache) - p
-
-
-GATES = {"plan_gain": PreScope, "layer_slack": LayerSlackGate}
+# gate -> PreScope options: the gate as it is, and as it was (`layer_gate`: each layer's own device_slack
+# against the planning cost, the rule at e06fbff and before)
+GATES = {"plan_gain": {}, "layer_slack": {"layer_gate": True}}
 
 
 def read_cells(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -85,7 +77,7 @@ def replay_gate(route: np.ndarray, layout, dense: int, budget: float, batch: int
     its second half (`lean_late`), the misses per layer the gate saw, the layers replayed."""
     if gate not in GATES:
         raise GateReplayError(f"unknown gate {gate!r}; known: {', '.join(GATES)}")
-    policy, seen = GATES[gate](), []
+    policy, seen = PreScope(**GATES[gate]), []
     judge = policy.speculation_pays
 
     def recorded(view: LayerView, cache: ExpertCache) -> bool:

@@ -177,6 +177,8 @@ class PreScopeOptions(PredictiveOptions):
     window_reuse: bool = True
     # predict and plan only where speculation can shorten a step (`PreScope.speculation_pays`)
     gate: bool = True
+    # the gate before `plan_gain` (to compare them in one run): each layer's running `device_slack` against P
+    layer_gate: bool = False
     # host time of predicting and planning one layer, which what planning saves must cover (`plan_gain`)
     # (None: `costs.plan`, the profile's predict_overhead_s + plan_overhead_s)
     plan_host_s: float | None = None
@@ -306,10 +308,11 @@ class PreScope(Predictive):
         a load. Planning at a layer pays at the next D (its prefetches), so a layer's misses count as what
         the plans before it could hide, and the device's own work per layer as the room that hides P.
 
-        Where the host does not hide the device (the simulator), `device_slack` − P."""
+        Where the host does not hide the device (the simulator), or with `layer_gate` (the rule before this
+        one, kept to compare), `device_slack` − P."""
         p = self.plan_host_s if self.plan_host_s is not None else self.costs.plan
         costs = self.costs
-        if not costs.host_hides_device:
+        if not costs.host_hides_device or self.options.layer_gate:
             return self.device_slack(view, cache) - p
         warm = cache.is_warm
         misses = sum(not warm((view.layer, e)) for e in view.experts)

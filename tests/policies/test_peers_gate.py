@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from test_peers import Fixed, cache_with, layout, view
 
-from prescope.policies import make_policy
+from prescope.policies import make_policy, parse_policy
 from prescope.policies.base import Costs
 
 
@@ -59,6 +59,10 @@ def test_the_gate_plans_a_step_of_a_few_small_misses_per_layer_that_the_old_rule
         cache = cache_with(16, 8, [(layer, 1)])
         assert policy.speculation_pays(view(layer, [1, 2, 3], L=8), cache)
         assert policy.device_slack(view(layer, [1, 2, 3], L=8), cache) == pytest.approx(0.29)
+    spec = parse_policy("prescope[layer_gate=True]")  # the rule before, to compare in one bench run
+    before = gated(engine_costs(layer_gap=0.3), cache_with(16, 8, []), **spec.options)
+    assert not any(before.speculation_pays(view(layer, [1, 2, 3], L=8), cache_with(16, 8, [(layer, 1)]))
+                   for layer in range(8))
 
 
 def test_the_gate_runs_rare_misses_of_long_loads_on_demand_between_them():
