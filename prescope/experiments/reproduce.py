@@ -120,7 +120,7 @@ def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
     notes = [note] if note else []
     checkout = [f"git checkout {short}"] if short else []
     config = data.get("config")
-    if isinstance(config, dict) and "models" in config:
+    if isinstance(config, dict) and all(isinstance(m, str) for m in config.get("models") or [None]):  # a bench run
         stem = path.stem
         out = f"$OUT/{Path(name).with_suffix('').as_posix().replace('/', '-')}"  # one folder per result
         train, predictor = trace_predictor_commands(config, out) if config.get("predictor") else ([], None)
