@@ -29,7 +29,8 @@ BENCH_FLAGS = (("models", "--models"), ("batch_sizes", "--batch-sizes"), ("polic
                ("accelerate_batches", "--accelerate-batches"), ("accelerate_tokens", "--accelerate-tokens"),
                ("repeats", "--repeats"))
 # flags newer than most results: written only where the run changed their default, so older revisions' commands parse
-NEW_FLAGS = (("stock_implementations", "--stock-implementations"), ("deadline_s", "--deadline-s"))
+NEW_FLAGS = (("stock_implementations", "--stock-implementations"), ("deadline_s", "--deadline-s"),
+             ("switch_interval_s", "--switch-interval-s"))
 
 
 def result_files(root: Path = ROOT) -> list[Path]:
