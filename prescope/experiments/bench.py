@@ -104,6 +104,7 @@ class BenchConfig:
     repeats: int = 1  # rounds over every engine cell, interleaved (round 1 of every cell, then round 2, ...)
     graphs: bool = True  # engine cells decode with engine.generate (static cache, CUDA graphs), not model.generate
     compile_segments: bool = False  # engine.generate's decode steps with compiled decoder layers (EngineConfig)
+    switch_interval_s: float | None = None  # the interpreter's thread switch interval while decoding (EngineConfig)
     stock_implementations: tuple[str, ...] = ("grouped_mm", "batched_mm", "eager")  # transformers' to compare
     deadline_s: float = 0.0  # no cell starts this many seconds after the run began (0: none); see `run_bench`
     extra: dict = field(default_factory=dict)
@@ -322,7 +323,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             policy, predictor = subject.policy(chosen.name, **chosen.options)
             engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
                                                 profile=cfg.profile, async_io=chosen.async_io,
-                                                compile_segments=cfg.compile_segments), policy=policy)
+                                                compile_segments=cfg.compile_segments,
+                                                switch_interval_s=cfg.switch_interval_s), policy=policy)
             for batch in cfg.batch_sizes:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
                 if past():
@@ -342,7 +344,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     engine.close()
                     engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
                                                         profile=cfg.profile, async_io=chosen.async_io,
-                                                        compile_segments=cfg.compile_segments), policy=policy)
+                                                        compile_segments=cfg.compile_segments,
+                                                switch_interval_s=cfg.switch_interval_s), policy=policy)
                     continue
                 row["step_bytes"] = _mean_step_bytes(route, layout, sizes, batch, cfg)
                 measured.setdefault(cell, []).append((about, row, route, timeline))
@@ -539,6 +542,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-segments", action="store_true",
                         help="compile every decoder layer's non-expert part (torch.compile, inductor) before the "
                              "decode step's CUDA graphs are captured; rows say compiled_segments and why not")
+    parser.add_argument("--switch-interval-s", type=float, default=d.switch_interval_s,
+                        help="the interpreter's thread switch interval while the engine decodes (sys.setswitchinterval; "
+                             "default: Python's 5 ms): how soon the AsyncIO worker and CPU-expert threads get the GIL "
+                             "from the compute thread")
     parser.add_argument("--repeats", type=int, default=d.repeats,
                         help="rounds over every engine cell, interleaved; each row is the median round's, with "
                              "every round's decode median and their spread")
@@ -558,7 +565,8 @@ def run(args: argparse.Namespace) -> int:
                       profile=args.profile, out=args.out, predictor=args.predictor, prompts=args.prompts,
                       accelerate_batches=tuple(args.accelerate_batches), accelerate_tokens=args.accelerate_tokens,
                       repeats=args.repeats, stock_implementations=tuple(args.stock_implementations),
-                      deadline_s=args.deadline_s, compile_segments=args.compile_segments, extra=extra)
+                      deadline_s=args.deadline_s, compile_segments=args.compile_segments,
+                      switch_interval_s=args.switch_interval_s, extra=extra)
     rows = run_bench(cfg)
     table = pd.DataFrame(rows)
     table = table[[c for c in ("model", "policy", "budget", "batch", "decode_tok_s", "decode_ms_median", "vs_resident",

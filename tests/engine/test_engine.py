@@ -4,6 +4,7 @@ policy and cache size; plus invariants of the slot pool under random routings.""
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 
 import pytest
@@ -316,3 +317,35 @@ def test_each_tiny_twin_runs_offloaded_equal_to_stock(name, policy):
         assert torch.equal(out.sequences, ref.sequences), f"{name}/{policy}/{budget_name}: tokens differ"
         for got, want in zip(out.logits, ref.logits, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+class WatchSwitch(OnDemandLRU):
+    """on_demand_lru that notes the interpreter's thread switch interval whenever it plans a layer."""
+
+    name = "watch_switch_test"
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[float] = []
+
+    def plan(self, view, cache):
+        self.seen.append(sys.getswitchinterval())
+        return super().plan(view, cache)
+
+
+def test_the_switch_interval_holds_while_the_engine_generates_and_is_restored_after():
+    stock = tiny_model("olmoe", seed=4)
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+    before, outs = sys.getswitchinterval(), []
+    for interval in (None, 1e-4):
+        watch = WatchSwitch()
+        config = EngineConfig(device="cpu", budget_share=0.5, async_io=True, io_chunk_bytes=256,
+                              switch_interval_s=interval)
+        with Engine(copy.deepcopy(stock), config, policy=watch) as engine:
+            outs.append(engine.generate(ids, torch.ones_like(ids), max_new_tokens=3).sequences)
+        want = before if interval is None else interval
+        assert watch.seen and all(abs(v - want) < 1e-9 for v in watch.seen)  # every layer planned under it
+        assert sys.getswitchinterval() == before  # restored
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="switch_interval_s"):
+        EngineConfig(switch_interval_s=0.0)

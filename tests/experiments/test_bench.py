@@ -160,3 +160,27 @@ def test_compiled_segments_are_asked_for_on_the_command_line_and_said_in_every_e
     assert all(r["compiled_segments"] is True and r["compile_reason"] is None for r in rows)
     assert rows[0]["compiles"] > 0  # the first engine compiled; later ones of the same shapes reuse its code
     torch._dynamo.reset()
+
+
+def test_the_switch_interval_is_asked_for_on_the_command_line_and_reaches_every_engine(tmp_path, monkeypatch):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert parser.parse_args([]).switch_interval_s is None
+    assert parser.parse_args(["--switch-interval-s", "1e-4"]).switch_interval_s == 1e-4
+    import prescope.engine.engine as engine_module
+
+    configs, make = [], engine_module.Engine
+
+    def engine(model, config, **kw):
+        configs.append(config)
+        return make(model, config, **kw)
+
+    monkeypatch.setattr(engine_module, "Engine", engine)  # run_bench imports it when it runs
+    cfg = BenchConfig(models=("olmoe-1b-7b-tiny:2",), batch_sizes=(1,), policies=("on_demand_lru",), budgets=(0.5,),
+                      input_len=4, output_len=3, timeline_tokens=0, warmup_tokens=2, device="cpu",
+                      out=str(tmp_path), accelerate_batches=(), stock_implementations=("grouped_mm",),
+                      switch_interval_s=1e-4)
+    run_bench(cfg)
+    assert configs and all(c.switch_interval_s == 1e-4 for c in configs)
