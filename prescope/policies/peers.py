@@ -326,13 +326,15 @@ class PreScope(Predictive):
         e.g. from prefill to decode; the newest layer weighs GATE_WEIGHT) is positive: over the last few
         layers, planning saves more than it costs the host. Where the host hides the device, zero too: there
         it means planning hid behind the device's own work and no miss asked for it, so it costs nothing and
-        may still prefetch for the layers after this one (the simulator's branch keeps the strict rule)."""
+        may still prefetch for the layers after this one (the simulator's branch and `layer_gate` keep the
+        strict rule)."""
         x, shape = self.plan_gain(view, cache), sum(view.tokens)
         if self.slack is None or self.slack[0] != shape:
             self.slack = (shape, x)
         else:
             self.slack = (shape, self.slack[1] + self.GATE_WEIGHT * (x - self.slack[1]))
-        return self.slack[1] > 0.0 or (self.slack[1] == 0.0 and self.costs.host_hides_device)
+        tie = self.slack[1] == 0.0 and self.costs.host_hides_device and not self.options.layer_gate
+        return self.slack[1] > 0.0 or tie
 
     def offered(self, view: LayerView, cache: ExpertCache, forecast) -> list[list[int]]:
         """Per window layer l+d, the absent experts (ascending) worth a transfer (p > `worth()`)."""

@@ -110,3 +110,14 @@ def test_in_the_simulator_plan_gain_is_device_slack_less_planning():
     assert policy.plan_gain(v, cache) == pytest.approx(policy.device_slack(v, cache) - 0.2)
     pinned = gated(costs, cache, lookahead=2, plan_host_s=0.7)
     assert pinned.plan_gain(v, cache) == pytest.approx(pinned.device_slack(v, cache) - 0.7)
+
+
+def test_a_tie_plans_with_plan_gain_and_not_with_the_rule_before():
+    """Device work 0.5 against a host of 0.5 and free planning, no miss: plan_gain is 0, planning hidden and
+    costing nothing, so it plans; the rule before (`layer_gate`) needed a device_slack above P, strictly."""
+    costs = Costs(load=1.0, gpu=lambda n: 0.5, cpu=lambda n: 2.0, host=0.5)
+    cache = cache_with(8, 8, [(0, 1)])
+    v = view(0, [1], L=8)
+    now, before = gated(costs, cache), gated(costs, cache, layer_gate=True)
+    assert now.plan_gain(v, cache) == before.plan_gain(v, cache) == 0.0
+    assert now.speculation_pays(v, cache) and not before.speculation_pays(v, cache)
