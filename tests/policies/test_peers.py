@@ -428,7 +428,8 @@ def test_prescope_gate_runs_host_bound_layers_on_demand_without_predicting():
 
     shaped = make_policy("prescope", predictor=Fixed(lay, scores))
     cache = cache_with(8, 4, [])
-    shaped.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5 * n, cpu=lambda n: 100.0, host=3.0))
+    # decode: device 1.0 + link 2.0 against host 3.5 (at 3.0, a tie: free planning that the device hides plans)
+    shaped.reset(cache, 8, Costs(load=1.0, gpu=lambda n: 0.5 * n, cpu=lambda n: 100.0, host=3.5))
     assert shaped.speculation_pays(view(0, [1, 2], tokens=[40, 40]), cache)  # prefill: 40 tokens each
     assert not shaped.speculation_pays(view(1, [1, 2]), cache)  # decode: a new shape, judged on its own
     ungated = make_policy("prescope", predictor=Fixed(lay, scores), gate=False)
