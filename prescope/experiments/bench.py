@@ -3,7 +3,8 @@
 For every model (a shape twin, optionally with fewer layers), batch size, policy and expert budget it
 runs a real greedy `generate()` (input `input_len`, output `output_len` tokens) and reports decode
 throughput, per-token latency, time to first token, expert loads and bytes per step, hit rate, the
-engine's host time per MoE layer (and the policy's share of it: prediction and planning), and, from a
+engine's host time per MoE layer (and the policy's share of it: prediction and planning, told apart from the
+policy's wait for the device, see "Host time" below), and, from a
 second short run with every transfer and kernel timed, the achieved host-to-device bandwidth, the GPU
 idle share and the link's busy share. The same model also runs stock (all weights on the GPU,
 transformers' own experts), through the engine with every expert resident (the engine's overhead), and
@@ -27,6 +28,15 @@ statistics; `belady` and `ceiling` the replayed future (results before the renam
 (the policy's typed options, e.g. `prescope[calibrate=True]`), `NAME+sync` (AsyncIO off). Each cell records whether its tokens equal the stock run's.
 Results carry the config, git revision and device; each file is written atomically; a table is printed,
 then one JSON line.
+
+Host time (per MoE layer call): `host_ms_per_layer` is the engine's own host work, every wait for the device
+excluded (the layer's routing, `sync_ms_per_layer`, and the policy's forecast read); `policy_ms_per_layer` and
+`victim_ms_per_layer` are the wall time in `Policy.plan` and `Policy.victim` over every call (prefill and graph
+capture included), the wait included, `forecast_wait_ms_per_layer` that wait. Over the measured decode steps
+only: `policy_ms_per_layer_decode` is the policy's own host work (plan + victims − wait) and
+`forecast_wait_ms_per_layer_decode` the host's wait inside them for the device: a forecast computed on the GPU
+(LLaPor's CUDA graph) is read back once the device has run it and everything queued before it (about 0 on the
+CPU, where the forecast is host work itself). The sum of the two is the policy's whole wall time.
 
 Cells run in order of importance and results are flushed after each one, so a run cut short keeps
 what it finished. Host-bound cells vary from run to run by tens of percent on a shared host: `repeats`
@@ -182,9 +192,12 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
            "sync_ms_per_layer": 1e3 * sum(engine.records.sync_seconds) / max(1, len(steps) * L),
            "policy_ms_per_layer": 1e3 * sum(engine.records.plan_seconds) / max(1, len(steps) * L),
            "victim_ms_per_layer": 1e3 * sum(engine.records.victim_seconds) / max(1, len(steps) * L),
+           "forecast_wait_ms_per_layer": 1e3 * sum(engine.records.forecast_wait_seconds) / max(1, len(steps) * L),
            "prefetches_stopped": dict(engine.records.stopped),
-           # over the measured decode steps only (the rows above: every call, prefill and graph capture included)
+           # over the measured decode steps only (the rows above: every call, prefill and graph capture included);
+           # the policy's own host work (plan + victims − the wait), and its wait for the device (the forecast's read)
            "policy_ms_per_layer_decode": 1e3 * _over(engine.records.plan_by_step, measured_steps) / calls,
+           "forecast_wait_ms_per_layer_decode": 1e3 * _over(engine.records.wait_by_step, measured_steps) / calls,
            "cpu_experts_per_step": _over(engine.records.cpu_runs, measured_steps) / max(1, len(decode)),
            "cpu_wait_ms_per_layer": 1e3 * _over(engine.records.cpu_wait_by_step, measured_steps) / calls}
     row |= _compiled_metrics(engine, cfg)

@@ -61,6 +61,9 @@ def test_rows_count_the_cpu_experts_and_the_policys_time_over_the_measured_steps
     assert by["cpu_misses"]["loads_per_step"] == 0
     planned = by["prescope[gate=False]"]
     assert 0 < planned["policy_ms_per_layer_decode"] and by["on_demand_lru"]["policy_ms_per_layer_decode"] < 1
+    # the policy's wait for the device, apart from its host work: none on the CPU, where the forecast is host work
+    for r in by.values():
+        assert r["forecast_wait_ms_per_layer_decode"] == 0.0 and r["forecast_wait_ms_per_layer"] == 0.0
 
 
 def test_unknown_policies_are_refused_before_anything_runs():
