@@ -130,6 +130,10 @@ class EngineConfig:
     compile_segments: run the decode steps of `engine.generate` with every decoder layer's non-expert part
         compiled by `torch.compile` (inductor; the experts' call a graph break, `models.compiled`), before the
         step's CUDA graphs are captured; where compiling cannot run here the run stays uncompiled and says why.
+    switch_interval_s: the interpreter's thread switch interval (`sys.setswitchinterval`) while `generate` runs;
+        None keeps Python's (5 ms). The AsyncIO worker and the CPU-expert threads need the GIL between their
+        copies and kernels, and a thread asking for it waits up to this long while the compute thread runs
+        Python (planning); a shorter interval hands it over sooner at the cost of more switches.
     """
 
     policy: str = "on_demand_lru"
@@ -144,9 +148,12 @@ class EngineConfig:
     io_chunk_bytes: int = IO_CHUNK_BYTES
     io_depth: int = 3
     compile_segments: bool = False
+    switch_interval_s: float | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.switch_interval_s is not None and not 0.0 < self.switch_interval_s <= 1.0:
+            raise ValueError(f"switch_interval_s must be in (0, 1] seconds, got {self.switch_interval_s}")
         if not 0.0 < self.budget_share <= 1.0:
             raise ValueError(f"budget_share must be in (0, 1], got {self.budget_share}")
         if self.budget_bytes is not None and self.budget_bytes <= 0:

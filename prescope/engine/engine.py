@@ -21,7 +21,9 @@ Letters: L MoE layers, E experts, K top-k, N tokens, H hidden, S slots.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -210,7 +212,8 @@ class Engine(Executor):
         from prescope.engine.decode import generate
 
         graphs = graphs and all(lay.seam == "backend" for lay in self.layers)  # a block's own call is not captured
-        return generate(self, input_ids, attention_mask, max_new_tokens, graphs=graphs, keep_logits=keep_logits)
+        with switch_interval(self.config.switch_interval_s):
+            return generate(self, input_ids, attention_mask, max_new_tokens, graphs=graphs, keep_logits=keep_logits)
 
     @property
     def step(self) -> int:
@@ -293,7 +296,7 @@ class Engine(Executor):
             raise
         finally:
             self._layer = None
-        self.records.planned(layer, run.plan_s, run.victim_s)
+        self.records.planned(layer, run.plan_s, run.victim_s, run.forecast_wait_s)
 
     def _combine(self, run: _Running, weights: torch.Tensor) -> torch.Tensor:
         """Join the CPU experts into the (token, k) rows, weight each token's K rows and sum them in the
@@ -468,3 +471,17 @@ def _dispatch(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torc
 
 
 _uncompiled_dispatch = torch.compiler.disable(_dispatch)  # one object: dynamo guards on the backend it calls
+
+
+@contextlib.contextmanager
+def switch_interval(seconds: float | None):
+    """The interpreter's thread switch interval set to `seconds` inside (None: unchanged), restored after."""
+    if seconds is None:
+        yield
+        return
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)

@@ -38,14 +38,17 @@ class Records:
         self.sync_seconds = [0.0] * L  # of which waiting for the device (the layer's routing)
         self.plan_seconds = [0.0] * L  # of which in the policy: prediction, planning
         self.victim_seconds = [0.0] * L  # and in the policy's victim choices
+        self.forecast_wait_seconds = [0.0] * L  # of those two, waiting for the device (reading the forecast)
         self.stopped = {"queued": 0, "part_way": 0}  # AsyncIO prefetches no layer used, stopped
         # per step: the host's own time in the engine (all its layers, waiting for the device excluded), and
         # the wall time of issuing the whole step where it is replayed from CUDA graphs
         self.own_seconds: dict[int, float] = {}
         self.issue_seconds: dict[int, float] = {}
-        # per step: the policy's time (prediction, planning, victims), CPU experts started, and the host's wait
-        # for their results (the layer's combine needs them)
+        # per step: the policy's own host work (prediction, planning, victims; waiting for the device excluded),
+        # the policy's wait for the device (reading its forecast), CPU experts started, and the host's wait for
+        # their results (the layer's combine needs them)
         self.plan_by_step: dict[int, float] = {}
+        self.wait_by_step: dict[int, float] = {}
         self.cpu_runs: dict[int, int] = {}
         self.cpu_wait_by_step: dict[int, float] = {}
 
@@ -88,10 +91,16 @@ class Records:
         self.sync_seconds[layer] += seconds
         self.own_seconds[self.step] = self.own_seconds.get(self.step, 0.0) - seconds
 
-    def planned(self, layer: int, plan_s: float, victim_s: float) -> None:
+    def planned(self, layer: int, plan_s: float, victim_s: float, wait_s: float = 0.0) -> None:
+        """The policy spent `plan_s` + `victim_s` of the running layer's host time, `wait_s` of it waiting for
+        the device (its forecast's read, `protocol.LayerRun.forecast_wait_s`): that part is not host work."""
+        wait_s = min(max(0.0, wait_s), plan_s + victim_s)
         self.plan_seconds[layer] += plan_s
         self.victim_seconds[layer] += victim_s
-        self.plan_by_step[self.step] = self.plan_by_step.get(self.step, 0.0) + plan_s + victim_s
+        self.forecast_wait_seconds[layer] += wait_s
+        self.plan_by_step[self.step] = self.plan_by_step.get(self.step, 0.0) + plan_s + victim_s - wait_s
+        self.wait_by_step[self.step] = self.wait_by_step.get(self.step, 0.0) + wait_s
+        self.own_seconds[self.step] = self.own_seconds.get(self.step, 0.0) - wait_s
 
     def cpu_started(self, count: int) -> None:
         self.cpu_runs[self.step] = self.cpu_runs.get(self.step, 0) + count

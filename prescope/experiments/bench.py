@@ -3,7 +3,8 @@
 For every model (a shape twin, optionally with fewer layers), batch size, policy and expert budget it
 runs a real greedy `generate()` (input `input_len`, output `output_len` tokens) and reports decode
 throughput, per-token latency, time to first token, expert loads and bytes per step, hit rate, the
-engine's host time per MoE layer (and the policy's share of it: prediction and planning), and, from a
+engine's host time per MoE layer (and the policy's share of it: prediction and planning, told apart from the
+policy's wait for the device, see "Host time" below), and, from a
 second short run with every transfer and kernel timed, the achieved host-to-device bandwidth, the GPU
 idle share and the link's busy share. The same model also runs stock (all weights on the GPU,
 transformers' own experts), through the engine with every expert resident (the engine's overhead), and
@@ -27,6 +28,15 @@ statistics; `belady` and `ceiling` the replayed future (results before the renam
 (the policy's typed options, e.g. `prescope[calibrate=True]`), `NAME+sync` (AsyncIO off). Each cell records whether its tokens equal the stock run's.
 Results carry the config, git revision and device; each file is written atomically; a table is printed,
 then one JSON line.
+
+Host time (per MoE layer call): `host_ms_per_layer` is the engine's own host work, every wait for the device
+excluded (the layer's routing, `sync_ms_per_layer`, and the policy's forecast read); `policy_ms_per_layer` and
+`victim_ms_per_layer` are the wall time in `Policy.plan` and `Policy.victim` over every call (prefill and graph
+capture included), the wait included, `forecast_wait_ms_per_layer` that wait. Over the measured decode steps
+only: `policy_ms_per_layer_decode` is the policy's own host work (plan + victims − wait) and
+`forecast_wait_ms_per_layer_decode` the host's wait inside them for the device: a forecast computed on the GPU
+(LLaPor's CUDA graph) is read back once the device has run it and everything queued before it (about 0 on the
+CPU, where the forecast is host work itself). The sum of the two is the policy's whole wall time.
 
 Cells run in order of importance and results are flushed after each one, so a run cut short keeps
 what it finished. Host-bound cells vary from run to run by tens of percent on a shared host: `repeats`
@@ -104,6 +114,7 @@ class BenchConfig:
     repeats: int = 1  # rounds over every engine cell, interleaved (round 1 of every cell, then round 2, ...)
     graphs: bool = True  # engine cells decode with engine.generate (static cache, CUDA graphs), not model.generate
     compile_segments: bool = False  # engine.generate's decode steps with compiled decoder layers (EngineConfig)
+    switch_interval_s: float | None = None  # the interpreter's thread switch interval while decoding (EngineConfig)
     stock_implementations: tuple[str, ...] = ("grouped_mm", "batched_mm", "eager")  # transformers' to compare
     deadline_s: float = 0.0  # no cell starts this many seconds after the run began (0: none); see `run_bench`
     extra: dict = field(default_factory=dict)
@@ -181,9 +192,12 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
            "sync_ms_per_layer": 1e3 * sum(engine.records.sync_seconds) / max(1, len(steps) * L),
            "policy_ms_per_layer": 1e3 * sum(engine.records.plan_seconds) / max(1, len(steps) * L),
            "victim_ms_per_layer": 1e3 * sum(engine.records.victim_seconds) / max(1, len(steps) * L),
+           "forecast_wait_ms_per_layer": 1e3 * sum(engine.records.forecast_wait_seconds) / max(1, len(steps) * L),
            "prefetches_stopped": dict(engine.records.stopped),
-           # over the measured decode steps only (the rows above: every call, prefill and graph capture included)
+           # over the measured decode steps only (the rows above: every call, prefill and graph capture included);
+           # the policy's own host work (plan + victims − the wait), and its wait for the device (the forecast's read)
            "policy_ms_per_layer_decode": 1e3 * _over(engine.records.plan_by_step, measured_steps) / calls,
+           "forecast_wait_ms_per_layer_decode": 1e3 * _over(engine.records.wait_by_step, measured_steps) / calls,
            "cpu_experts_per_step": _over(engine.records.cpu_runs, measured_steps) / max(1, len(decode)),
            "cpu_wait_ms_per_layer": 1e3 * _over(engine.records.cpu_wait_by_step, measured_steps) / calls}
     row |= _compiled_metrics(engine, cfg)
@@ -322,7 +336,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             policy, predictor = subject.policy(chosen.name, **chosen.options)
             engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
                                                 profile=cfg.profile, async_io=chosen.async_io,
-                                                compile_segments=cfg.compile_segments), policy=policy)
+                                                compile_segments=cfg.compile_segments,
+                                                switch_interval_s=cfg.switch_interval_s), policy=policy)
             for batch in cfg.batch_sizes:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
                 if past():
@@ -342,7 +357,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     engine.close()
                     engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
                                                         profile=cfg.profile, async_io=chosen.async_io,
-                                                        compile_segments=cfg.compile_segments), policy=policy)
+                                                        compile_segments=cfg.compile_segments,
+                                                switch_interval_s=cfg.switch_interval_s), policy=policy)
                     continue
                 row["step_bytes"] = _mean_step_bytes(route, layout, sizes, batch, cfg)
                 measured.setdefault(cell, []).append((about, row, route, timeline))
@@ -539,6 +555,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-segments", action="store_true",
                         help="compile every decoder layer's non-expert part (torch.compile, inductor) before the "
                              "decode step's CUDA graphs are captured; rows say compiled_segments and why not")
+    parser.add_argument("--switch-interval-s", type=float, default=d.switch_interval_s,
+                        help="the interpreter's thread switch interval while the engine decodes (sys.setswitchinterval; "
+                             "default: Python's 5 ms): how soon the AsyncIO worker and CPU-expert threads get the GIL "
+                             "from the compute thread")
     parser.add_argument("--repeats", type=int, default=d.repeats,
                         help="rounds over every engine cell, interleaved; each row is the median round's, with "
                              "every round's decode median and their spread")
@@ -558,7 +578,8 @@ def run(args: argparse.Namespace) -> int:
                       profile=args.profile, out=args.out, predictor=args.predictor, prompts=args.prompts,
                       accelerate_batches=tuple(args.accelerate_batches), accelerate_tokens=args.accelerate_tokens,
                       repeats=args.repeats, stock_implementations=tuple(args.stock_implementations),
-                      deadline_s=args.deadline_s, compile_segments=args.compile_segments, extra=extra)
+                      deadline_s=args.deadline_s, compile_segments=args.compile_segments,
+                      switch_interval_s=args.switch_interval_s, extra=extra)
     rows = run_bench(cfg)
     table = pd.DataFrame(rows)
     table = table[[c for c in ("model", "policy", "budget", "batch", "decode_tok_s", "decode_ms_median", "vs_resident",

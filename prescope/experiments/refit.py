@@ -18,16 +18,17 @@ and per-expert models and fits, from the resident and host-driven cells of `pres
   time over L where one graph runs the step).
 - `host_overhead_per_layer_s` (host-driven layers): the host's *effective serial* time per MoE layer: for
   each host-bound `on_demand_lru` cell, (measured step − the simulated step with no host time) / L, the
-  median over cells. This is smaller than the host's own time per layer (`host_ms_per_layer`, 112-144 µs at
-  batch 1), since the engine replaying recorded routing needs no synchronisation and its host runs ahead of
-  the device; the simulator keeps the host serial with the device, so it needs the effective figure.
+  median over cells. It is larger than the host's own time per layer (`host_ms_per_layer`, 81-86 µs at batch 1
+  at bf46dd9): the host learns each layer's routing from the device, so the device idles from the router's end
+  until the host has woken, run the protocol and launched the layer's expert graph. (Runs before 186a73c let a
+  replaying host run ahead of the device; fitted to them this term came out at 39 µs.)
 
 `fidelity_compare` replays every engine cell of the bench files (their routing.npz) through the simulator on
 two profiles (`fidelity.fidelity_table`) and puts measured and simulated decode ms side by side.
 
 Command (rewrites the built-in profile and the table; both written atomically; `prescope refit` is the same):
-`python -m prescope.experiments.refit --bench reports/h200/engine/bench.json reports/h200/engine/b64/bench.json
---date 2026-12-02 --profile-out prescope/assets/profiles/h200-graphs.json --table-out reports/h200/engine/fidelity.csv`
+`python -m prescope.experiments.refit --bench reports/h200/engine/bf46dd9/bench.json reports/h200/engine/b64/bench.json
+--date 2026-12-03 --profile-out prescope/assets/profiles/h200-graphs.json --table-out reports/h200/engine/fidelity.csv`
 """
 
 from __future__ import annotations

@@ -29,12 +29,20 @@ BENCH_FLAGS = (("models", "--models"), ("batch_sizes", "--batch-sizes"), ("polic
                ("accelerate_batches", "--accelerate-batches"), ("accelerate_tokens", "--accelerate-tokens"),
                ("repeats", "--repeats"))
 # flags newer than most results: written only where the run changed their default, so older revisions' commands parse
-NEW_FLAGS = (("stock_implementations", "--stock-implementations"), ("deadline_s", "--deadline-s"))
+NEW_FLAGS = (("stock_implementations", "--stock-implementations"), ("deadline_s", "--deadline-s"),
+             ("switch_interval_s", "--switch-interval-s"))
 
 
 def result_files(root: Path = ROOT) -> list[Path]:
     """The committed JSON results: reports/h200/*.json and every JSON in its sub-folders."""
     return sorted([*root.glob("*.json"), *(p for p in root.glob("*/**/*.json"))])
+
+
+def is_bench_config(config) -> bool:
+    """Whether a result's `config` is a `prescope bench` run's (its models are subject specs, NAME[:LAYERS][@...]),
+    not another script's that also names models."""
+    models = config.get("models") if isinstance(config, dict) else None
+    return bool(models) and all(isinstance(m, str) for m in models)
 
 
 def _words(value) -> list[str]:
@@ -120,7 +128,7 @@ def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
     notes = [note] if note else []
     checkout = [f"git checkout {short}"] if short else []
     config = data.get("config")
-    if isinstance(config, dict) and "models" in config:
+    if is_bench_config(config):
         stem = path.stem
         out = f"$OUT/{Path(name).with_suffix('').as_posix().replace('/', '-')}"  # one folder per result
         train, predictor = trace_predictor_commands(config, out) if config.get("predictor") else ([], None)
@@ -155,6 +163,12 @@ def entry(path: Path, root: Path = ROOT) -> tuple[str, list[str], list[str]]:
         models = sorted({r["model"] for r in data["rows"]})
         command = shlex.join(["prescope", "check-equivalence", "--models", *models, "--out", str(root / name)])
         return f"`prescope check-equivalence`, measured on {data.get('device', '?')}", [*checkout, command], notes
+    manifest = path.parent / "inputs-manifest.json"
+    if path != manifest and manifest.is_file():  # written with a run's inputs (a routing model's card or score)
+        made = read_json(manifest, "inputs manifest").get("command")
+        if isinstance(made, str):
+            return ("written by `prescope gpu-inputs` with the run's inputs (`inputs-manifest.json` beside it); the "
+                    "device call copies it back", [*checkout, made], notes)
     if data.get("source") == "calibrated":
         commands = [f"prescope calibrate --out {root / name}"]
         commands += [f"# then by hand, as its notes say: {n.split(':')[0]}" for n in data.get("notes") or []]

@@ -160,6 +160,9 @@ class Policy(ABC):
     host_work: tuple[str, ...] = ()  # host-side phases an executor should time: "predict", "plan"
     needs_future: bool = False  # reads LayerView.future (an executor computes it only for such a policy)
     async_io: bool = False  # asks the executor for AsyncIO's priority link (on-demand loads overtake prefetches)
+    # host seconds so far, inside `plan` and `victim`, spent waiting for the device (a forecast computed there
+    # and read back): the protocol reports it apart from the policy's own host work (`protocol.LayerRun`)
+    forecast_wait_s: float = 0.0
 
     def planned_work(self) -> tuple[str, ...]:
         """The phases of `host_work` the last `plan` call did (an executor that charges them by profile

@@ -14,6 +14,7 @@ Letters: L MoE layers, E experts, K top-k, N tokens, D lookahead distance, S slo
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -218,7 +219,7 @@ class Predictive(Policy):
             return []
         if self.predictor is None:
             return [self.memory.previous_step(view.layer, d) for d in range(1, depth + 1)]
-        return _as_lists(self._predicted(view, depth))
+        return _as_lists(self._read(self._predicted(view, depth)))
 
     def forecast_arrays(self, view: LayerView, depth: int) -> Window:
         """`forecast` as arrays [D', E] (`window.Window`), built without per-expert lists where the forecast
@@ -230,11 +231,22 @@ class Predictive(Policy):
             return Window.of([], self.num_experts)
         if self.predictor is None:
             return Window(*self.memory.previous_step_arrays(view.layer, depth))
+        p, n = self._read(self._predicted(view, depth))
+        return Window(p, n)
+
+    def _read(self, used) -> np.ndarray:
+        """The forecast `used` [2, D', E] as a float64 array on the host (a copy: a CUDA graph's output is
+        overwritten by its next replay). On a GPU the host first waits for the device to finish the work queued
+        before the read, the forecast's own kernels included, and counts that wait in `forecast_wait_s` (the
+        copy that follows is the host's own work); on the CPU there is nothing to wait for."""
         import torch
 
-        used = self._predicted(view, depth).detach()  # [2, D', E]; a CUDA graph's output is overwritten next call
-        p, n = used.to(device="cpu", dtype=torch.float64, copy=True).numpy()
-        return Window(p, n)
+        used = used.detach()
+        if used.is_cuda:
+            began = time.perf_counter()
+            torch.cuda.current_stream(used.device).synchronize()
+            self.forecast_wait_s += time.perf_counter() - began
+        return used.to(device="cpu", dtype=torch.float64, copy=True).numpy()
 
     def _predicted(self, view: LayerView, depth: int):
         """The predictor's forecast of layers l+1 … l+depth: [2, depth, E] (p, tokens), see `forecast`."""
@@ -293,8 +305,8 @@ def _used(scores, k: int):
     return torch.stack([p, n.clamp(1.0, float(scores.shape[1]))])
 
 
-def _as_lists(used) -> list[tuple[list[float], list[float]]]:
-    """[2, D, E] -> per distance (p, tokens) as lists (one device-to-host copy)."""
+def _as_lists(used: np.ndarray) -> list[tuple[list[float], list[float]]]:
+    """[2, D, E] on the host -> per distance (p, tokens) as lists."""
     p, n = used.tolist()
     return list(zip(p, n, strict=True))
 

@@ -73,6 +73,12 @@ class LayerRun:
     orders: Orders
     plan_s: float = 0.0  # in `Policy.plan` (prediction and planning)
     victim_s: float = 0.0  # in `Policy.victim`
+    forecast_wait_s: float = 0.0  # of plan_s and victim_s, waiting for the device (`Policy.forecast_wait_s`)
+
+    @property
+    def host_s(self) -> float:
+        """The policy's own host work: plan_s + victim_s − forecast_wait_s."""
+        return max(0.0, self.plan_s + self.victim_s - self.forecast_wait_s)
 
 
 def run_layer(view: LayerView, policy: Policy, cache: ExpertCache, executor: Executor) -> LayerRun:
@@ -80,9 +86,9 @@ def run_layer(view: LayerView, policy: Policy, cache: ExpertCache, executor: Exe
     # 1. cut prefetches no layer will use
     executor.cut_stale(view)
     # 2. plan
-    began = time.perf_counter()
+    waited, began = policy.forecast_wait_s, time.perf_counter()
     orders = policy.plan(view, cache)
-    run = LayerRun(orders, plan_s=time.perf_counter() - began)
+    run = LayerRun(orders, plan_s=time.perf_counter() - began, forecast_wait_s=policy.forecast_wait_s - waited)
     orders.check(view)
     executor.planned(policy, view)
     try:
@@ -135,9 +141,10 @@ def gpu_waves(layer: int, chosen: list[int], policy: Policy, cache: ExpertCache,
 
 
 def _victim(policy: Policy, cache: ExpertCache, key: Key, run: LayerRun) -> int | None:
-    began = time.perf_counter()
+    waited, began = policy.forecast_wait_s, time.perf_counter()
     slot = policy.victim(cache, key)
     run.victim_s += time.perf_counter() - began
+    run.forecast_wait_s += policy.forecast_wait_s - waited
     return slot
 
 

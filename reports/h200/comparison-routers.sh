@@ -7,7 +7,8 @@
 # for the last cell), the cells left out are listed in bench.json's `deadline`, and what finished comes back.
 # The inputs manifest, the card of a routing model trained in the call and its LLaPor-vs-gate-lookahead score on held-out
 # text (`routers/NAME/llapor-vs-gate-N.json`, copied as NAME-llapor-vs-gate-N.json) come back with the run.
-# Overrides: BUDGETS, BATCHES, POLICIES, OUTPUT_LEN, REPEATS, LIMIT_S, ROUTER_S, INPUTS, ACCELERATE_BATCHES (accelerate's
+# Overrides: BUDGETS, BATCHES, POLICIES, OUTPUT_LEN, REPEATS, LIMIT_S, ROUTER_S, INPUTS, SWITCH_S (bench --switch-interval-s),
+# RUN_NAME (the output folder's name, default routers-SUBJECT), ACCELERATE_BATCHES (accelerate's
 # offload rows, none by default: at these depths one takes minutes and would run past the deadline). The grid does not fit one
 # call per subject; the calls that cover it, and their estimates, are in reports/h200/comparison-routers.md.
 set -eu
@@ -33,13 +34,14 @@ if [ ! -f "$INPUTS/manifest.json" ]; then
 fi
 LEFT=$((LIMIT_S - $(date +%s) + START - MARGIN))
 [ "$LEFT" -gt 30 ] || { echo "comparison-routers: only ${LEFT}s left after the inputs; run again (they are built)" >&2; exit 3; }
-RUN="$OUT/routers-$WHICH"
+RUN="$OUT/${RUN_NAME:-routers-$WHICH}"
 set -f  # policy variants such as prescope[gate=False] are words, not file patterns
 # shellcheck disable=SC2086  # BATCHES, BUDGETS, POLICIES and ACCELERATE_BATCHES are lists of words
 python3 -m prescope.cli bench --inputs "$INPUTS" --models "$MODEL" --batch-sizes $BATCHES --budgets $BUDGETS \
     --policies $POLICIES --profile reports/h200/h200-fast-engine.json --input-len 128 --output-len "$OUTPUT_LEN" \
     --timeline-tokens 0 --repeats "$REPEATS" --stock-implementations grouped_mm batched_mm \
-    --accelerate-batches ${ACCELERATE_BATCHES:-} --accelerate-tokens 2 --deadline-s "$LEFT" --out "$RUN"
+    --accelerate-batches ${ACCELERATE_BATCHES:-} --accelerate-tokens 2 --deadline-s "$LEFT" \
+    ${SWITCH_S:+--switch-interval-s "$SWITCH_S"} --out "$RUN"
 set +f
 cp "$INPUTS/manifest.json" "$RUN/inputs-manifest.json"
 for card in "$INPUTS"/routers/*/model_card.json; do  # the card of a routing model trained in this call

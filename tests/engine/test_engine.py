@@ -4,6 +4,7 @@ policy and cache size; plus invariants of the slot pool under random routings.""
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 
 import pytest
@@ -316,3 +317,64 @@ def test_each_tiny_twin_runs_offloaded_equal_to_stock(name, policy):
         assert torch.equal(out.sequences, ref.sequences), f"{name}/{policy}/{budget_name}: tokens differ"
         for got, want in zip(out.logits, ref.logits, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+class WatchSwitch(OnDemandLRU):
+    """on_demand_lru that notes the interpreter's thread switch interval whenever it plans a layer."""
+
+    name = "watch_switch_test"
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[float] = []
+
+    def plan(self, view, cache):
+        self.seen.append(sys.getswitchinterval())
+        return super().plan(view, cache)
+
+
+def test_the_switch_interval_holds_while_the_engine_generates_and_is_restored_after():
+    stock = tiny_model("olmoe", seed=4)
+    ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(5))
+    before, outs = sys.getswitchinterval(), []
+    for interval in (None, 1e-4):
+        watch = WatchSwitch()
+        config = EngineConfig(device="cpu", budget_share=0.5, async_io=True, io_chunk_bytes=256,
+                              switch_interval_s=interval)
+        with Engine(copy.deepcopy(stock), config, policy=watch) as engine:
+            outs.append(engine.generate(ids, torch.ones_like(ids), max_new_tokens=3).sequences)
+        want = before if interval is None else interval
+        assert watch.seen and all(abs(v - want) < 1e-9 for v in watch.seen)  # every layer planned under it
+        assert sys.getswitchinterval() == before  # restored
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="switch_interval_s"):
+        EngineConfig(switch_interval_s=0.0)
+
+
+class _WaitingLRU(OnDemandLRU):
+    """LRU whose every plan spends a measured ~1 ms 'waiting for the device' (as a GPU forecast's read does)."""
+
+    def plan(self, view, cache):
+        import time
+
+        began = time.perf_counter()
+        time.sleep(0.001)
+        self.forecast_wait_s += time.perf_counter() - began
+        return super().plan(view, cache)
+
+
+def test_the_policys_wait_for_the_device_is_recorded_apart_from_its_host_work():
+    model = tiny_model("olmoe")
+    policy = _WaitingLRU()
+    with Engine(model, EngineConfig(budget_share=0.5, device="cpu", timing="off"), policy=policy) as engine:
+        model.generate(torch.randint(1, 96, (2, 4)), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    r, L = engine.records, engine.layout.num_moe_layers
+    assert set(r.wait_by_step) == set(r.plan_by_step) == {0, 1, 2}
+    assert sum(r.wait_by_step.values()) == pytest.approx(policy.forecast_wait_s)
+    assert all(w >= 0.001 * L for w in r.wait_by_step.values())  # every layer of every step waited
+    assert all(v >= 0 for v in r.plan_by_step.values())
+    total = sum(r.plan_seconds) + sum(r.victim_seconds)
+    assert sum(r.plan_by_step.values()) + sum(r.wait_by_step.values()) == pytest.approx(total)
+    assert sum(r.forecast_wait_seconds) == pytest.approx(policy.forecast_wait_s)
+    # the engine's own host time excludes the wait: less than the layers' wall time by at least the wait
+    assert sum(r.own_seconds.values()) <= sum(r.host_seconds) - sum(r.sync_seconds) - policy.forecast_wait_s + 1e-9

@@ -61,6 +61,9 @@ def test_rows_count_the_cpu_experts_and_the_policys_time_over_the_measured_steps
     assert by["cpu_misses"]["loads_per_step"] == 0
     planned = by["prescope[gate=False]"]
     assert 0 < planned["policy_ms_per_layer_decode"] and by["on_demand_lru"]["policy_ms_per_layer_decode"] < 1
+    # the policy's wait for the device, apart from its host work: none on the CPU, where the forecast is host work
+    for r in by.values():
+        assert r["forecast_wait_ms_per_layer_decode"] == 0.0 and r["forecast_wait_ms_per_layer"] == 0.0
 
 
 def test_unknown_policies_are_refused_before_anything_runs():
@@ -160,3 +163,27 @@ def test_compiled_segments_are_asked_for_on_the_command_line_and_said_in_every_e
     assert all(r["compiled_segments"] is True and r["compile_reason"] is None for r in rows)
     assert rows[0]["compiles"] > 0  # the first engine compiled; later ones of the same shapes reuse its code
     torch._dynamo.reset()
+
+
+def test_the_switch_interval_is_asked_for_on_the_command_line_and_reaches_every_engine(tmp_path, monkeypatch):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert parser.parse_args([]).switch_interval_s is None
+    assert parser.parse_args(["--switch-interval-s", "1e-4"]).switch_interval_s == 1e-4
+    import prescope.engine.engine as engine_module
+
+    configs, make = [], engine_module.Engine
+
+    def engine(model, config, **kw):
+        configs.append(config)
+        return make(model, config, **kw)
+
+    monkeypatch.setattr(engine_module, "Engine", engine)  # run_bench imports it when it runs
+    cfg = BenchConfig(models=("olmoe-1b-7b-tiny:2",), batch_sizes=(1,), policies=("on_demand_lru",), budgets=(0.5,),
+                      input_len=4, output_len=3, timeline_tokens=0, warmup_tokens=2, device="cpu",
+                      out=str(tmp_path), accelerate_batches=(), stock_implementations=("grouped_mm",),
+                      switch_interval_s=1e-4)
+    run_bench(cfg)
+    assert configs and all(c.switch_interval_s == 1e-4 for c in configs)

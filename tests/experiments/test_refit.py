@@ -18,7 +18,7 @@ from prescope.hardware.profiles import GroupedKernelModel, load_profile
 from prescope.sim.simulator import replay
 
 ENGINE = Path(__file__).resolve().parents[2] / "reports" / "h200" / "engine"
-BENCHES = (ENGINE / "bench.json", ENGINE / "b64" / "bench.json")
+BENCHES = (ENGINE / "bf46dd9" / "bench.json", ENGINE / "b64" / "bench.json")
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +86,10 @@ def test_the_refit_recovers_a_known_profile_from_simulated_measurements(benches)
 
 def test_the_builtin_refit_profile_is_what_the_committed_runs_give_and_says_so(benches):
     builtin = load_profile("h200-graphs")
-    close(refit.refit_profile(benches, "h200", date="2026-12-02").to_dict(), builtin.to_dict(), "h200-graphs")
-    assert builtin.source == "measured" and {"e11d7a2", "27381d1"} <= set(builtin.citation.replace(",", " ")
+    close(refit.refit_profile(benches, "h200", date="2026-12-03").to_dict(), builtin.to_dict(), "h200-graphs")
+    assert builtin.source == "measured" and {"bf46dd9", "27381d1"} <= set(builtin.citation.replace(",", " ")
                                                                              .replace(")", " ").split())
-    assert {"reports/h200/engine/bench.json", "reports/h200/engine/b64/bench.json"} <= set(builtin.source_files)
+    assert {"reports/h200/engine/bf46dd9/bench.json", "reports/h200/engine/b64/bench.json"} <= set(builtin.source_files)
     cells = pd.DataFrame(builtin.fit["resident_cells"])
     assert len(cells) == 8 and set(cells["batch"]) == {1, 16, 64}  # every resident cell of both runs
     # the terms it replaced: the old engine's 1.56 ms of host per layer and 97 µs per expert kernel
@@ -115,7 +115,7 @@ def test_resident_steps_are_priced_within_the_fidelity_tolerance_and_the_committ
 
 
 def test_bench_without_routing_or_resident_cells_gets_a_clear_error(tmp_path, capsys, benches):
-    (tmp_path / "bench.json").write_text((ENGINE / "bench.json").read_text())
+    (tmp_path / "bench.json").write_text((ENGINE / "bf46dd9" / "bench.json").read_text())
     assert refit.main(["--bench", str(tmp_path / "bench.json")]) == 2
     assert "no routing.npz beside it" in capsys.readouterr().err
     no_resident = dataclasses.replace(benches[0], data={**benches[0].data, "cells": [
@@ -129,16 +129,18 @@ def test_distinct_experts_per_layer_ignores_missing_entries():
     assert refit.distinct_experts(route).tolist() == [3.0, 1.0]
 
 
-def test_the_fast_engine_profile_is_the_refit_with_the_engines_own_host_terms(benches):
-    """reports/h200/h200-fast-engine.json (what the H200 call scripts decide with) is `h200-graphs` with the CPU
-    expert model, host time per transfer and planning overheads measured inside the engine (h200-engine)."""
+def test_the_fast_engine_profile_is_the_refit_with_the_engines_own_host_terms():
+    """reports/h200/h200-fast-engine.json (what the H200 call scripts decide with) is the refit to the first runs of
+    the fast engine (e11d7a2, 27381d1) with the CPU expert model, host time per transfer and planning overheads
+    measured inside the engine (h200-engine). It is kept as it was, so the calls that decided with it stay
+    reproducible; `h200-graphs` (the simulator's) was refitted since to runs where the host waits for the routing."""
     committed = load_profile(str(ENGINE.parent / "h200-fast-engine.json"))
     engine = load_profile(str(ENGINE.parent / "h200-engine.json"))
-    rebuilt = refit.with_engine_terms(refit.refit_profile(benches, "h200", "h200-fast-engine", "2026-12-02"), engine)
+    first = [refit.read_bench_run(p) for p in (ENGINE / "bench.json", ENGINE / "b64" / "bench.json")]
+    rebuilt = refit.with_engine_terms(refit.refit_profile(first, "h200", "h200-fast-engine", "2026-12-02"), engine)
     close(committed.to_dict(), rebuilt.to_dict(), "h200-fast-engine")
     for name in refit.ENGINE_TERMS:
         assert getattr(committed, name) == getattr(engine, name), name
     graphs = load_profile("h200-graphs")
-    assert (committed.gpu_grouped, committed.host_overhead_per_layer_s) == (graphs.gpu_grouped,
-                                                                            graphs.host_overhead_per_layer_s)
+    assert graphs.host_overhead_per_layer_s > 2 * committed.host_overhead_per_layer_s  # the honest host round trip
     assert "measured inside the engine" in committed.notes[-1]

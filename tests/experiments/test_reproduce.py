@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from prescope.experiments import bench, reproduce
-from prescope.files import read_json
+from prescope.files import read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 H200 = ROOT / "reports" / "h200"
@@ -39,7 +39,7 @@ def _config(path: Path) -> dict:
         return {}
 
 
-@pytest.mark.parametrize("path", [p for p in reproduce.result_files(H200) if "models" in _config(p)],
+@pytest.mark.parametrize("path", [p for p in reproduce.result_files(H200) if reproduce.is_bench_config(_config(p))],
                          ids=lambda p: p.name)
 def test_each_bench_command_parses_back_into_its_recorded_config(path):
     data = read_json(path)
@@ -93,3 +93,16 @@ def test_the_page_names_every_device_call_script(monkeypatch):
     page = (H200 / reproduce.PAGE).read_text()
     for script in H200.glob("*.sh"):
         assert f"reports/h200/{script.name}" in page
+
+
+def test_only_bench_configs_get_a_bench_command_and_a_score_beside_a_manifest_gets_the_inputs_command(tmp_path):
+    assert reproduce.is_bench_config({"models": ["olmoe-1b-7b", "mixtral-8x7b:16@router"]})
+    assert not reproduce.is_bench_config({"models": [["olmoe-1b-7b", 16]]})  # the compile probe's (name, layers)
+    assert not reproduce.is_bench_config({"models": []}) and not reproduce.is_bench_config(None)
+    folder = tmp_path / "routers" / "x"
+    folder.mkdir(parents=True)
+    write_json(folder / "inputs-manifest.json", {"command": "prescope gpu-inputs --out D --routers x",
+                                                 "git_revision": "abcdef0"})
+    write_json(folder / "x-llapor-vs-gate-4.json", {"git_revision": "abcdef0", "gain_points_by_distance": {"1": 3.0}})
+    what, commands, _ = reproduce.entry(folder / "x-llapor-vs-gate-4.json", tmp_path)
+    assert "gpu-inputs" in what and commands == ["git checkout abcdef0", "prescope gpu-inputs --out D --routers x"]

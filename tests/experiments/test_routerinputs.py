@@ -164,6 +164,14 @@ if argv[0] == "gpu-inputs":
     BenchConfig(models=tuple(args.models), policies=tuple(args.policies), deadline_s=args.deadline_s)
     assert (tmp_path / "out" / f"routers-{subject}" / "inputs-manifest.json").is_file()
     assert (tmp_path / "out" / f"routers-{subject}" / "twin-llapor-vs-gate-4.json").is_file()  # the router's score
+    assert args.switch_interval_s is None  # Python's own unless SWITCH_S says otherwise
+    again = subprocess.run(["bash", str(root / "reports/h200/comparison-routers.sh"), subject], cwd=tmp_path,
+                           env={**env, "SWITCH_S": "1e-4", "RUN_NAME": "switch"}, capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0, again.stderr
+    last = json.loads((tmp_path / "log").read_text().splitlines()[-1])  # the inputs are built: bench alone
+    args = cli.build_parser("bench").parse_args(last)
+    assert args.switch_interval_s == 1e-4 and args.out == str(tmp_path / "out" / "switch")
     bad = subprocess.run(["bash", str(root / "reports/h200/comparison-routers.sh"), "olmoe"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr

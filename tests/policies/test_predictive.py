@@ -3,6 +3,7 @@ probabilities, and the pair selection the victims use."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,3 +81,56 @@ def test_memory_counts_earlier_steps_tokens_and_reuse_as_first_written():
             assert memory.seen.tolist() == seen and memory.reuse == reuse
     history = memory.history(LayerView(40, 0, L, E, (), ()), with_truth=False)
     assert history.sequence.tolist() == [seen]
+
+
+def _planned_forecasts(device: str):
+    """A prescope policy whose predictor's scores live on `device`, after one step's layers: (policy, the view
+    of layer 0 in step 1)."""
+    from test_peers import COSTS, Fixed, cache_with, layout, view
+
+    from prescope.policies import make_policy
+
+    class On(Fixed):
+        def predict(self, layer, distance, *, hidden=None, history=None):
+            return super().predict(layer, distance, hidden=hidden, history=history).to(device)
+
+    scores = {(0, 1): [0.9, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.8], (0, 2): [0.0, 0.7, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0]}
+    policy = make_policy("prescope", predictor=On(layout(4, 8, 2), scores), lookahead=2)
+    policy.reset(cache_with(4, 4, [(0, 1)]), 8, COSTS)
+    for layer in range(4):
+        policy.memory.observe(view(layer, [layer, layer + 2], step=0))
+    v = view(0, [0, 2], step=1)
+    policy.memory.observe(v)
+    return policy, v
+
+
+def test_a_forecast_computed_on_the_host_reports_no_wait_for_a_device():
+    policy, v = _planned_forecasts("cpu")
+    lists, arrays = policy.forecast(v, 2), policy.forecast_arrays(v, 2)
+    assert arrays.p[0].tolist() == lists[0][0] and arrays.p[0, 0] > 0
+    assert policy.forecast_wait_s == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reading_a_forecast_from_the_gpu_counts_the_wait_for_the_work_queued_before_it():
+    """The forecast's read waits for the device: work queued before it (here ~20 ms of device sleep) is counted
+    in `forecast_wait_s`, and the values read are the host's."""
+    on_host, v = _planned_forecasts("cpu")
+    policy, v = _planned_forecasts("cuda")
+    want = on_host.forecast_arrays(v, 2)
+    policy.forecast_arrays(v, 2)  # warm-up (CUDA context, kernels)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(20_000_000)  # cycles: milliseconds on any current GPU
+    end.record()
+    before = policy.forecast_wait_s
+    got = policy.forecast_arrays(v, 2)
+    slept_s = start.elapsed_time(end) / 1e3
+    assert policy.forecast_wait_s - before >= 0.5 * slept_s > 0
+    np.testing.assert_allclose(got.p, want.p, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.n, want.n, rtol=1e-6, atol=1e-7)
+    lists_before = policy.forecast_wait_s
+    assert policy.forecast(v, 2)[0][0] == pytest.approx(want.p[0].tolist(), rel=1e-6, abs=1e-7)
+    assert policy.forecast_wait_s >= lists_before

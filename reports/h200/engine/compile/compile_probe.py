@@ -19,6 +19,7 @@ compares the compiled cell's tokens with the uncompiled cell's (bf16: fused kern
 from __future__ import annotations
 
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -81,7 +82,10 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     start, rows, skipped = time.perf_counter(), [], []
     meta = {"source": "measured", "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
-            "torch": torch.__version__, "git": git_revision(), "profile": EngineConfig().profile,
+            "torch": torch.__version__, "git": git_revision(), "git_revision": git_revision(),
+            "profile": EngineConfig().profile,
+            "command": " ".join(["MODELS=" + shlex.quote(" ".join(f"{n}:{k}" for n, k in MODELS)),
+                                 f"DEADLINE_S={DEADLINE_S:g}", "python3 reports/h200/engine/compile/compile_probe.py"]),
             "config": {"input_len": INPUT_LEN, "new_tokens": NEW_TOKENS, "batches": BATCHES, "cells": CELLS,
                        "models": MODELS, "timing": "steps", "dtype": "bfloat16", "weights": "random"}}
     for name, layers in MODELS:
