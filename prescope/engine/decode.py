@@ -21,10 +21,12 @@ every MoE layer):
 Routing replay (`Engine.set_replay`) is captured too: the recorded experts and weights of the running
 position are gathered on the device, and their counts are read from the replay's host copy (no copy from
 the device), once the device has reached the layer's router, as with the model's own routing: a host that
-read the replay layers ahead of the device would plan, and load for, routing no real run knows yet. The
-first decode step runs eagerly (it warms up the kernels the graphs capture); capture needs a CUDA device and falls back to eager, with a warning, where it fails. With
-`EngineConfig.compile_segments` every decode step runs the decoder layers' compiled forwards
-(`models.compiled`): the first step compiles them, so the graphs capture inductor's fused kernels.
+read the replay layers ahead of the device would plan, and load for, routing no real run knows yet.
+
+The first decode step runs eagerly (it warms up the kernels the graphs capture); capture needs a CUDA device
+and falls back to eager, with a warning, where it fails. With `EngineConfig.compile_segments` every decode
+step runs the decoder layers' compiled forwards (`models.compiled`): the first step compiles them, so the
+graphs capture inductor's fused kernels.
 
 Letters: B rows, P prompt tokens, T cache positions, L MoE layers, E experts, K top-k, N = B tokens of a
 decode step, H hidden, S slots.

@@ -296,7 +296,7 @@ class Engine(Executor):
             raise
         finally:
             self._layer = None
-        self.records.planned(layer, run.plan_s, run.victim_s, run.forecast_wait_s)
+        self.records.planned(layer, run)
 
     def _combine(self, run: _Running, weights: torch.Tensor) -> torch.Tensor:
         """Join the CPU experts into the (token, k) rows, weight each token's K rows and sum them in the

@@ -15,6 +15,7 @@ import time
 
 import pandas as pd
 
+from prescope.policies.protocol import LayerRun
 from prescope.timeline import make_timeline, step_summary
 
 TIMELINE_COLUMNS = ("lane", "step", "layer", "expert", "kind", "tokens", "bytes", "start", "end")
@@ -91,14 +92,15 @@ class Records:
         self.sync_seconds[layer] += seconds
         self.own_seconds[self.step] = self.own_seconds.get(self.step, 0.0) - seconds
 
-    def planned(self, layer: int, plan_s: float, victim_s: float, wait_s: float = 0.0) -> None:
-        """The policy spent `plan_s` + `victim_s` of the running layer's host time, `wait_s` of it waiting for
-        the device (its forecast's read, `protocol.LayerRun.forecast_wait_s`): that part is not host work."""
-        wait_s = min(max(0.0, wait_s), plan_s + victim_s)
-        self.plan_seconds[layer] += plan_s
-        self.victim_seconds[layer] += victim_s
+    def planned(self, layer: int, run: LayerRun) -> None:
+        """The policy's time in the running layer (`run`: plan and victims, of which its wait for the device,
+        the forecast's read, is not host work: `LayerRun.host_s`)."""
+        host_s = run.host_s
+        wait_s = run.plan_s + run.victim_s - host_s
+        self.plan_seconds[layer] += run.plan_s
+        self.victim_seconds[layer] += run.victim_s
         self.forecast_wait_seconds[layer] += wait_s
-        self.plan_by_step[self.step] = self.plan_by_step.get(self.step, 0.0) + plan_s + victim_s - wait_s
+        self.plan_by_step[self.step] = self.plan_by_step.get(self.step, 0.0) + host_s
         self.wait_by_step[self.step] = self.wait_by_step.get(self.step, 0.0) + wait_s
         self.own_seconds[self.step] = self.own_seconds.get(self.step, 0.0) - wait_s
 

@@ -77,8 +77,10 @@ class LayerRun:
 
     @property
     def host_s(self) -> float:
-        """The policy's own host work: plan_s + victim_s − forecast_wait_s."""
-        return max(0.0, self.plan_s + self.victim_s - self.forecast_wait_s)
+        """The policy's own host work: plan_s + victim_s − forecast_wait_s, the wait taken as at most the time
+        spent and never below zero (timer rounding)."""
+        spent = self.plan_s + self.victim_s
+        return spent - min(max(0.0, self.forecast_wait_s), spent)
 
 
 def run_layer(view: LayerView, policy: Policy, cache: ExpertCache, executor: Executor) -> LayerRun:

@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 
 from prescope.engine.records import Records
+from prescope.policies.base import Orders
+from prescope.policies.protocol import LayerRun
+
+
+def run(plan_s: float, victim_s: float, wait_s: float = 0.0) -> LayerRun:
+    return LayerRun(Orders(), plan_s=plan_s, victim_s=victim_s, forecast_wait_s=wait_s)
 
 
 def records(layers: int = 2) -> Records:
@@ -15,22 +21,22 @@ def test_planned_splits_the_policys_time_into_host_work_and_the_wait_for_the_dev
     r = records()
     r.begin_step(tokens=1, phase="decode")
     r.own_seconds[r.step] = 0.010  # the layers' host time so far
-    r.planned(0, plan_s=0.004, victim_s=0.001, wait_s=0.003)
-    r.planned(1, plan_s=0.002, victim_s=0.0)  # a layer that did not wait
+    r.planned(0, run(0.004, 0.001, 0.003))
+    r.planned(1, run(0.002, 0.0))  # a layer that did not wait
     assert r.wait_by_step[0] == pytest.approx(0.003) and r.forecast_wait_seconds == [0.003, 0.0]
     assert r.plan_by_step[0] == pytest.approx(0.004 + 0.001 - 0.003 + 0.002)
     assert r.plan_by_step[0] + r.wait_by_step[0] == pytest.approx(sum(r.plan_seconds) + sum(r.victim_seconds))
     assert r.own_seconds[0] == pytest.approx(0.010 - 0.003)  # the wait is not the engine's own host work
     r.begin_step(tokens=1, phase="decode")
-    r.planned(0, plan_s=0.001, victim_s=0.0, wait_s=0.005)  # more wait than time spent: clipped to it
+    r.planned(0, run(0.001, 0.0, 0.005))  # more wait than time spent: clipped to it
     assert r.wait_by_step[1] == pytest.approx(0.001) and r.plan_by_step[1] == 0.0
-    r.planned(1, plan_s=0.001, victim_s=0.0, wait_s=-1e-18)  # rounding below zero: none
+    r.planned(1, run(0.001, 0.0, -1e-18))  # rounding below zero: none
     assert r.wait_by_step[1] == pytest.approx(0.001) and min(r.plan_by_step.values()) >= 0.0
 
 
 def test_clear_forgets_the_waits():
     r = records()
     r.begin_step(tokens=1, phase="decode")
-    r.planned(0, plan_s=0.002, victim_s=0.0, wait_s=0.001)
+    r.planned(0, run(0.002, 0.0, 0.001))
     r.clear()
     assert r.wait_by_step == {} and r.forecast_wait_seconds == [0.0, 0.0] and r.plan_by_step == {}
