@@ -49,19 +49,31 @@ def routing_trace(route: np.ndarray, layout: ModelLayout, first_position: int) -
     return Trace(layout, tokens, experts, weights, meta={"source": "prescope bench routing"})
 
 
-def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.DataFrame:
+def cell_key(cell: dict) -> str:
+    """A bench cell's key in its routing.npz."""
+    return f"{cell['model']}__{cell['policy']}__{cell['budget']}__{cell['batch']}"
+
+
+def cell_layouts(config: dict) -> dict[str, tuple[ModelLayout, int]]:
+    """(layout, dense parameters per MoE layer) of each twin a bench `config` ran, by the name its cells carry
+    (NAME, or NAME@SOURCE for a twin driven by other routing); prescope-tiny and tiny twins, which have no
+    twin layout to size them by, are left out."""
     from prescope.experiments.subjects import parse_model, routing_source
     from prescope.models import twins
 
-    rows, layouts = [], {}
-    for spec in bench["config"]["models"]:
+    layouts = {}
+    for spec in config["models"]:
         name, layers = parse_model(spec)
-        if name not in twins.TWINS:
-            continue  # prescope-tiny and tiny twins: no twin layout to size them by
-        source = routing_source(spec)
-        layouts[name if source is None else f"{name}@{source}"] = twin_layout(name, layers)
+        if name in twins.TWINS:
+            source = routing_source(spec)
+            layouts[name if source is None else f"{name}@{source}"] = twin_layout(name, layers)
+    return layouts
+
+
+def fidelity_table(bench: dict, routing: dict[str, np.ndarray], profile) -> pd.DataFrame:
+    rows, layouts = [], cell_layouts(bench["config"])
     for cell in bench["cells"]:
-        key = f"{cell['model']}__{cell['policy']}__{cell['budget']}__{cell['batch']}"
+        key = cell_key(cell)
         if key not in routing or cell["model"] not in layouts:
             continue
         spec = parse_policy("on_demand_lru" if cell["policy"] == RESIDENT else cell["policy"])

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from prescope.experiments.benchfile import read_bench
-from prescope.experiments.fidelity import routing_trace, twin_layout
+from prescope.experiments.fidelity import cell_key, cell_layouts, routing_trace
 from prescope.files import check_output, source_revision, verify, write_with_sidecar
 from prescope.policies.cache import ExpertCache
 from prescope.policies.peers import PreScope
@@ -102,25 +102,17 @@ def gate_table(folders=DEFAULT_BENCHES, gates: tuple[str, ...] = tuple(GATES), m
     """Per `prescope` cell of each bench folder: what the engine measured (lean share, decode ms gated and
     ungated, on_demand_lru's) and, per gate, the replayed lean shares. `profile`: the costs the policy weighs
     (default: the bench's own `config.profile`)."""
-    from prescope.experiments.subjects import parse_model, routing_source
-    from prescope.models import twins
-
     rows = []
     for folder in folders:
         data, routing = read_cells(folder)
         cfg = data["config"]
         weigh = profile or cfg["profile"]
-        layouts = {}
-        for spec in cfg["models"]:
-            name, layers = parse_model(spec)
-            if name in twins.TWINS:
-                source = routing_source(spec)
-                layouts[name if source is None else f"{name}@{source}"] = twin_layout(name, layers)
+        layouts = cell_layouts(cfg)
         ms = {(c["model"], c["policy"], c["budget"], c["batch"]): c["decode_ms_median"] for c in data["cells"]}
         for cell in data["cells"]:
             if cell["policy"] != "prescope":
                 continue
-            key = f"{cell['model']}__{cell['policy']}__{cell['budget']}__{cell['batch']}"
+            key = cell_key(cell)
             if cell["model"] not in layouts:
                 raise GateReplayError(f"{folder}: {cell['model']} is not a twin this replay can size")
             if key not in routing:

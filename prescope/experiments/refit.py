@@ -46,7 +46,7 @@ import pandas as pd
 
 from prescope.experiments.bench import RESIDENT
 from prescope.experiments.benchfile import read_bench
-from prescope.experiments.fidelity import fidelity_table, routing_trace, twin_layout
+from prescope.experiments.fidelity import cell_key, fidelity_table, routing_trace, twin_layout
 from prescope.files import check_output, portable_path, source_revision, verify, write_with_sidecar
 from prescope.hardware import cost
 from prescope.hardware.profiles import HardwareProfile, fit_grouped_kernel, load_profile, save_profile
@@ -85,10 +85,6 @@ def read_bench_run(path: str | Path) -> Bench:
     with np.load(routing_path) as npz:
         routing = {k: npz[k] for k in npz.files}
     return Bench(portable_path(path), data, routing)
-
-
-def cell_key(cell: dict) -> str:
-    return f"{cell['model']}__{cell['policy']}__{cell['budget']}__{cell['batch']}"
 
 
 def _layouts(bench: Bench) -> dict:
