@@ -334,10 +334,10 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         for rnd, (policy_name, budget) in ((r, c) for r in range(cfg.repeats) for c in cells):
             chosen = parse_policy("on_demand_lru" if policy_name == RESIDENT else policy_name)
             policy, predictor = subject.policy(chosen.name, **chosen.options)
-            engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
-                                                profile=cfg.profile, async_io=chosen.async_io,
-                                                compile_segments=cfg.compile_segments,
-                                                switch_interval_s=cfg.switch_interval_s), policy=policy)
+            config = EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device, profile=cfg.profile,
+                                  async_io=chosen.async_io, compile_segments=cfg.compile_segments,
+                                  switch_interval_s=cfg.switch_interval_s)
+            engine = Engine(model, config, policy=policy)
             for batch in cfg.batch_sizes:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
                 if past():
@@ -355,10 +355,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     print(f"{cell} failed: {type(exc).__name__}: {exc}", flush=True)
                     failed.append({**about, "error": f"{type(exc).__name__}: {exc}"})
                     engine.close()
-                    engine = Engine(model, EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device,
-                                                        profile=cfg.profile, async_io=chosen.async_io,
-                                                        compile_segments=cfg.compile_segments,
-                                                switch_interval_s=cfg.switch_interval_s), policy=policy)
+                    engine = Engine(model, config, policy=policy)
                     continue
                 row["step_bytes"] = _mean_step_bytes(route, layout, sizes, batch, cfg)
                 measured.setdefault(cell, []).append((about, row, route, timeline))
