@@ -82,7 +82,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     start, rows, skipped = time.perf_counter(), [], []
     meta = {"source": "measured", "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
-            "torch": torch.__version__, "git": git_revision(), "git_revision": git_revision(),
+            "torch": torch.__version__, "git_revision": git_revision(),
             "profile": EngineConfig().profile,
             "command": " ".join(["MODELS=" + shlex.quote(" ".join(f"{n}:{k}" for n, k in MODELS)),
                                  f"DEADLINE_S={DEADLINE_S:g}", "python3 reports/h200/engine/compile/compile_probe.py"]),
