@@ -20,7 +20,7 @@ from prescope.experiments.planspeed import replay_decisions
 from prescope.hardware.profiles import load_profile
 from prescope.models import adapter
 from prescope.policies import make_policy, parse_policy
-from prescope.policies.base import Costs
+from prescope.policies.base import Costs, LayerView
 from prescope.policies.lateplan import unhidden
 from prescope.routing.reader import read_trace
 from prescope.sim.simulator import replay, replay_steps
@@ -185,3 +185,24 @@ def test_the_engine_issues_what_plan_ahead_returns(monkeypatch):
 
     monkeypatch.setattr(engine_module, "costs_for", link_bound)
     assert _offloaded_against_stock("mixtral", LATE, lambda lay: [dict(budget_share=0.5), dict(budget_share=0.75)]) > 0
+
+
+def test_a_hidden_state_forecast_stays_before_the_launch_and_the_rest_moves_after_it():
+    """With a predictor of hidden states the forecast is taken in `plan` (its read would otherwise wait for the
+    layer's kernels): the executor charges prediction before the launch and planning after it; without one,
+    both after it."""
+    costs = Costs(load=0.1, gpu=lambda n: 0.1, cpu=lambda n: 5.0, layer_gap=0.5, host=0.01, plan=0.5, predict=0.1)
+    scores = {(0, 1): [0.0, 0.0, 0.0, 9.0, 9.0, 0.0, 0.0, 0.0]}
+    for predictor, before, after in ((_Hidden(layout(4, 8, 2), scores), ("predict",), ("plan",)),
+                                     (None, (), ("predict", "plan"))):
+        cache = cache_with(16, 4, [(0, 1)])
+        policy = make_policy("prescope", predictor=predictor, lookahead=1, gate=False, late_prefetch=True)
+        policy.reset(cache, 8, costs)
+        v = LayerView(0, 0, 4, 8, (1, 2), (1, 1), torch.zeros(1, 8), None)
+        orders = policy.plan(v, cache)
+        assert sorted(orders.gpu + orders.cpu) == [1, 2] and orders.prefetch == []
+        assert policy.planned_work() == before and policy.planned_ahead_work() == ()
+        ahead = policy.plan_ahead(v, cache)
+        assert policy.planned_ahead_work() == after
+        if predictor is not None:  # experts 3 and 4 of layer 1 predicted for sure: prefetched
+            assert sorted(ahead) == [(1, 3), (1, 4)]
