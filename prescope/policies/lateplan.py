@@ -14,15 +14,16 @@ With the option:
   link and cache as they are): the split of the routed experts and the victims of its on-demand loads, ranked by
   the memory's chances (for the ceiling, the step's true future) since the window's forecast is not read yet;
   where every routed expert is resident, `fastest_split` (the same split, exactly: `PreScope.nothing_to_plan`).
-  A hidden-state predictor's forecast (a CUDA graph on the GPU) is still taken here: read after the layer's
-  kernels it would wait for them too; its planning moves, its prediction does not.
+  A forecast computed on the device (a hidden-state predictor's CUDA graph, a predictor on the GPU) is still taken
+  here: read after the layer's kernels it would wait for them too; its planning moves, its prediction does not
+  (`early_forecast`).
 - `window_plan` (PreScope's `plan_ahead`): PreSched over the window l+1 … l+D with the forecast, the victims and
   the link's state now (the on-demand loads just issued in flight ahead of any prefetch); layer l enters as
   decided (its GPU experts resident or in flight, nothing to load; its CPU experts keep the CPU lane busy for
   their time), so only the layers' start times S_d come from it. Its prefetches follow `plan`'s (none).
 - `unhidden` (the gate, `PreScope.plan_gain`): of the planning host time P only what the layer's expert kernels do
   not hide counts: P_before + max(0, P − P_before − (Σ gpu(n) + wave)), P_before the prediction's part
-  (`Costs.predict`) where it stays before the launch (a hidden-state predictor), else 0.
+  (`Costs.predict`) where it stays before the launch (`early_forecast`), else 0.
 
 Simulated effect (`sim.simulator`, where `plan_ahead`'s time is charged on the host's clock after the layer's GPU
 work is issued, so it overlaps that work): `python -m prescope.experiments.latesim` (defaults: profile
@@ -65,9 +66,15 @@ from prescope.policies.window import Window, candidates, cheapest_held
 
 
 def early_forecast(policy) -> bool:
-    """Whether the window's forecast is taken before the layer's launch: a predictor reading hidden states runs
-    on the device, and its read waits for everything queued before it (`Predictive._read`)."""
-    return policy.predictor is not None and bool(getattr(policy.predictor, "needs_hidden", False))
+    """Whether the window's forecast is taken before the layer's launch: that of a predictor that may compute on
+    the device (one reading hidden states, which live there, or one whose parameters live off the CPU), since
+    reading it waits for everything queued before it (`Predictive._read`), the layer's kernels too once they
+    are enqueued. The memory's forecast and the ceiling's true future are host work: taken after the launch."""
+    predictor = policy.predictor
+    if predictor is None:
+        return False
+    where = getattr(predictor, "device", None)
+    return bool(getattr(predictor, "needs_hidden", False)) or (where is not None and str(where) != "cpu")
 
 
 def unhidden(policy, view: LayerView, p: float) -> float:

@@ -322,8 +322,8 @@ class PreScope(Predictive):
 
         With `late_prefetch`, P in both rules is only the part of the planning host time that the layer's device
         work does not hide (`lateplan.unhidden`): the prediction's share where it stays before the launch (a
-        hidden-state predictor), plus what the rest exceeds the routed experts' kernels by (Σ gpu(n) + one
-        wave's fixed time), since it runs once they are enqueued."""
+        forecast computed on the device, `lateplan.early_forecast`), plus what the rest exceeds the routed
+        experts' kernels by (Σ gpu(n) + one wave's fixed time), since it runs once they are enqueued."""
         p = self.plan_host_s if self.plan_host_s is not None else self.costs.plan
         if self.late:
             p = lateplan.unhidden(self, view, p)
@@ -467,7 +467,7 @@ class PreScope(Predictive):
     def planned_work(self) -> tuple[str, ...]:
         if self.on_demand:
             return ()
-        if self.late:  # before the launch, only a hidden-state predictor's forecast (lateplan.early_forecast)
+        if self.late:  # before the launch, only a forecast computed on the device (lateplan.early_forecast)
             return ("predict",) if self.early is not None and "predict" in self.host_work else ()
         return self.host_work
 

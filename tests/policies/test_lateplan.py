@@ -21,7 +21,7 @@ from prescope.hardware.profiles import load_profile
 from prescope.models import adapter
 from prescope.policies import make_policy, parse_policy
 from prescope.policies.base import Costs, LayerView
-from prescope.policies.lateplan import unhidden
+from prescope.policies.lateplan import early_forecast, unhidden
 from prescope.routing.reader import read_trace
 from prescope.sim.simulator import replay, replay_steps
 
@@ -206,3 +206,15 @@ def test_a_hidden_state_forecast_stays_before_the_launch_and_the_rest_moves_afte
         assert policy.planned_ahead_work() == after
         if predictor is not None:  # experts 3 and 4 of layer 1 predicted for sure: prefetched
             assert sorted(ahead) == [(1, 3), (1, 4)]
+
+
+def test_a_forecast_is_taken_before_the_launch_only_where_the_device_computes_it():
+    class OnGpu(Fixed):
+        device = "cuda:0"
+
+    cases = ((None, False), (Fixed(layout(4, 8, 2), {}), False), (_Hidden(layout(4, 8, 2), {}), True),
+             (OnGpu(layout(4, 8, 2), {}), True))
+    for predictor, early in cases:
+        policy = make_policy("prescope", predictor=predictor, lookahead=1, late_prefetch=True)
+        policy.reset(cache_with(16, 4, []), 8, None)
+        assert early_forecast(policy) is early
