@@ -186,6 +186,7 @@ class Predictive(Policy):
         self.layer, self.costs_gap = -1, 0.0
         self.graphs = None  # predict.graphs.GraphCache of the forecast, built on first use (CUDA graphs on the GPU)
         self.graphs_for = None  # the predictor those graphs call
+        self.masks = None  # host buffer of `_predicted_masks`, reused across layers
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         super().reset(cache, num_experts, costs)
@@ -256,6 +257,9 @@ class Predictive(Policy):
 
         hidden, pred, distances = view.hidden, self.predictor, list(range(1, depth + 1))
         rows = hidden.shape[0] if hidden is not None else 1
+        if not pred.needs_hidden and hasattr(pred, "predict_masks"):  # routing-only LLaPor: from Memory's masks
+            k = self.top_k() if hidden is not None and rows == 1 else max(1, len(view.experts))
+            return self._predicted_masks(view, depth, min(k, self.num_experts))
         if not pred.needs_hidden:  # history-based: the routing seen so far
             history = self.memory.history(view, with_truth=True)
             scores = pred.predict_window(view.layer, distances, hidden=hidden, history=history)
@@ -285,24 +289,71 @@ class Predictive(Policy):
         key = (view.layer, depth, *(tuple(x.shape) for x in inputs))
         return self.graphs(key, window, *inputs)
 
+    def _predicted_masks(self, view: LayerView, depth: int, k: int):
+        """`_predicted` of a predictor that reads the history as masks (`RoutingLLaPor.predict_masks`): the
+        Memory's [L, E] grids (this step's experts, the previous step's, earlier steps' tokens; the same
+        history `Memory.history` lists, without building it) and k, packed in one float32 host buffer
+        [3·L·E + 1] that one copy moves to the predictor's device, where the forecast and `_used` run as
+        one CUDA graph per layer (`graphs.GraphCache`; eagerly on the CPU)."""
+        import torch
+
+        mem, pred, L, E = self.memory, self.predictor, self.memory.L, self.memory.E
+        if self.masks is None or self.masks.shape != (3 * L * E + 1,):
+            self.masks = np.zeros(3 * L * E + 1, dtype=np.float32)
+        grids = self.masks[:-1].reshape(3, L, E)
+        grids[0], grids[1], grids[2] = mem.now_used, mem.prev_used, mem.seen
+        self.masks[-1] = k
+        where = torch.device(pred.device or "cpu")
+        layer = view.layer
+
+        def window(packed):
+            packed = packed.to(where, non_blocking=True)  # no-op inside a graph (its buffer is on the device)
+            now, prev, seen = packed[:-1].view(3, 1, L, E)
+            probs = pred.predict_masks(layer, now, prev, seen)[:, :depth]  # [1, D', E]
+            return _used(probs.transpose(0, 1).contiguous(), packed[-1])  # [2, D', E]
+
+        if self.graphs is None:
+            from prescope.predict.graphs import GraphCache
+
+            self.graphs = GraphCache(self.use_graphs)
+        return self.graphs(("masks", layer, depth, L, E), window, torch.from_numpy(self.masks), device=where)
+
     def _predictor_input(self, hidden):
         """The router input on the predictor's device (LLaPor's parameters live where it was loaded)."""
         where = self.predictor.device
         return hidden if where is None else hidden.to(where, non_blocking=True)
 
 
-def _used(scores, k: int):
+def _used(scores, k):
     """[D, N, E] scores -> [2, D, E]: P(expert used by some of the N tokens), p = 1 − Π(1 − q), and the
     expected tokens if used, Σq / p, within [1, N]. p is summed in log space: in float32 1 − (1 − q) is 0
-    for q < 6e-8, which would make Σq / p explode."""
+    for q < 6e-8, which would make Σq / p explode. k: an int, or a 0-d tensor on the scores' device (one
+    CUDA graph then serves every k, `inclusion_probs_at`)."""
     import torch
 
     from prescope.predict.predictors import inclusion_probs
 
-    q = inclusion_probs(scores, k)  # [D, N, E]
+    q = inclusion_probs(scores, k) if isinstance(k, int) else inclusion_probs_at(scores, k)  # [D, N, E]
     p = -torch.expm1(torch.log1p(-q).sum(dim=1))  # [D, E]; q = 1 gives log 0 = -inf, so p = 1 exactly
     n = q.sum(dim=1) / p.clamp_min(1e-30)  # [D, E]
     return torch.stack([p, n.clamp(1.0, float(scores.shape[1]))])
+
+
+def inclusion_probs_at(scores, k):
+    """`predictors.inclusion_probs` with k a 0-d float tensor holding an integer in 1..E (checked by the
+    caller): the same values bit for bit, from the same sorted scores and suffix sums, with the candidate slots
+    masked instead of sliced, so no shape depends on k."""
+    import torch
+
+    s = scores.float().clamp_min(0)  # [..., E]
+    E = s.shape[-1]
+    s = torch.where(s.sum(-1, keepdim=True) > 0, s, 1.0)
+    ascending = s.sort(-1).values  # [..., E]
+    suffix = ascending.cumsum(-1)  # [..., E]
+    room = torch.arange(1 - E, 1, dtype=s.dtype, device=s.device) + k  # [E] k-c at the k largest, <= 0 below
+    room, slot = torch.where((room > 0) & (ascending * room <= suffix), room, 0).max(-1, keepdim=True)
+    lam = room / suffix.gather(-1, slot).clamp_min(1e-30)
+    return (lam * s).clamp(0, 1)
 
 
 def _as_lists(used: np.ndarray) -> list[tuple[list[float], list[float]]]:
