@@ -226,6 +226,7 @@ if __name__ == "__main__":
                         "to compare planners")
     parser.add_argument("--predictor", help="a routing-only LLaPor checkpoint the prescope policy predicts from "
                         "(--replay, --decisions; default: its memory of the previous step)")
+    parser.add_argument("--device", default="cpu", help="where --predictor runs (cpu, cuda)")
     args = parser.parse_args()
     if args.replay or args.decisions:
         from prescope.data import shipped
@@ -242,7 +243,7 @@ if __name__ == "__main__":
         if args.predictor:
             from prescope.predict.routellapor import load_predictor
 
-            predictor = load_predictor(args.predictor)
+            predictor = load_predictor(args.predictor, device=args.device)
         if args.decisions:
             for row in replay_decisions(qwen3, batches=batches, budget_shares=(0.25, 0.1), steps=args.steps,
                                         predictor=predictor):

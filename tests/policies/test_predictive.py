@@ -230,3 +230,20 @@ def test_a_routing_llapor_forecast_replayed_from_cuda_graphs_equals_the_eager_on
         np.testing.assert_allclose(a.n, b.n, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.p, c.p, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(a.n, c.n, rtol=1e-4, atol=1e-5)
+
+
+def test_the_mask_forecast_reads_nothing_back_from_the_device():
+    """What a CUDA graph captures (predict_masks, then `_used` with k as a tensor) has no host read, checked on
+    the CPU with the guard GraphCache runs before any capture."""
+    from conftest import random_routing_llapor
+    from test_peers import layout
+
+    from prescope.predict.graphs import _NoHostReads
+
+    model = random_routing_llapor(layout(5, 12, 2), routing_window=3, distance=2)
+    masks = [(torch.rand(1, 5, 12) < 0.3).float() for _ in range(2)]
+    with _NoHostReads():
+        for layer in range(4):
+            probs = model.predict_masks(layer, *masks, torch.rand(1, 5, 12) * 4)
+            used = _used(probs.transpose(0, 1).contiguous(), torch.tensor(2.0))
+            assert used.shape == (2, probs.shape[1], 12)
