@@ -17,7 +17,11 @@ decisions, `--decisions` and tests/experiments/test_planspeed.py), median of 3 i
 command on the same 2-core CPU, whole `plan` per planned layer: prescope 134 -> 102 µs (b1), 183 -> 155 (b4),
 258 -> 211 (b16); ceiling 164 -> 99, 219 -> 193, 302 -> 255. Part of b1's gain (victims left out) holds only
 while the pool has free slots, as in these 40 steps' warm-up; with a full pool that layer's victims are built
-(`--steps 120`, b1, the pool full for most of the run: prescope 129 -> 109 µs, ceiling 172 -> 161)."""
+(`--steps 120`, b1, the pool full for most of the run: prescope 129 -> 109 µs, ceiling 172 -> 161).
+
+`--predictor Q.pt` (a routing-only LLaPor checkpoint, `--device` where it runs) feeds the prescope policy, whose
+rows then give its forecast's median µs (`forecast_us`); `--threads 1` keeps torch's idle threads from spinning on a
+shared CPU. Its figures are in `policies/predictive.py`'s docstring."""
 
 from __future__ import annotations
 
@@ -227,7 +231,15 @@ if __name__ == "__main__":
     parser.add_argument("--predictor", help="a routing-only LLaPor checkpoint the prescope policy predicts from "
                         "(--replay, --decisions; default: its memory of the previous step)")
     parser.add_argument("--device", default="cpu", help="where --predictor runs (cpu, cuda)")
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (1 on a small shared CPU: idle threads "
+                        "spin-wait for a busy core, and a network forward on the CPU then takes milliseconds)")
     args = parser.parse_args()
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.replay or args.decisions:
         from prescope.data import shipped
         from prescope.routing.llamacpp import load_llamacpp_trace

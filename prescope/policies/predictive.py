@@ -8,6 +8,20 @@
   giving (P(used by some token of the step), expected tokens if used) per expert and layer.
 - helpers the policies share: the link's state from the cache, the fastest GPU/CPU split of a layer's misses.
 
+A routing-only LLaPor (`predict.routellapor`, `predict_masks`) is read from the Memory's [L, E] grids, packed with
+k in one float32 host buffer, instead of the history's per-layer expert lists; its forecast and `_used` (k as a
+tensor, `inclusion_probs_at`) run as one CUDA graph per layer on the GPU, eagerly on the CPU, with the same
+values. Measured on the 2-core development CPU (not the H200 host), one intra-op thread, replaying the Qwen3-30B-A3B
+trace with its routing-only LLaPor (`python -m prescope.experiments.planspeed --replay --predictor Q.pt
+--batches 1,4,16 --steps 12 --threads 1`, Q.pt from `prescope.cli predictor-accuracy --trace
+prescope/assets/data/routing/qwen3-30b-a3b.route.csv.xz --out DIR --save-predictor Q.pt`), prescope[gate=False]'s median µs
+per layer, before (766c7a9, the same planspeed.py) -> after: the forecast (`_predicted`) 703 -> 457 (b1),
+819 -> 454 (b4), 1043 -> 461 (b16); the whole `plan` 1068 -> 819, 1161 -> 792, 1468 -> 868 (median of 2 runs
+each). On this CPU what is left of the forecast is the network's arithmetic (~300 µs: 48 layers' weights of
+~2.6 MB each, read from memory); the eager ops it saves cost ~15-20 µs each on the H200 host, where the graph
+leaves ~3 of them (the buffer's copy, the replay, the read). The decisions are the same: `--decisions
+--predictor Q.pt --batches 1,4,16 --steps 4` gives the same six prescope digests before and after.
+
 Letters: L MoE layers, E experts, K top-k, N tokens, D lookahead distance, S slots.
 """
 
