@@ -200,7 +200,7 @@ class Predictive(Policy):
         self.layer, self.costs_gap = -1, 0.0
         self.graphs = None  # predict.graphs.GraphCache of the forecast, built on first use (CUDA graphs on the GPU)
         self.graphs_for = None  # the predictor those graphs call
-        self.masks = None  # host buffer of `_predicted_masks`, reused across layers
+        self.masks = None  # (host buffer, its numpy view, the device it feeds) of `_predicted_masks`
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         super().reset(cache, num_experts, costs)
@@ -312,12 +312,17 @@ class Predictive(Policy):
         import torch
 
         mem, pred, L, E = self.memory, self.predictor, self.memory.L, self.memory.E
-        if self.masks is None or self.masks.shape != (3 * L * E + 1,):
-            self.masks = np.zeros(3 * L * E + 1, dtype=np.float32)
-        grids = self.masks[:-1].reshape(3, L, E)
-        grids[0], grids[1], grids[2] = mem.now_used, mem.prev_used, mem.seen
-        self.masks[-1] = k
         where = torch.device(pred.device or "cpu")
+        if self.masks is None or self.masks[0].shape != (3 * L * E + 1,) or self.masks[2] != where:
+            # pinned for a GPU: its copy is queued, not waited for (the read waits, counted in forecast_wait_s);
+            # the next call rewrites it only after that read, which has waited for the copy
+            host = torch.zeros(3 * L * E + 1, dtype=torch.float32)
+            host = host.pin_memory() if where.type == "cuda" else host
+            self.masks = host, host.numpy(), where
+        packed, values = self.masks[0], self.masks[1]
+        grids = values[:-1].reshape(3, L, E)
+        grids[0], grids[1], grids[2] = mem.now_used, mem.prev_used, mem.seen
+        values[-1] = k
         layer = view.layer
 
         def window(packed):
@@ -330,7 +335,7 @@ class Predictive(Policy):
             from prescope.predict.graphs import GraphCache
 
             self.graphs = GraphCache(self.use_graphs)
-        return self.graphs(("masks", layer, depth, L, E), window, torch.from_numpy(self.masks), device=where)
+        return self.graphs(("masks", layer, depth, L, E), window, packed, device=where)
 
     def _predictor_input(self, hidden):
         """The router input on the predictor's device (LLaPor's parameters live where it was loaded)."""
