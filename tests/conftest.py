@@ -191,5 +191,5 @@ def random_routing_llapor(layout, seed: int = 0, **config):
             net = LayerNet((cfg.routing_window + 1 + 2 * T) * E, max(T, 1), E, group_of(layer, bounds), cfg)
             for param in (net.head.weight, net.head.bias, net.bias, net.lookahead_scale):
                 torch.nn.init.normal_(param, std=0.5)
-            model.nets.append(net.eval())
+            model.nets.append(net.to(cfg.device).eval())
     return model

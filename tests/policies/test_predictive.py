@@ -216,10 +216,7 @@ def test_a_routing_llapor_forecast_replayed_from_cuda_graphs_equals_the_eager_on
     from test_peers import layout
 
     def on(device):
-        model = random_routing_llapor(layout(5, 12, 2), routing_window=3, distance=2)
-        model.device = model.config.device = device
-        model.nets = [net.to(device) for net in model.nets]
-        return model
+        return random_routing_llapor(layout(5, 12, 2), routing_window=3, distance=2, device=device)
 
     graphed, policy = _replayed_forecasts(on("cuda"), union=union)
     eager, _ = _replayed_forecasts(on("cuda"), use_graphs=False, union=union)
