@@ -17,7 +17,11 @@ decisions, `--decisions` and tests/experiments/test_planspeed.py), median of 3 i
 command on the same 2-core CPU, whole `plan` per planned layer: prescope 134 -> 102 µs (b1), 183 -> 155 (b4),
 258 -> 211 (b16); ceiling 164 -> 99, 219 -> 193, 302 -> 255. Part of b1's gain (victims left out) holds only
 while the pool has free slots, as in these 40 steps' warm-up; with a full pool that layer's victims are built
-(`--steps 120`, b1, the pool full for most of the run: prescope 129 -> 109 µs, ceiling 172 -> 161)."""
+(`--steps 120`, b1, the pool full for most of the run: prescope 129 -> 109 µs, ceiling 172 -> 161).
+
+`--predictor Q.pt` (a routing-only LLaPor checkpoint, `--device` where it runs) feeds the prescope policy, whose
+rows then give its forecast's median µs (`forecast_us`); `--threads 1` keeps torch's idle threads from spinning on a
+shared CPU. Its figures are in `policies/predictive.py`'s docstring."""
 
 from __future__ import annotations
 
@@ -101,16 +105,17 @@ def planning_time(budget_shares: tuple[float, ...] = (0.25, 0.5), count: int = 3
 
 def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=False]", "ceiling[gate=False]"),
                          batches: tuple[int, ...] = (1, 4), budget_share: float = 0.25, steps: int = 40,
-                         profile: str = "h200") -> list[dict]:
+                         profile: str = "h200", predictor=None) -> list[dict]:
     """The policies' host time per planned layer while the simulator replays `trace` (its decode cut in
     `batch` segments decoded together), on this machine's CPU: per policy and batch, the median and p90 of
     `policy.plan`'s wall time over the first `steps` forward calls, in µs, of PreSched's share of it
     (`presched.plan`) and of the rest (`own`: the policy's forecast, instance, victims and bookkeeping), with
-    the simulated ms per token."""
+    the simulated ms per token. `predictor`: what the prescope policies predict from (default: their memory of
+    the previous step), with `forecast_us`, the median µs of its forecast per call (`Predictive._predicted`)."""
     import time
 
     import prescope.policies.presched as presched
-    from prescope.policies import make_policy, parse_policy
+    from prescope.policies import parse_policy
     from prescope.routing.segments import decode_segments
     from prescope.sim.simulator import replay
 
@@ -122,8 +127,14 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
     for spec in policies:
         for batch in batches:
             parsed = parse_policy(spec)
-            policy, times, inside = make_policy(parsed.name, **parsed.options), [], []
-            plan = policy.plan
+            policy, times, inside, forecasts = _policy(parsed, predictor), [], [], []
+            plan, predicted = policy.plan, getattr(policy, "_predicted", None)
+
+            def timed_forecast(*args, predicted=predicted, forecasts=forecasts):
+                start = time.perf_counter()
+                out = predicted(*args)
+                forecasts.append(time.perf_counter() - start)
+                return out
 
             def timed(view, cache, plan=plan, times=times, inside=inside):
                 inside.append(0.0)
@@ -139,6 +150,8 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
                 return out
 
             policy.plan = timed
+            if predicted is not None:
+                policy._predicted = timed_forecast
             cut = decode_segments(trace, batch) if batch > 1 else trace
             presched.plan = timed_planner  # the policies call it through the module
             try:
@@ -149,21 +162,22 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
             rows.append({"policy": spec, "batch": batch, "budget_share": budget_share, "profile": profile,
                          "layers": len(times), **quantiles(times, ""), **quantiles(own, "own_"),
                          **quantiles(inside, "presched_"),
+                         **({"forecast_us": sorted(forecasts)[len(forecasts) // 2] * 1e6} if forecasts else {}),
                          "simulated_ms_per_token": result.totals["mean_token_latency_s"] * 1e3})
     return rows
 
 
 def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]", "ceiling[gate=False]"),
                      batches: tuple[int, ...] = (1, 4, 16), budget_shares: tuple[float, ...] = (0.25,),
-                     steps: int = 3, profile: str = "h200") -> list[dict]:
+                     steps: int = 3, profile: str = "h200", predictor=None) -> list[dict]:
     """What the policies decide while the simulator replays `trace` (as `replay_planning_time` replays it), to
     check that a faster planner decides the same: per policy, batch and budget, every `plan` call's orders
     (step, layer, GPU experts, CPU experts, prefetches) and the victims it named for its loads (`planned`, where
-    the policy keeps them), with their SHA-256 (`digest`) and count."""
+    the policy keeps them), with their SHA-256 (`digest`) and count. `predictor`: as `replay_planning_time`'s."""
     import hashlib
     import json
 
-    from prescope.policies import make_policy, parse_policy
+    from prescope.policies import parse_policy
     from prescope.routing.segments import decode_segments
     from prescope.sim.simulator import replay
 
@@ -172,7 +186,7 @@ def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]",
         for batch in batches:
             for share in budget_shares:
                 parsed = parse_policy(spec)
-                policy, decisions = make_policy(parsed.name, **parsed.options), []
+                policy, decisions = _policy(parsed, predictor), []
                 plan = policy.plan
 
                 def recorded(view, cache, plan=plan, decisions=decisions, policy=policy):
@@ -188,6 +202,14 @@ def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]",
                 rows.append({"policy": spec, "batch": batch, "budget_share": share, "steps": steps,
                              "plans": len(decisions), "digest": digest, "decisions": decisions})
     return rows
+
+
+def _policy(parsed, predictor):
+    """The policy `parsed` names, fed `predictor` where it is a prescope policy and one is given."""
+    from prescope.policies import make_policy
+
+    runtime = {"predictor": predictor} if predictor is not None and parsed.name == "prescope" else {}
+    return make_policy(parsed.name, **runtime, **parsed.options)
 
 
 if __name__ == "__main__":
@@ -206,7 +228,18 @@ if __name__ == "__main__":
     parser.add_argument("--decisions", action="store_true", help="print the digest of every decision the policies "
                         "make replaying the shipped Qwen3-30B-A3B trace (--steps, --batches; budgets 25 %% and 10 %%), "
                         "to compare planners")
+    parser.add_argument("--predictor", help="a routing-only LLaPor checkpoint the prescope policy predicts from "
+                        "(--replay, --decisions; default: its memory of the previous step)")
+    parser.add_argument("--device", default="cpu", help="where --predictor runs (cpu, cuda)")
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (1 on a small shared CPU: idle threads "
+                        "spin-wait for a busy core, and a network forward on the CPU then takes milliseconds)")
     args = parser.parse_args()
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.replay or args.decisions:
         from prescope.data import shipped
         from prescope.routing.llamacpp import load_llamacpp_trace
@@ -218,12 +251,18 @@ if __name__ == "__main__":
             parser.error(f"--batches takes comma-separated integers, got {args.batches!r}")
         if not batches or min(batches) < 1:
             parser.error(f"--batches must be >= 1, got {args.batches!r}")
+        predictor = None
+        if args.predictor:
+            from prescope.predict.routellapor import load_predictor
+
+            predictor = load_predictor(args.predictor, device=args.device)
         if args.decisions:
-            for row in replay_decisions(qwen3, batches=batches, budget_shares=(0.25, 0.1), steps=args.steps):
+            for row in replay_decisions(qwen3, batches=batches, budget_shares=(0.25, 0.1), steps=args.steps,
+                                        predictor=predictor):
                 print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True,
                                   **{k: v for k, v in row.items() if k != "decisions"}}))
         else:
-            for row in replay_planning_time(qwen3, batches=batches, steps=args.steps):
+            for row in replay_planning_time(qwen3, batches=batches, steps=args.steps, predictor=predictor):
                 print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True, "measured_on": "this CPU",
                                   **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}}))
     elif args.bench:
