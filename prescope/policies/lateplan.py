@@ -29,7 +29,8 @@ Simulated effect (`sim.simulator`, where `plan_ahead`'s time is charged on the h
 work is issued, so it overlaps that work): `python -m prescope.experiments.latesim` (defaults: profile
 reports/h200/h200-fast-engine.json with its plan_overhead_s 0.4 ms and predict_overhead_s 0.096 ms as they are,
 the shipped Qwen3-30B-A3B trace on the qwen3-30b-a3b twin's layout, 9 MiB experts, budget 0.25, the whole trace:
-128 / 32 / 8 decode steps at batch 1 / 4 / 16; 32 s on the 2-core development CPU), at 0d19537. Simulated ms per
+128 / 32 / 8 decode steps at batch 1 / 4 / 16; 32 s on the 2-core development CPU), at 0d19537 and again, the
+same, at 0ee51ca (main merged). Simulated ms per
 decode step (x: on_demand_lru's time over the policy's; prescope without a predictor: the memory's forecast):
 
     policy                                    batch 1          batch 4           batch 16
