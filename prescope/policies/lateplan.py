@@ -30,8 +30,8 @@ work is issued, so it overlaps that work): `python -m prescope.experiments.lates
 reports/h200/h200-fast-engine.json with its plan_overhead_s 0.4 ms and predict_overhead_s 0.096 ms as they are,
 the shipped Qwen3-30B-A3B trace on the qwen3-30b-a3b twin's layout, 9 MiB experts, budget 0.25, the whole trace:
 128 / 32 / 8 decode steps at batch 1 / 4 / 16; 32 s on the 2-core development CPU), at 0d19537 and again, the
-same, at 0ee51ca (main merged). Simulated ms per
-decode step (x: on_demand_lru's time over the policy's; prescope without a predictor: the memory's forecast):
+same, at 0ee51ca (main merged). Simulated ms per decode step (x: on_demand_lru's time over the policy's;
+prescope without a predictor: the memory's forecast):
 
     policy                                    batch 1          batch 4           batch 16
     on_demand_lru                             28.47 (1.00x)    67.50 (1.00x)    367.15 (1.00x)
