@@ -297,6 +297,7 @@ class Engine(Executor):
         finally:
             self._layer = None
         self.records.planned(layer, run)
+        self.policy.host_measured(run.host_s)
 
     def _combine(self, run: _Running, weights: torch.Tensor) -> torch.Tensor:
         """Join the CPU experts into the (token, k) rows, weight each token's K rows and sum them in the

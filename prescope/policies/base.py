@@ -168,6 +168,11 @@ class Policy(ABC):
         time overlaps the layer's device work. None by default."""
         return []
 
+    def host_measured(self, seconds: float) -> None:  # noqa: B027 - a policy that learns from it overrides it
+        """The executor measured this layer's host work of the policy (`plan`, victims, `plan_ahead`; waits for
+        the device excluded: `protocol.LayerRun.host_s`). The engine calls it after each MoE layer; the
+        simulator, whose host time is the profile's, never does."""
+
     host_work: tuple[str, ...] = ()  # host-side phases an executor should time: "predict", "plan"
     needs_future: bool = False  # reads LayerView.future (an executor computes it only for such a policy)
     async_io: bool = False  # asks the executor for AsyncIO's priority link (on-demand loads overtake prefetches)

@@ -33,6 +33,7 @@ import prescope.policies.lateplan as lateplan
 import prescope.policies.presched as presched
 from prescope.policies.base import Costs, LayerView, Orders, PolicyError, lru_victim
 from prescope.policies.cache import ExpertCache, Key
+from prescope.policies.hostmeter import HostMeter
 from prescope.policies.predictive import (
     UNPLANNED,
     Predictive,
@@ -186,6 +187,9 @@ class PreScopeOptions(PredictiveOptions):
     # plan only the running layer's split before its launch, the window's prefetches once its GPU work is
     # enqueued (`plan_ahead`: that planning overlaps the device; lateplan.py)
     late_prefetch: bool = False
+    # where the executor measures the policy's host time (the engine), the gate's P is what planning a layer
+    # measured in this run over what a layer run on demand measured, not the profile's (hostmeter.py)
+    measured_plan: bool = True
 
     def check(self) -> None:
         super().check()
@@ -241,11 +245,13 @@ class PreScope(Predictive):
         # late_prefetch: the window is planned ahead at this layer; its forecast if already taken; layer l's split
         self.ahead, self.early, self.split = False, None, ([], [])
         self.planned_window = False  # the last plan_ahead planned the window (what an executor charges)
+        self.meter = HostMeter()  # the engine's measured host time per layer, for the gate's P (measured_plan)
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         self.lookahead = min(self.lookahead, max(1, cache.num_layers - 1)) if cache.num_layers > 1 else 1
         self.planned, self.loss, self.issued, self.skipped, self.lean, self.slack = {}, {}, [], 0, 0, None
         self.on_demand, self.ahead, self.early, self.split = False, False, None, ([], [])
+        self.meter = HostMeter()
         self.reliability = Reliability(self.lookahead) if self.calibrate else None
         out = super().reset(cache, num_experts, costs)
         self.compute_table = ComputeTable(self.costs.gpu) if costs is not None else None  # c_d of the window
@@ -300,9 +306,24 @@ class PreScope(Predictive):
             free_slots=len(misses), resident_on_cpu=True)).finishes) for keys in (warm_keys, every_key)]
         return finish[0] - finish[1]
 
+    def host_measured(self, seconds: float) -> None:
+        """Record the layer's measured host time, planned or run on demand by the gate (`hostmeter`)."""
+        if self.costs is not None and self.gate and self.options.measured_plan and self.slack is not None:
+            self.meter.record(self.layer, self.slack[0], not self.on_demand, seconds)
+
+    def measured_plan_host(self) -> float | None:
+        """P as this run measured it (`hostmeter.HostMeter.plan_host`), None where nothing was measured (the
+        simulator: its host time is the profile's) or without `measured_plan`."""
+        if not self.options.measured_plan or self.slack is None:
+            return None
+        return self.meter.plan_host(self.slack[0])
+
     def plan_gain(self, view: LayerView, cache: ExpertCache) -> float:
         """What predicting and planning are expected to save at this layer, net of their host time P
-        (`plan_host_s`, else `costs.plan`), in seconds (<= 0: running it on demand is as fast).
+        (`plan_host_s`, else what this run measured, `measured_plan_host`, else `costs.plan`), in seconds (<= 0:
+        running it on demand is as fast). The measured P follows the host the policy runs on: on the H200 a
+        routing-only forecast run eagerly took 3-4.5 ms per layer against the profile's 0.5 ms, and the gate
+        planned layers where its planning cost more than it saved.
 
         Where the host hides the device (the engine), per layer, with m the routed experts absent or only
         prefetched (as `device_slack` counts them) and h = `transfer_host()`: host = `costs.host` +
@@ -324,7 +345,10 @@ class PreScope(Predictive):
         work does not hide (`lateplan.unhidden`): the prediction's share where it stays before the launch (a
         forecast computed on the device, `lateplan.early_forecast`), plus what the rest exceeds the routed
         experts' kernels by (Σ gpu(n) + one wave's fixed time), since it runs once they are enqueued."""
-        p = self.plan_host_s if self.plan_host_s is not None else self.costs.plan
+        p = self.plan_host_s
+        if p is None:
+            measured = self.measured_plan_host()
+            p = measured if measured is not None else self.costs.plan
         if self.late:
             p = lateplan.unhidden(self, view, p)
         costs = self.costs
@@ -350,7 +374,7 @@ class PreScope(Predictive):
         else:
             self.slack = (shape, self.slack[1] + self.GATE_WEIGHT * (x - self.slack[1]))
         tie = self.slack[1] == 0.0 and self.costs.host_hides_device and not self.options.layer_gate
-        return self.slack[1] > 0.0 or tie
+        return self.meter.probe(shape, self.slack[1] > 0.0 or tie)
 
     def offered(self, view: LayerView, cache: ExpertCache, forecast) -> list[list[int]]:
         """Per window layer l+d, the absent experts (ascending) worth a transfer (p > `worth()`)."""
