@@ -155,11 +155,12 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
 
 def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]", "ceiling[gate=False]"),
                      batches: tuple[int, ...] = (1, 4, 16), budget_shares: tuple[float, ...] = (0.25,),
-                     steps: int = 3, profile: str = "h200") -> list[dict]:
+                     steps: int = 3, profile: str = "h200", victims: bool = False) -> list[dict]:
     """What the policies decide while the simulator replays `trace` (as `replay_planning_time` replays it), to
     check that a faster planner decides the same: per policy, batch and budget, every `plan` call's orders
     (step, layer, GPU experts, CPU experts, prefetches) and the victims it named for its loads (`planned`, where
-    the policy keeps them), with their SHA-256 (`digest`) and count."""
+    the policy keeps them), with `victims` also the slot each of the layer's `victim` calls gave (for the
+    policies that choose victims there), with their SHA-256 (`digest`) and count."""
     import hashlib
     import json
 
@@ -178,10 +179,17 @@ def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]",
                 def recorded(view, cache, plan=plan, decisions=decisions, policy=policy):
                     orders = plan(view, cache)
                     decisions.append([view.step, view.layer, orders.gpu, orders.cpu, orders.prefetch,
-                                      sorted(getattr(policy, "planned", {}).items())])
+                                      sorted(getattr(policy, "planned", {}).items())] + [[]] * victims)
                     return orders
 
+                def chosen(cache, key, victim=policy.victim, decisions=decisions):
+                    slot = victim(cache, key)
+                    decisions[-1][-1].append([key, slot])
+                    return slot
+
                 policy.plan = recorded
+                if victims:
+                    policy.victim = chosen
                 cut = decode_segments(trace, batch) if batch > 1 else trace
                 replay(cut, policy, profile, budget_share=share, batch_size=batch, max_steps=steps)
                 digest = hashlib.sha256(json.dumps(decisions).encode()).hexdigest()

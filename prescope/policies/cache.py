@@ -57,6 +57,7 @@ class ExpertCache:
         self._owner: list[Key | None] = [None] * num_slots
         self._state = [_FREE] * num_slots
         self._last_use = [-1] * num_slots
+        self._used_at = np.full(num_slots, -1, dtype=np.int64)  # `_last_use` as an array (`evictable_scored`)
         # every slot, least recently used first (never used: by index), so an LRU victim is found from the
         # front without scanning the pool; `use` moves a slot to the end
         self._order: dict[int, None] = dict.fromkeys(range(num_slots))
@@ -197,9 +198,13 @@ class ExpertCache:
 
     def offered_ids(self, keep_fresh: range, exclude: Iterable[Key], width: int) -> np.ndarray:
         """`offered_arrays` as key ids layer·width + expert [M] (width: above every expert), kept per slot."""
+        return self._ids(width).take(self._offered_slots(keep_fresh, exclude))
+
+    def _ids(self, width: int) -> np.ndarray:
+        """Key id layer·width + expert of each slot's owner [S] (a free slot's is meaningless), kept once asked."""
         if width != self._id_width:
             self._id_at, self._id_width = self._layer_of * width + self._expert_of, width
-        return self._id_at.take(self._offered_slots(keep_fresh, exclude))
+        return self._id_at
 
     def _offered_slots(self, keep_fresh: range, exclude: Iterable[Key]) -> np.ndarray:
         offered, slot_of = self._resident_at & ~self._pinned_at, self._slot_of
@@ -218,6 +223,26 @@ class ExpertCache:
         owner, last = self._owner, self._last_use
         pool = self.evictable(None, protect)
         return min(pool, key=lambda s: (rank(owner[s]), last[s])) if pool else None
+
+    def evictable_scored(self, score: np.ndarray, width: int, protect: np.ndarray | None = None) -> int | None:
+        """`evictable_ranked` over the slot arrays, without a Python scan of the pool: each key's rank read from
+        `score` [L·width] by its id layer·width + expert (width: above every expert), the keys where the mask
+        `protect` [L·width] is set (None: none) left out; the evictable slot whose key scores lowest, ties by
+        least recent use, then by slot; None when there is none."""
+        slots = (self._resident_at & ~self._pinned_at).nonzero()[0]
+        ids = self._ids(width).take(slots)
+        if protect is not None:
+            keep = ~protect.take(ids)
+            slots, ids = slots[keep], ids[keep]
+        if not len(slots):
+            return None
+        scores = score.take(ids)
+        tied = (scores == scores.min()).nonzero()[0]
+        if len(tied) > 1:
+            tied = tied[self._used_at.take(slots.take(tied)).argmin()]  # the first least recently used
+        else:
+            tied = tied[0]
+        return int(slots[tied])
 
     def lru(self, slots: list[int]) -> int:
         return min(slots, key=self._last_use.__getitem__)
@@ -278,7 +303,7 @@ class ExpertCache:
         """Record that the running layer computes `key` from its slot."""
         slot = self._slot_of[key]
         self._clock += 1
-        self._last_use[slot] = self._clock
+        self._last_use[slot] = self._used_at[slot] = self._clock
         del self._order[slot]
         self._order[slot] = None
         self.stats.hits += int(hit)
