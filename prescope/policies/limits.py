@@ -22,6 +22,7 @@ Neither is a bound on every policy: a lower bound is the simulator's (`sim.link.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from itertools import chain, repeat
 
@@ -31,6 +32,7 @@ from prescope.policies.base import Costs, LayerView, Orders, Policy
 from prescope.policies.cache import ExpertCache, Key
 from prescope.policies.peers import PreScope
 from prescope.policies.predictive import UNPLANNED, fastest_split
+from prescope.policies.split import Memo
 from prescope.policies.window import Window
 
 LEGACY_NAMES = {"oracle": "belady"}  # names committed results give policies that were renamed since
@@ -53,6 +55,8 @@ class Belady(Policy):
     needs_future = True
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
+        if costs is not None:  # remembered by token count, as the predicting policies hold theirs (`split.Memo`)
+            costs = dataclasses.replace(costs, gpu=Memo(costs.gpu), cpu=Memo(costs.cpu))
         super().reset(cache, num_experts, costs)
         L, E = cache.num_layers, num_experts
         self.layer_of = np.arange(L * E, dtype=np.int64) // E  # [L·E] layer of each key id layer·E + expert
@@ -120,12 +124,13 @@ def _belady_admission(order: np.ndarray, use: np.ndarray, present: np.ndarray, n
     `free` left, then the slot of the present key used farthest ahead (`next_use` [L·E]; ties: the larger
     key; never a `routed` one), as long as that key is used later than the one it makes room for; the walk
     stops at the first key that finds no such slot. Returns (the keys loaded, in order [A]; the victims of the
-    last of them, in order [V]).
+    last V of them, the loads that found no free slot, in order [V]).
 
     Exact without a search per key: the keys walked are used no later than the ones after them, so a key loaded
     in the walk is never worth evicting for a later one (Belady would stop first), and the victims are the
-    present keys in falling (next use, key); a victim that the walk reaches later (a key of this step) is
-    absent by then and stops the walk, since every key left is used no later than it."""
+    present keys in falling (next use, key). A victim that the walk reaches later (a key of this step, used
+    d layers ahead) stops it there, and so does the test: every key from there on is used at least d ahead,
+    every victim left at most."""
     absent = (~present.take(order)).nonzero()[0]  # [A'] positions in the walk of the keys to bring
     taken = min(free, len(absent))
     rest = absent[taken:]
@@ -139,10 +144,6 @@ def _belady_admission(order: np.ndarray, use: np.ndarray, present: np.ndarray, n
     top = np.argpartition(-rank, n - 1)[:n] if n < len(held) else np.arange(len(held))
     victims = held.take(top[np.argsort(-rank.take(top))])  # [n] the farthest used first
     fits = next_use.take(victims) > use.take(rest[:n])
-    where = np.full(len(present), len(order), dtype=np.int64)
-    where[order] = np.arange(len(order))  # position of each key in the walk
-    reached = np.minimum.accumulate(np.concatenate(([len(order)], where.take(victims)[:-1])))
-    fits &= rest[:n] < reached  # the walk reaches no earlier victim first
     count = int(fits.argmin()) if not fits.all() else n
     return order.take(absent[:taken + count]), victims[:count]
 
