@@ -105,8 +105,9 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
     """The policies' host time per planned layer while the simulator replays `trace` (its decode cut in
     `batch` segments decoded together), on this machine's CPU: per policy and batch, the median and p90 of
     `policy.plan`'s wall time over the first `steps` forward calls, in µs, of PreSched's share of it
-    (`presched.plan`) and of the rest (`own`: the policy's forecast, instance, victims and bookkeeping), with
-    the simulated ms per token."""
+    (`presched.plan`) and of the rest (`own`: the policy's forecast, instance, victims and bookkeeping), and
+    (`host_`, with its mean) of the layer's plan and `policy.victim` calls together (what the engine charges the
+    policy per layer, `LayerRun.host_s`), with the simulated ms per token."""
     import time
 
     import prescope.policies.presched as presched
@@ -122,15 +123,22 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
     for spec in policies:
         for batch in batches:
             parsed = parse_policy(spec)
-            policy, times, inside = make_policy(parsed.name, **parsed.options), [], []
-            plan = policy.plan
+            policy, times, inside, victims = make_policy(parsed.name, **parsed.options), [], [], []
+            plan, victim = policy.plan, policy.victim
 
-            def timed(view, cache, plan=plan, times=times, inside=inside):
+            def timed(view, cache, plan=plan, times=times, inside=inside, victims=victims):
                 inside.append(0.0)
+                victims.append(0.0)
                 start = time.perf_counter()
                 orders = plan(view, cache)
                 times.append(time.perf_counter() - start)
                 return orders
+
+            def timed_victim(cache, key, victim=victim, victims=victims):
+                start = time.perf_counter()
+                slot = victim(cache, key)
+                victims[-1] += time.perf_counter() - start
+                return slot
 
             def timed_planner(inst, inside=inside):
                 start = time.perf_counter()
@@ -138,7 +146,7 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
                 inside[-1] += time.perf_counter() - start
                 return out
 
-            policy.plan = timed
+            policy.plan, policy.victim = timed, timed_victim
             cut = decode_segments(trace, batch) if batch > 1 else trace
             presched.plan = timed_planner  # the policies call it through the module
             try:
@@ -146,9 +154,11 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
             finally:
                 presched.plan = planner
             own = [t - p for t, p in zip(times, inside, strict=True)]
+            host = [t + v for t, v in zip(times, victims, strict=True)]
             rows.append({"policy": spec, "batch": batch, "budget_share": budget_share, "profile": profile,
                          "layers": len(times), **quantiles(times, ""), **quantiles(own, "own_"),
-                         **quantiles(inside, "presched_"),
+                         **quantiles(inside, "presched_"), **quantiles(host, "host_"),
+                         "host_mean_us": sum(host) / len(host) * 1e6,
                          "simulated_ms_per_token": result.totals["mean_token_latency_s"] * 1e3})
     return rows
 
@@ -208,6 +218,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5, help="plans per instance (the best counts)")
     parser.add_argument("--replay", action="store_true", help="print the prescope and ceiling policies' planning "
                         "time per layer replaying the shipped Qwen3-30B-A3B trace (25 %% budget, at --batches)")
+    parser.add_argument("--policies", default="prescope[gate=False],ceiling[gate=False]", help="policies replayed, "
+                        "separated by ';' (--replay; e.g. 'belady;activation_matrix;hybrid')")
     parser.add_argument("--steps", type=int, default=40, help="forward calls replayed per cell (--replay)")
     parser.add_argument("--batches", default="1,4", help="batch sizes replayed, comma-separated (--replay; "
                         "e.g. 1,4,16,64)")
@@ -231,7 +243,8 @@ if __name__ == "__main__":
                 print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True,
                                   **{k: v for k, v in row.items() if k != "decisions"}}))
         else:
-            for row in replay_planning_time(qwen3, batches=batches, steps=args.steps):
+            policies = tuple(p.strip() for p in args.policies.split(";") if p.strip())
+            for row in replay_planning_time(qwen3, policies=policies, batches=batches, steps=args.steps):
                 print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True, "measured_on": "this CPU",
                                   **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}}))
     elif args.bench:
