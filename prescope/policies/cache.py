@@ -14,6 +14,7 @@ Letters: L MoE layers, E experts, S slots.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, KeysView
 from dataclasses import dataclass
 from enum import Enum
@@ -65,6 +66,9 @@ class ExpertCache:
         self._pinned: set[int] = set()
         self._slot_of: dict[Key, int] = {}
         self._free = set(range(num_slots))  # FREE slots, kept in step so lookups never scan the pool
+        # the free slots as a heap, the lowest on top, for `first_free`; a slot taken since it was pushed stays in
+        # it until it reaches the top (then it is dropped)
+        self._free_heap = list(range(num_slots))
         self._by_layer: dict[int, set[int]] = {layer: set() for layer in range(num_layers)}  # occupied slots
         self._resident_of: list[set[Key]] = [set() for _ in range(num_layers)]  # resident keys per layer
         self._clock = 0
@@ -122,7 +126,11 @@ class ExpertCache:
         return len(self._free)
 
     def first_free(self) -> int | None:
-        return min(self._free) if self._free else None
+        """The lowest free slot, None when there is none."""
+        heap, free = self._free_heap, self._free
+        while heap and heap[0] not in free:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
 
     def free_slots(self) -> list[int]:
         return sorted(self._free)
@@ -338,6 +346,7 @@ class ExpertCache:
         self._layer_of[slot] = self._expert_of[slot] = -1
         self._loading_at[slot] = self._resident_at[slot] = self._fresh_at[slot] = False
         self._free.add(slot)
+        heapq.heappush(self._free_heap, slot)
         self._by_layer[key[0]].discard(slot)
         self.stats.evictions += 1
         return slot

@@ -60,8 +60,8 @@ class LookaheadPrefetch(Predictive):
         if not len(window):
             return []
         target, p = view.layer + 1, window.p[0]  # [E]
-        top = _top(p[None], self.top_k())[0]
-        top = top[p.take(top) > 0].tolist()
+        positive = (p > 0).nonzero()[0]  # ascending: a stable sort leaves ties by expert
+        top = positive.take(np.argsort(-p.take(positive), kind="stable")[:self.top_k()]).tolist()
         present = cache.present_grid(self.num_experts)[target]
         return [(target, e) for e in top if not present[e]]
 
