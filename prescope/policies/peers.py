@@ -126,13 +126,20 @@ class ActivationMatrixOptions(PredictiveOptions):
 
 
 class ActivationMatrixPolicy(Predictive):
+    """MoE-Infinity's prefetching and eviction over arrays: the rows' top-K at once (`_top`), priorities by key
+    id [L·E], victims ranked over the cache's slot arrays (`ExpertCache.evictable_scored`), not a Python sort
+    per layer and a scan of the pool per victim. Host time per MoE layer (plan + victims), the shipped
+    Qwen3-30B-A3B trace in the simulator (48 layers, 128 experts, 25 % on the GPU, 40 forward calls), on the
+    2-core development CPU (median of 2 interleaved runs), before (766c7a9) -> after, median µs: 690 -> 55
+    (batch 1), 1759 -> 95 (b4), 7926 -> 261 (b16); the same decisions and victims (limits.py's docstring says
+    how that was checked, and gives the command)."""
+
     name = "activation_matrix"
     imitates = "MoE-Infinity"
     simplifies = ("activation-matrix matching (predictors.ActivationMatrix, or without one this run's decayed "
                   "activation frequencies) predicts every later layer; each layer's predicted top-K are "
                   "ranked by activation × (1 − d/L) and the first `max_prefetch` prefetched; misses on "
                   "demand; eviction of the key with the lowest predicted activation, then LRU")
-
     options_type = ActivationMatrixOptions
 
     def __init__(self, predictor=None, **options):
