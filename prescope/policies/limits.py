@@ -209,26 +209,31 @@ class Ceiling(PreScope):
         depth = min(depth, view.num_layers - 1 - view.layer)
         if depth <= 0 or view.future is None:
             return Window.of(self.forecast(view, depth), self.num_experts)
-        E, counts = self.num_experts, view.future_tokens
+        E, counts, rows = self.num_experts, view.future_tokens, view.future[:depth]
         p, n = np.zeros((depth, E)), np.ones((depth, E))  # [D', E]
-        mean = float(sum(view.tokens)) / len(view.experts) if view.experts else 1.0
-        for d in range(depth):
-            experts = list(view.future[d])
-            p[d, experts] = 1.0
-            n[d, experts] = counts[d] if counts is not None else mean
+        sizes = list(map(len, rows))
+        experts = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=sum(sizes))  # [F]
+        at = (np.repeat(np.arange(depth), sizes), experts)
+        p[at] = 1.0
+        if counts is not None:
+            n[at] = np.fromiter(chain.from_iterable(counts[:depth]), dtype=np.float64, count=len(experts))
+        else:
+            n[at] = float(sum(view.tokens)) / len(view.experts) if view.experts else 1.0
         return Window(p, n)
 
     def chance_grid(self, view: LayerView, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Chances from the true future, as Belady ranks keys: 1 for a key a later layer of this step routes
         (beyond the window too); 0 for a later layer's key it does not route (next needed in the next step,
         after every key of the layers that already ran); the memory's chance for those (PreScope's)."""
-        floor, used = super().chance_grid(view, window)
         if view.future is None:
-            return floor, used
-        rows, later = view.future, (view.layer + 1) * self.num_experts
+            return super().chance_grid(view, window)
+        # PreScope's grids up to the running layer (the decayed frequency, this step's use); every later row is
+        # the future's, so PreScope's own for them (the window's predictions) need not be built
+        memory, rows, later = self.memory, view.future, (view.layer + 1) * self.num_experts
+        floor, used = np.zeros(memory.freq.size), np.zeros(memory.freq.size, dtype=bool)  # [L·E]
+        floor[:later], used[:later] = memory.freq[:view.layer + 1].ravel(), memory.now_used[:view.layer + 1].ravel()
         sizes = list(map(len, rows))
         experts = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=sum(sizes))
         at = np.repeat(np.arange(later, later + len(rows) * self.num_experts, self.num_experts), sizes) + experts
-        floor[later:], used[later:] = 0.0, False
         floor[at[experts >= 0]] = 1.0
         return floor, used
