@@ -240,23 +240,20 @@ class ExpertCache:
 
     def evictable_scored(self, score: np.ndarray, width: int, protect: np.ndarray | None = None) -> int | None:
         """`evictable_ranked` over the slot arrays, without a Python scan of the pool: each key's rank read from
-        `score` [L·width] by its id layer·width + expert (width: above every expert), the keys where the mask
-        `protect` [L·width] is set (None: none) left out; the evictable slot whose key scores lowest, ties by
-        least recent use, then by slot; None when there is none."""
-        slots = (self._resident_at & ~self._pinned_at).nonzero()[0]
-        ids = self._ids(width).take(slots)
+        `score` [L·width] (finite) by its id layer·width + expert (width: above every expert), the keys where the
+        mask `protect` [L·width] is set (None: none) left out; the evictable slot whose key scores lowest, ties
+        by least recent use, then by slot; None when there is none."""
+        ids = self._ids(width)  # [S]; a free slot's is out of range: clipped, and left out as not resident
+        scores = score.take(ids, mode="clip")
+        out = ~(self._resident_at & ~self._pinned_at)
         if protect is not None:
-            keep = ~protect.take(ids)
-            slots, ids = slots[keep], ids[keep]
-        if not len(slots):
+            out |= protect.take(ids, mode="clip")
+        scores[out] = np.inf
+        first = int(scores.argmin())
+        if out[first]:
             return None
-        scores = score.take(ids)
-        tied = (scores == scores.min()).nonzero()[0]
-        if len(tied) > 1:
-            tied = tied[self._used_at.take(slots.take(tied)).argmin()]  # the first least recently used
-        else:
-            tied = tied[0]
-        return int(slots[tied])
+        tied = (scores == scores[first]).nonzero()[0]
+        return first if len(tied) == 1 else int(tied[self._used_at.take(tied).argmin()])  # the least recently used
 
     def lru(self, slots: list[int]) -> int:
         return min(slots, key=self._last_use.__getitem__)
