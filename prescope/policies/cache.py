@@ -12,7 +12,7 @@ change without touching the policies.
 Whole-pool questions are answered from arrays over slots or kept orders, never by a Python scan of the pool
 per call: `lru_evictable` from the use order, `first_free` from a heap of free slots (a `min` over the free
 set scanned the pool at every victim while it filled: on_demand_lru's host time per MoE layer in
-`planspeed --replay`'s run, limits.py's docstring, mean 20 -> 5 µs at batch 1 and 151 -> 66 µs at batch 16),
+`planspeed --replay`'s run, limits.py's docstring, mean 23 / 28 / 144 -> 5 / 15 / 65 µs at batch 1 / 4 / 16),
 `offered_arrays` and `evictable_scored` from the slot arrays.
 
 Letters: L MoE layers, E experts, S slots.

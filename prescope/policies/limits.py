@@ -22,15 +22,18 @@ Neither is a bound on every policy: a lower bound is the simulator's (`sim.link.
 Belady's host time is its idea's, not a scan of the pool per key: the next use of every key is one table
 [L·E] per plan, the admission walk takes its victims from one sort of the present keys by next use
 (`_belady_admission`), victims off the plan are ranked over the cache's slot arrays (`evictable_scored`), and
-its costs are memoised by token count. Its host time per MoE layer (plan + victims, `planspeed --replay`'s
-`host_` columns: the simulator replaying the shipped Qwen3-30B-A3B trace, 48 layers, 128 experts, 25 % of
-them on the GPU, 40 forward calls), on the 2-core development CPU (not the H200 host; a shared machine, the
-median of 2 interleaved runs), before (766c7a9) -> after, median µs: 184 -> 46 (batch 1), 245 -> 64 (b4),
-338 -> 95 (b16); mean µs (the pool full and the walk long at some layers): 376 -> 73, 1343 -> 102,
-4351 -> 136. The same decisions, every victim slot included (`planspeed.replay_decisions(..., victims=True)`
-on the shipped Qwen3-30B-A3B and gpt-oss-120b traces, batches 1, 4, 16, budgets 10, 25 and 50 %;
-tests/policies/test_peers_arrays.py keeps the code it replaced as the reference). Command:
-`python -m prescope.experiments.planspeed --replay --steps 40 --batches 1,4,16 --policies 'belady;activation_matrix;hybrid;lookahead_prefetch;ceiling;ceiling[gate=False];on_demand_lru'`.
+its costs are memoised by token count. Ceiling builds its forecast from the true routing in one scatter and its
+chance grids only up to the running layer. Host time per MoE layer (plan + victims, `planspeed --replay`'s
+`host_` columns: the simulator replaying the shipped Qwen3-30B-A3B trace, 48 layers, 128 experts, 25 % of them
+on the GPU, 40 forward calls), on the 2-core development CPU (not the H200 host; a shared machine, the median
+of 2 interleaved runs), before (766c7a9) -> after, batch 1 / 4 / 16, median µs: belady 186 / 246 / 336 ->
+46 / 65 / 95, mean (the pool full and the walk long at some layers) 314 / 1018 / 3218 -> 51 / 102 / 113;
+ceiling 171 / 264 / 367 -> 141 / 254 / 352 and ceiling[gate=False] 137 / 202 / 278 -> 100 / 192 / 257 (the
+rest is PreScope's: its gate, instance and PreSched). The same decisions, every victim slot included
+(`planspeed.replay_decisions(..., victims=True)` on the shipped Qwen3-30B-A3B and gpt-oss-120b traces, batches
+1, 4, 16, budgets 10, 25 and 50 %; tests/policies/test_peers_arrays.py keeps the code belady replaced as the
+reference). Command: `python -m prescope.experiments.planspeed --replay --steps 40 --batches 1,4,16 --policies
+'belady;activation_matrix;hybrid;lookahead_prefetch;ceiling;ceiling[gate=False];on_demand_lru'`.
 """
 
 from __future__ import annotations

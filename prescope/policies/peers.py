@@ -130,9 +130,11 @@ class ActivationMatrixPolicy(Predictive):
     id [L·E], victims ranked over the cache's slot arrays (`ExpertCache.evictable_scored`), not a Python sort
     per layer and a scan of the pool per victim. Host time per MoE layer (plan + victims), the shipped
     Qwen3-30B-A3B trace in the simulator (48 layers, 128 experts, 25 % on the GPU, 40 forward calls), on the
-    2-core development CPU (median of 2 interleaved runs), before (766c7a9) -> after, median µs: 690 -> 55
-    (batch 1), 1759 -> 95 (b4), 7926 -> 261 (b16); the same decisions and victims (limits.py's docstring says
-    how that was checked, and gives the command)."""
+    2-core development CPU (median of 2 interleaved runs), before (766c7a9) -> after, median µs: 684 -> 54
+    (batch 1), 1698 -> 86 (b4), 6403 -> 214 (b16); the same decisions and victims (limits.py's docstring says
+    how that was checked, and gives the command). hybrid and lookahead_prefetch: 49 / 69 / 123 -> 46 / 66 / 112
+    and 21 / 34 / 117 -> 18 / 31 / 110 (what is left is their idea's: the split by the cost model, per-layer
+    LRU)."""
 
     name = "activation_matrix"
     imitates = "MoE-Infinity"
