@@ -112,6 +112,8 @@ def test_lru_evictable_is_the_scan_it_replaces_under_random_operations():
         rank = lambda key, score=score: score[key[0] * 8 + key[1]]  # noqa: E731
         assert cache.evictable_scored(score, 8, mask) == cache.evictable_ranked(protect, rank)
         assert cache.evictable_scored(score, 8) == cache.evictable_ranked(set(), rank)
+        layers = np.repeat(-np.arange(4), 8)  # integer scores (belady's: minus the layers to the next use)
+        assert cache.evictable_scored(layers, 8, mask) == cache.evictable_ranked(protect, lambda key: -key[0])
 
 
 def test_the_slot_arrays_follow_every_report():

@@ -261,3 +261,18 @@ def test_belady_admission_walks_as_the_reference_where_it_evicts_keys_it_reaches
         assert (loads.tolist(), victims.tolist()) == want
         stopped_at_victim += any(v in set(order.tolist()) for v in want[1])
     assert stopped_at_victim > 10
+
+
+@pytest.mark.parametrize("key", [(2, 7), (3, 0), (1, 0)])
+def test_belady_ranks_a_load_its_plan_did_not_foresee_as_the_reference(key):
+    """A load off the plan with no free slot: the key used farthest ahead goes (for a prefetch, never a routed key
+    or one of the plan's prefetches); the running layer's miss may take any evictable key."""
+    from test_peers import cache_with, view
+
+    slots = []
+    for policy in (limits.Belady(), ReferenceBelady()):
+        cache = cache_with(4, 4, [(2, 5), (3, 1), (0, 4), (1, 6)])
+        policy.reset(cache, 8, None)
+        policy.plan(view(1, [6, 3], future=((5,), (1, 2))), cache)
+        slots.append(policy.victim(cache, key))
+    assert slots[0] == slots[1] is not None
