@@ -172,3 +172,24 @@ def save_router(root, name, hidden=16, expert=8):
     model = routers.build_router_model(name, hidden=hidden, expert=expert)
     model.save_pretrained(root / name)
     load_tiny()[1].save_pretrained(root / name)
+
+
+def random_routing_llapor(layout, seed: int = 0, **config):
+    """A routing-only LLaPor for `layout` with random networks (heads and priors included), untrained: for tests of
+    the plumbing around it (its features, the policy's paths to it), where any fixed weights do."""
+    from prescope.predict.llapor import LayerNet, group_of
+    from prescope.predict.llaporconfig import LLaPorConfig
+    from prescope.predict.routellapor import RoutingLLaPor
+
+    cfg = LLaPorConfig(**{"distance": 2, "width": 16, "routing_window": 2, **config})
+    L, E, bounds = layout.num_moe_layers, layout.num_experts, (1, max(1, layout.num_moe_layers - 1))
+    model = RoutingLLaPor(cfg, layout, bounds, [])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in range(L):
+            T = model.targets(layer)
+            net = LayerNet((cfg.routing_window + 1 + 2 * T) * E, max(T, 1), E, group_of(layer, bounds), cfg)
+            for param in (net.head.weight, net.head.bias, net.bias, net.lookahead_scale):
+                torch.nn.init.normal_(param, std=0.5)
+            model.nets.append(net.to(cfg.device).eval())
+    return model

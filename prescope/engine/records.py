@@ -37,7 +37,7 @@ class Records:
         self.last_exit = None  # event after the last MoE layer's host work
         self.host_seconds = [0.0] * L  # wall time of the engine's own work per MoE layer
         self.sync_seconds = [0.0] * L  # of which waiting for the device (the layer's routing)
-        self.plan_seconds = [0.0] * L  # of which in the policy: prediction, planning
+        self.plan_seconds = [0.0] * L  # of which in the policy: prediction, planning (`plan` and `plan_ahead`)
         self.victim_seconds = [0.0] * L  # and in the policy's victim choices
         self.forecast_wait_seconds = [0.0] * L  # of those two, waiting for the device (reading the forecast)
         self.stopped = {"queued": 0, "part_way": 0}  # AsyncIO prefetches no layer used, stopped
@@ -93,11 +93,11 @@ class Records:
         self.own_seconds[self.step] = self.own_seconds.get(self.step, 0.0) - seconds
 
     def planned(self, layer: int, run: LayerRun) -> None:
-        """The policy's time in the running layer (`run`: plan and victims, of which its wait for the device,
-        the forecast's read, is not host work: `LayerRun.host_s`)."""
+        """The policy's time in the running layer (`run`: plan, plan ahead and victims, of which its wait for the
+        device, the forecast's read, is not host work: `LayerRun.host_s`)."""
         host_s = run.host_s
-        wait_s = run.plan_s + run.victim_s - host_s
-        self.plan_seconds[layer] += run.plan_s
+        wait_s = run.plan_s + run.ahead_s + run.victim_s - host_s
+        self.plan_seconds[layer] += run.plan_s + run.ahead_s
         self.victim_seconds[layer] += run.victim_s
         self.forecast_wait_seconds[layer] += wait_s
         self.plan_by_step[self.step] = self.plan_by_step.get(self.step, 0.0) + host_s

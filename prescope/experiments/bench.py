@@ -31,9 +31,12 @@ then one JSON line.
 
 Host time (per MoE layer call): `host_ms_per_layer` is the engine's own host work, every wait for the device
 excluded (the layer's routing, `sync_ms_per_layer`, and the policy's forecast read); `policy_ms_per_layer` and
-`victim_ms_per_layer` are the wall time in `Policy.plan` and `Policy.victim` over every call (prefill and graph
-capture included), the wait included, `forecast_wait_ms_per_layer` that wait. Over the measured decode steps
-only: `policy_ms_per_layer_decode` is the policy's own host work (plan + victims − wait) and
+`victim_ms_per_layer` are the wall time in `Policy.plan` (and `Policy.plan_ahead`) and `Policy.victim` over every
+call (prefill and graph capture included), the wait included, `forecast_wait_ms_per_layer` that wait. With
+`late_prefetch` (prescope, ceiling) most of the planning is in `plan_ahead`, after the layer's kernels are
+enqueued, so that part of the policy's host time overlaps the device instead of delaying the layer's launch.
+Over the measured decode steps only: `policy_ms_per_layer_decode` is the policy's own host work (plan + plan ahead
++ victims − wait) and
 `forecast_wait_ms_per_layer_decode` the host's wait inside them for the device: a forecast computed on the GPU
 (LLaPor's CUDA graph) is read back once the device has run it and everything queued before it (about 0 on the
 CPU, where the forecast is host work itself). The sum of the two is the policy's whole wall time.

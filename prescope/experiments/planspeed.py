@@ -17,7 +17,11 @@ decisions, `--decisions` and tests/experiments/test_planspeed.py), median of 3 i
 command on the same 2-core CPU, whole `plan` per planned layer: prescope 134 -> 102 µs (b1), 183 -> 155 (b4),
 258 -> 211 (b16); ceiling 164 -> 99, 219 -> 193, 302 -> 255. Part of b1's gain (victims left out) holds only
 while the pool has free slots, as in these 40 steps' warm-up; with a full pool that layer's victims are built
-(`--steps 120`, b1, the pool full for most of the run: prescope 129 -> 109 µs, ceiling 172 -> 161)."""
+(`--steps 120`, b1, the pool full for most of the run: prescope 129 -> 109 µs, ceiling 172 -> 161).
+
+`--predictor Q.pt` (a routing-only LLaPor checkpoint, `--device` where it runs) feeds the prescope policy, whose
+rows then give its forecast's median µs (`forecast_us`); `--threads 1` keeps torch's idle threads from spinning on a
+shared CPU. Its figures are in `policies/predictive.py`'s docstring."""
 
 from __future__ import annotations
 
@@ -101,17 +105,19 @@ def planning_time(budget_shares: tuple[float, ...] = (0.25, 0.5), count: int = 3
 
 def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=False]", "ceiling[gate=False]"),
                          batches: tuple[int, ...] = (1, 4), budget_share: float = 0.25, steps: int = 40,
-                         profile: str = "h200") -> list[dict]:
+                         profile: str = "h200", predictor=None) -> list[dict]:
     """The policies' host time per planned layer while the simulator replays `trace` (its decode cut in
     `batch` segments decoded together), on this machine's CPU: per policy and batch, the median and p90 of
     `policy.plan`'s wall time over the first `steps` forward calls, in µs, of PreSched's share of it
     (`presched.plan`) and of the rest (`own`: the policy's forecast, instance, victims and bookkeeping), and
     (`host_`, with its mean) of the layer's plan and `policy.victim` calls together (what the engine charges the
-    policy per layer, `LayerRun.host_s`), with the simulated ms per token."""
+    policy per layer, `LayerRun.host_s`), with the simulated ms per token. `predictor`: what the prescope
+    policies predict from (default: their memory of the previous step), with `forecast_us`, the median µs of
+    its forecast per call (`Predictive._predicted`)."""
     import time
 
     import prescope.policies.presched as presched
-    from prescope.policies import make_policy, parse_policy
+    from prescope.policies import parse_policy
     from prescope.routing.segments import decode_segments
     from prescope.sim.simulator import replay
 
@@ -123,8 +129,14 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
     for spec in policies:
         for batch in batches:
             parsed = parse_policy(spec)
-            policy, times, inside, victims = make_policy(parsed.name, **parsed.options), [], [], []
-            plan, victim = policy.plan, policy.victim
+            policy, times, inside, forecasts, victims = _policy(parsed, predictor), [], [], [], []
+            plan, victim, predicted = policy.plan, policy.victim, getattr(policy, "_predicted", None)
+
+            def timed_forecast(*args, predicted=predicted, forecasts=forecasts):
+                start = time.perf_counter()
+                out = predicted(*args)
+                forecasts.append(time.perf_counter() - start)
+                return out
 
             def timed(view, cache, plan=plan, times=times, inside=inside, victims=victims):
                 inside.append(0.0)
@@ -147,6 +159,8 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
                 return out
 
             policy.plan, policy.victim = timed, timed_victim
+            if predicted is not None:
+                policy._predicted = timed_forecast
             cut = decode_segments(trace, batch) if batch > 1 else trace
             presched.plan = timed_planner  # the policies call it through the module
             try:
@@ -159,22 +173,24 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
                          "layers": len(times), **quantiles(times, ""), **quantiles(own, "own_"),
                          **quantiles(inside, "presched_"), **quantiles(host, "host_"),
                          "host_mean_us": sum(host) / len(host) * 1e6,
+                         **({"forecast_us": sorted(forecasts)[len(forecasts) // 2] * 1e6} if forecasts else {}),
                          "simulated_ms_per_token": result.totals["mean_token_latency_s"] * 1e3})
     return rows
 
 
 def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]", "ceiling[gate=False]"),
                      batches: tuple[int, ...] = (1, 4, 16), budget_shares: tuple[float, ...] = (0.25,),
-                     steps: int = 3, profile: str = "h200", victims: bool = False) -> list[dict]:
+                     steps: int = 3, profile: str = "h200", predictor=None, victims: bool = False) -> list[dict]:
     """What the policies decide while the simulator replays `trace` (as `replay_planning_time` replays it), to
     check that a faster planner decides the same: per policy, batch and budget, every `plan` call's orders
     (step, layer, GPU experts, CPU experts, prefetches) and the victims it named for its loads (`planned`, where
     the policy keeps them), with `victims` also the slot each of the layer's `victim` calls gave (for the
-    policies that choose victims there), with their SHA-256 (`digest`) and count."""
+    policies that choose victims there), with their SHA-256 (`digest`) and count. `predictor`: as
+    `replay_planning_time`'s."""
     import hashlib
     import json
 
-    from prescope.policies import make_policy, parse_policy
+    from prescope.policies import parse_policy
     from prescope.routing.segments import decode_segments
     from prescope.sim.simulator import replay
 
@@ -183,7 +199,7 @@ def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]",
         for batch in batches:
             for share in budget_shares:
                 parsed = parse_policy(spec)
-                policy, decisions = make_policy(parsed.name, **parsed.options), []
+                policy, decisions = _policy(parsed, predictor), []
                 plan = policy.plan
 
                 def recorded(view, cache, plan=plan, decisions=decisions, policy=policy):
@@ -208,6 +224,14 @@ def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]",
     return rows
 
 
+def _policy(parsed, predictor):
+    """The policy `parsed` names, fed `predictor` where it is a prescope policy and one is given."""
+    from prescope.policies import make_policy
+
+    runtime = {"predictor": predictor} if predictor is not None and parsed.name == "prescope" else {}
+    return make_policy(parsed.name, **runtime, **parsed.options)
+
+
 if __name__ == "__main__":
     import argparse
     import json
@@ -218,7 +242,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5, help="plans per instance (the best counts)")
     parser.add_argument("--replay", action="store_true", help="print the prescope and ceiling policies' planning "
                         "time per layer replaying the shipped Qwen3-30B-A3B trace (25 %% budget, at --batches)")
-    parser.add_argument("--policies", default="prescope[gate=False],ceiling[gate=False]", help="policies replayed, "
+    parser.add_argument("--policies", default="prescope[gate=False];ceiling[gate=False]", help="policies replayed, "
                         "separated by ';' (--replay; e.g. 'belady;activation_matrix;hybrid')")
     parser.add_argument("--steps", type=int, default=40, help="forward calls replayed per cell (--replay)")
     parser.add_argument("--batches", default="1,4", help="batch sizes replayed, comma-separated (--replay; "
@@ -226,7 +250,18 @@ if __name__ == "__main__":
     parser.add_argument("--decisions", action="store_true", help="print the digest of every decision the policies "
                         "make replaying the shipped Qwen3-30B-A3B trace (--steps, --batches; budgets 25 %% and 10 %%), "
                         "to compare planners")
+    parser.add_argument("--predictor", help="a routing-only LLaPor checkpoint the prescope policy predicts from "
+                        "(--replay, --decisions; default: its memory of the previous step)")
+    parser.add_argument("--device", default="cpu", help="where --predictor runs (cpu, cuda)")
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (1 on a small shared CPU: idle threads "
+                        "spin-wait for a busy core, and a network forward on the CPU then takes milliseconds)")
     args = parser.parse_args()
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.replay or args.decisions:
         from prescope.data import shipped
         from prescope.routing.llamacpp import load_llamacpp_trace
@@ -238,13 +273,20 @@ if __name__ == "__main__":
             parser.error(f"--batches takes comma-separated integers, got {args.batches!r}")
         if not batches or min(batches) < 1:
             parser.error(f"--batches must be >= 1, got {args.batches!r}")
+        predictor = None
+        if args.predictor:
+            from prescope.predict.routellapor import load_predictor
+
+            predictor = load_predictor(args.predictor, device=args.device)
         if args.decisions:
-            for row in replay_decisions(qwen3, batches=batches, budget_shares=(0.25, 0.1), steps=args.steps):
+            for row in replay_decisions(qwen3, batches=batches, budget_shares=(0.25, 0.1), steps=args.steps,
+                                        predictor=predictor):
                 print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True,
                                   **{k: v for k, v in row.items() if k != "decisions"}}))
         else:
             policies = tuple(p.strip() for p in args.policies.split(";") if p.strip())
-            for row in replay_planning_time(qwen3, policies=policies, batches=batches, steps=args.steps):
+            for row in replay_planning_time(qwen3, policies=policies, batches=batches, steps=args.steps,
+                                            predictor=predictor):
                 print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True, "measured_on": "this CPU",
                                   **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}}))
     elif args.bench:

@@ -5,7 +5,8 @@
 - `cache`: the GPU slot bookkeeping a policy reads and the executors update;
 - `protocol`: one MoE layer's steps, written once for both executors (the engine, the simulator);
 - `peers`: the prediction-driven policies (the peers' systems, PreScope), on `predictive`; `window`: PreScope's
-  planning inputs over arrays (the window's forecast, candidates, expected compute, cheapest victims);
+  planning inputs over arrays (the window's forecast, candidates, expected compute, cheapest victims); `lateplan`:
+  PreScope's `late_prefetch` (the split before a layer's launch, the window's prefetches once its kernels are enqueued);
 - `limits`: what knowing the step's future buys: `belady` (true future, Belady's eviction; results before it
   was renamed call it `oracle`) and `ceiling` (PreScope with perfect prediction);
 - `presched`: PreSched, the cross-layer planner, a pure function; `objective`: J of any plan, the reference it is

@@ -6,6 +6,9 @@ trace-replay simulator all run the very same objects:
 - `plan(view, cache) -> Orders`: for the running layer, which routed experts run on the GPU (loading any
   that are absent, on demand) and which on the CPU from host memory; and which experts of later layers to
   prefetch, most valuable first.
+- `plan_ahead(view, cache) -> list[Key]` (optional; none by default): once the layer's GPU experts are enqueued,
+  more prefetches of later layers, issued after `plan`'s: planning done there overlaps the layer's device work
+  instead of delaying its launch (PreScope's `late_prefetch`);
 - `victim(cache, key) -> slot | None`: which slot `key` may take (a free one, or one whose expert is
   evicted); None when every slot is pinned by the running layer or still loading, in which case the
   engine first computes what is resident and retries.
@@ -103,6 +106,8 @@ class Costs:
     host: float = 0.0  # the host's own time per MoE layer at decode (launches, Python), which device work hides behind
     launch: float = 0.0  # the fixed part of `gpu(n)`: launching one expert's kernels, which the host spends too
     plan: float = 0.0  # host time of one layer's prediction and planning by a predicting policy
+    predict: float = 0.0  # of `plan`, the prediction's part (the profile's predict_overhead_s)
+    wave: float = 0.0  # the fixed device time of one grouped kernel over a wave of experts (0: a kernel per expert)
     transfer_host: float = 0.0  # host time to issue one transfer (the profile's host_per_transfer_s)
     # whether the executor runs a layer's loads and kernels while the host already works on the next layer
     # (the engine: one sync per layer, then launches run ahead), or after the host's work, serially (the simulator)
@@ -132,8 +137,8 @@ def costs_for(layout, profile) -> Costs:
                  + (grouped.wave_fixed_s if grouped is not None else 0.0),
                  host=profile.host_overhead_per_layer_s,
                  launch=profile.gpu_expert.fixed_s if grouped is None else 0.0,
-                 plan=profile.predict_overhead_s + profile.plan_overhead_s,
-                 transfer_host=profile.host_per_transfer_s)
+                 plan=profile.predict_overhead_s + profile.plan_overhead_s, predict=profile.predict_overhead_s,
+                 wave=grouped.wave_fixed_s if grouped is not None else 0.0, transfer_host=profile.host_per_transfer_s)
 
 
 class Policy(ABC):
@@ -157,6 +162,12 @@ class Policy(ABC):
     @abstractmethod
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders: ...
 
+    def plan_ahead(self, view: LayerView, cache: ExpertCache) -> list[Key]:
+        """Called once the running layer's GPU experts are enqueued (after `plan`, its loads and kernels, before
+        its prefetches are issued): later layers' keys to prefetch after `plan`'s, most valuable first. Its host
+        time overlaps the layer's device work. None by default."""
+        return []
+
     host_work: tuple[str, ...] = ()  # host-side phases an executor should time: "predict", "plan"
     needs_future: bool = False  # reads LayerView.future (an executor computes it only for such a policy)
     async_io: bool = False  # asks the executor for AsyncIO's priority link (on-demand loads overtake prefetches)
@@ -168,6 +179,11 @@ class Policy(ABC):
         """The phases of `host_work` the last `plan` call did (an executor that charges them by profile
         constants, the simulator, charges only these)."""
         return self.host_work
+
+    def planned_ahead_work(self) -> tuple[str, ...]:
+        """The phases of `host_work` the last `plan_ahead` call did (none by default), charged like
+        `planned_work` but where they run: after the layer's GPU work was issued."""
+        return ()
 
     def uses_async_io(self, costs: Costs | None) -> bool:
         """Whether to ask for AsyncIO with these costs (an executor's explicit setting overrides it)."""

@@ -30,6 +30,7 @@ from operator import itemgetter
 
 import numpy as np
 
+import prescope.policies.lateplan as lateplan
 import prescope.policies.presched as presched
 from prescope.policies.base import Costs, LayerView, Orders, PolicyError, lru_victim
 from prescope.policies.cache import ExpertCache, Key
@@ -225,6 +226,9 @@ class PreScopeOptions(PredictiveOptions):
     # host time of predicting and planning one layer, which what planning saves must cover (`plan_gain`)
     # (None: `costs.plan`, the profile's predict_overhead_s + plan_overhead_s)
     plan_host_s: float | None = None
+    # plan only the running layer's split before its launch, the window's prefetches once its GPU work is
+    # enqueued (`plan_ahead`: that planning overlaps the device; lateplan.py)
+    late_prefetch: bool = False
 
     def check(self) -> None:
         super().check()
@@ -252,7 +256,9 @@ class PreScope(Predictive):
                   "not hide the device (the simulator), all on the GPU where it does (the engine's host-bound "
                   "layers, where a CPU expert would cost the host, the bottleneck); "
                   "optional (calibrate=True, off by default; reports/h200/comparison says why): the predictor's "
-                  "probabilities calibrated online per distance (reliability.Reliability)")
+                  "probabilities calibrated online per distance (reliability.Reliability); "
+                  "optional (late_prefetch=True, off by default): only the running layer's split planned before its "
+                  "launch, the window's prefetches once its GPU work is enqueued (lateplan.py)")
     async_io = True
     host_work = ("predict", "plan")
     # AsyncIO where a transfer is long enough for an on-demand load to suffer behind queued prefetches (one
@@ -266,7 +272,7 @@ class PreScope(Predictive):
         o = self.options
         self.candidates, self.layer_gap_s, self.max_prefetch = o.candidates, o.layer_gap_s, o.max_prefetch
         self.transfer_host_s, self.calibrate, self.window_reuse = o.transfer_host_s, o.calibrate, o.window_reuse
-        self.gate, self.plan_host_s = o.gate, o.plan_host_s
+        self.gate, self.plan_host_s, self.late = o.gate, o.plan_host_s, o.late_prefetch
         self.reliability: Reliability | None = None
         self.planned: dict[Key, Key | None] = {}
         self.loss: dict[Key, float] = {}
@@ -275,11 +281,14 @@ class PreScope(Predictive):
         self.lean = 0  # layers run on demand because speculation could not pay there (gate)
         self.slack: tuple[int, float] | None = None  # (tokens·K of the step, running plan_gain)
         self.on_demand = False  # this layer runs on demand (the gate): victims by per-layer LRU
+        # late_prefetch: the window is planned ahead at this layer; its forecast if already taken; layer l's split
+        self.ahead, self.early, self.split = False, None, ([], [])
+        self.planned_window = False  # the last plan_ahead planned the window (what an executor charges)
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         self.lookahead = min(self.lookahead, max(1, cache.num_layers - 1)) if cache.num_layers > 1 else 1
         self.planned, self.loss, self.issued, self.skipped, self.lean, self.slack = {}, {}, [], 0, 0, None
-        self.on_demand = False
+        self.on_demand, self.ahead, self.early, self.split = False, False, None, ([], [])
         self.reliability = Reliability(self.lookahead) if self.calibrate else None
         out = super().reset(cache, num_experts, costs)
         self.compute_table = ComputeTable(self.costs.gpu) if costs is not None else None  # c_d of the window
@@ -352,8 +361,15 @@ class PreScope(Predictive):
         the plans before it could hide, and the device's own work per layer as the room that hides P.
 
         Where the host does not hide the device (the simulator), or with `layer_gate` (the rule before this
-        one, kept to compare), `device_slack` − P."""
+        one, kept to compare), `device_slack` − P.
+
+        With `late_prefetch`, P in both rules is only the part of the planning host time that the layer's device
+        work does not hide (`lateplan.unhidden`): the prediction's share where it stays before the launch (a
+        forecast computed on the device, `lateplan.early_forecast`), plus what the rest exceeds the routed
+        experts' kernels by (Σ gpu(n) + one wave's fixed time), since it runs once they are enqueued."""
         p = self.plan_host_s if self.plan_host_s is not None else self.costs.plan
+        if self.late:
+            p = lateplan.unhidden(self, view, p)
         costs = self.costs
         if not costs.host_hides_device or self.options.layer_gate:
             return self.device_slack(view, cache) - p
@@ -446,6 +462,7 @@ class PreScope(Predictive):
         return costs is None or costs.load >= self.ASYNC_MIN_LOAD_S
 
     def plan(self, view: LayerView, cache: ExpertCache) -> Orders:
+        self.planned_window = False
         if self.reliability is not None:
             if view.step != self.memory.step:
                 self.reliability.new_step()
@@ -463,6 +480,8 @@ class PreScope(Predictive):
                 return self._unplanned(cache, routed, list(view.experts))
             gpu, cpu = fastest_split(view, cache, self.costs)
             return self._unplanned(cache, routed, gpu, cpu)
+        if self.late:  # the split now, the window once the layer's GPU work is enqueued (`plan_ahead`)
+            return lateplan.split_plan(self, view, cache, routed)
         forecast = self.window_forecast(view)
         offered = self.offered(view, cache, forecast)
         if self.nothing_to_plan(view, cache, forecast, offered):
@@ -477,14 +496,30 @@ class PreScope(Predictive):
         self.issued = self._still_loading(cache) + keys
         return Orders(gpu=list(p.gpu), cpu=list(p.cpu), prefetch=list(p.prefetch))
 
+    def plan_ahead(self, view: LayerView, cache: ExpertCache) -> list[Key]:
+        """With `late_prefetch`, the window's prefetches, planned now that the layer's GPU work is enqueued
+        (`lateplan.window_plan`); nothing otherwise, or where `plan` ran the layer on demand."""
+        return lateplan.window_plan(self, view, cache) if self.ahead else []
+
     def _unplanned(self, cache: ExpertCache, routed: set[Key], gpu: list[int], cpu: list[int] | None = None) -> Orders:
         """Orders without PreSched: `gpu` in that order, `cpu` on the CPU, no prefetch, no planned victims."""
-        self.planned, self.loss, self.protect = {}, {}, routed
+        self.planned, self.loss, self.protect, self.ahead = {}, {}, routed, False
         self.issued = self._still_loading(cache)
         return Orders(gpu=gpu, cpu=cpu or [])
 
     def planned_work(self) -> tuple[str, ...]:
-        return () if self.on_demand else self.host_work
+        if self.on_demand:
+            return ()
+        if self.late:  # before the launch, only a forecast computed on the device (lateplan.early_forecast)
+            return ("predict",) if self.early is not None and "predict" in self.host_work else ()
+        return self.host_work
+
+    def planned_ahead_work(self) -> tuple[str, ...]:
+        """With `late_prefetch`, the host work of the window's planning where the last `plan_ahead` did it (its
+        prediction too, unless taken before the launch); none at a layer run on demand or with no later layer."""
+        if not self.planned_window:
+            return ()
+        return tuple(w for w in self.host_work if w != "predict" or not lateplan.early_forecast(self))
 
     def _still_loading(self, cache: ExpertCache) -> list[Key]:
         """The keys this policy issued that are still on the link, in issue order (for `link_state`)."""

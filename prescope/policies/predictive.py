@@ -8,6 +8,20 @@
   giving (P(used by some token of the step), expected tokens if used) per expert and layer.
 - helpers the policies share: the link's state from the cache, the fastest GPU/CPU split of a layer's misses.
 
+A routing-only LLaPor (`predict.routellapor`, `predict_masks`) is read from the Memory's [L, E] grids, packed with
+k in one float32 host buffer, instead of the history's per-layer expert lists; its forecast and `_used` (k as a
+tensor, `inclusion_probs_at`) run as one CUDA graph per layer on the GPU, eagerly on the CPU, with the same
+values. Measured on the 2-core development CPU (not the H200 host), one intra-op thread, replaying the Qwen3-30B-A3B
+trace with its routing-only LLaPor (`python -m prescope.experiments.planspeed --replay --predictor Q.pt
+--batches 1,4,16 --steps 12 --threads 1`, Q.pt from `prescope.cli predictor-accuracy --trace
+prescope/assets/data/routing/qwen3-30b-a3b.route.csv.xz --out DIR --save-predictor Q.pt`), prescope[gate=False]'s median µs
+per layer, before (766c7a9, the same planspeed.py) -> after: the forecast (`_predicted`) 703 -> 457 (b1),
+819 -> 454 (b4), 1043 -> 461 (b16); the whole `plan` 1068 -> 819, 1161 -> 792, 1468 -> 868 (median of 2 runs
+each). On this CPU what is left of the forecast is the network's arithmetic (~300 µs: 48 layers' weights of
+~2.6 MB each, read from memory); the eager ops it saves cost ~15-20 µs each on the H200 host, where the graph
+leaves ~3 of them (the buffer's copy, the replay, the read). The decisions are the same: `--decisions
+--predictor Q.pt --batches 1,4,16 --steps 4` gives the same six prescope digests before and after.
+
 Letters: L MoE layers, E experts, K top-k, N tokens, D lookahead distance, S slots.
 """
 
@@ -186,6 +200,7 @@ class Predictive(Policy):
         self.layer, self.costs_gap = -1, 0.0
         self.graphs = None  # predict.graphs.GraphCache of the forecast, built on first use (CUDA graphs on the GPU)
         self.graphs_for = None  # the predictor those graphs call
+        self.masks = None  # (host buffer, its numpy view, the device it feeds) of `_predicted_masks`
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         super().reset(cache, num_experts, costs)
@@ -256,6 +271,9 @@ class Predictive(Policy):
 
         hidden, pred, distances = view.hidden, self.predictor, list(range(1, depth + 1))
         rows = hidden.shape[0] if hidden is not None else 1
+        if not pred.needs_hidden and hasattr(pred, "predict_masks"):  # routing-only LLaPor: from Memory's masks
+            k = self.top_k() if hidden is not None and rows == 1 else max(1, len(view.experts))
+            return self._predicted_masks(view, depth, min(k, self.num_experts))
         if not pred.needs_hidden:  # history-based: the routing seen so far
             history = self.memory.history(view, with_truth=True)
             scores = pred.predict_window(view.layer, distances, hidden=hidden, history=history)
@@ -285,24 +303,76 @@ class Predictive(Policy):
         key = (view.layer, depth, *(tuple(x.shape) for x in inputs))
         return self.graphs(key, window, *inputs)
 
+    def _predicted_masks(self, view: LayerView, depth: int, k: int):
+        """`_predicted` of a predictor that reads the history as masks (`RoutingLLaPor.predict_masks`): the
+        Memory's [L, E] grids (this step's experts, the previous step's, earlier steps' tokens; the same
+        history `Memory.history` lists, without building it) and k, packed in one float32 host buffer
+        [3·L·E + 1] that one copy moves to the predictor's device, where the forecast and `_used` run as
+        one CUDA graph per layer (`graphs.GraphCache`; eagerly on the CPU)."""
+        import torch
+
+        mem, pred, L, E = self.memory, self.predictor, self.memory.L, self.memory.E
+        where = torch.device(pred.device or "cpu")
+        if self.masks is None or self.masks[0].shape != (3 * L * E + 1,) or self.masks[2] != where:
+            # pinned for a GPU: its copy is queued, not waited for (the read waits, counted in forecast_wait_s);
+            # the next call rewrites it only after that read, which has waited for the copy
+            host = torch.zeros(3 * L * E + 1, dtype=torch.float32)
+            host = host.pin_memory() if where.type == "cuda" else host
+            self.masks = host, host.numpy(), where
+        packed, values = self.masks[0], self.masks[1]
+        grids = values[:-1].reshape(3, L, E)
+        grids[0], grids[1], grids[2] = mem.now_used, mem.prev_used, mem.seen
+        values[-1] = k
+        layer = view.layer
+
+        def window(packed):
+            packed = packed.to(where, non_blocking=True)  # no-op inside a graph (its buffer is on the device)
+            now, prev, seen = packed[:-1].view(3, 1, L, E)
+            probs = pred.predict_masks(layer, now, prev, seen)[:, :depth]  # [1, D', E]
+            return _used(probs.transpose(0, 1).contiguous(), packed[-1])  # [2, D', E]
+
+        if self.graphs is None:
+            from prescope.predict.graphs import GraphCache
+
+            self.graphs = GraphCache(self.use_graphs)
+        return self.graphs(("masks", layer, depth, L, E), window, packed, device=where)
+
     def _predictor_input(self, hidden):
         """The router input on the predictor's device (LLaPor's parameters live where it was loaded)."""
         where = self.predictor.device
         return hidden if where is None else hidden.to(where, non_blocking=True)
 
 
-def _used(scores, k: int):
+def _used(scores, k):
     """[D, N, E] scores -> [2, D, E]: P(expert used by some of the N tokens), p = 1 − Π(1 − q), and the
     expected tokens if used, Σq / p, within [1, N]. p is summed in log space: in float32 1 − (1 − q) is 0
-    for q < 6e-8, which would make Σq / p explode."""
+    for q < 6e-8, which would make Σq / p explode. k: an int, or a 0-d tensor on the scores' device (one
+    CUDA graph then serves every k, `inclusion_probs_at`)."""
     import torch
 
     from prescope.predict.predictors import inclusion_probs
 
-    q = inclusion_probs(scores, k)  # [D, N, E]
+    q = inclusion_probs(scores, k) if isinstance(k, int) else inclusion_probs_at(scores, k)  # [D, N, E]
     p = -torch.expm1(torch.log1p(-q).sum(dim=1))  # [D, E]; q = 1 gives log 0 = -inf, so p = 1 exactly
     n = q.sum(dim=1) / p.clamp_min(1e-30)  # [D, E]
     return torch.stack([p, n.clamp(1.0, float(scores.shape[1]))])
+
+
+def inclusion_probs_at(scores, k):
+    """`predictors.inclusion_probs` with k a 0-d float tensor holding an integer in 1..E (checked by the
+    caller): the same values bit for bit, from the same sorted scores and suffix sums, with the candidate slots
+    masked instead of sliced, so no shape depends on k."""
+    import torch
+
+    s = scores.float().clamp_min(0)  # [..., E]
+    E = s.shape[-1]
+    s = torch.where(s.sum(-1, keepdim=True) > 0, s, 1.0)
+    ascending = s.sort(-1).values  # [..., E]
+    suffix = ascending.cumsum(-1)  # [..., E]
+    room = torch.arange(1 - E, 1, dtype=s.dtype, device=s.device) + k  # [E] k-c at the k largest, <= 0 below
+    room, slot = torch.where((room > 0) & (ascending * room <= suffix), room, 0).max(-1, keepdim=True)
+    lam = room / suffix.gather(-1, slot).clamp_min(1e-30)
+    return (lam * s).clamp(0, 1)
 
 
 def _as_lists(used: np.ndarray) -> list[tuple[list[float], list[float]]]:

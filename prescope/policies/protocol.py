@@ -12,8 +12,11 @@ token counts, in a `LayerView`):
    can be given up, the wave computes (`Executor.compute`: each expert from its slot once its copy landed)
    and releases its pins, and the next wave loads the rest; when every slot is still loading, the executor
    lets one transfer land first (`Executor.make_room`);
-5. prefetches are issued behind the layer's on-demand loads, stopping at the first that finds no slot;
-6. the pins are released; the executor joins the CPU experts and combines (its own business).
+5. plan ahead: the policy may add prefetches of later layers now (`Policy.plan_ahead`, none by default), its host
+   time overlapping the layer's device work just enqueued; the executor charges it (`Executor.planned_ahead`);
+6. prefetches (`plan`'s, then `plan_ahead`'s) are issued behind the layer's on-demand loads, stopping at the first
+   that finds no slot;
+7. the pins are released; the executor joins the CPU experts and combines (its own business).
 
 The budget in slots is decided once, by `slots_for`, for both executors; `preload` is what is resident
 before a run's first step.
@@ -47,6 +50,10 @@ class Executor(ABC):
     def planned(self, policy: Policy, view: LayerView) -> None:  # noqa: B027 - the engine measures its host time
         """The policy has planned this layer (an executor that charges planning by profile does it here)."""
 
+    def planned_ahead(self, policy: Policy, view: LayerView) -> None:  # noqa: B027 - the engine measures its host time
+        """The policy has planned ahead (`Policy.plan_ahead`) after this layer's GPU work was issued (an executor
+        that charges planning by profile does it here, on the host's clock only: it overlaps that work)."""
+
     @abstractmethod
     def start_cpu(self, layer: int, experts: list[int]) -> None:
         """Start computing `experts` of `layer` on the CPU from host memory."""
@@ -70,21 +77,22 @@ class Executor(ABC):
 class LayerRun:
     """What one layer's protocol did: the orders, and the host seconds spent in the policy."""
 
-    orders: Orders
+    orders: Orders  # its prefetches: `plan`'s, then `plan_ahead`'s
     plan_s: float = 0.0  # in `Policy.plan` (prediction and planning)
     victim_s: float = 0.0  # in `Policy.victim`
-    forecast_wait_s: float = 0.0  # of plan_s and victim_s, waiting for the device (`Policy.forecast_wait_s`)
+    forecast_wait_s: float = 0.0  # of plan_s, victim_s and ahead_s, waiting for the device (`Policy.forecast_wait_s`)
+    ahead_s: float = 0.0  # in `Policy.plan_ahead` (planning that overlaps the layer's device work)
 
     @property
     def host_s(self) -> float:
-        """The policy's own host work: plan_s + victim_s − forecast_wait_s, the wait taken as at most the time
-        spent and never below zero (timer rounding)."""
-        spent = self.plan_s + self.victim_s
+        """The policy's own host work: plan_s + victim_s + ahead_s − forecast_wait_s, the wait taken as at most
+        the time spent and never below zero (timer rounding)."""
+        spent = self.plan_s + self.victim_s + self.ahead_s
         return spent - min(max(0.0, self.forecast_wait_s), spent)
 
 
 def run_layer(view: LayerView, policy: Policy, cache: ExpertCache, executor: Executor) -> LayerRun:
-    """Steps 1-6 of the module docstring for one MoE layer."""
+    """Steps 1-7 of the module docstring for one MoE layer."""
     # 1. cut prefetches no layer will use
     executor.cut_stale(view)
     # 2. plan
@@ -99,7 +107,11 @@ def run_layer(view: LayerView, policy: Policy, cache: ExpertCache, executor: Exe
             executor.start_cpu(view.layer, orders.cpu)
         # 4. GPU experts in waves
         gpu_waves(view.layer, orders.gpu, policy, cache, executor, run)
-        # 5. prefetches, behind this layer's on-demand loads
+        # 5. plan ahead, while the device computes this layer
+        if ahead := _plan_ahead(view, policy, cache, run):
+            orders.prefetch = [*orders.prefetch, *ahead]
+        executor.planned_ahead(policy, view)
+        # 6. prefetches, behind this layer's on-demand loads
         for key in orders.prefetch:
             if cache.is_present(key):
                 continue
@@ -107,7 +119,7 @@ def run_layer(view: LayerView, policy: Policy, cache: ExpertCache, executor: Exe
                 break
             place(key, slot, True, cache, executor)
     finally:
-        # 6. a layer that raised part-way must not leave its pins behind
+        # 7. a layer that raised part-way must not leave its pins behind
         cache.unpin_all()
     return run
 
@@ -140,6 +152,14 @@ def gpu_waves(layer: int, chosen: list[int], policy: Policy, cache: ExpertCache,
         for e in wave:
             cache.unpin((layer, e))
         pending = deferred
+
+
+def _plan_ahead(view: LayerView, policy: Policy, cache: ExpertCache, run: LayerRun) -> list[Key]:
+    waited, began = policy.forecast_wait_s, time.perf_counter()
+    ahead = policy.plan_ahead(view, cache)
+    run.ahead_s += time.perf_counter() - began
+    run.forecast_wait_s += policy.forecast_wait_s - waited
+    return ahead
 
 
 def _victim(policy: Policy, cache: ExpertCache, key: Key, run: LayerRun) -> int | None:

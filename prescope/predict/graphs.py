@@ -50,8 +50,11 @@ class GraphCache:
         self.pool = None
         self.captured = self.refused = 0
 
-    def __call__(self, key, fn, *inputs: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or not inputs[0].is_cuda:
+    def __call__(self, key, fn, *inputs: torch.Tensor, device=None) -> torch.Tensor:
+        """`device`: where the graph runs when the inputs are on the host (they are copied into its buffers
+        there, and `fn` must move them itself when it runs eagerly); default: the first input's device."""
+        device = inputs[0].device if device is None else torch.device(device)
+        if not self.enabled or device.type != "cuda":
             return fn(*inputs)
         entry = self.entries.get(key, 0)
         if isinstance(entry, tuple):
@@ -63,11 +66,10 @@ class GraphCache:
         if entry == 0 or entry == "eager":
             self.entries[key] = entry if entry == "eager" else 1
             return fn(*inputs)
-        return self._capture(key, fn, inputs)
+        return self._capture(key, fn, inputs, device)
 
-    def _capture(self, key, fn, inputs) -> torch.Tensor:
-        device = inputs[0].device
-        static = [x.clone() for x in inputs]
+    def _capture(self, key, fn, inputs, device) -> torch.Tensor:
+        static = [x.to(device, copy=True) for x in inputs]
         side, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
         side.wait_stream(current)
         try:

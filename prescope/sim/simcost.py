@@ -129,5 +129,7 @@ class SimTimes:
         launch = p.gpu_expert.fixed_s if p.gpu_grouped is None else p.gpu_grouped.wave_fixed_s
         return Costs(load=self.of("link", self.nbytes), gpu=self.gpu, cpu=self.cpu,
                      layer_gap=self.formulas["attention"](1) + host, host=host, launch=launch,
-                     plan=p.predict_overhead_s + p.plan_overhead_s, transfer_host=p.host_per_transfer_s,
+                     plan=p.predict_overhead_s + p.plan_overhead_s, predict=p.predict_overhead_s,
+                     wave=p.gpu_grouped.wave_fixed_s if p.gpu_grouped is not None else 0.0,
+                     transfer_host=p.host_per_transfer_s,
                      host_hides_device=False)

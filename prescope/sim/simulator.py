@@ -8,7 +8,9 @@ decoder layer in order: attention and the other resident work of the layer on th
 N tokens); the host's own work of the MoE step (the profile's per-layer overhead, `host`); then the
 protocol, whose orders this executor times (`_Replay`): the cache catches up with the clock before the
 plan; the plan costs the profile's prediction and planning times for what the policy did
-(`Policy.planned_work`: prescope's gate skips both); issuing each transfer costs `host_per_transfer_s`;
+(`Policy.planned_work`: prescope's gate skips both), before the layer's GPU work; what the policy plans once that
+work is issued (`Policy.plan_ahead`, `Policy.planned_ahead_work`: prescope's `late_prefetch`) costs the host the
+same times after it, overlapping it; issuing each transfer costs `host_per_transfer_s`;
 CPU experts run one after another on the CPU lane, overlapping GPU work; a GPU expert starts when its
 load has landed and the GPU is free (or, where the profile has `gpu_grouped`, as the fast engine does: a
 wave's experts run as one grouped kernel once the last of its loads has landed, `cost.gpu_wave_time`); when
@@ -23,8 +25,9 @@ promoted). Every load into a slot starts after the slot's previous occupant fini
 budget holds every expert, all are resident before time 0 (as in the engine); otherwise the policy's
 `reset` keys are. Each step's lower bound prices the misses of an optimal cache (`belady_misses`).
 
-Simplifications: one CPU worker lane; host work is serial with the GPU (the routing decision needs a
-host sync); KV-cache reads are not timed; non-expert parameters per layer are estimated from the layout
+Simplifications: one CPU worker lane; host work before a layer's experts are issued is serial with the GPU
+(the routing decision needs a host sync), later host work of the layer (planning ahead, issuing prefetches)
+overlaps its GPU and CPU experts; KV-cache reads are not timed; non-expert parameters per layer are estimated from the layout
 unless given (`default_dense_params`); a layer's prefetches are queued once all its on-demand loads are.
 
 Letters: L MoE layers, E experts, K top-k, N tokens in a step, H hidden, I expert width, S slots.
@@ -198,6 +201,18 @@ class _Replay(Executor):
                 self.rows.append(("cpu", view.step, view.layer, -1, kind, sum(view.tokens), 0, h, h + d, -1, -1))
                 h += d
         self.h = self.g = h
+
+    def planned_ahead(self, policy: Policy, view: LayerView) -> None:
+        """Charge the prediction and planning done in `Policy.plan_ahead` (`Policy.planned_ahead_work`) on the
+        host's clock only, where it runs: after the layer's loads and kernels were issued, so it overlaps the
+        layer's GPU work (the GPU clock does not move) and delays only what the host does next, the prefetches'
+        issue and the next layer (which starts when the host, the GPU and the CPU are done)."""
+        done, h = policy.planned_ahead_work(), self.h
+        for kind, d in self.planning:
+            if kind in done:
+                self.rows.append(("cpu", view.step, view.layer, -1, kind, sum(view.tokens), 0, h, h + d, -1, -1))
+                h += d
+        self.h = h
 
     def start_cpu(self, layer: int, experts: list[int]) -> None:
         """One after another on the CPU lane, from the end of planning, overlapping GPU work."""

@@ -40,3 +40,14 @@ def test_clear_forgets_the_waits():
     r.planned(0, run(0.002, 0.0, 0.001))
     r.clear()
     assert r.wait_by_step == {} and r.forecast_wait_seconds == [0.0, 0.0] and r.plan_by_step == {}
+
+
+def test_planning_ahead_counts_as_the_policys_host_work():
+    """`Policy.plan_ahead`'s time (LayerRun.ahead_s) is in the policy's columns like `plan`'s: its wall time in
+    plan_seconds, its host work in plan_by_step, a wait inside it in the wait."""
+    r = records()
+    r.begin_step(tokens=1, phase="decode")
+    r.planned(0, LayerRun(Orders(), plan_s=0.001, victim_s=0.0005, forecast_wait_s=0.0002, ahead_s=0.003))
+    assert r.plan_seconds == [pytest.approx(0.004), 0.0]
+    assert r.plan_by_step[0] == pytest.approx(0.001 + 0.0005 + 0.003 - 0.0002)
+    assert r.wait_by_step[0] == pytest.approx(0.0002)

@@ -79,3 +79,33 @@ def test_the_policies_decide_as_before_the_planning_speed_ups():
     full = [r for r in rows if r["budget_share"] == 0.1]
     assert all(any(victim for d in r["decisions"] for _, victim in d[5]) for r in full)  # victims were named
     assert all(any(d[4] for d in r["decisions"]) for r in rows)  # and prefetches issued
+
+
+def test_a_predictor_given_to_the_replays_feeds_prescope_and_decides_as_through_its_history_lists():
+    """`predictor` reaches the prescope policy (its forecast is timed, `forecast_us`), not the ceiling; on the
+    shipped Qwen3-30B-A3B trace a routing-only LLaPor read from the policy's memory masks (`predict_masks`)
+    decides exactly as the same networks read through the history lists (`predict_window`)."""
+    from conftest import random_routing_llapor
+
+    from prescope.data import shipped
+    from prescope.experiments.planspeed import replay_decisions, replay_planning_time
+    from prescope.routing.llamacpp import load_llamacpp_trace
+
+    class ByLists:  # the same predictor without its mask path
+        def __init__(self, model):
+            self.model = model
+
+        def __getattr__(self, name):
+            if name == "predict_masks":
+                raise AttributeError(name)
+            return getattr(self.model, name)
+
+    trace = load_llamacpp_trace(shipped("routing", "qwen3-30b-a3b.route.csv"))
+    model = random_routing_llapor(trace.layout, distance=3, routing_window=2)
+    fast, slow = (replay_decisions(trace, policies=("prescope[gate=False]",), batches=(1, 4), steps=2, predictor=p)
+                  for p in (model, ByLists(model)))
+    assert [r["digest"] for r in fast] == [r["digest"] for r in slow]
+    plain = replay_decisions(trace, policies=("prescope[gate=False]",), batches=(1,), steps=2)
+    assert plain[0]["digest"] != fast[0]["digest"]  # the predictor was read
+    rows = replay_planning_time(trace, batches=(1,), steps=1, predictor=model)
+    assert rows[0]["forecast_us"] > 0 and "forecast_us" not in rows[1]

@@ -134,3 +134,113 @@ def test_reading_a_forecast_from_the_gpu_counts_the_wait_for_the_work_queued_bef
     lists_before = policy.forecast_wait_s
     assert policy.forecast(v, 2)[0][0] == pytest.approx(want.p[0].tolist(), rel=1e-6, abs=1e-7)
     assert policy.forecast_wait_s >= lists_before
+
+
+def test_inclusion_probs_at_a_tensor_k_equal_inclusion_probs_bit_for_bit():
+    """One graph serves every k: the masked form equals the sliced one for each k, on rows with ties, zeros, fewer
+    positive scores than k, and scores spanning many orders of magnitude."""
+    from prescope.policies.predictive import inclusion_probs_at
+    from prescope.predict.predictors import inclusion_probs
+
+    g = torch.Generator().manual_seed(0)
+    E = 16
+    rows = torch.rand(6, E, generator=g) ** 4
+    rows[1] = 0.0  # all zeros
+    rows[2, 3:] = 0.0  # three positive scores
+    rows[3] = torch.tensor([0.5] * 8 + [0.25] * 8)  # ties
+    rows[4] = 10.0 ** torch.linspace(-12, 3, E)
+    scores = rows.reshape(2, 3, E)  # [D, N, E]
+    for k in range(1, E + 1):
+        assert torch.equal(inclusion_probs_at(scores, torch.tensor(float(k))), inclusion_probs(scores, k)), k
+
+
+class _ByLists:
+    """A routing-only LLaPor seen through `predict_window` only: the policy's history path (Memory.history)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        if name == "predict_masks":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+
+def _replayed_forecasts(predictor, use_graphs=True, steps=6, union=False):
+    """The prescope policy's forecast arrays at every layer of `steps` random steps (a union of several tokens'
+    experts per layer with `union`), from `predictor`."""
+    import random
+
+    from test_peers import COSTS, cache_with, view
+
+    from prescope.policies import make_policy
+
+    L, E = 5, 12
+    policy = make_policy("prescope", predictor=predictor, lookahead=2)
+    policy.use_graphs = use_graphs
+    policy.reset(cache_with(8, L, [(0, 1)]), E, COSTS)
+    rng, out = random.Random(3), []
+    for step in range(steps):
+        for layer in range(L):
+            experts = rng.sample(range(E), rng.randint(5, 9) if union else 2)
+            v = view(layer, experts, L=L, E=E, step=step, tokens=[rng.randint(1, 4) for _ in experts])
+            policy.memory.observe(v)
+            out.append(policy.forecast_arrays(v, 2))
+    return out, policy
+
+
+@pytest.mark.parametrize("union", [False, True])
+def test_a_routing_llapor_forecast_from_the_memory_masks_equals_the_history_path(union):
+    """The prescope policy reads a routing-only LLaPor from its memory's [L, E] grids (`predict_masks`, one buffer,
+    k as a tensor) and forecasts exactly what the history lists through `predict_window` gave, at batch 1 and for
+    unions of more than K experts."""
+    from conftest import random_routing_llapor
+    from test_peers import layout
+
+    model = random_routing_llapor(layout(5, 12, 2), routing_window=3, distance=2)
+    fast, _ = _replayed_forecasts(model, union=union)
+    slow, _ = _replayed_forecasts(_ByLists(model), union=union)
+    assert len(fast) == len(slow) == 30
+    for a, b in zip(fast, slow, strict=True):
+        assert np.array_equal(a.p, b.p) and np.array_equal(a.n, b.n)
+    assert any(a.p.size and 0 < a.p.min() < a.p.max() < 1 for a in fast)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("union", [False, True])
+def test_a_routing_llapor_forecast_replayed_from_cuda_graphs_equals_the_eager_one(union):
+    """On the GPU each layer's forecast (the packed host buffer in, `predict_masks` and `_used` inside) is captured
+    once and replayed: the replays equal the eager GPU forecast and the CPU one."""
+    from conftest import random_routing_llapor
+    from test_peers import layout
+
+    def on(device):
+        return random_routing_llapor(layout(5, 12, 2), routing_window=3, distance=2, device=device)
+
+    graphed, policy = _replayed_forecasts(on("cuda"), union=union)
+    eager, _ = _replayed_forecasts(on("cuda"), use_graphs=False, union=union)
+    host, _ = _replayed_forecasts(on("cpu"), union=union)
+    assert policy.graphs.captured >= 4 and policy.graphs.refused == 0  # layers 0..3 forecast; each replayed
+    for a, b, c in zip(graphed, eager, host, strict=True):
+        np.testing.assert_allclose(a.p, b.p, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a.n, b.n, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.p, c.p, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a.n, c.n, rtol=1e-4, atol=1e-5)
+
+
+def test_the_mask_forecast_reads_nothing_back_from_the_device():
+    """What a CUDA graph captures (predict_masks, then `_used` with k as a tensor) has no host read, checked on
+    the CPU with the guard GraphCache runs before any capture."""
+    from conftest import random_routing_llapor
+    from test_peers import layout
+
+    from prescope.predict.graphs import _NoHostReads
+
+    model = random_routing_llapor(layout(5, 12, 2), routing_window=3, distance=2)
+    masks = [(torch.rand(1, 5, 12) < 0.3).float() for _ in range(2)]
+    with _NoHostReads():
+        for layer in range(4):
+            probs = model.predict_masks(layer, *masks, torch.rand(1, 5, 12) * 4)
+            used = _used(probs.transpose(0, 1).contiguous(), torch.tensor(2.0))
+            assert used.shape == (2, probs.shape[1], 12)

@@ -58,8 +58,8 @@ def test_the_wait_inside_plan_and_victims_is_counted_apart_and_adds_up_to_the_po
     run = run_layer(view, policy, cache, executor := Recorder())
     assert executor.loads == [(0, 3), (0, 5)]  # two misses: two victim calls beside the plan
     assert run.forecast_wait_s == pytest.approx(policy.reported, abs=1e-12) and run.forecast_wait_s >= 0.003
-    assert 0.0 <= run.forecast_wait_s <= run.plan_s + run.victim_s
-    assert run.host_s > 0 and run.host_s + run.forecast_wait_s == pytest.approx(run.plan_s + run.victim_s)
+    assert 0.0 <= run.forecast_wait_s <= run.plan_s + run.victim_s + run.ahead_s
+    assert run.host_s > 0 and run.host_s + run.forecast_wait_s == pytest.approx(run.plan_s + run.victim_s + run.ahead_s)
     # a second layer reports only its own wait, not the policy's running total
     second = run_layer(LayerView(0, 1, 2, 8, (1,), (3,)), policy, cache, Recorder())
     assert second.forecast_wait_s == pytest.approx(policy.reported - run.forecast_wait_s, abs=1e-12)
@@ -69,5 +69,5 @@ def test_a_policy_that_never_waits_reports_no_wait():
     policy, cache = OnDemandLRU(), ExpertCache(4, 2)
     policy.reset(cache, 8)
     run = run_layer(LayerView(0, 0, 2, 8, (3, 5), (2, 1)), policy, cache, Recorder())
-    assert run.forecast_wait_s == 0.0 and run.host_s == pytest.approx(run.plan_s + run.victim_s)
+    assert run.forecast_wait_s == 0.0 and run.host_s == pytest.approx(run.plan_s + run.victim_s + run.ahead_s)
     assert LayerRun(run.orders, plan_s=1e-6, forecast_wait_s=2e-6).host_s == 0.0  # never negative

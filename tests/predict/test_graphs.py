@@ -52,3 +52,27 @@ def test_graph_cache_replays_captured_graphs_and_refuses_what_cannot_be_captured
         assert torch.allclose(graphs("sync", syncs, x), syncs(x))
     assert graphs.entries["sync"] == "eager" and graphs.refused == 1
     torch.randn(4, device="cuda")  # no capture was tried, so the random generator still works
+
+
+def test_host_inputs_for_a_device_run_eagerly_where_that_device_is_the_cpu():
+    graphs = GraphCache()
+    for _ in range(3):
+        assert torch.equal(graphs("k", lambda x: x + 1, torch.zeros(2), device="cpu"), torch.ones(2))
+    assert graphs.entries == {} and graphs.captured == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_inputs_are_copied_into_the_graphs_buffers_on_the_device():
+    """`device`: the inputs stay on the host, each call copies them into the captured graph's buffers there; the
+    eager calls (before the capture) move them themselves."""
+    w = torch.randn(16, 8, device="cuda")
+    graphs = GraphCache()
+
+    def net(x):
+        return torch.sigmoid(x.to("cuda", non_blocking=True) @ w)
+
+    for _ in range(5):
+        x = torch.randn(2, 16)
+        assert torch.allclose(graphs("net", net, x, device="cuda"), net(x), rtol=1e-5, atol=1e-6)
+    assert graphs.captured == 1 and graphs.entries["net"][1][0].is_cuda

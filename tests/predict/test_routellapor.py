@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import write_structured_route_csv
+from conftest import random_routing_llapor, write_structured_route_csv
 
 from prescope import cli, files
 from prescope.predict import predictors as P
@@ -16,6 +16,7 @@ from prescope.predict import routellapor
 from prescope.predict.accuracy import evaluate, mean_by_distance
 from prescope.predict.llaporconfig import LLaPorConfig, LLaPorError
 from prescope.routing.llamacpp import load_llamacpp_trace
+from prescope.routing.trace import MISSING
 
 FAST = LLaPorConfig(distance=2, width=32, max_epochs=40, patience=8, batch_size=64, min_group_layers=1, lr=1e-2,
                     routing_window=2, calibrate_steps=10)
@@ -155,3 +156,91 @@ def test_load_predictor_refuses_a_foreign_or_newer_checkpoint_by_its_header(tmp_
         routellapor.load_predictor(tmp_path / "n.pt")
     with pytest.raises(LLaPorError, match="checkpoint version"):
         routellapor.load(tmp_path / "n.pt")
+
+
+def _features_as_first_written(model, layer, history):
+    """The features as first written, one multi-hot per part (the reference the vectorised ones must equal)."""
+    E, K = model.layout.num_experts, model.layout.top_k
+
+    def scaled_hot(experts):
+        hot = P.multi_hot(experts, E)
+        return hot * (K / hot.sum(-1, keepdim=True).clamp_min(K))
+
+    current = history.current
+    N, L = current.shape[:2]
+    previous = history.previous if history.previous is not None else torch.full((N, L, 1), MISSING)
+    span = range(layer + 1, layer + 1 + model.targets(layer))
+    window = range(layer - model.config.routing_window + 1, layer + 1)
+    zero = torch.zeros(N, E)
+    parts = [scaled_hot(current[:, j]) if j >= 0 else zero for j in window] + [scaled_hot(previous[:, layer])]
+    prev = [scaled_hot(previous[:, t]) for t in span]
+    if history.sequence is not None:
+        seq = history.sequence.float()
+        mean = [seq[:, t] * (K / seq[:, t].sum(-1, keepdim=True).clamp_min(K)) for t in span]
+    else:
+        mean = [zero for _ in span]
+    x = torch.cat(parts + prev + mean, 1)
+    prior = torch.stack([p + m for p, m in zip(prev, mean, strict=True)], 1) if prev else None
+    return x, prior
+
+
+def _random_history(L, E, N, width, seed, previous_width=None):
+    """A History of N tokens with MISSING entries (rows of fewer than K experts, some empty), previous rows wider
+    or narrower than the current ones, and earlier tokens' selection counts."""
+    g = torch.Generator().manual_seed(seed)
+    current = torch.randint(0, E, (N, L, width), generator=g)
+    current[torch.rand(current.shape, generator=g) < 0.25] = MISSING
+    previous = torch.randint(0, E, (N, L, previous_width or width), generator=g)
+    previous[torch.rand(previous.shape, generator=g) < 0.25] = MISSING
+    previous[0, 1] = MISSING  # a layer the previous token did not reach
+    sequence = torch.randint(0, 40, (N, L, E), generator=g).float()
+    sequence[:, 0] = 0.0  # no earlier selections at a layer
+    return current, previous, sequence
+
+
+@pytest.mark.parametrize("N, width, previous_width", [(1, 2, 2), (1, 9, 3), (3, 2, 5), (4, 11, 11)])
+def test_features_equal_the_per_part_formula_bit_for_bit(trace, N, width, previous_width):
+    """One scatter into [N, W + 1 + D', E] and one scale give the same x and prior as one multi-hot per part, at
+    every layer (windows cut below layer 0, spans cut at the last layer), with unions of more than K experts
+    (width > K), MISSING entries, and without the previous token or the earlier tokens."""
+    layout = replace(trace.layout, num_experts=12, top_k=2)
+    model = random_routing_llapor(layout, routing_window=3, distance=3)
+    L = layout.num_moe_layers
+    assert L >= 4  # windows cut at 0 and 1, spans cut at L-3 … L-1
+    current, previous, sequence = _random_history(L, 12, N, width, seed=N + width, previous_width=previous_width)
+    for hist in (P.History(current, previous, sequence), P.History(current), P.History(current, previous),
+                 P.History(current, None, sequence)):
+        for layer in range(L):
+            x, prior = model.features(layer, hist)
+            want_x, want_prior = _features_as_first_written(model, layer, hist)
+            assert torch.equal(x, want_x), layer
+            assert prior.shape == (N, model.targets(layer), 12)
+            if want_prior is not None:
+                assert torch.equal(prior, want_prior), layer
+
+
+@pytest.mark.parametrize("N", [1, 3])
+def test_predict_masks_equals_predict_window_of_the_same_history(trace, N):
+    """The policy's path (the history as [N, L, E] masks of distinct experts) predicts what `predict_window` does
+    from the expert lists, bit for bit, at every layer."""
+    layout = replace(trace.layout, num_experts=12, top_k=2)
+    model = random_routing_llapor(layout, routing_window=3, distance=3)
+    L = layout.num_moe_layers
+    current, previous, sequence = _random_history(L, 12, N, 6, seed=7)
+    for rows in (current, previous):  # distinct experts per row, as a policy's memory holds them
+        for n in range(N):
+            for j in range(L):
+                seen = set()
+                for i, e in enumerate(rows[n, j].tolist()):
+                    rows[n, j, i] = MISSING if e in seen else e
+                    seen.add(e)
+    hist = P.History(current, previous, sequence)
+    masks = [P.multi_hot(rows.reshape(N * L, -1), 12).reshape(N, L, 12) for rows in (current, previous)]
+    assert masks[0].max() == 1.0
+    for layer in range(L - 1):
+        T = model.targets(layer)
+        want = model.predict_window(layer, list(range(1, T + 1)), history=hist)
+        got = model.predict_masks(layer, masks[0], masks[1], sequence)
+        assert got.shape == (N, T, 12)
+        for d in range(1, T + 1):
+            assert torch.equal(got[:, d - 1], want[d]), (layer, d)

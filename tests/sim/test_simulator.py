@@ -517,3 +517,39 @@ def test_a_grouped_wave_starts_when_the_last_of_its_loads_has_landed():
     gpu = rows[rows["kind"] == "gpu_expert"]
     assert gpu["start"].tolist() == pytest.approx([2.35 * MS] * 2)
     assert gpu["end"].tolist() == pytest.approx([2.85 * MS] * 2)
+
+
+class PlansAhead(Policy):
+    """Test policy: every routed expert on the GPU, its planning charged once the layer's work is issued
+    (`plan_ahead`, as prescope's late_prefetch does), or before it (`planned_work`) with `late=False`."""
+
+    name = "plans_ahead_test"
+    host_work = ("plan",)
+
+    def __init__(self, late: bool = True):
+        self.late = late
+
+    def plan(self, view, cache):
+        return Orders(gpu=list(view.experts))
+
+    def planned_work(self):
+        return () if self.late else self.host_work
+
+    def planned_ahead_work(self):
+        return self.host_work if self.late else ()
+
+
+@pytest.mark.parametrize("plan_ms, late, step_ms", [
+    (0.0, True, 1.7),  # resident: per layer 0.1 attention + 0.25 host + 0.5 GPU expert
+    (0.2, True, 1.7),  # planning ahead shorter than the layer's GPU work: no step time added
+    (0.8, True, 1.7 + 2 * 0.3),  # longer: the host ends 0.3 ms after the GPU, per layer
+    (0.2, False, 1.7 + 2 * 0.2),  # planned before the launch: all of it delays the layer
+])
+def test_planning_ahead_is_charged_after_the_layers_gpu_work_and_overlaps_it(plan_ms, late, step_ms):
+    r = replay(TWO_STEPS, PlansAhead(late), hand_profile(plan_s=plan_ms * MS), budget_share=1.0)
+    assert r.summary["latency"].to_numpy() / MS == pytest.approx([step_ms, step_ms], abs=1e-9)
+    if plan_ms:
+        rows = rows_of(r, 0)  # planning starts after the host's work either way; late, beside the expert
+        assert ("cpu", 0, -1, "plan", 0.35, 0.35 + plan_ms) in rows
+        expert = next(x for x in rows if x[1] == 0 and x[3] == "gpu_expert")
+        assert expert[4] == pytest.approx(0.35 if late else 0.35 + plan_ms)
