@@ -109,9 +109,11 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
     """The policies' host time per planned layer while the simulator replays `trace` (its decode cut in
     `batch` segments decoded together), on this machine's CPU: per policy and batch, the median and p90 of
     `policy.plan`'s wall time over the first `steps` forward calls, in µs, of PreSched's share of it
-    (`presched.plan`) and of the rest (`own`: the policy's forecast, instance, victims and bookkeeping), with
-    the simulated ms per token. `predictor`: what the prescope policies predict from (default: their memory of
-    the previous step), with `forecast_us`, the median µs of its forecast per call (`Predictive._predicted`)."""
+    (`presched.plan`) and of the rest (`own`: the policy's forecast, instance, victims and bookkeeping), and
+    (`host_`, with its mean) of the layer's plan and `policy.victim` calls together (what the engine charges the
+    policy per layer, `LayerRun.host_s`), with the simulated ms per token. `predictor`: what the prescope
+    policies predict from (default: their memory of the previous step), with `forecast_us`, the median µs of
+    its forecast per call (`Predictive._predicted`)."""
     import time
 
     import prescope.policies.presched as presched
@@ -127,8 +129,8 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
     for spec in policies:
         for batch in batches:
             parsed = parse_policy(spec)
-            policy, times, inside, forecasts = _policy(parsed, predictor), [], [], []
-            plan, predicted = policy.plan, getattr(policy, "_predicted", None)
+            policy, times, inside, forecasts, victims = _policy(parsed, predictor), [], [], [], []
+            plan, victim, predicted = policy.plan, policy.victim, getattr(policy, "_predicted", None)
 
             def timed_forecast(*args, predicted=predicted, forecasts=forecasts):
                 start = time.perf_counter()
@@ -136,12 +138,19 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
                 forecasts.append(time.perf_counter() - start)
                 return out
 
-            def timed(view, cache, plan=plan, times=times, inside=inside):
+            def timed(view, cache, plan=plan, times=times, inside=inside, victims=victims):
                 inside.append(0.0)
+                victims.append(0.0)
                 start = time.perf_counter()
                 orders = plan(view, cache)
                 times.append(time.perf_counter() - start)
                 return orders
+
+            def timed_victim(cache, key, victim=victim, victims=victims):
+                start = time.perf_counter()
+                slot = victim(cache, key)
+                victims[-1] += time.perf_counter() - start
+                return slot
 
             def timed_planner(inst, inside=inside):
                 start = time.perf_counter()
@@ -149,7 +158,7 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
                 inside[-1] += time.perf_counter() - start
                 return out
 
-            policy.plan = timed
+            policy.plan, policy.victim = timed, timed_victim
             if predicted is not None:
                 policy._predicted = timed_forecast
             cut = decode_segments(trace, batch) if batch > 1 else trace
@@ -159,9 +168,11 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
             finally:
                 presched.plan = planner
             own = [t - p for t, p in zip(times, inside, strict=True)]
+            host = [t + v for t, v in zip(times, victims, strict=True)]
             rows.append({"policy": spec, "batch": batch, "budget_share": budget_share, "profile": profile,
                          "layers": len(times), **quantiles(times, ""), **quantiles(own, "own_"),
-                         **quantiles(inside, "presched_"),
+                         **quantiles(inside, "presched_"), **quantiles(host, "host_"),
+                         "host_mean_us": sum(host) / len(host) * 1e6,
                          **({"forecast_us": sorted(forecasts)[len(forecasts) // 2] * 1e6} if forecasts else {}),
                          "simulated_ms_per_token": result.totals["mean_token_latency_s"] * 1e3})
     return rows
@@ -169,11 +180,13 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
 
 def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]", "ceiling[gate=False]"),
                      batches: tuple[int, ...] = (1, 4, 16), budget_shares: tuple[float, ...] = (0.25,),
-                     steps: int = 3, profile: str = "h200", predictor=None) -> list[dict]:
+                     steps: int = 3, profile: str = "h200", predictor=None, victims: bool = False) -> list[dict]:
     """What the policies decide while the simulator replays `trace` (as `replay_planning_time` replays it), to
     check that a faster planner decides the same: per policy, batch and budget, every `plan` call's orders
     (step, layer, GPU experts, CPU experts, prefetches) and the victims it named for its loads (`planned`, where
-    the policy keeps them), with their SHA-256 (`digest`) and count. `predictor`: as `replay_planning_time`'s."""
+    the policy keeps them), with `victims` also the slot each of the layer's `victim` calls gave (for the
+    policies that choose victims there), with their SHA-256 (`digest`) and count. `predictor`: as
+    `replay_planning_time`'s."""
     import hashlib
     import json
 
@@ -192,10 +205,17 @@ def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]",
                 def recorded(view, cache, plan=plan, decisions=decisions, policy=policy):
                     orders = plan(view, cache)
                     decisions.append([view.step, view.layer, orders.gpu, orders.cpu, orders.prefetch,
-                                      sorted(getattr(policy, "planned", {}).items())])
+                                      sorted(getattr(policy, "planned", {}).items())] + [[]] * victims)
                     return orders
 
+                def chosen(cache, key, victim=policy.victim, decisions=decisions):
+                    slot = victim(cache, key)
+                    decisions[-1][-1].append([key, slot])
+                    return slot
+
                 policy.plan = recorded
+                if victims:
+                    policy.victim = chosen
                 cut = decode_segments(trace, batch) if batch > 1 else trace
                 replay(cut, policy, profile, budget_share=share, batch_size=batch, max_steps=steps)
                 digest = hashlib.sha256(json.dumps(decisions).encode()).hexdigest()
@@ -222,6 +242,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5, help="plans per instance (the best counts)")
     parser.add_argument("--replay", action="store_true", help="print the prescope and ceiling policies' planning "
                         "time per layer replaying the shipped Qwen3-30B-A3B trace (25 %% budget, at --batches)")
+    parser.add_argument("--policies", default="prescope[gate=False];ceiling[gate=False]", help="policies replayed, "
+                        "separated by ';' (--replay; e.g. 'belady;activation_matrix;hybrid')")
     parser.add_argument("--steps", type=int, default=40, help="forward calls replayed per cell (--replay)")
     parser.add_argument("--batches", default="1,4", help="batch sizes replayed, comma-separated (--replay; "
                         "e.g. 1,4,16,64)")
@@ -262,7 +284,9 @@ if __name__ == "__main__":
                 print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True,
                                   **{k: v for k, v in row.items() if k != "decisions"}}))
         else:
-            for row in replay_planning_time(qwen3, batches=batches, steps=args.steps, predictor=predictor):
+            policies = tuple(p.strip() for p in args.policies.split(";") if p.strip())
+            for row in replay_planning_time(qwen3, policies=policies, batches=batches, steps=args.steps,
+                                            predictor=predictor):
                 print(json.dumps({"replay": "qwen3-30b-a3b", "simulated": True, "measured_on": "this CPU",
                                   **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}}))
     elif args.bench:

@@ -9,11 +9,18 @@ The representation is private: policies ask questions (`is_warm`, `evictable_key
 and executors report what happened (`assign`, `mark_ready`, `use`, `pin`, `cancel`), so the bookkeeping can
 change without touching the policies.
 
+Whole-pool questions are answered from arrays over slots or kept orders, never by a Python scan of the pool
+per call: `lru_evictable` from the use order, `first_free` from a heap of free slots (a `min` over the free
+set scanned the pool at every victim while it filled: on_demand_lru's host time per MoE layer in
+`planspeed --replay`'s run, limits.py's docstring, mean 23 / 28 / 144 -> 5 / 15 / 65 µs at batch 1 / 4 / 16),
+`offered_arrays` and `evictable_scored` from the slot arrays.
+
 Letters: L MoE layers, E experts, S slots.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, KeysView
 from dataclasses import dataclass
 from enum import Enum
@@ -57,6 +64,7 @@ class ExpertCache:
         self._owner: list[Key | None] = [None] * num_slots
         self._state = [_FREE] * num_slots
         self._last_use = [-1] * num_slots
+        self._used_at = np.full(num_slots, -1, dtype=np.int64)  # `_last_use` as an array (`evictable_scored`)
         # every slot, least recently used first (never used: by index), so an LRU victim is found from the
         # front without scanning the pool; `use` moves a slot to the end
         self._order: dict[int, None] = dict.fromkeys(range(num_slots))
@@ -64,6 +72,9 @@ class ExpertCache:
         self._pinned: set[int] = set()
         self._slot_of: dict[Key, int] = {}
         self._free = set(range(num_slots))  # FREE slots, kept in step so lookups never scan the pool
+        # the free slots as a heap, the lowest on top, for `first_free`; a slot taken since it was pushed stays in
+        # it until it reaches the top (then it is dropped)
+        self._free_heap = list(range(num_slots))
         self._by_layer: dict[int, set[int]] = {layer: set() for layer in range(num_layers)}  # occupied slots
         self._resident_of: list[set[Key]] = [set() for _ in range(num_layers)]  # resident keys per layer
         self._clock = 0
@@ -121,7 +132,11 @@ class ExpertCache:
         return len(self._free)
 
     def first_free(self) -> int | None:
-        return min(self._free) if self._free else None
+        """The lowest free slot, None when there is none."""
+        heap, free = self._free_heap, self._free
+        while heap and heap[0] not in free:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
 
     def free_slots(self) -> list[int]:
         return sorted(self._free)
@@ -197,9 +212,13 @@ class ExpertCache:
 
     def offered_ids(self, keep_fresh: range, exclude: Iterable[Key], width: int) -> np.ndarray:
         """`offered_arrays` as key ids layer·width + expert [M] (width: above every expert), kept per slot."""
+        return self._ids(width).take(self._offered_slots(keep_fresh, exclude))
+
+    def _ids(self, width: int) -> np.ndarray:
+        """Key id layer·width + expert of each slot's owner [S] (a free slot's is meaningless), kept once asked."""
         if width != self._id_width:
             self._id_at, self._id_width = self._layer_of * width + self._expert_of, width
-        return self._id_at.take(self._offered_slots(keep_fresh, exclude))
+        return self._id_at
 
     def _offered_slots(self, keep_fresh: range, exclude: Iterable[Key]) -> np.ndarray:
         offered, slot_of = self._resident_at & ~self._pinned_at, self._slot_of
@@ -218,6 +237,23 @@ class ExpertCache:
         owner, last = self._owner, self._last_use
         pool = self.evictable(None, protect)
         return min(pool, key=lambda s: (rank(owner[s]), last[s])) if pool else None
+
+    def evictable_scored(self, score: np.ndarray, width: int, protect: np.ndarray | None = None) -> int | None:
+        """`evictable_ranked` over the slot arrays, without a Python scan of the pool: each key's rank read from
+        `score` [L·width] (finite; integers below 2**53 are exact) by its id layer·width + expert (width: above every expert), the keys where the
+        mask `protect` [L·width] is set (None: none) left out; the evictable slot whose key scores lowest, ties
+        by least recent use, then by slot; None when there is none."""
+        ids = self._ids(width)  # [S]; a free slot's is out of range: clipped, and left out as not resident
+        scores = score.take(ids, mode="clip").astype(np.float64, copy=False)  # a new array: written below
+        out = ~(self._resident_at & ~self._pinned_at)
+        if protect is not None:
+            out |= protect.take(ids, mode="clip")
+        scores[out] = np.inf
+        first = int(scores.argmin())
+        if out[first]:
+            return None
+        tied = (scores == scores[first]).nonzero()[0]
+        return first if len(tied) == 1 else int(tied[self._used_at.take(tied).argmin()])  # the least recently used
 
     def lru(self, slots: list[int]) -> int:
         return min(slots, key=self._last_use.__getitem__)
@@ -278,7 +314,7 @@ class ExpertCache:
         """Record that the running layer computes `key` from its slot."""
         slot = self._slot_of[key]
         self._clock += 1
-        self._last_use[slot] = self._clock
+        self._last_use[slot] = self._used_at[slot] = self._clock
         del self._order[slot]
         self._order[slot] = None
         self.stats.hits += int(hit)
@@ -313,6 +349,7 @@ class ExpertCache:
         self._layer_of[slot] = self._expert_of[slot] = -1
         self._loading_at[slot] = self._resident_at[slot] = self._fresh_at[slot] = False
         self._free.add(slot)
+        heapq.heappush(self._free_heap, slot)
         self._by_layer[key[0]].discard(slot)
         self.stats.evictions += 1
         return slot

@@ -54,6 +54,8 @@ def test_replay_planning_time_times_every_planned_layer_of_a_real_replay():
         # each layer's time splits into PreSched's and the policy's own, so each median is at most the whole's
         assert 0 < row["own_median_us"] <= row["median_us"] and 0 <= row["presched_median_us"] <= row["median_us"]
         assert row["presched_p90_us"] > 0  # PreSched ran at some layers
+        # a layer's host time is its plan's and its victims': no less than the plan's alone, layer by layer
+        assert row["host_median_us"] >= row["median_us"] and row["host_p90_us"] >= row["p90_us"]
     from prescope.policies import presched
 
     assert presched.plan.__module__ == "prescope.policies.presched"  # the timed stand-in was taken back

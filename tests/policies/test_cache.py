@@ -68,7 +68,8 @@ def test_bad_sizes():
 
 def test_lru_evictable_is_the_scan_it_replaces_under_random_operations():
     """The use order kept for `lru_evictable` gives what scanning every slot gives (least recent use, ties by
-    slot), through random assigns, uses, pins, evictions and cancels."""
+    slot), `first_free` the lowest free slot, and `evictable_scored` what `evictable_ranked` gives (lowest
+    score, then least recent use, then slot), through random assigns, uses, pins, evictions and cancels."""
     rng = random.Random(0)
     cache = ExpertCache(12, 4)
     for _ in range(3000):
@@ -103,6 +104,16 @@ def test_lru_evictable_is_the_scan_it_replaces_under_random_operations():
         protect = set(rng.sample(keys, rng.randrange(0, 10)))
         scan = cache.evictable(None, protect)
         assert cache.lru_evictable(protect) == (cache.lru(scan) if scan else None)
+        assert cache.first_free() == min(cache.free_slots(), default=None)  # the heap's top is the lowest free slot
+        # the ranked choice over the slot arrays is the scan's, with scores that tie often
+        score = np.array([rng.choice((0.0, 0.5, 1.0)) for _ in range(4 * 8)])
+        mask = np.zeros(4 * 8, dtype=bool)
+        mask[[layer * 8 + e for layer, e in protect]] = True
+        rank = lambda key, score=score: score[key[0] * 8 + key[1]]  # noqa: E731
+        assert cache.evictable_scored(score, 8, mask) == cache.evictable_ranked(protect, rank)
+        assert cache.evictable_scored(score, 8) == cache.evictable_ranked(set(), rank)
+        layers = np.repeat(-np.arange(4), 8)  # integer scores (belady's: minus the layers to the next use)
+        assert cache.evictable_scored(layers, 8, mask) == cache.evictable_ranked(protect, lambda key: -key[0])
 
 
 def test_the_slot_arrays_follow_every_report():
