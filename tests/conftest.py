@@ -193,3 +193,16 @@ def random_routing_llapor(layout, seed: int = 0, **config):
                 torch.nn.init.normal_(param, std=0.5)
             model.nets.append(net.to(cfg.device).eval())
     return model
+
+
+class ByLists:
+    """A routing-only LLaPor seen through `predict_window` only (no `predict_masks`): the policy then takes its
+    history path (Memory.history), the reference the mask path is held to."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        if name == "predict_masks":
+            raise AttributeError(name)
+        return getattr(self.model, name)

@@ -85,20 +85,11 @@ def test_a_predictor_given_to_the_replays_feeds_prescope_and_decides_as_through_
     """`predictor` reaches the prescope policy (its forecast is timed, `forecast_us`), not the ceiling; on the
     shipped Qwen3-30B-A3B trace a routing-only LLaPor read from the policy's memory masks (`predict_masks`)
     decides exactly as the same networks read through the history lists (`predict_window`)."""
-    from conftest import random_routing_llapor
+    from conftest import ByLists, random_routing_llapor
 
     from prescope.data import shipped
     from prescope.experiments.planspeed import replay_decisions, replay_planning_time
     from prescope.routing.llamacpp import load_llamacpp_trace
-
-    class ByLists:  # the same predictor without its mask path
-        def __init__(self, model):
-            self.model = model
-
-        def __getattr__(self, name):
-            if name == "predict_masks":
-                raise AttributeError(name)
-            return getattr(self.model, name)
 
     trace = load_llamacpp_trace(shipped("routing", "qwen3-30b-a3b.route.csv"))
     model = random_routing_llapor(trace.layout, distance=3, routing_window=2)

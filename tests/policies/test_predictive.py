@@ -154,18 +154,6 @@ def test_inclusion_probs_at_a_tensor_k_equal_inclusion_probs_bit_for_bit():
         assert torch.equal(inclusion_probs_at(scores, torch.tensor(float(k))), inclusion_probs(scores, k)), k
 
 
-class _ByLists:
-    """A routing-only LLaPor seen through `predict_window` only: the policy's history path (Memory.history)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __getattr__(self, name):
-        if name == "predict_masks":
-            raise AttributeError(name)
-        return getattr(self.model, name)
-
-
 def _replayed_forecasts(predictor, use_graphs=True, steps=6, union=False):
     """The prescope policy's forecast arrays at every layer of `steps` random steps (a union of several tokens'
     experts per layer with `union`), from `predictor`."""
@@ -194,12 +182,12 @@ def test_a_routing_llapor_forecast_from_the_memory_masks_equals_the_history_path
     """The prescope policy reads a routing-only LLaPor from its memory's [L, E] grids (`predict_masks`, one buffer,
     k as a tensor) and forecasts exactly what the history lists through `predict_window` gave, at batch 1 and for
     unions of more than K experts."""
-    from conftest import random_routing_llapor
+    from conftest import ByLists, random_routing_llapor
     from test_peers import layout
 
     model = random_routing_llapor(layout(5, 12, 2), routing_window=3, distance=2)
     fast, _ = _replayed_forecasts(model, union=union)
-    slow, _ = _replayed_forecasts(_ByLists(model), union=union)
+    slow, _ = _replayed_forecasts(ByLists(model), union=union)
     assert len(fast) == len(slow) == 30
     for a, b in zip(fast, slow, strict=True):
         assert np.array_equal(a.p, b.p) and np.array_equal(a.n, b.n)
