@@ -29,15 +29,18 @@ class HostMeter:
     PROBE_EVERY = 32  # layers run on demand in a row after which one is planned to measure it again
 
     def __init__(self) -> None:
-        self.shape: int | None = None
+        self._start(None)
+
+    def _start(self, shape: int | None) -> None:
+        """Measure `shape` from nothing."""
+        self.shape = shape
         self.samples: dict[bool, deque[float]] = {True: deque(maxlen=self.WINDOW), False: deque(maxlen=self.WINDOW)}
         self.first_seen: set[int] = set()  # layers whose first planned measurement at this shape was left out
         self.on_demand_run = 0  # layers run on demand in a row since the last planned one
 
     def _at(self, shape: int) -> None:
         if shape != self.shape:
-            self.__init__()
-            self.shape = shape
+            self._start(shape)
 
     def record(self, layer: int, shape: int, planned: bool, seconds: float) -> None:
         """One layer's measured host seconds (planned: predicted and planned; else run on demand by the gate)."""
