@@ -40,6 +40,9 @@ Over the measured decode steps only: `policy_ms_per_layer_decode` is the policy'
 `forecast_wait_ms_per_layer_decode` the host's wait inside them for the device: a forecast computed on the GPU
 (LLaPor's CUDA graph) is read back once the device has run it and everything queued before it (about 0 on the
 CPU, where the forecast is host work itself). The sum of the two is the policy's whole wall time.
+`gate_plan_host_ms` (prescope, ceiling): the planning host time P the gate weighed at the run's end, as the engine
+measured it (`policies/hostmeter.py`; None where no planned layer was measured, the gate then reading the
+profile's P).
 
 Cells run in order of importance and results are flushed after each one, so a run cut short keeps
 what it finished. Host-bound cells vary from run to run by tens of percent on a shared host: `repeats`
@@ -208,6 +211,9 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
         row["plans_skipped_share"] = engine.policy.skipped / max(1, len(steps) * L)
     if hasattr(engine.policy, "lean"):  # prescope: layers its gate ran on demand (host-bound, no prediction)
         row["plans_lean_share"] = engine.policy.lean / max(1, len(steps) * L)
+    if callable(measured := getattr(engine.policy, "measured_plan_host", None)):  # the gate's P as measured
+        p_s = measured()
+        row["gate_plan_host_ms"] = None if p_s is None else 1e3 * p_s
     graphs = getattr(engine.policy, "graphs", None)
     if graphs is not None:  # the forecast's CUDA graphs: keys replayed from a graph, keys left eager
         row["forecast_graphs"] = {"captured": graphs.captured, "refused": graphs.refused}

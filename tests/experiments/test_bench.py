@@ -41,6 +41,9 @@ def test_bench_runs_every_policy_on_the_same_replayed_routing(tmp_path):
     assert by["prescope"]["vs_on_demand_lru"] > 0 and "vs_belady" in by["prescope"]
     # the tiny twin under the default h200 profile is host-bound: the gate runs its decode layers on demand
     assert 0.5 < by["prescope"]["plans_lean_share"] <= 1.0 and "plans_lean_share" not in by["belady"]
+    # the gate's P as the engine measured it (None until a planned layer was measured), the gated policies' only
+    p_ms = by["prescope"]["gate_plan_host_ms"]
+    assert (p_ms is None or p_ms >= 0.0) and "gate_plan_host_ms" not in by["belady"]
     for r in engine_rows:  # two interleaved rounds: the row is the lower median round's
         assert r["rounds"] == 2 and r["decode_ms_median"] == min(r["decode_ms_rounds"])
     routing = np.load(tmp_path / "out" / "routing.npz")
