@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from test_peers import cache_with, view
-from test_peers_gate import engine_costs, gated
+from test_gate import engine_costs, gated
 
 from prescope.policies.hostmeter import HostMeter
 
