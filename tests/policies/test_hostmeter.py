@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from test_peers import cache_with, view
 from test_gate import engine_costs, gated
+from test_peers import cache_with, view
 
 from prescope.policies.hostmeter import HostMeter
 
