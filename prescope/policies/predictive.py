@@ -10,7 +10,7 @@
 
 A routing-only LLaPor (`predict.routellapor`, `predict_masks`) is read from the Memory's [L, E] grids, packed with
 k in one float32 host buffer, instead of the history's per-layer expert lists; its forecast and `_used` (k as a
-tensor, `inclusion_probs_at`) run as one CUDA graph per layer on the GPU, eagerly on the CPU, with the same
+tensor, `predictors.inclusion_probs`) run as one CUDA graph per layer on the GPU, eagerly on the CPU, with the same
 values. Measured on the 2-core development CPU (not the H200 host), one intra-op thread, replaying the Qwen3-30B-A3B
 trace with its routing-only LLaPor (`python -m prescope.experiments.planspeed --replay --predictor Q.pt
 --batches 1,4,16 --steps 12 --threads 1`, Q.pt from `prescope.cli predictor-accuracy --trace
@@ -347,32 +347,15 @@ def _used(scores, k):
     """[D, N, E] scores -> [2, D, E]: P(expert used by some of the N tokens), p = 1 − Π(1 − q), and the
     expected tokens if used, Σq / p, within [1, N]. p is summed in log space: in float32 1 − (1 − q) is 0
     for q < 6e-8, which would make Σq / p explode. k: an int, or a 0-d tensor on the scores' device (one
-    CUDA graph then serves every k, `inclusion_probs_at`)."""
+    CUDA graph then serves every k, `inclusion_probs`)."""
     import torch
 
     from prescope.predict.predictors import inclusion_probs
 
-    q = inclusion_probs(scores, k) if isinstance(k, int) else inclusion_probs_at(scores, k)  # [D, N, E]
+    q = inclusion_probs(scores, k)  # [D, N, E]
     p = -torch.expm1(torch.log1p(-q).sum(dim=1))  # [D, E]; q = 1 gives log 0 = -inf, so p = 1 exactly
     n = q.sum(dim=1) / p.clamp_min(1e-30)  # [D, E]
     return torch.stack([p, n.clamp(1.0, float(scores.shape[1]))])
-
-
-def inclusion_probs_at(scores, k):
-    """`predictors.inclusion_probs` with k a 0-d float tensor holding an integer in 1..E (checked by the
-    caller): the same values bit for bit, from the same sorted scores and suffix sums, with the candidate slots
-    masked instead of sliced, so no shape depends on k."""
-    import torch
-
-    s = scores.float().clamp_min(0)  # [..., E]
-    E = s.shape[-1]
-    s = torch.where(s.sum(-1, keepdim=True) > 0, s, 1.0)
-    ascending = s.sort(-1).values  # [..., E]
-    suffix = ascending.cumsum(-1)  # [..., E]
-    room = torch.arange(1 - E, 1, dtype=s.dtype, device=s.device) + k  # [E] k-c at the k largest, <= 0 below
-    room, slot = torch.where((room > 0) & (ascending * room <= suffix), room, 0).max(-1, keepdim=True)
-    lam = room / suffix.gather(-1, slot).clamp_min(1e-30)
-    return (lam * s).clamp(0, 1)
 
 
 def _as_lists(used: np.ndarray) -> list[tuple[list[float], list[float]]]:

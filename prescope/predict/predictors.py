@@ -58,29 +58,29 @@ def check_target(layer: int, distance: int, num_layers: int, max_distance: int |
     return layer + distance
 
 
-def inclusion_probs(scores: torch.Tensor, k: int) -> torch.Tensor:
+def inclusion_probs(scores: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """[..., E] probabilities that each expert is in a token's top-k, from non-negative scores [..., E].
 
     p_e = min(1, λ·s_e) with the per-row λ ≥ 0 chosen so that Σ_e p_e = k (capped water-filling). Closed form,
     with s_(0) ≥ s_(1) ≥ ... the sorted scores and S_c = Σ_{i≥c} s_(i): the number of capped experts is the
     smallest c in 0..k-1 with s_(c)·(k−c) ≤ S_c, and λ = (k−c)/S_c. A row of zeros gets k/E; a row with fewer
     than k positive scores gets 1 at each of them. A fixed sequence of kernels with no host sync, so it can sit
-    in a CUDA graph; reductions run over the last dim only.
+    in a CUDA graph; reductions run over the last dim only. k: an int in 1..E, or a 0-d tensor holding one on the
+    scores' device (not checked: no host read), so that no shape depends on k and one graph serves every k.
     """
     s = scores.float().clamp_min(0)  # [..., E]
     E = s.shape[-1]
-    if not 0 < k <= E:
+    if not isinstance(k, torch.Tensor) and not 0 < k <= E:
         raise PredictorError(f"k must be in 1..{E}, got {k}")
     s = torch.where(s.sum(-1, keepdim=True) > 0, s, 1.0)
     ascending = s.sort(-1).values  # [..., E]
-    # The k largest scores in ascending order: slot j holds s_(c) with c = k-1-j, so k-c = j+1. Summing from the
-    # smallest score up gives S_c with exact zeros past the last positive score and S_c ≥ s_(c) in floating
-    # point, so slot 0 (c = k-1) always qualifies.
-    largest = ascending[..., E - k:]  # [..., K]
-    suffix = ascending.cumsum(-1)[..., E - k:]  # [..., K]
-    room = torch.arange(1, k + 1, dtype=s.dtype, device=s.device)  # [K] k-c
+    # Summing from the smallest score up gives S_c with exact zeros past the last positive score and S_c ≥ s_(c) in
+    # floating point. Ascending slot j holds s_(c) with c = E-1-j, so k-c = j+1-(E-k): positive at the k largest
+    # slots only (the candidates), and the slot of c = k-1 always qualifies.
+    suffix = ascending.cumsum(-1)  # [..., E]
+    room = torch.arange(1 - E, 1, dtype=s.dtype, device=s.device) + k  # [E] k-c, <= 0 below the k largest
     # The smallest qualifying c is the qualifying slot with the most room.
-    room, slot = torch.where(largest * room <= suffix, room, 0).max(-1, keepdim=True)  # [..., 1]
+    room, slot = torch.where((room > 0) & (ascending * room <= suffix), room, 0).max(-1, keepdim=True)  # [..., 1]
     lam = room / suffix.gather(-1, slot).clamp_min(1e-30)  # [..., 1]; the guard keeps λ finite when S_c = 0
     return (lam * s).clamp(0, 1)
 

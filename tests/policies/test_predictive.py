@@ -136,24 +136,6 @@ def test_reading_a_forecast_from_the_gpu_counts_the_wait_for_the_work_queued_bef
     assert policy.forecast_wait_s >= lists_before
 
 
-def test_inclusion_probs_at_a_tensor_k_equal_inclusion_probs_bit_for_bit():
-    """One graph serves every k: the masked form equals the sliced one for each k, on rows with ties, zeros, fewer
-    positive scores than k, and scores spanning many orders of magnitude."""
-    from prescope.policies.predictive import inclusion_probs_at
-    from prescope.predict.predictors import inclusion_probs
-
-    g = torch.Generator().manual_seed(0)
-    E = 16
-    rows = torch.rand(6, E, generator=g) ** 4
-    rows[1] = 0.0  # all zeros
-    rows[2, 3:] = 0.0  # three positive scores
-    rows[3] = torch.tensor([0.5] * 8 + [0.25] * 8)  # ties
-    rows[4] = 10.0 ** torch.linspace(-12, 3, E)
-    scores = rows.reshape(2, 3, E)  # [D, N, E]
-    for k in range(1, E + 1):
-        assert torch.equal(inclusion_probs_at(scores, torch.tensor(float(k))), inclusion_probs(scores, k)), k
-
-
 def _replayed_forecasts(predictor, use_graphs=True, steps=6, union=False):
     """The prescope policy's forecast arrays at every layer of `steps` random steps (a union of several tokens'
     experts per layer with `union`), from `predictor`."""

@@ -241,3 +241,34 @@ def test_bad_inputs(recorded, toy):
     with pytest.raises(LayoutMismatchError, match="num_moe_layers"):
         P.Popularity().fit(trace).check_model(small_olmoe(layers=3))
     P.Popularity().fit(trace).check_model(describe(model))  # same layout: no error
+
+
+def _inclusion_probs_sliced(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The closed form over the k largest slots only (how it was first written), the reference for the masked
+    form that serves a tensor k."""
+    s = scores.float().clamp_min(0)
+    E = s.shape[-1]
+    s = torch.where(s.sum(-1, keepdim=True) > 0, s, 1.0)
+    ascending = s.sort(-1).values
+    largest, suffix = ascending[..., E - k:], ascending.cumsum(-1)[..., E - k:]
+    room = torch.arange(1, k + 1, dtype=s.dtype)
+    room, slot = torch.where(largest * room <= suffix, room, 0).max(-1, keepdim=True)
+    return (room / suffix.gather(-1, slot).clamp_min(1e-30) * s).clamp(0, 1)
+
+
+def test_inclusion_probs_of_an_int_or_a_tensor_k_equal_the_sliced_form_bit_for_bit():
+    """One graph serves every k: the masked form, with k an int or a 0-d tensor, equals the form over the k
+    largest slots for each k, on rows with ties, zeros, fewer positive scores than k, and scores spanning many
+    orders of magnitude."""
+    g = torch.Generator().manual_seed(0)
+    E = 16
+    rows = torch.rand(6, E, generator=g) ** 4
+    rows[1] = 0.0  # all zeros
+    rows[2, 3:] = 0.0  # three positive scores
+    rows[3] = torch.tensor([0.5] * 8 + [0.25] * 8)  # ties
+    rows[4] = 10.0 ** torch.linspace(-12, 3, E)
+    scores = rows.reshape(2, 3, E)  # [D, N, E]
+    for k in range(1, E + 1):
+        reference = _inclusion_probs_sliced(scores, k)
+        assert torch.equal(P.inclusion_probs(scores, k), reference), k
+        assert torch.equal(P.inclusion_probs(scores, torch.tensor(float(k))), reference), k
