@@ -110,8 +110,8 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
     `batch` segments decoded together), on this machine's CPU: per policy and batch, the median and p90 of
     `policy.plan`'s wall time over the first `steps` forward calls, in µs, of PreSched's share of it
     (`presched.plan`) and of the rest (`own`: the policy's forecast, instance, victims and bookkeeping), and
-    (`host_`, with its mean) of the layer's plan and `policy.victim` calls together (what the engine charges the
-    policy per layer, `LayerRun.host_s`), with the simulated ms per token. `predictor`: what the prescope
+    (`host_`, with its mean) of the layer's plan, `policy.victim` and `policy.plan_ahead` calls together (what the
+    engine charges the policy per layer, `LayerRun.host_s`), with the simulated ms per token. `predictor`: what the prescope
     policies predict from (default: their memory of the previous step), with `forecast_us`, the median µs of
     its forecast per call (`Predictive._predicted`)."""
     import time
@@ -152,13 +152,19 @@ def replay_planning_time(trace, policies: tuple[str, ...] = ("prescope[gate=Fals
                 victims[-1] += time.perf_counter() - start
                 return slot
 
+            def timed_ahead(view, cache, ahead=policy.plan_ahead, victims=victims):  # late_prefetch's window plan
+                start = time.perf_counter()
+                keys = ahead(view, cache)
+                victims[-1] += time.perf_counter() - start
+                return keys
+
             def timed_planner(inst, inside=inside):
                 start = time.perf_counter()
                 out = planner(inst)
                 inside[-1] += time.perf_counter() - start
                 return out
 
-            policy.plan, policy.victim = timed, timed_victim
+            policy.plan, policy.victim, policy.plan_ahead = timed, timed_victim, timed_ahead
             if predicted is not None:
                 policy._predicted = timed_forecast
             cut = decode_segments(trace, batch) if batch > 1 else trace

@@ -108,7 +108,7 @@ def run_layer(view: LayerView, policy: Policy, cache: ExpertCache, executor: Exe
         # 4. GPU experts in waves
         gpu_waves(view.layer, orders.gpu, policy, cache, executor, run)
         # 5. plan ahead, while the device computes this layer
-        if ahead := _plan_ahead(view, policy, cache, run):
+        if ahead := _timed(policy, run, "ahead_s", policy.plan_ahead, view, cache):
             orders.prefetch = [*orders.prefetch, *ahead]
         executor.planned_ahead(policy, view)
         # 6. prefetches, behind this layer's on-demand loads
@@ -154,20 +154,18 @@ def gpu_waves(layer: int, chosen: list[int], policy: Policy, cache: ExpertCache,
         pending = deferred
 
 
-def _plan_ahead(view: LayerView, policy: Policy, cache: ExpertCache, run: LayerRun) -> list[Key]:
-    waited, began = policy.forecast_wait_s, time.perf_counter()
-    ahead = policy.plan_ahead(view, cache)
-    run.ahead_s += time.perf_counter() - began
-    run.forecast_wait_s += policy.forecast_wait_s - waited
-    return ahead
-
-
 def _victim(policy: Policy, cache: ExpertCache, key: Key, run: LayerRun) -> int | None:
+    return _timed(policy, run, "victim_s", policy.victim, cache, key)
+
+
+def _timed(policy: Policy, run: LayerRun, field: str, call, *args):
+    """`call(*args)`, its wall time added to `run`'s `field` and the policy's wait for the device inside it to
+    `run.forecast_wait_s`."""
     waited, began = policy.forecast_wait_s, time.perf_counter()
-    slot = policy.victim(cache, key)
-    run.victim_s += time.perf_counter() - began
+    out = call(*args)
+    setattr(run, field, getattr(run, field) + time.perf_counter() - began)
     run.forecast_wait_s += policy.forecast_wait_s - waited
-    return slot
+    return out
 
 
 def place(key: Key, slot: int, speculative: bool, cache: ExpertCache, executor: Executor) -> None:
