@@ -191,7 +191,8 @@ def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]",
     check that a faster planner decides the same: per policy, batch and budget, every `plan` call's orders
     (step, layer, GPU experts, CPU experts, prefetches) and the victims it named for its loads (`planned`, where
     the policy keeps them), with `victims` also the slot each of the layer's `victim` calls gave (for the
-    policies that choose victims there), with their SHA-256 (`digest`) and count. `predictor`: as
+    policies that choose victims there), and what `plan_ahead` returned where it returned prefetches
+    (`late_prefetch`), with their SHA-256 (`digest`) and count. `predictor`: as
     `replay_planning_time`'s."""
     import hashlib
     import json
@@ -219,12 +220,20 @@ def replay_decisions(trace, policies: tuple[str, ...] = ("prescope[gate=False]",
                     decisions[-1][-1].append([key, slot])
                     return slot
 
-                policy.plan = recorded
+                aheads = []  # plan_ahead's prefetches and the victims named for them (late_prefetch), by plan
+
+                def ahead(view, cache, plan_ahead=policy.plan_ahead, aheads=aheads, policy=policy):
+                    keys = plan_ahead(view, cache)
+                    if keys:
+                        aheads.append([view.step, view.layer, keys, sorted(getattr(policy, "planned", {}).items())])
+                    return keys
+
+                policy.plan, policy.plan_ahead = recorded, ahead
                 if victims:
                     policy.victim = chosen
                 cut = decode_segments(trace, batch) if batch > 1 else trace
                 replay(cut, policy, profile, budget_share=share, batch_size=batch, max_steps=steps)
-                digest = hashlib.sha256(json.dumps(decisions).encode()).hexdigest()
+                digest = hashlib.sha256(json.dumps([decisions, aheads] if aheads else decisions).encode()).hexdigest()
                 rows.append({"policy": spec, "batch": batch, "budget_share": share, "steps": steps,
                              "plans": len(decisions), "digest": digest, "decisions": decisions})
     return rows

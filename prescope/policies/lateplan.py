@@ -63,7 +63,7 @@ import prescope.policies.presched as presched
 from prescope.policies.base import LayerView, Orders
 from prescope.policies.cache import ExpertCache, Key
 from prescope.policies.predictive import fastest_split, link_state
-from prescope.policies.window import Window, candidates, cheapest_held
+from prescope.policies.window import Window, cheapest_held
 
 
 def early_forecast(policy) -> bool:
@@ -129,38 +129,18 @@ def window_plan(policy, view: LayerView, cache: ExpertCache) -> list[Key]:
     if not policy.ahead:
         return []
     policy.ahead, policy.planned_window = False, True
-    costs, layer, E = policy.costs, view.layer, policy.num_experts
     forecast = policy.early if policy.early is not None else policy.window_forecast(view)
     policy.early = None
-    window = Window.of(forecast, E)
+    window = Window.of(forecast, policy.num_experts)
     offered = policy.offered(view, cache, window)
     if not any(offered):
         policy.skipped += 1
         return []
-    gpu, cpu = policy.split
-    tokens = dict(zip(view.experts, view.tokens, strict=True))
-    link_free, eta = link_state(cache, policy.issued, costs.load)
-    # layer l as decided: its GPU experts resident or in flight (one evicted by a later wave already ran)
-    resident = cache.resident_keys(range(layer, layer + len(window) + 1)) | {
-        (layer, e) for e in gpu if (layer, e) not in eta}
-    predictions = candidates(window, offered, policy.candidates or 2 * policy.top_k())
-    need = sum(map(len, predictions))
-    if cache.free_count >= need + len(window):  # each prefetch takes a free slot: no victim is read
-        held = ()
-    else:
-        q, ids = policy.victim_ids(view, cache, window)
-        held = cheapest_held(need, q, ids, E)
-    gap = policy.layer_gap_s if policy.layer_gap_s is not None else policy.costs_gap
-    inst = presched.Instance(
-        layer, tuple(gpu), tuple(tokens[e] for e in gpu), predictions, costs.load, costs.gpu, costs.cpu,
-        resident=resident, inflight=eta, free_slots=cache.free_count, evictable=held, link_free=link_free,
-        demand_free=0.0 if policy.uses_async_io(costs) else None, cpu_free=sum(costs.cpu(tokens[e]) for e in cpu),
-        gap=gap, max_prefetch=policy.max_prefetch, compute=policy.compute_table.expected(window),
-        resident_on_cpu=False)
+    inst = policy.instance(view, cache, window, offered, decided=policy.split)  # layer l as decided
     p = presched.plan(inst)
     prefetch = list(p.prefetch)
     policy.planned = dict(zip(prefetch, p.victims[len(p.loads):], strict=True))
-    policy.loss = dict(map(itemgetter(0, 1), held))
+    policy.loss = dict(map(itemgetter(0, 1), inst.evictable))
     policy.protect = policy.protect | set(prefetch)
     policy.issued = policy._still_loading(cache) + prefetch
     return prefetch

@@ -332,16 +332,26 @@ class PreScope(Gate, Predictive):
         layer, resident = view.layer, cache.is_resident
         return all(resident((layer, e)) for e in view.experts)
 
-    def instance(self, view: LayerView, cache: ExpertCache, forecast=None, offered=None) -> presched.Instance:
+    def instance(self, view: LayerView, cache: ExpertCache, forecast=None, offered=None,
+                 decided: tuple[list[int], list[int]] | None = None) -> presched.Instance:
         """The planner's view of this layer (see presched.Instance); `offered`: `offered(view, cache, forecast)`,
-        if the caller has it."""
+        if the caller has it. `decided`: the running layer's split (GPU, CPU experts) already ordered
+        (`late_prefetch`): it enters as decided, its GPU experts resident or in flight (one evicted by a later
+        wave already ran), nothing of it to load, its CPU experts keeping the CPU lane busy for their time."""
         costs, layer = self.costs, view.layer
         window = self.window_forecast(view) if forecast is None else Window.of(forecast, self.num_experts)
         offered = self.offered(view, cache, window) if offered is None else offered
         link_free, eta = link_state(cache, self.issued, costs.load)
         resident = cache.resident_keys(range(layer, layer + len(window) + 1))
         predictions = candidates(window, offered, self.candidates or 2 * self.top_k())
-        need = len(view.experts) + sum(map(len, predictions))  # loads and prefetches this plan may order
+        experts, tokens, cpu_free, resident_on_cpu = view.experts, view.tokens, 0.0, not costs.host_hides_device
+        if decided is not None:
+            gpu, cpu = decided
+            count = dict(zip(view.experts, view.tokens, strict=True))
+            experts, tokens, resident_on_cpu = tuple(gpu), tuple(count[e] for e in gpu), False
+            resident |= {(layer, e) for e in gpu if (layer, e) not in eta}
+            cpu_free = sum(costs.cpu(count[e]) for e in cpu)
+        need = (len(experts) if decided is None else 0) + sum(map(len, predictions))  # loads and prefetches
         if cache.free_count >= need + len(window):  # each takes a free slot: PreSched reads no victim (presched.plan)
             held = ()
         else:
@@ -349,10 +359,11 @@ class PreScope(Gate, Predictive):
             held = cheapest_held(need, q, ids, self.num_experts)
         gap = self.layer_gap_s if self.layer_gap_s is not None else self.costs_gap
         return presched.Instance(
-            layer, view.experts, view.tokens, predictions, costs.load, costs.gpu, costs.cpu,
+            layer, experts, tokens, predictions, costs.load, costs.gpu, costs.cpu,
             resident=resident, inflight=eta, free_slots=cache.free_count, evictable=held, link_free=link_free,
-            demand_free=0.0 if self.uses_async_io(costs) else None, gap=gap, max_prefetch=self.max_prefetch,
-            compute=self.compute_table.expected(window), resident_on_cpu=not costs.host_hides_device)
+            demand_free=0.0 if self.uses_async_io(costs) else None, cpu_free=cpu_free, gap=gap,
+            max_prefetch=self.max_prefetch, compute=self.compute_table.expected(window),
+            resident_on_cpu=resident_on_cpu)
 
     def victim_ids(self, view: LayerView, cache: ExpertCache, forecast) -> tuple[np.ndarray, np.ndarray]:
         """(chance of being needed, key id layer·E + expert) [M] of every key the plan may evict: the pool's
