@@ -240,9 +240,9 @@ class ExpertCache:
 
     def evictable_scored(self, score: np.ndarray, width: int, protect: np.ndarray | None = None) -> int | None:
         """`evictable_ranked` over the slot arrays, without a Python scan of the pool: each key's rank read from
-        `score` [L·width] (finite; integers below 2**53 are exact) by its id layer·width + expert (width: above every expert), the keys where the
-        mask `protect` [L·width] is set (None: none) left out; the evictable slot whose key scores lowest, ties
-        by least recent use, then by slot; None when there is none."""
+        `score` [L·width] (finite; integers below 2**53 are exact) by its id layer·width + expert (width: above
+        every expert), the keys where the mask `protect` [L·width] is set (None: none) left out; the evictable
+        slot whose key scores lowest, ties by least recent use, then by slot; None when there is none."""
         ids = self._ids(width)  # [S]; a free slot's is out of range: clipped, and left out as not resident
         scores = score.take(ids, mode="clip").astype(np.float64, copy=False)  # a new array: written below
         out = ~(self._resident_at & ~self._pinned_at)
