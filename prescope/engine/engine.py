@@ -122,6 +122,7 @@ class Engine(Executor):
                                 "config": config.to_dict()})
         self._layer: _Running | None = None
         self._stale = False  # a layer failed part-way: reset before the next step
+        self._step_clock: tuple[float, float] | None = None  # host clock at the last step's begin and end
         self._install()
 
     # ---- install: memory decided once ----------------------------------------------------------------
@@ -162,7 +163,7 @@ class Engine(Executor):
 
     def reset(self) -> None:
         """Empty the slot pool, then load what the policy wants resident (all experts if the budget allows)."""
-        self._stale = False
+        self._stale, self._step_clock = False, None
         if self.io is not None and self.io.error is not None:  # the I/O worker died with a failed copy
             self.io.close()
             self.io = IOWorker(self.streams, self.config.io_chunk_bytes, self.config.io_depth)
@@ -410,10 +411,25 @@ class Engine(Executor):
     def begin_step(self, tokens: int, phase: str) -> None:
         if self._stale:  # the last step failed part-way: start again from a clean slot pool
             self.reset()
+        self._time_last_step(time.perf_counter())
         self.records.begin_step(tokens, phase)
 
     def end_step(self) -> None:
         self.records.end_step()
+        if self._step_clock is not None:
+            self._step_clock = (self._step_clock[0], time.perf_counter())
+
+    def _time_last_step(self, now: float) -> None:
+        """Tell the policy how long the last step took, from its begin to this one's (`Policy.step_measured`):
+        the host syncs with the device at every MoE layer, so the interval holds the step's device time, the
+        tail of its last layers included. Not where the pause between the last step's end and now exceeds the
+        step itself (another call's work in between: a new `generate`, a stock run), nor after a reset."""
+        last, self._step_clock = self._step_clock, (now, now)
+        if last is None or last[1] == last[0]:
+            return
+        began, ended = last
+        if now - ended <= ended - began:
+            self.policy.step_measured(now - began)
 
     def _step_start(self, module, args, kwargs) -> None:
         if self.capture is not None:

@@ -42,7 +42,9 @@ Over the measured decode steps only: `policy_ms_per_layer_decode` is the policy'
 CPU, where the forecast is host work itself). The sum of the two is the policy's whole wall time.
 `gate_plan_host_ms` (prescope, ceiling): the planning host time P the gate weighed at the run's end, as the engine
 measured it (`policies/hostmeter.py`; None where no planned layer was measured, the gate then reading the
-profile's P).
+profile's P). `gate_arms` (prescope, ceiling with `measured_gate`): per step shape (tokens·K), the step times the
+arbiter counted for the gate's decisions and for planning every layer, and the arm it runs
+(`policies/arbiter.py`).
 
 Cells run in order of importance and results are flushed after each one, so a run cut short keeps
 what it finished. Host-bound cells vary from run to run by tens of percent on a shared host: `repeats`
@@ -214,6 +216,8 @@ def measure_engine(engine: Engine, model, batch: int, cfg: BenchConfig, replay: 
     if callable(measured := getattr(engine.policy, "measured_plan_host", None)):  # the gate's P as measured
         p_s = measured()
         row["gate_plan_host_ms"] = None if p_s is None else 1e3 * p_s
+    if (arbiter := getattr(engine.policy, "arbiter", None)) is not None and arbiter.shapes:
+        row["gate_arms"] = {str(shape): at for shape, at in arbiter.summary().items()}  # measured step times
     graphs = getattr(engine.policy, "graphs", None)
     if graphs is not None:  # the forecast's CUDA graphs: keys replayed from a graph, keys left eager
         row["forecast_graphs"] = {"captured": graphs.captured, "refused": graphs.refused}

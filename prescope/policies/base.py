@@ -173,6 +173,10 @@ class Policy(ABC):
         the device excluded: `protocol.LayerRun.host_s`). The engine calls it after each MoE layer; the
         simulator, whose host time is the profile's, never does."""
 
+    def step_measured(self, seconds: float) -> None:  # noqa: B027 - a policy that learns from it overrides it
+        """The executor measured the wall time of the step that ran last, from its start to the next step's
+        (`engine.Engine.begin_step`). The engine calls it; the simulator never does."""
+
     host_work: tuple[str, ...] = ()  # host-side phases an executor should time: "predict", "plan"
     needs_future: bool = False  # reads LayerView.future (an executor computes it only for such a policy)
     async_io: bool = False  # asks the executor for AsyncIO's priority link (on-demand loads overtake prefetches)

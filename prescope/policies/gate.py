@@ -1,19 +1,22 @@
 """PreScope's gate: whether predicting and planning a layer can shorten the step, or the layer runs on demand.
 
 `Gate` is a part of `peers.PreScope` (and of the ceiling, its sibling in `limits.py`), kept apart for its size; it
-reads the policy's `costs`, `options` (`layer_gate`, `measured_plan`), `plan_host_s`, `late`, `lookahead`,
+reads the policy's `costs`, `options` (`layer_gate`, `measured_plan`, `measured_gate`), `plan_host_s`, `late`, `lookahead`,
 `transfer_host()`, and keeps `slack` (the running gain of the step's shape), `meter` (the engine's measured host
-time, `hostmeter.HostMeter`), `layer` and `on_demand` (the running layer and the gate's decision for it).
+time, `hostmeter.HostMeter`), `arbiter` (its measured step times, `arbiter.StepArbiter`), `layer` and `on_demand` (the running layer and the gate's decision for it).
 
 - `device_slack`: what prefetching could at most save at a layer run on demand (the rule before `plan_gain`, and
   the simulator's);
 - `plan_gain`: what planning a layer saves net of its host time P, where the host hides the device (the engine);
 - `speculation_pays`: the running gain over the last few layers is positive (the gate's decision);
-- `host_measured`, `measured_plan_host`: P as the engine measures it.
+- `host_measured`, `measured_plan_host`: P as the engine measures it;
+- `step_measured`: the engine's step times, by which `arbiter.StepArbiter` checks the gate's decisions against
+  planning every layer (`measured_gate`).
 """
 
 from __future__ import annotations
 
+import prescope.policies.arbiter as arbiter
 import prescope.policies.lateplan as lateplan
 import prescope.policies.presched as presched
 from prescope.policies.base import LayerView
@@ -61,6 +64,11 @@ class Gate:
         """Record the layer's measured host time, planned or run on demand by the gate (`hostmeter`)."""
         if self.costs is not None and self.gate and self.options.measured_plan and self.slack is not None:
             self.meter.record(self.layer, self.slack[0], not self.on_demand, seconds)
+
+    def step_measured(self, seconds: float) -> None:
+        """Record the measured time of the step that ran last, for the arbiter (`measured_gate`)."""
+        if self.costs is not None and self.gate and self.options.measured_gate:
+            self.arbiter.step_measured(seconds)
 
     def measured_plan_host(self) -> float | None:
         """P as this run measured it (`hostmeter.HostMeter.plan_host`), None where nothing was measured (the
@@ -118,8 +126,15 @@ class Gate:
         layers, planning saves more than it costs the host. Where the host hides the device, zero too: there
         it means planning hid behind the device's own work and no miss asked for it, so it costs nothing and
         may still prefetch for the layers after this one (the simulator's branch and `layer_gate` keep the
-        strict rule)."""
-        x, shape = self.plan_gain(view, cache), sum(view.tokens)
+        strict rule). Where the executor measures steps (`measured_gate`), a step the arbiter gives to
+        "planned" plans every layer (`arbiter.StepArbiter`: the gate's decisions against planning everywhere,
+        by measured step time)."""
+        shape = sum(view.tokens)
+        if self.options.measured_gate and self.arbiter.arm(view.step, shape) == arbiter.PLANNED:
+            if self.slack is None or self.slack[0] != shape:  # the meter counts the layer at this shape
+                self.slack = (shape, 0.0)
+            return True
+        x = self.plan_gain(view, cache)
         if self.slack is None or self.slack[0] != shape:
             self.slack = (shape, x)
         else:

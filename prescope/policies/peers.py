@@ -33,6 +33,7 @@ import numpy as np
 
 import prescope.policies.lateplan as lateplan
 import prescope.policies.presched as presched
+from prescope.policies.arbiter import StepArbiter
 from prescope.policies.base import Costs, LayerView, Orders, PolicyError, lru_victim
 from prescope.policies.cache import ExpertCache, Key
 from prescope.policies.gate import Gate
@@ -235,6 +236,9 @@ class PreScopeOptions(PredictiveOptions):
     # where the executor measures the policy's host time (the engine), the gate's P is what planning a layer
     # measured in this run over what a layer run on demand measured, not the profile's (hostmeter.py)
     measured_plan: bool = True
+    # where the executor measures whole steps (the engine), each step shape tries the gate's decisions against
+    # planning every layer and runs the faster by measured step time (arbiter.py)
+    measured_gate: bool = True
 
     def check(self) -> None:
         super().check()
@@ -290,12 +294,13 @@ class PreScope(Gate, Predictive):
         self.ahead, self.early, self.split = False, None, ([], [])
         self.planned_window = False  # the last plan_ahead planned the window (what an executor charges)
         self.meter = HostMeter()  # the engine's measured host time per layer, for the gate's P (measured_plan)
+        self.arbiter = StepArbiter()  # the engine's measured step times: gated or every layer planned
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         self.lookahead = min(self.lookahead, max(1, cache.num_layers - 1)) if cache.num_layers > 1 else 1
         self.planned, self.loss, self.issued, self.skipped, self.lean, self.slack = {}, {}, [], 0, 0, None
         self.on_demand, self.ahead, self.early, self.split = False, False, None, ([], [])
-        self.meter = HostMeter()
+        self.meter, self.arbiter = HostMeter(), StepArbiter()
         self.reliability = Reliability(self.lookahead) if self.calibrate else None
         out = super().reset(cache, num_experts, costs)
         self.compute_table = ComputeTable(self.costs.gpu) if costs is not None else None  # c_d of the window

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -378,3 +379,32 @@ def test_the_policys_wait_for_the_device_is_recorded_apart_from_its_host_work():
     assert sum(r.forecast_wait_seconds) == pytest.approx(policy.forecast_wait_s)
     # the engine's own host time excludes the wait: less than the layers' wall time by at least the wait
     assert sum(r.own_seconds.values()) <= sum(r.host_seconds) - sum(r.sync_seconds) - policy.forecast_wait_s + 1e-9
+
+
+class _TimedLRU(OnDemandLRU):
+    """on_demand_lru that keeps the step times the engine reports, and sleeps a while at each layer."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.steps: list[float] = []
+
+    def step_measured(self, seconds: float) -> None:
+        self.steps.append(seconds)
+
+    def plan(self, view, cache):
+        time.sleep(0.002)
+        return super().plan(view, cache)
+
+
+def test_the_engine_reports_each_steps_time_to_the_policy_but_not_the_pause_between_two_generates():
+    model = tiny_model("olmoe")
+    policy = _TimedLRU()
+    ids = torch.randint(1, 96, (2, 4))
+    with Engine(model, EngineConfig(budget_share=0.5, device="cpu", timing="off"), policy=policy) as engine:
+        engine.generate(ids, max_new_tokens=4)  # a prefill and 3 decode steps: the last is never followed
+        assert len(policy.steps) == 3
+        time.sleep(0.5)  # another caller's work between two runs
+        engine.generate(ids, max_new_tokens=4)
+    L = engine.layout.num_moe_layers
+    assert len(policy.steps) == 6
+    assert all(0.002 * L <= s < 0.5 for s in policy.steps)  # each holds its layers' plans, none the pause

@@ -1,0 +1,87 @@
+"""The step arbiter: the gate's decisions against planning every layer, by measured step time."""
+
+from __future__ import annotations
+
+from test_gate import engine_costs, gated
+from test_peers import cache_with, view
+
+from prescope.policies.arbiter import GATED, PLANNED, StepArbiter
+
+
+def run(arbiter: StepArbiter, seconds: dict[str, float], steps: int, shape: int = 4, first: int = 1) -> list[str]:
+    """The arms of `steps` steps at `shape`, each measured as seconds[arm]."""
+    arms = []
+    for step in range(first, first + steps):
+        arms.append(arbiter.arm(step, shape))
+        assert arbiter.arm(step, shape) == arms[-1]  # one arm for the whole step
+        arbiter.step_measured(seconds[arms[-1]])
+    return arms
+
+
+def test_without_measured_steps_every_step_is_gated():
+    arbiter = StepArbiter()
+    assert [arbiter.arm(step, 4) for step in range(40)] == [GATED] * 40
+
+
+def test_trials_leave_out_the_settling_steps_and_each_arms_first_then_the_faster_arm_runs():
+    arbiter = StepArbiter()
+    arms = run(arbiter, {GATED: 0.30, PLANNED: 0.20}, 12)
+    # 2 settling steps, then each arm's first (left out) and two counted steps each, alternating
+    assert arms[:8] == [GATED, GATED, GATED, PLANNED, GATED, PLANNED, GATED, PLANNED]
+    assert arms[8:] == [PLANNED] * 4
+    summary = arbiter.summary()[4]
+    assert summary["best"] == PLANNED and summary["gated_ms"] == [300.0, 300.0]
+    assert summary["planned_ms"] == [200.0] * 4  # the arm that runs keeps measuring (its last WINDOW)
+
+
+def test_the_gated_arm_wins_where_it_is_faster_and_the_other_is_tried_again_every_reprobe_steps():
+    arbiter = StepArbiter()
+    arms = run(arbiter, {GATED: 0.1, PLANNED: 0.4}, 8 + 2 * (StepArbiter.REPROBE + 1))
+    after = arms[8:]
+    assert after.count(PLANNED) == 2 and after[StepArbiter.REPROBE] == PLANNED
+    assert after[:StepArbiter.REPROBE] == [GATED] * StepArbiter.REPROBE
+
+
+def test_a_change_in_step_time_is_followed_by_the_next_probe():
+    arbiter = StepArbiter()
+    run(arbiter, {GATED: 0.1, PLANNED: 0.4}, 8)
+    # planning became faster: the probes bring the planned arm's median below the gated one's
+    arms = run(arbiter, {GATED: 0.3, PLANNED: 0.05}, 3 * (StepArbiter.REPROBE + 1), first=9)
+    assert arms[-(StepArbiter.REPROBE + 1):].count(PLANNED) == StepArbiter.REPROBE  # the gated arm probed once
+
+
+def test_each_step_shape_learns_apart():
+    arbiter = StepArbiter()
+    run(arbiter, {GATED: 0.3, PLANNED: 0.2}, 10, shape=4)
+    assert run(arbiter, {GATED: 0.3, PLANNED: 0.2}, 2, shape=64, first=11) == [GATED, GATED]  # settling again
+    assert run(arbiter, {GATED: 0.3, PLANNED: 0.2}, 1, shape=4, first=13) == [PLANNED]  # the first shape kept
+
+
+def _layers_planned(policy, step: int, L: int = 8) -> int:
+    cache = cache_with(16, L, [])
+    planned = 0
+    for layer in range(L):
+        policy.plan(view(layer, [1, 2, 3], L=L, step=step), cache)
+        planned += not policy.on_demand
+    return planned
+
+
+def test_a_gate_that_runs_layers_on_demand_plans_every_layer_once_planned_steps_measure_faster():
+    """Planning costs more than the model says it saves (P = 5 s), so the gate runs every layer on demand;
+    measured, planned steps are faster: after the trials every layer plans. Without `measured_gate`, or with
+    the clock saying the gate is right, the layers stay on demand."""
+    for measured_gate, planned_faster, want in ((True, True, 8), (False, True, 0), (True, False, 0)):
+        policy = gated(engine_costs(plan=5.0), cache_with(16, 8, []), measured_gate=measured_gate)
+        for step in range(1, 11):
+            planned = _layers_planned(policy, step)
+            fast = planned == 8 if planned_faster else planned == 0
+            policy.step_measured(0.2 if fast else 0.3)
+        assert _layers_planned(policy, 11) == want, (measured_gate, planned_faster)
+
+
+def test_an_ungated_policy_ignores_step_times():
+    policy = gated(engine_costs(plan=5.0), cache_with(16, 8, []), gate=False)
+    for step in range(1, 12):
+        assert _layers_planned(policy, step) == 8
+        policy.step_measured(1.0)
+    assert policy.arbiter.shapes == {}
