@@ -12,8 +12,9 @@ ungated self by more than the spread: what the model cannot settle, measured ste
 
 - Per step shape (the step's tokens·K): prefill and decode, and each batch size, learn apart.
 - A shape's first SETTLE steps are not counted and run gated (the first decode step runs eagerly and the
-  next captures the step's CUDA graphs); an arm's first step at a shape is not counted either (the forecast
-  graphs of layers it plans for the first time are captured there).
+  next captures the step's CUDA graphs); the planned arm's first step at a shape is not counted either (the
+  forecast graphs of layers it plans for the first time are captured there; the gated arm's first run is
+  among the settling steps).
 - Trials alternate the arms until each has TRIALS counted steps; then the arm with the lower median of its
   last WINDOW steps runs, and every REPROBE-th step the other, so that a change (the cache settling, another
   host load) is followed. Trials and probes are part of the run: a measured run pays for them.
@@ -31,12 +32,12 @@ GATED, PLANNED = "gated", "planned"
 
 @dataclass
 class _Shape:
-    """What one step shape measured: counted step seconds per arm, the arms whose first step was left out."""
+    """What one step shape measured: counted step seconds per arm, and the arms that ran."""
 
     window: int
     steps: int = 0  # steps begun at this shape
     since_probe: int = 0  # steps of the best arm since the other one last ran
-    left_out: set[str] = field(default_factory=set)
+    ran: set[str] = field(default_factory=set)  # arms that ran at this shape (the first run is not counted)
     samples: dict[str, deque] = field(default_factory=dict)
     runs: dict[str, int] = field(default_factory=lambda: {GATED: 0, PLANNED: 0})  # steps run per arm
 
@@ -76,7 +77,7 @@ class StepArbiter:
     def _choose(self, at: _Shape) -> str:
         if not self.measured or at.steps <= self.SETTLE:
             return GATED
-        tried = {a: len(at.samples[a]) + (a in at.left_out) for a in (GATED, PLANNED)}
+        tried = {a: len(at.samples[a]) + (a in at.ran) for a in (GATED, PLANNED)}
         if min(len(at.samples[GATED]), len(at.samples[PLANNED])) < self.TRIALS:  # trials: the arm tried less
             return GATED if tried[GATED] <= tried[PLANNED] else PLANNED
         best = self.best(at)
@@ -99,10 +100,10 @@ class StepArbiter:
         _, shape, arm = self.running
         self.running = None
         at = self.shapes.get(shape)
-        if at is None or at.steps <= self.SETTLE:
+        if at is None:
             return
-        if arm not in at.left_out:
-            at.left_out.add(arm)
+        if at.steps <= self.SETTLE or arm not in at.ran:  # settling, or the arm's first run at this shape
+            at.ran.add(arm)
             return
         at.samples[arm].append(seconds)
 

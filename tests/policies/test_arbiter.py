@@ -26,27 +26,28 @@ def test_without_measured_steps_every_step_is_gated():
 def test_trials_leave_out_the_settling_steps_and_each_arms_first_then_the_faster_arm_runs():
     arbiter = StepArbiter()
     arms = run(arbiter, {GATED: 0.30, PLANNED: 0.20}, 12)
-    # 2 settling steps, then each arm's first (left out) and two counted steps each, alternating
-    assert arms[:8] == [GATED, GATED, GATED, PLANNED, GATED, PLANNED, GATED, PLANNED]
-    assert arms[8:] == [PLANNED] * 4
+    # 2 settling steps (gated), the planned arm's first (not counted), then two counted steps each, alternating
+    assert arms[:7] == [GATED, GATED, PLANNED, GATED, PLANNED, GATED, PLANNED]
+    assert arms[7:] == [PLANNED] * 5
     summary = arbiter.summary()[4]
     assert summary["best"] == PLANNED and summary["gated_ms"] == [300.0, 300.0]
     assert summary["planned_ms"] == [200.0] * 4  # the arm that runs keeps measuring (its last WINDOW)
+    assert summary["runs"] == {GATED: 4, PLANNED: 8}
 
 
 def test_the_gated_arm_wins_where_it_is_faster_and_the_other_is_tried_again_every_reprobe_steps():
     arbiter = StepArbiter()
-    arms = run(arbiter, {GATED: 0.1, PLANNED: 0.4}, 8 + 2 * (StepArbiter.REPROBE + 1))
-    after = arms[8:]
+    arms = run(arbiter, {GATED: 0.1, PLANNED: 0.4}, 7 + 2 * (StepArbiter.REPROBE + 1))
+    after = arms[7:]
     assert after.count(PLANNED) == 2 and after[StepArbiter.REPROBE] == PLANNED
     assert after[:StepArbiter.REPROBE] == [GATED] * StepArbiter.REPROBE
 
 
 def test_a_change_in_step_time_is_followed_by_the_next_probe():
     arbiter = StepArbiter()
-    run(arbiter, {GATED: 0.1, PLANNED: 0.4}, 8)
+    run(arbiter, {GATED: 0.1, PLANNED: 0.4}, 7)
     # planning became faster: the probes bring the planned arm's median below the gated one's
-    arms = run(arbiter, {GATED: 0.3, PLANNED: 0.05}, 3 * (StepArbiter.REPROBE + 1), first=9)
+    arms = run(arbiter, {GATED: 0.3, PLANNED: 0.05}, 3 * (StepArbiter.REPROBE + 1), first=8)
     assert arms[-(StepArbiter.REPROBE + 1):].count(PLANNED) == StepArbiter.REPROBE  # the gated arm probed once
 
 
