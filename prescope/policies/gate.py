@@ -1,9 +1,10 @@
 """PreScope's gate: whether predicting and planning a layer can shorten the step, or the layer runs on demand.
 
 `Gate` is a part of `peers.PreScope` (and of the ceiling, its sibling in `limits.py`), kept apart for its size; it
-reads the policy's `costs`, `options` (`layer_gate`, `measured_plan`, `measured_gate`), `plan_host_s`, `late`, `lookahead`,
-`transfer_host()`, and keeps `slack` (the running gain of the step's shape), `meter` (the engine's measured host
-time, `hostmeter.HostMeter`), `arbiter` (its measured step times, `arbiter.StepArbiter`), `layer` and `on_demand` (the running layer and the gate's decision for it).
+reads the policy's `costs`, `options` (`layer_gate`, `measured_plan`, `measured_gate`), `plan_host_s`, `late`,
+`lookahead`, `transfer_host()`, and keeps `slack` (the running gain of the step's shape), `meter` (the engine's
+measured host time, `hostmeter.HostMeter`), `arbiter` (its measured step times, `arbiter.StepArbiter`), `layer`
+and `on_demand` (the running layer and the gate's decision for it).
 
 - `device_slack`: what prefetching could at most save at a layer run on demand (the rule before `plan_gain`, and
   the simulator's);
