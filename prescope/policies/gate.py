@@ -129,7 +129,8 @@ class Gate:
         may still prefetch for the layers after this one (the simulator's branch and `layer_gate` keep the
         strict rule). Where the executor measures steps (`measured_gate`), a step the arbiter gives to
         "planned" plans every layer (`arbiter.StepArbiter`: the gate's decisions against planning everywhere,
-        by measured step time)."""
+        by measured step time); those steps also measure P, so the meter's probes of single layers
+        (`HostMeter.probe`) run only without it."""
         shape = sum(view.tokens)
         if self.options.measured_gate and self.arbiter.arm(view.step, shape) == arbiter.PLANNED:
             if self.slack is None or self.slack[0] != shape:  # the meter counts the layer at this shape
@@ -141,4 +142,7 @@ class Gate:
         else:
             self.slack = (shape, self.slack[1] + self.GATE_WEIGHT * (x - self.slack[1]))
         tie = self.slack[1] == 0.0 and self.costs.host_hides_device and not self.options.layer_gate
-        return self.meter.probe(shape, self.slack[1] > 0.0 or tie)
+        pays = self.slack[1] > 0.0 or tie
+        if self.options.measured_gate and self.arbiter.measured:  # the arbiter's planned steps measure P
+            return pays
+        return self.meter.probe(shape, pays)

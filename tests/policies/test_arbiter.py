@@ -86,3 +86,21 @@ def test_an_ungated_policy_ignores_step_times():
         assert _layers_planned(policy, step) == 8
         policy.step_measured(1.0)
     assert policy.arbiter.shapes == {}
+
+
+def test_with_the_arbiter_measuring_the_gate_no_longer_probes_single_layers():
+    """The planned steps measure P for the gate (`HostMeter`), so a gated step of layers run on demand plans
+    none of them; without `measured_gate` the meter plans one every PROBE_EVERY on-demand layers. Measured
+    here: 6 s of host time per planned layer, 1 ms per layer run on demand."""
+    planned = {}
+    for measured_gate in (True, False):
+        policy = gated(engine_costs(), cache_with(16, 8, []), measured_gate=measured_gate)
+        cache, count = cache_with(16, 8, []), 0
+        for step in range(1, 8 + 5):  # settling and trials (planned steps slower), then 5 steps of 8 layers
+            for layer in range(8):
+                policy.plan(view(layer, [1, 2, 3], L=8, step=step), cache)
+                policy.host_measured(0.001 if policy.on_demand else 6.0)
+                count += step >= 8 and not policy.on_demand
+            policy.step_measured(0.2 if policy.on_demand else 0.3)
+        planned[measured_gate] = count
+    assert planned == {True: 0, False: 1}
