@@ -25,6 +25,7 @@ Letters: L MoE layers, E experts, K top-k, N tokens, D lookahead distance, S slo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
@@ -206,6 +207,12 @@ class ActivationMatrixPolicy(Predictive):
 
 # ---- PreScope ----------------------------------------------------------------------------------------------
 
+def _never(tokens: int) -> float:
+    """The CPU's time for an expert where the policy runs none there (`cpu_experts=False`): an hour, finite so
+    that PreSched's arithmetic stays finite; it takes the CPU only for misses the GPU's slots cannot hold."""
+    return 3600.0
+
+
 @dataclass(frozen=True)
 class PreScopeOptions(PredictiveOptions):
     lookahead: int = 3  # D, the window of later layers predicted and planned
@@ -239,6 +246,10 @@ class PreScopeOptions(PredictiveOptions):
     # where the executor measures whole steps (the engine), each step shape tries the gate's decisions against
     # planning every layer and runs the faster by measured step time (arbiter.py)
     measured_gate: bool = True
+    # run misses on the CPU where PreSched finds it faster (False: only those the GPU's slots cannot hold). On the
+    # H200 each CPU expert added ~1.7 ms of host time to its layer (reports/h200/real-traces, afda9cb), against
+    # the profile's cost of the expert itself, which runs beside the host
+    cpu_experts: bool = True
 
     def check(self) -> None:
         super().check()
@@ -303,6 +314,8 @@ class PreScope(Gate, Predictive):
         self.meter, self.arbiter = HostMeter(), StepArbiter()
         self.reliability = Reliability(self.lookahead) if self.calibrate else None
         out = super().reset(cache, num_experts, costs)
+        if self.costs is not None and not self.options.cpu_experts:  # the planner never finds the CPU faster
+            self.costs = dataclasses.replace(self.costs, cpu=_never)
         self.compute_table = ComputeTable(self.costs.gpu) if costs is not None else None  # c_d of the window
         return out
 

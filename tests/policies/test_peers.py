@@ -266,7 +266,7 @@ def synthetic_trace(L=4, E=8, K=2, prompts=2, tokens=30, reuse=0.5, seed=0) -> T
 GEN = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
 
 
-@pytest.mark.parametrize("name", [*NEW, "prescope[gate=False]"])
+@pytest.mark.parametrize("name", [*NEW, "prescope[gate=False]", "prescope[gate=False,cpu_experts=False]"])
 def test_engine_generates_the_stock_tokens(name, tmp_path):
     """Greedy generation through the engine gives the stock tokens, with the link winning (the hand profile:
     misses load, prefetches run, except where prescope's gate finds a layer host-bound) and with the CPU
@@ -292,6 +292,8 @@ def test_engine_generates_the_stock_tokens(name, tmp_path):
             got = model.generate(ids, **GEN)
         assert torch.equal(got, want), f"{name} {profile} {budget}: tokens differ"
         on_cpu = sum(r[0] == "cpu" and r[4] == "cpu_expert" for r in engine.records.rows)
+        # without CPU experts, only misses that one layer's worth of slots cannot hold run on the CPU
+        assert on_cpu == 0 or variant.get("cpu_experts", True) or "budget_bytes" in budget
         stats = engine.cache.stats
         if profile == link_wins:
             assert stats.loads > 0
@@ -303,8 +305,8 @@ def test_engine_generates_the_stock_tokens(name, tmp_path):
             # (CPU experts only in the steps the arbiter gave to planning every layer, its trials)
             planned_steps = sum(at.runs["planned"] for at in engine.policy.arbiter.shapes.values())
             assert engine.policy.lean > 0 and (on_cpu == 0 or planned_steps > 0)
-        elif name == "prescope":
-            assert on_cpu > 0
+        elif name == "prescope":  # ungated under h200 the CPU wins, unless told to run no expert there
+            assert (on_cpu > 0) == variant.get("cpu_experts", True)
 
 
 def test_prescope_keeps_window_keys_that_reuse_asks_for_unless_told_not_to():
@@ -541,3 +543,15 @@ def test_on_real_traces_the_gate_never_makes_prescope_slower(real_traces, name):
           f"{evicted} evictions")
     assert lean["reports/h200/h200-engine.json"] > 0 and best < 1.0  # the gate acted, and won where it did
     assert evicted > 0  # the budget binds in some cells: not only cold misses
+
+
+def test_prescope_without_cpu_experts_runs_every_miss_on_the_gpu():
+    """A CPU that runs an expert in 0.3 (against a load of 1.0): PreSched puts both misses on it; with
+    `cpu_experts=False` every routed expert runs on the GPU, its misses loaded."""
+    lay = layout(4, 8, 2)
+    for cpu_experts, gpu, cpu in ((True, [2], [4, 6]), (False, [2, 4, 6], [])):
+        policy = make_policy("prescope", predictor=Fixed(lay, {}), gate=False, cpu_experts=cpu_experts)
+        cache = cache_with(16, 4, [(0, 2)])
+        policy.reset(cache, 8, Costs(1.0, lambda n: 0.5, lambda n: 0.3))
+        orders = policy.plan(view(0, [2, 4, 6]), cache)
+        assert (sorted(orders.gpu), sorted(orders.cpu)) == (gpu, cpu), cpu_experts
