@@ -313,10 +313,19 @@ class Engine(Executor):
         return weighted.sum(dim=1).to(run.hidden.dtype)  # [N, H]
 
     def _cpu_results(self, run: _Running, like: torch.Tensor) -> torch.Tensor:
+        """The CPU experts' rows [m, H] on `like`'s device and dtype. For a GPU they cross from pinned memory,
+        queued on the compute stream: a copy from pageable memory would first wait for everything queued there
+        (this layer's GPU experts included), and the host would lose its lead on the device at every layer with
+        CPU experts."""
         waited = time.perf_counter()
         rows = [job.result() for job in run.cpu_jobs]
         self.records.cpu_waited(time.perf_counter() - waited)
-        return torch.cat(rows).to(like.device, like.dtype)  # [m, H]
+        rows = torch.cat(rows)  # [m, H]
+        if like.device.type != "cuda":
+            return rows.to(like.device, like.dtype)
+        staged = torch.empty(rows.shape, dtype=like.dtype, pin_memory=True)  # reused once its copy has run
+        staged.copy_(rows)
+        return staged.to(like.device, non_blocking=True)
 
     # ---- the protocol's orders, carried out ----------------------------------------------------------
     def cut_stale(self, view: LayerView) -> None:
