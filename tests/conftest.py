@@ -206,3 +206,26 @@ class ByLists:
         if name == "predict_masks":
             raise AttributeError(name)
         return getattr(self.model, name)
+
+
+# greedy generation keeping the logits: what the offloaded-equals-stock tests compare
+GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+
+
+def stock_padded_run(arch: str):
+    """A tiny `arch` model, a batch of 3 rows of 6 ids (row 1 left-padded by 2) and the stock greedy generation
+    of it (GEN): (stock model, ids, mask, reference output)."""
+    stock = tiny_model(arch, seed=1)
+    torch.manual_seed(2)
+    ids = torch.randint(1, 96, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding on one row
+    ids[1, :2] = 0
+    return stock, ids, mask, stock.generate(ids, attention_mask=mask, **GEN)
+
+
+def assert_generation_equal(out, ref, what: str) -> None:
+    """The stock tokens, and logits within float32 rounding."""
+    assert torch.equal(out.sequences, ref.sequences), f"{what}: tokens differ"
+    for got, want in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

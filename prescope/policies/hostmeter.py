@@ -37,7 +37,6 @@ class HostMeter:
         self.samples: dict[bool, deque[float]] = {True: deque(maxlen=self.WINDOW), False: deque(maxlen=self.WINDOW)}
         self.first_seen: set[int] = set()  # layers whose first planned measurement at this shape was left out
         self.on_demand_run = 0  # layers run on demand in a row since the last planned one
-        self.p: float | None = None  # plan_host's value since the last measurement (the gate reads it per layer)
 
     def _at(self, shape: int) -> None:
         if shape != self.shape:
@@ -50,8 +49,6 @@ class HostMeter:
             self.first_seen.add(layer)
             return
         self.samples[planned].append(seconds)
-        on, off = self.samples[True], self.samples[False]
-        self.p = max(0.0, median(on) - (median(off) if off else 0.0)) if on else None
 
     def measuring(self, shape: int) -> bool:
         """Whether the executor measures this shape's layers (any measurement, or a left-out first one)."""
@@ -60,7 +57,10 @@ class HostMeter:
     def plan_host(self, shape: int) -> float | None:
         """P for this shape: the median planned layer's host time less the median on-demand one's (the planned
         median alone before a layer ran on demand), at least 0; None before a planned layer was measured."""
-        return self.p if self.shape == shape else None
+        on, off = self.samples[True], self.samples[False]
+        if self.shape != shape or not on:
+            return None
+        return max(0.0, median(on) - (median(off) if off else 0.0))
 
     def probe(self, shape: int, pays: bool) -> bool:
         """The gate's decision for a layer (`pays`: plan it), with every PROBE_EVERY-th layer in a row on demand

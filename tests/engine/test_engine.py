@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import GEN, assert_generation_equal, stock_padded_run, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,8 +22,6 @@ from prescope.layout import ModelLayout
 from prescope.models import adapter, twins
 from prescope.policies import POLICIES, parse_policy
 from prescope.policies.base import OnDemandLRU
-
-GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
 
 
 def budgets(layout: ModelLayout) -> dict[str, dict]:
@@ -47,19 +45,11 @@ def generate_offloaded(stock, ids, mask, policy, budget):
 
 @pytest.mark.parametrize("policy", [*sorted(POLICIES), UNGATED])
 def test_offloaded_generate_equals_stock(arch, policy):
-    stock = tiny_model(arch, seed=1)
-    torch.manual_seed(2)
-    ids = torch.randint(1, 96, (3, 6))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # left padding on one row
-    ids[1, :2] = 0
-    ref = stock.generate(ids, attention_mask=mask, **GEN)
+    stock, ids, mask, ref = stock_padded_run(arch)
     layout = adapter.describe(stock)
     for name, budget in budgets(layout).items():
         out, engine = generate_offloaded(stock, ids, mask, policy, budget)
-        assert torch.equal(out.sequences, ref.sequences), f"{arch}/{policy}/{name}: tokens differ"
-        for got, want in zip(out.logits, ref.logits, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert_generation_equal(out, ref, f"{arch}/{policy}/{name}")
         stats = engine.cache.stats
         ran_on_cpu = any(row[0] == "cpu" for row in engine.records.rows)
         assert stats.hits + stats.misses > 0 or ran_on_cpu, "no expert ran anywhere"

@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import GEN, assert_generation_equal, stock_padded_run
 from test_peers import Fixed, cache_with, layout, view
 
 from prescope.config import EngineConfig
@@ -142,24 +142,15 @@ def link_bound(layout, profile) -> Costs:
 def _offloaded_against_stock(arch: str, spec: str, budgets) -> int:
     """Generate with `spec` through the CPU engine at each budget; the tokens and logits must be the stock
     model's. Returns the prefetches the engine issued."""
-    stock = tiny_model(arch, seed=1)
-    torch.manual_seed(2)
-    ids = torch.randint(1, 96, (3, 6))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # left padding on one row
-    ids[1, :2] = 0
-    gen = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    ref = stock.generate(ids, attention_mask=mask, **gen)
+    stock, ids, mask, ref = stock_padded_run(arch)
     lay = adapter.describe(stock)
     prefetched = 0
     for budget in budgets(lay):
         model, parsed = copy.deepcopy(stock), parse_policy(spec)
         with Engine(model, EngineConfig(policy=parsed.name, device="cpu", **budget), policy=parsed.build()) as engine:
-            out = model.generate(ids, attention_mask=mask, **gen)
+            out = model.generate(ids, attention_mask=mask, **GEN)
             prefetched += engine.cache.stats.prefetches
-        assert torch.equal(out.sequences, ref.sequences), f"{arch}/{spec}/{budget}: tokens differ"
-        for got, want in zip(out.logits, ref.logits, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert_generation_equal(out, ref, f"{arch}/{spec}/{budget}")
         assert sum(engine.records.plan_seconds) > 0
     return prefetched
 

@@ -19,6 +19,28 @@ from prescope.routing.segments import decode_segments
 from prescope.sim.simulator import replay
 
 
+def reference_walk(walked, held: dict, routed: set, free: int):
+    """Belady's walk as first written: for each (key, next use) in order, not held, a free slot or the held key
+    no routed one whose next use is latest, if later than the key's; yields (key, its victim or None) until a
+    key finds neither. `held` (key -> next use) is updated as it walks."""
+    for key, use in walked:
+        if key in held:
+            continue
+        victim = None
+        if free:
+            free -= 1
+        else:
+            candidates = [k for k in held if k not in routed]
+            if not candidates:
+                return
+            victim = max(candidates, key=lambda k: (held[k], k))
+            if held[victim] <= use:
+                return
+            del held[victim]
+        held[key] = use
+        yield key, victim
+
+
 class ReferenceBelady(limits.Belady):
     """Belady as first written: next uses in a dict, the victim searched per key over every held key."""
 
@@ -33,24 +55,10 @@ class ReferenceBelady(limits.Belady):
         L = view.num_layers
         held = {k: self.ref_distance(k, view.layer, L) for k in cache.present_keys()}
         misses = [(view.layer, e) for e in gpu if not cache.is_present((view.layer, e))]
-        free = cache.free_count
         self.planned, prefetch = {}, []
-        for key in misses + [(view.layer + d, e) for d, experts in enumerate(future, 1) for e in experts]:
-            if key in held:
-                continue
-            use = self.ref_next_use[key]
-            if free:
-                free -= 1
-                victim = None
-            else:
-                candidates = [k for k in held if k not in routed]
-                if not candidates:
-                    break
-                victim = max(candidates, key=lambda k: (held[k], k))
-                if held[victim] <= use:
-                    break
-                del held[victim]
-            held[key] = use
+        order = misses + [(view.layer + d, e) for d, experts in enumerate(future, 1) for e in experts]
+        walked = ((key, self.ref_next_use[key]) for key in order)
+        for key, victim in reference_walk(walked, held, routed, cache.free_count):
             self.planned[key] = victim
             if key[0] != view.layer:
                 prefetch.append(key)
@@ -215,24 +223,9 @@ def test_belady_reads_its_next_use_table():
 def reference_admission(order, use, present, next_use, routed, free):
     """Belady's walk as first written, over key ids."""
     held = {int(k): int(next_use[k]) for k in present.nonzero()[0]}
-    routed, loads, victims = set(routed.tolist()), [], []
-    for key, u in zip(order.tolist(), use.tolist(), strict=True):
-        if key in held:
-            continue
-        if free:
-            free -= 1
-        else:
-            candidates = [k for k in held if k not in routed]
-            if not candidates:
-                break
-            victim = max(candidates, key=lambda k: (held[k], k))
-            if held[victim] <= u:
-                break
-            del held[victim]
-            victims.append(victim)
-        held[key] = u
-        loads.append(key)
-    return loads, victims
+    walked = zip(order.tolist(), use.tolist(), strict=True)
+    made = list(reference_walk(walked, held, set(routed.tolist()), free))
+    return [key for key, _ in made], [victim for _, victim in made if victim is not None]
 
 
 def test_belady_admission_walks_as_the_reference_where_it_evicts_keys_it_reaches_later():
