@@ -130,15 +130,15 @@ def costs_for(layout, profile) -> Costs:
     dims = (layout.hidden_size, layout.intermediate_size, dtype_bytes)
     grouped = profile.gpu_grouped
     gpu_time = cost.gpu_expert_time if grouped is None else cost.grouped_expert_time
+    wave = grouped.wave_fixed_s if grouped is not None else 0.0
     return Costs(load=cost.transfer_time(layout.expert_bytes, profile),
                  gpu=lambda n: gpu_time(n, *dims, profile),
                  cpu=lambda n: cost.cpu_expert_time(n, *dims, profile),
-                 layer_gap=profile.host_overhead_per_layer_s + profile.gpu_dense.fixed_s
-                 + (grouped.wave_fixed_s if grouped is not None else 0.0),
+                 layer_gap=profile.host_overhead_per_layer_s + profile.gpu_dense.fixed_s + wave,
                  host=profile.host_overhead_per_layer_s,
                  launch=profile.gpu_expert.fixed_s if grouped is None else 0.0,
                  plan=profile.predict_overhead_s + profile.plan_overhead_s, predict=profile.predict_overhead_s,
-                 wave=grouped.wave_fixed_s if grouped is not None else 0.0, transfer_host=profile.host_per_transfer_s)
+                 wave=wave, transfer_host=profile.host_per_transfer_s)
 
 
 class Policy(ABC):
