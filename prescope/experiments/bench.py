@@ -43,7 +43,7 @@ CPU, where the forecast is host work itself). The sum of the two is the policy's
 `gate_plan_host_ms` (prescope, ceiling): the planning host time P the gate weighed at the run's end, as the engine
 measured it (`policies/hostmeter.py`; None where no planned layer was measured, the gate then reading the
 profile's P). `gate_arms` (prescope, ceiling with `measured_gate`): per step shape (tokens·K), the step times the
-arbiter counted for the gate's decisions and for planning every layer, and the arm it runs
+arbiter counted for the gate's decisions, for planning every layer and for planning none, and the arm it runs
 (`policies/arbiter.py`).
 
 Cells run in order of importance and results are flushed after each one, so a run cut short keeps

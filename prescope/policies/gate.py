@@ -12,7 +12,7 @@ and `on_demand` (the running layer and the gate's decision for it).
 - `speculation_pays`: the running gain over the last few layers is positive (the gate's decision);
 - `host_measured`, `measured_plan_host`: P as the engine measures it;
 - `step_measured`: the engine's step times, by which `arbiter.StepArbiter` checks the gate's decisions against
-  planning every layer (`measured_gate`).
+  planning every layer and planning none (`measured_gate`).
 """
 
 from __future__ import annotations
@@ -128,14 +128,15 @@ class Gate:
         it means planning hid behind the device's own work and no miss asked for it, so it costs nothing and
         may still prefetch for the layers after this one (the simulator's branch and `layer_gate` keep the
         strict rule). Where the executor measures steps (`measured_gate`), a step the arbiter gives to
-        "planned" plans every layer (`arbiter.StepArbiter`: the gate's decisions against planning everywhere,
-        by measured step time); those steps also measure P, so the meter's probes of single layers
-        (`HostMeter.probe`) run only without it."""
+        "planned" plans every layer and one it gives to "demand" none (`arbiter.StepArbiter`: the gate's
+        decisions against planning everywhere and nowhere, by measured step time); those steps also measure P,
+        so the meter's probes of single layers (`HostMeter.probe`) run only without it."""
         shape = sum(view.tokens)
-        if self.options.measured_gate and self.arbiter.arm(view.step, shape) == arbiter.PLANNED:
+        arm = self.arbiter.arm(view.step, shape) if self.options.measured_gate else arbiter.GATED
+        if arm != arbiter.GATED:  # every layer planned, or every layer on demand
             if self.slack is None or self.slack[0] != shape:  # the meter counts the layer at this shape
                 self.slack = (shape, 0.0)
-            return True
+            return arm == arbiter.PLANNED
         x = self.plan_gain(view, cache)
         if self.slack is None or self.slack[0] != shape:
             self.slack = (shape, x)

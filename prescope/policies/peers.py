@@ -244,7 +244,7 @@ class PreScopeOptions(PredictiveOptions):
     # measured in this run over what a layer run on demand measured, not the profile's (hostmeter.py)
     measured_plan: bool = True
     # where the executor measures whole steps (the engine), each step shape tries the gate's decisions against
-    # planning every layer and runs the faster by measured step time (arbiter.py)
+    # planning every layer and planning none, and runs the fastest by measured step time (arbiter.py)
     measured_gate: bool = True
     # run misses on the CPU where PreSched finds it faster (False: only those the GPU's slots cannot hold). On the
     # H200 each CPU expert added ~1.7 ms of host time to its layer (reports/h200/real-traces, afda9cb), against
@@ -305,7 +305,7 @@ class PreScope(Gate, Predictive):
         self.ahead, self.early, self.split = False, None, ([], [])
         self.planned_window = False  # the last plan_ahead planned the window (what an executor charges)
         self.meter = HostMeter()  # the engine's measured host time per layer, for the gate's P (measured_plan)
-        self.arbiter = StepArbiter()  # the engine's measured step times: gated or every layer planned
+        self.arbiter = StepArbiter()  # the engine's measured step times: gated, every layer planned, or none
 
     def reset(self, cache: ExpertCache, num_experts: int, costs: Costs | None = None) -> list[Key]:
         self.lookahead = min(self.lookahead, max(1, cache.num_layers - 1)) if cache.num_layers > 1 else 1

@@ -1,11 +1,11 @@
-"""The step arbiter: the gate's decisions against planning every layer, by measured step time."""
+"""The step arbiter: the gate's decisions against planning every layer and planning none, by measured step time."""
 
 from __future__ import annotations
 
 from test_gate import engine_costs, gated
 from test_peers import cache_with, view
 
-from prescope.policies.arbiter import GATED, PLANNED, StepArbiter
+from prescope.policies.arbiter import DEMAND, GATED, PLANNED, StepArbiter
 
 
 def run(arbiter: StepArbiter, seconds: dict[str, float], steps: int, shape: int = 4, first: int = 1) -> list[str]:
@@ -23,39 +23,52 @@ def test_without_measured_steps_every_step_is_gated():
     assert [arbiter.arm(step, 4) for step in range(40)] == [GATED] * 40
 
 
-def test_trials_leave_out_the_settling_steps_and_each_arms_first_then_the_faster_arm_runs():
+def test_trials_leave_out_the_settling_steps_and_each_arms_first_then_the_fastest_arm_runs():
     arbiter = StepArbiter()
-    arms = run(arbiter, {GATED: 0.30, PLANNED: 0.20}, 12)
-    # 2 settling steps (gated), the planned arm's first (not counted), then two counted steps each, alternating
-    assert arms[:7] == [GATED, GATED, PLANNED, GATED, PLANNED, GATED, PLANNED]
-    assert arms[7:] == [PLANNED] * 5
+    arms = run(arbiter, {GATED: 0.24, PLANNED: 0.20, DEMAND: 0.23}, 14)  # within CLEAR of each other
+    # 2 settling steps (gated), the planned and demand arms' first (not counted), then two counted steps each
+    assert arms[:10] == [GATED, GATED, PLANNED, DEMAND, GATED, PLANNED, DEMAND, GATED, PLANNED, DEMAND]
+    assert arms[10:] == [PLANNED] * 4
     summary = arbiter.summary()[4]
-    assert summary["best"] == PLANNED and summary["gated_ms"] == [300.0, 300.0]
+    assert summary["best"] == PLANNED and summary["gated_ms"] == [240.0, 240.0]
+    assert summary["demand_ms"] == [230.0, 230.0]
     assert summary["planned_ms"] == [200.0] * 4  # the arm that runs keeps measuring (its last WINDOW)
-    assert summary["runs"] == {GATED: 4, PLANNED: 8}
+    assert summary["runs"] == {GATED: 4, PLANNED: 7, DEMAND: 3}
 
 
-def test_the_gated_arm_wins_where_it_is_faster_and_the_other_is_tried_again_every_reprobe_steps():
+def test_a_clear_loser_is_tried_once():
+    """An arm whose counted step is CLEAR times slower than another's fastest ends its trials there."""
     arbiter = StepArbiter()
-    arms = run(arbiter, {GATED: 0.1, PLANNED: 0.4}, 7 + 2 * (StepArbiter.REPROBE + 1))
-    after = arms[7:]
-    assert after.count(PLANNED) == 2 and after[StepArbiter.REPROBE] == PLANNED
+    arms = run(arbiter, {GATED: 0.30, PLANNED: 0.50, DEMAND: 0.20}, 12)
+    assert arms[:8] == [GATED, GATED, PLANNED, DEMAND, GATED, PLANNED, DEMAND, DEMAND]
+    assert arms[8:] == [DEMAND] * 4 and arbiter.summary()[4]["planned_ms"] == [500.0]
+
+
+def test_the_gated_arm_wins_where_it_is_faster_and_the_others_are_tried_again_in_turn():
+    arbiter = StepArbiter()
+    arms = run(arbiter, {GATED: 0.1, PLANNED: 0.4, DEMAND: 0.3}, 8 + 2 * (StepArbiter.REPROBE + 1))
+    assert arms[:8] == [GATED, GATED, PLANNED, DEMAND, GATED, PLANNED, DEMAND, GATED]  # the losers tried once
+    after = arms[8:]
     assert after[:StepArbiter.REPROBE] == [GATED] * StepArbiter.REPROBE
+    probes = [a for a in after if a != GATED]
+    assert sorted(probes) == [DEMAND, PLANNED] and after[StepArbiter.REPROBE] != GATED
 
 
-def test_a_change_in_step_time_is_followed_by_the_next_probe():
+def test_a_change_in_step_time_is_followed_by_the_probes():
     arbiter = StepArbiter()
-    run(arbiter, {GATED: 0.1, PLANNED: 0.4}, 7)
+    run(arbiter, {GATED: 0.1, PLANNED: 0.4, DEMAND: 0.3}, 7)
     # planning became faster: the probes bring the planned arm's median below the gated one's
-    arms = run(arbiter, {GATED: 0.3, PLANNED: 0.05}, 3 * (StepArbiter.REPROBE + 1), first=8)
-    assert arms[-(StepArbiter.REPROBE + 1):].count(PLANNED) == StepArbiter.REPROBE  # the gated arm probed once
+    arms = run(arbiter, {GATED: 0.3, PLANNED: 0.05, DEMAND: 0.3}, 6 * (StepArbiter.REPROBE + 1), first=8)
+    last = arms[-(StepArbiter.REPROBE + 1):]
+    assert last.count(PLANNED) == StepArbiter.REPROBE  # another arm probed once
 
 
 def test_each_step_shape_learns_apart():
     arbiter = StepArbiter()
-    run(arbiter, {GATED: 0.3, PLANNED: 0.2}, 10, shape=4)
-    assert run(arbiter, {GATED: 0.3, PLANNED: 0.2}, 2, shape=64, first=11) == [GATED, GATED]  # settling again
-    assert run(arbiter, {GATED: 0.3, PLANNED: 0.2}, 1, shape=4, first=13) == [PLANNED]  # the first shape kept
+    seconds = {GATED: 0.3, PLANNED: 0.2, DEMAND: 0.4}
+    run(arbiter, seconds, 12, shape=4)
+    assert run(arbiter, seconds, 2, shape=64, first=13) == [GATED, GATED]  # settling again
+    assert run(arbiter, seconds, 1, shape=4, first=15) == [PLANNED]  # the first shape kept
 
 
 def _layers_planned(policy, step: int, L: int = 8) -> int:
@@ -78,6 +91,17 @@ def test_a_gate_that_runs_layers_on_demand_plans_every_layer_once_planned_steps_
             fast = planned == 8 if planned_faster else planned == 0
             policy.step_measured(0.2 if fast else 0.3)
         assert _layers_planned(policy, 11) == want, (measured_gate, planned_faster)
+
+
+def test_a_gate_that_plans_runs_every_layer_on_demand_once_such_steps_measure_faster():
+    """Planning costs nothing in the model (P = 0), so the gate plans every layer; measured, steps run on demand
+    are faster: after the trials no layer plans (where loads are short and planning's host time is not)."""
+    policy = gated(engine_costs(plan=0.0), cache_with(16, 8, []))
+    assert _layers_planned(policy, 1) == 8
+    policy.step_measured(0.3)
+    for step in range(2, 12):
+        policy.step_measured(0.2 if _layers_planned(policy, step) == 0 else 0.3)
+    assert _layers_planned(policy, 12) == 0 and policy.arbiter.summary()[3]["best"] == DEMAND
 
 
 def test_an_ungated_policy_ignores_step_times():
