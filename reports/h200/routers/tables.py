@@ -3,7 +3,8 @@
 Usage: python reports/h200/routers/tables.py SUBJECT_DIR [SUBJECT_DIR ...] (folders holding a bench.json each;
 their engine cells are pooled, the first file's resident and stock rows win). Per policy and batch: the median
 decode ms per step (per-token latency) and the decode throughput against on_demand_lru's in the same file
-(`decode_tok_s`, tokens over the mean step), then loads per step."""
+(`decode_tok_s`, tokens over the mean step), then loads per step. Policies in POLICIES' order, then the variants
+the files hold (e.g. `prescope[cpu_experts=False]`) in the order they ran."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def main(folders: list[str]) -> None:
               + " / ".join(f"b{b}" for b in batches) + " |")
         print("|---|" + "---|---|" * len(batches) + "---|")
         lru = {c["batch"]: c["decode_tok_s"] for c in cells if c["policy"] == "on_demand_lru" and c["budget"] == budget}
-        for policy in POLICIES:
+        variants = [p for p in dict.fromkeys(c["policy"] for c in cells) if p not in POLICIES]
+        for policy in POLICIES + variants:
             row, loads = [], []
             for b in batches:
                 found = [c for c in cells if c["policy"] == policy and c["batch"] == b
