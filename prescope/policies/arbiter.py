@@ -17,12 +17,12 @@ than running on demand, by more than the spread: what the model cannot settle, m
 - A shape's first SETTLE steps are not counted and run gated (the first decode step runs eagerly and the
   next captures the step's CUDA graphs); the planned arm's first step at a shape is not counted either (the
   forecast graphs of layers it plans for the first time are captured there; the gated arm's first run is
-  among the settling steps).
+  among the settling steps; the on-demand arm captures nothing).
 - Trials take the arms in turn until each has TRIALS counted steps, or one counted step CLEAR times slower than
   another arm's fastest (a clear loser is not tried twice); then the arm with the lowest median of its last
   WINDOW steps runs, and every REPROBE-th step one of the others, in turn, so that a change (the cache
   settling, another host load) is followed. Trials and probes are part of the run: a measured run pays for
-  them (about 10 of a shape's first steps).
+  them (about 9 of a shape's first steps).
 - Without measurements (the simulator, whose step time is the profile's arithmetic) only "gated" runs.
 """
 
@@ -44,7 +44,7 @@ class _Shape:
     steps: int = 0  # steps begun at this shape
     since_probe: int = 0  # steps of the best arm since another one last ran
     probes: int = 0  # probes run (which of the others the next one tries)
-    ran: set[str] = field(default_factory=set)  # arms that ran at this shape (the first run is not counted)
+    ran: set[str] = field(default_factory=set)  # arms that ran at this shape (the planned arm's first not counted)
     samples: dict[str, deque] = field(default_factory=dict)
     runs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ARMS, 0))  # steps run per arm
 
@@ -120,7 +120,7 @@ class StepArbiter:
         at = self.shapes.get(shape)
         if at is None:
             return
-        if at.steps <= self.SETTLE or arm not in at.ran:  # settling, or the arm's first run at this shape
+        if at.steps <= self.SETTLE or (arm == PLANNED and arm not in at.ran):  # settling, or the graphs' capture
             at.ran.add(arm)
             return
         at.samples[arm].append(seconds)

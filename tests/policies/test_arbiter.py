@@ -23,32 +23,32 @@ def test_without_measured_steps_every_step_is_gated():
     assert [arbiter.arm(step, 4) for step in range(40)] == [GATED] * 40
 
 
-def test_trials_leave_out_the_settling_steps_and_each_arms_first_then_the_fastest_arm_runs():
+def test_trials_leave_out_the_settling_steps_and_the_planned_arms_first_then_the_fastest_arm_runs():
     arbiter = StepArbiter()
     arms = run(arbiter, {GATED: 0.24, PLANNED: 0.20, DEMAND: 0.23}, 14)  # within CLEAR of each other
-    # 2 settling steps (gated), the planned and demand arms' first (not counted), then two counted steps each
-    assert arms[:10] == [GATED, GATED, PLANNED, DEMAND, GATED, PLANNED, DEMAND, GATED, PLANNED, DEMAND]
-    assert arms[10:] == [PLANNED] * 4
+    # 2 settling steps (gated), the planned arm's first (its graphs' capture, not counted), then two counted each
+    assert arms[:9] == [GATED, GATED, PLANNED, DEMAND, GATED, PLANNED, DEMAND, GATED, PLANNED]
+    assert arms[9:] == [PLANNED] * 5
     summary = arbiter.summary()[4]
     assert summary["best"] == PLANNED and summary["gated_ms"] == [240.0, 240.0]
     assert summary["demand_ms"] == [230.0, 230.0]
     assert summary["planned_ms"] == [200.0] * 4  # the arm that runs keeps measuring (its last WINDOW)
-    assert summary["runs"] == {GATED: 4, PLANNED: 7, DEMAND: 3}
+    assert summary["runs"] == {GATED: 4, PLANNED: 8, DEMAND: 2}
 
 
 def test_a_clear_loser_is_tried_once():
     """An arm whose counted step is CLEAR times slower than another's fastest ends its trials there."""
     arbiter = StepArbiter()
     arms = run(arbiter, {GATED: 0.30, PLANNED: 0.50, DEMAND: 0.20}, 12)
-    assert arms[:8] == [GATED, GATED, PLANNED, DEMAND, GATED, PLANNED, DEMAND, DEMAND]
-    assert arms[8:] == [DEMAND] * 4 and arbiter.summary()[4]["planned_ms"] == [500.0]
+    assert arms[:7] == [GATED, GATED, PLANNED, DEMAND, GATED, PLANNED, DEMAND]
+    assert arms[7:] == [DEMAND] * 5 and arbiter.summary()[4]["planned_ms"] == [500.0]
 
 
 def test_the_gated_arm_wins_where_it_is_faster_and_the_others_are_tried_again_in_turn():
     arbiter = StepArbiter()
-    arms = run(arbiter, {GATED: 0.1, PLANNED: 0.4, DEMAND: 0.3}, 8 + 2 * (StepArbiter.REPROBE + 1))
-    assert arms[:8] == [GATED, GATED, PLANNED, DEMAND, GATED, PLANNED, DEMAND, GATED]  # the losers tried once
-    after = arms[8:]
+    arms = run(arbiter, {GATED: 0.1, PLANNED: 0.4, DEMAND: 0.3}, 7 + 2 * (StepArbiter.REPROBE + 1))
+    assert arms[:7] == [GATED, GATED, PLANNED, DEMAND, GATED, PLANNED, GATED]  # the losers tried once
+    after = arms[7:]
     assert after[:StepArbiter.REPROBE] == [GATED] * StepArbiter.REPROBE
     probes = [a for a in after if a != GATED]
     assert sorted(probes) == [DEMAND, PLANNED] and after[StepArbiter.REPROBE] != GATED
