@@ -12,6 +12,10 @@ the same trace: 43.2 and 81.9 ms against 61.6 and 129.3 ms). And where both lose
 twin at 25 %, batch 1: 36.5 and 35.6 ms against 23.1 ms for `on_demand_lru`; the same Qwen3 trace at batch 1 and
 4), the gate ran too few layers on demand. The gate must never make prescope slower than its ungated self, nor
 than running on demand, by more than the spread: what the model cannot settle, measured step times do.
+Measured at f5f7be9 (reports/h200/routers/README.md, real-traces/README.md): the Qwen3 trace at batch 1 32.7 ms
+against 36.5 for LRU and 35.5 for the gate alone; DeepSeek 25 % batch 1 33.5 against 41.9 for LRU; the trials
+cost up to 17 % in a 31-step run (Mixtral 25 % batch 4), and at Mixtral 25 % batch 1, where a step's time swings
+9-99 ms with its routing, a few trial steps per arm compare the routing more than the arms (0.81x LRU).
 
 - Per step shape (the step's tokens·K): prefill and decode, and each batch size, learn apart.
 - A shape's first SETTLE steps are not counted and run gated (the first decode step runs eagerly and the
