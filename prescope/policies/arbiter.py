@@ -49,7 +49,7 @@ class _Shape:
     since_probe: int = 0  # steps of the best arm since another one last ran
     probes: int = 0  # probes run (which of the others the next one tries)
     ran: set[str] = field(default_factory=set)  # arms that ran at this shape (the planned arm's first not counted)
-    samples: dict[str, deque] = field(default_factory=dict)
+    samples: dict[str, deque] = field(init=False)  # the last `window` counted step times per arm
     runs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ARMS, 0))  # steps run per arm
 
     def __post_init__(self) -> None:
