@@ -115,8 +115,8 @@ class Engine(Executor):
         self.replay = None
         self.capture = None  # decode.StepGraphs while it captures the decode step
         self.cache = ExpertCache(self.num_slots, self.layout.num_moe_layers)
-        workers = config.cpu_workers or max(1, (os.cpu_count() or 2) // 2)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prescope-cpu")
+        self.cpu_workers = config.cpu_workers or max(1, (os.cpu_count() or 2) // 2)
+        self.pool = ThreadPoolExecutor(max_workers=self.cpu_workers, thread_name_prefix="prescope-cpu")
         self.records = Records(self.streams, self.layout.num_moe_layers, config.timing, lambda: self.cache.stats,
                                {"device": _device_name(self.device), "policy": self.policy.name,
                                 "config": config.to_dict()})

@@ -348,7 +348,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             chosen = parse_policy("on_demand_lru" if policy_name == RESIDENT else policy_name)
             policy, predictor = subject.policy(chosen.name, **chosen.options)
             config = EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device, profile=cfg.profile,
-                                  async_io=chosen.async_io, compile_segments=cfg.compile_segments,
+                                  async_io=chosen.async_io, cpu_workers=chosen.cpu_workers or 0,
+                                  compile_segments=cfg.compile_segments,
                                   switch_interval_s=cfg.switch_interval_s)
             engine = Engine(model, config, policy=policy)
             for batch in cfg.batch_sizes:
@@ -357,7 +358,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     skipped.append(f"{cell}|round {rnd + 1}")
                     continue
                 about = {**base, "policy": policy_name, "budget": budget, "batch": batch, "slots": engine.num_slots,
-                         "async_io": engine.io is not None, "predictor": predictor,
+                         "async_io": engine.io is not None, "cpu_workers": engine.cpu_workers, "predictor": predictor,
                          "routing": getattr(subject, "routing", "") or (
                              f"replayed from {subject.name.partition('@')[2]}" if subject.source is not None
                              else "replayed (stock run)")}

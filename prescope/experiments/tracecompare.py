@@ -28,7 +28,7 @@ def compare_on_twin(trace, twin: str, policies, profiles, budgets, batch_sizes, 
     from prescope.experiments.tracesubject import twin_config_for
     from prescope.hardware.profiles import load_profile
     from prescope.models import twins
-    from prescope.policies import make_policy, parse_policy
+    from prescope.policies import PolicyError, make_policy, parse_policy
     from prescope.policies.base import costs_for
     from prescope.routing.segments import decode_segments
     from prescope.sim.simulator import replay
@@ -43,6 +43,9 @@ def compare_on_twin(trace, twin: str, policies, profiles, budgets, batch_sizes, 
             for budget in budgets:
                 for name in policies:
                     spec = parse_policy(name)
+                    if spec.cpu_workers is not None:
+                        raise PolicyError(f"{name!r}: +cpuN sets the engine's CPU-expert threads; the simulator "
+                                          "runs a layer's CPU experts one after another on all cores")
                     options = dict(spec.options)
                     used = "none"
                     if spec.name == "prescope" and predictor is not None:

@@ -12,14 +12,15 @@
 - `presched`: PreSched, the cross-layer planner, a pure function; `objective`: J of any plan, the reference it is
   tested against; `reliability`: online calibration.
 
-`POLICIES` names every policy; `make_policy(name, **options)` builds one; `parse_policy("name[k=v,...]+sync")`
-reads a policy as the command line and result files name it; `current_name` reads a name of earlier results
-(`oracle` -> `belady`).
+`POLICIES` names every policy; `make_policy(name, **options)` builds one; `parse_policy("name[k=v,...]+sync+cpu1")`
+reads a policy as the command line and result files name it (`+sync` and `+cpuN` set the engine, not the policy);
+`current_name` reads a name of earlier results (`oracle` -> `belady`).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ POLICIES: dict[str, Callable[..., Policy]] = {cls.name: cls for cls in (
     OnDemandLRU, CpuMisses, Hybrid, LookaheadPrefetch, ActivationMatrixPolicy, PreScope, Belady, Ceiling)}
 LIMITS = (Belady.name, Ceiling.name)  # the policies that know the step's future (no system can run them)
 SYNC = "+sync"  # AsyncIO off: every copy issued at once, first come first served
+CPU_WORKERS = re.compile(r"\+cpu(\d+)$")  # `+cpuN`: the engine computes CPU experts on N threads at once
 CALIBRATED = "+cal"  # the name results of earlier versions give `prescope[calibrate=True]`
 
 
@@ -54,16 +56,18 @@ def make_policy(name: str, **options) -> Policy:
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """A policy as the command line and result files name it: `name[key=value,...]`, `+sync` for AsyncIO off."""
+    """A policy as the command line and result files name it: `name[key=value,...]`, `+sync` for AsyncIO off,
+    `+cpuN` for the engine's CPU experts on N worker threads (`EngineConfig.cpu_workers`)."""
 
     name: str
     options: dict = field(default_factory=dict)
     async_io: bool | None = None  # None: the policy's own choice; False: `+sync`
+    cpu_workers: int | None = None  # None: the engine's default; N: `+cpuN`
 
     @property
     def is_variant(self) -> bool:
-        """An ablation of the policy (options or AsyncIO changed), not a contender of its own."""
-        return bool(self.options) or self.async_io is not None
+        """An ablation of the policy (options, AsyncIO or the CPU workers changed), not a contender of its own."""
+        return bool(self.options) or self.async_io is not None or self.cpu_workers is not None
 
     def build(self, **runtime) -> Policy:
         """The policy object; `runtime` adds what a name cannot carry (a predictor)."""
@@ -71,14 +75,25 @@ class PolicySpec:
 
     def __str__(self) -> str:
         inside = ",".join(f"{k}={v!r}" for k, v in self.options.items())
-        return self.name + (f"[{inside}]" if inside else "") + (SYNC if self.async_io is False else "")
+        return (self.name + (f"[{inside}]" if inside else "") + (SYNC if self.async_io is False else "")
+                + (f"+cpu{self.cpu_workers}" if self.cpu_workers is not None else ""))
 
 
 def parse_policy(text: str) -> PolicySpec:
     """`prescope[window_reuse=False, lookahead=2]+sync` -> PolicySpec; options are Python literals, checked
-    against the policy's option types; an earlier name reads as today's (`oracle` -> `belady`); a clear
-    PolicyError for anything else."""
-    rest, sync = (text[: -len(SYNC)], True) if text.endswith(SYNC) else (text, False)
+    against the policy's option types; `+sync` and `+cpuN` may follow in either order; an earlier name reads as
+    today's (`oracle` -> `belady`); a clear PolicyError for anything else."""
+    rest, sync, workers = text.strip(), False, None
+    while True:  # the engine's suffixes, each at most once
+        found = CPU_WORKERS.search(rest)
+        if rest.endswith(SYNC) and not sync:
+            rest, sync = rest[: -len(SYNC)], True
+        elif found and workers is None:
+            rest, workers = rest[: found.start()], int(found.group(1))
+        else:
+            break
+    if workers == 0:
+        raise PolicyError(f"{text!r}: +cpuN needs N >= 1 CPU-expert threads")
     rest = current_name(rest.strip())
     calibrated = rest.endswith(CALIBRATED)
     rest = rest[: -len(CALIBRATED)] if calibrated else rest
@@ -86,7 +101,7 @@ def parse_policy(text: str) -> PolicySpec:
     name, options = name.strip(), {}
     if name not in POLICIES:
         raise PolicyError(f"{text!r}: unknown policy {name!r}; choose one of {sorted(POLICIES)}, optionally with "
-                          f"[key=value,...] and {SYNC}")
+                          f"[key=value,...], {SYNC} and +cpuN")
     if bracket:
         if not inside.endswith("]") or "[" in inside[:-1]:
             raise PolicyError(f"{text!r}: options go in one bracket at the end of the name, as name[k=v,...]")
@@ -108,4 +123,4 @@ def parse_policy(text: str) -> PolicySpec:
         raise PolicyError(f"{text!r}: unknown option(s) {unknown}; {name}'s options: "
                           f"{', '.join(options_type.names()) or 'none'}")
     options_type(**options)  # types and ranges, checked now rather than when the policy is built
-    return PolicySpec(name, options, False if sync else None)
+    return PolicySpec(name, options, False if sync else None, workers)

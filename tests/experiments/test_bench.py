@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def test_rows_count_the_cpu_experts_and_the_policys_time_over_the_measured_steps
     prompts = tmp_path / "prompts.npy"
     np.save(prompts, np.random.default_rng(0).integers(1, 8000, (3, 10)))
     cfg = BenchConfig(models=("olmoe-1b-7b-tiny:16@prescope-tiny",), batch_sizes=(2,),
-                      policies=("on_demand_lru", "cpu_misses", "prescope[gate=False]"), budgets=(0.25,), input_len=6,
+                      policies=("on_demand_lru", "cpu_misses", "cpu_misses+cpu3", "prescope[gate=False]"), budgets=(0.25,),
+                      input_len=6,
                       output_len=4, timeline_tokens=0, warmup_tokens=2, device="cpu", out=str(tmp_path / "out"),
                       prompts=str(prompts), accelerate_batches=())
     by = {r["policy"]: r for r in run_bench(cfg) if r["policy"] not in (bench.STOCK, bench.STOCK_EAGER)}
@@ -62,6 +64,9 @@ def test_rows_count_the_cpu_experts_and_the_policys_time_over_the_measured_steps
     # cpu_misses runs every miss on the CPU: as many CPU experts per step as LRU loads
     assert by["cpu_misses"]["cpu_experts_per_step"] > 0 and by["cpu_misses"]["cpu_wait_ms_per_layer"] > 0
     assert by["cpu_misses"]["loads_per_step"] == 0
+    # `+cpu3`: the same CPU experts (the same replayed routing), computed by three threads at once
+    assert by["cpu_misses+cpu3"]["cpu_experts_per_step"] == by["cpu_misses"]["cpu_experts_per_step"]
+    assert by["cpu_misses+cpu3"]["cpu_workers"] == 3 and by["cpu_misses"]["cpu_workers"] == max(1, os.cpu_count() // 2)
     planned = by["prescope[gate=False]"]
     assert 0 < planned["policy_ms_per_layer_decode"] and by["on_demand_lru"]["policy_ms_per_layer_decode"] < 1
     # the policy's wait for the device, apart from its host work: none on the CPU, where the forecast is host work

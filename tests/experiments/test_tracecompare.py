@@ -30,6 +30,9 @@ def test_trace_compare_simulates_every_policy_on_the_twins_layout(csv, tmp_path,
     assert (table["ms_per_token"] > 0).all()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 2 * len(POLICIES)
     assert cli.main(["trace-compare", "--trace", str(csv), "--twin", "mixtral-8x7b", "--out", str(out)]) == 2
+    assert cli.main(["trace-compare", "--trace", str(csv), "--twin", "qwen3-30b-a3b", "--layers", "4", "--policies",
+                     "prescope+cpu2", "--out", str(tmp_path / "cpu2")]) == 2  # the engine's threads: not simulated
+    assert "+cpuN sets the engine's CPU-expert threads" in capsys.readouterr().err
     held = tmp_path / "held"
     assert cli.main(["trace-compare", "--trace", str(csv), "--twin", "qwen3-30b-a3b", "--layers", "4", "--policies",
                      "on_demand_lru", "--profiles", "h200", "--budgets", "0.5", "--batch-sizes", "1",

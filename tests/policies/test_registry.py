@@ -27,6 +27,14 @@ def test_names_with_options_and_sync_parse_into_typed_options():
     assert make_policy("prescope", layer_gap_s=2).options.layer_gap_s == 2.0  # an int is taken for a float
 
 
+def test_the_engines_suffixes_parse_in_either_order_and_name_a_variant():
+    spec = parse_policy("prescope[gate=False]+cpu1+sync")
+    assert spec == PolicySpec("prescope", {"gate": False}, async_io=False, cpu_workers=1) and spec.is_variant
+    assert str(spec) == "prescope[gate=False]+sync+cpu1" and parse_policy(str(spec)) == spec
+    assert parse_policy("belady+cpu12").cpu_workers == 12 and parse_policy("belady").cpu_workers is None
+    assert parse_policy("oracle+cpu2").name == "belady"  # an earlier name with the engine's suffix
+
+
 @pytest.mark.parametrize("bad, message", [
     ("prescope[lookahead]", "key=<Python literal>"), ("prescope[x=nope]", "key=<Python literal>"),
     ("prescope[x=1", "one bracket"), ("hybrid+cal", "prescope only"), ("lru", "unknown policy 'lru'"),
@@ -35,6 +43,7 @@ def test_names_with_options_and_sync_parse_into_typed_options():
     ("prescope[transfer_host_s=nan]", "is not key=<Python literal>"),
     ("prescope[transfer_host_s=float('inf')]", "is not key=<Python literal>"),
     ("on_demand_lru[lookahead=2]", "its options: none|options: none"),
+    ("prescope+cpu0", r"N >= 1"), ("prescope+cpu1+cpu2", "unknown policy"), ("prescope+cpus", r"\+cpuN"),
 ])
 def test_bad_names_and_options_get_one_clear_error(bad, message):
     with pytest.raises(PolicyError, match=message):
