@@ -33,17 +33,19 @@ def budgets(layout: ModelLayout) -> dict[str, dict]:
 
 # prescope's gate runs these tiny experts on demand under the default (h200) profile; ungated, it plans
 UNGATED = "prescope[gate=False]"
+MANY_CPU = "cpu_misses+cpu3"  # three CPU experts at once (a 2-core machine's default pool has one thread)
 
 
 def generate_offloaded(stock, ids, mask, policy, budget):
     model = copy.deepcopy(stock)
     spec = parse_policy(policy)
-    with Engine(model, EngineConfig(policy=spec.name, device="cpu", **budget), policy=spec.build()) as engine:
+    config = EngineConfig(policy=spec.name, device="cpu", cpu_workers=spec.cpu_workers or 0, **budget)
+    with Engine(model, config, policy=spec.build()) as engine:
         out = model.generate(ids, attention_mask=mask, **GEN)
     return out, engine
 
 
-@pytest.mark.parametrize("policy", [*sorted(POLICIES), UNGATED])
+@pytest.mark.parametrize("policy", [*sorted(POLICIES), UNGATED, MANY_CPU])
 def test_offloaded_generate_equals_stock(arch, policy):
     stock, ids, mask, ref = stock_padded_run(arch)
     layout = adapter.describe(stock)
@@ -53,6 +55,8 @@ def test_offloaded_generate_equals_stock(arch, policy):
         stats = engine.cache.stats
         ran_on_cpu = any(row[0] == "cpu" for row in engine.records.rows)
         assert stats.hits + stats.misses > 0 or ran_on_cpu, "no expert ran anywhere"
+        if policy == MANY_CPU:
+            assert engine.cpu_workers == 3 and (ran_on_cpu or name == "all")
         if name == "all":
             assert stats.loads == 0, "everything resident must not load during generation"
 

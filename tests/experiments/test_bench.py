@@ -67,6 +67,7 @@ def test_rows_count_the_cpu_experts_and_the_policys_time_over_the_measured_steps
     # `+cpu3`: the same CPU experts (the same replayed routing), computed by three threads at once
     assert by["cpu_misses+cpu3"]["cpu_experts_per_step"] == by["cpu_misses"]["cpu_experts_per_step"]
     assert by["cpu_misses+cpu3"]["cpu_workers"] == 3 and by["cpu_misses"]["cpu_workers"] == max(1, os.cpu_count() // 2)
+    assert by["cpu_misses+cpu3"]["token_match_share"] == by["cpu_misses"]["token_match_share"]
     planned = by["prescope[gate=False]"]
     assert 0 < planned["policy_ms_per_layer_decode"] and by["on_demand_lru"]["policy_ms_per_layer_decode"] < 1
     # the policy's wait for the device, apart from its host work: none on the CPU, where the forecast is host work
