@@ -63,17 +63,16 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from prescope.config import EngineConfig, check_types
-from prescope.experiments import bounds
-from prescope.experiments.benchfile import read_bench, write_bench
+from prescope.experiments import benchrows, bounds
+from prescope.experiments.benchfile import write_bench
+from prescope.experiments.benchrows import RESIDENT
 from prescope.experiments.stock import (
-    ACCELERATE,
     SEQUENCES,
     STOCK,
     STOCK_EAGER,
@@ -83,8 +82,8 @@ from prescope.experiments.stock import (
     measure_stocks,
 )
 from prescope.files import check_output, git_revision, portable_values
-from prescope.policies import LIMITS, current_name, parse_policy
-from prescope.timeline import host_device, measured_profile
+from prescope.policies import current_name, parse_policy
+from prescope.timeline import host_device
 
 if TYPE_CHECKING:  # torch, the engine and the models load in the functions that measure: `--help` starts fast
     import torch
@@ -92,10 +91,8 @@ if TYPE_CHECKING:  # torch, the engine and the models load in the functions that
     from prescope.engine.engine import Engine
     from prescope.routing.replay import RoutingReplay
 
-RESIDENT = "resident"
 ALL_POLICIES = ("on_demand_lru", "cpu_misses", "hybrid", "lookahead_prefetch", "activation_matrix", "prescope",
                 "belady", "ceiling")
-LIMIT_RATIOS = ("on_demand_lru", *LIMITS)  # every cell's throughput against these of its own budget and batch
 
 
 @dataclass(frozen=True)
@@ -373,7 +370,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     continue
                 row["step_bytes"] = _mean_step_bytes(route, layout, sizes, batch, cfg)
                 measured.setdefault(cell, []).append((about, row, route, timeline))
-                about, row, route, timeline = median_round(measured[cell])
+                about, row, route, timeline = benchrows.median_round(measured[cell])
                 if cell in position:  # a later round: the cell's row is replaced by the median so far
                     rows[position[cell]] = {**about, **row}
                 else:
@@ -381,25 +378,25 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
                     rows.append({**about, **row})
                 routes[cell] = route
                 if rnd < cfg.repeats - 1:
-                    print(f"[round {rnd + 1}/{cfg.repeats}] {_line(measured[cell][-1][0] | measured[cell][-1][1])}",
+                    print(f"[round {rnd + 1}/{cfg.repeats}] {benchrows.line(measured[cell][-1][0] | measured[cell][-1][1])}",
                           flush=True)
                 else:
                     if len(timeline):
                         timelines.append(timeline.assign(model=name, policy=policy_name, budget=budget, batch=batch))
-                    print(_line(rows[position[cell]]), flush=True)
+                    print(benchrows.line(rows[position[cell]]), flush=True)
                 write_bench(out, meta, rows, routes, timelines)
             engine.close()
             del engine, policy
             _free(device)
         if device.type == "cuda" and not past():
             for row in measure_accelerate(spec, subject, cfg, device, base):
-                print(_line(row), flush=True)
+                print(benchrows.line(row), flush=True)
                 rows.append(row)
                 write_bench(out, meta, rows, routes, timelines)
         del model, subject
         _free(device)
-    meta["predictor_overhead"] = [_overhead_shares(o, rows) for o in meta.get("predictor_overhead", [])]
-    _add_ratios(rows)
+    meta["predictor_overhead"] = [benchrows.overhead_shares(o, rows) for o in meta.get("predictor_overhead", [])]
+    benchrows.add_ratios(rows)
     bounds.add_bounds(rows, meta["bandwidths"], RESIDENT, (STOCK, STOCK_EAGER))
     write_bench(out, meta, rows, routes, timelines)
     return rows
@@ -417,16 +414,6 @@ def _mean_step_bytes(route: np.ndarray, layout, sizes: dict, batch: int, cfg: Be
     if route.ndim != 4 or not len(route):
         return None
     return float(np.mean(bounds.step_bytes(route, layout.expert_bytes, sizes, batch, cfg.input_len)))
-
-
-def median_round(rounds: list[tuple]) -> tuple:
-    """The round whose decode median is the median of the rounds' (the lower one of an even count), its row
-    extended with every round's decode median and their spread, (max − min) / median."""
-    ms = [row["decode_ms_median"] for _, row, _, _ in rounds]
-    pick = sorted(range(len(ms)), key=ms.__getitem__)[(len(ms) - 1) // 2]
-    about, row, route, timeline = rounds[pick]
-    spread = (max(ms) - min(ms)) / ms[pick] if ms[pick] > 0 else 0.0
-    return about, {**row, "rounds": len(ms), "decode_ms_rounds": ms, "decode_ms_spread": spread}, route, timeline
 
 
 def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, repeats: int = 50) -> dict:
@@ -464,64 +451,6 @@ def predictor_overhead(predictor, hidden: torch.Tensor, device: torch.device, re
             "us_per_layer": 1e6 * statistics.fmean(eager), "us_per_layer_graph": 1e6 * statistics.fmean(graphed),
             "graphs_captured": graphs.captured, "graphs_refused": graphs.refused, "layers": L - 1,
             "repeats": repeats}
-
-
-def _overhead_shares(overhead: dict, rows: list[dict]) -> dict:
-    """The prediction time against the batch-1 decode time per MoE layer of the stock and resident runs."""
-    shares = dict(overhead)
-    for policy in (STOCK, RESIDENT):
-        ref = [r for r in rows if r["model"] == overhead["model"] and r["policy"] == policy and r["batch"] == 1]
-        if ref:
-            per_layer_us = 1e3 * ref[0]["decode_ms_median"] / ref[0]["moe_layers"]
-            shares[f"{policy}_decode_us_per_layer"] = per_layer_us
-            shares[f"share_of_{policy}_layer"] = overhead["us_per_layer"] / per_layer_us
-            if "us_per_layer_graph" in overhead:
-                shares[f"graph_share_of_{policy}_layer"] = overhead["us_per_layer_graph"] / per_layer_us
-    return shares
-
-
-def _add_ratios(rows: list[dict], link_gbps: float | None = None) -> None:
-    """Throughput relative to the stock model and to the engine's everything-resident run of the same
-    model and batch, and the regime: link-bound when the bytes a step moves take longer at the link's
-    peak than the whole resident step, else host-bound (the copies can hide behind host and GPU work)."""
-    from prescope.hardware.profiles import load_profile
-
-    link_gbps = link_gbps or load_profile("h200").pinned_h2d.peak_gbps
-    resident = {(r["model"], r["batch"]): r for r in rows if r["policy"] == RESIDENT}
-    stock = {(r["model"], r["batch"]): r for r in rows if r["policy"] == STOCK}
-    same = {(r["model"], r["policy"], r["budget"], r["batch"]): r for r in rows}
-    for r in rows:
-        ref, base = resident.get((r["model"], r["batch"])), stock.get((r["model"], r["batch"]))
-        if base is not None:
-            r["vs_stock"] = r["decode_tok_s"] / base["decode_tok_s"]
-        for other in (*LIMIT_RATIOS, ACCELERATE):
-            peer = same.get((r["model"], other, r["budget"], r["batch"]))
-            if peer is not None and r["policy"] not in (STOCK, RESIDENT):
-                r[f"vs_{other}"] = r["decode_tok_s"] / peer["decode_tok_s"]
-        if ref is None:
-            continue
-        r["vs_resident"] = r["decode_tok_s"] / ref["decode_tok_s"]
-        link_ms = (r.get("bytes_per_step") or 0) / (link_gbps * 1e9) * 1e3
-        r["regime"] = "link-bound" if link_ms > ref["decode_ms_median"] else "host-bound"
-
-
-def bench_table(path: str | Path) -> pd.DataFrame:
-    """The cells of a bench.json with ratios and regimes, for reports and notebooks; policies named as today
-    (`policies.current_name`: earlier runs' `oracle` is `belady`)."""
-    data = read_bench(path)
-    rows = [{**r, "policy": current_name(r["policy"])} for r in data["cells"]]
-    _add_ratios(rows)
-    table = pd.DataFrame(rows)
-    table.attrs.update(source=data.get("source", "measured"), profile=measured_profile(data.get("device", "?")),
-                       git_revision=data.get("git_revision", "unknown"))
-    return table
-
-
-def _line(r: dict) -> str:
-    return (f"{r['model']:>14} {r['policy']:>14} {r['budget']:>5.2f} b={r['batch']:<3d} "
-            f"{r['decode_tok_s']:9.1f} tok/s {r['decode_ms_median']:8.2f} ms/step loads/step="
-            f"{r.get('loads_per_step', 0):6.1f} host/layer={r.get('host_ms_per_layer', 0):.3f} ms "
-            f"h2d={r.get('h2d_GBps_median') or 0:.1f} GB/s idle={r.get('gpu_idle_share') or 0:.2f}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,8 +18,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from prescope.experiments.bench import RESIDENT
 from prescope.experiments.benchfile import read_bench
+from prescope.experiments.benchrows import RESIDENT
 from prescope.files import check_output, verify, write_with_sidecar
 from prescope.hardware.profiles import load_profile
 from prescope.layout import ModelLayout

@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prescope.experiments.bench import RESIDENT
 from prescope.experiments.benchfile import read_bench
+from prescope.experiments.benchrows import RESIDENT
 from prescope.experiments.fidelity import cell_key, fidelity_table, routing_trace, twin_layout
 from prescope.files import check_output, portable_path, source_revision, verify, write_with_sidecar
 from prescope.hardware import cost

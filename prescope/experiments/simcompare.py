@@ -32,8 +32,9 @@ import numpy as np
 import pandas as pd
 
 from prescope.config import check_types
-from prescope.experiments.bench import ALL_POLICIES, RESIDENT
+from prescope.experiments.bench import ALL_POLICIES
 from prescope.experiments.benchfile import read_bench
+from prescope.experiments.benchrows import RESIDENT
 from prescope.experiments.fidelity import TOLERANCE
 from prescope.files import (
     check_output,

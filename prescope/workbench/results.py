@@ -38,13 +38,13 @@ STOCK_EXPERTS = "grouped_mm"  # transformers' default experts implementation: wh
 def h200_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The measured H200 bench cells and the fidelity cells of `folder`.
 
-    Bench: `bench.bench_table` of every bench-*.json (`run` = the file's stem), each model taken from the run
+    Bench: `benchrows.bench_table` of every bench-*.json (`run` = the file's stem), each model taken from the run
     holding most of its cells (`one_run_per_model`; attrs `left_out` says what was dropped), with an
     `experts` column naming the experts implementation of the stock rows (as bench records it now, its fastest
     as `stock` and the eager loop as `stock-eager`; runs from before that ran transformers' default,
     STOCK_EXPERTS). Fidelity: every
     fidelity-*.csv (measured_ms, simulated_ms per model, policy, budget, batch; `run` = the file's stem)."""
-    from prescope.experiments.bench import bench_table
+    from prescope.experiments.benchrows import bench_table
 
     folder = Path(folder)
     benches = sorted(folder.glob("bench-*.json"))
@@ -122,7 +122,7 @@ def comparison_table(folder: str | Path, runs: Sequence[str]) -> pd.DataFrame:
     policy, budget and batch with its ratios to on_demand_lru and the limits (belady, ceiling) of the same run
     where it measured them (policies named as today: earlier runs' `oracle` is `belady`), and `run` and
     `git_revision` columns; attrs say measured and on which device."""
-    from prescope.experiments.bench import bench_table
+    from prescope.experiments.benchrows import bench_table
 
     if not runs:
         raise ValueError("comparison_table needs at least one run")
@@ -213,7 +213,7 @@ def simulated_cell(folder: str | Path, run: str, profile, *, model: str, policy:
     deciding with the profile the engine decided with, on the link the cell ran on (AsyncIO's priority link
     where its row says so). The simulator's step s is the cell's decode step s + 1. The replay has no hidden
     states: a predicting policy predicts from the routing it has seen (the engine used gate lookahead)."""
-    from prescope.experiments.bench import RESIDENT
+    from prescope.experiments.benchrows import RESIDENT
     from prescope.experiments.fidelity import routing_trace, twin_layout
     from prescope.experiments.subjects import parse_model, routing_source
     from prescope.policies import parse_policy

@@ -585,7 +585,7 @@ def _flip_cases() -> None:
     ]
     loaders = {  # the project's reader of each file
         "LLaPor checkpoint": "from prescope.predict import llapor; llapor.load({p!r})",
-        "bench JSON": "from prescope.experiments.bench import bench_table; bench_table({p!r})",
+        "bench JSON": "from prescope.experiments.benchrows import bench_table; bench_table({p!r})",
         "bench routing npz": None,
         "equivalence JSON": "from prescope import files; files.read_json({p!r})",
         "simulated comparison JSON": "from prescope import files; files.read_json({p!r})",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prescope.experiments import bench, benchfile
+from prescope.experiments import bench, benchfile, benchrows
 from prescope.experiments.bench import BenchConfig, run_bench
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def test_bench_runs_every_policy_on_the_same_replayed_routing(tmp_path):
     assert data["failed"] == [] and data["source"] == "measured"
     assert not data["config"]["out"].startswith("/")  # the run's folder, named portably (files.portable_path)
     engine_rows = [r for r in rows if r["policy"] not in (bench.STOCK, bench.STOCK_EAGER)]
-    assert {r["policy"] for r in engine_rows} == {bench.RESIDENT, "on_demand_lru", "prescope", "belady"}
+    assert {r["policy"] for r in engine_rows} == {benchrows.RESIDENT, "on_demand_lru", "prescope", "belady"}
     assert all(r["routing"] == "replayed from prescope-tiny" for r in engine_rows)
     by = {r["policy"]: r for r in engine_rows}
     # the tiny twin's experts load in far less than 1 ms: prescope leaves AsyncIO off, belady asks for it
@@ -80,12 +80,7 @@ def test_unknown_policies_are_refused_before_anything_runs():
         BenchConfig(policies=("lru",))
 
 
-def test_median_round_keeps_the_median_rounds_row_and_the_spread():
-    rounds = [({"a": i}, {"decode_ms_median": ms, "loads_per_step": i}, f"route{i}", None)
-              for i, ms in enumerate((30.0, 10.0, 20.0))]
-    about, row, route, _ = bench.median_round(rounds)
-    assert about == {"a": 2} and route == "route2" and row["loads_per_step"] == 2
-    assert row["decode_ms_rounds"] == [30.0, 10.0, 20.0] and row["decode_ms_spread"] == pytest.approx(1.0)
+def test_a_bench_needs_one_round_at_least():
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         BenchConfig(repeats=0)
 
@@ -108,7 +103,7 @@ def test_a_round_that_fails_keeps_the_rounds_before_it(tmp_path, monkeypatch):
     run_bench(cfg)
     data = json.loads((tmp_path / "bench.json").read_text())
     by = {r["policy"]: r for r in data["cells"]}
-    assert by["on_demand_lru"]["rounds"] == 1 and by[bench.RESIDENT]["rounds"] == 2
+    assert by["on_demand_lru"]["rounds"] == 1 and by[benchrows.RESIDENT]["rounds"] == 2
     assert [f["policy"] for f in data["failed"]] == ["on_demand_lru"]
 
 
@@ -125,7 +120,7 @@ def test_a_bench_json_edited_by_hand_is_refused_naming_the_cell_and_key(tmp_path
     edit(data)
     (tmp_path / "b.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=message):
-        bench.bench_table(tmp_path / "b.json")
+        benchrows.bench_table(tmp_path / "b.json")
 
 
 def test_no_cell_starts_after_the_deadline_and_the_file_says_which_were_left_out(tmp_path, monkeypatch):
@@ -146,7 +141,7 @@ def test_no_cell_starts_after_the_deadline_and_the_file_says_which_were_left_out
     run_bench(cfg)
     data = json.loads((tmp_path / "bench.json").read_text())
     engine_cells = [(r["policy"], r["batch"]) for r in data["cells"] if r["policy"] not in (bench.STOCK, bench.STOCK_EAGER)]
-    assert engine_cells == [(bench.RESIDENT, 1), (bench.RESIDENT, 2), ("on_demand_lru", 1)]
+    assert engine_cells == [(benchrows.RESIDENT, 1), (benchrows.RESIDENT, 2), ("on_demand_lru", 1)]
     assert data["deadline"] == {"deadline_s": 25.0, "not_started": [
         "olmoe-1b-7b-tiny|on_demand_lru|0.5|2|round 1", "mixtral-8x7b-tiny:2|*"]}
     assert {r["experts_implementation"] for r in data["cells"] if r["policy"] == bench.STOCK} == {"eager"}
@@ -168,7 +163,7 @@ def test_compiled_segments_are_asked_for_on_the_command_line_and_said_in_every_e
                       out=str(tmp_path), accelerate_batches=(), stock_implementations=("grouped_mm",),
                       compile_segments=True)
     rows = [r for r in run_bench(cfg) if r["policy"] not in (bench.STOCK, bench.STOCK_EAGER)]
-    assert {r["policy"] for r in rows} == {bench.RESIDENT, "on_demand_lru"}
+    assert {r["policy"] for r in rows} == {benchrows.RESIDENT, "on_demand_lru"}
     assert all(r["compiled_segments"] is True and r["compile_reason"] is None for r in rows)
     assert rows[0]["compiles"] > 0  # the first engine compiled; later ones of the same shapes reuse its code
     torch._dynamo.reset()

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from prescope.experiments import simcompare
-from prescope.experiments.bench import ALL_POLICIES, RESIDENT
+from prescope.experiments.bench import ALL_POLICIES
+from prescope.experiments.benchrows import RESIDENT
 from prescope.experiments.simcompare import CompareConfig, CompareError, add_ratios, compare
 from prescope.hardware.profiles import load_profile
 from prescope.predict.predictors import GateLookahead
