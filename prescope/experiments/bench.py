@@ -25,7 +25,7 @@ runs); `prescope` uses the LLaPor checkpoint given with `--predictor` where its 
 else gate lookahead (stated in each row's `predictor`); `activation_matrix` uses its own activation
 statistics; `belady` and `ceiling` the replayed future (results before the rename call `belady`
 `oracle`: `bench_table` reads them as `belady`). Variants (`prescope.policies.parse_policy`): `NAME[key=value,...]`
-(the policy's typed options, e.g. `prescope[calibrate=True]`), `NAME+sync` (AsyncIO off). Each cell records whether its tokens equal the stock run's.
+(the policy's typed options, e.g. `prescope[calibrate=True]`), `NAME+sync` (AsyncIO off), `NAME+cpuN` (the engine's CPU experts on N threads at once). Each cell records whether its tokens equal the stock run's.
 Results carry the config, git revision and device; each file is written atomically; a table is printed,
 then one JSON line.
 
