@@ -388,7 +388,12 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             engine.close()
             del engine, policy
             _free(device)
-        if device.type == "cuda" and not past():
+        benchrows.add_ratios(rows)  # the engine's rows are complete: a run killed in accelerate's keeps these
+        bounds.add_bounds(rows, meta["bandwidths"], RESIDENT, (STOCK, STOCK_EAGER))
+        write_bench(out, meta, rows, routes, timelines)
+        if device.type == "cuda" and not past() and cfg.accelerate_batches:
+            subject.model = model = None  # accelerate copies the model afresh: the host memory this one holds
+            _free(device)
             for row in measure_accelerate(spec, subject, cfg, device, base):
                 print(benchrows.line(row), flush=True)
                 rows.append(row)

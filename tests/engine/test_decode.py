@@ -164,9 +164,15 @@ def test_compiled_segments_generate_the_stock_tokens(name, fresh_dynamo):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_the_compile_count_does_not_grow_with_the_number_of_layers(fresh_dynamo):
+@pytest.mark.parametrize("nested", [True, False], ids=["nested-graph-breaks", "without"])
+def test_the_compile_count_does_not_grow_with_the_number_of_layers(fresh_dynamo, monkeypatch, nested):
     """One compile per layer class and shape: 2 and 4 layers compile the same graphs, and a second run of the same
-    shapes compiles nothing (no recompile between the warm-up step and the captured ones)."""
+    shapes compiles nothing (no recompile between the warm-up step and the captured ones). Where dynamo cannot
+    resume inside a nested graph break (`compiled.NESTED` False: a torch without that setting, 2.11 for one), the
+    attention's frame compiles once per layer: one graph more per layer, still none on the second run."""
+    if nested and not compiled.NESTED:
+        pytest.skip("this torch has no nested_graph_breaks setting")
+    monkeypatch.setattr(compiled, "NESTED", nested)
     torch.manual_seed(7)
     ids = torch.randint(1, 96, (2, 5))
     counts = {}
@@ -179,7 +185,8 @@ def test_the_compile_count_does_not_grow_with_the_number_of_layers(fresh_dynamo)
             first = engine.compiled.compiles
             engine.generate(ids, max_new_tokens=4)
             counts[layers] = (first, engine.compiled.compiles)
-    assert counts[2] == counts[4] and counts[2][0] == counts[2][1] > 0, counts
+    assert all(first == again > 0 for first, again in counts.values()), counts
+    assert counts[4][0] - counts[2][0] == (0 if nested else 2), counts
 
 
 def test_compiling_where_it_cannot_run_decodes_uncompiled_and_says_why(monkeypatch):
