@@ -342,15 +342,20 @@ class Engine(Executor):
                 self.records.stopped["part_way" if started else "queued"] += 1
 
     def start_cpu(self, layer: int, chosen: list[int]) -> None:
-        """Start the CPU experts: their tokens cross to the host in one copy, each expert is one task."""
+        """Start the CPU experts: their tokens cross to the host in one copy, each expert is one task. The positions
+        of every chosen expert's (token, k) pairs come from one `nonzero` (on a GPU, one wait for the device, not
+        one per expert), grouped by expert in `chosen`'s order; each group's size is the expert's token count."""
         run, flat = self._layer, self._layer.index.reshape(-1)
-        groups = [torch.nonzero(flat == e).squeeze(1) for e in chosen]  # positions in [N*K], per expert
-        positions = torch.cat(groups)  # [m]
+        wanted = torch.tensor(chosen, dtype=flat.dtype, device=flat.device)  # [c]
+        positions = torch.nonzero(flat.unsqueeze(0) == wanted.unsqueeze(1))[:, 1]  # [m] in [N*K], expert-major
+        sizes = [run.counts[e] for e in chosen]
+        if positions.shape[0] != sum(sizes):
+            raise RuntimeError(f"layer {layer}: the routing holds {positions.shape[0]} (token, k) pairs of CPU experts "
+                               f"{chosen}, its token counts say {sum(sizes)}")
         x_all = run.hidden[positions // run.index.shape[1]].to("cpu")  # [m, H], the one device-to-host copy
         dtype = next(iter(self._host[layer].values())).dtype
         start = 0
-        for e, group in zip(chosen, groups, strict=True):
-            n = len(group)
+        for e, n in zip(chosen, sizes, strict=True):
             x, params = x_all[start:start + n].to(dtype), {name: host[e] for name, host in self._host[layer].items()}
             run.cpu_jobs.append(self.pool.submit(self._cpu_expert, layer, run.experts, e, x, params))
             start += n

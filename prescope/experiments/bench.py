@@ -388,7 +388,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             engine.close()
             del engine, policy
             _free(device)
-        benchrows.add_ratios(rows)  # the engine's rows are complete: a run killed in accelerate's keeps these
+        benchrows.add_ratios(rows)  # the engine's rows are complete: a run killed during accelerate's keeps them
         bounds.add_bounds(rows, meta["bandwidths"], RESIDENT, (STOCK, STOCK_EAGER))
         write_bench(out, meta, rows, routes, timelines)
         if device.type == "cuda" and not past() and cfg.accelerate_batches:
