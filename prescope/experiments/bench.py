@@ -345,9 +345,8 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             chosen = parse_policy("on_demand_lru" if policy_name == RESIDENT else policy_name)
             policy, predictor = subject.policy(chosen.name, **chosen.options)
             config = EngineConfig(policy=policy.name, budget_share=budget, device=cfg.device, profile=cfg.profile,
-                                  async_io=chosen.async_io, cpu_workers=chosen.cpu_workers or 0,
-                                  compile_segments=cfg.compile_segments,
-                                  switch_interval_s=cfg.switch_interval_s)
+                                  compile_segments=cfg.compile_segments, switch_interval_s=cfg.switch_interval_s,
+                                  **chosen.engine_options)
             engine = Engine(model, config, policy=policy)
             for batch in cfg.batch_sizes:
                 cell = f"{name}|{policy_name}|{budget}|{batch}"
@@ -388,8 +387,7 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
             engine.close()
             del engine, policy
             _free(device)
-        benchrows.add_ratios(rows)  # the engine's rows are complete: a run killed during accelerate's keeps them
-        bounds.add_bounds(rows, meta["bandwidths"], RESIDENT, (STOCK, STOCK_EAGER))
+        _add_ratios_and_bounds(rows, meta)  # the engine's rows are complete: a run killed in accelerate's keeps them
         write_bench(out, meta, rows, routes, timelines)
         if device.type == "cuda" and not past() and cfg.accelerate_batches:
             subject.model = model = None  # accelerate copies the model afresh: the host memory this one holds
@@ -401,10 +399,14 @@ def run_bench(cfg: BenchConfig) -> list[dict]:
         del model, subject
         _free(device)
     meta["predictor_overhead"] = [benchrows.overhead_shares(o, rows) for o in meta.get("predictor_overhead", [])]
-    benchrows.add_ratios(rows)
-    bounds.add_bounds(rows, meta["bandwidths"], RESIDENT, (STOCK, STOCK_EAGER))
+    _add_ratios_and_bounds(rows, meta)
     write_bench(out, meta, rows, routes, timelines)
     return rows
+
+
+def _add_ratios_and_bounds(rows: list[dict], meta: dict) -> None:
+    benchrows.add_ratios(rows)
+    bounds.add_bounds(rows, meta["bandwidths"], RESIDENT, (STOCK, STOCK_EAGER))
 
 
 def replay_route(replay: RoutingReplay, decode_steps: int) -> np.ndarray:

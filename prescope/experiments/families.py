@@ -79,8 +79,7 @@ def run_cell(stock, layout: ModelLayout, cell: Cell, ids, mask, reference, new_t
 
     model = copy.deepcopy(stock)
     spec = parse_policy(cell.policy)
-    config = EngineConfig(policy=spec.name, device="cpu", async_io=spec.async_io, cpu_workers=spec.cpu_workers or 0,
-                          **budget(layout, cell.budget))
+    config = EngineConfig(policy=spec.name, device="cpu", **spec.engine_options, **budget(layout, cell.budget))
     with Engine(model, config, policy=spec.build()) as engine:
         if spec.name in LIMITS:
             engine.set_replay(_stock_routing(stock, ids, mask, new_tokens))

@@ -69,6 +69,11 @@ class PolicySpec:
         """An ablation of the policy (options, AsyncIO or the CPU workers changed), not a contender of its own."""
         return bool(self.options) or self.async_io is not None or self.cpu_workers is not None
 
+    @property
+    def engine_options(self) -> dict:
+        """What the name sets of the engine rather than the policy: `EngineConfig`'s async_io and cpu_workers."""
+        return {"async_io": self.async_io, "cpu_workers": self.cpu_workers or 0}
+
     def build(self, **runtime) -> Policy:
         """The policy object; `runtime` adds what a name cannot carry (a predictor)."""
         return make_policy(self.name, **runtime, **self.options)
@@ -85,10 +90,9 @@ def parse_policy(text: str) -> PolicySpec:
     today's (`oracle` -> `belady`); a clear PolicyError for anything else."""
     rest, sync, workers = text.strip(), False, None
     while True:  # the engine's suffixes, each at most once
-        found = CPU_WORKERS.search(rest)
         if rest.endswith(SYNC) and not sync:
             rest, sync = rest[: -len(SYNC)], True
-        elif found and workers is None:
+        elif workers is None and (found := CPU_WORKERS.search(rest)):
             rest, workers = rest[: found.start()], int(found.group(1))
         else:
             break

@@ -39,7 +39,7 @@ MANY_CPU = "cpu_misses+cpu3"  # three CPU experts at once (a 2-core machine's de
 def generate_offloaded(stock, ids, mask, policy, budget):
     model = copy.deepcopy(stock)
     spec = parse_policy(policy)
-    config = EngineConfig(policy=spec.name, device="cpu", cpu_workers=spec.cpu_workers or 0, **budget)
+    config = EngineConfig(policy=spec.name, device="cpu", **spec.engine_options, **budget)
     with Engine(model, config, policy=spec.build()) as engine:
         out = model.generate(ids, attention_mask=mask, **GEN)
     return out, engine

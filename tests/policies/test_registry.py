@@ -31,6 +31,8 @@ def test_the_engines_suffixes_parse_in_either_order_and_name_a_variant():
     spec = parse_policy("prescope[gate=False]+cpu1+sync")
     assert spec == PolicySpec("prescope", {"gate": False}, async_io=False, cpu_workers=1) and spec.is_variant
     assert str(spec) == "prescope[gate=False]+sync+cpu1" and parse_policy(str(spec)) == spec
+    assert spec.engine_options == {"async_io": False, "cpu_workers": 1}  # what EngineConfig takes of the name
+    assert parse_policy("prescope").engine_options == {"async_io": None, "cpu_workers": 0}  # the engine's defaults
     assert parse_policy("belady+cpu12").cpu_workers == 12 and parse_policy("belady").cpu_workers is None
     assert parse_policy("oracle+cpu2").name == "belady"  # an earlier name with the engine's suffix
 
